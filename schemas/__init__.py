@@ -1,0 +1,1 @@
+"""Avro contracts between collectors, pipelines and the sink (see docs/contracts.md)."""

@@ -1,0 +1,93 @@
+"""Build and read the column-wise ReadingBatch contract as polars frames."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+RELAY_CODES = {"CLOSED": 0, "OPEN": 1, "UNKNOWN": 2}
+RELAY_NAMES = {code: name for name, code in RELAY_CODES.items()}
+FLOAT_COLUMNS = ("import_kwh", "export_kwh", "power_w", "voltage_v", "current_a", "power_factor")
+OPTIONAL_FLOATS = FLOAT_COLUMNS[1:]
+
+#: Columns of the frame that `batch_to_frame` returns (and `frame_to_batch` accepts).
+FRAME_SCHEMA: dict[str, Any] = {
+    "circuit_id": pl.String,
+    "meter_id": pl.String,
+    "account_id": pl.String,
+    "ts_ms": pl.Int64,
+    "import_kwh": pl.Float64,
+    "export_kwh": pl.Float64,
+    "power_w": pl.Float64,
+    "voltage_v": pl.Float64,
+    "current_a": pl.Float64,
+    "power_factor": pl.Float64,
+    "relay": pl.UInt8,
+}
+
+
+def frame_to_batch(
+    frame: pl.DataFrame,
+    *,
+    batch_id: str,
+    collector_id: str,
+    mall_id: str,
+    shard: int,
+    seq: int,
+    collected_at_ms: int,
+    flags: Sequence[tuple[int, str]] = (),
+) -> dict[str, Any]:
+    """A ReadingBatch record from a frame with FRAME_SCHEMA columns (optional floats may be missing)."""
+    n = frame.height
+
+    def floats(name: str) -> bytes:
+        if name not in frame.columns:
+            return np.full(n, np.nan, dtype="<f8").tobytes()
+        return frame[name].cast(pl.Float64).fill_null(float("nan")).to_numpy().astype("<f8").tobytes()
+
+    relay = frame["relay"] if "relay" in frame.columns else pl.Series([2] * n, dtype=pl.UInt8)
+    return {
+        "batch_id": batch_id,
+        "collector_id": collector_id,
+        "mall_id": mall_id,
+        "shard": shard,
+        "seq": seq,
+        "collected_at_ms": collected_at_ms,
+        "circuit_id": frame["circuit_id"].to_list(),
+        "meter_id": frame["meter_id"].to_list(),
+        "account_id": frame["account_id"].to_list(),
+        "ts_ms": frame["ts_ms"].cast(pl.Int64).to_numpy().astype("<i8").tobytes(),
+        **{name: floats(name) for name in FLOAT_COLUMNS},
+        "relay": relay.cast(pl.UInt8).to_numpy().astype("u1").tobytes(),
+        "flags": [{"index": i, "flag": f} for i, f in flags],
+    }
+
+
+def batch_to_frame(record: dict[str, Any]) -> pl.DataFrame:
+    """The readings of a decoded ReadingBatch as a frame; raises ValueError on ragged columns."""
+    n = len(record["circuit_id"])
+    columns: dict[str, Any] = {
+        "circuit_id": record["circuit_id"],
+        "meter_id": record["meter_id"],
+        "account_id": record["account_id"],
+        "ts_ms": np.frombuffer(record["ts_ms"], dtype="<i8"),
+        "relay": np.frombuffer(record["relay"], dtype="u1"),
+    }
+    for name in FLOAT_COLUMNS:
+        columns[name] = np.frombuffer(record[name], dtype="<f8")
+    for name, values in columns.items():
+        if len(values) != n:
+            raise ValueError(f"ReadingBatch {record.get('batch_id')}: column {name} has {len(values)} values, expected {n}")
+    frame = pl.DataFrame(columns, schema=FRAME_SCHEMA)
+    # NaN on the wire means "not measured": expose it as null.
+    return frame.with_columns(pl.col(c).fill_nan(None) for c in OPTIONAL_FLOATS)
+
+
+def reading_flags(record: dict[str, Any]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for item in record.get("flags", []):
+        out.setdefault(item["index"], []).append(item["flag"])
+    return out

@@ -1,0 +1,452 @@
+"""A single-node KRaft Kafka broker for development and tests.
+
+Data lives in the repo's ignored `var/kafka/`; the jars come from `infra.kafka_runtime`.
+Set MALLWATT_KAFKA to the bootstrap servers of an external cluster and nothing is
+started or stopped: every caller just uses that address via `bootstrap_servers()`.
+
+    python -m infra.broker up|down|status
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from infra import kafka_runtime
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = REPO_ROOT / "var" / "kafka"
+DEFAULT_PORT = 19092
+HOST = "127.0.0.1"
+HEAP_OPTS = ("-Xmx512m", "-Xms256m")
+# Kafka's own kafka-run-class.sh defaults, minus what a dev box does not need.
+JVM_OPTS = (
+    "-server",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.awt.headless=true",
+)
+_LOG_ROTATE_BYTES = 20 * 1024 * 1024
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be started, stopped or reached."""
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where a local broker keeps its files and which ports it binds.
+
+    `external` is the MALLWATT_KAFKA address; when set, this config never starts a
+    process. Construct directly for a private broker (tests), or via `from_env()` for
+    the shared dev broker.
+    """
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    port: int = DEFAULT_PORT
+    controller_port: int | None = None  # default: port + 1
+    num_partitions: int = 8
+    external: str | None = None
+    heap_opts: tuple[str, ...] = field(default=HEAP_OPTS)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> BrokerConfig:
+        port = _env_int("MALLWATT_KAFKA_PORT", DEFAULT_PORT)
+        values: dict[str, object] = {
+            "port": port,
+            "controller_port": _env_int("MALLWATT_KAFKA_CONTROLLER_PORT", port + 1),
+            "num_partitions": _env_int("MALLWATT_PARTITIONS", 8),
+            "external": os.environ.get("MALLWATT_KAFKA") or None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def ctrl_port(self) -> int:
+        return self.controller_port if self.controller_port is not None else self.port + 1
+
+    @property
+    def bootstrap(self) -> str:
+        return self.external or f"{HOST}:{self.port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "data"
+
+    @property
+    def properties_file(self) -> Path:
+        return self.data_dir / "server.properties"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "broker.pid"
+
+    @property
+    def broker_log(self) -> Path:
+        return self.data_dir / "broker.log"
+
+    @property
+    def cluster_id_file(self) -> Path:
+        return self.data_dir / "cluster.id"
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    running: bool
+    pid: int | None
+    bootstrap: str
+    topics: int | None  # None when the broker does not answer
+    external: bool
+    data_dir: str | None
+
+
+def bootstrap_servers(config: BrokerConfig | None = None) -> str:
+    """The bootstrap address every mallwatt component should use."""
+    return (config or BrokerConfig.from_env()).bootstrap
+
+
+# --- files -------------------------------------------------------------------------
+
+
+def server_properties(config: BrokerConfig) -> str:
+    p, c = config.port, config.ctrl_port
+    lines = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@{HOST}:{c}",
+        "listeners": f"PLAINTEXT://{HOST}:{p},CONTROLLER://{HOST}:{c}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{p}",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(config.log_dir),
+        "num.partitions": str(config.num_partitions),
+        # One node: every internal topic must fit on it, or transactions and consumer
+        # groups hang waiting for replicas that will never exist.
+        "offsets.topic.replication.factor": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "default.replication.factor": "1",
+        "min.insync.replicas": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        # Topics are declared in infra/topics.py; a typo must fail, not create a topic.
+        "auto.create.topics.enable": "false",
+        "unclean.leader.election.enable": "false",
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "log.retention.check.interval.ms": "300000",
+    }
+    header = "# Generated by infra/broker.py on every start; edit the code, not this file.\n"
+    return header + "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def _new_cluster_id() -> str:
+    # Same format as Kafka's Uuid.randomUuid(): url-safe base64 of 16 bytes, no padding;
+    # Kafka also refuses ids starting with '-' because they look like CLI flags.
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
+
+
+def _java_cmd(libs: Path, main: str, *args: str, heap: tuple[str, ...] = ()) -> list[str]:
+    log4j = kafka_runtime.log4j_config()
+    return [
+        kafka_runtime.java_executable(),
+        *heap,
+        *JVM_OPTS,
+        f"-Dlog4j.configuration=file:{log4j}",
+        "-cp",
+        f"{libs}/*",
+        main,
+        *args,
+    ]
+
+
+def _format_storage(config: BrokerConfig, libs: Path) -> None:
+    if (config.log_dir / "meta.properties").exists():
+        return
+    if config.cluster_id_file.exists():
+        cluster_id = config.cluster_id_file.read_text().strip()
+    else:
+        cluster_id = _new_cluster_id()
+        config.cluster_id_file.write_text(cluster_id + "\n")
+    cmd = _java_cmd(
+        libs, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+        "-c", str(config.properties_file), "--ignore-formatted",
+    )  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BrokerError(f"kafka storage format failed:\n{proc.stdout}{proc.stderr}")
+
+
+# --- process -----------------------------------------------------------------------
+
+
+def _is_alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if we are its parent (tests)
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _is_our_broker(pid: int, config: BrokerConfig) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [a.decode(errors="replace") for a in cmdline]
+    return "kafka.Kafka" in args and str(config.properties_file) in args
+
+
+def _read_pid(config: BrokerConfig) -> int | None:
+    """The broker's pid, or None; a stale pid file (dead or reused pid) is removed."""
+    try:
+        pid = int(config.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        config.pid_file.unlink(missing_ok=True)
+        return None
+    if _is_alive(pid) and _is_our_broker(pid, config):
+        return pid
+    config.pid_file.unlink(missing_ok=True)
+    return None
+
+
+def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _split_bootstrap(bootstrap: str) -> tuple[str, int]:
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    return host or HOST, int(port)
+
+
+def count_topics(bootstrap: str, timeout: float = 5.0) -> int | None:
+    """Number of user topics, or None if the cluster does not answer in time."""
+    host, port = _split_bootstrap(bootstrap)
+    # librdkafka logs every refused connection; probe the socket first to stay quiet.
+    if not _port_open(host, port):
+        return None
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+    except Exception:
+        return None
+    return sum(1 for name in md.topics if not name.startswith("__"))
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def wait_until_ready(config: BrokerConfig, timeout: float = 60.0, pid: int | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid is not None and not _is_alive(pid):
+            raise BrokerError(
+                f"Kafka broker exited during startup; tail of {config.broker_log}:\n"
+                + _log_tail(config.broker_log)
+            )
+        if count_topics(config.bootstrap, timeout=2.0) is not None:
+            return
+        time.sleep(0.3)
+    raise BrokerError(
+        f"Kafka at {config.bootstrap} did not answer within {timeout:.0f}s; "
+        f"see {config.broker_log}:\n" + _log_tail(config.broker_log)
+    )
+
+
+def start(config: BrokerConfig | None = None, timeout: float = 60.0) -> BrokerStatus:
+    """Start the broker if needed and wait until it answers. Idempotent."""
+    config = config or BrokerConfig.from_env()
+    if config.external:
+        wait_until_ready(config, timeout=timeout)
+        return status(config)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    pid = _read_pid(config)
+    if pid is not None:
+        wait_until_ready(config, timeout=timeout, pid=pid)
+        return status(config)
+    for port in (config.port, config.ctrl_port):
+        if _port_open(HOST, port):
+            raise BrokerError(
+                f"port {port} is in use by another process (not the broker in {config.data_dir}); "
+                "stop it, or choose other ports (MALLWATT_KAFKA_PORT)"
+            )
+    libs = kafka_runtime.ensure_kafka_jars()
+    config.properties_file.write_text(server_properties(config))
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    _format_storage(config, libs)
+
+    log = config.broker_log
+    if log.exists() and log.stat().st_size > _LOG_ROTATE_BYTES:
+        log.replace(log.with_suffix(".log.1"))
+    cmd = _java_cmd(
+        libs,
+        "kafka.Kafka",
+        str(config.properties_file),
+        heap=config.heap_opts,
+    )
+    cmd.insert(1, f"-Dkafka.logs.dir={config.data_dir}")
+    with open(log, "ab") as out:
+        out.write(f"\n===== mallwatt: starting broker {time.strftime('%F %T')} =====\n".encode())
+        out.flush()
+        # Own session: the broker outlives `python -m infra.broker up` and a Ctrl-C in
+        # the caller's terminal does not reach it.
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=config.data_dir,
+            start_new_session=True,
+        )
+    config.pid_file.write_text(f"{proc.pid}\n")
+    try:
+        wait_until_ready(config, timeout=timeout, pid=proc.pid)
+    except BrokerError:
+        _terminate(proc.pid, grace=10.0)
+        config.pid_file.unlink(missing_ok=True)
+        raise
+    return status(config)
+
+
+def _terminate(pid: int, grace: float) -> None:
+    # pgid == pid because of start_new_session; signalling the group also reaches any
+    # helper the JVM may have forked.
+    def signal_group(sig: int) -> None:
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(pid, sig)
+
+    signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _is_alive(pid):
+            return
+        time.sleep(0.2)
+    signal_group(signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while _is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def stop(config: BrokerConfig | None = None, timeout: float = 30.0) -> bool:
+    """Stop the broker (SIGTERM, then SIGKILL after `timeout`). True if one was running."""
+    config = config or BrokerConfig.from_env()
+    if config.external:
+        return False
+    pid = _read_pid(config)
+    if pid is None:
+        return False
+    _terminate(pid, grace=timeout)
+    config.pid_file.unlink(missing_ok=True)
+    if _is_alive(pid):
+        raise BrokerError(f"Kafka broker pid {pid} survived SIGKILL")
+    return True
+
+
+def status(config: BrokerConfig | None = None) -> BrokerStatus:
+    config = config or BrokerConfig.from_env()
+    if config.external:
+        topics = count_topics(config.bootstrap)
+        return BrokerStatus(topics is not None, None, config.bootstrap, topics, True, None)
+    pid = _read_pid(config) if config.data_dir.exists() else None
+    topics = count_topics(config.bootstrap) if pid is not None else None
+    return BrokerStatus(pid is not None, pid, config.bootstrap, topics, False, str(config.data_dir))
+
+
+# The names the CLI and the `mallwatt stack` command use.
+up = start
+down = stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.broker",
+        description="Run the single-node KRaft Kafka broker for development "
+        "(data in var/kafka). With MALLWATT_KAFKA set, nothing is started or stopped.",
+    )
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--data-dir", type=Path, help=f"default {DEFAULT_DATA_DIR}")
+    parser.add_argument("--port", type=int, help="PLAINTEXT port (env MALLWATT_KAFKA_PORT, 19092)")
+    parser.add_argument("--controller-port", type=int, help="KRaft controller port (port + 1)")
+    parser.add_argument("--no-topics", action="store_true", help="up: skip topic provisioning")
+    parser.add_argument("--json", action="store_true", help="print status as JSON")
+    args = parser.parse_args(argv)
+
+    overrides: dict[str, object] = {"data_dir": args.data_dir, "port": args.port}
+    if args.port is not None and args.controller_port is None:
+        overrides["controller_port"] = args.port + 1
+    if args.controller_port is not None:
+        overrides["controller_port"] = args.controller_port
+    config = BrokerConfig.from_env(**overrides)
+    try:
+        if args.command == "up":
+            t0 = time.monotonic()
+            st = start(config)
+            if not args.no_topics:
+                from infra.topics import provision_topics
+
+                created = provision_topics(config.bootstrap)
+                if created:
+                    print(f"created topics: {', '.join(created)}", file=sys.stderr)
+                st = status(config)
+            print(f"kafka up at {st.bootstrap} (pid {st.pid}, {time.monotonic() - t0:.1f}s)",
+                  file=sys.stderr)  # fmt: skip
+        elif args.command == "down":
+            if config.external:
+                print(f"MALLWATT_KAFKA={config.external}: external cluster, not stopped",
+                      file=sys.stderr)  # fmt: skip
+            else:
+                print("kafka stopped" if stop(config) else "kafka was not running",
+                      file=sys.stderr)  # fmt: skip
+        st = status(config)
+    except (BrokerError, kafka_runtime.KafkaRuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(asdict(st)))
+    else:
+        state = "running" if st.running else "stopped"
+        where = "external" if st.external else f"pid {st.pid}, data {st.data_dir}"
+        print(f"kafka {state} at {st.bootstrap} ({where}); topics: {st.topics}")
+    return 0 if (st.running or args.command == "down") else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

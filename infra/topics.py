@@ -1,0 +1,189 @@
+"""Every mallwatt Kafka topic, declared once.
+
+faust creates its own internal topics (table changelogs, repartition topics) itself;
+only the topics that cross process boundaries are declared here.
+
+    python -m infra.topics            # provision on bootstrap_servers()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 24 * 60 * 60 * 1000
+INFINITE = -1
+
+
+def default_partitions() -> int:
+    """MALLWATT_PARTITIONS or 8. Must match the `partitions` given to account_shard()."""
+    return int(os.environ.get("MALLWATT_PARTITIONS") or 8)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    key: str  # what the message key is, and why it is that
+    value: str  # Avro schema name in schemas/ (see schemas.codec)
+    retention_ms: int = 7 * DAY_MS  # -1 keeps data forever
+    cleanup_policy: str = "delete"
+    partitions: int = field(default_factory=default_partitions)
+
+    def configs(self) -> dict[str, str]:
+        return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+
+
+READINGS = "mallwatt.readings"
+PAYMENTS = "mallwatt.payments"
+LEDGER = "mallwatt.ledger"
+ALERTS = "mallwatt.alerts"
+RELAY_COMMANDS = "mallwatt.relay-commands"
+RELAY_OUTCOMES = "mallwatt.relay-outcomes"
+COLLECTOR_EVENTS = "mallwatt.collector-events"
+OPERATOR_COMMANDS = "mallwatt.operator-commands"
+DEADLETTER = "mallwatt.deadletter"
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(
+        READINGS,
+        key="account shard id (schemas.keys.shard_key(account_shard(account, N))): all "
+        "readings of an account land in one partition, the one that owns its money",
+        value="reading_batch",
+    ),
+    TopicSpec(
+        PAYMENTS,
+        key="account id: top-ups of one account are applied in order, by its owner",
+        value="payment",
+    ),
+    TopicSpec(
+        LEDGER,
+        key="account id: the balance is the ordered sum of an account's entries",
+        value="ledger_entry",
+        retention_ms=INFINITE,
+    ),
+    TopicSpec(
+        ALERTS,
+        key="account id: alert hysteresis per account stays ordered",
+        value="alert",
+    ),
+    TopicSpec(
+        RELAY_COMMANDS,
+        key="gateway id: one collector owns a gateway and sees its commands in order",
+        value="relay_command",
+    ),
+    TopicSpec(
+        RELAY_OUTCOMES,
+        key="gateway id: outcomes arrive in the order the gateway executed them",
+        value="relay_outcome",
+    ),
+    TopicSpec(
+        COLLECTOR_EVENTS,
+        key="collector id: a collector's lifecycle events stay ordered",
+        value="collector_event",
+    ),
+    TopicSpec(
+        OPERATOR_COMMANDS,
+        key="mall id: an operator's commands for one mall apply in order",
+        value="operator_command",
+    ),
+    TopicSpec(
+        DEADLETTER,
+        key="source topic name: failures group by where they came from",
+        value="dead_letter",
+        retention_ms=30 * DAY_MS,
+    ),
+)
+
+
+def topic(name: str) -> TopicSpec:
+    for spec in TOPICS:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"unknown topic {name!r}; declared: {[t.name for t in TOPICS]}")
+
+
+class TopicMismatchWarning(UserWarning):
+    """An existing topic differs from its declaration (never fixed automatically)."""
+
+
+def _warn(msg: str) -> None:
+    log.warning(msg)
+    warnings.warn(msg, TopicMismatchWarning, stacklevel=3)
+
+
+def provision_topics(
+    bootstrap: str,
+    topics: Iterable[TopicSpec] = TOPICS,
+    *,
+    replication_factor: int = -1,  # -1: the broker's default.replication.factor
+    timeout: float = 30.0,
+) -> list[str]:
+    """Create the missing topics; return the names created (empty when all exist).
+
+    Existing topics are left alone. A partition-count or config difference is reported
+    as a TopicMismatchWarning: adding partitions would move accounts to other
+    partitions, so it has to be a deliberate migration, not a side effect.
+    """
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+    specs = list(topics)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = admin.list_topics(timeout=timeout).topics
+
+    missing = [s for s in specs if s.name not in existing]
+    created: list[str] = []
+    if missing:
+        futures = admin.create_topics(
+            [
+                NewTopic(s.name, s.partitions, replication_factor, config=s.configs())
+                for s in missing
+            ],
+            operation_timeout=timeout,
+            request_timeout=timeout,
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result()
+                created.append(name)
+            except KafkaException as exc:
+                # Someone else created it between list and create: that is success.
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+
+    present = [s for s in specs if s.name in existing]
+    for spec in present:
+        actual = len(existing[spec.name].partitions)
+        if actual != spec.partitions:
+            _warn(f"topic {spec.name} has {actual} partitions, declared {spec.partitions}")
+    if present:
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in present]
+        results = admin.describe_configs(resources, request_timeout=timeout)
+        by_name = {s.name: s for s in present}
+        for res, fut in results.items():
+            actual_cfg = fut.result()
+            for key, want in by_name[res.name].configs().items():
+                got = actual_cfg[key].value if key in actual_cfg else None
+                if got != want:
+                    _warn(f"topic {res.name} has {key}={got}, declared {want}")
+    return sorted(created)
+
+
+def main() -> int:
+    from infra.broker import bootstrap_servers
+
+    bootstrap = bootstrap_servers()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    created = provision_topics(bootstrap)
+    print(f"{bootstrap}: created {created or 'nothing'}; {len(TOPICS)} topics declared")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

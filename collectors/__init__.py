@@ -1,0 +1,1 @@
+"""Modbus side of the collectors: register profiles, decoding, polling, relay, simulator."""

@@ -46,7 +46,8 @@ def _image(fields, rng: random.Random) -> tuple[dict[tuple[str, int], int], dict
         bits = 16 * f.words
         top = 1000.0 if f.type.startswith("float") else min(
             1000.0, (2 ** (bits - (0 if f.type.startswith("u") else 1)) - 1) * f.scale * 0.9)
-        v = rng.uniform(0 if f.type.startswith("u") else -top, top)
+        signed = not f.type.startswith("u") and f.wrap is None
+        v = rng.uniform(-top if signed else 0, top)
         words = encode_value(v, f.type, f.order, f.scale, f.offset, f.wrap)
         for i, w in enumerate(words):
             regs[(f.table, f.address + i)] = w

@@ -1,0 +1,304 @@
+"""Prepaid wallet: ledger entries, alerts and relay commands for one account, event by event.
+
+Rounding rule (the only one): each account keeps ``acc_n``, the not-yet-posted part of its
+exact energy charges in nano-minor units (0 <= acc_n < AMOUNT_SCALE). A charge adds its exact
+amount to ``acc_n``, posts ``acc_n // AMOUNT_SCALE`` minor units and keeps the remainder. So the
+sum of posted energy charges always equals floor(exact total) and never drifts, whatever the
+batching. Every other movement is already in integer minor units.
+
+``balance == sum(amount_minor of the account's ledger entries)`` holds after every event.
+Entry ids derive from the input that caused them (interval key, payment id, local date), so a
+replay yields identical ids. Nothing here reads a clock: the caller passes event timestamps,
+and `evaluate_deferred` lets a timer re-check a trip deferred by a friendly-credit period.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pipelines.core.models import AMOUNT_SCALE, PRICE_SCALE, AccountRating, FriendlyCredit, Tariff
+from pipelines.core.tariff import TierCounter, local_day_start_ms, version_at
+
+CREDIT_KINDS = ("topup",)
+
+
+@dataclass(slots=True)
+class AccountState:
+    """Everything the wallet remembers about one account (plain data, serialisable)."""
+
+    account_id: str
+    balance: int = 0
+    acc_n: int = 0  # unposted exact charge residue, nano-minor units
+    debt: int = 0  # separate debt register recovered by DebtRecovery (set by migration/operator)
+    ec_owed: int = 0  # emergency credit drawn and not yet repaid
+    fired_levels: list[int] = field(default_factory=list)  # alert levels disarmed until a top-up
+    warning_fired: bool = False
+    warn_pending: bool = False  # warning trip wanted but deferred
+    relay: str = "connected"  # connected | tripped (credit trips only; operator trips live elsewhere)
+    trip_reason: str | None = None  # credit | warning
+    deferred: bool = False  # credit trip wanted but held back by a friendly-credit period
+    standing_day: str | None = None  # last local date charged its standing charge
+    recovery_period: str | None = None
+    recovered_in_period: int = 0
+    payments: dict[str, int] = field(default_factory=dict)  # applied payment id -> credited amount
+    reversed: list[str] = field(default_factory=list)
+    tier_month: int = 0
+    tier_wh: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AccountState:
+        return cls(**{**d, "fired_levels": list(d.get("fired_levels", [])),
+                      "payments": dict(d.get("payments", {})), "reversed": list(d.get("reversed", []))})
+
+    @property
+    def tiers(self) -> TierCounter:
+        return TierCounter(self.tier_month, self.tier_wh)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    ts_ms: int
+    amount_n: int
+    entry_id: str
+    circuit_id: str | None = None
+    meter_id: str | None = None
+    start_ms: int | None = None
+    energy_wh: int | None = None
+    period: str | None = None
+    tier: int | None = None
+    price_u: int | None = None
+    estimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    payment_id: str
+    ts_ms: int
+    amount_minor: int
+    kind: str = "topup"  # topup | reversal | refund
+    reverses_payment_id: str | None = None
+
+
+@dataclass
+class WalletOut:
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def in_friendly(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: frozenset[str]) -> bool:
+    if fc is None:
+        return False
+    t = datetime.fromtimestamp(ts_ms / 1000, ZoneInfo(tz))
+    if fc.holidays and t.date().isoformat() in holidays:
+        return True
+    if fc.weekends and t.weekday() in fc.weekend_days:
+        return True
+    h = t.hour
+    return any((s <= h < e) if s < e else (h >= s or h < e) for s, e in fc.weekday_hours)
+
+
+def rate_str(price_u: int | None) -> str | None:
+    return None if price_u is None else str(Decimal(price_u) / PRICE_SCALE)
+
+
+class Wallet:
+    """Applies events to one account; construct per account and call `apply` in time order."""
+
+    def __init__(self, state: AccountState, rating: AccountRating, tariff: Tariff, tz: str,
+                 holidays: frozenset[str], out: WalletOut) -> None:
+        self.s, self.r, self.p, self.t, self.tz, self.hol, self.o = state, rating, rating.policy, tariff, tz, holidays, out
+
+    # -- ledger -----------------------------------------------------------------------------
+    def _entry(self, entry_id: str, kind: str, amount: int, ts: int, source: str, c: Charge | None = None) -> None:
+        self.s.balance += amount
+        self.o.ledger.append({
+            "entry_id": entry_id, "account_id": self.s.account_id, "mall_id": self.r.mall_id, "kind": kind,
+            "amount_minor": amount, "balance_after_minor": self.s.balance, "ts_ms": ts, "source_id": source,
+            "meter_id": c.meter_id if c else None, "circuit_id": c.circuit_id if c else None,
+            "interval_start_ms": c.start_ms if c else None, "energy_wh": c.energy_wh if c else None,
+            "tou_period": c.period if c else None, "tier": c.tier if c else None,
+            "rate": rate_str(c.price_u) if c else None, "estimated": c.estimated if c else False,
+        })
+
+    def _alert(self, kind: str, severity: str, ts: int, cause: str, message: str, **details: Any) -> None:
+        self.o.alerts.append({
+            "alert_id": f"{self.s.account_id}:{kind}:{cause}", "kind": kind, "severity": severity,
+            "mall_id": self.r.mall_id, "account_id": self.s.account_id, "meter_id": None, "ts_ms": ts,
+            "message": message, "details": {k: str(v) for k, v in details.items()}})
+
+    def _command(self, action: str, reason: str, ts: int, cause: str) -> None:
+        self.o.commands.append({
+            "command_id": f"{self.s.account_id}:{action.lower()}:{cause}", "action": action, "reason": reason,
+            "mall_id": self.r.mall_id, "account_id": self.s.account_id, "cause_ts_ms": ts, "cause_id": cause})
+
+    def _reject(self, p: Payment, reason: str) -> None:
+        self.o.rejected.append({"payment_id": p.payment_id, "account_id": self.s.account_id,
+                                "ts_ms": p.ts_ms, "amount_minor": p.amount_minor, "kind": p.kind, "reason": reason})
+        self._alert("rejected_topup", "WARNING", p.ts_ms, p.payment_id, f"payment rejected: {reason}")
+
+    # -- periodic ---------------------------------------------------------------------------
+    def _periodic(self, ts: int) -> None:
+        """Standing charges for each local day up to ts; fixed debt recovery per period."""
+        today = datetime.fromtimestamp(ts / 1000, ZoneInfo(self.tz)).date()
+        days = [today] if self.s.standing_day is None else [
+            date.fromordinal(o) for o in range(date.fromisoformat(self.s.standing_day).toordinal() + 1,
+                                               today.toordinal() + 1)]
+        for d in days:
+            start = local_day_start_ms(d, self.tz)
+            v = version_at(self.t, start)
+            fee = v.standing_charge_per_day if v else 0
+            if fee:
+                self._entry(f"{self.s.account_id}:standing:{d.isoformat()}", "standing_charge", -fee, start,
+                            d.isoformat())
+            self.s.standing_day = d.isoformat()
+        dr = self.p.debt_recovery
+        if dr is None:
+            return
+        key = {"day": today.isoformat(), "month": today.strftime("%Y-%m"),
+               "week": "{}-W{:02d}".format(*today.isocalendar()[:2])}[dr.period]
+        if key != self.s.recovery_period:
+            self.s.recovery_period, self.s.recovered_in_period = key, 0
+            x = self._recoverable(dr.fixed_per_period)
+            if x:
+                self._recover(x, f"{self.s.account_id}:debtfix:{key}", ts, key)
+
+    def _recoverable(self, want: int) -> int:
+        dr = self.p.debt_recovery
+        assert dr is not None
+        room = want if dr.cap_per_period is None else min(want, dr.cap_per_period - self.s.recovered_in_period)
+        return max(0, min(room, self.s.debt))
+
+    def _recover(self, x: int, entry_id: str, ts: int, source: str) -> None:
+        self.s.debt -= x
+        self.s.recovered_in_period += x
+        self._entry(entry_id, "debt_recovery", -x, ts, source)
+
+    # -- events -----------------------------------------------------------------------------
+    def charge(self, c: Charge) -> None:
+        self._periodic(c.ts_ms)
+        self.s.acc_n += c.amount_n
+        post, self.s.acc_n = divmod(self.s.acc_n, AMOUNT_SCALE)
+        if post:
+            self._entry(c.entry_id, "charge", -post, c.ts_ms, c.entry_id, c)
+        self._after_debit(c.ts_ms, c.entry_id)
+
+    def payment(self, p: Payment) -> None:
+        s, acct = self.s, self.s.account_id
+        if p.payment_id in s.payments or p.payment_id in s.reversed:
+            self.o.rejected.append({"payment_id": p.payment_id, "account_id": acct, "ts_ms": p.ts_ms,
+                                    "amount_minor": p.amount_minor, "kind": p.kind, "reason": "duplicate"})
+            return
+        self._periodic(p.ts_ms)
+        if p.kind == "topup":
+            if p.amount_minor < self.p.min_topup:
+                return self._reject(p, f"below minimum top-up {self.p.min_topup}")
+            if self.p.max_topup is not None and p.amount_minor > self.p.max_topup:
+                return self._reject(p, f"above maximum top-up {self.p.max_topup}")
+            s.payments[p.payment_id] = p.amount_minor
+            self._entry(f"{acct}:topup:{p.payment_id}", "topup", p.amount_minor, p.ts_ms, p.payment_id)
+            left = p.amount_minor
+            if s.ec_owed:
+                r = min(s.ec_owed, left)
+                s.ec_owed -= r
+                left -= r
+                self._entry(f"{acct}:ecrepay:{p.payment_id}", "emergency_credit_repay", -r, p.ts_ms, p.payment_id)
+            dr = self.p.debt_recovery
+            if dr is not None and dr.percent_of_topup and s.debt:
+                x = min(self._recoverable(int(p.amount_minor * dr.percent_of_topup // 100)), left)
+                if x:
+                    self._recover(x, f"{acct}:debtpct:{p.payment_id}", p.ts_ms, p.payment_id)
+            self._after_credit(p.ts_ms, p.payment_id)
+        elif p.kind == "reversal":
+            orig = p.reverses_payment_id
+            if orig is None or orig not in s.payments or orig in s.reversed:
+                return self._reject(p, f"nothing to reverse for {orig}")
+            s.reversed.append(orig)
+            s.payments[p.payment_id] = 0
+            self._entry(f"{acct}:reversal:{p.payment_id}", "reversal", -s.payments[orig], p.ts_ms, orig)
+            self._after_debit(p.ts_ms, p.payment_id)
+        elif p.kind == "refund":
+            if p.amount_minor <= 0 or p.amount_minor > s.balance - max(self.p.cutoff, 0):
+                return self._reject(p, "refund exceeds available balance")
+            s.payments[p.payment_id] = 0
+            self._entry(f"{acct}:refund:{p.payment_id}", "refund", -p.amount_minor, p.ts_ms, p.payment_id)
+            self._after_debit(p.ts_ms, p.payment_id)
+        else:
+            self._reject(p, f"unknown payment kind {p.kind}")
+
+    # -- thresholds -------------------------------------------------------------------------
+    def _after_debit(self, ts: int, cause: str) -> None:
+        s, p = self.s, self.p
+        for level in sorted(p.alert_levels, reverse=True):
+            if s.balance <= level and level not in s.fired_levels:
+                s.fired_levels.append(level)
+                self._alert("low_balance", "WARNING", ts, f"{level}:{cause}",
+                            f"balance {s.balance} at or below {level}", level=level, balance=s.balance)
+        if p.warning_trip_level is not None and s.balance <= p.warning_trip_level and not s.warning_fired:
+            s.warning_fired = True
+            s.warn_pending = True
+        self._check_trip(ts, cause)
+
+    def _check_trip(self, ts: int, cause: str) -> None:
+        s, p = self.s, self.p
+        if p.protected:
+            s.warn_pending = s.deferred = False
+            return
+        want = "credit" if s.balance <= p.cutoff else ("warning" if s.warn_pending else None)
+        if want is None or (s.relay == "tripped" and (s.trip_reason == "credit" or want == "warning")):
+            s.warn_pending = s.warn_pending and s.relay != "tripped"
+            return
+        if in_friendly(p.friendly, ts, self.tz, self.hol):
+            if not s.deferred:
+                self._alert("trip_deferred", "INFO", ts, cause, f"{want} trip deferred by friendly credit")
+            s.deferred = True
+            return
+        s.deferred = False
+        if want == "credit" and p.emergency_credit and s.ec_owed == 0:
+            s.ec_owed = p.emergency_credit
+            self._entry(f"{s.account_id}:ecdraw:{cause}", "emergency_credit_draw", p.emergency_credit, ts, cause)
+            self._alert("emergency_credit", "WARNING", ts, cause, f"emergency credit {p.emergency_credit} drawn")
+            if s.balance > p.cutoff:
+                return
+        s.warn_pending = False
+        if s.relay == "tripped":  # warning trip escalates to a credit trip: relay already open
+            s.trip_reason = want
+            return
+        s.relay, s.trip_reason = "tripped", want
+        kind = "credit_trip" if want == "credit" else "warning_trip"
+        self._command("TRIP", want, ts, cause)
+        self._alert(kind, "CRITICAL", ts, cause, f"{want} trip at balance {s.balance}", balance=s.balance)
+
+    def _after_credit(self, ts: int, cause: str) -> None:
+        s, p = self.s, self.p
+        s.fired_levels = [lv for lv in s.fired_levels if s.balance <= lv]
+        if p.warning_trip_level is not None and s.balance > p.warning_trip_level:
+            s.warning_fired = s.warn_pending = False
+        if s.balance > p.cutoff:
+            s.deferred = False
+        if s.relay == "tripped":
+            ok = s.balance > p.cutoff if s.trip_reason == "credit" else (
+                p.warning_trip_level is None or s.balance > p.warning_trip_level)
+            if ok:
+                s.relay, s.trip_reason = "connected", None
+                self._command("RECONNECT", "topup", ts, cause)
+                self._alert("reconnect", "INFO", ts, cause, f"reconnect at balance {s.balance}")
+        self._after_debit(ts, cause)  # a top-up too small to lift the balance re-checks trips
+
+
+def evaluate_deferred(state: AccountState, now_ms: int, rating: AccountRating, tariff: Tariff, tz: str,
+                      holidays: frozenset[str]) -> tuple[AccountState, WalletOut]:
+    """Timer hook: raise a trip deferred by a friendly-credit period once the period is over."""
+    s = AccountState.from_dict(state.to_dict())
+    out = WalletOut()
+    if s.deferred or s.warn_pending:
+        Wallet(s, rating, tariff, tz, holidays, out)._check_trip(now_ms, f"timer:{now_ms}")
+    return s, out

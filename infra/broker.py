@@ -202,15 +202,27 @@ def _format_storage(config: BrokerConfig, libs: Path) -> None:
 # --- process -----------------------------------------------------------------------
 
 
-def _is_alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if we are its parent (tests)
+def _task_state(path: str) -> str:
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+        with open(path) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+def _is_alive(pid: int) -> bool:
+    # The JVM's main thread can exit (leader shows "Z") while its other threads are still
+    # shutting down, so the process is alive as long as any of its threads is.
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return False
-    return state not in ("Z", "X")
+    if any(_task_state(f"/proc/{pid}/task/{t}/stat") not in ("Z", "X") for t in tids):
+        return True
+    # Reap it if we are its parent (a test that started the broker in-process).
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
 
 
 def _is_our_broker(pid: int, config: BrokerConfig) -> bool:

@@ -155,6 +155,8 @@ def rate(
     if intervals.is_empty():
         return pl.DataFrame(schema=RATED_SCHEMA), out
     df = split_pieces(intervals).join(ctx.account_frame, on="account_id", how="left")
+    if df.is_empty():
+        return pl.DataFrame(schema=RATED_SCHEMA), out
     parts = []
     for (tz,), part in df.group_by(["tz"], maintain_order=True):
         local = pl.from_epoch(pl.col("piece_ms"), time_unit="ms").dt.replace_time_zone("UTC") \

@@ -187,7 +187,9 @@ def get_client(path: str | os.PathLike[str] | None = None, *, wait: float = 0.0)
 class WarehouseOwner:
     """Holds the chDB folder (or a server client) and serves the loopback endpoint."""
 
-    def __init__(self, path: str | os.PathLike[str] | None, serve: bool, wait: float, migrate: bool):
+    def __init__(
+        self, path: str | os.PathLike[str] | None, serve: bool, wait: float, migrate: bool
+    ):
         self.embedded = path is not None or server_url() is None
         self.folder = chdb_path(path) if self.embedded else None
         self.client = get_client(self.folder, wait=wait) if self.embedded else get_client()
@@ -202,9 +204,17 @@ class WarehouseOwner:
                 self.endpoint = QueryEndpoint(get_client(self.folder)).start()
                 write_owner(
                     self.folder,
-                    OwnerInfo(os.getpid(), self.endpoint.port, self.endpoint.token, str(self.folder), time.time()),
+                    OwnerInfo(
+                        os.getpid(),
+                        self.endpoint.port,
+                        self.endpoint.token,
+                        str(self.folder),
+                        time.time(),
+                    ),
                 )
-                log.info("warehouse %s: query endpoint on 127.0.0.1:%d", self.folder, self.endpoint.port)
+                log.info(
+                    "warehouse %s: query endpoint on 127.0.0.1:%d", self.folder, self.endpoint.port
+                )
         except BaseException:
             self.close()
             raise
@@ -315,7 +325,9 @@ def set_raw_retention(client: Any, days: int) -> None:
     """Keep raw readings `days` days (whole monthly parts are dropped after that)."""
     if days <= 0:
         raise ValueError("days must be positive")
-    client.command(f"ALTER TABLE {DATABASE}.readings MODIFY TTL toDateTime(ts) + INTERVAL {int(days)} DAY DELETE")
+    client.command(
+        f"ALTER TABLE {DATABASE}.readings MODIFY TTL toDateTime(ts) + INTERVAL {int(days)} DAY DELETE"
+    )
 
 
 # --- command line ---------------------------------------------------------------------
@@ -327,8 +339,11 @@ def _print_table(table: pa.Table, out: Any = sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.warehouse", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.warehouse",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--path", help="chDB folder (default MALLWATT_CHDB_PATH or var/chdb)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("serve", help="own the chDB folder, migrate and serve queries until Ctrl-C")
@@ -343,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     named.add_argument("name")
     named.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     params = dict(p.split("=", 1) for p in getattr(args, "param", []))
     try:
         if args.cmd == "serve":
@@ -351,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
             with open_owner(args.path) as owner:
-                print(f"serving {owner.folder} on 127.0.0.1:{owner.port} (Ctrl-C stops)", flush=True)
+                print(
+                    f"serving {owner.folder} on 127.0.0.1:{owner.port} (Ctrl-C stops)", flush=True
+                )
                 stop.wait()
         elif args.cmd == "migrate":
             if args.path is None and server_url():
@@ -363,13 +382,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "status":
             folder = chdb_path(args.path)
             owner = live_owner(folder)
-            print(f"server {server_url()}" if server_url() else
-                  f"{folder}: " + (f"owned by pid {owner.pid} on port {owner.port}" if owner
-                                   else f"no live owner (lock file pid {_lock_holder(folder)})"))
+            print(
+                f"server {server_url()}"
+                if server_url()
+                else f"{folder}: "
+                + (
+                    f"owned by pid {owner.pid} on port {owner.port}"
+                    if owner
+                    else f"no live owner (lock file pid {_lock_holder(folder)})"
+                )
+            )
         elif args.cmd == "queries":
             print("\n".join(list_named_queries()))
         elif args.cmd == "sql":
-            _print_table(query_arrow(args.statement, params or None, allow_write=args.write, path=args.path))
+            _print_table(
+                query_arrow(args.statement, params or None, allow_write=args.write, path=args.path)
+            )
         elif args.cmd == "run":
             _print_table(query_arrow(named_query_text(args.name), params or None, path=args.path))
     except (WarehouseError, DatabaseError, KeyError, ValueError) as exc:

@@ -98,7 +98,9 @@ def pid_alive(pid: int) -> bool:
 # --- executing ------------------------------------------------------------------------
 
 
-def execute_arrow(client: Any, sql: str, params: dict[str, Any] | None, allow_write: bool) -> pa.Table:
+def execute_arrow(
+    client: Any, sql: str, params: dict[str, Any] | None, allow_write: bool
+) -> pa.Table:
     """Run one statement; reads return their rows, writes an empty table."""
     if is_read_only(sql):
         return client.query_arrow(sql, parameters=params or None)
@@ -263,7 +265,9 @@ def remote_query(
     allow_write: bool = False,
     timeout: float = 300.0,
 ) -> pa.Table:
-    body = json.dumps({"sql": sql, "params": _jsonable(params or {}), "write": allow_write}).encode()
+    body = json.dumps(
+        {"sql": sql, "params": _jsonable(params or {}), "write": allow_write}
+    ).encode()
     try:
         status, payload = _request(owner, "/query", body, timeout)
     except OSError as exc:

@@ -1,0 +1,374 @@
+"""Kafka -> ClickHouse sink.
+
+Consumes the mallwatt fact topics (group `mallwatt-sink`, manual commits), buffers rows
+per table and inserts them in batches (up to --max-rows rows or --max-delay seconds),
+then commits the offsets of exactly what was inserted. A failed insert is retried until
+it succeeds or the sink stops, and is never acknowledged, so a crash means replay, and
+replay is harmless:
+
+* every table is a ReplacingMergeTree keyed by data (readings: circuit + ts; ledger:
+  entry_id...), and each insert carries insert_deduplication_token = table + offset
+  ranges, so a retried block is dropped at insert time;
+* the readings rollup only uses duplicate-insensitive aggregates, and ledger entries that
+  are already stored are dropped before insert (pipelines.sink_tables).
+
+Undecodable messages go to mallwatt.deadletter with the reason; the sink keeps going.
+In embedded mode the sink owns the chDB folder and serves the warehouse query endpoint
+(infra.warehouse), so `mallwatt sql` works while it runs.
+
+    python -m pipelines.sink [--bootstrap HOST:PORT] [--chdb-path DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from infra import warehouse
+from pipelines.sink_tables import (
+    DEADLETTER_TOPIC,
+    LEDGER_TOPIC,
+    TOPIC_TABLES,
+    TopicTable,
+    dead_letter_row,
+    drop_known_ledger_rows,
+)
+from schemas import codec
+
+log = logging.getLogger("mallwatt.sink")
+
+GROUP_ID = "mallwatt-sink"
+STAGE = "sink"
+DEFAULT_TOPICS = tuple(TOPIC_TABLES)
+
+
+def default_bootstrap() -> str:
+    try:
+        from infra.broker import bootstrap_servers
+    except ImportError:
+        return os.environ.get("MALLWATT_KAFKA") or "127.0.0.1:19092"
+    return bootstrap_servers()
+
+
+@dataclass
+class _Buffer:
+    """Rows waiting for one table, and the offsets they came from."""
+
+    spec: TopicTable
+    chunks: list[Any] = field(default_factory=list)
+    rows: int = 0
+    opened_at: float | None = None
+    # partition -> [first offset, last offset, max event ts ms]
+    ranges: dict[int, list[int]] = field(default_factory=dict)
+
+    def add(self, partition: int, offset: int, chunk: Any, rows: int, event_ms: int | None) -> None:
+        if self.opened_at is None:
+            self.opened_at = time.monotonic()
+        if chunk is not None:
+            self.chunks.append(chunk)
+            self.rows += rows
+        r = self.ranges.setdefault(partition, [offset, offset, -1])
+        r[0], r[1] = min(r[0], offset), max(r[1], offset)
+        if event_ms is not None:
+            r[2] = max(r[2], event_ms)
+
+    def due(self, max_rows: int, max_delay: float) -> bool:
+        if self.opened_at is None:
+            return False
+        return self.rows >= max_rows or time.monotonic() - self.opened_at >= max_delay
+
+    def token(self) -> str:
+        spans = ",".join(f"{p}:{r[0]}-{r[1]}" for p, r in sorted(self.ranges.items()))
+        return hashlib.sha1(f"{self.spec.table}|{self.spec.topic}|{spans}".encode()).hexdigest()
+
+
+@dataclass
+class SinkStats:
+    rows: dict[str, int] = field(default_factory=dict)  # table -> rows inserted
+    messages: int = 0
+    dead_letters: int = 0
+    flushes: int = 0
+    insert_failures: int = 0
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Sink:
+    """One consumer, one producer (for dead letters), one warehouse client."""
+
+    def __init__(
+        self,
+        client: Any,
+        bootstrap: str,
+        *,
+        topics: Iterable[str] = DEFAULT_TOPICS,
+        group_id: str = GROUP_ID,
+        max_rows: int = 50_000,
+        max_delay: float = 1.0,
+        stop_event: threading.Event,
+        consumer_config: dict[str, Any] | None = None,
+        topic_prefix: str = "",
+    ) -> None:
+        self.client = client
+        # A prefix renames every topic (tests, or several environments on one cluster).
+        self.prefix = topic_prefix
+        self.deadletter_topic = topic_prefix + DEADLETTER_TOPIC
+        self.stop_event = stop_event
+        self.max_rows, self.max_delay = max_rows, max_delay
+        self.topics = list(topics)
+        unknown = set(self.topics) - set(TOPIC_TABLES)
+        if unknown:
+            raise ValueError(f"no table for topics {sorted(unknown)}")
+        self.buffers = {t: _Buffer(TOPIC_TABLES[t]) for t in self.topics}
+        self.stats = SinkStats()
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                **(consumer_config or {}),
+            }
+        )
+        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        self._last_report = time.monotonic()
+        self._reported: dict[str, int] = {}
+
+    # --- loop -------------------------------------------------------------------------
+
+    def run(self) -> SinkStats:
+        self.consumer.subscribe([self.prefix + t for t in self.topics], on_revoke=self._on_revoke)
+        try:
+            while not self.stop_event.is_set():
+                for msg in self.consumer.consume(num_messages=2000, timeout=0.2):
+                    self._handle(msg)
+                for buf in self.buffers.values():
+                    if buf.due(self.max_rows, self.max_delay):
+                        self._flush(buf)
+                self._report()
+            for buf in self.buffers.values():  # graceful stop: write what we have
+                if buf.opened_at is not None:
+                    self._flush(buf)
+        except _Stopped:
+            log.warning("stopped with unflushed rows; they will be replayed")
+        finally:
+            self.producer.flush(5)
+            self.consumer.close()
+        return self.stats
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Write and commit before another member takes over, or it replays our buffer.
+        topics = {tp.topic.removeprefix(self.prefix) for tp in partitions}
+        try:
+            for topic in topics & set(self.buffers):
+                if self.buffers[topic].opened_at is not None:
+                    self._flush(self.buffers[topic])
+        except _Stopped:
+            pass
+
+    def _handle(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err)
+            return
+        self.stats.messages += 1
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        buf = self.buffers[topic.removeprefix(self.prefix)]
+        try:
+            chunk, rows, event_ms = buf.spec.decode(msg.value())
+        except (codec.DecodeError, ValueError, KeyError, TypeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self._dead_letter(msg, reason, buf)
+            buf.add(partition, offset, None, 0, None)
+            return
+        buf.add(partition, offset, chunk, rows, event_ms)
+
+    def _dead_letter(self, msg: Message, reason: str, buf: _Buffer) -> None:
+        self.stats.dead_letters += 1
+        record = {
+            "source_topic": msg.topic(),
+            "source_partition": msg.partition(),
+            "source_offset": msg.offset(),
+            "stage": STAGE,
+            "reason": reason[:4000],
+            "key": msg.key(),
+            "value": (msg.value() or b"")[: 512 * 1024] or None,
+            "ts_ms": int(time.time() * 1000),
+        }
+        log.warning("dead letter %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+        if msg.topic() == self.deadletter_topic:
+            # Never loop on the dead-letter topic: store the raw message directly.
+            buf.chunks.append([dead_letter_row(record)])
+            buf.rows += 1
+            return
+        self.producer.produce(
+            self.deadletter_topic,
+            key=msg.topic().encode(),
+            value=codec.encode("DeadLetter", record),
+        )
+        self.producer.poll(0)
+
+    # --- flush ------------------------------------------------------------------------
+
+    def _flush(self, buf: _Buffer) -> None:
+        table = buf.spec.to_arrow(buf.chunks) if buf.chunks else None
+        token = buf.token()
+        delay = 0.5
+        while True:
+            try:
+                self._write(buf, table, token)
+                break
+            except Exception as exc:  # any failure: retry, never commit
+                self.stats.insert_failures += 1
+                log.error("insert into %s failed (retry in %.1fs): %s", buf.spec.table, delay, exc)
+                if self.stop_event.wait(delay):
+                    raise _Stopped from exc
+                delay = min(delay * 2, 10.0)
+        self.consumer.commit(
+            offsets=[
+                TopicPartition(self.prefix + buf.spec.topic, p, r[1] + 1)
+                for p, r in buf.ranges.items()
+            ],
+            asynchronous=False,
+        )
+        self.stats.flushes += 1
+        if table is not None:
+            self.stats.rows[buf.spec.table] = (
+                self.stats.rows.get(buf.spec.table, 0) + table.num_rows
+            )
+        buf.chunks, buf.rows, buf.opened_at, buf.ranges = [], 0, None, {}
+
+    def _write(self, buf: _Buffer, table: Any, token: str) -> None:
+        if table is not None and buf.spec.topic == LEDGER_TOPIC:
+            table = drop_known_ledger_rows(table, self.client)
+        if table is not None and table.num_rows:
+            self.client.insert_arrow(
+                buf.spec.table, table, settings={"insert_deduplication_token": token}
+            )
+        # Dead letters of this batch must be durable before its offsets are committed.
+        if self.producer.flush(10) > 0:
+            raise RuntimeError("dead-letter producer did not drain")
+        now_ms = int(time.time() * 1000)
+        rows = [
+            [self.prefix + buf.spec.topic, p, r[1], r[2] if r[2] >= 0 else 0, now_ms]
+            for p, r in buf.ranges.items()
+        ]
+        ts = pa.timestamp("ms", tz="UTC")
+        self.client.insert_arrow(
+            f"{warehouse.DATABASE}.ingest_watermark",
+            pa.table(
+                {
+                    "topic": pa.array([r[0] for r in rows], pa.string()),
+                    "partition": pa.array([r[1] for r in rows], pa.int32()),
+                    "max_offset": pa.array([r[2] for r in rows], pa.int64()),
+                    "max_event_ts": pa.array([r[3] for r in rows], ts),
+                    "updated_at": pa.array([r[4] for r in rows], ts),
+                }
+            ),
+        )
+
+    def _report(self, every: float = 10.0) -> None:
+        now = time.monotonic()
+        elapsed = now - self._last_report
+        if elapsed < every:
+            return
+        parts = []
+        for table, total in sorted(self.stats.rows.items()):
+            delta = total - self._reported.get(table, 0)
+            if delta:
+                parts.append(f"{table.split('.')[-1]} {delta / elapsed:,.0f} rows/s")
+        self._reported = dict(self.stats.rows)
+        self._last_report = now
+        if parts or self.stats.dead_letters:
+            log.info("%s; dead letters %d", ", ".join(parts) or "idle", self.stats.dead_letters)
+
+
+def run_sink(
+    stop_event: threading.Event,
+    bootstrap: str | None = None,
+    *,
+    chdb_path: str | os.PathLike[str] | None = None,
+    topics: Iterable[str] = DEFAULT_TOPICS,
+    group_id: str = GROUP_ID,
+    max_rows: int = 50_000,
+    max_delay: float = 1.0,
+    serve: bool = True,
+    consumer_config: dict[str, Any] | None = None,
+    topic_prefix: str = "",
+) -> SinkStats:
+    """Run until `stop_event` is set; owns the warehouse (and its endpoint) meanwhile."""
+    with warehouse.open_owner(chdb_path, serve=serve) as owner:
+        sink = Sink(
+            owner.client,
+            bootstrap or default_bootstrap(),
+            topics=topics,
+            group_id=group_id,
+            max_rows=max_rows,
+            max_delay=max_delay,
+            stop_event=stop_event,
+            consumer_config=consumer_config,
+            topic_prefix=topic_prefix,
+        )
+        log.info("sink started: topics %s, group %s", ", ".join(sink.topics), group_id)
+        stats = sink.run()
+    log.info("sink stopped: %s", stats)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mallwatt sink",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--bootstrap", help="Kafka bootstrap servers (default MALLWATT_KAFKA or 127.0.0.1:19092)"
+    )
+    parser.add_argument(
+        "--chdb-path", help="embedded chDB folder (default MALLWATT_CHDB_PATH or var/chdb)"
+    )
+    parser.add_argument("--group", default=GROUP_ID)
+    parser.add_argument(
+        "--topics", nargs="+", default=list(DEFAULT_TOPICS), choices=list(DEFAULT_TOPICS)
+    )
+    parser.add_argument("--max-rows", type=int, default=50_000, help="rows per table per insert")
+    parser.add_argument("--max-delay", type=float, default=1.0, help="seconds a row may wait")
+    parser.add_argument("--no-serve", action="store_true", help="do not serve the query endpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run_sink(
+        stop,
+        args.bootstrap,
+        chdb_path=args.chdb_path,
+        topics=args.topics,
+        group_id=args.group,
+        max_rows=args.max_rows,
+        max_delay=args.max_delay,
+        serve=not args.no_serve,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""How each Kafka topic becomes rows of a warehouse table (pure, no I/O).
+
+Each `TopicTable` decodes one message into rows plus the largest event time in it (for
+the ingest watermark) and turns buffered rows into one Arrow table for `insert_arrow`.
+Readings stay column-wise end to end: a ReadingBatch is a polars frame, never a list of
+per-reading dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from schemas import codec
+from schemas.readings import RELAY_NAMES, batch_to_frame, reading_flags
+
+DB = "mallwatt"
+TS = pa.timestamp("ms", tz="UTC")
+STR = pa.string()
+
+READINGS_TOPIC = "mallwatt.readings"
+LEDGER_TOPIC = "mallwatt.ledger"
+ALERTS_TOPIC = "mallwatt.alerts"
+RELAY_COMMANDS_TOPIC = "mallwatt.relay-commands"
+RELAY_OUTCOMES_TOPIC = "mallwatt.relay-outcomes"
+COLLECTOR_EVENTS_TOPIC = "mallwatt.collector-events"
+DEADLETTER_TOPIC = "mallwatt.deadletter"
+
+Decoded = tuple[Any, int, int]  # (rows: frame or list of dicts, row count, max event ts ms)
+
+
+@dataclass(frozen=True)
+class TopicTable:
+    topic: str
+    table: str  # fully qualified
+    schema_name: str
+    decode: Callable[[bytes | None], Decoded]
+    to_arrow: Callable[[list[Any]], pa.Table]
+
+
+# --- readings -------------------------------------------------------------------------
+
+READINGS_COLUMNS = [
+    "mall_id", "account_id", "meter_id", "circuit_id", "ts", "import_kwh", "export_kwh",
+    "power_w", "voltage_v", "current_a", "power_factor", "relay", "flags", "batch_id",
+    "collector_id", "collected_at",
+]  # fmt: skip
+
+
+def decode_readings(value: bytes | None) -> Decoded:
+    record = codec.decode("ReadingBatch", value)
+    frame = batch_to_frame(record)
+    n = frame.height
+    flags = reading_flags(record)
+    if flags and (min(flags) < 0 or max(flags) >= n):
+        raise ValueError(f"ReadingBatch {record['batch_id']}: flag index outside 0..{n - 1}")
+    frame = frame.with_columns(
+        pl.lit(record["mall_id"]).alias("mall_id"),
+        pl.col("ts_ms").cast(pl.Datetime("ms", "UTC")).alias("ts"),
+        pl.col("relay").replace_strict(RELAY_NAMES, default="UNKNOWN", return_dtype=pl.String),
+        pl.Series("flags", [flags.get(i, []) for i in range(n)], dtype=pl.List(pl.String)),
+        pl.lit(record["batch_id"]).alias("batch_id"),
+        pl.lit(record["collector_id"]).alias("collector_id"),
+        pl.lit(record["collected_at_ms"]).cast(pl.Datetime("ms", "UTC")).alias("collected_at"),
+    ).select(READINGS_COLUMNS)
+    max_ts = int(record["collected_at_ms"]) if n == 0 else int(frame["ts"].dt.epoch("ms").max())
+    return frame, n, max_ts
+
+
+def readings_to_arrow(frames: list[pl.DataFrame]) -> pa.Table:
+    # Oldest compat level: plain large_string instead of string_view, which ClickHouse's
+    # Arrow reader does not take.
+    return pl.concat(frames, how="vertical").to_arrow(compat_level=pl.CompatLevel.oldest())
+
+
+# --- row-wise topics ------------------------------------------------------------------
+
+
+def _row_decoder(
+    schema_name: str, convert: Callable[[dict[str, Any]], dict[str, Any]], ts_field: str
+) -> Callable[[bytes | None], Decoded]:
+    def decode(value: bytes | None) -> Decoded:
+        record = codec.decode(schema_name, value)
+        return [convert(record)], 1, int(record[ts_field])
+
+    return decode
+
+
+def _arrow_builder(schema: pa.Schema) -> Callable[[list[Any]], pa.Table]:
+    def build(chunks: list[Any]) -> pa.Table:
+        rows = [row for chunk in chunks for row in chunk]
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    return build
+
+
+def _ledger_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "entry_id": r["entry_id"], "account_id": r["account_id"], "mall_id": r["mall_id"],
+        "kind": r["kind"], "amount_minor": r["amount_minor"],
+        "balance_after_minor": r["balance_after_minor"], "ts": r["ts_ms"],
+        "source_id": r["source_id"], "meter_id": r.get("meter_id"),
+        "circuit_id": r.get("circuit_id"), "interval_start": r.get("interval_start_ms"),
+        "energy_wh": r.get("energy_wh"), "tou_period": r.get("tou_period"),
+        "tier": r.get("tier"), "rate": r.get("rate"), "estimated": bool(r.get("estimated")),
+    }  # fmt: skip
+
+
+LEDGER_SCHEMA = pa.schema([
+    ("entry_id", STR), ("account_id", STR), ("mall_id", STR), ("kind", STR),
+    ("amount_minor", pa.int64()), ("balance_after_minor", pa.int64()), ("ts", TS),
+    ("source_id", STR), ("meter_id", STR), ("circuit_id", STR), ("interval_start", TS),
+    ("energy_wh", pa.int64()), ("tou_period", STR), ("tier", pa.int32()), ("rate", STR),
+    ("estimated", pa.bool_()),
+])  # fmt: skip
+
+
+def _alert_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "alert_id": r["alert_id"], "kind": r["kind"], "severity": r["severity"],
+        "mall_id": r["mall_id"], "account_id": r.get("account_id"),
+        "meter_id": r.get("meter_id"), "ts": r["ts_ms"], "message": r["message"],
+        "details": list((r.get("details") or {}).items()),
+    }  # fmt: skip
+
+
+ALERT_SCHEMA = pa.schema([
+    ("alert_id", STR), ("kind", STR), ("severity", STR), ("mall_id", STR),
+    ("account_id", STR), ("meter_id", STR), ("ts", TS), ("message", STR),
+    ("details", pa.map_(STR, STR)),
+])  # fmt: skip
+
+
+def _relay_command_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "command_id": r["command_id"], "action": r["action"], "reason": r["reason"],
+        "mall_id": r["mall_id"], "gateway_id": r["gateway_id"], "meter_id": r["meter_id"],
+        "account_id": r.get("account_id"), "issued_at": r["issued_at_ms"],
+        "cause_ts": r.get("cause_ts_ms"), "requested_by": r.get("requested_by") or "pipeline",
+    }  # fmt: skip
+
+
+RELAY_COMMAND_SCHEMA = pa.schema([
+    ("command_id", STR), ("action", STR), ("reason", STR), ("mall_id", STR),
+    ("gateway_id", STR), ("meter_id", STR), ("account_id", STR), ("issued_at", TS),
+    ("cause_ts", TS), ("requested_by", STR),
+])  # fmt: skip
+
+
+def _relay_outcome_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "command_id": r["command_id"], "action": r["action"], "status": r["status"],
+        "mall_id": r["mall_id"], "gateway_id": r["gateway_id"], "meter_id": r["meter_id"],
+        "relay_after": r["relay_after"], "attempts": r["attempts"], "ts": r["ts_ms"],
+        "detail": r.get("detail") or "",
+    }  # fmt: skip
+
+
+RELAY_OUTCOME_SCHEMA = pa.schema([
+    ("command_id", STR), ("action", STR), ("status", STR), ("mall_id", STR),
+    ("gateway_id", STR), ("meter_id", STR), ("relay_after", STR), ("attempts", pa.int32()),
+    ("ts", TS), ("detail", STR),
+])  # fmt: skip
+
+
+def _collector_event_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "event_id": r["event_id"], "collector_id": r["collector_id"], "mall_id": r["mall_id"],
+        "gateway_id": r.get("gateway_id"), "meter_id": r.get("meter_id"), "kind": r["kind"],
+        "ts": r["ts_ms"], "detail": r.get("detail") or "",
+    }  # fmt: skip
+
+
+COLLECTOR_EVENT_SCHEMA = pa.schema([
+    ("event_id", STR), ("collector_id", STR), ("mall_id", STR), ("gateway_id", STR),
+    ("meter_id", STR), ("kind", STR), ("ts", TS), ("detail", STR),
+])  # fmt: skip
+
+
+def dead_letter_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "source_topic": r["source_topic"], "source_partition": r["source_partition"],
+        "source_offset": r["source_offset"], "stage": r["stage"], "reason": r["reason"],
+        "key": r.get("key"), "value": r.get("value"), "ts": r["ts_ms"],
+    }  # fmt: skip
+
+
+DEAD_LETTER_SCHEMA = pa.schema([
+    ("source_topic", STR), ("source_partition", pa.int32()), ("source_offset", pa.int64()),
+    ("stage", STR), ("reason", STR), ("key", pa.binary()), ("value", pa.binary()), ("ts", TS),
+])  # fmt: skip
+
+
+TOPIC_TABLES: dict[str, TopicTable] = {
+    t.topic: t
+    for t in (
+        TopicTable(READINGS_TOPIC, f"{DB}.readings", "ReadingBatch", decode_readings, readings_to_arrow),
+        TopicTable(LEDGER_TOPIC, f"{DB}.ledger", "LedgerEntry",
+                   _row_decoder("LedgerEntry", _ledger_row, "ts_ms"), _arrow_builder(LEDGER_SCHEMA)),
+        TopicTable(ALERTS_TOPIC, f"{DB}.alerts", "Alert",
+                   _row_decoder("Alert", _alert_row, "ts_ms"), _arrow_builder(ALERT_SCHEMA)),
+        TopicTable(RELAY_COMMANDS_TOPIC, f"{DB}.relay_commands", "RelayCommand",
+                   _row_decoder("RelayCommand", _relay_command_row, "issued_at_ms"),
+                   _arrow_builder(RELAY_COMMAND_SCHEMA)),
+        TopicTable(RELAY_OUTCOMES_TOPIC, f"{DB}.relay_outcomes", "RelayOutcome",
+                   _row_decoder("RelayOutcome", _relay_outcome_row, "ts_ms"),
+                   _arrow_builder(RELAY_OUTCOME_SCHEMA)),
+        TopicTable(COLLECTOR_EVENTS_TOPIC, f"{DB}.collector_events", "CollectorEvent",
+                   _row_decoder("CollectorEvent", _collector_event_row, "ts_ms"),
+                   _arrow_builder(COLLECTOR_EVENT_SCHEMA)),
+        TopicTable(DEADLETTER_TOPIC, f"{DB}.dead_letters", "DeadLetter",
+                   _row_decoder("DeadLetter", dead_letter_row, "ts_ms"),
+                   _arrow_builder(DEAD_LETTER_SCHEMA)),
+    )
+}  # fmt: skip
+
+
+# Ledger rows already stored, so a replay never reaches the summing ledger_hourly view.
+LEDGER_EXISTING = (
+    f"SELECT DISTINCT entry_id FROM {DB}.ledger "
+    "WHERE account_id IN {accounts:Array(String)} "
+    "AND ts BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC') "
+    "AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC') "
+    "AND entry_id IN {ids:Array(String)}"
+)
+
+
+def drop_known_ledger_rows(table: pa.Table, client: Any) -> pa.Table:
+    """The ledger rows whose entry_id is neither repeated in `table` nor already stored."""
+    if table.num_rows == 0:
+        return table
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.unique(subset=["entry_id"], keep="first", maintain_order=True)
+    ts_ms = frame["ts"].dt.epoch("ms")
+    existing = client.query(
+        LEDGER_EXISTING,
+        parameters={
+            "accounts": frame["account_id"].unique().to_list(),
+            "lo": int(ts_ms.min()),
+            "hi": int(ts_ms.max()),
+            "ids": frame["entry_id"].to_list(),
+        },
+    ).result_rows
+    if existing:
+        frame = frame.filter(~pl.col("entry_id").is_in([row[0] for row in existing]))
+    return frame.to_arrow(compat_level=pl.CompatLevel.oldest()).cast(LEDGER_SCHEMA)

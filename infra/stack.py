@@ -1,0 +1,73 @@
+"""`mallwatt stack up | down | status`: the local real components in one command.
+
+up: resolve Kafka jars (cached outside git), start the KRaft broker, provision topics,
+apply warehouse migrations. down: stop the broker. With MALLWATT_KAFKA / MALLWATT_CLICKHOUSE
+set, the external services are used and nothing is started or stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from infra import broker
+from infra.topics import TOPICS, provision_topics
+
+
+def migrate_warehouse() -> list[str]:
+    from infra import warehouse
+
+    return warehouse.migrate()
+
+
+def up(kafka_only: bool = False) -> dict[str, object]:
+    t0 = time.monotonic()
+    config = broker.BrokerConfig.from_env()
+    st = broker.start(config)
+    created = provision_topics(config.bootstrap)
+    applied: list[str] = [] if kafka_only else migrate_warehouse()
+    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "topics_created": created,
+            "topics_declared": len(TOPICS), "migrations_applied": applied,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def down() -> dict[str, object]:
+    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env())}
+
+
+def status() -> dict[str, object]:
+    st = broker.status(broker.BrokerConfig.from_env())
+    out: dict[str, object] = {"kafka_running": st.running, "kafka": st.bootstrap, "kafka_pid": st.pid,
+                              "topics": st.topics, "kafka_external": st.external}
+    try:
+        from infra import warehouse
+
+        out["warehouse"] = warehouse.describe()
+    except Exception as exc:  # status must report, not fail
+        out["warehouse"] = f"unavailable: {exc}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mallwatt stack",
+        description="Start, stop or inspect the local stack: a single-node Kafka broker (KRaft, "
+        "data in var/kafka) and the embedded ClickHouse warehouse (var/chdb). Set MALLWATT_KAFKA "
+        "and MALLWATT_CLICKHOUSE to use existing services instead.")
+    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("--kafka-only", action="store_true", help="up: skip warehouse migrations")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = {"up": lambda: up(args.kafka_only), "down": down, "status": status}[args.action]()
+    except Exception as exc:
+        print(f"mallwatt stack {args.action}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        for key, value in result.items():
+            print(f"{key:>20}: {value}")
+    return 0

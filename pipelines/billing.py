@@ -1,0 +1,152 @@
+"""The stream's billing step: envelope in, envelope (with its outbox) out. No Kafka here.
+
+The faust agents call these functions; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from infra import topics as T
+from pipelines.context import BillingContext, build_context
+from pipelines.core.engine import BatchOutputs, CoreState, process_batch
+from pipelines.envelope import BUCKETS_PER_PARTITION, Envelope, OutboxItem
+from pipelines.portfolio import load_portfolio
+from schemas import codec
+
+log = logging.getLogger("mallwatt.billing")
+
+
+class ContextHolder:
+    """The current BillingContext, rebuilt when the config file changes (no restart needed)."""
+
+    def __init__(self, path: str | Path, partitions: int) -> None:
+        self.path = Path(path)
+        self.partitions = partitions
+        self._mtime = self.path.stat().st_mtime_ns if self.path.exists() else 0
+        self._ctx = build_context(load_portfolio(self.path), partitions)
+        self.version = 1
+
+    def current(self) -> BillingContext:
+        return self._ctx
+
+    def reload_if_changed(self) -> bool:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
+            return False
+        if mtime == self._mtime:
+            return False
+        self._mtime = mtime
+        try:
+            self._ctx = build_context(load_portfolio(self.path), self.partitions)
+        except Exception as exc:  # keep billing with the last good config
+            log.error("config change rejected, keeping version %s: %s", self.version, exc)
+            return False
+        self.version += 1
+        log.warning("config reloaded from %s (version %s)", self.path, self.version)
+        return True
+
+
+def _circuit_routes(ctx: BillingContext) -> pl.DataFrame:
+    cached = getattr(ctx, "_route_frame", None)
+    if cached is not None:
+        return cached
+    import zlib
+
+    rows = []
+    for circuit_id, route in ctx.circuit_meter.items():
+        h = zlib.crc32(route.account_id.encode())
+        shard = h % ctx.partitions
+        rows.append((circuit_id, route.account_id, shard, f"p{shard}.b{(h // ctx.partitions) % BUCKETS_PER_PARTITION}"))
+    frame = pl.DataFrame(rows, orient="row", schema={"circuit_id": pl.String, "cfg_account": pl.String,
+                                                       "shard": pl.Int64, "bucket": pl.String})
+    object.__setattr__(ctx, "_route_frame", frame)
+    return frame
+
+
+def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int
+                   ) -> tuple[dict[str, pl.DataFrame], list[str]]:
+    """Readings grouped by state bucket; readings that cannot be billed here are named with why."""
+    joined = frame.join(_circuit_routes(ctx), on="circuit_id", how="left")
+    rejected: list[str] = []
+    unknown = joined.filter(pl.col("bucket").is_null())
+    if unknown.height:
+        ids = unknown["circuit_id"].unique().sort().to_list()
+        rejected.append(f"{unknown.height} reading(s) of unknown circuit(s) {ids[:10]}")
+    misrouted = joined.filter(pl.col("bucket").is_not_null() & (pl.col("shard") != partition))
+    if misrouted.height:
+        ids = misrouted["circuit_id"].unique().sort().to_list()
+        rejected.append(f"{misrouted.height} reading(s) on partition {partition} belong to another shard: {ids[:10]}")
+    ok = joined.filter(pl.col("shard") == partition)
+    groups = {str(key[0]): part for key, part in ok.partition_by("bucket", as_dict=True).items()} if ok.height else {}
+    return groups, rejected
+
+
+def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
+    return _step(env, readings, None, ctx, source, offset)
+
+
+def apply_payment(env: Envelope, payment: dict[str, Any], ctx: BillingContext, source: str, offset: int) -> Envelope:
+    row = {"payment_id": payment["payment_id"], "account_id": payment["account_id"], "ts_ms": payment["ts_ms"],
+           "amount_minor": payment["amount_minor"], "kind": str(payment["kind"]).lower(),
+           "reverses_payment_id": payment.get("reverses_payment_id")}
+    return _step(env, None, [row], ctx, source, offset)
+
+
+def _step(env: Envelope, readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,
+          ctx: BillingContext, source: str, offset: int) -> Envelope:
+    state = CoreState.from_dict({"circuits": env.circuits, "accounts": env.accounts})
+    if readings is None:
+        readings = pl.DataFrame(schema={"circuit_id": pl.String, "meter_id": pl.String, "ts_ms": pl.Int64,
+                                        "import_kwh": pl.Float64})
+    new_state, out = process_batch(state, readings, payments, ctx.rating)
+    data = new_state.to_dict()
+    return Envelope(accounts=data["accounts"], circuits=data["circuits"], hwm={**env.hwm, source: offset},
+                    outbox=outbox_items(out, ctx), updates=env.updates + 1)
+
+
+def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[OutboxItem]:
+    items: list[OutboxItem] = []
+    for row in out.ledger.iter_rows(named=True):
+        items.append(OutboxItem(T.LEDGER, row["account_id"].encode(), codec.encode("LedgerEntry", row)))
+    for row in out.alerts.iter_rows(named=True):
+        details = json.loads(row["details"]) if row["details"] else {}
+        record = {**row, "details": {k: str(v) for k, v in details.items()}}
+        items.append(OutboxItem(T.ALERTS, (row["account_id"] or row["mall_id"]).encode(),
+                                codec.encode("Alert", record)))
+    for row in out.rejected_readings.iter_rows(named=True):
+        route = ctx.circuit_meter.get(row["circuit_id"])
+        if route is None:
+            continue
+        alert = {"alert_id": f"{row['circuit_id']}:rej:{row['ts_ms']}", "kind": "meter_fault", "severity": "WARNING",
+                 "mall_id": route.mall_id, "account_id": route.account_id, "meter_id": row["meter_id"],
+                 "ts_ms": row["ts_ms"], "message": f"reading not billed: {row['reason']}",
+                 "details": {"circuit_id": row["circuit_id"], "import_kwh": str(row["import_kwh"]),
+                             "reason": str(row["reason"])}}
+        items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", alert)))
+    # rejected payments already come with a rejected_topup alert from the wallet
+    for row in out.commands.iter_rows(named=True):
+        for route in relay_meters(ctx, row["account_id"]):
+            command = {"command_id": f"{row['command_id']}:{route.meter_id}", "action": row["action"].upper(),
+                       "reason": row["reason"], "mall_id": route.mall_id, "gateway_id": route.gateway_id,
+                       "meter_id": route.meter_id, "account_id": row["account_id"],
+                       "issued_at_ms": row["cause_ts_ms"], "cause_ts_ms": row["cause_ts_ms"],
+                       "requested_by": "pipeline"}
+            items.append(OutboxItem(T.RELAY_COMMANDS, route.gateway_id.encode(),
+                                    codec.encode("RelayCommand", command)))
+    return items
+
+
+def relay_meters(ctx: BillingContext, account_id: str) -> list[Any]:
+    return [r for r in ctx.meter_route.values() if r.account_id == account_id]
+
+
+def default_config_path() -> str:
+    return os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml")

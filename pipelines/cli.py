@@ -1,0 +1,60 @@
+"""`mallwatt`: one command for operators, analysts and developers.
+
+Each subcommand lives in its own module and is imported only when used, so
+`mallwatt sql` does not pay for faust and `mallwatt stack` does not pay for polars.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "stack": ("infra.stack", "main", "start/stop/inspect the local Kafka broker and warehouse (up|down|status)"),
+    "generate": ("pipelines.generate", "main", "write a synthetic portfolio config of any size"),
+    "check-config": ("pipelines.config_cli", "main", "validate a portfolio config and summarise it"),
+    "simulate": ("collectors.simulator", "main", "run simulated Modbus meters for a portfolio on loopback"),
+    "collect": ("collectors.run", "main", "poll meters, publish readings to Kafka, execute relay commands"),
+    "worker": ("pipelines.worker", "main", "run the billing stream worker (faust agents)"),
+    "sink": ("pipelines.sink", "main", "copy Kafka topics into ClickHouse and serve warehouse queries"),
+    "topup": ("pipelines.payments_cli", "main", "publish a merchant top-up (payment) to Kafka"),
+    "sql": ("infra.sql_cli", "main", "run a SQL statement against the warehouse and print a table"),
+    "query": ("infra.sql_cli", "query_main", "run a named analytics query from sql/queries"),
+    "replay": ("pipelines.core.replay", "main", "offline replay / re-rating of readings and payments"),
+    "demo": ("pipelines.demo", "main", "run a simulated mall end to end for a bounded time"),
+    "bench": ("bench.cli", "main", "benchmarks printing JSON figures (core|collect|pipeline|warehouse)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: mallwatt COMMAND [ARGS...]", "",
+             "Prepaid electricity for shopping-mall portfolios: meters -> Kafka -> stream billing -> ClickHouse.",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()]
+    lines += ["", "Run `mallwatt COMMAND --help` for a command's options.",
+              "Environment: MALLWATT_KAFKA (external bootstrap servers), MALLWATT_CLICKHOUSE (server URL)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"mallwatt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        result = func(rest)
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""From the portfolio config to what the billing core and the stream need at run time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from pipelines.core.context import RatingContext
+from pipelines.core.models import AccountRating, CircuitConfig, Mall, WalletPolicy
+from pipelines.portfolio import Portfolio
+
+# Register wrap values per meter model (uint32 x0.01 kWh wraps at 42,949,672.95 kWh; the
+# float32 models report a 6-digit display counter).
+REGISTER_MAX_KWH: dict[str, Decimal | None] = {
+    "acrel_ddsy1352": Decimal("42949672.95"),
+    "acrel_adl400": Decimal("21474836.47"),
+}
+DEFAULT_REGISTER_MAX = Decimal("99999.99")
+
+
+def landlord_account(mall_id: str) -> str:
+    """The mall's own account: common-area meters are billed here, then shared out."""
+    return f"{mall_id}-LANDLORD"
+
+
+@dataclass(frozen=True)
+class MeterRoute:
+    mall_id: str
+    gateway_id: str
+    meter_id: str
+    account_id: str
+
+
+@dataclass
+class BillingContext:
+    """The core's rating context plus the routing facts the stream needs."""
+
+    portfolio: Portfolio
+    rating: RatingContext
+    partitions: int
+    circuit_meter: dict[str, MeterRoute]  # circuit id -> where it is
+    meter_route: dict[str, MeterRoute]  # meter id -> where it is
+    account_mall: dict[str, str]
+
+    @property
+    def accounts(self) -> dict[str, AccountRating]:
+        return self.rating.accounts
+
+
+def build_context(portfolio: Portfolio, partitions: int, *, lateness_ms: int = 0) -> BillingContext:
+    accounts: dict[str, AccountRating] = {}
+    circuits: dict[str, CircuitConfig] = {}
+    malls: dict[str, Mall] = {}
+    circuit_meter: dict[str, MeterRoute] = {}
+    meter_route: dict[str, MeterRoute] = {}
+    for mall in portfolio.malls:
+        malls[mall.id] = Mall(mall_id=mall.id, tz=mall.timezone, holidays=[d.isoformat() for d in mall.holidays])
+        landlord = landlord_account(mall.id)
+        # Never tripped and never alerted for credit: the landlord pays the utility directly.
+        accounts[landlord] = AccountRating(account_id=landlord, mall_id=mall.id, tariff_id=mall.tariff,
+                                           policy=WalletPolicy(alert_levels=[], protected=True))
+        for merchant in mall.merchants:
+            level = portfolio.level(merchant.level)
+            policy = level.policy
+            updates: dict[str, object] = {}
+            if merchant.protected:
+                updates["protected"] = True
+            if merchant.alert_levels is not None:
+                updates["alert_levels"] = merchant.alert_levels
+            if updates:
+                policy = policy.model_copy(update=updates)
+            accounts[merchant.id] = AccountRating(
+                account_id=merchant.id, mall_id=mall.id, tariff_id=merchant.tariff or mall.tariff,
+                policy=policy, price_multiplier=Decimal(str(merchant.price_multiplier)))
+        for meter in mall.meters:
+            account = meter.account or landlord
+            route = MeterRoute(mall.id, meter.gateway, meter.id, account)
+            meter_route[meter.id] = route
+            for circuit in meter.circuits:
+                circuit_meter[circuit.id] = route
+                circuits[circuit.id] = CircuitConfig(
+                    circuit_id=circuit.id, account_id=account, max_kw=Decimal(str(meter.max_kw)),
+                    register_max_kwh=REGISTER_MAX_KWH.get(meter.model, DEFAULT_REGISTER_MAX))
+    rating = RatingContext(circuits=circuits, accounts=accounts,
+                           tariffs={t.id: t for t in portfolio.tariffs}, malls=malls,
+                           lateness_ms=lateness_ms)
+    return BillingContext(portfolio, rating, partitions, circuit_meter, meter_route,
+                          {a.account_id: a.mall_id for a in accounts.values()})

@@ -1,0 +1,72 @@
+"""The unit of state the stream worker stores: one bucket of accounts.
+
+Why buckets: every table write is one changelog message, so writing one value per account
+would cost one Kafka message per account per batch. Accounts of a partition are spread
+over a fixed number of buckets; a batch writes each touched bucket once.
+
+Why the outbox lives inside the state: the changelog record that makes a state change
+durable also carries the outputs (ledger entries, alerts, relay commands) that the change
+caused. The forwarder publishes outputs from the changelog, so an output can never be lost
+when its state change survived, and never be produced for a state change that did not.
+The high-water marks make re-delivered input a no-op for the bucket (effects once).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+BUCKETS_PER_PARTITION = 64
+
+
+def bucket_key(account_id: str, partitions: int) -> str:
+    """Stable bucket of an account; the shard is part of the key so a bucket never spans partitions."""
+    h = zlib.crc32(account_id.encode("utf-8"))
+    shard = h % partitions
+    return f"p{shard}.b{(h // partitions) % BUCKETS_PER_PARTITION}"
+
+
+@dataclass
+class OutboxItem:
+    topic: str
+    key: bytes
+    value: bytes
+
+    def to_json(self) -> list[str]:
+        return [self.topic, self.key.decode("latin-1"), self.value.decode("latin-1")]
+
+    @classmethod
+    def from_json(cls, raw: list[str]) -> OutboxItem:
+        return cls(raw[0], raw[1].encode("latin-1"), raw[2].encode("latin-1"))
+
+
+@dataclass
+class Envelope:
+    """One bucket: the core's per-account and per-circuit state, input high-water marks, outbox."""
+
+    accounts: dict[str, Any] = field(default_factory=dict)  # account id -> core account state (plain data)
+    circuits: dict[str, Any] = field(default_factory=dict)  # circuit id -> core circuit state (plain data)
+    hwm: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> last applied offset
+    outbox: list[OutboxItem] = field(default_factory=list)  # outputs of the LAST update only
+    updates: int = 0
+
+    def applied(self, source: str, offset: int) -> bool:
+        return self.hwm.get(source, -1) >= offset
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({
+            "v": 1, "accounts": self.accounts, "circuits": self.circuits, "hwm": self.hwm,
+            "outbox": [o.to_json() for o in self.outbox], "updates": self.updates,
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> Envelope:
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        if data.get("v") != 1:
+            raise ValueError(f"unknown envelope version {data.get('v')!r}")
+        return cls(data["accounts"], data["circuits"], data["hwm"],
+                   [OutboxItem.from_json(o) for o in data["outbox"]], data.get("updates", 0))

@@ -1,0 +1,99 @@
+"""Publishes the outputs stored in the billing table's changelog to their topics.
+
+Each changelog record carries the outbox of one state change (see pipelines.envelope).
+Delivery is at least once: offsets are committed only after the producer has flushed, so
+a crash re-publishes, never loses. Output ids are deterministic, so consumers deduplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+
+from pipelines.envelope import Envelope
+
+log = logging.getLogger("mallwatt.forwarder")
+
+
+class Forwarder:
+    def __init__(self, bootstrap: str, changelog_topic: str, group: str = "mallwatt-forwarder") -> None:
+        self.changelog_topic = changelog_topic
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
+            "topic.metadata.refresh.interval.ms": 2000,
+        })
+        self._producer = Producer({
+            "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+            "linger.ms": 2, "compression.type": "lz4",
+        })
+        self.forwarded = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        # The changelog is created by faust when the worker starts; subscribe() waits for it.
+        self._consumer.subscribe([self.changelog_topic])
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._step()
+                except KafkaException as exc:  # transient broker trouble: retry, never lose
+                    log.warning("forwarder: %s; rewinding to the committed offsets", exc)
+                    self._stop.wait(1.0)
+                    self._rewind()
+        finally:
+            self._producer.flush(10)
+            self._consumer.close()
+
+    def _step(self) -> None:
+        messages = self._consumer.consume(num_messages=500, timeout=0.2)
+        seen = False
+        for msg in messages:
+            if msg.error():
+                if msg.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                    log.warning("forwarder: %s", msg.error())
+                continue
+            self._forward(msg.value())
+            seen = True
+        if seen:
+            remaining = self._producer.flush(30)
+            if remaining:
+                raise KafkaException(f"{remaining} output(s) not delivered; offsets not committed")
+            self._consumer.commit(asynchronous=False)
+
+    def _rewind(self) -> None:
+        """Go back to the last committed offsets, so nothing consumed but unsent is skipped."""
+        try:
+            for tp in self._consumer.committed(self._consumer.assignment(), timeout=10):
+                if tp.offset >= 0:
+                    self._consumer.seek(tp)
+        except KafkaException as exc:
+            log.warning("forwarder: rewind failed (%s); will retry", exc)
+
+    def _forward(self, raw: bytes | None) -> None:
+        if raw is None:  # a tombstone: bucket deleted, nothing to publish
+            return
+        try:
+            env = Envelope.from_bytes(raw)
+        except ValueError as exc:
+            log.error("forwarder: unreadable changelog record skipped: %s", exc)
+            return
+        for item in env.outbox:
+            while True:
+                try:
+                    self._producer.produce(item.topic, key=item.key, value=item.value)
+                    break
+                except BufferError:
+                    self._producer.poll(0.05)
+            self.forwarded += 1
+        self._producer.poll(0)

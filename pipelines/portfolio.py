@@ -1,0 +1,287 @@
+"""The one configuration model for a whole portfolio of malls.
+
+A YAML file validated with pydantic; every error names the file and the field path
+(``malls[0].meters[3].gateway``). Tariffs and wallet policies are the billing core's own
+models, referenced here by id and by merchant level.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from collections.abc import Iterator
+from datetime import date
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.core.models import Tariff, WalletPolicy
+
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+
+
+class ConfigError(ValueError):
+    """A portfolio file that cannot be used; the message names the file and the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Purpose(StrEnum):
+    LIGHTING = "lighting"
+    SOCKETS = "sockets"
+    AIR_CONDITIONING = "air_conditioning"
+    KITCHEN = "kitchen"
+    REFRIGERATION = "refrigeration"
+    HVAC = "hvac"
+    ELEVATOR = "elevator"
+    PUBLIC_LIGHTING = "public_lighting"
+    MAIN = "main"
+    OTHER = "other"
+
+
+class BusinessType(StrEnum):
+    RESTAURANT = "restaurant"
+    RETAIL = "retail"
+    CINEMA = "cinema"
+    SUPERMARKET = "supermarket"
+    SERVICES = "services"
+    COMMON = "common"
+
+
+class MerchantLevel(_Model):
+    """A class of merchants sharing a wallet policy and load limits."""
+
+    name: Identifier
+    policy: WalletPolicy = Field(default_factory=WalletPolicy)
+    max_power_w: Annotated[float, Field(gt=0)] = 20_000.0
+    overload_debounce_s: Annotated[float, Field(ge=0)] = 30.0
+
+
+class Area(_Model):
+    id: Identifier
+    name: str = ""
+    floor: int = 1
+
+
+class Gateway(_Model):
+    """A Modbus TCP gateway fronting one RS-485 bus of meters."""
+
+    id: Identifier
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)]
+    timeout_s: Annotated[float, Field(gt=0)] = 1.0
+
+
+class Circuit(_Model):
+    id: Identifier
+    purpose: Purpose = Purpose.OTHER
+
+
+class Meter(_Model):
+    id: Identifier
+    model: Identifier  # a profile name in collectors/profiles
+    gateway: Identifier
+    unit_id: Annotated[int, Field(ge=1, le=247)]
+    account: Identifier | None = None  # None: a common-area or main meter owned by the mall
+    circuits: list[Circuit] = Field(min_length=1, max_length=1)
+    max_kw: Annotated[float, Field(gt=0)] = 60.0
+    poll_interval_s: Annotated[float, Field(gt=0)] = 15.0
+
+
+class Merchant(_Model):
+    """A tenant and its prepaid account (one account per merchant; the id is the account id)."""
+
+    id: Identifier
+    name: str
+    business_type: BusinessType = BusinessType.RETAIL
+    area: Identifier
+    level: Identifier = "standard"
+    leased_area_m2: Annotated[float, Field(gt=0)]
+    tariff: Identifier | None = None  # None: the mall's tariff
+    price_multiplier: Annotated[float, Field(gt=0)] = 1.0
+    protected: bool = False
+    alert_levels: list[int] | None = None  # overrides the level's thresholds
+    opening_balance_minor: int = 0
+    vacant: bool = False
+
+
+class PoolMethod(StrEnum):
+    AREA = "area"
+    FIXED = "fixed"
+    CONSUMPTION = "consumption"
+    MIX = "mix"
+
+
+class SharedPool(_Model):
+    """A common-area cost pool (central HVAC, elevators, public lighting) shared by tenants."""
+
+    id: Identifier
+    name: str
+    meters: list[Identifier] = Field(min_length=1)
+    method: PoolMethod = PoolMethod.AREA
+    fixed_shares: dict[Identifier, float] = Field(default_factory=dict)
+    mix_weights: dict[PoolMethod, float] = Field(default_factory=dict)
+    exclude: list[Identifier] = Field(default_factory=list)
+
+
+class MallConfig(_Model):
+    id: Identifier
+    name: str
+    timezone: str = "Asia/Shanghai"
+    holidays: list[date] = Field(default_factory=list)
+    tariff: Identifier
+    areas: list[Area] = Field(min_length=1)
+    gateways: list[Gateway] = Field(default_factory=list)
+    merchants: list[Merchant] = Field(default_factory=list)
+    meters: list[Meter] = Field(default_factory=list)
+    pools: list[SharedPool] = Field(default_factory=list)
+    main_meter: Identifier | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Shanghai)") from None
+        return value
+
+
+class Portfolio(_Model):
+    name: str
+    currency: Annotated[str, Field(min_length=3, max_length=3)] = "CNY"
+    tariffs: list[Tariff] = Field(min_length=1)
+    levels: list[MerchantLevel] = Field(default_factory=lambda: [MerchantLevel(name="standard")])
+    malls: list[MallConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> Portfolio:
+        problems = list(_reference_problems(self))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # Lookups used by collectors, workers and reports.
+    def mall(self, mall_id: str) -> MallConfig:
+        for mall in self.malls:
+            if mall.id == mall_id:
+                return mall
+        raise KeyError(f"unknown mall {mall_id!r}")
+
+    def level(self, name: str) -> MerchantLevel:
+        return next(lv for lv in self.levels if lv.name == name)
+
+    def tariff(self, tariff_id: str) -> Tariff:
+        return next(t for t in self.tariffs if t.id == tariff_id)
+
+    def merchants(self) -> Iterator[tuple[MallConfig, Merchant]]:
+        for mall in self.malls:
+            for merchant in mall.merchants:
+                yield mall, merchant
+
+    def meters(self) -> Iterator[tuple[MallConfig, Meter]]:
+        for mall in self.malls:
+            for meter in mall.meters:
+                yield mall, meter
+
+
+def _duplicates(ids: list[str]) -> set[str]:
+    seen: set[str] = set()
+    return {i for i in ids if i in seen or seen.add(i)}  # type: ignore[func-returns-value]
+
+
+def _reference_problems(p: Portfolio) -> Iterator[str]:
+    tariff_ids = {t.id for t in p.tariffs}
+    level_names = {lv.name for lv in p.levels}
+    for label, ids in (
+        ("tariffs", [t.id for t in p.tariffs]),
+        ("levels", [lv.name for lv in p.levels]),
+        ("malls", [m.id for m in p.malls]),
+        ("merchants (portfolio-wide)", [x.id for m in p.malls for x in m.merchants]),
+        ("meters (portfolio-wide)", [x.id for m in p.malls for x in m.meters]),
+        ("circuits (portfolio-wide)", [c.id for m in p.malls for x in m.meters for c in x.circuits]),
+    ):
+        for dup in sorted(_duplicates(ids)):
+            yield f"{label}: duplicate id {dup!r}"
+    for mi, mall in enumerate(p.malls):
+        where = f"malls[{mi}]"
+        if mall.tariff not in tariff_ids:
+            yield f"{where}.tariff: unknown tariff {mall.tariff!r}"
+        areas = {a.id for a in mall.areas}
+        gateways = {g.id for g in mall.gateways}
+        merchants = {m.id for m in mall.merchants}
+        meters = {m.id for m in mall.meters}
+        for dup in sorted(_duplicates([f"{g.host}:{g.port}" for g in mall.gateways])):
+            yield f"{where}.gateways: two gateways at {dup}"
+        for xi, merchant in enumerate(mall.merchants):
+            at = f"{where}.merchants[{xi}]"
+            if merchant.area not in areas:
+                yield f"{at}.area: unknown area {merchant.area!r}"
+            if merchant.level not in level_names:
+                yield f"{at}.level: unknown level {merchant.level!r}"
+            if merchant.tariff is not None and merchant.tariff not in tariff_ids:
+                yield f"{at}.tariff: unknown tariff {merchant.tariff!r}"
+        units: set[tuple[str, int]] = set()
+        for xi, meter in enumerate(mall.meters):
+            at = f"{where}.meters[{xi}]"
+            if meter.gateway not in gateways:
+                yield f"{at}.gateway: unknown gateway {meter.gateway!r}"
+            if (meter.gateway, meter.unit_id) in units:
+                yield f"{at}.unit_id: unit {meter.unit_id} used twice on gateway {meter.gateway!r}"
+            units.add((meter.gateway, meter.unit_id))
+            if meter.account is not None and meter.account not in merchants:
+                yield f"{at}.account: unknown merchant {meter.account!r} in mall {mall.id!r}"
+        if mall.main_meter is not None and mall.main_meter not in meters:
+            yield f"{where}.main_meter: unknown meter {mall.main_meter!r}"
+        for pi, pool in enumerate(mall.pools):
+            at = f"{where}.pools[{pi}]"
+            for meter_id in pool.meters:
+                if meter_id not in meters:
+                    yield f"{at}.meters: unknown meter {meter_id!r}"
+            for merchant_id in [*pool.exclude, *pool.fixed_shares]:
+                if merchant_id not in merchants:
+                    yield f"{at}: unknown merchant {merchant_id!r}"
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def parse_portfolio(data: Any, source: str = "<config>") -> Portfolio:
+    try:
+        return Portfolio.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid portfolio config ({exc.error_count()} problem(s))"]
+        for err in exc.errors():
+            lines.append(f"  {_field_path(tuple(err['loc']))}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_portfolio(path: str | Path) -> Portfolio:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read portfolio config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return parse_portfolio(data, str(path))
+
+
+def dump_portfolio(portfolio: Portfolio | dict[str, Any], path: str | Path) -> None:
+    data = portfolio.model_dump(mode="json", exclude_defaults=True) if isinstance(portfolio, Portfolio) else portfolio
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,175 @@
+"""The billing stream worker: faust agents around the pure billing core.
+
+readings (ReadingBatch, partition = account shard) ----\
+                                                        +--> buckets table (state + outbox)
+payments (Payment, partition = account shard) ---------/          | changelog
+                                                                  v
+                                      forwarder --> ledger, alerts, relay-commands
+
+The agents only decode, route and store; pricing and wallet rules are in pipelines.billing
+and pipelines.core. A message that cannot be processed goes to the dead-letter topic with
+its reason and the agent keeps going.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import faust
+
+from infra import topics as T
+from infra.broker import bootstrap_servers
+from pipelines import billing
+from pipelines.deadletter import dead_letter_record
+from pipelines.envelope import Envelope, bucket_key
+from pipelines.forwarder import Forwarder
+from schemas import codec
+from schemas.keys import account_shard
+from schemas.readings import batch_to_frame
+
+log = logging.getLogger("mallwatt.worker")
+
+APP_ID = os.environ.get("MALLWATT_APP_ID", "mallwatt-billing")
+TABLE_NAME = "buckets"
+
+
+def changelog_topic(app_id: str = APP_ID) -> str:
+    return f"{app_id}-{TABLE_NAME}-changelog"
+
+
+def build_app(config_path: str, *, bootstrap: str | None = None, store: str | None = None) -> faust.App:
+    partitions = T.default_partitions()
+    app = faust.App(
+        APP_ID,
+        broker=f"kafka://{bootstrap or bootstrap_servers()}",
+        store=store or os.environ.get("MALLWATT_STORE", "memory://"),
+        topic_partitions=partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+        processing_guarantee="at_least_once",
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        web_enabled=False,
+        producer_linger=0.0,
+        stream_wait_empty=False,
+    )
+    holder = billing.ContextHolder(config_path, partitions)
+    buckets = app.Table(TABLE_NAME, default=None, partitions=partitions,
+                        key_type=bytes, value_type=bytes,
+                        # the forwarder reads every changelog record: keep them uncompacted for a day
+                        extra_topic_configs={"min.compaction.lag.ms": str(24 * 3600 * 1000)})
+    readings_topic = app.topic(T.READINGS, key_type=bytes, value_type=bytes, partitions=partitions)
+    payments_topic = app.topic(T.PAYMENTS, key_type=bytes, value_type=bytes, partitions=partitions)
+    dlq_topic = app.topic(T.DEADLETTER, key_type=bytes, value_type=bytes)
+
+    async def to_dead_letter(event: Any, stage: str, reason: str) -> None:
+        msg = event.message
+        log.warning("dead letter %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, reason)
+        record = dead_letter_record(msg.topic, msg.partition, msg.offset, stage, reason,
+                                    msg.key, msg.value, int(time.time() * 1000))
+        await dlq_topic.send(key=msg.topic.encode(), value=codec.encode("DeadLetter", record))
+
+    def store(key: str, env: Envelope) -> None:
+        buckets[key.encode()] = env.to_bytes()
+
+    def load(key: str) -> Envelope:
+        return Envelope.from_bytes(buckets.get(key.encode()))
+
+    @app.agent(readings_topic)
+    async def on_readings(stream: faust.Stream) -> None:
+        async for event in stream.events():
+            msg = event.message
+            source = f"{msg.topic}:{msg.partition}"
+            try:
+                record = codec.decode("ReadingBatch", msg.value)
+                frame = batch_to_frame(record)
+            except (codec.DecodeError, ValueError, KeyError) as exc:
+                await to_dead_letter(event, "decode", str(exc))
+                continue
+            ctx = holder.current()
+            try:
+                routed, rejected = billing.route_readings(frame, ctx, msg.partition)
+                for key, part in routed.items():
+                    env = load(key)
+                    if env.applied(source, msg.offset):
+                        continue
+                    store(key, billing.apply_readings(env, part, ctx, source, msg.offset))
+            except Exception as exc:  # a bug or bad data must not stop billing for everyone
+                log.exception("reading batch %s failed", record.get("batch_id"))
+                await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
+                continue
+            if rejected:
+                await to_dead_letter(event, "routing", "; ".join(rejected[:20]))
+
+    @app.agent(payments_topic)
+    async def on_payments(stream: faust.Stream) -> None:
+        async for event in stream.events():
+            msg = event.message
+            source = f"{msg.topic}:{msg.partition}"
+            try:
+                payment = codec.decode("Payment", msg.value)
+            except codec.DecodeError as exc:
+                await to_dead_letter(event, "decode", str(exc))
+                continue
+            ctx = holder.current()
+            account = payment["account_id"]
+            if account not in ctx.accounts:
+                await to_dead_letter(event, "routing", f"unknown account {account!r}")
+                continue
+            if account_shard(account, ctx.partitions) != msg.partition:
+                await to_dead_letter(event, "routing", f"account {account!r} belongs to partition "
+                                     f"{account_shard(account, ctx.partitions)}, not {msg.partition}")
+                continue
+            key = bucket_key(account, ctx.partitions)
+            env = load(key)
+            if env.applied(source, msg.offset):
+                continue
+            try:
+                store(key, billing.apply_payment(env, payment, ctx, source, msg.offset))
+            except Exception as exc:
+                log.exception("payment %s failed", payment.get("payment_id"))
+                await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
+
+    @app.timer(interval=5.0)
+    async def reload_config() -> None:
+        holder.reload_if_changed()
+
+    app.mallwatt_holder = holder  # type: ignore[attr-defined]
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mallwatt worker",
+        description="Run the billing stream worker: prices readings, deducts wallets, applies "
+        "top-ups and emits ledger entries, alerts and relay commands. Run more than one to "
+        "share the partitions; state moves with its partitions on a rebalance.")
+    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
+                        help="portfolio config (YAML); edits are picked up live (default %(default)s)")
+    parser.add_argument("--loglevel", default="warning", help="faust log level (default %(default)s)")
+    parser.add_argument("--no-forwarder", action="store_true",
+                        help="do not publish outputs from the changelog in this process")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    billing.ContextHolder(args.config, T.default_partitions())  # fail fast on a bad config
+    app = build_app(args.config)
+    forwarder = None
+    if not args.no_forwarder:
+        forwarder = Forwarder(bootstrap_servers(), changelog_topic())
+        forwarder.start()
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if forwarder:
+            forwarder.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ a few unused registers to save a request is a good trade, up to `max_gap` regist
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -65,11 +66,19 @@ def single_reads(fields: Iterable[FieldDef]) -> list[ReadBlock]:
 
 
 def decode_block(block: ReadBlock, words: Sequence[int]) -> dict[FieldDef, float]:
-    """Decode every field of a block from the words the read returned."""
+    """Decode every field of a block from the words the read returned.
+
+    An unsigned register of all ones (0xFFFF...) is the usual "not available" marker and
+    decodes to NaN, so it is flagged instead of read as a huge counter value.
+    """
     if len(words) < block.count:
         raise ValueError(f"short read: {len(words)} of {block.count} registers")
     out: dict[FieldDef, float] = {}
     for f in block.fields:
         i = f.address - block.address
-        out[f] = decode_value(words[i:i + f.words], f.type, f.order, f.scale, f.offset)
+        w = words[i:i + f.words]
+        if f.type.startswith("uint") and all(x == 0xFFFF for x in w):
+            out[f] = math.nan
+        else:
+            out[f] = decode_value(w, f.type, f.order, f.scale, f.offset)
     return out

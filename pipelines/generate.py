@@ -38,6 +38,27 @@ COMMON_METERS = [("hvac", "acrel_adl400", "hvac", 400.0), ("elevators", "eastron
                  ("lighting", "eastron_sdm630", "public_lighting", 80.0)]
 
 
+class _MeterPlacer:
+    """Puts meters on gateways, METERS_PER_GATEWAY to a bus, one loopback port per gateway."""
+
+    def __init__(self, mall_id: str, first_port: int) -> None:
+        self.mall_id, self.port = mall_id, first_port
+        self.gateways: list[dict[str, Any]] = []
+        self.meters: list[dict[str, Any]] = []
+        self._unit = METERS_PER_GATEWAY
+
+    def place(self, meter_id: str, model: str, account: str | None, purpose: str, max_kw: float) -> None:
+        if self._unit >= METERS_PER_GATEWAY:
+            self.gateways.append({"id": f"{self.mall_id}-GW{len(self.gateways) + 1:02d}",
+                                  "host": "127.0.0.1", "port": self.port})
+            self.port += 1
+            self._unit = 0
+        self._unit += 1
+        self.meters.append({"id": meter_id, "model": model, "gateway": self.gateways[-1]["id"],
+                            "unit_id": self._unit, "account": account, "max_kw": max_kw,
+                            "circuits": [{"id": f"{meter_id}.1", "purpose": purpose}]})
+
+
 def guangdong_tariff() -> dict[str, Any]:
     return {
         "id": "gd-commercial",
@@ -73,20 +94,8 @@ def generate(malls: int, stalls: int, *, seed: int = 7, base_port: int = 15020,
     out_malls = []
     for m in range(1, malls + 1):
         mall_id = f"M{m:02d}"
-        merchants, meters, gateways = [], [], []
-        unit = METERS_PER_GATEWAY  # forces a new gateway for the first meter
-
-        def place_meter(meter_id: str, model: str, account: str | None, purpose: str, max_kw: float) -> None:
-            nonlocal unit, port
-            if unit >= METERS_PER_GATEWAY:
-                gateways.append({"id": f"{mall_id}-GW{len(gateways) + 1:02d}", "host": "127.0.0.1", "port": port})
-                port += 1
-                unit = 0
-            unit += 1
-            meters.append({"id": meter_id, "model": model, "gateway": gateways[-1]["id"], "unit_id": unit,
-                           "account": account, "max_kw": max_kw,
-                           "circuits": [{"id": f"{meter_id}.1", "purpose": purpose}]})
-
+        merchants: list[dict[str, Any]] = []
+        placer = _MeterPlacer(mall_id, port)
         floors = max(1, min(6, stalls // 40 + 1))
         areas = [{"id": f"{mall_id}-F{f}", "name": f"Floor {f}", "floor": f} for f in range(1, floors + 1)]
         for s in range(1, stalls + 1):
@@ -102,14 +111,17 @@ def generate(malls: int, stalls: int, *, seed: int = 7, base_port: int = 15020,
                 "opening_balance_minor": rng.randint(500, 2000) if low else rng.randint(30000, 300000),
             })
             max_kw = {"restaurant": 60.0, "supermarket": 250.0, "cinema": 200.0}.get(btype, 15.0)
-            place_meter(f"{merchant_id}-E1", "acrel_ddsy1352", merchant_id, PURPOSE_BY_TYPE[btype], max_kw)
+            # single-phase prepaid meters with a relay up to ~30 kW; three-phase above
+            model = "acrel_ddsy1352" if max_kw <= 30 else "acrel_adl400"
+            placer.place(f"{merchant_id}-E1", model, merchant_id, PURPOSE_BY_TYPE[btype], max_kw)
         for name, model, purpose, max_kw in COMMON_METERS:
-            place_meter(f"{mall_id}-C-{name}", model, None, purpose, max_kw)
+            placer.place(f"{mall_id}-C-{name}", model, None, purpose, max_kw)
+        port = placer.port
         out_malls.append({
             "id": mall_id, "name": f"Mall {m}", "timezone": "Asia/Shanghai",
             "holidays": ["2026-10-01", "2026-10-02", "2026-10-03", "2027-01-01"],
-            "tariff": "gd-commercial", "areas": areas, "gateways": gateways,
-            "merchants": merchants, "meters": meters,
+            "tariff": "gd-commercial", "areas": areas, "gateways": placer.gateways,
+            "merchants": merchants, "meters": placer.meters,
             "pools": [{"id": f"{mall_id}-P-{name}", "name": f"Common {name}", "meters": [f"{mall_id}-C-{name}"],
                        "method": "area"} for name, *_ in COMMON_METERS],
         })

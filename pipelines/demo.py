@@ -1,0 +1,282 @@
+"""`mallwatt demo`: one simulated mall billed in real time on the real components.
+
+Everything runs on this machine and is stopped at the end: a private Kafka broker
+(var/demo/kafka), the billing worker and the warehouse sink as subprocesses, and in this
+process the Modbus meter simulator (accelerated time) with the real collector polling it
+over Modbus TCP on loopback. Opening balances are paid in as top-ups; merchants whose
+credit runs out are tripped, and half-way through they top up and are reconnected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from infra import broker
+from infra import topics as T
+from pipelines.generate import generate
+from pipelines.portfolio import Portfolio, dump_portfolio, parse_portfolio
+from schemas import codec
+from schemas.keys import account_shard
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "var" / "demo"
+DEMO_PORT = 19192
+SIM_START = "2026-07-15T08:00:00+08:00"  # a summer weekday: peak, flat and critical-peak hours
+
+
+def say(text: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+class Services:
+    """Subprocesses started by the demo, stopped in reverse order whatever happens."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(DEMO_DIR / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def check(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {DEMO_DIR / (name + '.log')}")
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    say(f"{name} did not stop in time; killing it")
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+        self.procs.clear()
+
+
+class CommandWatch(threading.Thread):
+    """Counts relay commands and outcomes as they appear on Kafka."""
+
+    def __init__(self, bootstrap: str) -> None:
+        super().__init__(daemon=True)
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-watch-{time.time()}",
+                                  "auto.offset.reset": "earliest"})
+        self.tripped: set[str] = set()
+        self.trips = self.reconnects = self.confirmed = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        self.consumer.subscribe([T.RELAY_COMMANDS, T.RELAY_OUTCOMES])
+        seen: set[str] = set()
+        while not self._stop.is_set():
+            msg = self.consumer.poll(0.3)
+            if msg is None or msg.error():
+                continue
+            if msg.topic() == T.RELAY_OUTCOMES:
+                if codec.decode("RelayOutcome", msg.value())["status"] == "CONFIRMED":
+                    self.confirmed += 1
+                continue
+            cmd = codec.decode("RelayCommand", msg.value())
+            if cmd["command_id"] in seen:
+                continue
+            seen.add(cmd["command_id"])
+            if cmd["action"] == "TRIP" and cmd["account_id"]:
+                self.trips += 1
+                self.tripped.add(cmd["account_id"])
+            elif cmd["action"] == "RECONNECT":
+                self.reconnects += 1
+        self.consumer.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(5)
+
+
+def publish_topups(bootstrap: str, portfolio: Portfolio, amounts: dict[str, int], ts_ms: int, tag: str,
+                   partitions: int) -> int:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for account, amount in amounts.items():
+        payment = {"payment_id": f"{tag}-{account}", "account_id": account, "kind": "TOPUP",
+                   "amount_minor": amount, "currency": portfolio.currency, "ts_ms": ts_ms,
+                   "provider": "demo", "reverses_payment_id": None}
+        producer.produce(T.PAYMENTS, key=account.encode(), partition=account_shard(account, partitions),
+                         value=codec.encode("Payment", payment))
+    producer.flush(30)
+    return len(amounts)
+
+
+async def run_meters(portfolio_path: Path, portfolio: Portfolio, bootstrap: str, seconds: float, speed: float,
+                     watch: CommandWatch, partitions: int, services: Services) -> dict[str, Any]:
+    from collectors.run import run_collector
+    from collectors.sim_portfolio import mall_simulator
+
+    mall_id = portfolio.malls[0].id
+    start_ms = int(datetime.fromisoformat(SIM_START).timestamp() * 1000)
+    sim = mall_simulator(portfolio, mall_id, speed=speed, start_ms=start_ms)
+    await sim.start()
+    stop = asyncio.Event()
+    stats: dict[str, Any] = {}
+    collector = asyncio.create_task(run_collector(
+        portfolio_path, mall_id, stop, bootstrap=bootstrap, clock=sim.now_ms, poll_interval_s=1.0,
+        spool_dir=DEMO_DIR / "spool", stats=stats, progress=False))
+    opening = {m.id: m.opening_balance_minor for m in portfolio.malls[0].merchants if m.opening_balance_minor > 0}
+    publish_topups(bootstrap, portfolio, opening, start_ms, "opening", partitions)
+    say(f"paid in opening balances for {len(opening)} merchants; simulating at {speed:g}x real time")
+    t0 = time.monotonic()
+    topped_up: set[str] = set()
+    try:
+        while (elapsed := time.monotonic() - t0) < seconds:
+            await asyncio.sleep(min(10.0, seconds - elapsed))
+            services.check()
+            if collector.done():
+                collector.result()  # re-raises the collector's error
+            sim_time = datetime.fromtimestamp(sim.now_ms() / 1000).astimezone().strftime("%H:%M")
+            say(f"t={time.monotonic() - t0:4.0f}s sim {sim_time}  readings={stats.get('readings', 0)}  "
+                f"trips={watch.trips} reconnects={watch.reconnects} confirmed={watch.confirmed}")
+            if time.monotonic() - t0 >= seconds / 2 and watch.tripped - topped_up:
+                due = {a: 50_000 for a in watch.tripped - topped_up}
+                publish_topups(bootstrap, portfolio, due, sim.now_ms(), f"rescue{len(topped_up)}", partitions)
+                topped_up |= set(due)
+                say(f"{len(due)} tripped merchant(s) topped up 500.00 {portfolio.currency}: expect reconnects")
+    finally:
+        stop.set()
+        await asyncio.wait_for(collector, 30)
+        await sim.stop()
+    return {**stats, "topups_opening": len(opening), "topups_rescue": len(topped_up)}
+
+
+def summary_queries() -> dict[str, str]:
+    return {
+        "readings": "SELECT count() AS readings, uniqExact(circuit_id) AS circuits FROM mallwatt.readings",
+        "energy_money": "SELECT round(sumIf(energy_wh, kind = 'charge') / 1000, 1) AS kwh_charged, "
+                        "-sumIf(amount_minor, kind = 'charge') / 100 AS charged, "
+                        "sumIf(amount_minor, kind = 'topup') / 100 AS topped_up, count() AS ledger_entries "
+                        "FROM mallwatt.ledger FINAL",
+        "alerts": "SELECT kind, count() AS n FROM mallwatt.alerts FINAL GROUP BY kind ORDER BY kind",
+        "commands": "SELECT action, reason, count() AS n FROM mallwatt.relay_commands FINAL "
+                    "GROUP BY action, reason ORDER BY action, reason",
+        "outcomes": "SELECT action, status, count() AS n FROM mallwatt.relay_outcomes FINAL "
+                    "GROUP BY action, status ORDER BY action, status",
+    }
+
+
+def print_summary(stats: dict[str, Any]) -> None:
+    from infra import warehouse
+
+    print("\n=== mallwatt demo summary ===", flush=True)
+    print(f"collector: {stats.get('readings', 0)} readings published, opening top-ups "
+          f"{stats['topups_opening']}, rescue top-ups {stats['topups_rescue']}")
+    for title, sql in summary_queries().items():
+        columns, rows = warehouse.query(sql)
+        print(f"\n-- {title}")
+        print("  " + " | ".join(columns))
+        for row in rows:
+            print("  " + " | ".join(str(v) for v in row))
+    print("\nWhere to look next (the warehouse is in var/demo/chdb):\n"
+          "  MALLWATT_CHDB_PATH=var/demo/chdb .venv/bin/mallwatt sql "
+          "\"SELECT account_id, argMax(balance_after_minor, ts_ms)/100 AS balance "
+          "FROM mallwatt.ledger FINAL GROUP BY account_id ORDER BY balance LIMIT 10\"\n"
+          "  MALLWATT_CHDB_PATH=var/demo/chdb .venv/bin/mallwatt sql "
+          "\"SELECT kind, account_id, message FROM mallwatt.alerts FINAL ORDER BY ts_ms LIMIT 20\"\n"
+          f"  logs: {DEMO_DIR}/*.log", flush=True)
+
+
+def wait_for_sink(expected_readings: int, timeout: float = 45.0) -> None:
+    from infra import warehouse
+
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        try:
+            _, rows = warehouse.query("SELECT count() FROM mallwatt.readings")
+            count = int(rows[0][0])
+        except Exception:
+            count = -1
+        if count >= expected_readings and count == last:
+            return
+        last = count
+        time.sleep(2.0)
+    say(f"warehouse has {last} of {expected_readings} readings after {timeout:.0f}s; summary may be partial")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mallwatt demo",
+        description="Run one simulated mall end to end on real components (Kafka broker, faust "
+        "worker, ClickHouse sink, Modbus TCP meters) for a bounded time, print a summary, and "
+        "stop everything it started. State lives in var/demo (wiped at the start).")
+    parser.add_argument("--seconds", type=float, default=float(os.environ.get("DEMO_SECONDS", 120)),
+                        help="how long the meters run, in real seconds (env DEMO_SECONDS; default 120)")
+    parser.add_argument("--stalls", type=int, default=24, help="merchants in the simulated mall (default 24)")
+    parser.add_argument("--speed", type=float, default=300.0,
+                        help="simulated seconds per real second (default 300: 10 h of trading in 2 min)")
+    args = parser.parse_args(argv)
+
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    DEMO_DIR.mkdir(parents=True)
+    partitions = T.default_partitions()
+    portfolio_path = DEMO_DIR / "portfolio.yaml"
+    data = generate(1, args.stalls, seed=11, base_port=15120, low_balance_share=0.3)
+    dump_portfolio(data, portfolio_path)
+    portfolio = parse_portfolio(data)
+    say(f"portfolio: 1 mall, {args.stalls} merchants, {len(portfolio.malls[0].meters)} meters -> {portfolio_path}")
+
+    kafka = broker.BrokerConfig.from_env(data_dir=DEMO_DIR / "kafka", port=DEMO_PORT, controller_port=DEMO_PORT + 1)
+    external = kafka.external
+    env = {**os.environ, "MALLWATT_CONFIG": str(portfolio_path), "MALLWATT_CHDB_PATH": str(DEMO_DIR / "chdb"),
+           "MALLWATT_APP_ID": "mallwatt-demo", "PYTHONUNBUFFERED": "1"}
+    os.environ["MALLWATT_CHDB_PATH"] = env["MALLWATT_CHDB_PATH"]
+    services = Services(env)
+    watch: CommandWatch | None = None
+    try:
+        say("starting Kafka (first run downloads the jars from Maven Central)...")
+        bootstrap = broker.start(kafka).bootstrap
+        env["MALLWATT_KAFKA"] = bootstrap
+        os.environ["MALLWATT_KAFKA"] = bootstrap
+        T.provision_topics(bootstrap)
+        from infra import warehouse
+
+        applied = warehouse.migrate()
+        say(f"kafka at {bootstrap}; warehouse migrations applied: {len(applied)}")
+        services.start("sink", "sink")
+        services.start("worker", "worker", "--config", str(portfolio_path))
+        watch = CommandWatch(bootstrap)
+        watch.start()
+        time.sleep(3.0)
+        services.check()
+        stats = asyncio.run(run_meters(portfolio_path, portfolio, bootstrap, args.seconds, args.speed, watch,
+                                       partitions, services))
+        say("meters stopped; waiting for the pipeline to drain into the warehouse...")
+        time.sleep(5.0)
+        wait_for_sink(int(stats.get("readings", 0)))
+        print_summary(stats)
+        return 0
+    except Exception as exc:
+        say(f"failed: {exc}")
+        return 1
+    finally:
+        if watch is not None:
+            watch.stop()
+        services.stop()
+        if not external:
+            broker.stop(kafka)
+        say("stopped everything the demo started")

@@ -84,7 +84,7 @@ def levels() -> list[dict[str, Any]]:
 
 
 def generate(malls: int, stalls: int, *, seed: int = 7, base_port: int = 15020,
-             low_balance_share: float = 0.2) -> dict[str, Any]:
+             low_balance_share: float = 0.2, mall_prefix: str = "M") -> dict[str, Any]:
     """A portfolio dict of `malls` malls with `stalls` merchants each (plus common meters)."""
     if malls < 1 or stalls < 1:
         raise ValueError("--malls and --stalls must be at least 1")
@@ -93,7 +93,7 @@ def generate(malls: int, stalls: int, *, seed: int = 7, base_port: int = 15020,
     port = base_port
     out_malls = []
     for m in range(1, malls + 1):
-        mall_id = f"M{m:02d}"
+        mall_id = f"{mall_prefix}{m:02d}"
         merchants: list[dict[str, Any]] = []
         placer = _MeterPlacer(mall_id, port)
         floors = max(1, min(6, stalls // 40 + 1))

@@ -1,0 +1,139 @@
+"""The billing worker on the real broker: trip, reconnect on top-up, dead letters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from infra import topics as T
+from pipelines.generate import generate
+from pipelines.portfolio import dump_portfolio, parse_portfolio
+from schemas import codec, readings
+from schemas.keys import account_shard, shard_key
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+T0 = 1_784_080_800_000  # 2026-07-15 10:00 +08:00: peak hour, 136 fen/kWh
+
+
+def _end_offsets(bootstrap: str, topic: str) -> list[TopicPartition]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    out = []
+    for p in parts:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        out.append(TopicPartition(topic, p, high))
+    consumer.close()
+    return out
+
+
+class TopicTail:
+    """Reads a topic from the offsets it had when the test started."""
+
+    def __init__(self, bootstrap: str, topic: str, schema: str) -> None:
+        self.schema = schema
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}",
+                                  "enable.auto.commit": False})
+        self.consumer.assign(_end_offsets(bootstrap, topic))
+        self.seen: list[dict] = []
+
+    def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        for record in self.seen:
+            if predicate(record):
+                return record
+        while time.monotonic() < deadline:
+            msg = self.consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            record = codec.decode(self.schema, msg.value())
+            self.seen.append(record)
+            if predicate(record):
+                return record
+        raise AssertionError(f"no matching {self.schema} within {timeout}s; saw {len(self.seen)}")
+
+
+@pytest.fixture
+def worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict, Path]]:
+    prefix = f"W{uuid.uuid4().hex[:6]}"
+    data = generate(1, 4, seed=2, mall_prefix=prefix)
+    for merchant in data["malls"][0]["merchants"]:
+        merchant["level"], merchant["protected"] = "standard", False
+    config = tmp_path / "portfolio.yaml"
+    dump_portfolio(data, config)
+    env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": f"test-{prefix}"}
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "worker", "--config", str(config)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield data, config
+        assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def test_trip_then_topup_reconnects_and_bad_input_goes_to_dead_letter(
+        kafka_bootstrap: str, worker: tuple[dict, Path]) -> None:
+    data, _ = worker
+    mall = parse_portfolio(data).malls[0]
+    merchant = mall.merchants[0]
+    meter = next(m for m in mall.meters if m.account == merchant.id)
+    circuit = meter.circuits[0].id
+    shard = account_shard(merchant.id, T.default_partitions())
+    commands = TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerEntry")
+    dead = TopicTail(kafka_bootstrap, T.DEADLETTER, "DeadLetter")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+
+    def pay(payment_id: str, amount: int, ts: int) -> None:
+        producer.produce(T.PAYMENTS, key=merchant.id.encode(), partition=shard, value=codec.encode("Payment", {
+            "payment_id": payment_id, "account_id": merchant.id, "kind": "TOPUP", "amount_minor": amount,
+            "ts_ms": ts}))
+        producer.flush(10)
+
+    pay(f"{merchant.id}-open", 300, T0 - 1000)
+    ledger.wait_for(lambda e: e["account_id"] == merchant.id and e["kind"] == "topup", timeout=90)
+
+    # 1 kWh per 15 min at 136 fen: 300 -> 164 -> 28 -> -108, the third interval trips.
+    n = 4
+    frame = pl.DataFrame({"circuit_id": [circuit] * n, "meter_id": [meter.id] * n,
+                          "account_id": [merchant.id] * n, "ts_ms": [T0 + i * 900_000 for i in range(n)],
+                          "import_kwh": [100.0 + i for i in range(n)]})
+    batch = readings.frame_to_batch(frame, batch_id=f"{merchant.id}/1", collector_id="test", mall_id=mall.id,
+                                    shard=shard, seq=1, collected_at_ms=T0)
+    producer.produce(T.READINGS, key=shard_key(shard), partition=shard, value=codec.encode("ReadingBatch", batch))
+    producer.produce(T.READINGS, key=shard_key(shard), partition=shard, value=b"\x01not avro at all")
+    producer.flush(10)
+
+    trip = commands.wait_for(lambda c: c["meter_id"] == meter.id and c["action"] == "TRIP")
+    assert trip["reason"] == "credit" and trip["gateway_id"] == meter.gateway
+    last = ledger.wait_for(lambda e: e["account_id"] == merchant.id and e["ts_ms"] == T0 + 3 * 900_000)
+    assert last["balance_after_minor"] == 300 - 3 * 136
+
+    letter = dead.wait_for(lambda d: d["source_topic"] == T.READINGS and d["value"] == b"\x01not avro at all")
+    assert letter["stage"] == "decode" and "ReadingBatch" in letter["reason"]
+
+    # the worker kept going after the bad message: a top-up reconnects the meter
+    pay(f"{merchant.id}-rescue", 5000, T0 + 4 * 900_000)
+    reconnect = commands.wait_for(lambda c: c["meter_id"] == meter.id and c["action"] == "RECONNECT")
+    assert reconnect["reason"] == "topup"
+    # a duplicate delivery of the same payment id never credits twice
+    pay(f"{merchant.id}-rescue", 5000, T0 + 4 * 900_000)
+    pay(f"{merchant.id}-marker", 1, T0 + 5 * 900_000)
+    marker = ledger.wait_for(lambda e: e["source_id"] == f"{merchant.id}-marker")
+    assert marker["balance_after_minor"] == 300 - 3 * 136 + 5000 + 1

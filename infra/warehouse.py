@@ -287,18 +287,25 @@ def query_arrow(
         owner = live_owner(folder)
         if owner is not None:
             return remote_query(owner, sql, params, allow_write)
-        try:
-            _acquire(folder, 0.0)
-        except WarehouseLocked:
+        # A private lock, not registered as held: an owner starting meanwhile in another
+        # thread of this process must wait for it rather than share (and lose) the client.
+        fd = _try_lock(folder)
+        if fd is None:
             if time.monotonic() >= deadline:
-                raise
+                raise WarehouseLocked(
+                    f"chDB folder {folder} is held by pid {_lock_holder(folder)}, which does "
+                    "not answer a query endpoint; wait for it, stop it, or use its endpoint"
+                )
             time.sleep(0.2)
             continue
         try:
-            client = get_client(folder)
-            return execute_arrow(client, sql, params, allow_write)
+            client = _open_chdb(folder)
+            try:
+                return execute_arrow(client, sql, params, allow_write)
+            finally:
+                client.close()
         finally:
-            release_folder(folder)
+            os.close(fd)
 
 
 def query(

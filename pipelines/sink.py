@@ -232,7 +232,7 @@ class Sink:
         delay = 0.5
         while True:
             try:
-                self._write(buf, table, token)
+                inserted = self._write(buf, table, token)
                 break
             except Exception as exc:  # any failure: retry, never commit
                 self.stats.insert_failures += 1
@@ -249,12 +249,11 @@ class Sink:
         )
         self.stats.flushes += 1
         if table is not None:
-            self.stats.rows[buf.spec.table] = (
-                self.stats.rows.get(buf.spec.table, 0) + table.num_rows
-            )
+            self.stats.rows[buf.spec.table] = self.stats.rows.get(buf.spec.table, 0) + inserted
         buf.chunks, buf.rows, buf.opened_at, buf.ranges = [], 0, None, {}
 
-    def _write(self, buf: _Buffer, table: Any, token: str) -> None:
+    def _write(self, buf: _Buffer, table: Any, token: str) -> int:
+        """Insert the rows, drain dead letters, advance the watermark; rows inserted."""
         if table is not None and buf.spec.topic == LEDGER_TOPIC:
             table = drop_known_ledger_rows(table, self.client)
         if table is not None and table.num_rows:
@@ -282,6 +281,7 @@ class Sink:
                 }
             ),
         )
+        return 0 if table is None else table.num_rows
 
     def _report(self, every: float = 10.0) -> None:
         now = time.monotonic()

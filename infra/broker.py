@@ -71,7 +71,9 @@ class BrokerConfig:
     @classmethod
     def from_env(cls, **overrides: object) -> BrokerConfig:
         port = _env_int("MALLWATT_KAFKA_PORT", DEFAULT_PORT)
+        data_dir = os.environ.get("MALLWATT_KAFKA_DATA_DIR")
         values: dict[str, object] = {
+            "data_dir": Path(data_dir).expanduser() if data_dir else DEFAULT_DATA_DIR,
             "port": port,
             "controller_port": _env_int("MALLWATT_KAFKA_CONTROLLER_PORT", port + 1),
             "num_partitions": _env_int("MALLWATT_PARTITIONS", 8),
@@ -414,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         "(data in var/kafka). With MALLWATT_KAFKA set, nothing is started or stopped.",
     )
     parser.add_argument("command", choices=("up", "down", "status"))
-    parser.add_argument("--data-dir", type=Path, help=f"default {DEFAULT_DATA_DIR}")
+    parser.add_argument(
+        "--data-dir", type=Path, help=f"env MALLWATT_KAFKA_DATA_DIR, default {DEFAULT_DATA_DIR}"
+    )
     parser.add_argument("--port", type=int, help="PLAINTEXT port (env MALLWATT_KAFKA_PORT, 19092)")
     parser.add_argument("--controller-port", type=int, help="KRaft controller port (port + 1)")
     parser.add_argument("--no-topics", action="store_true", help="up: skip topic provisioning")

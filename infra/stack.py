@@ -17,9 +17,16 @@ from infra.topics import TOPICS, provision_topics
 
 
 def migrate_warehouse() -> list[str]:
+    """Apply missing migrations; a running owner (the sink) already migrated at its start."""
     from infra import warehouse
+    from infra.warehouse_endpoint import live_owner
 
-    return warehouse.migrate()
+    if warehouse.server_url():
+        return warehouse.apply_migrations(warehouse.get_client())
+    if live_owner(warehouse.chdb_path()):
+        return []
+    with warehouse.open_owner(serve=False, migrate=False) as owner:
+        return warehouse.apply_migrations(owner.client)
 
 
 def up(kafka_only: bool = False) -> dict[str, object]:
@@ -43,8 +50,11 @@ def status() -> dict[str, object]:
                               "topics": st.topics, "kafka_external": st.external}
     try:
         from infra import warehouse
+        from infra.warehouse_endpoint import live_owner
 
-        out["warehouse"] = warehouse.describe()
+        owner = live_owner(warehouse.chdb_path())
+        out["warehouse"] = warehouse.server_url() or (
+            f"{warehouse.chdb_path()} (owned by pid {owner.pid})" if owner else f"{warehouse.chdb_path()} (idle)")
     except Exception as exc:  # status must report, not fail
         out["warehouse"] = f"unavailable: {exc}"
     return out

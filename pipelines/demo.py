@@ -127,6 +127,7 @@ def publish_topups(bootstrap: str, portfolio: Portfolio, amounts: dict[str, int]
 async def run_meters(portfolio_path: Path, portfolio: Portfolio, bootstrap: str, seconds: float, speed: float,
                      watch: CommandWatch, partitions: int, services: Services) -> dict[str, Any]:
     from collectors.run import run_collector
+
     from collectors.sim_portfolio import mall_simulator
 
     mall_id = portfolio.malls[0].id
@@ -253,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         env["MALLWATT_KAFKA"] = bootstrap
         os.environ["MALLWATT_KAFKA"] = bootstrap
         T.provision_topics(bootstrap)
-        from infra import warehouse
-
-        applied = warehouse.migrate()
-        say(f"kafka at {bootstrap}; warehouse migrations applied: {len(applied)}")
+        say(f"kafka at {bootstrap}; the sink owns the warehouse in {env['MALLWATT_CHDB_PATH']} and migrates it")
         services.start("sink", "sink")
         services.start("worker", "worker", "--config", str(portfolio_path))
         watch = CommandWatch(bootstrap)

@@ -1,0 +1,48 @@
+"""`mallwatt sql` and `mallwatt query`: the analyst's way into the warehouse.
+
+Both work while the pipeline runs: with the embedded engine the sink owns the folder and
+answers over its loopback endpoint (see docs/warehouse.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from infra import warehouse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mallwatt sql",
+        description="Run one SQL statement against the warehouse (embedded chDB in var/chdb, or "
+        "MALLWATT_CLICKHOUSE) and print the result as a table. Read-only unless --write.")
+    parser.add_argument("statement", help='e.g. "SELECT kind, count() FROM mallwatt.alerts GROUP BY kind"')
+    parser.add_argument("--write", action="store_true", help="allow a statement that changes data")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="bind {NAME:Type} placeholders")
+    parser.add_argument("--path", help="chDB folder (default MALLWATT_CHDB_PATH or var/chdb)")
+    args = parser.parse_args(argv)
+    extra = ["--path", args.path] if args.path else []
+    rest = ["sql", args.statement, *(["--write"] if args.write else [])]
+    rest += [x for p in args.param for x in ("--param", p)]
+    return warehouse.main([*extra, *rest])
+
+
+def query_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mallwatt query",
+        description="Run a named analytics query from sql/queries/ (list them with --list).")
+    parser.add_argument("name", nargs="?", help="query name, e.g. portfolio_daily")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--list", action="store_true", help="list the named queries")
+    parser.add_argument("--path", help="chDB folder (default MALLWATT_CHDB_PATH or var/chdb)")
+    args = parser.parse_args(argv)
+    extra = ["--path", args.path] if args.path else []
+    if args.list or not args.name:
+        return warehouse.main([*extra, "queries"])
+    return warehouse.main([*extra, "run", args.name, *[x for p in args.param for x in ("--param", p)]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

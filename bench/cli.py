@@ -1,0 +1,26 @@
+"""`mallwatt bench NAME --json`: benchmarks that print their figures as JSON."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "core": ("pipelines.core.bench", "billing core: readings/s for interval + tariff + wallet on one core"),
+    "collect": ("collectors.bench", "collector: Modbus polls/s per core against simulated gateways"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help"}:
+        print("usage: mallwatt bench NAME [--json] [options]\n\nbenchmarks:")
+        for name, (_, text) in BENCHES.items():
+            print(f"  {name:<8} {text}")
+        print("\n(pipeline and warehouse benchmarks are not built yet)")
+        return 0
+    if args[0] not in BENCHES:
+        print(f"mallwatt bench: unknown benchmark {args[0]!r}; known: {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(BENCHES[args[0]][0])
+    return int(module.main(args[1:]) or 0)

@@ -58,8 +58,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         PAYMENTS,
-        key="account id: top-ups of one account are applied in order, by its owner",
+        key="account id, produced to partition account_shard(account): top-ups of one "
+        "account are applied in order, by the worker that owns its readings",
         value="payment",
+        retention_ms=INFINITE,  # money input: replay and reconciliation need every payment
     ),
     TopicSpec(
         LEDGER,

@@ -117,8 +117,9 @@ def _charges(rated: pl.DataFrame) -> pl.DataFrame:
         pl.col("meter_id").first(), pl.col("start_ms").first(), pl.col("piece_ms").min(),
         pl.col("energy_wh").sum(), pl.col("amount_n").sum(), pl.col("estimated").any(),
     ).sort(["account_id", "end_ms", "circuit_id", "piece_ms", "tier"])
-    return g.with_columns(seq=pl.int_range(pl.len()).over(["account_id", "circuit_id", "end_ms"])).with_columns(
-        entry_id=pl.format("{}:chg:{}:{}:{}", "account_id", "circuit_id", "end_ms", "seq"))
+    # (period, tier, price) is unique within an interval; price only differs on a version change.
+    return g.with_columns(seq=pl.lit(0)).with_columns(entry_id=pl.format(
+        "{}:chg:{}:{}:{}:{}:{}", "account_id", "circuit_id", "end_ms", "period", "tier", "price_u"))
 
 
 def _local_dates(ch: pl.DataFrame, ctx: RatingContext) -> pl.DataFrame:
@@ -164,7 +165,7 @@ def process_batch(
     for a in touched:
         if a not in ctx.accounts:
             continue
-        s = AccountState.from_dict(accounts[a].to_dict()) if a in accounts else AccountState(a)
+        s = accounts[a].copy() if a in accounts else AccountState(a)
         c = counters.get(a, TierCounter())
         s.tier_month, s.tier_wh = c.month, c.wh
         accounts[a] = s

@@ -137,8 +137,10 @@ def split_pieces(intervals: pl.DataFrame) -> pl.DataFrame:
         piece_end=pl.min_horizontal(pl.col("end_ms"), (pl.col("k") + 1) * q),
     ).with_columns(cum=(pl.col("piece_end") - pl.col("start_ms")))
     e_cum = (pl.col("energy_wh").cast(pl.Int128) * pl.col("cum")) // (pl.col("end_ms") - pl.col("start_ms"))
+    # Rows of one interval are contiguous after explode, so a masked shift replaces a window.
+    same = pl.col("iid") == pl.col("iid").shift(1)
     return df.with_columns(e_cum=e_cum).with_columns(
-        piece_wh=(pl.col("e_cum") - pl.col("e_cum").shift(1, fill_value=0).over("iid")).cast(pl.Int64)
+        piece_wh=(pl.col("e_cum") - pl.when(same).then(pl.col("e_cum").shift(1)).otherwise(0)).cast(pl.Int64)
     ).drop("k", "cum", "e_cum", "piece_end")
 
 

@@ -14,7 +14,7 @@ and `evaluate_deferred` lets a timer re-check a trip deferred by a friendly-cred
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -50,12 +50,19 @@ class AccountState:
     tier_wh: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f: getattr(self, f) for f in self.__slots__} | {  # type: ignore[attr-defined]
+            "fired_levels": list(self.fired_levels), "payments": dict(self.payments), "reversed": list(self.reversed)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AccountState:
         return cls(**{**d, "fired_levels": list(d.get("fired_levels", [])),
                       "payments": dict(d.get("payments", {})), "reversed": list(d.get("reversed", []))})
+
+    def copy(self) -> AccountState:
+        """An independent copy (cheaper than a dict round trip)."""
+        return AccountState(**{**{f: getattr(self, f) for f in self.__slots__},  # type: ignore[attr-defined]
+                               "fired_levels": list(self.fired_levels), "payments": dict(self.payments),
+                               "reversed": list(self.reversed)})
 
     @property
     def tiers(self) -> TierCounter:
@@ -297,7 +304,7 @@ class Wallet:
 def evaluate_deferred(state: AccountState, now_ms: int, rating: AccountRating, tariff: Tariff, tz: str,
                       holidays: frozenset[str]) -> tuple[AccountState, WalletOut]:
     """Timer hook: raise a trip deferred by a friendly-credit period once the period is over."""
-    s = AccountState.from_dict(state.to_dict())
+    s = state.copy()
     out = WalletOut()
     if s.deferred or s.warn_pending:
         Wallet(s, rating, tariff, tz, holidays, out)._check_trip(now_ms, f"timer:{now_ms}")

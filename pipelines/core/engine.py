@@ -181,9 +181,11 @@ def process_batch(
         if ok:
             fast_ids, part = _fast_path(ch.filter(pl.col("account_id").is_in(list(ok))), accounts, ctx)
             ledger_parts.append(part)
-    ch_by = ch.partition_by("account_id", as_dict=True) if ch is not None else {}
+    slow_ids = sorted(touched - fast_ids)
+    ch_by = ch.filter(pl.col("account_id").is_in(slow_ids)).partition_by("account_id", as_dict=True) \
+        if ch is not None and slow_ids else {}
     pay_by = pay.partition_by("account_id", as_dict=True)
-    for a in sorted(touched - fast_ids):
+    for a in slow_ids:
         if a not in ctx.accounts:
             for p in pay_by[(a,)].iter_rows(named=True):
                 out.rejected.append({**{k: p[k] for k in PAYMENT_REJECT_SCHEMA if k in p}, "reason": "unknown_account"})

@@ -156,7 +156,9 @@ class Sink:
         try:
             while not self.stop_event.is_set():
                 for msg in self.consumer.consume(num_messages=2000, timeout=0.2):
-                    self._handle(msg)
+                    buf = self._handle(msg)
+                    if buf is not None and buf.rows >= self.max_rows:
+                        self._flush(buf)
                 for buf in self.buffers.values():
                     if buf.due(self.max_rows, self.max_delay):
                         self._flush(buf)
@@ -181,12 +183,12 @@ class Sink:
         except _Stopped:
             pass
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msg: Message) -> _Buffer | None:
         err = msg.error()
         if err is not None:
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error: %s", err)
-            return
+            return None
         self.stats.messages += 1
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         buf = self.buffers[topic.removeprefix(self.prefix)]
@@ -196,8 +198,9 @@ class Sink:
             reason = f"{type(exc).__name__}: {exc}"
             self._dead_letter(msg, reason, buf)
             buf.add(partition, offset, None, 0, None)
-            return
+            return buf
         buf.add(partition, offset, chunk, rows, event_ms)
+        return buf
 
     def _dead_letter(self, msg: Message, reason: str, buf: _Buffer) -> None:
         self.stats.dead_letters += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import yaml
 from pipelines.core.context import RatingContext
 from pipelines.core.engine import CoreState, process_batch
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
+from pipelines.core.wallet import AccountState
 
 
 def context_from_values(tariffs: list[Any], malls: list[Any], accounts: list[Any], circuits: list[Any],
@@ -35,23 +37,42 @@ def context_from_values(tariffs: list[Any], malls: list[Any], accounts: list[Any
                          {x.mall_id: x for x in m}, **kw)
 
 
-def load_context(path: str) -> RatingContext:
-    """The lead's portfolio loader when present, else a core-native YAML with the keys
-    tariffs, malls, accounts, circuits (and optional lateness_ms, gap_ms)."""
-    try:
-        from pipelines.portfolio import load_portfolio  # type: ignore[import-not-found]
-    except ImportError:
-        load_portfolio = None
-    if load_portfolio is not None:
-        p = load_portfolio(path)
-        if isinstance(p, RatingContext):
-            return p
-        if hasattr(p, "rating_context"):
-            return p.rating_context()
+def context_from_portfolio(p: Any, **kw: Any) -> tuple[RatingContext, CoreState]:
+    """Adapter from `pipelines.portfolio.Portfolio`: the rating context plus an initial state
+    holding each merchant's opening balance. Meters without an account (common areas) are not
+    billed here."""
+    malls, accounts, circuits = [], [], []
+    state = CoreState()
+    for mall in p.malls:
+        malls.append(Mall(mall_id=mall.id, tz=mall.timezone, holidays=[d.isoformat() for d in mall.holidays]))
+        for m in mall.merchants:
+            level = p.level(m.level)
+            upd: dict[str, Any] = {"protected": m.protected or level.policy.protected}
+            if m.alert_levels is not None:
+                upd["alert_levels"] = m.alert_levels
+            accounts.append(AccountRating(account_id=m.id, mall_id=mall.id, tariff_id=m.tariff or mall.tariff,
+                                          policy=level.policy.model_copy(update=upd),
+                                          price_multiplier=Decimal(str(m.price_multiplier))))
+            state.accounts[m.id] = AccountState(m.id, balance=m.opening_balance_minor)
+        for meter in mall.meters:
+            if meter.account is not None:
+                circuits += [CircuitConfig(circuit_id=c.id, account_id=meter.account,
+                                           max_kw=Decimal(str(meter.max_kw))) for c in meter.circuits]
+    return context_from_values(list(p.tariffs), malls, accounts, circuits, **kw), state
+
+
+def load_context(path: str) -> tuple[RatingContext, CoreState]:
+    """A core-native YAML (top-level ``accounts`` and ``circuits``: see docs/billing.md), else the
+    lead's portfolio format via `pipelines.portfolio.load_portfolio`."""
     doc = yaml.safe_load(Path(path).read_text())
-    extra = {k: doc[k] for k in ("lateness_ms", "gap_ms") if k in doc}
-    return context_from_values(doc.get("tariffs", []), doc.get("malls", []), doc.get("accounts", []),
-                               doc.get("circuits", []), **extra)
+    if isinstance(doc, dict) and "accounts" in doc and "circuits" in doc:
+        extra = {k: doc[k] for k in ("lateness_ms", "gap_ms") if k in doc}
+        ctx = context_from_values(doc.get("tariffs", []), doc.get("malls", []), doc["accounts"],
+                                  doc["circuits"], **extra)
+        return ctx, CoreState()
+    from pipelines.portfolio import load_portfolio
+
+    return context_from_portfolio(load_portfolio(path))
 
 
 def read_table(path: str | None) -> pl.DataFrame | None:
@@ -70,10 +91,10 @@ def write_table(df: pl.DataFrame, path: Path, fmt: str) -> None:
 
 
 def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | None,
-           batch_size: int = 100_000) -> tuple[CoreState, dict[str, pl.DataFrame]]:
+           batch_size: int = 100_000, state: CoreState | None = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
     readings = readings.sort("ts_ms", maintain_order=True)
     pays = payments.sort("ts_ms", maintain_order=True) if payments is not None else None
-    state, acc = CoreState(), {k: [] for k in ("ledger", "alerts", "commands", "rejected_readings",
+    state, acc = state or CoreState(), {k: [] for k in ("ledger", "alerts", "commands", "rejected_readings",
                                                "rejected_payments", "intervals")}
     n = readings.height
     starts = list(range(0, n, batch_size)) or [0]
@@ -106,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=100_000)
     ap.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
     a = ap.parse_args(argv)
-    ctx = load_context(a.config)
+    ctx, state0 = load_context(a.config)
     if a.tariff:
         ctx = ctx.with_tariff(Tariff.model_validate(yaml.safe_load(Path(a.tariff).read_text())))
     readings = read_table(a.readings)
     assert readings is not None
-    state, tables = replay(ctx, readings, read_table(a.payments), a.batch_size)
+    state, tables = replay(ctx, readings, read_table(a.payments), a.batch_size, state0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, df in tables.items():

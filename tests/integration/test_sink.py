@@ -15,6 +15,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -122,8 +123,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
 def scalar(folder: Path, sql: str) -> Any:
     try:
         return wh.query(sql, path=folder, wait=0)[1][0][0]
-    except wh.WarehouseError:
-        return None  # the sink has not opened the warehouse yet
+    except (wh.WarehouseError, DatabaseError):
+        return None  # the sink has not opened (or not yet migrated) the warehouse
 
 
 def committed_to_end(bootstrap: str, group: str, topics: list[str]) -> bool:

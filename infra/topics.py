@@ -91,7 +91,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         OPERATOR_COMMANDS,
-        key="mall id: an operator's commands for one mall apply in order",
+        key="account id of the meter, produced to partition account_shard(account): the "
+        "worker that owns the account's relay holds applies it, in order with its readings",
         value="operator_command",
     ),
     TopicSpec(

@@ -18,6 +18,7 @@ from pipelines.context import BillingContext, build_context
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.envelope import BUCKETS_PER_PARTITION, Envelope, OutboxItem
 from pipelines.portfolio import load_portfolio
+from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
 
 log = logging.getLogger("mallwatt.billing")
@@ -108,8 +109,33 @@ def _step(env: Envelope, readings: pl.DataFrame | None, payments: list[dict[str,
                                         "import_kwh": pl.Float64})
     new_state, out = process_batch(state, readings, payments, ctx.rating)
     data = new_state.to_dict()
+    holds = {m: list(h) for m, h in env.holds.items()}
+    outbox = outbox_items(out, ctx) + gate_wallet_commands(out, holds, ctx)
     return Envelope(accounts=data["accounts"], circuits=data["circuits"], hwm={**env.hwm, source: offset},
-                    outbox=outbox_items(out, ctx), updates=env.updates + 1)
+                    outbox=outbox, updates=env.updates + 1, holds=holds, extra=env.extra)
+
+
+def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, source: str,
+                   offset: int) -> Envelope:
+    """An operator's power off/on for one meter: sets or clears the operator hold, audited as an alert."""
+    meter = command["meter_id"]
+    route = ctx.meter_route[meter]
+    holds = {m: list(h) for m, h in env.holds.items()}
+    on = command["action"] == "POWER_OFF"
+    gated = set_hold(holds, [meter], "operator", on, command["command_id"])
+    items = [relay_item(ctx, g, route.account_id, command["ts_ms"], f"operator:{command['operator']}")
+             for g in gated]
+    still = held_by(holds, meter)
+    audit = {"alert_id": f"{command['command_id']}:audit", "kind": "operator_power", "severity": "INFO",
+             "mall_id": route.mall_id, "account_id": route.account_id, "meter_id": meter,
+             "ts_ms": command["ts_ms"],
+             "message": f"operator {command['operator']} {command['action'].lower()} ({command['reason']}); "
+                        f"relay {'command sent' if gated else 'unchanged'}; holds now {still or 'none'}",
+             "details": {"command_id": command["command_id"], "scope": command["scope"],
+                         "target_id": command["target_id"], "holds": ",".join(still)}}
+    items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", audit)))
+    return Envelope(accounts=env.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
+                    outbox=items, updates=env.updates + 1, holds=holds, extra=env.extra)
 
 
 def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[OutboxItem]:
@@ -132,16 +158,34 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[OutboxItem]:
                              "reason": str(row["reason"])}}
         items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", alert)))
     # rejected payments already come with a rejected_topup alert from the wallet
-    for row in out.commands.iter_rows(named=True):
-        for route in relay_meters(ctx, row["account_id"]):
-            command = {"command_id": f"{row['command_id']}:{route.meter_id}", "action": row["action"].upper(),
-                       "reason": row["reason"], "mall_id": route.mall_id, "gateway_id": route.gateway_id,
-                       "meter_id": route.meter_id, "account_id": row["account_id"],
-                       "issued_at_ms": row["cause_ts_ms"], "cause_ts_ms": row["cause_ts_ms"],
-                       "requested_by": "pipeline"}
-            items.append(OutboxItem(T.RELAY_COMMANDS, route.gateway_id.encode(),
-                                    codec.encode("RelayCommand", command)))
     return items
+
+
+# Wallet relay reasons -> the hold they set or clear (see pipelines.relaygate).
+CREDIT_HOLDS = {"credit": "credit", "warning": "warning"}
+
+
+def gate_wallet_commands(out: BatchOutputs, holds: Holds, ctx: BillingContext) -> list[OutboxItem]:
+    """Wallet trips and reconnects, filtered through every other reason a meter is held open."""
+    items: list[OutboxItem] = []
+    for row in out.commands.iter_rows(named=True):
+        meters = [r.meter_id for r in relay_meters(ctx, row["account_id"])]
+        if row["action"].upper() == "TRIP":
+            gated = set_hold(holds, meters, CREDIT_HOLDS.get(row["reason"], "credit"), True, row["command_id"])
+        else:  # a top-up releases both credit holds
+            gated = set_hold(holds, meters, "warning", False, row["command_id"], row["reason"])
+            gated += set_hold(holds, meters, "credit", False, row["command_id"], row["reason"])
+        items += [relay_item(ctx, g, row["account_id"], row["cause_ts_ms"], "pipeline") for g in gated]
+    return items
+
+
+def relay_item(ctx: BillingContext, g: GateCommand, account_id: str | None, ts_ms: int,
+               requested_by: str) -> OutboxItem:
+    route = ctx.meter_route[g.meter_id]
+    command = {"command_id": g.command_id, "action": g.action, "reason": g.reason, "mall_id": route.mall_id,
+               "gateway_id": route.gateway_id, "meter_id": g.meter_id, "account_id": account_id,
+               "issued_at_ms": ts_ms, "cause_ts_ms": ts_ms, "requested_by": requested_by}
+    return OutboxItem(T.RELAY_COMMANDS, route.gateway_id.encode(), codec.encode("RelayCommand", command))
 
 
 def relay_meters(ctx: BillingContext, account_id: str) -> list[Any]:

@@ -13,12 +13,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "stack": ("infra.stack", "main", "start/stop/inspect the local Kafka broker and warehouse (up|down|status)"),
     "generate": ("pipelines.generate", "main", "write a synthetic portfolio config of any size"),
-    "check-config": ("pipelines.config_cli", "main", "validate a portfolio config and summarise it"),
     "simulate": ("collectors.simulator", "main", "run simulated Modbus meters for a portfolio on loopback"),
     "collect": ("collectors.run", "main", "poll meters, publish readings to Kafka, execute relay commands"),
     "worker": ("pipelines.worker", "main", "run the billing stream worker (faust agents)"),
     "sink": ("pipelines.sink", "main", "copy Kafka topics into ClickHouse and serve warehouse queries"),
     "topup": ("pipelines.payments_cli", "main", "publish a merchant top-up (payment) to Kafka"),
+    "power": ("pipelines.power_cli", "main", "remote power off/on for a meter, area, account or mall"),
     "sql": ("infra.sql_cli", "main", "run a SQL statement against the warehouse and print a table"),
     "query": ("infra.sql_cli", "query_main", "run a named analytics query from sql/queries"),
     "replay": ("pipelines.core.replay", "main", "offline replay / re-rating of readings and payments"),

@@ -51,6 +51,8 @@ class Envelope:
     hwm: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> last applied offset
     outbox: list[OutboxItem] = field(default_factory=list)  # outputs of the LAST update only
     updates: int = 0
+    holds: dict[str, list[str]] = field(default_factory=dict)  # meter id -> why its relay is held open
+    extra: dict[str, Any] = field(default_factory=dict)  # per-account state of other rules (load control)
 
     def applied(self, source: str, offset: int) -> bool:
         return self.hwm.get(source, -1) >= offset
@@ -59,6 +61,7 @@ class Envelope:
         return json.dumps({
             "v": 1, "accounts": self.accounts, "circuits": self.circuits, "hwm": self.hwm,
             "outbox": [o.to_json() for o in self.outbox], "updates": self.updates,
+            "holds": self.holds, "extra": self.extra,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -69,4 +72,5 @@ class Envelope:
         if data.get("v") != 1:
             raise ValueError(f"unknown envelope version {data.get('v')!r}")
         return cls(data["accounts"], data["circuits"], data["hwm"],
-                   [OutboxItem.from_json(o) for o in data["outbox"]], data.get("updates", 0))
+                   [OutboxItem.from_json(o) for o in data["outbox"]], data.get("updates", 0),
+                   data.get("holds", {}), data.get("extra", {}))

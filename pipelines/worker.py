@@ -65,6 +65,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                         extra_topic_configs={"min.compaction.lag.ms": str(24 * 3600 * 1000)})
     readings_topic = app.topic(T.READINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     payments_topic = app.topic(T.PAYMENTS, key_type=bytes, value_type=bytes, partitions=partitions)
+    operator_topic = app.topic(T.OPERATOR_COMMANDS, key_type=bytes, value_type=bytes, partitions=partitions)
     dlq_topic = app.topic(T.DEADLETTER, key_type=bytes, value_type=bytes)
 
     async def to_dead_letter(event: Any, stage: str, reason: str) -> None:
@@ -134,6 +135,32 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             except Exception as exc:
                 log.exception("payment %s failed", payment.get("payment_id"))
                 await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
+
+    @app.agent(operator_topic)
+    async def on_operator(stream: faust.Stream) -> None:
+        async for event in stream.events():
+            msg = event.message
+            source = f"{msg.topic}:{msg.partition}"
+            try:
+                command = codec.decode("OperatorCommand", msg.value)
+            except codec.DecodeError as exc:
+                await to_dead_letter(event, "decode", str(exc))
+                continue
+            ctx = holder.current()
+            route = ctx.meter_route.get(command["meter_id"])
+            if route is None or route.account_id != command["account_id"]:
+                await to_dead_letter(event, "routing", f"meter {command['meter_id']!r} is not a meter of "
+                                     f"account {command['account_id']!r} in the current config")
+                continue
+            if account_shard(route.account_id, ctx.partitions) != msg.partition:
+                await to_dead_letter(event, "routing", f"account {route.account_id!r} is not owned by "
+                                     f"partition {msg.partition}")
+                continue
+            key = bucket_key(route.account_id, ctx.partitions)
+            env = load(key)
+            if env.applied(source, msg.offset):
+                continue
+            store(key, billing.apply_operator(env, command, ctx, source, msg.offset))
 
     @app.timer(interval=5.0)
     async def reload_config() -> None:

@@ -137,3 +137,41 @@ def test_trip_then_topup_reconnects_and_bad_input_goes_to_dead_letter(
     pay(f"{merchant.id}-marker", 1, T0 + 5 * 900_000)
     marker = ledger.wait_for(lambda e: e["source_id"] == f"{merchant.id}-marker")
     assert marker["balance_after_minor"] == 300 - 3 * 136 + 5000 + 1
+
+
+def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict, Path]) -> None:
+    from pipelines.power_cli import build_commands
+
+    data, _ = worker
+    portfolio = parse_portfolio(data)
+    mall = portfolio.malls[0]
+    merchant = mall.merchants[1]
+    meter = next(m for m in mall.meters if m.account == merchant.id)
+    shard = account_shard(merchant.id, T.default_partitions())
+    commands = TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerEntry")
+    alerts = TopicTail(kafka_bootstrap, T.ALERTS, "Alert")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+
+    def operator(action: str, order: str) -> None:
+        for cmd in build_commands(portfolio, action, "ACCOUNT", merchant.id, "inspection", "tester", T0, order):
+            producer.produce(T.OPERATOR_COMMANDS, key=cmd["account_id"].encode(), partition=shard,
+                             value=codec.encode("OperatorCommand", cmd))
+        producer.flush(10)
+
+    operator("POWER_OFF", f"{merchant.id}-off")
+    trip = commands.wait_for(lambda c: c["meter_id"] == meter.id and c["action"] == "TRIP", timeout=90)
+    assert trip["reason"] == "operator" and trip["requested_by"] == "operator:tester"
+    audit = alerts.wait_for(lambda a: a["meter_id"] == meter.id and a["kind"] == "operator_power")
+    assert audit["details"]["holds"] == "operator"
+
+    producer.produce(T.PAYMENTS, key=merchant.id.encode(), partition=shard, value=codec.encode("Payment", {
+        "payment_id": f"{merchant.id}-pay", "account_id": merchant.id, "kind": "TOPUP", "amount_minor": 9000,
+        "ts_ms": T0 + 1}))
+    producer.flush(10)
+    ledger.wait_for(lambda e: e["source_id"] == f"{merchant.id}-pay")
+    operator("POWER_ON", f"{merchant.id}-on")
+    back = commands.wait_for(lambda c: c["meter_id"] == meter.id and c["action"] == "RECONNECT")
+    assert back["reason"] == "operator"
+    # the top-up in between never produced a reconnect of its own
+    assert [c["action"] for c in commands.seen if c["meter_id"] == meter.id] == ["TRIP", "RECONNECT"]

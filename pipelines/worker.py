@@ -57,6 +57,9 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         web_enabled=False,
         producer_linger=0.0,
         stream_wait_empty=False,
+        # a worker killed without goodbye holds its partitions until this expires
+        broker_session_timeout=float(os.environ.get("MALLWATT_SESSION_TIMEOUT_S", 10)),
+        broker_heartbeat_interval=1.0,
     )
     holder = billing.ContextHolder(config_path, partitions)
     buckets = app.Table(TABLE_NAME, default=None, partitions=partitions,
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(args.config)
     forwarder = None
     if not args.no_forwarder:
-        forwarder = Forwarder(bootstrap_servers(), changelog_topic())
+        forwarder = Forwarder(bootstrap_servers(), changelog_topic(), group=f"{APP_ID}-forwarder")
         forwarder.start()
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
     try:

@@ -101,8 +101,7 @@ class GatewayLink:
                     call = c.write_coil(address, bool(count_or_value), device_id=unit)
                 else:
                     raise ValueError(f"unknown op {op!r}")
-                # pymodbus applies its own timeout; this one only guards against a hang
-                rr = await asyncio.wait_for(call, self.timeout_s + 1.0)
+                rr = await call  # pymodbus applies timeout_s itself
             except (ModbusIOException, TimeoutError) as exc:
                 self.consecutive_timeouts += 1
                 raise LinkError(f"{self.name} unit {unit}: no response ({exc})",

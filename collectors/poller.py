@@ -12,7 +12,6 @@ Counter anomalies are flagged, never hidden or corrected: billing decides what t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import math
@@ -109,6 +108,7 @@ class Poller:
         self._tasks: list[asyncio.Task] = []
         self._queues: list[asyncio.Queue] = []
         self._pending: set[asyncio.Task] = set()
+        self._stopping = False
         self.dropped = 0
         if logging.getLogger("pymodbus").level == logging.NOTSET:
             # its per-timeout errors duplicate our device_down events
@@ -287,7 +287,7 @@ class Poller:
         start = loop.time()
         for i, st in enumerate(devices):  # spread the first polls over one interval
             st.next_due = start + st.spec.interval_s * i / len(devices)
-        while True:
+        while not self._stopping:
             st = min(devices, key=lambda d: d.next_due)
             wait = st.next_due - loop.time()
             if wait > 0:
@@ -302,15 +302,22 @@ class Poller:
     def start(self) -> None:
         if self._tasks:
             raise RuntimeError("poller already running")
+        self._stopping = False
         self._tasks = [asyncio.create_task(self._run_gateway(k), name=f"gw-{k[0]}:{k[1]}")
                        for k in self._by_link]
 
     async def stop(self) -> None:
+        # Python 3.11's wait_for can swallow a cancel that races with a completed
+        # request, so the loops also check a flag and are cancelled until they end.
+        self._stopping = True
+        pending = set(self._tasks)
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            if not t.cancelled() and t.exception() is not None:
+                logging.getLogger(__name__).error("gateway task failed", exc_info=t.exception())
         self._tasks = []
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)

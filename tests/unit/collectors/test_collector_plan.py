@@ -83,3 +83,11 @@ def test_short_read_rejected() -> None:
     b = plan_reads([_f("voltage_v", 0), _f("current_a", 2)])[0]
     with pytest.raises(ValueError):
         decode_block(b, [0, 0, 0])
+
+
+def test_unsigned_all_ones_is_not_available() -> None:
+    import math
+    b = plan_reads([_f("import_kwh", 0, "uint32"), _f("power_w", 2, "int16")])[0]
+    got = {f.name: v for f, v in decode_block(b, [0xFFFF, 0xFFFF, 0xFFFF]).items()}
+    assert math.isnan(got["import_kwh"])
+    assert got["power_w"] == -1.0  # signed -1 is a legitimate value

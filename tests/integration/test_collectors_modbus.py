@@ -252,3 +252,22 @@ def test_simulated_energy_follows_the_clock() -> None:
         finally:
             await sim.stop()
     run(body)
+
+
+def test_slow_device_is_flagged_and_still_read() -> None:
+    async def body() -> None:
+        sim = one_of_each(speed=0)
+        await sim.start(drive=False)
+        try:
+            apply_fault(sim, "slow:M-eastron_sdm120:0.15")
+            cfg = PollerConfig(timeout_s=1.0, slow_response_s=0.3)
+            poller = Poller(sim.device_specs(), config=cfg, clock=sim.now_ms)
+            got = {r.meter_id: r for r in await poller.poll_all_once() if r}
+            slow = got["M-eastron_sdm120"]
+            assert slow.requests >= 2  # 0.15 s per request, several requests per poll
+            assert any(f.kind == "slow_response" for f in slow.flags)
+            assert not any(f.kind == "slow_response" for f in got["M-acrel_adl400"].flags)
+            await poller.stop()
+        finally:
+            await sim.stop()
+    run(body)

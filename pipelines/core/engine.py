@@ -18,6 +18,7 @@ Both paths implement the same rules (property tests compare them).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,12 +153,28 @@ def process_batch(
     flush: bool = False,
 ) -> tuple[CoreState, BatchOutputs]:
     """Readings + payments -> new state + outputs. Pure: ``state`` is not mutated."""
+    return _process_batch(state, readings, payments, ctx, flush=flush)
+
+
+def _process_batch(
+    state: CoreState,
+    readings: pl.DataFrame,
+    payments: pl.DataFrame | list[dict[str, Any]] | None,
+    ctx: RatingContext,
+    *,
+    flush: bool = False,
+    timings: dict[str, float] | None = None,
+) -> tuple[CoreState, BatchOutputs]:
+    """`process_batch`, optionally recording seconds per stage into ``timings`` (bench)."""
+    t0 = time.perf_counter()
     circuits, intervals, rej_r = compute_intervals(
         state.circuits, readings, ctx.circuits, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
     intervals = intervals.join(ctx.circuit_frame.select("circuit_id", "account_id"), on="circuit_id", how="left")
+    t1 = time.perf_counter()
     accounts = dict(state.accounts)
     counters = {a: s.tiers for a, s in accounts.items()}
     rated, counters = rate(intervals, ctx, counters)
+    t2 = time.perf_counter()
     pay = payments_frame(payments)
     ch = _charges(rated) if not rated.is_empty() else None
 
@@ -199,6 +216,8 @@ def process_batch(
         commands=pl.DataFrame(out.commands, schema=COMMAND_SCHEMA),
         rejected_readings=rej_r.cast(REJECT_SCHEMA),
         rejected_payments=pl.DataFrame(out.rejected, schema=PAYMENT_REJECT_SCHEMA))
+    if timings is not None:
+        timings.update(interval=t1 - t0, tariff=t2 - t1, wallet=time.perf_counter() - t2)
     return CoreState(circuits, accounts), outputs
 
 

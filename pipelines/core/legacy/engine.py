@@ -1,0 +1,285 @@
+"""Facade used by the stream agents and by offline replay: one pure batch step.
+
+    process_batch(state, readings, payments, ctx) -> (new_state, outputs)
+
+Input ``readings`` (polars DataFrame; extra columns ignored):
+    circuit_id: str, meter_id: str, ts_ms: int64 (epoch ms UTC), import_kwh: float64 (cumulative
+    import register).
+Input ``payments``: a DataFrame or a list of dicts with
+    payment_id: str, account_id: str, ts_ms: int64, amount_minor: int64 (> 0),
+    kind: "topup" | "reversal" | "refund" (case-insensitive), reverses_payment_id: str | None.
+
+Events of an account are applied in (ts_ms, payments before charges, entry id) order. Accounts
+whose batch holds only charges that cross no threshold, change no local day and have no
+payment take a vectorised path; all others run through `wallet.Wallet` one event at a time.
+Both paths implement the same rules (property tests compare them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from pipelines.core.context import RatingContext
+from pipelines.core.legacy.interval import (
+    INTERVAL_SCHEMA,
+    REJECT_SCHEMA,
+    CircuitState,
+    compute_intervals,
+)
+from pipelines.core.legacy.tariff import RATED_SCHEMA, TierCounter, rate
+from pipelines.core.models import AMOUNT_SCALE, PRICE_SCALE
+from pipelines.core.wallet import (
+    AccountState,
+    Charge,
+    Payment,
+    Wallet,
+    WalletOut,
+    evaluate_deferred,
+)
+
+LEDGER_SCHEMA: dict[str, Any] = {
+    "entry_id": pl.String, "account_id": pl.String, "mall_id": pl.String, "kind": pl.String,
+    "amount_minor": pl.Int64, "balance_after_minor": pl.Int64, "ts_ms": pl.Int64, "source_id": pl.String,
+    "meter_id": pl.String, "circuit_id": pl.String, "interval_start_ms": pl.Int64, "energy_wh": pl.Int64,
+    "tou_period": pl.String, "tier": pl.Int32, "rate": pl.String, "estimated": pl.Boolean,
+}
+ALERT_SCHEMA: dict[str, Any] = {
+    "alert_id": pl.String, "kind": pl.String, "severity": pl.String, "mall_id": pl.String,
+    "account_id": pl.String, "meter_id": pl.String, "ts_ms": pl.Int64, "message": pl.String,
+    "details": pl.String,
+}
+COMMAND_SCHEMA: dict[str, Any] = {
+    "command_id": pl.String, "action": pl.String, "reason": pl.String, "mall_id": pl.String,
+    "account_id": pl.String, "cause_ts_ms": pl.Int64, "cause_id": pl.String,
+}
+PAYMENT_REJECT_SCHEMA: dict[str, Any] = {
+    "payment_id": pl.String, "account_id": pl.String, "ts_ms": pl.Int64, "amount_minor": pl.Int64,
+    "kind": pl.String, "reason": pl.String,
+}
+
+
+@dataclass
+class CoreState:
+    """All engine state: per circuit (interval step) and per account (tiers + wallet)."""
+
+    circuits: dict[str, CircuitState] = field(default_factory=dict)
+    accounts: dict[str, AccountState] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"circuits": {k: v.to_dict() for k, v in sorted(self.circuits.items())},
+                "accounts": {k: v.to_dict() for k, v in sorted(self.accounts.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CoreState:
+        return cls({k: CircuitState.from_dict(v) for k, v in d.get("circuits", {}).items()},
+                   {k: AccountState.from_dict(v) for k, v in d.get("accounts", {}).items()})
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, b: bytes) -> CoreState:
+        return cls.from_dict(json.loads(b))
+
+    def account_slice(self, account_id: str, ctx: RatingContext) -> dict[str, Any]:
+        """The state of one account and its circuits, e.g. for a faust table keyed by account."""
+        return {"account": self.accounts[account_id].to_dict() if account_id in self.accounts else None,
+                "circuits": {c: s.to_dict() for c, s in self.circuits.items()
+                             if c in ctx.circuits and ctx.circuits[c].account_id == account_id}}
+
+
+@dataclass
+class BatchOutputs:
+    intervals: pl.DataFrame  # INTERVAL_SCHEMA + account_id
+    rated: pl.DataFrame  # RATED_SCHEMA: one row per (piece, tier)
+    ledger: pl.DataFrame  # LEDGER_SCHEMA (matches schemas/ledger_entry.avsc)
+    alerts: pl.DataFrame  # ALERT_SCHEMA (details as JSON text)
+    commands: pl.DataFrame  # COMMAND_SCHEMA; the relay owner maps account -> meters/gateway
+    rejected_readings: pl.DataFrame  # REJECT_SCHEMA
+    rejected_payments: pl.DataFrame  # PAYMENT_REJECT_SCHEMA
+
+
+def payments_frame(payments: pl.DataFrame | list[dict[str, Any]] | None) -> pl.DataFrame:
+    schema = {"payment_id": pl.String, "account_id": pl.String, "ts_ms": pl.Int64, "amount_minor": pl.Int64,
+              "kind": pl.String, "reverses_payment_id": pl.String}
+    if payments is None or len(payments) == 0:
+        return pl.DataFrame(schema=schema)
+    df = payments if isinstance(payments, pl.DataFrame) else pl.DataFrame(payments, infer_schema_length=None)
+    if "reverses_payment_id" not in df.columns:
+        df = df.with_columns(reverses_payment_id=pl.lit(None, pl.String))
+    if "kind" not in df.columns:
+        df = df.with_columns(kind=pl.lit("topup"))
+    return df.select(list(schema)).cast(schema).with_columns(pl.col("kind").str.to_lowercase())
+
+
+def _charges(rated: pl.DataFrame) -> pl.DataFrame:
+    """One charge per (interval, period, tier, price) with a deterministic entry id."""
+    g = rated.group_by(["account_id", "circuit_id", "end_ms", "period", "tier", "price_u"]).agg(
+        pl.col("meter_id").first(), pl.col("start_ms").first(), pl.col("piece_ms").min(),
+        pl.col("energy_wh").sum(), pl.col("amount_n").sum(), pl.col("estimated").any(),
+    ).sort(["account_id", "end_ms", "circuit_id", "piece_ms", "tier"])
+    # (period, tier, price) is unique within an interval; price only differs on a version change.
+    return g.with_columns(seq=pl.lit(0)).with_columns(entry_id=pl.format(
+        "{}:chg:{}:{}:{}:{}:{}", "account_id", "circuit_id", "end_ms", "period", "tier", "price_u"))
+
+
+def _local_dates(ch: pl.DataFrame, ctx: RatingContext) -> pl.DataFrame:
+    parts = []
+    for (tz,), part in ch.join(ctx.account_frame.select("account_id", "tz"), on="account_id").group_by(["tz"]):
+        parts.append(part.with_columns(ldate=pl.from_epoch("end_ms", time_unit="ms").dt.replace_time_zone("UTC")
+                                       .dt.convert_time_zone(str(tz)).dt.date().cast(pl.String)))
+    return pl.concat(parts) if parts else ch.with_columns(ldate=pl.lit(None, pl.String))
+
+
+def _threshold(s: AccountState, ctx: RatingContext) -> int | None:
+    """Lowest balance a fast-path account may reach without any rule firing (None: not eligible)."""
+    p = ctx.accounts[s.account_id].policy
+    if s.standing_day is None or s.deferred or s.warn_pending or s.relay == "tripped":
+        return None
+    if p.debt_recovery is not None:
+        return None
+    levels = [lv for lv in p.alert_levels if lv not in s.fired_levels] + [p.cutoff]
+    if p.warning_trip_level is not None and not s.warning_fired:
+        levels.append(p.warning_trip_level)
+    return max(levels)
+
+
+def process_batch(
+    state: CoreState,
+    readings: pl.DataFrame,
+    payments: pl.DataFrame | list[dict[str, Any]] | None,
+    ctx: RatingContext,
+    *,
+    flush: bool = False,
+) -> tuple[CoreState, BatchOutputs]:
+    """Readings + payments -> new state + outputs. Pure: ``state`` is not mutated."""
+    circuits, intervals, rej_r = compute_intervals(
+        state.circuits, readings, ctx.circuits, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
+    intervals = intervals.join(ctx.circuit_frame.select("circuit_id", "account_id"), on="circuit_id", how="left")
+    accounts = dict(state.accounts)
+    counters = {a: s.tiers for a, s in accounts.items()}
+    rated, counters = rate(intervals, ctx, counters)
+    pay = payments_frame(payments)
+    ch = _charges(rated) if not rated.is_empty() else None
+
+    touched = set(pay["account_id"].to_list()) | (set(ch["account_id"].to_list()) if ch is not None else set())
+    for a in touched:
+        if a not in ctx.accounts:
+            continue
+        s = accounts[a].copy() if a in accounts else AccountState(a)
+        c = counters.get(a, TierCounter())
+        s.tier_month, s.tier_wh = c.month, c.wh
+        accounts[a] = s
+
+    ledger_parts: list[pl.DataFrame] = []
+    out = WalletOut()
+    pay_accts = set(pay["account_id"].to_list())
+    fast_ids: set[str] = set()
+    if ch is not None:
+        ch = _local_dates(ch, ctx)
+        per = ch.group_by("account_id").agg(pl.col("ldate").min().alias("d0"), pl.col("ldate").max().alias("d1"))
+        ok = {a for a, d0, d1 in per.iter_rows() if a not in pay_accts and d0 == d1 == accounts[a].standing_day}
+        if ok:
+            fast_ids, part = _fast_path(ch.filter(pl.col("account_id").is_in(list(ok))), accounts, ctx)
+            ledger_parts.append(part)
+    slow_ids = sorted(touched - fast_ids)
+    ch_by = ch.filter(pl.col("account_id").is_in(slow_ids)).partition_by("account_id", as_dict=True) \
+        if ch is not None and slow_ids else {}
+    pay_by = pay.partition_by("account_id", as_dict=True)
+    for a in slow_ids:
+        if a not in ctx.accounts:
+            for p in pay_by[(a,)].iter_rows(named=True):
+                out.rejected.append({**{k: p[k] for k in PAYMENT_REJECT_SCHEMA if k in p}, "reason": "unknown_account"})
+            continue
+        _slow_path(accounts[a], ch_by.get((a,)), pay_by.get((a,)), ctx, out)
+
+    ledger = pl.concat([*ledger_parts, pl.DataFrame(out.ledger, schema=LEDGER_SCHEMA)]).sort(["account_id", "ts_ms"],
+                                                                                           maintain_order=True)
+    outputs = BatchOutputs(
+        intervals=intervals, rated=rated, ledger=ledger, alerts=_alerts(out.alerts),
+        commands=pl.DataFrame(out.commands, schema=COMMAND_SCHEMA),
+        rejected_readings=rej_r.cast(REJECT_SCHEMA),
+        rejected_payments=pl.DataFrame(out.rejected, schema=PAYMENT_REJECT_SCHEMA))
+    return CoreState(circuits, accounts), outputs
+
+
+def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame([{**r, "details": json.dumps(r["details"], sort_keys=True)} for r in rows],
+                        schema=ALERT_SCHEMA)
+
+
+def _fast_path(ch: pl.DataFrame, accounts: dict[str, AccountState], ctx: RatingContext
+               ) -> tuple[set[str], pl.DataFrame]:
+    """Vectorised charges for accounts where no threshold can be crossed in this batch."""
+    ids = ch["account_id"].unique().to_list()
+    base = pl.DataFrame({"account_id": ids, "acc0": [accounts[a].acc_n for a in ids],
+                         "bal0": [accounts[a].balance for a in ids]},
+                        schema={"account_id": pl.String, "acc0": pl.Int64, "bal0": pl.Int64})
+    df = ch.join(base, on="account_id").sort(["account_id", "end_ms", "circuit_id", "seq"]).with_columns(
+        posted=(pl.col("acc0") + pl.col("amount_n").cum_sum().over("account_id")) // AMOUNT_SCALE,
+        accn=(pl.col("acc0") + pl.col("amount_n").cum_sum().over("account_id")) % AMOUNT_SCALE,
+    ).with_columns(
+        amount_minor=-(pl.col("posted") - pl.col("posted").shift(1, fill_value=0).over("account_id")),
+        balance_after_minor=pl.col("bal0") - pl.col("posted"),
+    )
+    last = df.group_by("account_id").agg(pl.col("balance_after_minor").min().alias("lo"),
+                                         pl.col("balance_after_minor").last(), pl.col("accn").last())
+    fast: set[str] = set()
+    for a, lo, bal, accn in last.iter_rows():
+        t = _threshold(accounts[a], ctx)
+        if t is not None and lo > t:
+            fast.add(a)
+            accounts[a].balance, accounts[a].acc_n = bal, accn
+    df = df.filter(pl.col("account_id").is_in(list(fast)) & (pl.col("amount_minor") != 0))
+    mall = ctx.account_frame.select("account_id", "mall_id")
+    led = df.join(mall, on="account_id").select(
+        "entry_id", "account_id", "mall_id", kind=pl.lit("charge"), amount_minor="amount_minor",
+        balance_after_minor="balance_after_minor", ts_ms="end_ms", source_id="entry_id", meter_id="meter_id",
+        circuit_id="circuit_id", interval_start_ms="start_ms", energy_wh="energy_wh", tou_period="period",
+        tier="tier", rate=(pl.col("price_u").cast(pl.Decimal(38, 6)) / PRICE_SCALE).cast(pl.String)
+        .str.replace(r"\.?0+$", ""), estimated="estimated")
+    return fast, led.cast(LEDGER_SCHEMA)
+
+
+def _slow_path(s: AccountState, ch: pl.DataFrame | None, pay: pl.DataFrame | None, ctx: RatingContext,
+               out: WalletOut) -> None:
+    rating = ctx.accounts[s.account_id]
+    mall = ctx.malls[rating.mall_id]
+    w = Wallet(s, rating, ctx.tariffs[rating.tariff_id], mall.tz, frozenset(mall.holidays), out)
+    events: list[tuple[int, int, str, Any]] = []
+    if ch is not None:
+        for r in ch.iter_rows(named=True):
+            events.append((r["end_ms"], 1, r["entry_id"], Charge(
+                r["end_ms"], r["amount_n"], r["entry_id"], r["circuit_id"], r["meter_id"], r["start_ms"],
+                r["energy_wh"], r["period"], r["tier"], r["price_u"], r["estimated"])))
+    for r in (pay.iter_rows(named=True) if pay is not None else ()):
+        events.append((r["ts_ms"], 0, r["payment_id"], Payment(
+            r["payment_id"], r["ts_ms"], r["amount_minor"], r["kind"], r["reverses_payment_id"])))
+    for _, kind, _, ev in sorted(events, key=lambda e: (e[0], e[1], e[2])):
+        if kind:
+            w.charge(ev)
+        else:
+            w.payment(ev)
+
+
+def tick(state: CoreState, now_ms: int, ctx: RatingContext) -> tuple[CoreState, BatchOutputs]:
+    """Timer step: re-check trips deferred by friendly-credit periods (see wallet.evaluate_deferred)."""
+    accounts = dict(state.accounts)
+    out = WalletOut()
+    for a, s in state.accounts.items():
+        if (s.deferred or s.warn_pending) and a in ctx.accounts:
+            r = ctx.accounts[a]
+            m = ctx.malls[r.mall_id]
+            accounts[a], o = evaluate_deferred(s, now_ms, r, ctx.tariffs[r.tariff_id], m.tz, frozenset(m.holidays))
+            out.ledger += o.ledger
+            out.alerts += o.alerts
+            out.commands += o.commands
+    return CoreState(dict(state.circuits), accounts), BatchOutputs(
+        pl.DataFrame(schema={**INTERVAL_SCHEMA, "account_id": pl.String}), pl.DataFrame(schema=RATED_SCHEMA),
+        pl.DataFrame(out.ledger, schema=LEDGER_SCHEMA), _alerts(out.alerts),
+        pl.DataFrame(out.commands, schema=COMMAND_SCHEMA), pl.DataFrame(schema=REJECT_SCHEMA),
+        pl.DataFrame(schema=PAYMENT_REJECT_SCHEMA))

@@ -40,3 +40,56 @@ def mall_simulator(portfolio: Portfolio, mall_id: str, *, speed: float = 1.0, st
             meter.id, load_profile(meter.model), meter.unit_id, shape, rated, three_phase,
             seed=seed * 100_003 + n, import_kwh=round(start_kwh * rng.uniform(0.5, 2.0), 2))
     return Simulator(list(gateways.values()), speed=speed, start_ms=start_ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mallwatt simulate`: a portfolio mall with --config, else the generic simulator's options."""
+    import argparse
+    import asyncio
+    import contextlib
+    import json
+    import sys
+    from datetime import datetime
+
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in args_in:
+        from collectors.simulator import main as generic_main
+
+        return generic_main(args_in)
+    parser = argparse.ArgumentParser(
+        prog="mallwatt simulate",
+        description="Simulate one mall of a portfolio over Modbus TCP on loopback: the config's "
+        "gateways (ports), unit ids and meter models, with daily load shapes and accelerated time. "
+        "Without --config, the generic simulator's options apply (see `mallwatt simulate --help`).")
+    parser.add_argument("--config", required=True, help="portfolio config (YAML)")
+    parser.add_argument("--mall", help="mall id (default: the first mall)")
+    parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
+    parser.add_argument("--start", help="simulated start, ISO-8601 (default now)")
+    parser.add_argument("--seconds", type=float, default=0.0, help="run time in real seconds; 0 = until Ctrl-C")
+    args = parser.parse_args(args_in)
+    from pipelines.portfolio import ConfigError, load_portfolio
+
+    try:
+        portfolio = load_portfolio(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    mall_id = args.mall or portfolio.malls[0].id
+    start_ms = int(datetime.fromisoformat(args.start).timestamp() * 1000) if args.start else None
+
+    async def run() -> None:
+        sim = mall_simulator(portfolio, mall_id, speed=args.speed, start_ms=start_ms)
+        await sim.start()
+        print(json.dumps({"mall": mall_id, "meters": len(sim.meters),
+                          "gateways": {g.name: g.port for g in sim.gateways}}), flush=True)
+        try:
+            if args.seconds > 0:
+                await asyncio.sleep(args.seconds)
+            else:
+                await asyncio.Event().wait()
+        finally:
+            await sim.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0

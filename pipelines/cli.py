@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "stack": ("infra.stack", "main", "start/stop/inspect the local Kafka broker and warehouse (up|down|status)"),
     "generate": ("pipelines.generate", "main", "write a synthetic portfolio config of any size"),
-    "simulate": ("collectors.simulator", "main", "run simulated Modbus meters for a portfolio on loopback"),
+    "simulate": ("collectors.sim_portfolio", "main", "run simulated Modbus meters for a portfolio on loopback"),
     "collect": ("collectors.run", "main", "poll meters, publish readings to Kafka, execute relay commands"),
     "worker": ("pipelines.worker", "main", "run the billing stream worker (faust agents)"),
     "sink": ("pipelines.sink", "main", "copy Kafka topics into ClickHouse and serve warehouse queries"),

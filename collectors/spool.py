@@ -428,7 +428,8 @@ class Drainer:
         """Non-blocking: serve delivery reports, route new records, send lane heads."""
         self.producer.poll(0)
         if self._fatal and not any(la.inflight for la in self.lanes.values()):
-            self.producer = self._factory()  # a fatal producer accepts nothing more
+            # a fatal producer accepts nothing more; a replaced one is not asked again
+            self.producer = self._factory()
             self._fatal = False
         limit = self.acked + self.window
         while self.cursor < min(self.spool.durable_end, limit):
@@ -441,6 +442,8 @@ class Drainer:
                 self.cursor = rec.position + 1
         now = time.monotonic()
         for lane in self.lanes.values():
+            if self._fatal:
+                break  # let the old producer's in-flight reports arrive, then replace it
             if lane.inflight is not None or not lane.queue or lane.checking:
                 continue
             if lane.suspect:
@@ -459,6 +462,11 @@ class Drainer:
             except BufferError:
                 lane.inflight = None
                 self.sent -= 1
+            except Exception as exc:  # KafkaException from a producer in a fatal state
+                lane.inflight = None
+                self.sent -= 1
+                self.last_error = f"produce: {exc}"
+                self._fatal = True
         self._advance()
 
     def _advance(self, force: bool = False) -> None:
@@ -538,6 +546,10 @@ class Drainer:
         self.producer.poll(0)
         self._advance(force=True)
         return self.acked >= self.spool.durable_end
+
+    def reset_producer(self) -> None:
+        """Build a new producer once nothing is in flight (new address, fatal error)."""
+        self._fatal = True
 
     @property
     def depth(self) -> int:

@@ -62,3 +62,19 @@ def ledger() -> list[dict[str, Any]]:
         e("B:topup:q1", "B", "topup", 2000, 2000, START + 2 * H, source_id="q1"),
         e("B:shr:HVAC:2026-09", "B", "shared_cost", -300, 1700, START + 2 * D, source_id=SHR_SRC, rate="0.300000"),
     ]
+
+
+def portfolio_dict() -> dict[str, Any]:
+    """Mall M1: A (100 m2), B (60 m2), vacant C (40 m2); HVAC pool on meter MH (circuit CH)."""
+    return {
+        "name": "t", "tariffs": [{"id": "flat", "versions": [{"prices": {"flat": 100}}]}],
+        "malls": [{"id": "M1", "name": "Mall One", "tariff": "flat", "areas": [{"id": "F1"}],
+                   "gateways": [{"id": "G1", "port": 1502}],
+                   "merchants": [{"id": "A", "name": "Tea A", "area": "F1", "leased_area_m2": 100},
+                                 {"id": "B", "name": "Shoes B", "area": "F1", "leased_area_m2": 60},
+                                 {"id": "C", "name": "(vacant)", "area": "F1", "leased_area_m2": 40,
+                                  "vacant": True}],
+                   "meters": [{"id": "MH", "model": "x", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
+                              {"id": "MA", "model": "x", "gateway": "G1", "unit_id": 2, "account": "A",
+                               "circuits": [{"id": "CA"}]}],
+                   "pools": [{"id": "HVAC", "name": "Central HVAC", "meters": ["MH"]}]}]}

@@ -1,0 +1,26 @@
+"""Alert notifications: providers (sms / voice / app push kinds), routing, dedup, rate limits.
+
+    from pipelines.notify import Dispatcher, load_config
+    dispatcher = Dispatcher.from_config(load_config("notify.yaml"))
+    outcome = await dispatcher.handle(alert)   # alert: a decoded Alert record
+
+The Kafka service is pipelines.notify.service (`mallwatt notify --config notify.yaml`).
+"""
+
+from pipelines.notify.base import Channel, DeliveryResult, Notifier, Recipient
+from pipelines.notify.config import (
+    NotifyConfig,
+    NotifyConfigError,
+    ProviderSettings,
+    load_config,
+    parse_config,
+    register_provider_type,
+)
+from pipelines.notify.dedup import Dedup
+from pipelines.notify.dispatch import Dispatcher, Outcome, Router, Target
+from pipelines.notify.providers import LogNotifier, WebhookNotifier, sign, verify
+from pipelines.notify.ratelimit import RateLimiter
+
+__all__ = ["Channel", "DeliveryResult", "Notifier", "Recipient", "NotifyConfig", "NotifyConfigError",
+           "ProviderSettings", "load_config", "parse_config", "register_provider_type", "Dedup", "Dispatcher",
+           "Outcome", "Router", "Target", "LogNotifier", "WebhookNotifier", "sign", "verify", "RateLimiter"]

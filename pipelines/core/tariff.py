@@ -22,9 +22,12 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import polars as pl
 
 from pipelines.core.context import RatingContext
+from pipelines.core.localtime import slot_fields
+from pipelines.core.lookup import CELLS, VERSION_SHIFT, Lookup, lookup
 from pipelines.core.models import (
     GRID_MS,
     PERIOD_CODES,
@@ -90,58 +93,21 @@ def version_rows(tariff: Tariff) -> tuple[list[tuple[Any, ...]], list[tuple[Any,
     return versions, sched, tiers
 
 
-class PriceTables:
-    """Lookup frames for all tariffs of a context (built once, cached on the context)."""
+@dataclass
+class Rated:
+    """`rate` output plus per-row arrays the engine reuses (aligned with ``frame`` rows)."""
 
-    def __init__(self, tariffs: dict[str, Tariff]) -> None:
-        v, s, t = [], [], []
-        for tariff in tariffs.values():
-            a, b, c = version_rows(tariff)
-            v += a
-            s += b
-            t += c
-        self.versions = pl.DataFrame(v, orient="row", schema={
-            "tariff_id": pl.String, "version": pl.Int32, "eff_ms": pl.Int64, "wk_mask": pl.Int64}).sort("eff_ms")
-        self.schedule = pl.DataFrame(s, orient="row", schema={
-            "tariff_id": pl.String, "version": pl.Int32, "daytype": pl.Int8, "month": pl.Int8,
-            "hour": pl.Int8, "period": pl.String, "price_u": pl.Int64})
-        self.tiers = pl.DataFrame(t, orient="row", schema={
-            "tariff_id": pl.String, "version": pl.Int32, "tier": pl.Int32, "lo": pl.Int64, "hi": pl.Int64,
-            "t_num": pl.Int64, "t_den": pl.Int64, "adder_u": pl.Int64})
+    frame: pl.DataFrame  # RATED_SCHEMA
+    counters: dict[str, TierCounter]
+    aidx: np.ndarray  # account rank (Lookup.account_ids)
+    end_day: np.ndarray  # local date of end_ms, days since 1970-01-01
+    end_ms: np.ndarray
+    amount_n: np.ndarray
 
 
-def tables(ctx: RatingContext) -> PriceTables:
-    if "price_tables" not in ctx.extra:
-        ctx.extra["price_tables"] = PriceTables(ctx.tariffs)
-    return ctx.extra["price_tables"]
-
-
-def _holidays(ctx: RatingContext) -> pl.DataFrame:
-    rows = [(m.mall_id, date.fromisoformat(d)) for m in ctx.malls.values() for d in m.holidays]
-    return pl.DataFrame(rows, orient="row", schema={"mall_id": pl.String, "ldate": pl.Date}) \
-        .with_columns(hol=pl.lit(True))
-
-
-def _mul_round(x: pl.Expr, num: pl.Expr, den: pl.Expr) -> pl.Expr:
+def _mul_round(x: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """round_half_up(x * num / den) for non-negative x; den > 0."""
     return (x * num * 2 + den) // (den * 2)
-
-
-def split_pieces(intervals: pl.DataFrame) -> pl.DataFrame:
-    """Cut intervals on the UTC 15-minute grid with time-proportional integer energy shares."""
-    q = GRID_MS
-    df = intervals.filter(pl.col("energy_wh") > 0).with_row_index("iid").with_columns(
-        k=pl.int_ranges(pl.col("start_ms") // q, (pl.col("end_ms") - 1) // q + 1)).explode("k")
-    df = df.with_columns(
-        piece_ms=pl.max_horizontal(pl.col("start_ms"), pl.col("k") * q),
-        piece_end=pl.min_horizontal(pl.col("end_ms"), (pl.col("k") + 1) * q),
-    ).with_columns(cum=(pl.col("piece_end") - pl.col("start_ms")))
-    e_cum = (pl.col("energy_wh").cast(pl.Int128) * pl.col("cum")) // (pl.col("end_ms") - pl.col("start_ms"))
-    # Rows of one interval are contiguous after explode, so a masked shift replaces a window.
-    same = pl.col("iid") == pl.col("iid").shift(1)
-    return df.with_columns(e_cum=e_cum).with_columns(
-        piece_wh=(pl.col("e_cum") - pl.when(same).then(pl.col("e_cum").shift(1)).otherwise(0)).cast(pl.Int64)
-    ).drop("k", "cum", "e_cum", "piece_end")
 
 
 def rate(
@@ -152,58 +118,187 @@ def rate(
     ``counters`` (per account tier state) is not mutated; the updated copy is returned. Raises
     ValueError for a piece before its tariff's first version (a configuration error).
     """
-    tb = tables(ctx)
-    out = dict(counters)
+    lk = lookup(ctx)
     if intervals.is_empty():
-        return pl.DataFrame(schema=RATED_SCHEMA), out
-    df = split_pieces(intervals).join(ctx.account_frame, on="account_id", how="left")
-    if df.is_empty():
-        return pl.DataFrame(schema=RATED_SCHEMA), out
-    parts = []
-    for (tz,), part in df.group_by(["tz"], maintain_order=True):
-        local = pl.from_epoch(pl.col("piece_ms"), time_unit="ms").dt.replace_time_zone("UTC") \
-            .dt.convert_time_zone(str(tz))
-        parts.append(part.with_columns(
-            month=local.dt.month().cast(pl.Int8), hour=local.dt.hour().cast(pl.Int8),
-            wday=(local.dt.weekday() - 1).cast(pl.Int64), ldate=local.dt.date(),
-            yyyymm=(local.dt.year() * 100 + local.dt.month()).cast(pl.Int32)))
-    df = pl.concat(parts).sort("piece_ms")
-    df = df.join_asof(tb.versions, left_on="piece_ms", right_on="eff_ms", by="tariff_id",
-                      strategy="backward", check_sortedness=False)
-    if df["version"].null_count():
-        bad = df.filter(pl.col("version").is_null()).row(0, named=True)
-        raise ValueError(f"account {bad['account_id']}: no version of tariff {bad['tariff_id']} "
-                         f"in force at {bad['piece_ms']} ms")
-    df = df.join(_holidays(ctx), on=["mall_id", "ldate"], how="left").with_columns(
-        daytype=(pl.col("hol").fill_null(False) | ((pl.col("wk_mask") // pl.lit(2, pl.Int64).pow(pl.col("wday")) % 2) == 1))
-        .cast(pl.Int8))
-    df = df.join(tb.schedule, on=["tariff_id", "version", "daytype", "month", "hour"], how="left")
+        return pl.DataFrame(schema=RATED_SCHEMA), dict(counters)
+    aidx = intervals["account_id"].cast(pl.Enum(lk.account_ids)).to_physical().to_numpy().astype(np.int64)
+    cidx = intervals["circuit_id"].cast(lk.circuit_enum).to_physical().to_numpy().astype(np.int64)
+    r = rate_arrays(intervals, aidx, cidx, ctx, counters)
+    return r.frame, r.counters
 
-    # Tiers: cumulative Wh per account and local month, continuing from the counters.
-    df = df.sort(["account_id", "piece_ms", "circuit_id"])
-    accts = df["account_id"].unique().to_list()
-    base = pl.DataFrame({
-        "account_id": accts,
-        "c_month": [counters.get(a, TierCounter()).month for a in accts],
-        "c_wh": [counters.get(a, TierCounter()).wh for a in accts],
-    }, schema={"account_id": pl.String, "c_month": pl.Int32, "c_wh": pl.Int64})
-    df = df.join(base, on="account_id", how="left").with_columns(
-        after=pl.col("piece_wh").cum_sum().over(["account_id", "yyyymm"])
+
+def rate_arrays(
+    iv: pl.DataFrame, aidx: np.ndarray, cidx: np.ndarray, ctx: RatingContext, counters: dict[str, TierCounter],
+) -> Rated:
+    """`rate` on intervals whose account and circuit ranks (see `lookup`) are already known."""
+    lk = lookup(ctx)
+    out = dict(counters)
+    e_all = iv["energy_wh"].to_numpy()
+    pos = np.flatnonzero(e_all > 0)
+    if pos.size == 0:
+        return _empty_rated(out)
+    start, end = iv["start_ms"].to_numpy()[pos], iv["end_ms"].to_numpy()[pos]
+    energy = e_all[pos]
+    # Pieces on the UTC grid; each interval's pieces are contiguous, in time order.
+    k0 = start // GRID_MS
+    n_p = (end - 1) // GRID_MS - k0 + 1
+    if (n_p == 1).all():
+        rep = np.arange(pos.size)
+        piece_ms, piece_wh = start, energy
+    else:
+        rep = np.repeat(np.arange(pos.size), n_p)
+        offs = np.cumsum(n_p) - n_p
+        k = k0[rep] + np.arange(rep.size) - offs[rep]
+        s_r, e_r = start[rep], end[rep]
+        piece_ms = np.maximum(s_r, k * GRID_MS)
+        cum, span = np.minimum(e_r, (k + 1) * GRID_MS) - s_r, e_r - s_r
+        if int(energy.max()) * int(span.max()) < 1 << 62:
+            e_cum = energy[rep] * cum // span
+        else:  # huge gap x huge energy: exact in 128 bits
+            e_cum = (pl.Series(energy[rep]).cast(pl.Int128) * pl.Series(cum) // pl.Series(span)) \
+                .cast(pl.Int64).to_numpy()
+        prev = np.concatenate([[0], e_cum[:-1]])
+        prev[offs] = 0
+        piece_wh = e_cum - prev
+    a, c, end_p = aidx[pos][rep], cidx[pos][rep], end[rep]
+    src = pos[rep]  # interval row of each piece
+    month, hour, wday, day, yyyymm, end_day = _local_fields(lk, a, piece_ms, end_p)
+
+    t = lk.acc_tariff[a]
+    gv = np.searchsorted(lk.eff_key, (t << VERSION_SHIFT) + piece_ms, side="right") - 1
+    bad = gv < lk.first_version[t]
+    if bad.any():
+        i = np.flatnonzero(bad)[np.argmin(piece_ms[bad])]
+        raise ValueError(f"account {lk.account_ids[a[i]]}: no version of tariff {lk.tariff_ids[t[i]]} "
+                         f"in force at {piece_ms[i]} ms")
+    mall = lk.acc_mall[a]
+    daytype = (lk.wk_mask[gv] >> wday) & 1
+    if lk.holidays.size:
+        daytype |= np.isin((mall << 32) + day, lk.holidays).astype(np.int64)
+    cell = gv * CELLS + daytype * 288 + (month - 1) * 24 + hour
+    period, base = lk.period[cell], lk.price[cell]
+    m_num, m_den = lk.acc_m_num[a], lk.acc_m_den[a]
+
+    if not lk.tiered[gv].any():
+        sel = np.flatnonzero(piece_wh > 0)
+        tier = np.zeros(sel.size, dtype=np.int64)
+        e_sel = piece_wh[sel]
+        price = _mul_round(base[sel], m_num[sel], m_den[sel])
+        _count_untiered(lk, out, counters, a, yyyymm, piece_wh)
+    else:
+        sel, tier, e_sel, price = _tiered(lk, out, counters, a, c, piece_ms, yyyymm, piece_wh, gv, base,
+                                          m_num, m_den)
+    amount = e_sel * price
+    keys = (a[sel], end_p[sel], c[sel], piece_ms[sel], tier)
+    order = None if _lex_sorted(keys) else np.lexsort(keys[::-1])
+    if order is not None:
+        sel, tier, e_sel, price, amount = sel[order], tier[order], e_sel[order], price[order], amount[order]
+    a_s = a[sel]
+    strings = iv.select("circuit_id", "meter_id", "estimated")[src[sel]]
+    frame = pl.DataFrame({
+        "account_id": lk.account_series.gather(a_s), "circuit_id": strings["circuit_id"],
+        "meter_id": strings["meter_id"], "start_ms": start[rep][sel], "end_ms": end_p[sel],
+        "piece_ms": piece_ms[sel], "period": lk.period_names.gather(period[sel]),
+        "tier": tier.astype(np.int32), "price_u": price, "energy_wh": e_sel, "amount_n": amount,
+        "estimated": strings["estimated"], "month": yyyymm[sel].astype(np.int32),
+    }, schema=RATED_SCHEMA)
+    return Rated(frame, out, a_s, end_day[sel], end_p[sel], amount)
+
+
+def _empty_rated(out: dict[str, TierCounter]) -> Rated:
+    z = np.zeros(0, dtype=np.int64)
+    return Rated(pl.DataFrame(schema=RATED_SCHEMA), out, z, z, z, z)
+
+
+def _lex_sorted(keys: tuple[np.ndarray, ...]) -> bool:
+    """True if rows are in non-decreasing lexicographic order of ``keys`` (cheap check)."""
+    if keys[0].size < 2:
+        return True
+    bad = np.zeros(keys[0].size - 1, dtype=bool)
+    eq = np.ones(keys[0].size - 1, dtype=bool)
+    for k in keys:
+        d = k[1:] - k[:-1]
+        bad |= eq & (d < 0)
+        eq &= d == 0
+    return not bad.any()
+
+
+def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.ndarray
+                  ) -> tuple[np.ndarray, ...]:
+    """Local month, hour, weekday, day of each piece and local day of its interval end."""
+    tz_of_row = lk.acc_mall[a]
+    zones = np.unique(tz_of_row)
+    res = [np.empty(a.size, dtype=np.int64) for _ in range(6)]
+    for z in zones:
+        m = slice(None) if zones.size == 1 else tz_of_row == z
+        p, e = piece_ms[m], end_ms[m]
+        tz = lk.mall_tz[z]
+        f = slot_fields(tz, int(p.min()), int(e.max()))
+        if f is not None:
+            i, j = f.index(p), f.index(e)
+            vals = (f.month[i], f.hour[i], f.wday[i], f.day[i], f.yyyymm[i], f.day[j])
+        else:
+            vals = _convert_rows(tz, p, e)
+        for r, v in zip(res, vals, strict=True):
+            r[m] = v
+    return tuple(res)
+
+
+def _convert_rows(tz: str, p: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Row-by-row conversion for zones whose offset is not constant per 15-minute slot."""
+    def local(col: str) -> pl.Expr:
+        return pl.from_epoch(col, time_unit="ms").dt.replace_time_zone("UTC").dt.convert_time_zone(tz)
+
+    days = pl.col("d").dt.date().cast(pl.Int32).cast(pl.Int64)
+    df = pl.DataFrame({"p": p, "e": e}).select(d=local("p"), de=local("e")).select(
+        month=pl.col("d").dt.month(), hour=pl.col("d").dt.hour(), wday=pl.col("d").dt.weekday() - 1,
+        day=days, yyyymm=pl.col("d").dt.year() * 100 + pl.col("d").dt.month(),
+        end_day=pl.col("de").dt.date().cast(pl.Int32).cast(pl.Int64))
+    return tuple(df[c].to_numpy().astype(np.int64) for c in df.columns)
+
+
+def _count_untiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str, TierCounter],
+                    a: np.ndarray, yyyymm: np.ndarray, piece_wh: np.ndarray) -> None:
+    """Tier counters without blocks: each account's Wh in the month of its latest piece."""
+    ua, inv = np.unique(a, return_inverse=True)
+    last = np.zeros(ua.size, dtype=np.int64)
+    np.maximum.at(last, inv, yyyymm)
+    wh = np.zeros(ua.size, dtype=np.int64)
+    np.add.at(wh, inv, np.where(yyyymm == last[inv], piece_wh, 0))
+    for acc, m, w in zip(ua.tolist(), last.tolist(), wh.tolist(), strict=True):
+        aid = lk.account_ids[acc]
+        c = counters.get(aid)
+        out[aid] = TierCounter(m, w + (c.wh if c is not None and c.month == m else 0))
+
+
+def _tiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str, TierCounter], a: np.ndarray,
+            c: np.ndarray, piece_ms: np.ndarray, yyyymm: np.ndarray, piece_wh: np.ndarray, gv: np.ndarray,
+            base: np.ndarray, m_num: np.ndarray, m_den: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Tiers: cumulative Wh per account and local month in (account, piece_ms, circuit) order,
+    continuing from the counters; a piece crossing a block boundary is split there."""
+    ua = np.unique(a)
+    cm = [counters.get(lk.account_ids[x], TierCounter()) for x in ua.tolist()]
+    base_df = pl.DataFrame({"a": ua, "c_month": [x.month for x in cm], "c_wh": [x.wh for x in cm]},
+                           schema={"a": pl.Int64, "c_month": pl.Int64, "c_wh": pl.Int64})
+    df = pl.DataFrame({"row": np.arange(a.size), "a": a, "c": c, "piece_ms": piece_ms, "yyyymm": yyyymm,
+                       "piece_wh": piece_wh, "gv": gv}).sort(["a", "piece_ms", "c"])
+    df = df.join(base_df, on="a", how="left").with_columns(
+        after=pl.col("piece_wh").cum_sum().over(["a", "yyyymm"])
         + pl.when(pl.col("yyyymm") == pl.col("c_month")).then(pl.col("c_wh")).otherwise(0))
     df = df.with_columns(before=pl.col("after") - pl.col("piece_wh"))
-    last = df.group_by("account_id").agg(pl.col("yyyymm").last(), pl.col("after").last())
-    for a, m, wh in last.iter_rows():
-        out[a] = TierCounter(m, wh)
-
-    df = df.join(tb.tiers, on=["tariff_id", "version"], how="left").with_columns(
-        energy_wh=pl.col("after").clip(pl.col("lo"), pl.col("hi")) - pl.col("before").clip(pl.col("lo"), pl.col("hi")),
-    ).filter(pl.col("energy_wh") > 0)
-    price = _mul_round(_mul_round(pl.col("price_u"), pl.col("t_num"), pl.col("t_den")) + pl.col("adder_u"),
-                       pl.col("m_num"), pl.col("m_den"))
-    df = df.with_columns(price_u=price).with_columns(amount_n=pl.col("energy_wh") * pl.col("price_u"),
-                                                     month=pl.col("yyyymm"))
-    return df.select(list(RATED_SCHEMA)).cast(RATED_SCHEMA).sort(
-        ["account_id", "end_ms", "circuit_id", "piece_ms", "tier"]), out
+    for x, m, wh in df.group_by("a").agg(pl.col("yyyymm").last(), pl.col("after").last()).iter_rows():
+        out[lk.account_ids[x]] = TierCounter(m, wh)
+    used = np.unique(gv).tolist()
+    blocks = pl.DataFrame([(g, ti, *row) for g in used for ti, row in enumerate(lk.tiers[g].rows)], orient="row",
+                          schema={"gv": pl.Int64, "tier": pl.Int64, "lo": pl.Int64, "hi": pl.Int64,
+                                  "t_num": pl.Int64, "t_den": pl.Int64, "adder_u": pl.Int64})
+    df = df.join(blocks, on="gv", how="left").with_columns(
+        energy=pl.col("after").clip(pl.col("lo"), pl.col("hi")) - pl.col("before").clip(pl.col("lo"), pl.col("hi")),
+    ).filter(pl.col("energy") > 0)
+    sel = df["row"].to_numpy()
+    t_num, t_den, adder = (df[x].to_numpy() for x in ("t_num", "t_den", "adder_u"))
+    price = _mul_round(_mul_round(base[sel], t_num, t_den) + adder, m_num[sel], m_den[sel])
+    return sel, df["tier"].to_numpy(), df["energy"].to_numpy(), price
 
 
 def version_at(tariff: Tariff, ts_ms: int) -> TariffVersion | None:

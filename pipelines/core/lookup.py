@@ -1,0 +1,95 @@
+"""Integer lookup arrays derived from a RatingContext (built once, reused across batches).
+
+Ids become ranks in sorted order (so sorting by rank sorts by id), and per-tariff schedules
+become one flat price table indexed by integer arithmetic instead of joins:
+``(global version * 2 + daytype) * 288 + (month - 1) * 24 + hour``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipelines.core.context import RatingContext
+from pipelines.core.localtime import EPOCH_ORDINAL
+from pipelines.core.models import Period
+
+PERIOD_NAMES = [p.value for p in Period]
+VERSION_SHIFT = 43  # epoch ms < 2**43 until the year 2248
+CELLS = 2 * 12 * 24  # (daytype, month, hour) cells of one version
+
+
+@dataclass
+class Tiers:
+    """Blocks of one global version: (lo_wh, hi_wh, t_num, t_den, adder_u) rows."""
+
+    rows: list[tuple[int, int, int, int, int]]
+
+
+class Lookup:
+    def __init__(self, ctx: RatingContext) -> None:
+        from pipelines.core.tariff import version_rows  # tariff imports this module
+
+        af = ctx.account_frame.sort("account_id")
+        self.frames = (ctx.account_frame, ctx.circuit_frame)  # identity marks a stale Lookup
+        self.account_ids: list[str] = af["account_id"].to_list()
+        self.account_series = pl.Series("account_id", self.account_ids, dtype=pl.String)
+        rank = {a: i for i, a in enumerate(self.account_ids)}
+        self.tariff_ids = sorted(ctx.tariffs)
+        self.mall_ids = sorted(ctx.malls)
+        t_of = {t: i for i, t in enumerate(self.tariff_ids)}
+        m_of = {m: i for i, m in enumerate(self.mall_ids)}
+        self.acc_tariff = np.array([t_of[t] for t in af["tariff_id"]], dtype=np.int64)
+        self.acc_mall = np.array([m_of[m] for m in af["mall_id"]], dtype=np.int64)
+        self.acc_m_num = af["m_num"].to_numpy().astype(np.int64)
+        self.acc_m_den = af["m_den"].to_numpy().astype(np.int64)
+        self.acc_mall_id = af["mall_id"].to_list()
+        self.mall_tz = [ctx.malls[m].tz for m in self.mall_ids]
+        self.holidays = np.array(sorted(
+            (i << 32) + date.fromisoformat(d).toordinal() - EPOCH_ORDINAL
+            for i, m in enumerate(self.mall_ids) for d in ctx.malls[m].holidays), dtype=np.int64)
+
+        self.circuit_ids = sorted(ctx.circuits)
+        self.circuit_enum = pl.Enum(self.circuit_ids)
+        self.circ_acc = np.array([rank[ctx.circuits[c].account_id] for c in self.circuit_ids], dtype=np.int64)
+
+        # Global versions: all tariffs' versions in (tariff, effective_from) order.
+        eff: list[int] = []
+        self.first_version = np.zeros(len(self.tariff_ids) + 1, dtype=np.int64)
+        wk: list[int] = []
+        tiers: list[Tiers] = []
+        periods, prices = [], []
+        for ti, tid in enumerate(self.tariff_ids):
+            versions, sched, tier_rows = version_rows(ctx.tariffs[tid])
+            self.first_version[ti] = len(eff)
+            per = np.zeros((len(versions), CELLS), dtype=np.int64)
+            pri = np.zeros((len(versions), CELLS), dtype=np.int64)
+            for _, vi, daytype, month, hour, period, price in sched:
+                cell = daytype * 288 + (month - 1) * 24 + hour
+                per[vi, cell], pri[vi, cell] = PERIOD_NAMES.index(period), price
+            for _, vi, eff_ms, mask in versions:
+                eff.append((ti << VERSION_SHIFT) + eff_ms)
+                wk.append(mask)
+                tiers.append(Tiers([r[3:] for r in tier_rows if r[1] == vi]))
+            periods.append(per.ravel())
+            prices.append(pri.ravel())
+        self.first_version[-1] = len(eff)
+        self.eff_key = np.array(eff, dtype=np.int64)
+        self.wk_mask = np.array(wk, dtype=np.int64)
+        self.tiers = tiers
+        self.tiered = np.array([len(t.rows) > 1 or t.rows[0][2:] != (1, 1, 0) for t in tiers], dtype=bool)
+        self.period = np.concatenate(periods) if periods else np.zeros(0, dtype=np.int64)
+        self.price = np.concatenate(prices) if prices else np.zeros(0, dtype=np.int64)
+        self.period_names = pl.Series("period", PERIOD_NAMES, dtype=pl.String)
+
+
+def lookup(ctx: RatingContext) -> Lookup:
+    """The context's Lookup, rebuilt if its account or circuit frame was invalidated."""
+    cur: Any = ctx.extra.get("lookup")
+    if cur is None or cur.frames[0] is not ctx.account_frame or cur.frames[1] is not ctx.circuit_frame:
+        cur = ctx.extra["lookup"] = Lookup(ctx)
+    return cur

@@ -1,0 +1,92 @@
+"""notify.yaml validation: errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from notify_helpers import config_data
+
+from pipelines.notify import (
+    NotifyConfigError,
+    ProviderSettings,
+    load_config,
+    parse_config,
+    register_provider_type,
+)
+from pipelines.notify.config import PROVIDER_TYPES, build_providers
+from pipelines.notify.providers import WebhookNotifier
+
+
+def error(data: dict) -> str:
+    with pytest.raises(NotifyConfigError) as exc:
+        parse_config(data, "notify.yaml")
+    return str(exc.value)
+
+
+def test_valid_config_builds_providers() -> None:
+    config = parse_config(config_data())
+    assert set(build_providers(config)) == {"sms", "voice", "ops"}
+
+
+def test_errors_name_the_field() -> None:
+    bad = config_data()
+    bad["rate_limit"] = {"per_hour": -1}
+    assert "rate_limit.per_hour" in error(bad)
+    bad = config_data()
+    bad["routes"][1]["min_severity"] = "LOUD"
+    assert "routes[1].min_severity" in error(bad)
+    bad = config_data()
+    bad["routes"][0]["providers"] = ["nope"]
+    assert "routes[0].providers: unknown provider 'nope'" in error(bad)
+    bad = config_data()
+    bad["providers"]["hook"] = {"type": "webhook", "url": "ftp://x", "secret": "s"}
+    assert "providers.hook.url" in error(bad)
+    bad["providers"]["hook"] = {"type": "webhook", "url": "http://x"}
+    assert "providers.hook: Value error, give exactly one of secret / secret_env" in error(bad)
+    bad["providers"]["hook"] = {"type": "carrier-pigeon"}
+    assert "providers.hook.type: unknown provider type 'carrier-pigeon'" in error(bad)
+    bad = config_data(extra_key=1)
+    assert "extra_key" in error(bad)
+
+
+def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = config_data()
+    data["providers"]["hook"] = {"type": "webhook", "url": "http://127.0.0.1:1/x", "secret_env": "NOTIFY_TEST_SECRET"}
+    config = parse_config(data)
+    with pytest.raises(NotifyConfigError, match="NOTIFY_TEST_SECRET"):
+        build_providers(config)
+    monkeypatch.setenv("NOTIFY_TEST_SECRET", "abc")
+    assert isinstance(build_providers(config)["hook"], WebhookNotifier)
+
+
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(NotifyConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    path = tmp_path / "notify.yaml"
+    path.write_text("providers: [")
+    with pytest.raises(NotifyConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_plugin_provider_type() -> None:
+    class PagerSettings(ProviderSettings):
+        type: str = "pager"
+        number: str
+
+    made: list[str] = []
+
+    def factory(name: str, s: PagerSettings) -> object:
+        made.append(s.number)
+        return object()
+
+    register_provider_type("pager", PagerSettings, factory)  # type: ignore[arg-type]
+    try:
+        data = config_data()
+        data["providers"]["pg"] = {"type": "pager", "channel": "voice"}
+        assert "providers.pg.number" in error(data)
+        data["providers"]["pg"]["number"] = "42"
+        build_providers(parse_config(data))
+        assert made == ["42"]
+    finally:
+        PROVIDER_TYPES.pop("pager")

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--payments", help="payment provider records (JSON lines: payment_id, account_id, "
                                               "kind, amount_minor) to check collections against")
         else:
-            s.add_argument("--posted-at-ms", type=int, help="ts_ms of the postings (default: the period end)")
+            s.add_argument("--posted-at-ms", type=int, help="ts_ms of the postings (default: now)")
     return p
 
 
@@ -145,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             posted = args.posted_at_ms
             for a in bills.allocations:
-                at = posted if posted is not None else period.end_ms(portfolio.mall(a.mall_id).timezone)
+                # Stamped with the posting time (never before the period end): the wallet applies it
+                # now, so a ts in the past would put it behind entries already applied.
+                end = period.end_ms(portfolio.mall(a.mall_id).timezone)
+                at = posted if posted is not None else max(end, int(time.time() * 1000))
                 for rec in allocation_postings(a, at):
                     print(json.dumps(rec, sort_keys=True))
             print(json.dumps([allocation_report(a) for a in bills.allocations], indent=1), file=sys.stderr)

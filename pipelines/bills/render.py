@@ -144,9 +144,9 @@ def render_text(doc: dict[str, Any]) -> str:
     out = [head, f"Account {doc['account_id']} {doc['merchant_name']}  mall {doc['mall_id']}  period {doc['period']}",
            ""]
     for x in doc["lines"]:
-        out.append(f"  {x['description'][:70]:<70} {money(x['amount_minor']):>12} {cur}")
+        out.append(f"  {x['description'][:72]:<72} {money(x['amount_minor']):>12} {cur}")
     label = "Change in closing balance" if doc.get("refers_to") else "Closing balance"
-    out.append(f"  {label:<70} {money(doc['closing_minor']):>12} {cur}")
+    out.append(f"  {label:<72} {money(doc['closing_minor']):>12} {cur}")
     return "\n".join(out) + "\n"
 
 

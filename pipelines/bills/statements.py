@@ -19,6 +19,7 @@ from typing import Any
 
 from pipelines.bills.allocation import parse_source_id
 from pipelines.bills.periods import Period
+from pipelines.bills.render import money
 
 # Statement sections in print order; ledger kinds map onto them.
 SECTIONS = ("opening", "topup", "reversal", "refund", "energy", "standing_charge", "shared_cost",
@@ -133,10 +134,11 @@ def _shared_lines(doc: str, entries: list[Mapping[str, Any]]) -> list[Line]:
         src = parse_source_id(str(e.get("source_id") or "")) or {}
         pool, covered = src.get("pool_id", "?"), src.get("period", "?")
         credit = int(e["amount_minor"]) > 0
-        what = "recovered from tenants" if credit else "your share"
+        what = "tenants' share" if credit else "share"
+        cost = src.get("pool_cost_minor")
         out.append(Line(f"{doc}/shared:{pool}:{covered}", "shared_cost",
-                        f"Common area {pool} {covered}: pool cost {src.get('pool_cost_minor', '?')}, "
-                        f"method {src.get('method', '?')}, {what} {e.get('rate')}",
+                        f"Common area {pool} {covered}: {src.get('method', '?')}, {what} {e.get('rate')} "
+                        f"of {'?' if cost is None else money(cost)}",
                         int(e["amount_minor"]), (str(e["entry_id"]),), rate=e.get("rate"), detail=src))
     return out
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from infra import warehouse as wh
+from pipelines.bills import warehouse_io
 from pipelines.bills.export import main
 from pipelines.bills.periods import parse_period
 from pipelines.portfolio import dump_portfolio
@@ -128,3 +129,18 @@ def test_export_statement_reconcile_end_to_end(setup: tuple[Path, Path, object],
     insert(client, [entry("B:adj:bad", "B", "adjustment", -10, 999, START + 6 * 24 * H)])
     assert main([*base, "reconcile", "--month", "2026-10"]) == 1
     assert '"check": "balance"' in capsys.readouterr().out
+
+
+def test_circuit_energy_from_readings(setup: tuple[Path, Path, object]) -> None:
+    folder, _, client = setup
+    # CH: 100.000 -> 101.500 kWh in meter MH, then a swap to MH2 reading 0.200 -> 2.700 kWh:
+    # 1500 + 2500 = 4000 Wh (never 2.7 - 100). CA: one reading only -> 0 Wh.
+    rows = [("CH", "MH", START + H, 100.0), ("CH", "MH", START + 2 * H, 101.5),
+            ("CH", "MH2", START + 3 * H, 0.2), ("CH", "MH2", START + 4 * H, 2.7), ("CA", "MA", START + H, 5.0),
+            ("CH", "MH2", END + H, 9.9)]  # after the period: not counted
+    values = ", ".join(f"('M1', 'X', '{m}', '{c}', fromUnixTimestamp64Milli(toInt64({ts}), 'UTC'), {kwh}, "
+                       f"'CLOSED', [], 'b', 'c', fromUnixTimestamp64Milli(toInt64({ts}), 'UTC'))"
+                       for c, m, ts, kwh in rows)
+    client.command("INSERT INTO mallwatt.readings (mall_id, account_id, meter_id, circuit_id, ts, import_kwh, "  # type: ignore[attr-defined]
+                   f"relay, flags, batch_id, collector_id, collected_at) VALUES {values}")
+    assert warehouse_io.circuit_energy_wh(START, END, "M1", folder) == {"CA": 0, "CH": 4000}

@@ -90,3 +90,51 @@ def test_plugin_provider_type() -> None:
         assert made == ["42"]
     finally:
         PROVIDER_TYPES.pop("pager")
+
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_the_documented_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    import yaml
+
+    doc = (ROOT / "docs" / "alerts-and-load-control.md").read_text()
+    section = doc.split("### notify.yaml", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block is not None
+    config = parse_config(yaml.safe_load(block.group(1)), "doc example")
+    assert {"sms-gateway", "voice-gateway", "app-push", "ops-log"} == set(config.providers)
+    monkeypatch.setenv("MALLWATT_SMS_SECRET", "x")
+    monkeypatch.setenv("MALLWATT_VOICE_SECRET", "y")
+    assert len(build_providers(config)) == 4
+
+
+def test_documented_load_policies_parse() -> None:
+    import re
+
+    import yaml
+
+    from pipelines.loadcontrol import LoadPolicy
+
+    doc = (ROOT / "docs" / "alerts-and-load-control.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", doc.split("### Policy settings", 1)[1], re.S)
+    assert block is not None
+    policies = {k: LoadPolicy.model_validate(v) for k, v in yaml.safe_load(block.group(1)).items()}
+    assert policies["dormitory"].restore == "manual" and policies["standard"].banned[0].min_pf == 0.95
+
+
+def test_cli_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from pipelines.notify.service import main
+
+    good = tmp_path / "notify.yaml"
+    good.write_text(yaml.safe_dump(config_data()))
+    assert main(["--config", str(good), "--check"]) == 0
+    assert "ok (3 provider(s)" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config_data(rate_limit={"per_hour": 0})))
+    assert main(["--config", str(bad), "--check"]) == 2
+    assert "rate_limit.per_hour" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from infra.warehouse import WarehouseError
 from pipelines.bills.allocation import Allocation, allocation_postings
 from pipelines.bills.build import PeriodBills, load_bills
 from pipelines.bills.periods import PeriodOpen, parse_period, require_closed
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 for rec in allocation_postings(a, at):
                     print(json.dumps(rec, sort_keys=True))
             print(json.dumps([allocation_report(a) for a in bills.allocations], indent=1), file=sys.stderr)
-    except (ConfigError, PeriodOpen, StatementError, ValueError, KeyError) as exc:
+    except (ConfigError, PeriodOpen, StatementError, WarehouseError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -16,7 +16,6 @@ every reading, in integer milliwatts so sums are exact whatever the batch split.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -257,6 +256,11 @@ def _machine(acc: dict, lim: LoadLimits, account: str, rows: list[dict], out: Lo
                  "circuit_id": r["circuit_id"], "tripped": tripped}))
 
 
+def _copy_account(acc: Mapping[str, Any]) -> dict[str, Any]:
+    # the nested entries are replaced, never mutated, so one level of copying keeps the input intact
+    return {**acc, "circuits": dict(acc["circuits"]), "trips": dict(acc["trips"])}
+
+
 def _empty_account() -> dict[str, Any]:
     return {"circuits": {}, "last_ts": None, "over_since": None, "over_alerted": False, "trips": {}}
 
@@ -287,7 +291,7 @@ def process_load(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapp
     lasts = frame.group_by("circuit_id").agg(pl.all().sort_by("row").last())
     acc_last = frame.group_by("account_id").agg(pl.col("eval_ts").max())
     for account, last_ts in acc_last.iter_rows():
-        acc = copy.deepcopy(state.get(account)) if account in state else _empty_account()
+        acc = _copy_account(state[account]) if account in state else _empty_account()
         acc["last_ts"] = last_ts
         if account in rows_by_account:
             _machine(acc, limits[account], account, rows_by_account[account], out)
@@ -321,7 +325,7 @@ def release(state: Mapping[str, dict], account_id: str, rule: str, ts_ms: int, l
     acc = state.get(account_id)
     if not acc or rule not in acc.get("trips", {}):
         return dict(state), out
-    acc = copy.deepcopy(acc)
+    acc = _copy_account(acc)
     _restore(acc, limits, account_id, rule, ts_ms, "restore", by, out)
     return {**state, account_id: acc}, out
 

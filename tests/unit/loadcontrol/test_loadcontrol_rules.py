@@ -178,7 +178,10 @@ def test_duplicates_late_readings_and_unknown_accounts_are_ignored() -> None:
     rows = [("c1", "A", 0, 6000, 0.8, 0), ("c1", "A", 15, 6000, 0.8, 0),  # already seen
             ("c1", "A", 30, 6000, 0.8, 0), ("c1", "A", 30, 100, 0.8, 0),  # same ts twice: first wins
             ("x1", "ZZ", 30, 99_000, 0.8, 0)]  # no limits for ZZ
-    state, out = process_load(frame(rows), state, limits())
+    before = json.dumps(state, sort_keys=True)
+    new_state, out = process_load(frame(rows), state, limits())
+    assert json.dumps(state, sort_keys=True) == before  # the caller's state is never mutated
+    state = new_state
     assert out.late == 3
     assert actions(out) == [("TRIP", "overload", 30)]
     assert "ZZ" not in state

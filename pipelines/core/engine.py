@@ -22,12 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from pipelines.core.context import RatingContext
+from pipelines.core.fastpath import charges, fast_path
 from pipelines.core.interval import INTERVAL_SCHEMA, REJECT_SCHEMA, CircuitState, compute_intervals
-from pipelines.core.models import AMOUNT_SCALE, PRICE_SCALE
-from pipelines.core.tariff import RATED_SCHEMA, TierCounter, rate
+from pipelines.core.lookup import Lookup, lookup
+from pipelines.core.tariff import RATED_SCHEMA, TierCounter, _lex_sorted, rate_arrays
 from pipelines.core.wallet import (
     AccountState,
     Charge,
@@ -112,38 +114,6 @@ def payments_frame(payments: pl.DataFrame | list[dict[str, Any]] | None) -> pl.D
     return df.select(list(schema)).cast(schema).with_columns(pl.col("kind").str.to_lowercase())
 
 
-def _charges(rated: pl.DataFrame) -> pl.DataFrame:
-    """One charge per (interval, period, tier, price) with a deterministic entry id."""
-    g = rated.group_by(["account_id", "circuit_id", "end_ms", "period", "tier", "price_u"]).agg(
-        pl.col("meter_id").first(), pl.col("start_ms").first(), pl.col("piece_ms").min(),
-        pl.col("energy_wh").sum(), pl.col("amount_n").sum(), pl.col("estimated").any(),
-    ).sort(["account_id", "end_ms", "circuit_id", "piece_ms", "tier"])
-    # (period, tier, price) is unique within an interval; price only differs on a version change.
-    return g.with_columns(seq=pl.lit(0)).with_columns(entry_id=pl.format(
-        "{}:chg:{}:{}:{}:{}:{}", "account_id", "circuit_id", "end_ms", "period", "tier", "price_u"))
-
-
-def _local_dates(ch: pl.DataFrame, ctx: RatingContext) -> pl.DataFrame:
-    parts = []
-    for (tz,), part in ch.join(ctx.account_frame.select("account_id", "tz"), on="account_id").group_by(["tz"]):
-        parts.append(part.with_columns(ldate=pl.from_epoch("end_ms", time_unit="ms").dt.replace_time_zone("UTC")
-                                       .dt.convert_time_zone(str(tz)).dt.date().cast(pl.String)))
-    return pl.concat(parts) if parts else ch.with_columns(ldate=pl.lit(None, pl.String))
-
-
-def _threshold(s: AccountState, ctx: RatingContext) -> int | None:
-    """Lowest balance a fast-path account may reach without any rule firing (None: not eligible)."""
-    p = ctx.accounts[s.account_id].policy
-    if s.standing_day is None or s.deferred or s.warn_pending or s.relay == "tripped":
-        return None
-    if p.debt_recovery is not None:
-        return None
-    levels = [lv for lv in p.alert_levels if lv not in s.fired_levels] + [p.cutoff]
-    if p.warning_trip_level is not None and not s.warning_fired:
-        levels.append(p.warning_trip_level)
-    return max(levels)
-
-
 def process_batch(
     state: CoreState,
     readings: pl.DataFrame,
@@ -170,15 +140,21 @@ def _process_batch(
     circuits, intervals, rej_r = compute_intervals(
         state.circuits, readings, ctx.circuits, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
     intervals = intervals.join(ctx.circuit_frame.select("circuit_id", "account_id"), on="circuit_id", how="left")
+    lk = lookup(ctx)
+    cidx = intervals["circuit_id"].cast(lk.circuit_enum).to_physical().to_numpy().astype(np.int64)
+    aidx = lk.circ_acc[cidx]
+    intervals = intervals.with_columns(account_id=lk.account_series.gather(aidx))
     t1 = time.perf_counter()
     accounts = dict(state.accounts)
     counters = {a: s.tiers for a, s in accounts.items()}
-    rated, counters = rate(intervals, ctx, counters)
+    r = rate_arrays(intervals, aidx, cidx, ctx, counters)
+    rated, counters = r.frame, r.counters
     t2 = time.perf_counter()
     pay = payments_frame(payments)
-    ch = _charges(rated) if not rated.is_empty() else None
+    ch = charges(r) if not rated.is_empty() else None
 
-    touched = set(pay["account_id"].to_list()) | (set(ch["account_id"].to_list()) if ch is not None else set())
+    pay_accts = set(pay["account_id"].to_list())
+    touched = pay_accts | ({lk.account_ids[x] for x in np.unique(ch.aidx).tolist()} if ch is not None else set())
     for a in touched:
         if a not in ctx.accounts:
             continue
@@ -189,17 +165,11 @@ def _process_batch(
 
     ledger_parts: list[pl.DataFrame] = []
     out = WalletOut()
-    pay_accts = set(pay["account_id"].to_list())
     fast_ids: set[str] = set()
     if ch is not None:
-        ch = _local_dates(ch, ctx)
-        per = ch.group_by("account_id").agg(pl.col("ldate").min().alias("d0"), pl.col("ldate").max().alias("d1"))
-        ok = {a for a, d0, d1 in per.iter_rows() if a not in pay_accts and d0 == d1 == accounts[a].standing_day}
-        if ok:
-            fast_ids, part = _fast_path(ch.filter(pl.col("account_id").is_in(list(ok))), accounts, ctx)
-            ledger_parts.append(part)
+        fast_ids, ledger_parts = fast_path(ch, accounts, pay_accts, ctx, lk, LEDGER_SCHEMA)
     slow_ids = sorted(touched - fast_ids)
-    ch_by = ch.filter(pl.col("account_id").is_in(slow_ids)).partition_by("account_id", as_dict=True) \
+    ch_by = ch.frame.filter(pl.col("account_id").is_in(slow_ids)).partition_by("account_id", as_dict=True) \
         if ch is not None and slow_ids else {}
     pay_by = pay.partition_by("account_id", as_dict=True)
     for a in slow_ids:
@@ -209,8 +179,7 @@ def _process_batch(
             continue
         _slow_path(accounts[a], ch_by.get((a,)), pay_by.get((a,)), ctx, out)
 
-    ledger = pl.concat([*ledger_parts, pl.DataFrame(out.ledger, schema=LEDGER_SCHEMA)]).sort(["account_id", "ts_ms"],
-                                                                                           maintain_order=True)
+    ledger = _ordered_ledger([*ledger_parts, pl.DataFrame(out.ledger, schema=LEDGER_SCHEMA)], lk)
     outputs = BatchOutputs(
         intervals=intervals, rated=rated, ledger=ledger, alerts=_alerts(out.alerts),
         commands=pl.DataFrame(out.commands, schema=COMMAND_SCHEMA),
@@ -221,42 +190,21 @@ def _process_batch(
     return CoreState(circuits, accounts), outputs
 
 
+def _ordered_ledger(parts: list[pl.DataFrame], lk: Lookup) -> pl.DataFrame:
+    """Parts concatenated, stably ordered by (account_id, ts_ms) with integer keys."""
+    ledger = pl.concat(parts)
+    if ledger.height < 2:
+        return ledger
+    rank = ledger["account_id"].cast(pl.Enum(lk.account_ids), strict=False).to_physical()
+    if rank.null_count():  # an account outside the context (rejected payments only)
+        return ledger.sort(["account_id", "ts_ms"], maintain_order=True)
+    keys = (rank.to_numpy().astype(np.int64), ledger["ts_ms"].to_numpy())
+    return ledger if _lex_sorted(keys) else ledger[np.lexsort(keys[::-1])]
+
+
 def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame([{**r, "details": json.dumps(r["details"], sort_keys=True)} for r in rows],
                         schema=ALERT_SCHEMA)
-
-
-def _fast_path(ch: pl.DataFrame, accounts: dict[str, AccountState], ctx: RatingContext
-               ) -> tuple[set[str], pl.DataFrame]:
-    """Vectorised charges for accounts where no threshold can be crossed in this batch."""
-    ids = ch["account_id"].unique().to_list()
-    base = pl.DataFrame({"account_id": ids, "acc0": [accounts[a].acc_n for a in ids],
-                         "bal0": [accounts[a].balance for a in ids]},
-                        schema={"account_id": pl.String, "acc0": pl.Int64, "bal0": pl.Int64})
-    df = ch.join(base, on="account_id").sort(["account_id", "end_ms", "circuit_id", "seq"]).with_columns(
-        posted=(pl.col("acc0") + pl.col("amount_n").cum_sum().over("account_id")) // AMOUNT_SCALE,
-        accn=(pl.col("acc0") + pl.col("amount_n").cum_sum().over("account_id")) % AMOUNT_SCALE,
-    ).with_columns(
-        amount_minor=-(pl.col("posted") - pl.col("posted").shift(1, fill_value=0).over("account_id")),
-        balance_after_minor=pl.col("bal0") - pl.col("posted"),
-    )
-    last = df.group_by("account_id").agg(pl.col("balance_after_minor").min().alias("lo"),
-                                         pl.col("balance_after_minor").last(), pl.col("accn").last())
-    fast: set[str] = set()
-    for a, lo, bal, accn in last.iter_rows():
-        t = _threshold(accounts[a], ctx)
-        if t is not None and lo > t:
-            fast.add(a)
-            accounts[a].balance, accounts[a].acc_n = bal, accn
-    df = df.filter(pl.col("account_id").is_in(list(fast)) & (pl.col("amount_minor") != 0))
-    mall = ctx.account_frame.select("account_id", "mall_id")
-    led = df.join(mall, on="account_id").select(
-        "entry_id", "account_id", "mall_id", kind=pl.lit("charge"), amount_minor="amount_minor",
-        balance_after_minor="balance_after_minor", ts_ms="end_ms", source_id="entry_id", meter_id="meter_id",
-        circuit_id="circuit_id", interval_start_ms="start_ms", energy_wh="energy_wh", tou_period="period",
-        tier="tier", rate=(pl.col("price_u").cast(pl.Decimal(38, 6)) / PRICE_SCALE).cast(pl.String)
-        .str.replace(r"\.?0+$", ""), estimated="estimated")
-    return fast, led.cast(LEDGER_SCHEMA)
 
 
 def _slow_path(s: AccountState, ch: pl.DataFrame | None, pay: pl.DataFrame | None, ctx: RatingContext,

@@ -48,6 +48,7 @@ class Lookup:
         self.acc_m_num = af["m_num"].to_numpy().astype(np.int64)
         self.acc_m_den = af["m_den"].to_numpy().astype(np.int64)
         self.acc_mall_id = af["mall_id"].to_list()
+        self.mall_series = pl.Series("mall_id", self.acc_mall_id, dtype=pl.String)
         self.mall_tz = [ctx.malls[m].tz for m in self.mall_ids]
         self.holidays = np.array(sorted(
             (i << 32) + date.fromisoformat(d).toordinal() - EPOCH_ORDINAL

@@ -103,6 +103,7 @@ class Rated:
     end_day: np.ndarray  # local date of end_ms, days since 1970-01-01
     end_ms: np.ndarray
     amount_n: np.ndarray
+    src: np.ndarray  # interval row (of the non-zero intervals) each rated row comes from
 
 
 def _mul_round(x: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -202,12 +203,12 @@ def rate_arrays(
         "tier": tier.astype(np.int32), "price_u": price, "energy_wh": e_sel, "amount_n": amount,
         "estimated": strings["estimated"], "month": yyyymm[sel].astype(np.int32),
     }, schema=RATED_SCHEMA)
-    return Rated(frame, out, a_s, end_day[sel], end_p[sel], amount)
+    return Rated(frame, out, a_s, end_day[sel], end_p[sel], amount, src[sel])
 
 
 def _empty_rated(out: dict[str, TierCounter]) -> Rated:
     z = np.zeros(0, dtype=np.int64)
-    return Rated(pl.DataFrame(schema=RATED_SCHEMA), out, z, z, z, z)
+    return Rated(pl.DataFrame(schema=RATED_SCHEMA), out, z, z, z, z, z)
 
 
 def _lex_sorted(keys: tuple[np.ndarray, ...]) -> bool:

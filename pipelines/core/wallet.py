@@ -59,10 +59,12 @@ class AccountState:
                       "payments": dict(d.get("payments", {})), "reversed": list(d.get("reversed", []))})
 
     def copy(self) -> AccountState:
-        """An independent copy (cheaper than a dict round trip)."""
-        return AccountState(**{**{f: getattr(self, f) for f in self.__slots__},  # type: ignore[attr-defined]
-                               "fired_levels": list(self.fired_levels), "payments": dict(self.payments),
-                               "reversed": list(self.reversed)})
+        """An independent copy (positional: this runs for every touched account of a batch)."""
+        return AccountState(
+            self.account_id, self.balance, self.acc_n, self.debt, self.ec_owed, list(self.fired_levels),
+            self.warning_fired, self.warn_pending, self.relay, self.trip_reason, self.deferred, self.standing_day,
+            self.recovery_period, self.recovered_in_period, dict(self.payments), list(self.reversed),
+            self.tier_month, self.tier_wh)
 
     @property
     def tiers(self) -> TierCounter:

@@ -27,9 +27,15 @@ import polars as pl
 
 from pipelines.core.context import RatingContext
 from pipelines.core.fastpath import charges, fast_path
-from pipelines.core.interval import INTERVAL_SCHEMA, REJECT_SCHEMA, CircuitState, compute_intervals
+from pipelines.core.interval import (
+    INTERVAL_SCHEMA,
+    REJECT_SCHEMA,
+    CircuitState,
+    interval_arrays,
+    lex_sorted,
+)
 from pipelines.core.lookup import Lookup, lookup
-from pipelines.core.tariff import RATED_SCHEMA, TierCounter, _lex_sorted, rate_arrays
+from pipelines.core.tariff import RATED_SCHEMA, TierCounter, rate_arrays
 from pipelines.core.wallet import (
     AccountState,
     Charge,
@@ -137,11 +143,9 @@ def _process_batch(
 ) -> tuple[CoreState, BatchOutputs]:
     """`process_batch`, optionally recording seconds per stage into ``timings`` (bench)."""
     t0 = time.perf_counter()
-    circuits, intervals, rej_r = compute_intervals(
-        state.circuits, readings, ctx.circuits, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
-    intervals = intervals.join(ctx.circuit_frame.select("circuit_id", "account_id"), on="circuit_id", how="left")
     lk = lookup(ctx)
-    cidx = intervals["circuit_id"].cast(lk.circuit_enum).to_physical().to_numpy().astype(np.int64)
+    circuits, intervals, rej_r, cidx = interval_arrays(
+        state.circuits, readings, lk.cindex, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
     aidx = lk.circ_acc[cidx]
     intervals = intervals.with_columns(account_id=lk.account_series.gather(aidx))
     t1 = time.perf_counter()
@@ -199,7 +203,7 @@ def _ordered_ledger(parts: list[pl.DataFrame], lk: Lookup) -> pl.DataFrame:
     if rank.null_count():  # an account outside the context (rejected payments only)
         return ledger.sort(["account_id", "ts_ms"], maintain_order=True)
     keys = (rank.to_numpy().astype(np.int64), ledger["ts_ms"].to_numpy())
-    return ledger if _lex_sorted(keys) else ledger[np.lexsort(keys[::-1])]
+    return ledger if lex_sorted(keys) else ledger[np.lexsort(keys[::-1])]
 
 
 def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:

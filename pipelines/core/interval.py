@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from pipelines.core.models import CircuitConfig
@@ -102,6 +103,20 @@ def _empty(schema: dict[str, Any]) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
 
+class CircuitIndex:
+    """Circuit ids as ranks in sorted order (sorting by rank sorts by id) and their limits."""
+
+    def __init__(self, circuits: dict[str, CircuitConfig]) -> None:
+        self.circuits = circuits
+        self.ids = sorted(circuits)
+        self.rank = {c: i for i, c in enumerate(self.ids)}
+        self.enum = pl.Enum(self.ids)
+        self.id_series = pl.Series("circuit_id", self.ids, dtype=pl.String)
+        self.limits = [_limits(circuits[c]) for c in self.ids]
+        self.max_w = np.array([x.max_w for x in self.limits], dtype=np.int64)
+        self.res = np.array([x.res_wh for x in self.limits], dtype=np.int64)
+
+
 def compute_intervals(
     states: dict[str, CircuitState],
     readings: pl.DataFrame,
@@ -119,122 +134,229 @@ def compute_intervals(
     unknown_circuit / spike / regress. ``flush=True`` releases all buffered readings (end of
     an offline replay).
     """
+    st, iv, rej, _ = interval_arrays(states, readings, CircuitIndex(circuits), lateness_ms=lateness_ms,
+                                     gap_ms=gap_ms, flush=flush)
+    return st, iv, rej
+
+
+def _copy(s: CircuitState) -> CircuitState:
+    return CircuitState(s.circuit_id, s.meter_id, s.last_ts_ms, s.last_reg_wh, s.max_seen_ts_ms, s.spike_streak,
+                        s.billed_wh, list(s.pending))
+
+
+def _rej(circ: pl.Series, meter: pl.Series, ts: np.ndarray, kwh: np.ndarray, reason: str) -> pl.DataFrame:
+    return pl.DataFrame({"circuit_id": circ, "meter_id": meter, "ts_ms": ts, "import_kwh": kwh,
+                         "reason": pl.Series([reason]).gather(np.zeros(ts.size, dtype=np.int64))},
+                        schema=REJECT_SCHEMA)
+
+
+def interval_arrays(
+    states: dict[str, CircuitState], readings: pl.DataFrame, ix: CircuitIndex, *, lateness_ms: int,
+    gap_ms: int, flush: bool,
+) -> tuple[dict[str, CircuitState], pl.DataFrame, pl.DataFrame, np.ndarray]:
+    """`compute_intervals` plus the circuit rank of each interval row (for the engine)."""
     new_states = dict(states)
     df = readings.select(list(READING_SCHEMA)).cast(READING_SCHEMA)
-    bad = df["import_kwh"].is_null() | df["import_kwh"].is_nan() | (df["import_kwh"] < 0) \
-        | df["import_kwh"].is_infinite() | df["ts_ms"].is_null() | df["circuit_id"].is_null() \
-        | df["meter_id"].is_null()
-    known = df["circuit_id"].is_in(list(circuits))
-    rejects = [
-        df.filter(bad).with_columns(reason=pl.lit("invalid")),
-        df.filter(~bad & ~known).with_columns(reason=pl.lit("unknown_circuit")),
-    ]
-    df = df.filter(~bad & known).with_columns(
-        reg_wh=(pl.col("import_kwh") * 1000).round(0).cast(pl.Int64), src=pl.lit(1, pl.Int8))
+    cat = df["circuit_id"].cast(ix.enum, strict=False)
+    chk = df.select(bad=pl.col("import_kwh").is_null() | pl.col("import_kwh").is_nan() | (pl.col("import_kwh") < 0)
+                    | pl.col("import_kwh").is_infinite() | pl.col("ts_ms").is_null() | pl.col("circuit_id").is_null()
+                    | pl.col("meter_id").is_null(), known=cat.is_not_null())
+    bad, known = chk["bad"].to_numpy(), chk["known"].to_numpy()
+    rejects: list[pl.DataFrame] = []
+    if bad.any() or not known.all():
+        rejects += [df.filter(pl.Series(bad)).with_columns(reason=pl.lit("invalid")),
+                    df.filter(pl.Series(~bad & ~known)).with_columns(reason=pl.lit("unknown_circuit"))]
+        keep = pl.Series(~bad & known)
+        df, cat = df.filter(keep), cat.filter(keep)
+    reg = df.select((pl.col("import_kwh") * 1000).round(0).cast(pl.Int64))["import_kwh"].to_numpy()
+    cidx = cat.to_physical().to_numpy().astype(np.int64)
+    ts, kwh = df["ts_ms"].to_numpy(), df["import_kwh"].to_numpy()
+    meters = df["meter_id"]
 
-    touched = df["circuit_id"].unique().to_list() if flush is False else \
-        sorted(set(df["circuit_id"].unique().to_list()) | {c for c, s in states.items() if s.pending})
-    pend = [(c, ts, m, r) for c in touched if c in states for ts, m, r in states[c].pending]
-    if pend:
-        pdf = pl.DataFrame(pend, schema=["circuit_id", "ts_ms", "meter_id", "reg_wh"], orient="row") \
-            .with_columns(import_kwh=pl.col("reg_wh") / 1000, src=pl.lit(0, pl.Int8))
-        df = pl.concat([pdf.select(df.columns).cast(df.schema), df])
-    if df.is_empty():
-        return new_states, _empty(INTERVAL_SCHEMA), pl.concat(rejects).select(list(REJECT_SCHEMA))
+    present = np.unique(cidx)
+    if flush:
+        pend_c = {ix.rank[c] for c, s in states.items() if s.pending and c in ix.rank}
+        present = np.union1d(present, np.array(sorted(pend_c), dtype=np.int64))
+    touched = [ix.ids[i] for i in present.tolist()]
+    pend = [(ix_i, p) for ix_i, c in zip(present.tolist(), touched, strict=True) if c in states
+            for p in states[c].pending]
+    n_p = len(pend)
+    if n_p:
+        cidx = np.concatenate([np.array([x for x, _ in pend], dtype=np.int64), cidx])
+        p_reg = np.array([p[2] for _, p in pend], dtype=np.int64)
+        ts = np.concatenate([np.array([p[0] for _, p in pend], dtype=np.int64), ts])
+        reg = np.concatenate([p_reg, reg])
+        kwh = np.concatenate([p_reg / 1000, kwh])
+        meters = pl.concat([pl.Series("meter_id", [p[1] for _, p in pend], dtype=pl.String), meters])
+    if cidx.size == 0:
+        return new_states, _empty(INTERVAL_SCHEMA), _concat_rejects(rejects), np.zeros(0, dtype=np.int64)
+    src = np.r_[np.zeros(n_p, dtype=np.int64), np.ones(cidx.size - n_p, dtype=np.int64)]
+    mcode = meters.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
 
-    st = pl.DataFrame({
-        "circuit_id": touched,
-        "last_ts": [states[c].last_ts_ms if c in states else None for c in touched],
-        "last_reg": [states[c].last_reg_wh if c in states else None for c in touched],
-        "last_meter": [states[c].meter_id if c in states else None for c in touched],
-        "seen": [states[c].max_seen_ts_ms if c in states else None for c in touched],
-        "streak": [states[c].spike_streak if c in states else 0 for c in touched],
-    }, schema={"circuit_id": pl.String, "last_ts": pl.Int64, "last_reg": pl.Int64,
-               "last_meter": pl.String, "seen": pl.Int64, "streak": pl.Int64})
+    # Order by (circuit, ts); ties (duplicates) by every column, so the winner ignores arrival order.
+    order = None if lex_sorted((cidx, ts)) else np.lexsort((ts, cidx))
+    if order is not None:
+        cidx, ts = cidx[order], ts[order]
+    same = (cidx[1:] == cidx[:-1]) & (ts[1:] == ts[:-1])
+    if same.any():
+        mrank = meters.rank("dense").to_numpy().astype(np.int64)
+        o2 = np.lexsort((reg, mrank, src, ts, cidx)) if order is None else \
+            np.lexsort((reg[order], mrank[order], src[order], ts, cidx))
+        order = o2 if order is None else order[o2]
+        cidx, ts = cidx[o2], ts[o2]
+        same = (cidx[1:] == cidx[:-1]) & (ts[1:] == ts[:-1])
+    if order is not None:
+        reg, kwh, src, mcode = reg[order], kwh[order], src[order], mcode[order]
+        meters = meters.gather(order)
+    dup = np.r_[False, same]
+    row = np.arange(cidx.size)
 
-    # Sorting on every column makes "which duplicate wins" independent of arrival order.
-    df = df.sort(["circuit_id", "ts_ms", "src", "meter_id", "reg_wh"])
-    dup = df.select(pl.struct("circuit_id", "ts_ms").is_duplicated() &
-                    ~pl.struct("circuit_id", "ts_ms").is_first_distinct()).to_series()
-    rejects.append(df.filter(dup & (pl.col("src") == 1)).with_columns(reason=pl.lit("duplicate")))
-    df = df.filter(~dup).join(st, on="circuit_id", how="left")
-    old = pl.col("last_ts").is_not_null() & (pl.col("ts_ms") <= pl.col("last_ts"))
-    rejects.append(df.filter(old & (pl.col("ts_ms") == pl.col("last_ts")))
-                   .with_columns(reason=pl.lit("duplicate")))
-    rejects.append(df.filter(old & (pl.col("ts_ms") < pl.col("last_ts")))
-                   .with_columns(reason=pl.lit("late")))
-    df = df.filter(~old).with_columns(
-        seen=pl.max_horizontal(pl.col("seen"), pl.col("ts_ms").max().over("circuit_id")))
-    release = pl.lit(True) if flush else pl.col("ts_ms") <= pl.col("seen") - lateness_ms
-    held = df.filter(~release)
-    df = df.filter(release)
+    # State per touched circuit, gathered by rank.
+    k = len(touched)
+    pos = np.full(len(ix.ids), -1, dtype=np.int64)
+    pos[present] = np.arange(k)
+    sts = [states.get(c) for c in touched]
+    has_last = np.array([s is not None and s.last_ts_ms is not None for s in sts], dtype=bool)
+    last_ts = np.array([s.last_ts_ms if s is not None and s.last_ts_ms is not None else 0 for s in sts],
+                       dtype=np.int64)
+    last_reg = np.array([s.last_reg_wh if s is not None and s.last_reg_wh is not None else 0 for s in sts],
+                        dtype=np.int64)
+    last_meter = [s.meter_id if s is not None else None for s in sts]
+    seen0 = np.array([s.max_seen_ts_ms if s is not None and s.max_seen_ts_ms is not None else np.iinfo(np.int64).min
+                      for s in sts], dtype=np.int64)
+    streak = np.array([s.spike_streak if s is not None else 0 for s in sts], dtype=np.int64)
+    lm_code = _meter_codes(meters, mcode, last_meter)
 
-    intervals, slow_rejects = _released(df, circuits, gap_ms, new_states)
-    rejects.extend(slow_rejects)
+    def rows(mask: np.ndarray, reason: str) -> None:
+        if mask.any():
+            i = row[mask]
+            rejects.append(_rej(ix.id_series.gather(cidx[i]), meters.gather(i), ts[i], kwh[i], reason))
 
-    # Buffer and watermark bookkeeping for every touched circuit.
-    held_by: dict[str, list[tuple[int, str, int]]] = {}
-    for c, ts, m, r in held.select("circuit_id", "ts_ms", "meter_id", "reg_wh").iter_rows():
-        held_by.setdefault(c, []).append((ts, m, r))
-    seen_by = dict(pl.concat([df.select("circuit_id", "seen"), held.select("circuit_id", "seen")])
-                   .group_by("circuit_id").agg(pl.col("seen").max()).iter_rows())
-    for c in touched:
-        s = new_states.get(c) or CircuitState(c)
-        s = CircuitState.from_dict(s.to_dict())
-        s.pending = held_by.get(c, [])
-        if seen_by.get(c) is not None:
-            s.max_seen_ts_ms = seen_by[c]
+    rows(dup & (src == 1), "duplicate")
+    t = pos[cidx]
+    old = ~dup & has_last[t] & (ts <= last_ts[t])
+    rows(old & (ts == last_ts[t]), "duplicate")
+    rows(old & (ts < last_ts[t]), "late")
+    alive = ~dup & ~old
+    seen = seen0.copy()
+    np.maximum.at(seen, t[alive], ts[alive])
+    release = alive if flush else alive & (ts <= seen[t] - lateness_ms)
+    held = alive & ~release
+
+    rel = row[release]
+    iv, iv_c, slow_rej, streaks, ends = _released(rel, cidx, ts, reg, mcode, meters, t, has_last, last_ts,
+                                                  last_reg, lm_code, streak, last_meter, ix, gap_ms, touched)
+    rejects.extend(slow_rej)
+
+    held_by: dict[int, list[tuple[int, str, int]]] = {}
+    hi = row[held]
+    for ti, hts, hm, hr in zip(t[hi].tolist(), ts[hi].tolist(), meters.gather(hi).to_list(), reg[hi].tolist(),
+                               strict=True):
+        held_by.setdefault(ti, []).append((hts, hm, hr))
+    alive_c = np.zeros(k, dtype=bool)
+    alive_c[t[alive]] = True
+    first = np.full(k, -1, dtype=np.int64)  # first released row of circuits without a baseline
+    nb = rel[~has_last[t[rel]]]
+    uc, fi = np.unique(t[nb], return_index=True)
+    first[uc] = nb[fi]
+    for i, c in enumerate(touched):
+        s = _copy(sts[i]) if sts[i] is not None else CircuitState(c)
+        s.pending = held_by.get(i, [])
+        if alive_c[i]:
+            s.max_seen_ts_ms = int(seen[i])
+        if i in streaks:
+            s.spike_streak = streaks[i]
+        if i in ends:
+            s.last_ts_ms, s.billed_wh, s.last_reg_wh, s.meter_id = ends[i][0], s.billed_wh + ends[i][1], \
+                ends[i][2], ends[i][3]
+        elif first[i] >= 0 and s.last_ts_ms is None:
+            f = int(first[i])
+            s.last_ts_ms, s.last_reg_wh, s.meter_id = int(ts[f]), int(reg[f]), meters[f]
         new_states[c] = s
-    _apply_released(new_states, intervals, df)
+    return new_states, iv, _concat_rejects(rejects), iv_c
 
-    rej = pl.concat([r.select(list(REJECT_SCHEMA)).cast(REJECT_SCHEMA) for r in rejects])
-    return new_states, intervals, rej
+
+def _concat_rejects(rejects: list[pl.DataFrame]) -> pl.DataFrame:
+    if not rejects:
+        return _empty(REJECT_SCHEMA)
+    return pl.concat([r.select(list(REJECT_SCHEMA)).cast(REJECT_SCHEMA) for r in rejects])
+
+
+def _meter_codes(meters: pl.Series, mcode: np.ndarray, last_meter: list[str | None]) -> np.ndarray:
+    """Codes of the state's last meters in the batch's meter coding (-1: not in the batch / None)."""
+    uniq = pl.DataFrame({"m": meters, "c": mcode}).unique("m")
+    code = dict(zip(uniq["m"].to_list(), uniq["c"].to_list(), strict=True))
+    return np.array([code.get(m, -1) if m is not None else -2 for m in last_meter], dtype=np.int64)
 
 
 def _released(
-    df: pl.DataFrame, circuits: dict[str, CircuitConfig], gap_ms: int, new_states: dict[str, CircuitState],
-) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
-    """Intervals for released readings: vectorised, with a sequential path for anomalies."""
-    if df.is_empty():
-        return _empty(INTERVAL_SCHEMA), []
-    cids = df["circuit_id"].unique().to_list()
-    lim = {c: _limits(circuits[c]) for c in cids}
-    cfg = pl.DataFrame({"circuit_id": cids, "max_w": [lim[c].max_w for c in cids],
-                        "res": [lim[c].res_wh for c in cids]},
-                       schema={"circuit_id": pl.String, "max_w": pl.Int64, "res": pl.Int64})
-    df = df.join(cfg, on="circuit_id", how="left").with_columns(
-        prev_ts=pl.col("ts_ms").shift(1).over("circuit_id").fill_null(pl.col("last_ts")),
-        prev_reg=pl.col("reg_wh").shift(1).over("circuit_id").fill_null(pl.col("last_reg")),
-        prev_meter=pl.col("meter_id").shift(1).over("circuit_id").fill_null(pl.col("last_meter")),
-    ).with_columns(
-        delta=pl.col("reg_wh") - pl.col("prev_reg"),
-        limit=pl.col("max_w") * (pl.col("ts_ms") - pl.col("prev_ts")) // MS_PER_HOUR + 2 * pl.col("res"),
-    )
-    anomaly = pl.col("prev_ts").is_not_null() & (
-        (pl.col("meter_id") != pl.col("prev_meter")) | (pl.col("delta") < 0) | (pl.col("delta") > pl.col("limit")))
-    df = df.with_columns(slow=(anomaly.any() | (pl.col("streak").first() > 0)).over("circuit_id"))
-    fast = df.filter(~pl.col("slow") & pl.col("prev_ts").is_not_null()).select(
-        "circuit_id", "meter_id", start_ms=pl.col("prev_ts"), end_ms=pl.col("ts_ms"),
-        energy_wh=pl.col("delta"), estimated=(pl.col("ts_ms") - pl.col("prev_ts")) > gap_ms,
-        flag=pl.lit(""))
-    slow = df.filter(pl.col("slow"))
-    out_rows: list[tuple[Any, ...]] = []
-    rej_rows: list[tuple[Any, ...]] = []
-    streaks: dict[str, int] = {}
-    for (cid,), part in slow.group_by(["circuit_id"], maintain_order=True):
-        first = part.row(0, named=True)
-        streaks[cid] = _sequential(
-            cid, first["last_ts"], first["last_reg"], first["last_meter"], first["streak"],
-            part.select("ts_ms", "meter_id", "reg_wh").rows(), lim[cid], gap_ms, out_rows, rej_rows)
-    for c in cids:
-        s = new_states.get(c) or CircuitState(c)
-        new_states[c] = CircuitState.from_dict({**s.to_dict(), "spike_streak": streaks.get(c, 0)})
-    intervals = pl.concat([
-        fast.cast(INTERVAL_SCHEMA),
-        pl.DataFrame(out_rows, schema=INTERVAL_SCHEMA, orient="row"),
-    ]).sort(["circuit_id", "end_ms"])
-    rejected = [pl.DataFrame(rej_rows, schema=REJECT_SCHEMA, orient="row")] if rej_rows else []
-    return intervals, rejected
+    rel: np.ndarray, cidx: np.ndarray, ts: np.ndarray, reg: np.ndarray, mcode: np.ndarray, meters: pl.Series,
+    t: np.ndarray, has_last: np.ndarray, last_ts: np.ndarray, last_reg: np.ndarray, lm_code: np.ndarray,
+    streak: np.ndarray, last_meter: list[str | None], ix: CircuitIndex, gap_ms: int, touched: list[str],
+) -> tuple[pl.DataFrame, np.ndarray, list[pl.DataFrame], dict[int, int], dict[int, tuple[int, int, int, str]]]:
+    """Intervals for released rows (``rel``, in (circuit, ts) order): vectorised, with a
+    sequential path for circuits showing an anomaly. Also returns the new spike streak and the
+    (end, energy, register, meter) of the last interval per touched circuit."""
+    z = np.zeros(0, dtype=np.int64)
+    if rel.size == 0:
+        return _empty(INTERVAL_SCHEMA), z, [], {}, {}
+    c, tt, r, m, ti = cidx[rel], ts[rel], reg[rel], mcode[rel], t[rel]
+    head = np.r_[True, c[1:] != c[:-1]]
+    prev_ts, prev_reg, prev_m = np.r_[0, tt[:-1]], np.r_[0, r[:-1]], np.r_[0, m[:-1]]
+    prev_ts[head], prev_reg[head], prev_m[head] = last_ts[ti[head]], last_reg[ti[head]], lm_code[ti[head]]
+    has_prev = ~head | has_last[ti]
+    delta = r - prev_reg
+    limit = ix.max_w[c] * (tt - prev_ts) // MS_PER_HOUR + 2 * ix.res[c]
+    anomaly = has_prev & ((m != prev_m) | (delta < 0) | (delta > limit))
+    seg = np.cumsum(head) - 1
+    slow_seg = np.zeros(int(seg[-1]) + 1, dtype=bool)
+    slow_seg[seg[anomaly]] = True
+    slow_seg[streak[ti[head]] > 0] = True
+    slow = slow_seg[seg]
+    fast = ~slow & has_prev
+    fi = np.flatnonzero(fast)
+    streaks = {int(x): 0 for x in ti[head].tolist()}
+    ends: dict[int, tuple[int, int, int, str]] = {}
+    # Fast circuits: the last released row ends the last interval.
+    last_rows = np.flatnonzero(np.r_[c[1:] != c[:-1], True] & ~slow & has_prev)
+    if last_rows.size:
+        wh = np.zeros(len(touched), dtype=np.int64)
+        np.add.at(wh, ti[fi], delta[fi])
+        for x, e, rg, mm in zip(ti[last_rows].tolist(), tt[last_rows].tolist(), r[last_rows].tolist(),
+                                meters.gather(rel[last_rows]).to_list(), strict=True):
+            ends[x] = (e, int(wh[x]), rg, mm)
+    frame = pl.DataFrame({
+        "circuit_id": ix.id_series.gather(c[fi]), "meter_id": meters.gather(rel[fi]), "start_ms": prev_ts[fi],
+        "end_ms": tt[fi], "energy_wh": delta[fi], "estimated": (tt[fi] - prev_ts[fi]) > gap_ms,
+        "flag": pl.Series([""]).gather(np.zeros(fi.size, dtype=np.int64))}, schema=INTERVAL_SCHEMA)
+    iv_c = c[fi]
+    rej: list[pl.DataFrame] = []
+    if slow.any():
+        out_rows: list[tuple[Any, ...]] = []
+        rej_rows: list[tuple[Any, ...]] = []
+        for sg in np.flatnonzero(slow_seg).tolist():
+            idx = np.flatnonzero(seg == sg)
+            x = int(ti[idx[0]])
+            cid = touched[x]
+            st_rows = list(zip(tt[idx].tolist(), meters.gather(rel[idx]).to_list(), r[idx].tolist(), strict=True))
+            base = (int(last_ts[x]), int(last_reg[x])) if has_last[x] else (None, None)
+            n0 = len(out_rows)
+            streaks[x] = _sequential(cid, base[0], base[1], last_meter[x], int(streak[x]), st_rows, ix.limits[c[idx[0]]],
+                                     gap_ms, out_rows, rej_rows)
+            mine = out_rows[n0:]
+            if mine:
+                end = mine[-1][3]
+                at = next(row for row in st_rows if row[0] == end)
+                ends[x] = (end, sum(o[4] for o in mine), at[2], at[1])
+        if out_rows:
+            sf = pl.DataFrame(out_rows, schema=INTERVAL_SCHEMA, orient="row")
+            frame = pl.concat([frame, sf])
+            iv_c = np.r_[iv_c, sf["circuit_id"].cast(ix.enum).to_physical().to_numpy().astype(np.int64)]
+            o = np.lexsort((frame["end_ms"].to_numpy(), iv_c))
+            frame, iv_c = frame[o], iv_c[o]
+        if rej_rows:
+            rej.append(pl.DataFrame(rej_rows, schema=REJECT_SCHEMA, orient="row"))
+    return frame, iv_c, rej, streaks, ends
 
 
 def _sequential(
@@ -275,24 +397,17 @@ def _sequential(
     return streak
 
 
-def _apply_released(states: dict[str, CircuitState], intervals: pl.DataFrame, released: pl.DataFrame) -> None:
-    """Move each circuit's baseline to its last released reading that was not rejected."""
-    if not intervals.is_empty():
-        ends = intervals.group_by("circuit_id").agg(
-            pl.col("end_ms").max().alias("end"), pl.col("energy_wh").sum().alias("wh"))
-        for c, end, wh in ends.iter_rows():
-            states[c].last_ts_ms = end
-            states[c].billed_wh += wh
-        reg_at = released.join(ends.select("circuit_id", ts_ms="end"), on=["circuit_id", "ts_ms"])
-        for c, m, r in reg_at.select("circuit_id", "meter_id", "reg_wh").iter_rows():
-            states[c].last_reg_wh, states[c].meter_id = r, m
-    # A circuit's very first reading only sets the baseline.
-    firsts = released.filter(pl.col("last_ts").is_null()).group_by("circuit_id").agg(
-        pl.col("ts_ms").first(), pl.col("reg_wh").first(), pl.col("meter_id").first())
-    for c, ts, r, m in firsts.iter_rows():
-        s = states[c]
-        if s.last_ts_ms is None:
-            s.last_ts_ms, s.last_reg_wh, s.meter_id = ts, r, m
+def lex_sorted(keys: tuple[np.ndarray, ...]) -> bool:
+    """True if rows are in non-decreasing lexicographic order of ``keys`` (cheap check)."""
+    if keys[0].size < 2:
+        return True
+    bad = np.zeros(keys[0].size - 1, dtype=bool)
+    eq = np.ones(keys[0].size - 1, dtype=bool)
+    for k in keys:
+        d = k[1:] - k[:-1]
+        bad |= eq & (d < 0)
+        eq &= d == 0
+    return not bad.any()
 
 
 def to_decimal_kwh(wh: int) -> Decimal:

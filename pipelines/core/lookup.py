@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.core.context import RatingContext
+from pipelines.core.interval import CircuitIndex
 from pipelines.core.localtime import EPOCH_ORDINAL
 from pipelines.core.models import Period
 
@@ -54,8 +55,9 @@ class Lookup:
             (i << 32) + date.fromisoformat(d).toordinal() - EPOCH_ORDINAL
             for i, m in enumerate(self.mall_ids) for d in ctx.malls[m].holidays), dtype=np.int64)
 
-        self.circuit_ids = sorted(ctx.circuits)
-        self.circuit_enum = pl.Enum(self.circuit_ids)
+        self.cindex = CircuitIndex(ctx.circuits)
+        self.circuit_ids = self.cindex.ids
+        self.circuit_enum = self.cindex.enum
         self.circ_acc = np.array([rank[ctx.circuits[c].account_id] for c in self.circuit_ids], dtype=np.int64)
 
         # Global versions: all tariffs' versions in (tariff, effective_from) order.

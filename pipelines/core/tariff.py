@@ -26,6 +26,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.core.context import RatingContext
+from pipelines.core.interval import lex_sorted
 from pipelines.core.localtime import slot_fields
 from pipelines.core.lookup import CELLS, VERSION_SHIFT, Lookup, lookup
 from pipelines.core.models import (
@@ -191,7 +192,7 @@ def rate_arrays(
                                           m_num, m_den)
     amount = e_sel * price
     keys = (a[sel], end_p[sel], c[sel], piece_ms[sel], tier)
-    order = None if _lex_sorted(keys) else np.lexsort(keys[::-1])
+    order = None if lex_sorted(keys) else np.lexsort(keys[::-1])
     if order is not None:
         sel, tier, e_sel, price, amount = sel[order], tier[order], e_sel[order], price[order], amount[order]
     a_s = a[sel]
@@ -209,19 +210,6 @@ def rate_arrays(
 def _empty_rated(out: dict[str, TierCounter]) -> Rated:
     z = np.zeros(0, dtype=np.int64)
     return Rated(pl.DataFrame(schema=RATED_SCHEMA), out, z, z, z, z, z)
-
-
-def _lex_sorted(keys: tuple[np.ndarray, ...]) -> bool:
-    """True if rows are in non-decreasing lexicographic order of ``keys`` (cheap check)."""
-    if keys[0].size < 2:
-        return True
-    bad = np.zeros(keys[0].size - 1, dtype=bool)
-    eq = np.ones(keys[0].size - 1, dtype=bool)
-    for k in keys:
-        d = k[1:] - k[:-1]
-        bad |= eq & (d < 0)
-        eq &= d == 0
-    return not bad.any()
 
 
 def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.ndarray

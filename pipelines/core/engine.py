@@ -32,7 +32,6 @@ from pipelines.core.interval import (
     REJECT_SCHEMA,
     CircuitState,
     interval_arrays,
-    lex_sorted,
 )
 from pipelines.core.lookup import Lookup, lookup
 from pipelines.core.tariff import RATED_SCHEMA, TierCounter, rate_arrays
@@ -167,11 +166,11 @@ def _process_batch(
         s.tier_month, s.tier_wh = c.month, c.wh
         accounts[a] = s
 
-    ledger_parts: list[pl.DataFrame] = []
     out = WalletOut()
     fast_ids: set[str] = set()
+    fast_ledger, fast_rank = None, np.zeros(0, dtype=np.int64)
     if ch is not None:
-        fast_ids, ledger_parts = fast_path(ch, accounts, pay_accts, ctx, lk, LEDGER_SCHEMA)
+        fast_ids, fast_ledger, fast_rank = fast_path(ch, accounts, pay_accts, ctx, lk, LEDGER_SCHEMA)
     slow_ids = sorted(touched - fast_ids)
     ch_by = ch.frame.filter(pl.col("account_id").is_in(slow_ids)).partition_by("account_id", as_dict=True) \
         if ch is not None and slow_ids else {}
@@ -183,7 +182,7 @@ def _process_batch(
             continue
         _slow_path(accounts[a], ch_by.get((a,)), pay_by.get((a,)), ctx, out)
 
-    ledger = _ordered_ledger([*ledger_parts, pl.DataFrame(out.ledger, schema=LEDGER_SCHEMA)], lk)
+    ledger = _ordered_ledger(fast_ledger, fast_rank, pl.DataFrame(out.ledger, schema=LEDGER_SCHEMA), lk)
     outputs = BatchOutputs(
         intervals=intervals, rated=rated, ledger=ledger, alerts=_alerts(out.alerts),
         commands=pl.DataFrame(out.commands, schema=COMMAND_SCHEMA),
@@ -194,16 +193,25 @@ def _process_batch(
     return CoreState(circuits, accounts), outputs
 
 
-def _ordered_ledger(parts: list[pl.DataFrame], lk: Lookup) -> pl.DataFrame:
-    """Parts concatenated, stably ordered by (account_id, ts_ms) with integer keys."""
-    ledger = pl.concat(parts)
-    if ledger.height < 2:
-        return ledger
-    rank = ledger["account_id"].cast(pl.Enum(lk.account_ids), strict=False).to_physical()
-    if rank.null_count():  # an account outside the context (rejected payments only)
-        return ledger.sort(["account_id", "ts_ms"], maintain_order=True)
-    keys = (rank.to_numpy().astype(np.int64), ledger["ts_ms"].to_numpy())
-    return ledger if lex_sorted(keys) else ledger[np.lexsort(keys[::-1])]
+def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow: pl.DataFrame, lk: Lookup
+                   ) -> pl.DataFrame:
+    """Ledger ordered by (account_id, ts_ms), stable. ``fast`` is already in that order and shares
+    no account with ``slow``, so slow accounts' blocks are spliced in whole (no row gather)."""
+    slow = slow.sort(["account_id", "ts_ms"], maintain_order=True)
+    if fast is None or fast.is_empty():
+        return slow
+    if slow.is_empty():
+        return fast
+    ids, counts = np.unique(slow["account_id"].to_numpy(), return_counts=True)  # sorted, like the frame
+    pieces, f0, s0 = [], 0, 0
+    for aid, k in zip(ids.tolist(), counts.tolist(), strict=True):
+        r = lk.account_rank.get(aid)
+        cut = int(np.searchsorted(fast_rank, r)) if r is not None else \
+            int(np.searchsorted(fast["account_id"].to_numpy(), aid))
+        pieces += [fast[f0:cut], slow[s0:s0 + k]]
+        f0, s0 = cut, s0 + k
+    pieces.append(fast[f0:])
+    return pl.concat([p for p in pieces if p.height])
 
 
 def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -218,10 +226,10 @@ def _slow_path(s: AccountState, ch: pl.DataFrame | None, pay: pl.DataFrame | Non
     w = Wallet(s, rating, ctx.tariffs[rating.tariff_id], mall.tz, frozenset(mall.holidays), out)
     events: list[tuple[int, int, str, Any]] = []
     if ch is not None:
-        for r in ch.iter_rows(named=True):
-            events.append((r["end_ms"], 1, r["entry_id"], Charge(
-                r["end_ms"], r["amount_n"], r["entry_id"], r["circuit_id"], r["meter_id"], r["start_ms"],
-                r["energy_wh"], r["period"], r["tier"], r["price_u"], r["estimated"])))
+        cols = ch.select("end_ms", "amount_n", "entry_id", "circuit_id", "meter_id", "start_ms", "energy_wh",
+                         "period", "tier", "price_u", "estimated").get_columns()
+        for r in zip(*(c.to_list() for c in cols), strict=True):
+            events.append((r[0], 1, r[2], Charge(*r)))
     for r in (pay.iter_rows(named=True) if pay is not None else ()):
         events.append((r["ts_ms"], 0, r["payment_id"], Payment(
             r["payment_id"], r["ts_ms"], r["amount_minor"], r["kind"], r["reverses_payment_id"])))

@@ -78,8 +78,9 @@ def threshold(s: AccountState, ctx: RatingContext) -> int | None:
 
 
 def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str], ctx: RatingContext,
-              lk: Lookup, schema: dict[str, Any]) -> tuple[set[str], list[pl.DataFrame]]:
-    """Post the charges of every eligible account; returns (fast account ids, ledger parts)."""
+              lk: Lookup, schema: dict[str, Any]) -> tuple[set[str], pl.DataFrame | None, np.ndarray]:
+    """Post the charges of every eligible account; returns (fast account ids, their ledger in
+    (account_id, ts_ms) order, the account rank of each ledger row)."""
     a, end = ch.aidx, ch.end_ms
     n = a.size
     starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
@@ -149,21 +150,30 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
             s.standing_day = day_iso(new_day[i])
         fast.add(s.account_id)
     if not fast:
-        return fast, []
-    parts = [_standing_rows(standing, fast_seg, starts, a, bal0, prev, lk, schema)]
-    keep = np.flatnonzero(fast_seg[seg] & (amount_minor != 0))
-    f = ch.frame[keep]
+        return fast, None, np.zeros(0, dtype=np.int64)
+    mask = fast_seg[seg] & (amount_minor != 0)
+    keep = np.flatnonzero(mask)
+    f = ch.frame if keep.size == n else ch.frame.filter(pl.Series(mask))
     price = f["price_u"].to_numpy()
     uniq, inv = np.unique(price, return_inverse=True)
     rate = pl.DataFrame({"p": uniq}).select((pl.col("p").cast(pl.Decimal(38, 6)) / PRICE_SCALE)
                                             .cast(pl.String).str.replace(r"\.?0+$", ""))["p"].gather(inv)
-    parts.append(f.select(
+    led = f.select(
         "entry_id", "account_id", mall_id=lk.mall_series.gather(a[keep]), kind=pl.lit("charge"),
         amount_minor=pl.Series(amount_minor[keep]), balance_after_minor=pl.Series(balance[keep]),
         ts_ms="end_ms", source_id="entry_id", meter_id="meter_id", circuit_id="circuit_id",
         interval_start_ms="start_ms", energy_wh="energy_wh", tou_period="period", tier="tier", rate=rate,
-        estimated="estimated").cast(schema))
-    return fast, parts
+        estimated="estimated").cast(schema)
+    rank = a[keep]
+    st = _standing_rows(standing, fast_seg, starts, a, bal0, prev, lk, schema)
+    if st.is_empty():
+        return fast, led, rank
+    # Standing charges go before the charges of their account at the same or a later time.
+    st_rank = np.array([lk.account_rank[x] for x in st["account_id"].to_list()], dtype=np.int64)
+    all_rank = np.r_[st_rank, rank]
+    ts = np.r_[st["ts_ms"].to_numpy(), end[keep]]
+    order = np.lexsort((ts, all_rank))  # stable: standing rows (first) win ties
+    return fast, pl.concat([st, led])[order], all_rank[order]
 
 
 def _standing_rows(standing: list[tuple[int, int, int, int, str]], fast_seg: np.ndarray, starts: np.ndarray,

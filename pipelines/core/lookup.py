@@ -39,7 +39,7 @@ class Lookup:
         self.frames = (ctx.account_frame, ctx.circuit_frame)  # identity marks a stale Lookup
         self.account_ids: list[str] = af["account_id"].to_list()
         self.account_series = pl.Series("account_id", self.account_ids, dtype=pl.String)
-        rank = {a: i for i, a in enumerate(self.account_ids)}
+        rank = self.account_rank = {a: i for i, a in enumerate(self.account_ids)}
         self.tariff_ids = sorted(ctx.tariffs)
         self.mall_ids = sorted(ctx.malls)
         t_of = {t: i for i, t in enumerate(self.tariff_ids)}

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": {"circuits": a.circuits, "readings_per_circuit": a.readings, "readings": n,
                   "step_min": a.step_min, "tariff": GD.id + " (TOU, critical peak, standing charge)",
                   "alert_levels": [5000, 1000], "accounts_low_credit": a.circuits - fast},
+        "polars_threads": pl.thread_pool_size(),  # POLARS_MAX_THREADS=1 for a strict one-core figure
         "batch_s": [round(x, 4) for x in times],
         "stage_s": {k: round(v, 4) for k, v in splits[best].items()},
         "ledger_entries_per_batch": [o.ledger.height for o in outs],

@@ -16,7 +16,7 @@ import polars as pl
 from infra import topics as T
 from pipelines.context import BillingContext, build_context
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
-from pipelines.envelope import BUCKETS_PER_PARTITION, Envelope, OutboxItem
+from pipelines.envelope import BUCKETS_PER_PARTITION, Envelope, OutboxItem, bucket_key
 from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
@@ -91,28 +91,64 @@ def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int
 
 
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
-    return _step(env, readings, None, ctx, source, offset)
+    return apply_readings_many({"_": env}, {"_": readings}, ctx, source, offset, lambda _a: "_")["_"]
 
 
 def apply_payment(env: Envelope, payment: dict[str, Any], ctx: BillingContext, source: str, offset: int) -> Envelope:
     row = {"payment_id": payment["payment_id"], "account_id": payment["account_id"], "ts_ms": payment["ts_ms"],
            "amount_minor": payment["amount_minor"], "kind": str(payment["kind"]).lower(),
            "reverses_payment_id": payment.get("reverses_payment_id")}
-    return _step(env, None, [row], ctx, source, offset)
+    return _step({"_": env}, None, [row], ctx, source, offset, lambda _a: "_")["_"]
 
 
-def _step(env: Envelope, readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,
-          ctx: BillingContext, source: str, offset: int) -> Envelope:
-    state = CoreState.from_dict({"circuits": env.circuits, "accounts": env.accounts})
+def apply_readings_many(envs: dict[str, Envelope], frames: dict[str, pl.DataFrame], ctx: BillingContext,
+                        source: str, offset: int, bucket_of: Any = None) -> dict[str, Envelope]:
+    """One core call for every bucket a message touches (the core's cost is mostly per call);
+    buckets that already applied this offset are left out. Returns the changed envelopes."""
+    todo = [k for k in frames if not envs[k].applied(source, offset)]
+    if not todo:
+        return {}
+    frame = pl.concat([frames[k] for k in todo], how="vertical_relaxed")
+    return _step({k: envs[k] for k in todo}, frame, None, ctx, source, offset, bucket_of)
+
+
+def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,
+          ctx: BillingContext, source: str, offset: int, bucket_of: Any = None) -> dict[str, Envelope]:
+    bucket_of = bucket_of or (lambda account: bucket_key(account, ctx.partitions))
+    circuits: dict[str, Any] = {}
+    accounts: dict[str, Any] = {}
+    for env in envs.values():
+        circuits.update(env.circuits)
+        accounts.update(env.accounts)
+    state = CoreState.from_dict({"circuits": circuits, "accounts": accounts})
     if readings is None:
         readings = pl.DataFrame(schema={"circuit_id": pl.String, "meter_id": pl.String, "ts_ms": pl.Int64,
                                         "import_kwh": pl.Float64})
     new_state, out = process_batch(state, readings, payments, ctx.rating)
     data = new_state.to_dict()
-    holds = {m: list(h) for m, h in env.holds.items()}
-    outbox = outbox_items(out, ctx) + gate_wallet_commands(out, holds, ctx)
-    return Envelope(accounts=data["accounts"], circuits=data["circuits"], hwm={**env.hwm, source: offset},
-                    outbox=outbox, updates=env.updates + 1, holds=holds, extra=env.extra)
+    holds = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
+    tagged = outbox_items(out, ctx) + gate_wallet_commands(out, holds, ctx, bucket_of)
+    result: dict[str, Envelope] = {}
+    for key, env in envs.items():
+        result[key] = Envelope(accounts={}, circuits={}, hwm={**env.hwm, source: offset}, outbox=[],
+                               updates=env.updates + 1, holds=holds[key], extra=env.extra)
+    for account, value in data["accounts"].items():
+        result[bucket_of(account)].accounts[account] = value
+    for circuit, value in data["circuits"].items():
+        result[bucket_of(ctx.circuit_meter[circuit].account_id if circuit in ctx.circuit_meter
+                         else _owner_of(circuit, envs))].circuits[circuit] = value
+    for account, item in tagged:
+        result[bucket_of(account)].outbox.append(item)
+    return result
+
+
+def _owner_of(circuit: str, envs: dict[str, Envelope]) -> str:
+    """A circuit no longer in the config keeps living in the bucket that held it."""
+    for env in envs.values():
+        for account in env.accounts:
+            if circuit in env.circuits:
+                return account
+    raise KeyError(f"circuit {circuit!r} is in no bucket and not in the config")
 
 
 def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, source: str,
@@ -138,15 +174,17 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
                     outbox=items, updates=env.updates + 1, holds=holds, extra=env.extra)
 
 
-def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[OutboxItem]:
-    items: list[OutboxItem] = []
+def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[tuple[str, OutboxItem]]:
+    """The outputs of one core call, each tagged with the account whose bucket carries it."""
+    items: list[tuple[str, OutboxItem]] = []
     for row in out.ledger.iter_rows(named=True):
-        items.append(OutboxItem(T.LEDGER, row["account_id"].encode(), codec.encode("LedgerEntry", row)))
+        items.append((row["account_id"], OutboxItem(T.LEDGER, row["account_id"].encode(),
+                                                    codec.encode("LedgerEntry", row))))
     for row in out.alerts.iter_rows(named=True):
         details = json.loads(row["details"]) if row["details"] else {}
         record = {**row, "details": {k: str(v) for k, v in details.items()}}
-        items.append(OutboxItem(T.ALERTS, (row["account_id"] or row["mall_id"]).encode(),
-                                codec.encode("Alert", record)))
+        items.append((row["account_id"], OutboxItem(T.ALERTS, (row["account_id"] or row["mall_id"]).encode(),
+                                                    codec.encode("Alert", record))))
     for row in out.rejected_readings.iter_rows(named=True):
         route = ctx.circuit_meter.get(row["circuit_id"])
         if route is None:
@@ -156,7 +194,8 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[OutboxItem]:
                  "ts_ms": row["ts_ms"], "message": f"reading not billed: {row['reason']}",
                  "details": {"circuit_id": row["circuit_id"], "import_kwh": str(row["import_kwh"]),
                              "reason": str(row["reason"])}}
-        items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", alert)))
+        items.append((route.account_id, OutboxItem(T.ALERTS, route.account_id.encode(),
+                                                   codec.encode("Alert", alert))))
     # rejected payments already come with a rejected_topup alert from the wallet
     return items
 
@@ -165,17 +204,20 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[OutboxItem]:
 CREDIT_HOLDS = {"credit": "credit", "warning": "warning"}
 
 
-def gate_wallet_commands(out: BatchOutputs, holds: Holds, ctx: BillingContext) -> list[OutboxItem]:
+def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,
+                         bucket_of: Any) -> list[tuple[str, OutboxItem]]:
     """Wallet trips and reconnects, filtered through every other reason a meter is held open."""
-    items: list[OutboxItem] = []
+    items: list[tuple[str, OutboxItem]] = []
     for row in out.commands.iter_rows(named=True):
         meters = [r.meter_id for r in relay_meters(ctx, row["account_id"])]
+        holds = holds_by_bucket[bucket_of(row["account_id"])]
         if row["action"].upper() == "TRIP":
             gated = set_hold(holds, meters, CREDIT_HOLDS.get(row["reason"], "credit"), True, row["command_id"])
         else:  # a top-up releases both credit holds
             gated = set_hold(holds, meters, "warning", False, row["command_id"], row["reason"])
             gated += set_hold(holds, meters, "credit", False, row["command_id"], row["reason"])
-        items += [relay_item(ctx, g, row["account_id"], row["cause_ts_ms"], "pipeline") for g in gated]
+        items += [(row["account_id"], relay_item(ctx, g, row["account_id"], row["cause_ts_ms"], "pipeline"))
+                  for g in gated]
     return items
 
 

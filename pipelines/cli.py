@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "power": ("pipelines.power_cli", "main", "remote power off/on for a meter, area, account or mall"),
     "sql": ("infra.sql_cli", "main", "run a SQL statement against the warehouse and print a table"),
     "query": ("infra.sql_cli", "query_main", "run a named analytics query from sql/queries"),
+    "bills": ("pipelines.bills.export", "main", "ERP export, statements, reconciliation, common-area allocation"),
+    "notify": ("pipelines.notify.service", "main", "deliver alerts to merchants/operators (SMS, voice, app push)"),
     "replay": ("pipelines.core.replay", "main", "offline replay / re-rating of readings and payments"),
     "demo": ("pipelines.demo", "main", "run a simulated mall end to end for a bounded time"),
     "bench": ("bench.cli", "main", "benchmarks printing JSON figures (core|collect|pipeline|warehouse)"),

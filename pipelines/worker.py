@@ -98,11 +98,9 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             ctx = holder.current()
             try:
                 routed, rejected = billing.route_readings(frame, ctx, msg.partition)
-                for key, part in routed.items():
-                    env = load(key)
-                    if env.applied(source, msg.offset):
-                        continue
-                    store(key, billing.apply_readings(env, part, ctx, source, msg.offset))
+                envs = {key: load(key) for key in routed}
+                for key, env in billing.apply_readings_many(envs, routed, ctx, source, msg.offset).items():
+                    store(key, env)
             except Exception as exc:  # a bug or bad data must not stop billing for everyone
                 log.exception("reading batch %s failed", record.get("batch_id"))
                 await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")

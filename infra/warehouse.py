@@ -62,6 +62,7 @@ __all__ = [
     "apply_migrations",
     "chdb_path",
     "get_client",
+    "load_dimensions_here",
     "open_owner",
     "query",
     "query_arrow",
@@ -328,6 +329,36 @@ def run_named_query(name: str, params: dict[str, Any] | None = None, **kwargs: A
     return query_df(named_query_text(name), params, **kwargs)
 
 
+def load_dimensions_here(portfolio: Any, path: str | os.PathLike[str] | None = None) -> dict[str, int]:
+    """Load the portfolio's dimension tables wherever the warehouse is (see warehouse_dims).
+
+    Through the server, this process's client, the live owner's endpoint, or a direct open
+    (which also applies missing migrations first).
+    """
+    from infra.warehouse_dims import load_dimensions
+
+    if path is None and server_url():
+        client = get_client()
+        try:
+            return load_dimensions(client, portfolio)
+        finally:
+            client.close()
+    folder = chdb_path(path)
+    with _held_guard:
+        held = _held.get(folder)
+    if held is not None and held.clients:
+        return load_dimensions(held.clients[0], portfolio)
+    if live_owner(folder) is not None:
+        return load_dimensions(
+            lambda sql, params, allow_write=False: query_arrow(
+                sql, params, allow_write=allow_write, path=folder
+            ),
+            portfolio,
+        )
+    with open_owner(folder, serve=False) as owner:
+        return load_dimensions(owner.client, portfolio)
+
+
 def set_raw_retention(client: Any, days: int) -> None:
     """Keep raw readings `days` days (whole monthly parts are dropped after that)."""
     if days <= 0:
@@ -357,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply missing migrations")
     sub.add_parser("status", help="who owns the folder")
     sub.add_parser("queries", help="list named queries")
+    dims = sub.add_parser("dims", help="load the dimension tables from a portfolio config")
+    dims.add_argument("--config", required=True, help="portfolio YAML (pipelines.portfolio)")
     sql = sub.add_parser("sql", help="run one statement and print the result")
     sql.add_argument("statement")
     sql.add_argument("--write", action="store_true", help="allow a non-SELECT statement")
@@ -399,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
                     else f"no live owner (lock file pid {_lock_holder(folder)})"
                 )
             )
+        elif args.cmd == "dims":
+            from pipelines.portfolio import load_portfolio
+
+            written = load_dimensions_here(load_portfolio(args.config), args.path)
+            print(", ".join(f"{table} {rows}" for table, rows in written.items()))
         elif args.cmd == "queries":
             print("\n".join(list_named_queries()))
         elif args.cmd == "sql":

@@ -21,6 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from confluent_kafka import Consumer, Producer
 
@@ -82,12 +83,12 @@ class CommandWatch(threading.Thread):
                                   "auto.offset.reset": "earliest"})
         self.tripped: set[str] = set()
         self.trips = self.reconnects = self.confirmed = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         self.consumer.subscribe([T.RELAY_COMMANDS, T.RELAY_OUTCOMES])
         seen: set[str] = set()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             msg = self.consumer.poll(0.3)
             if msg is None or msg.error():
                 continue
@@ -107,7 +108,7 @@ class CommandWatch(threading.Thread):
         self.consumer.close()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
 
@@ -127,10 +128,10 @@ def publish_topups(bootstrap: str, portfolio: Portfolio, amounts: dict[str, int]
 async def run_meters(portfolio_path: Path, portfolio: Portfolio, bootstrap: str, seconds: float, speed: float,
                      watch: CommandWatch, partitions: int, services: Services) -> dict[str, Any]:
     from collectors.run import run_collector
-
     from collectors.sim_portfolio import mall_simulator
 
     mall_id = portfolio.malls[0].id
+    mall_tz = ZoneInfo(portfolio.malls[0].timezone)
     start_ms = int(datetime.fromisoformat(SIM_START).timestamp() * 1000)
     sim = mall_simulator(portfolio, mall_id, speed=speed, start_ms=start_ms)
     await sim.start()
@@ -150,7 +151,7 @@ async def run_meters(portfolio_path: Path, portfolio: Portfolio, bootstrap: str,
             services.check()
             if collector.done():
                 collector.result()  # re-raises the collector's error
-            sim_time = datetime.fromtimestamp(sim.now_ms() / 1000).astimezone().strftime("%H:%M")
+            sim_time = datetime.fromtimestamp(sim.now_ms() / 1000, mall_tz).strftime("%H:%M")
             say(f"t={time.monotonic() - t0:4.0f}s sim {sim_time}  readings={stats.get('readings', 0)}  "
                 f"trips={watch.trips} reconnects={watch.reconnects} confirmed={watch.confirmed}")
             if time.monotonic() - t0 >= seconds / 2 and watch.tripped - topped_up:
@@ -201,22 +202,24 @@ def print_summary(stats: dict[str, Any]) -> None:
           f"  logs: {DEMO_DIR}/*.log", flush=True)
 
 
-def wait_for_sink(expected_readings: int, timeout: float = 45.0) -> None:
+def wait_for_sink(published: int, timeout: float = 60.0) -> None:
+    """Wait until the warehouse's reading count stops growing (or the timeout)."""
     from infra import warehouse
 
     deadline = time.monotonic() + timeout
     last = -1
     while time.monotonic() < deadline:
         try:
-            _, rows = warehouse.query("SELECT count() FROM mallwatt.readings")
+            _, rows = warehouse.query("SELECT count() FROM mallwatt.readings FINAL")
             count = int(rows[0][0])
         except Exception:
             count = -1
-        if count >= expected_readings and count == last:
-            return
+        if count >= 0 and count == last:
+            break
         last = count
-        time.sleep(2.0)
-    say(f"warehouse has {last} of {expected_readings} readings after {timeout:.0f}s; summary may be partial")
+        time.sleep(3.0)
+    say(f"warehouse holds {last} distinct readings of {published} published "
+        "(re-sent duplicates collapse on circuit and timestamp)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from infra import topics as T
 from pipelines.context import BillingContext, build_context
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.envelope import BUCKETS_PER_PARTITION, Envelope, OutboxItem, bucket_key
+from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
@@ -128,10 +129,19 @@ def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: li
     data = new_state.to_dict()
     holds = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
     tagged = outbox_items(out, ctx) + gate_wallet_commands(out, holds, ctx, bucket_of)
+    load_state: dict[str, Any] = {}
+    if readings.height and "power_w" in readings.columns:
+        for env in envs.values():
+            load_state.update(env.extra.get("load", {}))
+        load_state, load_out = process_load(readings, load_state, ctx.load_limits)
+        tagged += load_items(load_out, holds, ctx, bucket_of)
     result: dict[str, Envelope] = {}
     for key, env in envs.items():
+        extra = {**env.extra, "load": {}} if load_state else env.extra
         result[key] = Envelope(accounts={}, circuits={}, hwm={**env.hwm, source: offset}, outbox=[],
-                               updates=env.updates + 1, holds=holds[key], extra=env.extra)
+                               updates=env.updates + 1, holds=holds[key], extra=extra)
+    for account, value in load_state.items():
+        result[bucket_of(account)].extra["load"][account] = value
     for account, value in data["accounts"].items():
         result[bucket_of(account)].accounts[account] = value
     for circuit, value in data["circuits"].items():
@@ -218,6 +228,23 @@ def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], c
             gated += set_hold(holds, meters, "credit", False, row["command_id"], row["reason"])
         items += [(row["account_id"], relay_item(ctx, g, row["account_id"], row["cause_ts_ms"], "pipeline"))
                   for g in gated]
+    return items
+
+
+def load_items(out: LoadOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,
+               bucket_of: Any) -> list[tuple[str, OutboxItem]]:
+    """Load-control alerts, and its trips/restores filtered through the relay holds."""
+    items: list[tuple[str, OutboxItem]] = []
+    for alert in out.alerts:
+        record = {**alert, "details": {k: str(v) for k, v in alert.get("details", {}).items()}}
+        items.append((alert["account_id"], OutboxItem(T.ALERTS, alert["account_id"].encode(),
+                                                      codec.encode("Alert", record))))
+    for cmd in out.commands:
+        account = cmd["account_id"]
+        meters = [r.meter_id for r in relay_meters(ctx, account)]
+        gated = set_hold(holds_by_bucket[bucket_of(account)], meters, cmd["hold"], cmd["action"] == "TRIP",
+                         cmd["command_id"], cmd["reason"])
+        items += [(account, relay_item(ctx, g, account, cmd["cause_ts_ms"], "loadcontrol")) for g in gated]
     return items
 
 

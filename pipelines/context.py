@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from pipelines.core.context import RatingContext
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, WalletPolicy
+from pipelines.loadcontrol import limits_from_portfolio
 from pipelines.portfolio import Portfolio
 
 # Register wrap values per meter model (uint32 x0.01 kWh wraps at 42,949,672.95 kWh; the
@@ -41,6 +43,7 @@ class BillingContext:
     circuit_meter: dict[str, MeterRoute]  # circuit id -> where it is
     meter_route: dict[str, MeterRoute]  # meter id -> where it is
     account_mall: dict[str, str]
+    load_limits: dict[str, Any]  # account id -> pipelines.loadcontrol.LoadLimits
 
     @property
     def accounts(self) -> dict[str, AccountRating]:
@@ -84,5 +87,6 @@ def build_context(portfolio: Portfolio, partitions: int, *, lateness_ms: int = 0
     rating = RatingContext(circuits=circuits, accounts=accounts,
                            tariffs={t.id: t for t in portfolio.tariffs}, malls=malls,
                            lateness_ms=lateness_ms)
+    limits = limits_from_portfolio(portfolio, {lv.name: lv.load for lv in portfolio.levels})
     return BillingContext(portfolio, rating, partitions, circuit_meter, meter_route,
-                          {a.account_id: a.mall_id for a in accounts.values()})
+                          {a.account_id: a.mall_id for a in accounts.values()}, limits)

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.core.models import Tariff, WalletPolicy
+from pipelines.loadcontrol import LoadPolicy
 
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
 
@@ -59,6 +60,7 @@ class MerchantLevel(_Model):
     policy: WalletPolicy = Field(default_factory=WalletPolicy)
     max_power_w: Annotated[float, Field(gt=0)] = 20_000.0
     overload_debounce_s: Annotated[float, Field(ge=0)] = 30.0
+    load: LoadPolicy = Field(default_factory=LoadPolicy)  # restore, cool-down, banned appliances
 
 
 class Area(_Model):

@@ -95,3 +95,29 @@ def test_redelivered_readings_do_not_charge_twice(ctx: billing.BillingContext) -
     assert _decoded(env2, "mallwatt.ledger", "LedgerEntry") == []
     assert env2.accounts[account]["balance"] == env.accounts[account]["balance"] == sum(
         e["amount_minor"] for e in first)
+
+
+def test_sustained_overload_trips_once_and_a_spike_does_not(ctx: billing.BillingContext) -> None:
+    account, meter, circuit = _merchant(ctx)
+    limit = ctx.load_limits[account].max_power_w  # 15 kW for the standard level
+    # readings 10 s apart: a 10 s spike (shorter than the 30 s debounce), then 60 s above the limit
+    power = [1000, limit + 5000, 1000, limit + 5000, limit + 5000, limit + 5000, limit + 5000, limit + 5000,
+             limit + 5000, limit + 5000]
+    n = len(power)
+    frame = pl.DataFrame({"circuit_id": [circuit] * n, "meter_id": [meter] * n, "account_id": [account] * n,
+                          "ts_ms": [T0 + i * 10_000 for i in range(n)], "import_kwh": [50.0 + i * 0.01 for i in range(n)],
+                          "power_w": [float(p) for p in power], "power_factor": [0.9] * n, "relay": [0] * n},
+                         schema_overrides={"relay": pl.UInt8})
+    env = billing.apply_payment(Envelope(), {"payment_id": "p-big", "account_id": account, "ts_ms": T0 - 1,
+                                             "amount_minor": 10**7, "kind": "TOPUP"}, ctx, "payments:0", 0)
+    env = billing.apply_readings(env, frame.head(3), ctx, "r:1", 1)  # the spike
+    assert _decoded(env, "mallwatt.relay-commands", "RelayCommand") == []
+    env = billing.apply_readings(env, frame.tail(n - 3), ctx, "r:1", 2)  # sustained
+    trips = _decoded(env, "mallwatt.relay-commands", "RelayCommand")
+    assert [(c["action"], c["reason"], c["meter_id"]) for c in trips] == [("TRIP", "overload", meter)]
+    assert env.holds == {meter: ["overload"]}
+    assert any(a["kind"] == "overload" for a in _decoded(env, "mallwatt.alerts", "Alert"))
+    # a top-up does not undo an overload trip
+    env = billing.apply_payment(env, {"payment_id": "p-more", "account_id": account, "ts_ms": T0 + n * 10_000,
+                                      "amount_minor": 100, "kind": "TOPUP"}, ctx, "payments:0", 1)
+    assert _decoded(env, "mallwatt.relay-commands", "RelayCommand") == []

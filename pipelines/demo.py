@@ -275,9 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         say(f"failed: {exc}")
         return 1
     finally:
-        if watch is not None:
-            watch.stop()
-        services.stop()
-        if not external:
-            broker.stop(kafka)
+        # each step on its own: one failing must not leave the others running
+        for step in (watch.stop if watch is not None else None, services.stop,
+                     None if external else lambda: broker.stop(kafka)):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as exc:
+                say(f"cleanup step failed: {exc}")
         say("stopped everything the demo started")

@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=250, help="15-minute readings per circuit (default 250)")
     parser.add_argument("--json", action="store_true", help="print only the JSON figures on stdout")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the cleanup below always stops what was started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shutil.rmtree(BENCH_DIR, ignore_errors=True)
     BENCH_DIR.mkdir(parents=True)
     kafka = broker.BrokerConfig.from_env(data_dir=BENCH_DIR / "kafka", port=PORT, controller_port=PORT + 1)

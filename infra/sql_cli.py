@@ -30,18 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def query_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mallwatt query",
-        description="Run a named analytics query from sql/queries/ (list them with --list).")
-    parser.add_argument("name", nargs="?", help="query name, e.g. portfolio_daily")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--list", action="store_true", help="list the named queries")
-    parser.add_argument("--path", help="chDB folder (default MALLWATT_CHDB_PATH or var/chdb)")
-    args = parser.parse_args(argv)
-    extra = ["--path", args.path] if args.path else []
-    if args.list or not args.name:
-        return warehouse.main([*extra, "queries"])
-    return warehouse.main([*extra, "run", args.name, *[x for p in args.param for x in ("--param", p)]])
+    """`mallwatt query NAME --param k=v --format table|csv|json|parquet [--out FILE]`."""
+    from infra.warehouse_catalog import query_main as catalog_query_main
+
+    return catalog_query_main(argv)
 
 
 if __name__ == "__main__":

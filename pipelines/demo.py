@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulated seconds per real second (default 300: 10 h of trading in 2 min)")
     args = parser.parse_args(argv)
 
+    # SIGTERM unwinds like Ctrl-C, so the cleanup below always stops what was started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True)
     partitions = T.default_partitions()

@@ -1,7 +1,18 @@
--- Billed kWh and money per mall and local day, from the ledger_hourly rollup.
--- Params: tz String (the malls' zone, e.g. 'Asia/Shanghai'; whole-hour offsets only),
---         from_day Date, to_day Date (inclusive, local days).
--- Money in minor units; charges are the consumption debits shown positive.
+-- Purpose: billed kWh and money per mall and local day, from the ledger_hourly rollup.
+--   Money in minor units; charges are the consumption debits shown positive.
+-- Param: tz String = Asia/Shanghai | the malls' zone (whole-hour offsets only)
+-- Param: from_day Date | first local day
+-- Param: to_day Date | last local day (inclusive)
+-- Column: mall_id String | mall
+-- Column: day Date | local day
+-- Column: kwh Float64 | billed energy (kWh)
+-- Column: charges_minor Int64 | energy, standing and shared charges (positive)
+-- Column: topups_minor Int64 | top-ups
+-- Column: net_minor Int64 | sum of all ledger amounts
+-- Column: entries UInt64 | ledger entries
+-- Column: accounts UInt64 | accounts with entries
+-- Source: ledger_hourly (rollup)
+-- Watermark: mallwatt.ledger
 SELECT
     mall_id,
     toDate(hour, {tz:String}) AS day,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import os
 import shutil
 import signal
@@ -35,7 +37,8 @@ from schemas.keys import account_shard
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "var" / "demo"
 DEMO_PORT = 19192
-SIM_START = "2026-07-15T08:00:00+08:00"  # a summer weekday: peak, flat and critical-peak hours
+SIM_START = "2026-07-14T12:00:00+08:00"  # a summer weekday: peak and critical-peak hours, then night
+BILL_DAY = "2026-07-14"  # closed once simulated time passes midnight
 
 
 def say(text: str) -> None:
@@ -125,8 +128,9 @@ def publish_topups(bootstrap: str, portfolio: Portfolio, amounts: dict[str, int]
     return len(amounts)
 
 
-async def run_meters(portfolio_path: Path, portfolio: Portfolio, bootstrap: str, seconds: float, speed: float,
-                     watch: CommandWatch, partitions: int, services: Services) -> dict[str, Any]:
+async def run_meters(portfolio_path: Path, portfolio: Portfolio, opening: dict[str, int], bootstrap: str,
+                     seconds: float, speed: float, watch: CommandWatch, partitions: int,
+                     services: Services) -> dict[str, Any]:
     from collectors.run import run_collector
     from collectors.sim_portfolio import mall_simulator
 
@@ -140,7 +144,6 @@ async def run_meters(portfolio_path: Path, portfolio: Portfolio, bootstrap: str,
     collector = asyncio.create_task(run_collector(
         portfolio_path, mall_id, stop, bootstrap=bootstrap, clock=sim.now_ms, poll_interval_s=1.0,
         spool_dir=DEMO_DIR / "spool", stats=stats, progress=False))
-    opening = {m.id: m.opening_balance_minor for m in portfolio.malls[0].merchants if m.opening_balance_minor > 0}
     publish_topups(bootstrap, portfolio, opening, start_ms, "opening", partitions)
     say(f"paid in opening balances for {len(opening)} merchants; simulating at {speed:g}x real time")
     t0 = time.monotonic()
@@ -202,6 +205,35 @@ def print_summary(stats: dict[str, Any]) -> None:
           f"  logs: {DEMO_DIR}/*.log", flush=True)
 
 
+def export_bills(portfolio_path: Path) -> None:
+    """Statements and the ERP export of the first simulated day, if it has closed."""
+    from pipelines.bills.export import main as bills_main
+
+    out = DEMO_DIR / "bills"
+    common = ["--config", str(portfolio_path), "--path", str(DEMO_DIR / "chdb")]
+    print(f"\n-- bills for {BILL_DAY}", flush=True)
+    written = io.StringIO()
+    with contextlib.redirect_stdout(written):
+        failed = bills_main([*common, "export", "--day", BILL_DAY, "--format", "csv", "--format", "json",
+                             "--html", "--out", str(out)])
+    if failed:
+        print(written.getvalue(), end="", flush=True)
+        print("  (no bills: see the reason above; the day closes after ~70 s of the default demo)", flush=True)
+        return
+    first = parse_portfolio_file(portfolio_path).malls[0].merchants[0].id
+    print(f"  statement of {first}:", flush=True)
+    bills_main([*common, "statement", "--account", first, "--day", BILL_DAY])
+    files = [line for line in written.getvalue().splitlines() if line.strip()]
+    print(f"  {len(files)} files (ERP documents and lines as CSV and JSON, one HTML statement per merchant, "
+          f"the export register) in {out}", flush=True)
+
+
+def parse_portfolio_file(path: Path) -> Portfolio:
+    from pipelines.portfolio import load_portfolio
+
+    return load_portfolio(path)
+
+
 def wait_for_sink(published: int, timeout: float = 60.0) -> None:
     """Wait until the warehouse's reading count stops growing (or the timeout)."""
     from infra import warehouse
@@ -231,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("DEMO_SECONDS", 120)),
                         help="how long the meters run, in real seconds (env DEMO_SECONDS; default 120)")
     parser.add_argument("--stalls", type=int, default=24, help="merchants in the simulated mall (default 24)")
-    parser.add_argument("--speed", type=float, default=300.0,
-                        help="simulated seconds per real second (default 300: 10 h of trading in 2 min)")
+    parser.add_argument("--speed", type=float, default=600.0,
+                        help="simulated seconds per real second (default 600: 20 h of trading in 2 min, "
+                        "so the first day closes and its bills are exported)")
     args = parser.parse_args(argv)
 
     # SIGTERM unwinds like Ctrl-C, so the cleanup below always stops what was started
@@ -242,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     partitions = T.default_partitions()
     portfolio_path = DEMO_DIR / "portfolio.yaml"
     data = generate(1, args.stalls, seed=11, base_port=15120, low_balance_share=0.3)
+    # the opening balances are paid in as top-ups (ledger entries), not carried in the config
+    opening = {}
+    for merchant in data["malls"][0]["merchants"]:
+        opening[merchant["id"]] = merchant.pop("opening_balance_minor", 0)
     dump_portfolio(data, portfolio_path)
     portfolio = parse_portfolio(data)
     say(f"portfolio: 1 mall, {args.stalls} merchants, {len(portfolio.malls[0].meters)} meters -> {portfolio_path}")
@@ -266,12 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         watch.start()
         time.sleep(3.0)
         services.check()
-        stats = asyncio.run(run_meters(portfolio_path, portfolio, bootstrap, args.seconds, args.speed, watch,
+        stats = asyncio.run(run_meters(portfolio_path, portfolio, opening, bootstrap, args.seconds, args.speed, watch,
                                        partitions, services))
         say("meters stopped; waiting for the pipeline to drain into the warehouse...")
         time.sleep(5.0)
         wait_for_sink(int(stats.get("readings", 0)))
         print_summary(stats)
+        export_bills(portfolio_path)
         return 0
     except Exception as exc:
         say(f"failed: {exc}")

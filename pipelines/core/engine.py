@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipelines.core import cols
+from pipelines.core.cols import take, take_list
 from pipelines.core.context import RatingContext
-from pipelines.core.fastpath import charges, fast_path
+from pipelines.core.fastpath import Charges, charges, fast_path
 from pipelines.core.interval import (
     INTERVAL_SCHEMA,
     REJECT_SCHEMA,
@@ -106,11 +108,15 @@ class BatchOutputs:
     rejected_payments: pl.DataFrame  # PAYMENT_REJECT_SCHEMA
 
 
+PAYMENT_SCHEMA: dict[str, Any] = {
+    "payment_id": pl.String, "account_id": pl.String, "ts_ms": pl.Int64, "amount_minor": pl.Int64,
+    "kind": pl.String, "reverses_payment_id": pl.String}
+
+
 def payments_frame(payments: pl.DataFrame | list[dict[str, Any]] | None) -> pl.DataFrame:
-    schema = {"payment_id": pl.String, "account_id": pl.String, "ts_ms": pl.Int64, "amount_minor": pl.Int64,
-              "kind": pl.String, "reverses_payment_id": pl.String}
+    schema = PAYMENT_SCHEMA
     if payments is None or len(payments) == 0:
-        return pl.DataFrame(schema=schema)
+        return cols.empty(schema)
     df = payments if isinstance(payments, pl.DataFrame) else pl.DataFrame(payments, infer_schema_length=None)
     if "reverses_payment_id" not in df.columns:
         df = df.with_columns(reverses_payment_id=pl.lit(None, pl.String))
@@ -146,7 +152,7 @@ def _process_batch(
     circuits, intervals, rej_r, cidx = interval_arrays(
         state.circuits, readings, lk.cindex, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
     aidx = lk.circ_acc[cidx]
-    intervals = intervals.with_columns(account_id=lk.account_series.gather(aidx))
+    intervals = intervals.hstack([take(lk.account_series, aidx, lk.account_ids)])
     t1 = time.perf_counter()
     accounts = dict(state.accounts)
     counters = {a: s.tiers for a, s in accounts.items()}
@@ -154,9 +160,10 @@ def _process_batch(
     rated, counters = r.frame, r.counters
     t2 = time.perf_counter()
     pay = payments_frame(payments)
-    ch = charges(r) if not rated.is_empty() else None
+    pay_rows = pay.rows(named=True) if pay.height else []
+    ch = charges(r, lk) if not rated.is_empty() else None
 
-    pay_accts = set(pay["account_id"].to_list())
+    pay_accts = {p["account_id"] for p in pay_rows}
     touched = pay_accts | ({lk.account_ids[x] for x in np.unique(ch.aidx).tolist()} if ch is not None else set())
     for a in touched:
         if a not in ctx.accounts:
@@ -172,42 +179,48 @@ def _process_batch(
     if ch is not None:
         fast_ids, fast_ledger, fast_rank = fast_path(ch, accounts, pay_accts, ctx, lk, LEDGER_SCHEMA)
     slow_ids = sorted(touched - fast_ids)
-    ch_by = ch.frame.filter(pl.col("account_id").is_in(slow_ids)).partition_by("account_id", as_dict=True) \
-        if ch is not None and slow_ids else {}
-    pay_by = pay.partition_by("account_id", as_dict=True)
+    ch_by = _charges_by_account(ch, slow_ids, lk) if ch is not None and slow_ids else {}
+    pay_by: dict[str, list[dict[str, Any]]] = {}
+    for p in pay_rows:
+        pay_by.setdefault(p["account_id"], []).append(p)
     for a in slow_ids:
         if a not in ctx.accounts:
-            for p in pay_by[(a,)].iter_rows(named=True):
+            for p in pay_by[a]:
                 out.rejected.append({**{k: p[k] for k in PAYMENT_REJECT_SCHEMA if k in p}, "reason": "unknown_account"})
             continue
-        _slow_path(accounts[a], ch_by.get((a,)), pay_by.get((a,)), ctx, out)
+        _slow_path(accounts[a], ch_by.get(a, []), pay_by.get(a, []), ctx, out)
 
-    ledger = _ordered_ledger(fast_ledger, fast_rank, pl.DataFrame(out.ledger, schema=LEDGER_SCHEMA), lk)
+    ledger = _ordered_ledger(fast_ledger, fast_rank, out.ledger, lk)
     outputs = BatchOutputs(
         intervals=intervals, rated=rated, ledger=ledger, alerts=_alerts(out.alerts),
-        commands=pl.DataFrame(out.commands, schema=COMMAND_SCHEMA),
-        rejected_readings=rej_r.cast(REJECT_SCHEMA),
-        rejected_payments=pl.DataFrame(out.rejected, schema=PAYMENT_REJECT_SCHEMA))
+        commands=cols.frame_from_rows(COMMAND_SCHEMA, out.commands),
+        rejected_readings=rej_r if rej_r.schema == REJECT_SCHEMA else rej_r.cast(REJECT_SCHEMA),
+        rejected_payments=cols.frame_from_rows(PAYMENT_REJECT_SCHEMA, out.rejected))
     if timings is not None:
         timings.update(interval=t1 - t0, tariff=t2 - t1, wallet=time.perf_counter() - t2)
     return CoreState(circuits, accounts), outputs
 
 
-def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow: pl.DataFrame, lk: Lookup
+def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow_rows: list[dict[str, Any]], lk: Lookup
                    ) -> pl.DataFrame:
     """Ledger ordered by (account_id, ts_ms), stable. ``fast`` is already in that order and shares
-    no account with ``slow``, so slow accounts' blocks are spliced in whole (no row gather)."""
-    slow = slow.sort(["account_id", "ts_ms"], maintain_order=True)
+    no account with the slow rows, so slow accounts' blocks are spliced in whole (no row gather)."""
+    slow_rows = sorted(slow_rows, key=lambda r: (r["account_id"], r["ts_ms"]))  # stable, like polars
+    slow = cols.frame_from_rows(LEDGER_SCHEMA, slow_rows)
     if fast is None or fast.is_empty():
         return slow
     if slow.is_empty():
         return fast
-    ids, counts = np.unique(slow["account_id"].to_numpy(), return_counts=True)  # sorted, like the frame
+    counts: dict[str, int] = {}
+    for r in slow_rows:
+        counts[r["account_id"]] = counts.get(r["account_id"], 0) + 1
     pieces, f0, s0 = [], 0, 0
-    for aid, k in zip(ids.tolist(), counts.tolist(), strict=True):
+    fast_ids: np.ndarray | None = None
+    for aid, k in counts.items():  # sorted, like the frame
         r = lk.account_rank.get(aid)
-        cut = int(np.searchsorted(fast_rank, r)) if r is not None else \
-            int(np.searchsorted(fast["account_id"].to_numpy(), aid))
+        if r is None and fast_ids is None:
+            fast_ids = fast["account_id"].to_numpy()
+        cut = int(np.searchsorted(fast_rank, r)) if r is not None else int(np.searchsorted(fast_ids, aid))
         pieces += [fast[f0:cut], slow[s0:s0 + k]]
         f0, s0 = cut, s0 + k
     pieces.append(fast[f0:])
@@ -215,22 +228,34 @@ def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow: pl.D
 
 
 def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
-    return pl.DataFrame([{**r, "details": json.dumps(r["details"], sort_keys=True)} for r in rows],
-                        schema=ALERT_SCHEMA)
+    return cols.frame_from_rows(ALERT_SCHEMA, [{**r, "details": json.dumps(r["details"], sort_keys=True)}
+                                               for r in rows])
 
 
-def _slow_path(s: AccountState, ch: pl.DataFrame | None, pay: pl.DataFrame | None, ctx: RatingContext,
+CHARGE_FIELDS = ("end_ms", "amount_n", "entry_id", "circuit_id", "meter_id", "start_ms", "energy_wh", "period",
+                 "tier", "price_u", "estimated")  # Charge's fields, in order
+
+
+def _charges_by_account(ch: Charges, slow_ids: list[str], lk: Lookup) -> dict[str, list[Charge]]:
+    """The charges of the per-event accounts, in charge order, as Charge objects."""
+    ranks = np.array([lk.account_rank[a] for a in slow_ids if a in lk.account_rank], dtype=np.int64)
+    rows = np.flatnonzero(np.isin(ch.aidx, ranks))
+    if rows.size == 0:
+        return {}
+    values = [take_list(ch.frame.get_column(c), rows) for c in CHARGE_FIELDS]
+    out: dict[str, list[Charge]] = {}
+    for x, r in zip(ch.aidx[rows].tolist(), zip(*values, strict=True), strict=True):
+        out.setdefault(lk.account_ids[x], []).append(Charge(*r))
+    return out
+
+
+def _slow_path(s: AccountState, chs: list[Charge], pay: list[dict[str, Any]], ctx: RatingContext,
                out: WalletOut) -> None:
     rating = ctx.accounts[s.account_id]
     mall = ctx.malls[rating.mall_id]
     w = Wallet(s, rating, ctx.tariffs[rating.tariff_id], mall.tz, frozenset(mall.holidays), out)
-    events: list[tuple[int, int, str, Any]] = []
-    if ch is not None:
-        cols = ch.select("end_ms", "amount_n", "entry_id", "circuit_id", "meter_id", "start_ms", "energy_wh",
-                         "period", "tier", "price_u", "estimated").get_columns()
-        for r in zip(*(c.to_list() for c in cols), strict=True):
-            events.append((r[0], 1, r[2], Charge(*r)))
-    for r in (pay.iter_rows(named=True) if pay is not None else ()):
+    events: list[tuple[int, int, str, Any]] = [(c.ts_ms, 1, c.entry_id, c) for c in chs]
+    for r in pay:
         events.append((r["ts_ms"], 0, r["payment_id"], Payment(
             r["payment_id"], r["ts_ms"], r["amount_minor"], r["kind"], r["reverses_payment_id"])))
     for _, kind, _, ev in sorted(events, key=lambda e: (e[0], e[1], e[2])):

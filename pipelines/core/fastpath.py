@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipelines.core import cols
+from pipelines.core.cols import take
 from pipelines.core.context import RatingContext
 from pipelines.core.localtime import EPOCH_ORDINAL, day_iso, iso_day
 from pipelines.core.lookup import Lookup
@@ -43,7 +45,7 @@ class Charges:
     amount_n: np.ndarray
 
 
-def charges(r: Rated) -> Charges:
+def charges(r: Rated, lk: Lookup) -> Charges:
     rated = r.frame
     if r.src.size > 1 and (r.src[1:] == r.src[:-1]).any():
         # Some interval has several rated rows: merge those with the same (period, tier, price).
@@ -56,12 +58,20 @@ def charges(r: Rated) -> Charges:
         frame = g.drop("aidx", "end_day")
         end_ms, amount = frame["end_ms"].to_numpy(), frame["amount_n"].to_numpy()
     else:  # one row per interval (the common case): the rated rows are the charges, in order
-        frame = rated.drop("month")
+        frame = pl.DataFrame([c for c in rated.get_columns() if c.name != "month"])
         aidx, end_day, end_ms, amount = r.aidx, r.end_day, r.end_ms, r.amount_n
-    # (period, tier, price) is unique within an interval; price only differs on a version change.
-    frame = frame.with_columns(entry_id=pl.format(
-        "{}:chg:{}:{}:{}:{}:{}", "account_id", "circuit_id", "end_ms", "period", "tier", "price_u"))
-    return Charges(frame, aidx, end_day, end_ms, amount)
+    return Charges(frame.hstack([entry_ids(frame)]), aidx, end_day, end_ms, amount)
+
+
+def entry_ids(frame: pl.DataFrame) -> pl.Series:
+    """``A:chg:<circuit>:<end_ms>:<period>:<tier>:<price>`` per charge row. (period, tier, price)
+    is unique within an interval; price only differs on a version change."""
+    keys = ("account_id", "circuit_id", "end_ms", "period", "tier", "price_u")
+    if frame.height <= cols.SMALL:
+        v = [frame.get_column(k).to_list() for k in keys]
+        return pl.Series("entry_id", [f"{a}:chg:{c}:{e}:{p}:{t}:{u}" for a, c, e, p, t, u in zip(*v, strict=True)],
+                         dtype=pl.String)
+    return frame.select(entry_id=pl.format("{}:chg:{}:{}:{}:{}:{}", *keys)).to_series()
 
 
 def threshold(s: AccountState, ctx: RatingContext) -> int | None:
@@ -153,17 +163,19 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
         return fast, None, np.zeros(0, dtype=np.int64)
     mask = fast_seg[seg] & (amount_minor != 0)
     keep = np.flatnonzero(mask)
-    f = ch.frame if keep.size == n else ch.frame.filter(pl.Series(mask))
-    price = f["price_u"].to_numpy()
-    uniq, inv = np.unique(price, return_inverse=True)
-    rate = pl.DataFrame({"p": uniq}).select((pl.col("p").cast(pl.Decimal(38, 6)) / PRICE_SCALE)
-                                            .cast(pl.String).str.replace(r"\.?0+$", ""))["p"].gather(inv)
-    led = f.select(
-        "entry_id", "account_id", mall_id=lk.mall_series.gather(a[keep]), kind=pl.lit("charge"),
-        amount_minor=pl.Series(amount_minor[keep]), balance_after_minor=pl.Series(balance[keep]),
-        ts_ms="end_ms", source_id="entry_id", meter_id="meter_id", circuit_id="circuit_id",
-        interval_start_ms="start_ms", energy_wh="energy_wh", tou_period="period", tier="tier", rate=rate,
-        estimated="estimated").cast(schema)
+    f = ch.frame
+
+    def col(name: str) -> pl.Series:
+        return f.get_column(name) if keep.size == n else take(f.get_column(name), keep)
+
+    entry = col("entry_id")
+    led = cols.frame(schema, {
+        "entry_id": entry, "account_id": col("account_id"), "mall_id": take(lk.mall_series, a[keep], lk.acc_mall_id),
+        "kind": cols.repeat("kind", "charge", keep.size, pl.String), "amount_minor": amount_minor[keep],
+        "balance_after_minor": balance[keep], "ts_ms": end[keep], "source_id": entry, "meter_id": col("meter_id"),
+        "circuit_id": col("circuit_id"), "interval_start_ms": col("start_ms"), "energy_wh": col("energy_wh"),
+        "tou_period": col("period"), "tier": col("tier"), "rate": _rates(f.get_column("price_u").to_numpy()[keep], lk),
+        "estimated": col("estimated")})
     rank = a[keep]
     st = _standing_rows(standing, fast_seg, starts, a, bal0, prev, lk, schema)
     if st.is_empty():
@@ -174,6 +186,19 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
     ts = np.r_[st["ts_ms"].to_numpy(), end[keep]]
     order = np.lexsort((ts, all_rank))  # stable: standing rows (first) win ties
     return fast, pl.concat([st, led])[order], all_rank[order]
+
+
+def _rates(price: np.ndarray, lk: Lookup) -> pl.Series:
+    """Ledger ``rate`` text of each price (exact decimal, no trailing zeros), cached per price."""
+    uniq, inv = np.unique(price, return_inverse=True)
+    known = lk.rate_strs
+    miss = [p for p in uniq.tolist() if p not in known]
+    if miss:
+        txt = pl.DataFrame({"p": miss}, schema={"p": pl.Int64}).select(
+            (pl.col("p").cast(pl.Decimal(38, 6)) / PRICE_SCALE).cast(pl.String).str.replace(r"\.?0+$", ""))["p"]
+        known.update(zip(miss, txt.to_list(), strict=True))
+    names = pl.Series("rate", [known[p] for p in uniq.tolist()], dtype=pl.String)
+    return take(names, inv.ravel(), [known[p] for p in uniq.tolist()])
 
 
 def _standing_rows(standing: list[tuple[int, int, int, int, str]], fast_seg: np.ndarray, starts: np.ndarray,
@@ -190,4 +215,4 @@ def _standing_rows(standing: list[tuple[int, int, int, int, str]], fast_seg: np.
                      "kind": "standing_charge", "amount_minor": -fee,
                      "balance_after_minor": int(bal0[i] - prev[p] - run[i]), "ts_ms": day_start, "source_id": iso,
                      "estimated": False})
-    return pl.DataFrame(rows, schema=schema)
+    return cols.frame_from_rows(schema, rows)

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipelines.core import cols
+from pipelines.core.cols import take
 from pipelines.core.models import CircuitConfig
 
 SPIKE_REBASELINE = 3
@@ -100,7 +102,7 @@ def limit_wh(max_w: int, elapsed_ms: int, res_wh: int) -> int:
 
 
 def _empty(schema: dict[str, Any]) -> pl.DataFrame:
-    return pl.DataFrame(schema=schema)
+    return cols.empty(schema)
 
 
 class CircuitIndex:
@@ -144,10 +146,92 @@ def _copy(s: CircuitState) -> CircuitState:
                         s.billed_wh, list(s.pending))
 
 
+class _Meters:
+    """The batch's meter ids: a Python list up to ``cols.SMALL`` rows (no polars call per use),
+    else a polars Series. Codes: equal ids <=> equal codes; ranks: dense, in id order."""
+
+    def __init__(self, s: pl.Series | None, values: list[str] | None = None) -> None:
+        if values is None and s is not None and s.len() <= cols.SMALL:
+            values = s.to_list()
+        self.s, self.v = (None, values) if values is not None else (s, None)
+
+    def prepend(self, head: list[str]) -> _Meters:
+        if self.v is not None:
+            return _Meters(None, head + self.v)
+        assert self.s is not None
+        return _Meters(pl.concat([pl.Series("meter_id", head, dtype=pl.String), self.s]))
+
+    def codes(self) -> np.ndarray:
+        if self.v is not None:
+            seen: dict[str, int] = {}
+            return np.array([seen.setdefault(m, len(seen)) for m in self.v], dtype=np.int64)
+        assert self.s is not None
+        return self.s.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+
+    def ranks(self) -> np.ndarray:
+        if self.v is not None:
+            rank = {m: i for i, m in enumerate(sorted(set(self.v)))}
+            return np.array([rank[m] for m in self.v], dtype=np.int64)
+        assert self.s is not None
+        return self.s.rank("dense").to_numpy().astype(np.int64)
+
+    def code_of(self, mcode: np.ndarray) -> dict[str, int]:
+        if self.v is not None:
+            return dict(zip(self.v, mcode.tolist(), strict=True))
+        uniq = pl.DataFrame({"m": self.s, "c": mcode}).unique("m")
+        return dict(zip(uniq["m"].to_list(), uniq["c"].to_list(), strict=True))
+
+    def take(self, idx: np.ndarray) -> _Meters:
+        if self.v is not None:
+            return _Meters(None, [self.v[i] for i in idx.tolist()])
+        assert self.s is not None
+        return _Meters(self.s[idx])
+
+    def list(self, idx: np.ndarray) -> list[str]:
+        if self.v is not None:
+            return [self.v[i] for i in idx.tolist()]
+        assert self.s is not None
+        return self.s[idx].to_list()
+
+    def series(self, idx: np.ndarray) -> pl.Series:
+        if self.v is not None:
+            return pl.Series("meter_id", [self.v[i] for i in idx.tolist()], dtype=pl.String)
+        assert self.s is not None
+        return self.s[idx]
+
+    def __getitem__(self, i: int) -> str:
+        return self.v[i] if self.v is not None else self.s[i]  # type: ignore[index]
+
+
+def _reading_columns(readings: pl.DataFrame) -> tuple[pl.Series, _Meters, np.ndarray, np.ndarray, np.ndarray]:
+    """(circuit ids, meter ids, ts_ms, import_kwh, invalid mask) without a polars expression."""
+    got = {k: readings.get_column(k) for k in READING_SCHEMA}
+    got = {k: s if s.dtype == READING_SCHEMA[k] else s.cast(READING_SCHEMA[k]) for k, s in got.items()}
+    circ, meter, ts_s, kwh_s = got.values()
+    kwh = kwh_s.to_numpy()  # nulls become NaN
+    with np.errstate(invalid="ignore"):
+        bad = np.isnan(kwh) | (kwh < 0) | np.isinf(kwh)
+    for s in (ts_s, circ, meter):
+        if s.null_count():
+            bad |= s.is_null().to_numpy()
+    ts = ts_s.fill_null(0).to_numpy() if ts_s.null_count() else ts_s.to_numpy()
+    return circ, _Meters(meter), ts, kwh, bad
+
+
+def _circuit_codes(circ: pl.Series, ix: CircuitIndex) -> np.ndarray:
+    """Circuit rank of each row, -1 for unknown (or null) circuits."""
+    if circ.len() <= cols.SMALL:
+        rank = ix.rank
+        return np.array([rank.get(c, -1) for c in circ.to_list()], dtype=np.int64)  # type: ignore[arg-type]
+    p = circ.cast(ix.enum, strict=False).to_physical()
+    if p.null_count():
+        return p.cast(pl.Int64).fill_null(-1).to_numpy()
+    return p.to_numpy().astype(np.int64)
+
+
 def _rej(circ: pl.Series, meter: pl.Series, ts: np.ndarray, kwh: np.ndarray, reason: str) -> pl.DataFrame:
-    return pl.DataFrame({"circuit_id": circ, "meter_id": meter, "ts_ms": ts, "import_kwh": kwh,
-                         "reason": pl.Series([reason]).gather(np.zeros(ts.size, dtype=np.int64))},
-                        schema=REJECT_SCHEMA)
+    return cols.frame(REJECT_SCHEMA, {"circuit_id": circ, "meter_id": meter, "ts_ms": ts, "import_kwh": kwh,
+                                      "reason": cols.repeat("reason", reason, ts.size, pl.String)})
 
 
 def interval_arrays(
@@ -156,22 +240,18 @@ def interval_arrays(
 ) -> tuple[dict[str, CircuitState], pl.DataFrame, pl.DataFrame, np.ndarray]:
     """`compute_intervals` plus the circuit rank of each interval row (for the engine)."""
     new_states = dict(states)
-    df = readings.select(list(READING_SCHEMA)).cast(READING_SCHEMA)
-    cat = df["circuit_id"].cast(ix.enum, strict=False)
-    chk = df.select(bad=pl.col("import_kwh").is_null() | pl.col("import_kwh").is_nan() | (pl.col("import_kwh") < 0)
-                    | pl.col("import_kwh").is_infinite() | pl.col("ts_ms").is_null() | pl.col("circuit_id").is_null()
-                    | pl.col("meter_id").is_null(), known=cat.is_not_null())
-    bad, known = chk["bad"].to_numpy(), chk["known"].to_numpy()
+    circ_s, meters, ts, kwh, bad = _reading_columns(readings)
+    cidx = _circuit_codes(circ_s, ix)
+    known = cidx >= 0
     rejects: list[pl.DataFrame] = []
     if bad.any() or not known.all():
+        df = readings.select(list(READING_SCHEMA)).cast(READING_SCHEMA)
         rejects += [df.filter(pl.Series(bad)).with_columns(reason=pl.lit("invalid")),
                     df.filter(pl.Series(~bad & ~known)).with_columns(reason=pl.lit("unknown_circuit"))]
-        keep = pl.Series(~bad & known)
-        df, cat = df.filter(keep), cat.filter(keep)
-    reg = df.select((pl.col("import_kwh") * 1000).round(0).cast(pl.Int64))["import_kwh"].to_numpy()
-    cidx = cat.to_physical().to_numpy().astype(np.int64)
-    ts, kwh = df["ts_ms"].to_numpy(), df["import_kwh"].to_numpy()
-    meters = df["meter_id"]
+        keep = np.flatnonzero(~bad & known)
+        meters, ts, kwh, cidx = meters.take(keep), ts[keep], kwh[keep], cidx[keep]
+    reg = np.rint(kwh * 1000).astype(np.int64)  # == polars round(0): half to even
+    ts = ts.astype(np.int64, copy=False)
 
     present = np.unique(cidx)
     if flush:
@@ -187,11 +267,11 @@ def interval_arrays(
         ts = np.concatenate([np.array([p[0] for _, p in pend], dtype=np.int64), ts])
         reg = np.concatenate([p_reg, reg])
         kwh = np.concatenate([p_reg / 1000, kwh])
-        meters = pl.concat([pl.Series("meter_id", [p[1] for _, p in pend], dtype=pl.String), meters])
+        meters = meters.prepend([p[1] for _, p in pend])
     if cidx.size == 0:
         return new_states, _empty(INTERVAL_SCHEMA), _concat_rejects(rejects), np.zeros(0, dtype=np.int64)
     src = np.r_[np.zeros(n_p, dtype=np.int64), np.ones(cidx.size - n_p, dtype=np.int64)]
-    mcode = meters.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+    mcode = meters.codes()
 
     # Order by (circuit, ts); ties (duplicates) by every column, so the winner ignores arrival order.
     order = None if lex_sorted((cidx, ts)) else np.lexsort((ts, cidx))
@@ -199,7 +279,7 @@ def interval_arrays(
         cidx, ts = cidx[order], ts[order]
     same = (cidx[1:] == cidx[:-1]) & (ts[1:] == ts[:-1])
     if same.any():
-        mrank = meters.rank("dense").to_numpy().astype(np.int64)
+        mrank = meters.ranks()
         o2 = np.lexsort((reg, mrank, src, ts, cidx)) if order is None else \
             np.lexsort((reg[order], mrank[order], src[order], ts, cidx))
         order = o2 if order is None else order[o2]
@@ -207,7 +287,7 @@ def interval_arrays(
         same = (cidx[1:] == cidx[:-1]) & (ts[1:] == ts[:-1])
     if order is not None:
         reg, kwh, src, mcode = reg[order], kwh[order], src[order], mcode[order]
-        meters = meters.gather(order)
+        meters = meters.take(order)
     dup = np.r_[False, same]
     row = np.arange(cidx.size)
 
@@ -230,7 +310,7 @@ def interval_arrays(
     def rows(mask: np.ndarray, reason: str) -> None:
         if mask.any():
             i = row[mask]
-            rejects.append(_rej(ix.id_series.gather(cidx[i]), meters.gather(i), ts[i], kwh[i], reason))
+            rejects.append(_rej(take(ix.id_series, cidx[i], ix.ids), meters.series(i), ts[i], kwh[i], reason))
 
     rows(dup & (src == 1), "duplicate")
     t = pos[cidx]
@@ -250,7 +330,7 @@ def interval_arrays(
 
     held_by: dict[int, list[tuple[int, str, int]]] = {}
     hi = row[held]
-    for ti, hts, hm, hr in zip(t[hi].tolist(), ts[hi].tolist(), meters.gather(hi).to_list(), reg[hi].tolist(),
+    for ti, hts, hm, hr in zip(t[hi].tolist(), ts[hi].tolist(), meters.list(hi), reg[hi].tolist(),
                                strict=True):
         held_by.setdefault(ti, []).append((hts, hm, hr))
     alive_c = np.zeros(k, dtype=bool)
@@ -282,15 +362,14 @@ def _concat_rejects(rejects: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat([r.select(list(REJECT_SCHEMA)).cast(REJECT_SCHEMA) for r in rejects])
 
 
-def _meter_codes(meters: pl.Series, mcode: np.ndarray, last_meter: list[str | None]) -> np.ndarray:
+def _meter_codes(meters: _Meters, mcode: np.ndarray, last_meter: list[str | None]) -> np.ndarray:
     """Codes of the state's last meters in the batch's meter coding (-1: not in the batch / None)."""
-    uniq = pl.DataFrame({"m": meters, "c": mcode}).unique("m")
-    code = dict(zip(uniq["m"].to_list(), uniq["c"].to_list(), strict=True))
+    code = meters.code_of(mcode)
     return np.array([code.get(m, -1) if m is not None else -2 for m in last_meter], dtype=np.int64)
 
 
 def _released(
-    rel: np.ndarray, cidx: np.ndarray, ts: np.ndarray, reg: np.ndarray, mcode: np.ndarray, meters: pl.Series,
+    rel: np.ndarray, cidx: np.ndarray, ts: np.ndarray, reg: np.ndarray, mcode: np.ndarray, meters: _Meters,
     t: np.ndarray, has_last: np.ndarray, last_ts: np.ndarray, last_reg: np.ndarray, lm_code: np.ndarray,
     streak: np.ndarray, last_meter: list[str | None], ix: CircuitIndex, gap_ms: int, touched: list[str],
 ) -> tuple[pl.DataFrame, np.ndarray, list[pl.DataFrame], dict[int, int], dict[int, tuple[int, int, int, str]]]:
@@ -323,12 +402,12 @@ def _released(
         wh = np.zeros(len(touched), dtype=np.int64)
         np.add.at(wh, ti[fi], delta[fi])
         for x, e, rg, mm in zip(ti[last_rows].tolist(), tt[last_rows].tolist(), r[last_rows].tolist(),
-                                meters.gather(rel[last_rows]).to_list(), strict=True):
+                                meters.list(rel[last_rows]), strict=True):
             ends[x] = (e, int(wh[x]), rg, mm)
-    frame = pl.DataFrame({
-        "circuit_id": ix.id_series.gather(c[fi]), "meter_id": meters.gather(rel[fi]), "start_ms": prev_ts[fi],
-        "end_ms": tt[fi], "energy_wh": delta[fi], "estimated": (tt[fi] - prev_ts[fi]) > gap_ms,
-        "flag": pl.Series([""]).gather(np.zeros(fi.size, dtype=np.int64))}, schema=INTERVAL_SCHEMA)
+    frame = cols.frame(INTERVAL_SCHEMA, {
+        "circuit_id": take(ix.id_series, c[fi], ix.ids), "meter_id": meters.series(rel[fi]),
+        "start_ms": prev_ts[fi], "end_ms": tt[fi], "energy_wh": delta[fi], "estimated": (tt[fi] - prev_ts[fi]) > gap_ms,
+        "flag": cols.repeat("flag", "", fi.size, pl.String)})
     iv_c = c[fi]
     rej: list[pl.DataFrame] = []
     if slow.any():
@@ -338,7 +417,7 @@ def _released(
             idx = np.flatnonzero(seg == sg)
             x = int(ti[idx[0]])
             cid = touched[x]
-            st_rows = list(zip(tt[idx].tolist(), meters.gather(rel[idx]).to_list(), r[idx].tolist(), strict=True))
+            st_rows = list(zip(tt[idx].tolist(), meters.list(rel[idx]), r[idx].tolist(), strict=True))
             base = (int(last_ts[x]), int(last_reg[x])) if has_last[x] else (None, None)
             n0 = len(out_rows)
             streaks[x] = _sequential(cid, base[0], base[1], last_meter[x], int(streak[x]), st_rows, ix.limits[c[idx[0]]],

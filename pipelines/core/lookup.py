@@ -16,12 +16,13 @@ import polars as pl
 
 from pipelines.core.context import RatingContext
 from pipelines.core.interval import CircuitIndex
-from pipelines.core.localtime import EPOCH_ORDINAL
-from pipelines.core.models import Period
+from pipelines.core.localtime import EPOCH_ORDINAL, SlotFields, slot_fields
+from pipelines.core.models import GRID_MS, Period
 
 PERIOD_NAMES = [p.value for p in Period]
 VERSION_SHIFT = 43  # epoch ms < 2**43 until the year 2248
 CELLS = 2 * 12 * 24  # (daytype, month, hour) cells of one version
+DAY_MS = 86_400_000
 
 
 @dataclass
@@ -88,6 +89,24 @@ class Lookup:
         self.period = np.concatenate(periods) if periods else np.zeros(0, dtype=np.int64)
         self.price = np.concatenate(prices) if prices else np.zeros(0, dtype=np.int64)
         self.period_names = pl.Series("period", PERIOD_NAMES, dtype=pl.String)
+        self._slots: dict[str, SlotFields] = {}
+        self.rate_strs: dict[int, str] = {}  # price_u -> ledger "rate" text (see fastpath)
+
+    def slot_fields(self, mall: int, lo_ms: int, hi_ms: int) -> SlotFields | None:
+        """`localtime.slot_fields` of a mall's zone, cached per zone: the stream asks for a few
+        slots per call, so a miss converts a window of a day back and five weeks ahead. Fields
+        are per slot, so a cached window gives exactly what a fresh conversion would."""
+        tz = self.mall_tz[mall]
+        hit = self._slots.get(tz)
+        first, last = lo_ms // GRID_MS, hi_ms // GRID_MS
+        if hit is not None and hit.first <= first and last < hit.first + hit.month.size:
+            return hit
+        f = slot_fields(tz, lo_ms - DAY_MS, hi_ms + 35 * DAY_MS) if hi_ms - lo_ms <= 2 * DAY_MS else None
+        if f is None:
+            f = slot_fields(tz, lo_ms, hi_ms)
+        if f is not None:
+            self._slots[tz] = f
+        return f
 
 
 def lookup(ctx: RatingContext) -> Lookup:

@@ -25,10 +25,11 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import polars as pl
 
+from pipelines.core import cols
+from pipelines.core.cols import take
 from pipelines.core.context import RatingContext
 from pipelines.core.interval import lex_sorted
-from pipelines.core.localtime import slot_fields
-from pipelines.core.lookup import CELLS, VERSION_SHIFT, Lookup, lookup
+from pipelines.core.lookup import CELLS, PERIOD_NAMES, VERSION_SHIFT, Lookup, lookup
 from pipelines.core.models import (
     GRID_MS,
     PERIOD_CODES,
@@ -122,7 +123,7 @@ def rate(
     """
     lk = lookup(ctx)
     if intervals.is_empty():
-        return pl.DataFrame(schema=RATED_SCHEMA), dict(counters)
+        return cols.empty(RATED_SCHEMA), dict(counters)
     aidx = intervals["account_id"].cast(pl.Enum(lk.account_ids)).to_physical().to_numpy().astype(np.int64)
     cidx = intervals["circuit_id"].cast(lk.circuit_enum).to_physical().to_numpy().astype(np.int64)
     r = rate_arrays(intervals, aidx, cidx, ctx, counters)
@@ -196,20 +197,20 @@ def rate_arrays(
     if order is not None:
         sel, tier, e_sel, price, amount = sel[order], tier[order], e_sel[order], price[order], amount[order]
     a_s = a[sel]
-    strings = iv.select("circuit_id", "meter_id", "estimated")[src[sel]]
-    frame = pl.DataFrame({
-        "account_id": lk.account_series.gather(a_s), "circuit_id": strings["circuit_id"],
-        "meter_id": strings["meter_id"], "start_ms": start[rep][sel], "end_ms": end_p[sel],
-        "piece_ms": piece_ms[sel], "period": lk.period_names.gather(period[sel]),
+    rows = src[sel]
+    frame = cols.frame(RATED_SCHEMA, {
+        "account_id": take(lk.account_series, a_s, lk.account_ids), "circuit_id": take(iv["circuit_id"], rows),
+        "meter_id": take(iv["meter_id"], rows), "start_ms": start[rep][sel], "end_ms": end_p[sel],
+        "piece_ms": piece_ms[sel], "period": take(lk.period_names, period[sel], PERIOD_NAMES),
         "tier": tier.astype(np.int32), "price_u": price, "energy_wh": e_sel, "amount_n": amount,
-        "estimated": strings["estimated"], "month": yyyymm[sel].astype(np.int32),
-    }, schema=RATED_SCHEMA)
+        "estimated": iv["estimated"].to_numpy()[rows], "month": yyyymm[sel].astype(np.int32),
+    })
     return Rated(frame, out, a_s, end_day[sel], end_p[sel], amount, src[sel])
 
 
 def _empty_rated(out: dict[str, TierCounter]) -> Rated:
     z = np.zeros(0, dtype=np.int64)
-    return Rated(pl.DataFrame(schema=RATED_SCHEMA), out, z, z, z, z, z)
+    return Rated(cols.empty(RATED_SCHEMA), out, z, z, z, z, z)
 
 
 def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.ndarray
@@ -222,7 +223,7 @@ def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.nd
         m = slice(None) if zones.size == 1 else tz_of_row == z
         p, e = piece_ms[m], end_ms[m]
         tz = lk.mall_tz[z]
-        f = slot_fields(tz, int(p.min()), int(e.max()))
+        f = lk.slot_fields(z, int(p.min()), int(e.max()))
         if f is not None:
             i, j = f.index(p), f.index(e)
             vals = (f.month[i], f.hour[i], f.wday[i], f.day[i], f.yyyymm[i], f.day[j])

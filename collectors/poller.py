@@ -12,6 +12,7 @@ Counter anomalies are flagged, never hidden or corrected: billing decides what t
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import logging
 import math
@@ -20,8 +21,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from collectors.decode import counter_wrap
-from collectors.link import GatewayLink, LinkError
-from collectors.plan import ReadBlock, decode_block, plan_profile, single_reads
+from collectors.link import TABLE_FC, GatewayLink, LinkError
+from collectors.plan import BlockCodec, ReadBlock, compile_blocks, plan_profile, single_reads
 from collectors.profile import NON_NEGATIVE, FieldDef, Profile, load_profile
 from collectors.spec import DeviceSpec
 
@@ -77,6 +78,7 @@ class PollerConfig:
     merge: bool = True  # False: one request per field (diagnostics, tests)
     pause_between_s: float = 0.0  # quiet time between requests (slow RS-485 converters)
     queue_size: int = 10_000
+    client: str = "lean"  # "lean" (collectors.link) | "pymodbus" (for comparison)
 
 
 @dataclass(eq=False)
@@ -87,10 +89,38 @@ class DeviceState:
     next_due: float = 0.0
     down: bool = False
     backoff_s: float = 0.0
-    previous: dict[tuple[str, str], float] = field(default_factory=dict)
     drawing_alarm: bool = False
     polls_ok: int = 0
     polls_failed: int = 0
+    # compiled once per device (add_device): the hot path only indexes flat lists
+    codecs: list[BlockCodec] = field(default_factory=list)
+    fields: tuple[FieldDef, ...] = ()  # flat value order: blocks' fields concatenated
+    names: tuple[str, ...] = ()
+    cids: tuple[str, ...] = ()  # circuit id of each flat value
+    groups: tuple[tuple[str, tuple[int, ...], tuple[str, ...]], ...] = ()
+    main_cid: str = ""
+    counter_idx: tuple[int, ...] = ()
+    nonneg_idx: tuple[int, ...] = ()
+    previous: list[float] = field(default_factory=list)  # last good value per counter
+    relay_fc: int = 0  # 0: no relay
+    relay_addr: int = 0
+
+    def compile(self) -> None:
+        self.codecs = compile_blocks(self.blocks)
+        self.fields = tuple(f for c in self.codecs for f in c.block.fields)
+        self.names = tuple(f.name for f in self.fields)
+        self.cids = tuple(self.spec.circuit_id(f.circuit) for f in self.fields)
+        order = list(dict.fromkeys(self.cids))
+        self.groups = tuple(
+            (cid, idx, tuple(self.names[i] for i in idx))
+            for cid in order for idx in [tuple(i for i, c in enumerate(self.cids) if c == cid)])
+        self.main_cid = self.spec.circuit_id(self.profile.circuits[0])
+        self.counter_idx = tuple(i for i, f in enumerate(self.fields) if f.is_counter)
+        self.nonneg_idx = tuple(i for i, f in enumerate(self.fields) if f.name in NON_NEGATIVE)
+        self.previous = [math.nan] * len(self.counter_idx)
+        r = self.profile.relay
+        if r is not None:
+            self.relay_fc, self.relay_addr = TABLE_FC[r.table], r.address
 
 
 class Poller:
@@ -123,10 +153,17 @@ class Poller:
         profile = load_profile(spec.profile)
         blocks = plan_profile(profile) if self.config.merge else single_reads(profile.fields)
         st = DeviceState(spec, profile, blocks)
+        st.compile()
         key = spec.gateway_key
         if key not in self.links:
             name = spec.gateway_name
-            self.links[key] = GatewayLink(
+            link_cls = GatewayLink
+            if self.config.client == "pymodbus":
+                from collectors.link_pymodbus import PymodbusLink
+                link_cls = PymodbusLink
+            elif self.config.client != "lean":
+                raise ValueError(f"unknown Modbus client {self.config.client!r}")
+            self.links[key] = link_cls(
                 spec.host, spec.port, name, timeout_s=self.config.timeout_s,
                 reconnect_min_s=self.config.reconnect_min_s,
                 reconnect_max_s=self.config.reconnect_max_s,
@@ -171,23 +208,30 @@ class Poller:
             self._queues.remove(q)
 
     # --- one poll ------------------------------------------------------------------
-    async def _request(self, link: GatewayLink, st: DeviceState, op: str, address: int,
-                       count: int) -> tuple[list, int]:
-        attempts = 1 if st.down else 1 + self.config.retries
-        last: LinkError | None = None
-        for i in range(attempts):
-            if i:
-                await asyncio.sleep(self.config.retry_backoff_s * (2 ** (i - 1)))
+    async def _read(self, link: GatewayLink, st: DeviceState, fc: int, address: int,
+                    count: int) -> tuple[bytes, int]:
+        try:  # the common case first: one attempt, no retry bookkeeping
+            data = await link.read(fc, st.spec.unit_id, address, count)
+        except LinkError as exc:
+            if exc.gateway or st.down or not self.config.retries:
+                raise  # retrying a dead gateway per device only delays the rest
+            last = exc
+        else:
+            if self.config.pause_between_s:
+                await asyncio.sleep(self.config.pause_between_s)
+            return data, 1
+        for i in range(1, 1 + self.config.retries):
+            await asyncio.sleep(self.config.retry_backoff_s * (2 ** (i - 1)))
             try:
-                out = await link.request(op, st.spec.unit_id, address, count)
-                if self.config.pause_between_s:
-                    await asyncio.sleep(self.config.pause_between_s)
-                return out, i + 1
+                data = await link.read(fc, st.spec.unit_id, address, count)
             except LinkError as exc:
                 last = exc
                 if exc.gateway:
-                    break  # retrying a dead gateway per device only delays the rest
-        assert last is not None
+                    break
+                continue
+            if self.config.pause_between_s:
+                await asyncio.sleep(self.config.pause_between_s)
+            return data, i + 1
         raise last
 
     async def poll_device(self, st: DeviceState) -> PollResult | None:
@@ -196,20 +240,20 @@ class Poller:
         loop = asyncio.get_running_loop()
         ts_ms = self.clock()
         t0 = loop.time()
-        values: dict[FieldDef, float] = {}
+        values: list[float] = []
         requests = 0
         relay = UNKNOWN
         try:
-            for b in st.blocks:
-                words, n = await self._request(link, st, f"read_{b.table}", b.address, b.count)
+            for c in st.codecs:
+                data, n = await self._read(link, st, c.fc, c.address, c.count)
                 requests += n
-                values.update(decode_block(b, words))
-            r = st.profile.relay
-            if r is not None:
-                op = "read_coil" if r.table == "coil" else "read_holding"
-                raw, n = await self._request(link, st, op, r.address, 1)
+                values += c.decode(data)
+            if st.relay_fc:
+                data, n = await self._read(link, st, st.relay_fc, st.relay_addr, 1)
                 requests += n
-                v = int(raw[0])
+                v = data[0] & 1 if st.relay_fc == 1 else (data[0] << 8) | data[1]
+                r = st.profile.relay
+                assert r is not None
                 relay = CLOSED if v == r.closed else OPEN if v == r.open else UNKNOWN
         except LinkError as exc:
             self._mark_failed(st, str(exc))
@@ -219,10 +263,11 @@ class Poller:
         if st.down:
             self._emit(PollEvent("device_up", ts_ms, link.name, st.spec.meter_id,
                                  f"answered after {st.polls_failed} failed polls"))
-        st.down = False
-        st.backoff_s = 0.0
+            st.down = False
+            st.backoff_s = 0.0
         st.polls_ok += 1
-        self._check_drawing(st, result, link.name)
+        if relay == OPEN or st.drawing_alarm:
+            self._check_drawing(st, result, link.name)
         self._publish(result)
         return result
 
@@ -238,39 +283,55 @@ class Poller:
             st.backoff_s = min(st.backoff_s * 2, self.config.down_backoff_max_s)
         st.next_due = now + st.backoff_s
 
-    def _build(self, st: DeviceState, ts_ms: int, values: dict[FieldDef, float], relay: str,
+    def _build(self, st: DeviceState, ts_ms: int, values: list[float], relay: str,
                latency: float, requests: int) -> PollResult:
-        circuits: dict[str, dict[str, float]] = {}
+        if len(st.groups) == 1:
+            circuits = {st.main_cid: dict(zip(st.names, values, strict=True))}
+        else:
+            circuits = {cid: {n: values[i] for i, n in zip(idx, names, strict=True)}
+                        for cid, idx, names in st.groups}
         flags: list[Flag] = []
-        for f, v in values.items():
-            cid = st.spec.circuit_id(f.circuit)
-            circuits.setdefault(cid, {})[f.name] = v
-            if math.isnan(v) or math.isinf(v):
-                flags.append(Flag("nan_register", f.name, cid, repr(v)))
-                continue
-            if v < 0 and f.name in NON_NEGATIVE:
-                flags.append(Flag("negative_register", f.name, cid, repr(v)))
-                continue
-            if not f.is_counter:
-                continue
-            key = (f.circuit, f.name)
-            prev = st.previous.get(key)
-            if prev is not None and v < prev:
-                flags.append(Flag("counter_decreased", f.name, cid, f"{prev!r} -> {v!r}"))
-                wrap = counter_wrap(f.type, f.scale, f.wrap)
-                # through the wrap, the implied delta is small: a rollover, not a reset
-                if wrap is not None and (wrap - prev) + v < 0.01 * wrap:
-                    flags.append(Flag("rollover_suspected", f.name, cid,
-                                      f"wrap at {wrap!r}, delta {(wrap - prev) + v:.4f}"))
-                else:
-                    flags.append(Flag("reset_suspected", f.name, cid, f"{prev!r} -> {v!r}"))
-            st.previous[key] = v
+        total = sum(values)
+        # NaN/inf anywhere makes the sum NaN/inf; a negative needs a look at the minimum
+        bad = total - total != 0 or (st.nonneg_idx and min(
+            values[i] for i in st.nonneg_idx) < 0)
+        skip: set[int] = set()
+        if bad:
+            nonneg = set(st.nonneg_idx)
+            for i, v in enumerate(values):
+                if math.isnan(v) or math.isinf(v):
+                    flags.append(Flag("nan_register", st.names[i], st.cids[i], repr(v)))
+                    skip.add(i)
+                elif v < 0 and i in nonneg:
+                    flags.append(Flag("negative_register", st.names[i], st.cids[i], repr(v)))
+                    skip.add(i)
+        prev = st.previous
+        for j, i in enumerate(st.counter_idx):
+            v = values[i]
+            if i in skip:
+                continue  # garbage never becomes the baseline
+            p = prev[j]
+            prev[j] = v
+            if v < p:  # False while p is NaN (no baseline yet)
+                self._counter_flags(st, i, p, v, flags)
         if latency > self.config.slow_response_s:
-            flags.append(Flag("slow_response", "", st.spec.circuit_id("main"),
-                              f"{latency:.3f}s"))
-        main = circuits.get(st.spec.circuit_id(st.profile.circuits[0]), {})
-        return PollResult(st.spec.meter_id, st.spec.gateway_name, ts_ms, main, circuits,
-                          relay, flags, latency * 1000.0, requests)
+            flags.append(Flag("slow_response", "", st.main_cid, f"{latency:.3f}s"))
+        return PollResult(st.spec.meter_id, st.spec.gateway_name, ts_ms,
+                          circuits.get(st.main_cid, {}), circuits, relay, flags,
+                          latency * 1000.0, requests)
+
+    @staticmethod
+    def _counter_flags(st: DeviceState, i: int, prev: float, v: float,
+                       flags: list[Flag]) -> None:
+        f, name, cid = st.fields[i], st.names[i], st.cids[i]
+        flags.append(Flag("counter_decreased", name, cid, f"{prev!r} -> {v!r}"))
+        wrap = counter_wrap(f.type, f.scale, f.wrap)
+        # through the wrap, the implied delta is small: a rollover, not a reset
+        if wrap is not None and (wrap - prev) + v < 0.01 * wrap:
+            flags.append(Flag("rollover_suspected", name, cid,
+                              f"wrap at {wrap!r}, delta {(wrap - prev) + v:.4f}"))
+        else:
+            flags.append(Flag("reset_suspected", name, cid, f"{prev!r} -> {v!r}"))
 
     def _check_drawing(self, st: DeviceState, result: PollResult, gateway: str) -> None:
         from collectors.relay import tripped_but_drawing
@@ -285,19 +346,22 @@ class Poller:
         loop = asyncio.get_running_loop()
         devices = self._by_link[key]
         start = loop.time()
+        heap: list[tuple[float, int, DeviceState]] = []
         for i, st in enumerate(devices):  # spread the first polls over one interval
             st.next_due = start + st.spec.interval_s * i / len(devices)
+            heap.append((st.next_due, i, st))
+        heapq.heapify(heap)
         while not self._stopping:
-            st = min(devices, key=lambda d: d.next_due)
-            wait = st.next_due - loop.time()
+            due, i, st = heap[0]
+            wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
-            due = st.next_due
             ok = await self.poll_device(st) is not None
             if ok:
                 # keep the cadence; if we fell behind, poll again as soon as possible
                 st.next_due = max(due + st.spec.interval_s, loop.time())
+            heapq.heapreplace(heap, (st.next_due, i, st))
 
     def start(self) -> None:
         if self._tasks:

@@ -73,7 +73,7 @@ class Synthetic:
     days: int
     step_s: int
     anomalies: Anomalies = field(default_factory=Anomalies)
-    tz_offset_h: int = 8
+    noise: float = 0.1  # power varies uniformly by +-noise around the shape; 0 for exact sums
 
 
 def build_synthetic(malls: int, stalls: int, days: int, step_s: int = 900, *, seed: int = 11,
@@ -132,8 +132,7 @@ def reading_days(syn: Synthetic) -> Iterator[tuple[int, pl.DataFrame]]:
         local_hour = (np.arange(polls) * syn.step_s // 3600 + 0) % 24  # local day starts at 0
         is_open = (local_hour >= OPEN_HOUR) & (local_hour < CLOSE_HOUR)
         power = np.where(is_open[None, :], kw_open[:, None], kw_closed[:, None])  # kW, n x polls
-        noise = rng.uniform(0.9, 1.1, (n, polls))
-        power = power * noise
+        power = power * rng.uniform(1 - syn.noise, 1 + syn.noise, (n, polls))
         if a.night_draw is not None:
             i = index[a.night_draw]
             power[i, ~is_open] = kw_open[i]

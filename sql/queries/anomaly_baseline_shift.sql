@@ -36,7 +36,7 @@ FROM
                                  kwh, local_days)))
             / greatest(dateDiff('day', {from_day:Date}, {to_day:Date}) + 1 - {recent_days:UInt16}, 1)
             AS baseline
-    FROM mallwatt.circuit_hours(tz = {tz:String}, from_day = {from_day:Date},
+    FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
                                 to_day = {to_day:Date}, mall_id = {mall_id:String})
     WHERE throwIf(dateDiff('day', {from_day:Date}, {to_day:Date}) + 1 <= {recent_days:UInt16},
                   'the range must be longer than recent_days') = 0

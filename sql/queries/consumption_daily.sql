@@ -1,5 +1,5 @@
 -- Purpose: metered energy per local day by mall, area, business type or circuit purpose.
---   Register differences from the circuit_daily rollup (view circuit_hours): no raw reads.
+--   Register differences from the circuit_daily rollup (view circuit_days): no raw reads.
 -- Param: tz String = Asia/Shanghai | zone of the local days (whole-hour offsets)
 -- Param: from_day Date | first local day
 -- Param: to_day Date | last local day (inclusive)
@@ -16,7 +16,7 @@
 WITH per_circuit AS
 (
     SELECT mall_id, account_id, circuit_id, sumMap(local_days, kwh) AS by_day
-    FROM mallwatt.circuit_hours(tz = {tz:String}, from_day = {from_day:Date},
+    FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
                                 to_day = {to_day:Date}, mall_id = {mall_id:String})
     GROUP BY mall_id, account_id, circuit_id
 )

@@ -34,7 +34,7 @@ FROM
 LEFT JOIN
 (
     SELECT account_id, sum(arraySum(kwh)) AS account_kwh
-    FROM mallwatt.circuit_hours(tz = {tz:String}, from_day = {from_day:Date},
+    FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
                                 to_day = {to_day:Date}, mall_id = {mall_id:String})
     GROUP BY account_id
 ) AS e ON e.account_id = a.account_id

@@ -25,7 +25,7 @@ SELECT
 FROM
 (
     SELECT mall_id, account_id, circuit_id, sum(arraySum(kwh)) AS circuit_kwh
-    FROM mallwatt.circuit_hours(tz = {tz:String}, from_day = {from_day:Date},
+    FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
                                 to_day = {to_day:Date}, mall_id = {mall_id:String})
     GROUP BY mall_id, account_id, circuit_id
 ) AS e

@@ -32,7 +32,7 @@ FROM
         sum(arraySum(arrayFilter((x, d) -> d >= {from_day:Date}, kwh, local_days))) AS now_kwh,
         sum(arraySum(arrayFilter((x, d) -> d < {from_day:Date}, kwh, local_days))) AS prev_kwh,
         rank() OVER (ORDER BY now_kwh DESC) AS rank_now
-    FROM mallwatt.circuit_hours(
+    FROM mallwatt.circuit_days(
         tz = {tz:String},
         from_day = {from_day:Date} - (dateDiff('day', {from_day:Date}, {to_day:Date}) + 1),
         to_day = {to_day:Date}, mall_id = {mall_id:String})

@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 
@@ -40,13 +41,15 @@ def close_to(got: float, want: float, scale: float) -> bool:
     return math.isclose(got, want, rel_tol=2e-6, abs_tol=abs(scale) * 0.51 + 1e-9)
 
 
-def test_every_profile_decodes_to_the_simulated_values() -> None:
+@pytest.mark.parametrize("client", ["lean", "pymodbus"])
+def test_every_profile_decodes_to_the_simulated_values(client: str) -> None:
     async def body() -> None:
         sim = one_of_each(speed=0)
         await sim.start(drive=False)
         sim.advance(1800)  # half an hour of load so every value is non-trivial
         try:
-            poller = Poller(sim.device_specs(), config=FAST, clock=sim.now_ms)
+            poller = Poller(sim.device_specs(), config=replace(FAST, client=client),
+                            clock=sim.now_ms)
             results = await poller.poll_all_once()
             assert all(results), poller.stats()
             for r in results:
@@ -267,6 +270,32 @@ def test_slow_device_is_flagged_and_still_read() -> None:
             assert slow.requests >= 2  # 0.15 s per request, several requests per poll
             assert any(f.kind == "slow_response" for f in slow.flags)
             assert not any(f.kind == "slow_response" for f in got["M-acrel_adl400"].flags)
+            await poller.stop()
+        finally:
+            await sim.stop()
+    run(body)
+
+
+def test_a_late_answer_is_not_taken_for_the_next_request() -> None:
+    """A device answering after its timeout: the late frame (old transaction id) must be
+    dropped, not decoded as the next device's registers, and the connection survives."""
+    async def body() -> None:
+        sim = one_of_each(speed=0)
+        await sim.start(drive=False)
+        sim.advance(900)
+        try:
+            apply_fault(sim, "slow:M-eastron_sdm120:0.5")
+            cfg = PollerConfig(timeout_s=0.3, retries=0, down_backoff_s=60.0)
+            poller = Poller(sim.device_specs(), config=cfg, clock=sim.now_ms)
+            got = {r.meter_id: r for r in await poller.poll_all_once() if r}
+            assert "M-eastron_sdm120" not in got  # timed out
+            link = next(iter(poller.links.values()))
+            for mid, r in got.items():
+                truth = sim.meters[mid].values()
+                for f in sim.meters[mid].profile.fields:
+                    assert close_to(r.values[f.name], truth[f.name], f.scale), (mid, f.name)
+            assert link._proto is not None and link._proto.stale >= 1
+            assert link.up is True
             await poller.stop()
         finally:
             await sim.stop()

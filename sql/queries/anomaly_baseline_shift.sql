@@ -3,7 +3,7 @@
 --   by at least a factor (up: a new load or a fault; down: a meter or circuit gone quiet).
 -- Param: tz String = Asia/Shanghai | zone of the local days (whole-hour offsets)
 -- Param: from_day Date | first local day of the baseline
--- Param: to_day Date | last local day (inclusive); the recent window ends here
+-- Param: to_day Date | last local day (inclusive); the recent window ends here (no rows unless the range is longer than recent_days)
 -- Param: mall_id String = | one mall, or empty for every mall
 -- Param: recent_days UInt16 = 3 | length of the recent window (days)
 -- Param: factor Float64 = 2.0 | flag when recent/baseline >= factor or <= 1/factor
@@ -38,8 +38,8 @@ FROM
             AS baseline
     FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
                                 to_day = {to_day:Date}, mall_id = {mall_id:String})
-    WHERE throwIf(dateDiff('day', {from_day:Date}, {to_day:Date}) + 1 <= {recent_days:UInt16},
-                  'the range must be longer than recent_days') = 0
+    -- a range not longer than the recent window has no baseline: no rows
+    WHERE dateDiff('day', {from_day:Date}, {to_day:Date}) + 1 > {recent_days:UInt16}
     GROUP BY mall_id, account_id
 ) AS e
 LEFT JOIN (SELECT account_id, name FROM mallwatt.dim_accounts FINAL) AS a

@@ -152,7 +152,7 @@ def _process_batch(
     circuits, intervals, rej_r, cidx = interval_arrays(
         state.circuits, readings, lk.cindex, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
     aidx = lk.circ_acc[cidx]
-    intervals = intervals.hstack([take(lk.account_series, aidx, lk.account_ids)])
+    intervals = cols.hstack(intervals, [take(lk.account_series, aidx, lk.account_ids)])
     t1 = time.perf_counter()
     accounts = dict(state.accounts)
     counters = {a: s.tiers for a, s in accounts.items()}
@@ -224,7 +224,7 @@ def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow_rows:
         pieces += [fast[f0:cut], slow[s0:s0 + k]]
         f0, s0 = cut, s0 + k
     pieces.append(fast[f0:])
-    return pl.concat([p for p in pieces if p.height])
+    return cols.vconcat([p for p in pieces if p.height])
 
 
 def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:

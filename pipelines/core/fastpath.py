@@ -60,7 +60,7 @@ def charges(r: Rated, lk: Lookup) -> Charges:
     else:  # one row per interval (the common case): the rated rows are the charges, in order
         frame = pl.DataFrame([c for c in rated.get_columns() if c.name != "month"])
         aidx, end_day, end_ms, amount = r.aidx, r.end_day, r.end_ms, r.amount_n
-    return Charges(frame.hstack([entry_ids(frame)]), aidx, end_day, end_ms, amount)
+    return Charges(cols.hstack(frame, [entry_ids(frame)]), aidx, end_day, end_ms, amount)
 
 
 def entry_ids(frame: pl.DataFrame) -> pl.Series:

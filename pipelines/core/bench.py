@@ -2,6 +2,7 @@
 
     python -m pipelines.core.bench [--json] [--circuits 1000] [--readings 100] [--batches 4]
                                    [--step-min 15] [--compare] [--low-share 0.02]
+    python -m pipelines.core.bench --small [--steps 100]   # per-message cost in the stream
 
 Batch shape: ``circuits`` circuits (one account each, one mall in Asia/Shanghai) x ``readings``
 register readings per circuit at ``step-min`` steps (one batch = readings * step minutes of
@@ -13,6 +14,8 @@ rest take the vectorised fast path. Times are best-of the batches after the firs
 ``--compare`` also runs the frozen pre-optimisation core (`pipelines.core.legacy`) on the same
 batches in the same process, checks that both give identical outputs and state, and reports
 the speed-up as a ratio (the machine is shared: compare within one run, not across runs).
+
+``--small`` measures the other regime, the stream's per-message cost: see `bench_small`.
 """
 
 from __future__ import annotations
@@ -109,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-min", type=int, default=15)
     ap.add_argument("--low-share", type=float, default=0.02)
     ap.add_argument("--compare", action="store_true", help="also run the pre-optimisation core, same batches")
+    ap.add_argument("--small", action="store_true", help="per-message cost of process_batch + process_load")
+    ap.add_argument("--steps", type=int, default=100, help="--small: messages (time steps) timed")
     a = ap.parse_args(argv)
+    if a.small:
+        from pipelines.core.bench_small import run_small
+        print(json.dumps(run_small(steps=a.steps)))
+        return 0
     bs, top = batches(a), topups(a.circuits, a.low_share)
     n = a.circuits * a.readings
     times, splits, outs, state = run(engine._process_batch, engine.CoreState(), bs, top, portfolio(a.circuits), True)

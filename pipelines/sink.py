@@ -314,9 +314,18 @@ def run_sink(
     serve: bool = True,
     consumer_config: dict[str, Any] | None = None,
     topic_prefix: str = "",
+    portfolio: Any = None,
 ) -> SinkStats:
-    """Run until `stop_event` is set; owns the warehouse (and its endpoint) meanwhile."""
+    """Run until `stop_event` is set; owns the warehouse (and its endpoint) meanwhile.
+
+    `portfolio` (pipelines.portfolio.Portfolio): load the analytics dimension tables from
+    it first (idempotent; infra.warehouse_dims).
+    """
     with warehouse.open_owner(chdb_path, serve=serve) as owner:
+        if portfolio is not None:
+            from infra.warehouse_dims import load_dimensions
+
+            log.info("dimensions loaded: %s", load_dimensions(owner.client, portfolio))
         sink = Sink(
             owner.client,
             bootstrap or default_bootstrap(),
@@ -353,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=50_000, help="rows per table per insert")
     parser.add_argument("--max-delay", type=float, default=1.0, help="seconds a row may wait")
     parser.add_argument("--no-serve", action="store_true", help="do not serve the query endpoint")
+    parser.add_argument("--config", help="portfolio YAML: load the analytics dimensions at start")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -369,8 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         max_rows=args.max_rows,
         max_delay=args.max_delay,
         serve=not args.no_serve,
+        portfolio=_load_config(args.config) if args.config else None,
     )
     return 0
+
+
+def _load_config(path: str) -> Any:
+    from pipelines.portfolio import load_portfolio
+
+    return load_portfolio(path)
 
 
 if __name__ == "__main__":

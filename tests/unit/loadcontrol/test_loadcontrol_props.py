@@ -70,3 +70,34 @@ def test_the_generator_reaches_every_rule() -> None:
     state, alerts, commands, _ = run(rows, [3, 7])
     assert {c["action"] for c in commands} == {"TRIP", "RECONNECT"}
     assert {a["kind"] for a in alerts} >= {"overload", "banned_appliance", "reconnect"}
+
+
+any_reading = st.tuples(  # arbitrary floats: both passes must do the same floating-point operations
+    st.sampled_from(sorted(CIRCUITS)),
+    st.integers(0, 20_000),
+    st.one_of(st.none(), st.floats(0, 8000), st.sampled_from([0.0, 1200.5, 2600.0, 6000.0])),
+    st.one_of(st.none(), st.floats(0, 1), st.sampled_from([0.96, 1.0])),
+    st.sampled_from([0, 0, 0, 1, 2]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(any_reading, min_size=1, max_size=60), st.lists(st.integers(0, 60), max_size=6))
+def test_small_batch_pass_equals_polars_pass(steps: list[tuple[Any, ...]], cuts: list[int]) -> None:
+    """Small batches run a plain-Python pass; it must match the polars pass exactly."""
+    import pipelines.loadcontrol as lc
+
+    ts = 1_700_000_000_000
+    rows = []
+    for circuit, gap, power, pf, relay in steps:
+        ts += gap
+        rows.append((circuit, f"m-{circuit}", CIRCUITS[circuit], ts, power, pf, relay))
+    cuts = [c for c in cuts if c <= len(rows)]
+    small = run(rows, cuts)
+    saved = lc.SMALL
+    lc.SMALL = -1  # every batch through the polars pass
+    try:
+        big = run(rows, cuts)
+    finally:
+        lc.SMALL = saved
+    assert small == big

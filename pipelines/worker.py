@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -35,6 +36,7 @@ from schemas.readings import batch_to_frame
 log = logging.getLogger("mallwatt.worker")
 
 APP_ID = os.environ.get("MALLWATT_APP_ID", "mallwatt-billing")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 TABLE_NAME = "buckets"
 
 
@@ -44,6 +46,8 @@ def changelog_topic(app_id: str = APP_ID) -> str:
 
 def build_app(config_path: str, *, bootstrap: str | None = None, store: str | None = None) -> faust.App:
     partitions = T.default_partitions()
+    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID)))
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         APP_ID,
         broker=f"kafka://{bootstrap or bootstrap_servers()}",
@@ -55,6 +59,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         consumer_auto_offset_reset=os.environ.get("MALLWATT_OFFSET_RESET", "earliest"),
         broker_commit_interval=1.0,
         web_enabled=False,
+        # faust keeps table files here even with the memory store; never in the working directory
+        datadir=str(datadir),
         producer_linger=0.0,
         stream_wait_empty=False,
         # a worker killed without goodbye holds its partitions until this expires

@@ -33,7 +33,7 @@ from schemas import codec, readings
 from schemas.keys import account_shard, shard_key
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = ROOT / "var" / "bench"
+BENCH_DIR = ROOT / "var" / "bench-pipeline"
 PORT = 19292
 T0 = 1_784_044_800_000  # 2026-07-15 00:00 +08:00
 STEP = 900_000

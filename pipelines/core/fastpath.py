@@ -93,8 +93,8 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
     (account_id, ts_ms) order, the account rank of each ledger row)."""
     a, end = ch.aidx, ch.end_ms
     n = a.size
-    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
-    ends = np.r_[starts[1:], n]
+    starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
+    ends = np.append(starts[1:], n)
     seg = np.repeat(np.arange(starts.size), ends - starts)
     tie = np.zeros(starts.size, dtype=bool)
     tie[seg[1:][(a[1:] == a[:-1]) & (end[1:] == end[:-1])]] = True
@@ -144,7 +144,7 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
     within = cs - (cs[starts] - ch.amount_n[starts])[seg]
     posted = (acc0[seg] + within) // AMOUNT_SCALE
     accn = (acc0[seg] + within) % AMOUNT_SCALE
-    prev = np.r_[0, posted[:-1]]
+    prev = np.concatenate(([0], posted[:-1]))
     prev[starts] = 0
     amount_minor = prev - posted
     fcs = np.cumsum(fee_add)
@@ -182,8 +182,8 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
         return fast, led, rank
     # Standing charges go before the charges of their account at the same or a later time.
     st_rank = np.array([lk.account_rank[x] for x in st["account_id"].to_list()], dtype=np.int64)
-    all_rank = np.r_[st_rank, rank]
-    ts = np.r_[st["ts_ms"].to_numpy(), end[keep]]
+    all_rank = np.concatenate((st_rank, rank))
+    ts = np.concatenate((st["ts_ms"].to_numpy(), end[keep]))
     order = np.lexsort((ts, all_rank))  # stable: standing rows (first) win ties
     return fast, pl.concat([st, led])[order], all_rank[order]
 

@@ -270,7 +270,7 @@ def interval_arrays(
         meters = meters.prepend([p[1] for _, p in pend])
     if cidx.size == 0:
         return new_states, _empty(INTERVAL_SCHEMA), _concat_rejects(rejects), np.zeros(0, dtype=np.int64)
-    src = np.r_[np.zeros(n_p, dtype=np.int64), np.ones(cidx.size - n_p, dtype=np.int64)]
+    src = (np.arange(cidx.size) >= n_p).astype(np.int64)  # 0: pending from state, 1: this batch
     mcode = meters.codes()
 
     # Order by (circuit, ts); ties (duplicates) by every column, so the winner ignores arrival order.
@@ -288,7 +288,7 @@ def interval_arrays(
     if order is not None:
         reg, kwh, src, mcode = reg[order], kwh[order], src[order], mcode[order]
         meters = meters.take(order)
-    dup = np.r_[False, same]
+    dup = np.concatenate(([False], same))
     row = np.arange(cidx.size)
 
     # State per touched circuit, gathered by rank.
@@ -380,8 +380,8 @@ def _released(
     if rel.size == 0:
         return _empty(INTERVAL_SCHEMA), z, [], {}, {}
     c, tt, r, m, ti = cidx[rel], ts[rel], reg[rel], mcode[rel], t[rel]
-    head = np.r_[True, c[1:] != c[:-1]]
-    prev_ts, prev_reg, prev_m = np.r_[0, tt[:-1]], np.r_[0, r[:-1]], np.r_[0, m[:-1]]
+    head = np.concatenate(([True], c[1:] != c[:-1]))
+    prev_ts, prev_reg, prev_m = (np.concatenate(([0], x[:-1])) for x in (tt, r, m))
     prev_ts[head], prev_reg[head], prev_m[head] = last_ts[ti[head]], last_reg[ti[head]], lm_code[ti[head]]
     has_prev = ~head | has_last[ti]
     delta = r - prev_reg
@@ -397,7 +397,7 @@ def _released(
     streaks = {int(x): 0 for x in ti[head].tolist()}
     ends: dict[int, tuple[int, int, int, str]] = {}
     # Fast circuits: the last released row ends the last interval.
-    last_rows = np.flatnonzero(np.r_[c[1:] != c[:-1], True] & ~slow & has_prev)
+    last_rows = np.flatnonzero(np.append(c[1:] != c[:-1], True) & ~slow & has_prev)
     if last_rows.size:
         wh = np.zeros(len(touched), dtype=np.int64)
         np.add.at(wh, ti[fi], delta[fi])
@@ -430,7 +430,7 @@ def _released(
         if out_rows:
             sf = pl.DataFrame(out_rows, schema=INTERVAL_SCHEMA, orient="row")
             frame = pl.concat([frame, sf])
-            iv_c = np.r_[iv_c, sf["circuit_id"].cast(ix.enum).to_physical().to_numpy().astype(np.int64)]
+            iv_c = np.concatenate([iv_c, sf["circuit_id"].cast(ix.enum).to_physical().to_numpy().astype(np.int64)])
             o = np.lexsort((frame["end_ms"].to_numpy(), iv_c))
             frame, iv_c = frame[o], iv_c[o]
         if rej_rows:

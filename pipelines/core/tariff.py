@@ -217,7 +217,7 @@ def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.nd
                   ) -> tuple[np.ndarray, ...]:
     """Local month, hour, weekday, day of each piece and local day of its interval end."""
     tz_of_row = lk.acc_mall[a]
-    zones = np.unique(tz_of_row)
+    zones = tz_of_row[:1] if (tz_of_row == tz_of_row[0]).all() else np.unique(tz_of_row)
     res = [np.empty(a.size, dtype=np.int64) for _ in range(6)]
     for z in zones:
         m = slice(None) if zones.size == 1 else tz_of_row == z

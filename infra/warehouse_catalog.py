@@ -340,7 +340,8 @@ def markdown_table(specs: list[QuerySpec] | None = None) -> str:
             f"`{p.name}`" + ("" if p.default is None else f" ({p.default or 'empty'})")
             for p in spec.params
         )
-        rows.append(f"| `{spec.name}` | {spec.purpose} | {params} | {', '.join(spec.sources)} |")
+        short = spec.purpose.split(". ")[0].rstrip(".")
+        rows.append(f"| `{spec.name}` | {short} | {params} | {', '.join(spec.sources)} |")
     return "\n".join(rows)
 
 

@@ -7,24 +7,42 @@ poller's GatewayLink: the write and the read-back wait for the same bus lock as 
 polls, so the RS-485 line never sees two requests at once and no second connection is
 opened. Gateways execute in parallel, one command at a time each, in topic order.
 
-The outcome is spooled (durable) before the command's offset is committed: a crash in
-between re-executes the command, which is harmless because a relay write is idempotent
-in effect and the repeated outcome carries the same command_id.
+The outcome is spooled (durable) before the command's offset is committed, and the
+command id is then appended to a command log in the spool folder (`commands.jsonl`). A
+restart loads the log, so a redelivered command is neither executed nor published again:
+each command id gets one outcome on Kafka. Only a crash between the spool write and the
+log append (microseconds) re-executes a command; that is harmless because a relay write
+is idempotent in effect and the repeated outcome carries the same command_id.
+
+Commands older than `max_age_s` (by `issued_at_ms` against the collector clock) are not
+executed: a trip queued during a long outage may no longer be wanted. They get a FAILED
+outcome ("expired"), so the issuer learns about it instead of waiting.
+
+A consumer group with no committed offsets (a new collector id) starts `lookback_s`
+before now (by message timestamp), not at the end of the topic: a command produced
+while the new collector was starting would otherwise be skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from collectors.mapping import CollectorPlan
+from collectors.poller import UNKNOWN
 from collectors.publish import ReadingPublisher
-from collectors.relay import RelayController, RelayOutcome
+from collectors.relay import FAILED, RelayController, RelayOutcome
 from infra import topics as T
 from schemas import codec
 from schemas.codec import DecodeError
@@ -40,43 +58,144 @@ def outcome_record(o: RelayOutcome, mall_id: str, gateway_id: str) -> dict[str, 
             "detail": detail}
 
 
+class CommandLog:
+    """Executed command ids and their outcomes, one JSON line each, fsync'd per append.
+
+    Keeps the last `remember` entries: when the file holds twice that many it is
+    rewritten (tmp file, fsync, rename) with the newest `remember`.
+    """
+
+    def __init__(self, path: str | Path, remember: int = 10_000) -> None:
+        self.path = Path(path)
+        self.remember = remember
+        self.entries: OrderedDict[str, RelayOutcome] = OrderedDict()
+        self._lines = 0
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    o = RelayOutcome(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue  # a torn last line from a crash mid-append
+                self.entries[o.command_id] = o
+                self.entries.move_to_end(o.command_id)
+                self._lines += 1
+        while len(self.entries) > remember:
+            self.entries.popitem(last=False)
+
+    def append(self, outcome: RelayOutcome) -> None:
+        o = RelayOutcome(**{**asdict(outcome), "duplicate": False})
+        self.entries[o.command_id] = o
+        self.entries.move_to_end(o.command_id)
+        while len(self.entries) > self.remember:
+            self.entries.popitem(last=False)
+        if self._lines >= 2 * self.remember:
+            self._rewrite()
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(asdict(o)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._lines += 1
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            fh.writelines(json.dumps(asdict(o)) + "\n" for o in self.entries.values())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._lines = len(self.entries)
+
+
 class CommandExecutor:
     def __init__(self, relay: RelayController, publisher: ReadingPublisher,
                  plan: CollectorPlan, *, bootstrap: str | Callable[[], str],
                  collector_id: str, group_id: str | None = None,
-                 offset_reset: str = "latest", batch: int = 100) -> None:
+                 offset_reset: str = "lookback", lookback_s: float = 300.0,
+                 max_age_s: float | None = 300.0, log: CommandLog | None = None,
+                 batch: int = 100) -> None:
         self.relay = relay
         self.publisher = publisher
         self.plan = plan
         self.collector_id = collector_id
         self.group_id = group_id or f"mallwatt-collector-{collector_id}"
         self._bootstrap = bootstrap
+        if offset_reset not in ("lookback", "latest", "earliest"):
+            raise ValueError(f"offset_reset {offset_reset!r}: lookback | latest | earliest")
         self.offset_reset = offset_reset
+        self.lookback_s = lookback_s
+        self.max_age_s = max_age_s
+        self.log = log
+        if log is not None:
+            for o in log.entries.values():
+                relay.remember_outcome(o)
         self.batch = batch
         self.consumer: Consumer | None = None
-        self.executed = self.ignored = self.invalid = 0
+        self.executed = self.ignored = self.invalid = self.repeated = self.expired = 0
         self.assigned = 0  # partitions of the command topic this member reads
+        self.start_offsets: dict[int, int] = {}  # partition -> first offset read
         self.by_status: dict[str, int] = {}
 
     def _connect(self) -> Consumer:
         addr = self._bootstrap() if callable(self._bootstrap) else self._bootstrap
+        reset = "earliest" if self.offset_reset == "lookback" else self.offset_reset
         c = Consumer({"bootstrap.servers": addr, "group.id": self.group_id,
-                      "enable.auto.commit": False, "auto.offset.reset": self.offset_reset,
+                      "enable.auto.commit": False, "auto.offset.reset": reset,
                       # a slow trip (timeouts, retries) must not look like a dead member
                       "max.poll.interval.ms": 300_000})
         c.subscribe([T.RELAY_COMMANDS], on_assign=self._on_assign)
         return c
 
     def _on_assign(self, consumer: Consumer, partitions: list) -> None:
+        if self.offset_reset == "lookback":
+            # committed offsets win; a partition without one starts lookback_s ago
+            committed = consumer.committed(partitions, timeout=10)
+            fresh = [tp for tp in committed if tp.offset < 0]
+            since = int((time.time() - self.lookback_s) * 1000)
+            found = {tp.partition: tp.offset for tp in consumer.offsets_for_times(
+                [TopicPartition(tp.topic, tp.partition, since) for tp in fresh], timeout=10)
+            } if fresh else {}
+            start = []
+            for tp in committed:
+                off = tp.offset if tp.offset >= 0 else found.get(tp.partition, -1)
+                # no message since `since`: start at the end, like "latest"
+                start.append(TopicPartition(tp.topic, tp.partition,
+                                            off if off >= 0 else OFFSET_END))
+            partitions = start
+            consumer.assign(partitions)
+        self.start_offsets = {tp.partition: tp.offset for tp in partitions}
         self.assigned = len(partitions)
 
     def _mine(self, cmd: dict[str, Any]) -> bool:
         return cmd["mall_id"] == self.plan.mall_id and self.plan.owns(cmd["meter_id"])
 
+    def _expired(self, cmd: dict[str, Any]) -> RelayOutcome | None:
+        if self.max_age_s is None:
+            return None
+        now = self.relay.poller.clock()
+        age_s = (now - cmd["issued_at_ms"]) / 1000.0
+        if age_s <= self.max_age_s:
+            return None
+        return RelayOutcome(cmd["command_id"], cmd["meter_id"], cmd["action"], FAILED,
+                            UNKNOWN, 0, now, f"expired: issued {age_s:.0f}s ago "
+                            f"(max {self.max_age_s:.0f}s), not executed")
+
     async def _execute_gateway(self, gateway_id: str, cmds: list[dict[str, Any]]) -> None:
         for cmd in cmds:  # in topic order: a TRIP then a RECONNECT must not swap
-            o = await self.relay.execute(cmd["command_id"], cmd["meter_id"], cmd["action"])
+            known = self.relay.outcome_of(cmd["command_id"])
+            o = None if known else self._expired(cmd)
+            if o is not None:
+                self.relay.remember_outcome(o)
+                self.expired += 1
+            else:
+                o = await self.relay.execute(cmd["command_id"], cmd["meter_id"],
+                                             cmd["action"])
+            if o.duplicate:
+                self.repeated += 1  # its outcome is on Kafka (or in the spool) already
+                continue
             self.publisher.outcome(outcome_record(o, self.plan.mall_id, gateway_id))
+            if self.log is not None:  # after the spool: a crash between re-executes
+                self.log.append(o)
             self.executed += 1
             self.by_status[o.status] = self.by_status.get(o.status, 0) + 1
             log.info("relay %s %s on %s: %s (%s)", o.action, o.command_id, o.meter_id,
@@ -123,7 +242,8 @@ class CommandExecutor:
 
     def stats(self) -> dict[str, Any]:
         return {"executed": self.executed, "ignored": self.ignored, "invalid": self.invalid,
+                "repeated": self.repeated, "expired": self.expired,
                 **{f"outcome_{k.lower()}": v for k, v in self.by_status.items()}}
 
 
-__all__ = ["CommandExecutor", "outcome_record"]
+__all__ = ["CommandExecutor", "CommandLog", "outcome_record"]

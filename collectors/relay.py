@@ -59,6 +59,13 @@ class RelayController:
     def outcome_of(self, command_id: str) -> RelayOutcome | None:
         return self._done.get(command_id)
 
+    def remember_outcome(self, outcome: RelayOutcome) -> None:
+        """Seed the executed-ids memory (from the persistent command log at start-up)."""
+        self._done[outcome.command_id] = outcome
+        self._done.move_to_end(outcome.command_id)
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)
+
     async def execute(self, command_id: str, meter_id: str, action: str) -> RelayOutcome:
         """Run a TRIP or RECONNECT once per command id; repeats return the first outcome."""
         if action not in (TRIP, RECONNECT):
@@ -79,9 +86,7 @@ class RelayController:
                 outcome = RelayOutcome(command_id, meter_id, action, TIMED_OUT, UNKNOWN,
                                        self.attempts, self.poller.clock(),
                                        f"no confirmation within {self.timeout_s}s")
-            self._done[command_id] = outcome
-            while len(self._done) > self._remember:
-                self._done.popitem(last=False)
+            self.remember_outcome(outcome)
             fut.set_result(outcome)
             return outcome
         finally:

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from collectors.commands import CommandExecutor
+from collectors.bench import run_loop
+from collectors.commands import CommandExecutor, CommandLog
 from collectors.mapping import CollectorPlan, parse_shard, plan_mall
 from collectors.poller import Poller, PollerConfig, PollEvent, wall_clock_ms
 from collectors.publish import ReadingPublisher, kafka_find_written, kafka_producer_factory
@@ -51,7 +52,8 @@ class Collector:
                  spool_dir: str | Path | None = None, clock: Callable[[], int] = wall_clock_ms,
                  poll_interval_s: float | None = None, partitions: int | None = None,
                  poller_config: PollerConfig | None = None, flush_interval_s: float = 1.0,
-                 commands: bool = True, command_offset_reset: str = "latest",
+                 commands: bool = True, command_offset_reset: str = "lookback",
+                 command_lookback_s: float = 300.0, command_max_age_s: float | None = 300.0,
                  producer_overrides: dict[str, Any] | None = None,
                  drain_timeout_s: float = 10.0) -> None:
         if isinstance(shard, str):
@@ -63,7 +65,8 @@ class Collector:
         self.plan: CollectorPlan = plan_mall(config, mall_id, gateways=gateways, shard=shard,
                                              interval_s=poll_interval_s)
         self.collector_id = collector_id or default_collector_id(mall_id, gateways, shard)
-        self.spool = Spool(Path(spool_dir) if spool_dir else SPOOL_ROOT / self.collector_id)
+        self.spool_dir = Path(spool_dir) if spool_dir else SPOOL_ROOT / self.collector_id
+        self.spool = Spool(self.spool_dir)
         self.publisher = ReadingPublisher(self.spool, self.plan, collector_id=self.collector_id,
                                           partitions=partitions,
                                           flush_interval_s=flush_interval_s, clock=clock)
@@ -77,7 +80,10 @@ class Collector:
         self.relay = RelayController(self.poller)
         self.executor = (CommandExecutor(self.relay, self.publisher, self.plan,
                                          bootstrap=addr, collector_id=self.collector_id,
-                                         offset_reset=command_offset_reset)
+                                         offset_reset=command_offset_reset,
+                                         lookback_s=command_lookback_s,
+                                         max_age_s=command_max_age_s,
+                                         log=CommandLog(self.spool_dir / "commands.jsonl"))
                          if commands else None)
         self.drain_timeout_s = drain_timeout_s
         self._spool_alarm = False
@@ -218,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, help="poll every meter every N seconds "
                    "(default: each meter's poll_interval_s from the config)")
     p.add_argument("--no-commands", action="store_true", help="do not execute relay commands")
+    p.add_argument("--command-max-age", type=float, default=300.0, help="relay commands "
+                   "issued longer ago than this (s) are not executed; they get a FAILED "
+                   "'expired' outcome")
+    p.add_argument("--command-lookback", type=float, default=300.0, help="a new collector "
+                   "id (no committed offsets) reads relay commands from this many seconds "
+                   "ago")
     p.add_argument("--drain-timeout", type=float, default=10.0)
     p.add_argument("--progress-every", type=float, default=5.0)
     return p
@@ -239,10 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bootstrap=args.bootstrap, collector_id=args.collector_id,
             gateways=args.gateways.split(",") if args.gateways else None, shard=args.shard,
             spool_dir=args.spool_dir, poll_interval_s=args.interval,
-            commands=not args.no_commands, drain_timeout_s=args.drain_timeout)
+            commands=not args.no_commands, drain_timeout_s=args.drain_timeout,
+            command_max_age_s=args.command_max_age, command_lookback_s=args.command_lookback)
 
     try:
-        final = asyncio.run(go())
+        final = run_loop(go())  # uvloop when installed: about 1.5x less CPU per poll
     except (ValueError, KeyError, SpoolError) as exc:
         print(f"mallwatt collect: {exc}", file=sys.stderr)
         return 2

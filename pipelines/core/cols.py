@@ -141,4 +141,11 @@ def vconcat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return out
 
 
+def codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(x, return_inverse=True)`` for few distinct values: a hash unique plus a binary
+    search, instead of sorting all of ``x``."""
+    uniq = np.unique(x)
+    return uniq, np.searchsorted(uniq, x)
+
+
 RAW = _raw_init()

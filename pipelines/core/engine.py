@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.core import cols
-from pipelines.core.cols import take, take_list
+from pipelines.core.cols import take
 from pipelines.core.context import RatingContext
 from pipelines.core.fastpath import Charges, charges, fast_path
 from pipelines.core.interval import (
@@ -232,17 +232,15 @@ def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
                                                for r in rows])
 
 
-CHARGE_FIELDS = ("end_ms", "amount_n", "entry_id", "circuit_id", "meter_id", "start_ms", "energy_wh", "period",
-                 "tier", "price_u", "estimated")  # Charge's fields, in order
-
-
 def _charges_by_account(ch: Charges, slow_ids: list[str], lk: Lookup) -> dict[str, list[Charge]]:
-    """The charges of the per-event accounts, in charge order, as Charge objects."""
+    """The charges of the per-event accounts, in posting order, as Charge objects."""
     ranks = np.array([lk.account_rank[a] for a in slow_ids if a in lk.account_rank], dtype=np.int64)
     rows = np.flatnonzero(np.isin(ch.aidx, ranks))
     if rows.size == 0:
         return {}
-    values = [take_list(ch.frame.get_column(c), rows) for c in CHARGE_FIELDS]
+    values = [ch.end_ms[rows].tolist(), ch.amount_n[rows].tolist(), ch.entry_ids(rows, lk).to_list(),
+              *(ch.column(c, rows).to_list() for c in ("circuit_id", "meter_id", "start_ms", "energy_wh", "period")),
+              ch.tier[rows].tolist(), ch.price_u[rows].tolist(), ch.column("estimated", rows).to_list()]
     out: dict[str, list[Charge]] = {}
     for x, r in zip(ch.aidx[rows].tolist(), zip(*values, strict=True), strict=True):
         out.setdefault(lk.account_ids[x], []).append(Charge(*r))

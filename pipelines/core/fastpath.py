@@ -7,10 +7,10 @@ is the lowest). Then the per-event wallet would only post entries, and this modu
 same entries with cumulative sums: ``posted = (acc_n + cumsum(amount_n)) // 10**9`` per account,
 standing charges inserted before the first charge of each new local day.
 
-Tie order: the per-event wallet orders an account's charges by (end_ms, entry id), this path by
-(end_ms, circuit, piece, tier). They agree unless two charges of an account share an end_ms, so
-an account with such ties and a new local day (which the per-event wallet used to handle)
-stays on the per-event path, keeping results identical to earlier releases.
+Posting order (both paths): an account's charges in (end_ms, entry id) order. Charges sharing
+an end_ms (pieces of one interval in several periods or tiers, or several circuits of one
+account read at the same instant) only differ in which of them posts a carried sub-unit
+residue; the order fixes that, and the account's totals do not depend on it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pipelines.core import cols
 from pipelines.core.cols import take
 from pipelines.core.context import RatingContext
 from pipelines.core.localtime import EPOCH_ORDINAL, day_iso, iso_day
-from pipelines.core.lookup import Lookup
+from pipelines.core.lookup import PERIOD_NAMES, Lookup
 from pipelines.core.models import AMOUNT_SCALE, PRICE_SCALE
 from pipelines.core.tariff import Rated, local_day_start_ms, version_at
 from pipelines.core.wallet import AccountState
@@ -36,42 +36,88 @@ CHARGE_KEYS = ["account_id", "circuit_id", "end_ms", "period", "tier", "price_u"
 
 @dataclass
 class Charges:
-    """One charge per (interval, period, tier, price), ordered by (account, end_ms, circuit, piece, tier)."""
+    """One charge per (interval, period, tier, price). Arrays are in posting order, (account,
+    end_ms, entry id); ``frame`` rows are not (``row`` maps a charge to its frame row)."""
 
-    frame: pl.DataFrame  # CHARGE_KEYS + meter_id, start_ms, piece_ms, energy_wh, amount_n, estimated, entry_id
+    frame: pl.DataFrame  # CHARGE_KEYS + meter_id, start_ms, piece_ms, energy_wh, amount_n, estimated
+    row: np.ndarray
     aidx: np.ndarray  # account rank
     end_day: np.ndarray  # local date of end_ms (days since 1970-01-01)
     end_ms: np.ndarray
     amount_n: np.ndarray
+    cidx: np.ndarray  # circuit rank
+    period: np.ndarray  # index into PERIOD_NAMES
+    tier: np.ndarray
+    price_u: np.ndarray
+
+    def column(self, name: str, sel: np.ndarray | None = None) -> pl.Series:
+        """Frame column ``name`` for charges ``sel`` (all if None), in posting order."""
+        s = self.frame.get_column(name)
+        rows = self.row if sel is None else self.row[sel]
+        if rows.size == s.len() and (rows.size == 0 or (rows[0] == 0 and (np.diff(rows) == 1).all())):
+            return s
+        return take(s, rows)
+
+    def entry_ids(self, sel: np.ndarray, lk: Lookup) -> pl.Series:
+        return entry_ids(lk, self.cidx[sel], self.end_ms[sel], self.period[sel], self.tier[sel], self.price_u[sel])
 
 
 def charges(r: Rated, lk: Lookup) -> Charges:
     rated = r.frame
     if r.src.size > 1 and (r.src[1:] == r.src[:-1]).any():
         # Some interval has several rated rows: merge those with the same (period, tier, price).
-        g = rated.with_columns(aidx=pl.Series(r.aidx), end_day=pl.Series(r.end_day)).group_by(CHARGE_KEYS).agg(
+        g = cols.hstack(rated, [pl.Series("aidx", r.aidx), pl.Series("end_day", r.end_day),
+                                pl.Series("cidx", r.cidx), pl.Series("pcode", r.period)]).group_by(CHARGE_KEYS).agg(
             pl.col("meter_id").first(), pl.col("start_ms").first(), pl.col("piece_ms").min(),
             pl.col("energy_wh").sum(), pl.col("amount_n").sum(), pl.col("estimated").any(),
-            pl.col("aidx").first(), pl.col("end_day").first(),
+            pl.col("aidx").first(), pl.col("end_day").first(), pl.col("cidx").first(), pl.col("pcode").first(),
         ).sort(["account_id", "end_ms", "circuit_id", "piece_ms", "tier"])
-        aidx, end_day = g["aidx"].to_numpy(), g["end_day"].to_numpy()
-        frame = g.drop("aidx", "end_day")
-        end_ms, amount = frame["end_ms"].to_numpy(), frame["amount_n"].to_numpy()
+        arrays = [g[c].to_numpy().astype(np.int64) for c in ("aidx", "end_day", "end_ms", "amount_n", "cidx",
+                                                               "pcode", "tier", "price_u")]
+        frame = g.drop("aidx", "end_day", "cidx", "pcode")
     else:  # one row per interval (the common case): the rated rows are the charges, in order
         frame = pl.DataFrame([c for c in rated.get_columns() if c.name != "month"])
-        aidx, end_day, end_ms, amount = r.aidx, r.end_day, r.end_ms, r.amount_n
-    return Charges(cols.hstack(frame, [entry_ids(frame)]), aidx, end_day, end_ms, amount)
+        arrays = [r.aidx, r.end_day, r.end_ms, r.amount_n, r.cidx, r.period, r.tier, r.price_u]
+    row = np.arange(frame.height)
+    a, end = arrays[0], arrays[2]
+    same = (a[1:] == a[:-1]) & (end[1:] == end[:-1])
+    if same.any():  # ties on (account, end_ms): entry id order within each tie
+        tied = np.zeros(a.size, dtype=bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        idx = np.flatnonzero(tied)
+        ids = entry_ids(lk, arrays[4][idx], end[idx], arrays[5][idx], arrays[6][idx], arrays[7][idx])
+        if idx.size <= cols.SMALL:
+            v, ai, ei = ids.to_list(), a[idx].tolist(), end[idx].tolist()
+            order = np.array(sorted(range(idx.size), key=lambda j: (ai[j], ei[j], v[j])), dtype=np.int64)
+        else:
+            order = pl.DataFrame([pl.Series("a", a[idx]), pl.Series("e", end[idx]), ids.alias("id")]) \
+                .with_row_index("j").sort(["a", "e", "id"])["j"].to_numpy().astype(np.int64)
+        row[idx] = idx[order]
+        arrays = [x[row] for x in arrays]
+    return Charges(frame, row, *arrays)
 
 
-def entry_ids(frame: pl.DataFrame) -> pl.Series:
-    """``A:chg:<circuit>:<end_ms>:<period>:<tier>:<price>`` per charge row. (period, tier, price)
-    is unique within an interval; price only differs on a version change."""
-    keys = ("account_id", "circuit_id", "end_ms", "period", "tier", "price_u")
-    if frame.height <= cols.SMALL:
-        v = [frame.get_column(k).to_list() for k in keys]
-        return pl.Series("entry_id", [f"{a}:chg:{c}:{e}:{p}:{t}:{u}" for a, c, e, p, t, u in zip(*v, strict=True)],
-                         dtype=pl.String)
-    return frame.select(entry_id=pl.format("{}:chg:{}:{}:{}:{}:{}", *keys)).to_series()
+def entry_ids(lk: Lookup, cidx: np.ndarray, end_ms: np.ndarray, period: np.ndarray, tier: np.ndarray,
+              price: np.ndarray) -> pl.Series:
+    """``A:chg:<circuit>:<end_ms>:<period>:<tier>:<price>`` per charge. (period, tier, price) is
+    unique within an interval; price only differs on a version change."""
+    pre = lk.charge_prefix
+    if cidx.size <= cols.SMALL:
+        return cols.series("entry_id", [
+            f"{pre[c]}{e}:{PERIOD_NAMES[p]}:{t}:{u}"
+            for c, e, p, t, u in zip(cidx.tolist(), end_ms.tolist(), period.tolist(), tier.tolist(), price.tolist(),
+                                     strict=True)], pl.String)
+    # (period, tier, price) combinations are few: format each once, then concatenate columns
+    prices, pcode = cols.codes(price)
+    nt, npd = int(tier.max()) + 1, len(PERIOD_NAMES)
+    uniq, inv = cols.codes((pcode * nt + tier) * npd + period)
+    suffix = pl.Series("s", [f":{PERIOD_NAMES[k % npd]}:{k // npd % nt}:{prices[k // npd // nt]}" for k in uniq.tolist()],
+                       dtype=pl.String)
+    times, tinv = cols.codes(end_ms)  # a batch spans few distinct reading times
+    stamp = take(pl.Series("e", [str(t) for t in times.tolist()], dtype=pl.String), tinv)
+    parts = [take(lk.charge_prefix_series, cidx).alias("p"), stamp, take(suffix, inv)]
+    return pl.DataFrame(parts).select(entry_id=pl.concat_str("p", "e", "s")).to_series()
 
 
 def threshold(s: AccountState, ctx: RatingContext) -> int | None:
@@ -96,15 +142,13 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
     starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
     ends = np.append(starts[1:], n)
     seg = np.repeat(np.arange(starts.size), ends - starts)
-    tie = np.zeros(starts.size, dtype=bool)
-    tie[seg[1:][(a[1:] == a[:-1]) & (end[1:] == end[:-1])]] = True
     d0, d1 = ch.end_day[starts].tolist(), ch.end_day[ends - 1].tolist()
 
     acc0 = np.zeros(starts.size, dtype=np.int64)
     bal0 = np.zeros(starts.size, dtype=np.int64)
     limit = np.full(starts.size, np.iinfo(np.int64).max)  # balance must stay above this
     fee_add = np.zeros(n, dtype=np.int64)
-    standing: list[tuple[int, int, int, int, str]] = []  # (segment, position, fee, day start, iso)
+    standing: list[tuple[int, int, int, str]] = []  # (segment, fee, day start, iso)
     new_day: dict[int, int] = {}
     fees: dict[tuple[str, str, int], tuple[int, int]] = {}
     for i, (x, first, last) in enumerate(zip(a[starts].tolist(), d0, d1, strict=True)):
@@ -116,9 +160,7 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
         if t is None:
             continue
         sd = iso_day(s.standing_day)  # type: ignore[arg-type]  # threshold() checked it
-        if not first == last == sd:  # a new local day: standing charges, and ties must not matter
-            if tie[i]:
-                continue
+        if not first == last == sd:  # a new local day: standing charges
             rating = ctx.accounts[aid]
             tz = ctx.malls[rating.mall_id].tz
             for d in range(sd + 1, last + 1):
@@ -129,17 +171,17 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
                     fees[key] = (v.standing_charge_per_day if v else 0, day_start)
                 fee, day_start = fees[key]
                 if fee:
-                    standing.append((i, 0, fee, day_start, day_iso(d)))
+                    standing.append((i, fee, day_start, day_iso(d)))
             if last > sd:
                 new_day[i] = last
         acc0[i], bal0[i], limit[i] = s.acc_n, s.balance, t
 
+    st_pos = np.zeros(0, dtype=np.int64)
     if standing:  # each goes before the account's first charge ending at or after its day start
         seg_key = (seg << 43) + end  # sorted: rows are in (account, end_ms) order
-        sk = np.array([(i << 43) + day_start for i, _, _, day_start, _ in standing], dtype=np.int64)
-        pos = np.searchsorted(seg_key, sk)
-        np.add.at(fee_add, pos, np.array([x[2] for x in standing], dtype=np.int64))
-        standing = [(i, p, fee, ds, iso) for (i, _, fee, ds, iso), p in zip(standing, pos.tolist(), strict=True)]
+        sk = np.array([(i << 43) + day_start for i, _, day_start, _ in standing], dtype=np.int64)
+        st_pos = np.searchsorted(seg_key, sk)
+        np.add.at(fee_add, st_pos, np.array([x[1] for x in standing], dtype=np.int64))
     cs = np.cumsum(ch.amount_n)  # may wrap on huge batches; per-account differences stay exact
     within = cs - (cs[starts] - ch.amount_n[starts])[seg]
     posted = (acc0[seg] + within) // AMOUNT_SCALE
@@ -161,36 +203,85 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
         fast.add(s.account_id)
     if not fast:
         return fast, None, np.zeros(0, dtype=np.int64)
-    mask = fast_seg[seg] & (amount_minor != 0)
-    keep = np.flatnonzero(mask)
-    f = ch.frame
+    keep = np.flatnonzero(fast_seg[seg] & (amount_minor != 0))
+    st = _standing(standing, st_pos, fast_seg, bal0, prev)
+    return fast, *_ledger(ch, keep, amount_minor[keep], balance[keep], st, a[starts], lk, schema)
 
-    def col(name: str) -> pl.Series:
-        return f.get_column(name) if keep.size == n else take(f.get_column(name), keep)
 
-    entry = col("entry_id")
+@dataclass
+class _Standing:
+    """Standing charges of fast accounts, in (account, day) order."""
+
+    seg: np.ndarray
+    pos: np.ndarray  # charge row each one goes before
+    fee: np.ndarray
+    ts: np.ndarray
+    balance: np.ndarray
+    iso: list[str]
+
+
+def _standing(standing: list[tuple[int, int, int, str]], st_pos: np.ndarray, fast_seg: np.ndarray,
+              bal0: np.ndarray, prev: np.ndarray) -> _Standing:
+    rows: list[tuple[int, int, int, int, int]] = []
+    iso: list[str] = []
+    run: dict[int, int] = {}  # fees already inserted per segment
+    for (i, fee, day_start, d), p in zip(standing, st_pos.tolist(), strict=True):
+        run[i] = run.get(i, 0) + fee
+        if fast_seg[i]:
+            rows.append((i, p, fee, day_start, int(bal0[i] - prev[p] - run[i])))
+            iso.append(d)
+    arr = np.array(rows, dtype=np.int64).reshape(-1, 5)
+    return _Standing(*(arr[:, k] for k in range(5)), iso)
+
+
+def _ledger(ch: Charges, keep: np.ndarray, amount: np.ndarray, balance: np.ndarray, st: _Standing,
+            seg_rank: np.ndarray, lk: Lookup, schema: dict[str, Any]) -> tuple[pl.DataFrame, np.ndarray]:
+    """Ledger rows of the kept charges and the standing charges, built once in final order."""
+    k, m = keep.size, st.seg.size
+    at = np.searchsorted(keep, st.pos)  # kept charge each standing charge goes before
+    st_final = at + np.arange(m)
+    ch_final = np.arange(k) + np.searchsorted(at, np.arange(k), side="right")
+    rank = np.empty(k + m, dtype=np.int64)
+    rank[ch_final], rank[st_final] = ch.aidx[keep], seg_rank[st.seg]
+
+    def ints(charge: np.ndarray, standing: np.ndarray) -> np.ndarray:
+        out = np.empty(k + m, dtype=np.int64)
+        out[ch_final], out[st_final] = charge, standing
+        return out
+
+    def merged(charge: pl.Series, standing: list[Any] | None) -> pl.Series:
+        """Charge values (in kept order) and standing values (None: null) in final order."""
+        if m == 0:
+            return charge
+        src = np.empty(k + m, dtype=np.int64)
+        src[ch_final], src[st_final] = np.arange(k), k + np.arange(m)
+        extra = cols.series(charge.name, standing if standing is not None else [None] * m, charge.dtype)
+        return take(pl.concat([charge, extra], rechunk=True), src)  # gathers from one chunk are ~10x faster
+
+    entry = ch.entry_ids(keep, lk)
+    aid = [lk.account_ids[x] for x in seg_rank[st.seg].tolist()]
+    est = np.zeros(k + m, dtype=bool)
+    est[ch_final] = ch.column("estimated", keep).to_numpy()
     led = cols.frame(schema, {
-        "entry_id": entry, "account_id": col("account_id"), "mall_id": take(lk.mall_series, a[keep], lk.acc_mall_id),
-        "kind": cols.repeat("kind", "charge", keep.size, pl.String), "amount_minor": amount_minor[keep],
-        "balance_after_minor": balance[keep], "ts_ms": end[keep], "source_id": entry, "meter_id": col("meter_id"),
-        "circuit_id": col("circuit_id"), "interval_start_ms": col("start_ms"), "energy_wh": col("energy_wh"),
-        "tou_period": col("period"), "tier": col("tier"), "rate": _rates(f.get_column("price_u").to_numpy()[keep], lk),
-        "estimated": col("estimated")})
-    rank = a[keep]
-    st = _standing_rows(standing, fast_seg, starts, a, bal0, prev, lk, schema)
-    if st.is_empty():
-        return fast, led, rank
-    # Standing charges go before the charges of their account at the same or a later time.
-    st_rank = np.array([lk.account_rank[x] for x in st["account_id"].to_list()], dtype=np.int64)
-    all_rank = np.concatenate((st_rank, rank))
-    ts = np.concatenate((st["ts_ms"].to_numpy(), end[keep]))
-    order = np.lexsort((ts, all_rank))  # stable: standing rows (first) win ties
-    return fast, pl.concat([st, led])[order], all_rank[order]
+        "entry_id": merged(entry, [f"{x}:standing:{d}" for x, d in zip(aid, st.iso, strict=True)]),
+        "account_id": take(lk.account_series, rank), "mall_id": take(lk.mall_series, rank),
+        "kind": take(_KINDS, ints(np.zeros(k, dtype=np.int64), np.ones(m, dtype=np.int64))),
+        "amount_minor": ints(amount, -st.fee), "balance_after_minor": ints(balance, st.balance),
+        "ts_ms": ints(ch.end_ms[keep], st.ts), "source_id": merged(entry.alias("source_id"), st.iso),
+        "meter_id": merged(ch.column("meter_id", keep), None), "circuit_id": merged(ch.column("circuit_id", keep), None),
+        "interval_start_ms": merged(ch.column("start_ms", keep), None),
+        "energy_wh": merged(ch.column("energy_wh", keep), None), "tou_period": merged(ch.column("period", keep), None),
+        "tier": merged(ch.column("tier", keep), None), "rate": merged(_rates(ch.price_u[keep], lk), None),
+        "estimated": est})
+    return led, rank
+
+
+_KINDS = pl.Series("kind", ["charge", "standing_charge"], dtype=pl.String)
 
 
 def _rates(price: np.ndarray, lk: Lookup) -> pl.Series:
     """Ledger ``rate`` text of each price (exact decimal, no trailing zeros), cached per price."""
-    uniq, inv = np.unique(price, return_inverse=True)
+    uniq, inv = cols.codes(price)
     known = lk.rate_strs
     miss = [p for p in uniq.tolist() if p not in known]
     if miss:
@@ -198,21 +289,4 @@ def _rates(price: np.ndarray, lk: Lookup) -> pl.Series:
             (pl.col("p").cast(pl.Decimal(38, 6)) / PRICE_SCALE).cast(pl.String).str.replace(r"\.?0+$", ""))["p"]
         known.update(zip(miss, txt.to_list(), strict=True))
     names = pl.Series("rate", [known[p] for p in uniq.tolist()], dtype=pl.String)
-    return take(names, inv.ravel(), [known[p] for p in uniq.tolist()])
-
-
-def _standing_rows(standing: list[tuple[int, int, int, int, str]], fast_seg: np.ndarray, starts: np.ndarray,
-                   a: np.ndarray, bal0: np.ndarray, prev: np.ndarray, lk: Lookup, schema: dict[str, Any]
-                   ) -> pl.DataFrame:
-    rows = []
-    run: dict[int, int] = {}  # fees already inserted per segment
-    for i, p, fee, day_start, iso in standing:
-        run[i] = run.get(i, 0) + fee
-        if not fast_seg[i]:
-            continue
-        aid = lk.account_ids[a[starts[i]]]
-        rows.append({"entry_id": f"{aid}:standing:{iso}", "account_id": aid, "mall_id": lk.acc_mall_id[a[starts[i]]],
-                     "kind": "standing_charge", "amount_minor": -fee,
-                     "balance_after_minor": int(bal0[i] - prev[p] - run[i]), "ts_ms": day_start, "source_id": iso,
-                     "estimated": False})
-    return cols.frame_from_rows(schema, rows)
+    return take(names, inv, [known[p] for p in uniq.tolist()])

@@ -60,6 +60,8 @@ class Lookup:
         self.circuit_ids = self.cindex.ids
         self.circuit_enum = self.cindex.enum
         self.circ_acc = np.array([rank[ctx.circuits[c].account_id] for c in self.circuit_ids], dtype=np.int64)
+        self.charge_prefix = [f"{ctx.circuits[c].account_id}:chg:{c}:" for c in self.circuit_ids]  # entry ids
+        self.charge_prefix_series = pl.Series("p", self.charge_prefix, dtype=pl.String)
 
         # Global versions: all tariffs' versions in (tariff, effective_from) order.
         eff: list[int] = []

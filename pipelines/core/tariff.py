@@ -106,6 +106,10 @@ class Rated:
     end_ms: np.ndarray
     amount_n: np.ndarray
     src: np.ndarray  # interval row (of the non-zero intervals) each rated row comes from
+    cidx: np.ndarray  # circuit rank
+    period: np.ndarray  # index into lookup.PERIOD_NAMES
+    tier: np.ndarray
+    price_u: np.ndarray
 
 
 def _mul_round(x: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -205,12 +209,12 @@ def rate_arrays(
         "tier": tier.astype(np.int32), "price_u": price, "energy_wh": e_sel, "amount_n": amount,
         "estimated": iv["estimated"].to_numpy()[rows], "month": yyyymm[sel].astype(np.int32),
     })
-    return Rated(frame, out, a_s, end_day[sel], end_p[sel], amount, src[sel])
+    return Rated(frame, out, a_s, end_day[sel], end_p[sel], amount, src[sel], c[sel], period[sel], tier, price)
 
 
 def _empty_rated(out: dict[str, TierCounter]) -> Rated:
     z = np.zeros(0, dtype=np.int64)
-    return Rated(cols.empty(RATED_SCHEMA), out, z, z, z, z, z)
+    return Rated(cols.empty(RATED_SCHEMA), out, z, z, z, z, z, z, z, z, z)
 
 
 def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.ndarray
@@ -250,7 +254,7 @@ def _convert_rows(tz: str, p: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, ..
 def _count_untiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str, TierCounter],
                     a: np.ndarray, yyyymm: np.ndarray, piece_wh: np.ndarray) -> None:
     """Tier counters without blocks: each account's Wh in the month of its latest piece."""
-    ua, inv = np.unique(a, return_inverse=True)
+    ua, inv = cols.codes(a)
     last = np.zeros(ua.size, dtype=np.int64)
     np.maximum.at(last, inv, yyyymm)
     wh = np.zeros(ua.size, dtype=np.int64)

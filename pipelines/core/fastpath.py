@@ -1,9 +1,10 @@
 """Charges, and the vectorised wallet for accounts whose batch can fire no rule.
 
 An account is eligible when it has no payment in the batch, a known standing day, no debt
-recovery, nothing deferred or tripped, and its balance after all of the batch's charges and
-standing charges stays above every armed level (balances only fall here, so the last balance
-is the lowest). Then the per-event wallet would only post entries, and this module posts the
+recovery, nothing deferred, and its balance after all of the batch's charges and standing
+charges stays above every level that could still fire (armed alert levels, an unfired warning
+level, the cutoff unless the account is protected or already tripped for credit; balances only
+fall here, so the last balance is the lowest). Then the per-event wallet would only post entries, and this module posts the
 same entries with cumulative sums: ``posted = (acc_n + cumsum(amount_n)) // 10**9`` per account,
 standing charges inserted before the first charge of each new local day.
 
@@ -121,16 +122,25 @@ def entry_ids(lk: Lookup, cidx: np.ndarray, end_ms: np.ndarray, period: np.ndarr
 
 
 def threshold(s: AccountState, ctx: RatingContext) -> int | None:
-    """Lowest balance a fast-path account may reach without any rule firing (None: not eligible)."""
+    """Lowest balance a fast-path account may reach without any rule firing (None: not eligible).
+
+    Charges only lower the balance, so what can fire is an armed alert level, an unfired
+    warning level and the cutoff; the cutoff cannot fire for protected accounts or for an
+    account already tripped for credit (`Wallet._check_trip` returns before any change)."""
     p = ctx.accounts[s.account_id].policy
-    if s.standing_day is None or s.deferred or s.warn_pending or s.relay == "tripped":
+    if s.standing_day is None or s.deferred or s.warn_pending or p.debt_recovery is not None:
         return None
-    if p.debt_recovery is not None:
+    if s.relay == "tripped" and s.trip_reason not in ("credit", "warning"):
         return None
-    levels = [lv for lv in p.alert_levels if lv not in s.fired_levels] + [p.cutoff]
+    levels = [lv for lv in p.alert_levels if lv not in s.fired_levels]
     if p.warning_trip_level is not None and not s.warning_fired:
         levels.append(p.warning_trip_level)
-    return max(levels)
+    if not p.protected and not (s.relay == "tripped" and s.trip_reason == "credit"):
+        levels.append(p.cutoff)
+    return max(levels) if levels else NO_LIMIT
+
+
+NO_LIMIT = int(np.iinfo(np.int64).min)
 
 
 def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str], ctx: RatingContext,

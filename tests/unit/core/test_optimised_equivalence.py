@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pipelines.core import bench
 from pipelines.core.context import RatingContext
 from pipelines.core.engine import CoreState, process_batch
+from pipelines.core.fastpath import threshold
 from pipelines.core.legacy import engine as legacy
 from pipelines.core.models import (
     AccountRating,
@@ -93,6 +94,9 @@ def test_bench_batch_equals_legacy_core():
     kinds = set(pl.concat([o.ledger for o in new[1]])["kind"].to_list())
     assert {"charge", "standing_charge", "topup"} <= kinds
     assert any(s.fired_levels for s in new[0].accounts.values())
+    # accounts tripped for credit take the vectorised wallet in later batches
+    tripped = [s for s in new[0].accounts.values() if s.relay == "tripped"]
+    assert tripped and all(threshold(s, ctx) is not None for s in tripped)
 
 
 def test_bench_batch_fast_path_equals_per_event_wallet():
@@ -178,3 +182,23 @@ def test_ties_post_in_entry_id_order_on_both_paths():
                              ctx.tariffs, ctx.malls, ctx.lateness_ms, ctx.gap_ms)
     slow = run(process_batch, CoreState(), [warm, readings(rows)], pay, slow_ctx, flush_last=True)
     assert slow[1][1].ledger.equals(new[1][1].ledger)
+
+
+def test_protected_account_below_cutoff_same_on_both_paths():
+    """A protected account (a mall's landlord) is never tripped, so its cutoff cannot fire and it
+    stays on the vectorised wallet while its balance runs negative across local days."""
+    bs, _, ctx = realistic(6)
+    pol = WalletPolicy(alert_levels=[], protected=True)
+    prot = RatingContext(ctx.circuits, {k: a.model_copy(update={"policy": pol}) for k, a in ctx.accounts.items()},
+                         ctx.tariffs, ctx.malls, ctx.lateness_ms, ctx.gap_ms)
+    slow_pol = pol.model_copy(update={"debt_recovery": DebtRecovery()})  # forces the per-event wallet
+    slow = RatingContext(ctx.circuits, {k: a.model_copy(update={"policy": slow_pol}) for k, a in ctx.accounts.items()},
+                         ctx.tariffs, ctx.malls, ctx.lateness_ms, ctx.gap_ms)
+    top = [{"payment_id": f"p{i}", "account_id": f"a{i}", "ts_ms": bench.T0 - 1, "amount_minor": 100} for i in range(6)]
+    sf, of = run(process_batch, CoreState(), bs, top, prot)
+    ss, os_ = run(process_batch, CoreState(), bs, top, slow)
+    assert all(s.balance < 0 and threshold(s, prot) is not None for s in sf.accounts.values())
+    for x, y in zip(of, os_, strict=True):
+        assert x.ledger.equals(y.ledger) and x.alerts.equals(y.alerts) and x.commands.equals(y.commands)
+    assert {a: (s.balance, s.acc_n) for a, s in sf.accounts.items()} == \
+        {a: (s.balance, s.acc_n) for a, s in ss.accounts.items()}

@@ -71,7 +71,13 @@ class CommandLog:
         self.entries: OrderedDict[str, RelayOutcome] = OrderedDict()
         self._lines = 0
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):  # torn append: cut it, or the next
+                text = text[:text.rfind("\n") + 1]  # append would share its line
+                with open(self.path, "r+") as fh:
+                    fh.truncate(len(text.encode()))
+                    os.fsync(fh.fileno())
+            for line in text.splitlines():
                 try:
                     o = RelayOutcome(**json.loads(line))
                 except (ValueError, TypeError):

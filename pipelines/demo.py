@@ -143,7 +143,8 @@ async def run_meters(portfolio_path: Path, portfolio: Portfolio, opening: dict[s
     stats: dict[str, Any] = {}
     collector = asyncio.create_task(run_collector(
         portfolio_path, mall_id, stop, bootstrap=bootstrap, clock=sim.now_ms, poll_interval_s=1.0,
-        spool_dir=DEMO_DIR / "spool", stats=stats, progress=False, command_offset_reset="earliest"))
+        spool_dir=DEMO_DIR / "spool", stats=stats, progress=False, command_offset_reset="earliest",
+        command_max_age_s=None))  # simulated time runs faster than the wall clock
     publish_topups(bootstrap, portfolio, opening, start_ms, "opening", partitions)
     say(f"paid in opening balances for {len(opening)} merchants; simulating at {speed:g}x real time")
     t0 = time.monotonic()

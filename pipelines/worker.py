@@ -29,6 +29,7 @@ from pipelines import billing
 from pipelines.deadletter import dead_letter_record
 from pipelines.envelope import Envelope, bucket_key
 from pipelines.forwarder import Forwarder
+from pipelines.portfolio import ConfigError
 from schemas import codec
 from schemas.keys import account_shard
 from schemas.readings import batch_to_frame
@@ -194,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not publish outputs from the changelog in this process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    billing.ContextHolder(args.config, T.default_partitions())  # fail fast on a bad config
+    try:
+        billing.ContextHolder(args.config, T.default_partitions())  # fail fast on a bad config
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     app = build_app(args.config)
     forwarder = None
     if not args.no_forwarder:

@@ -60,3 +60,15 @@ def test_broken_yaml_and_missing_file(tmp_path: Path) -> None:
         load_portfolio(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_portfolio(tmp_path / "missing.yaml")
+
+
+def test_worker_refuses_a_broken_config_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.worker import main
+
+    data = generate(1, 2)
+    data["malls"][0]["merchants"][0]["area"] = "NOWHERE"
+    path = tmp_path / "broken.yaml"
+    dump_portfolio(data, path)
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.yaml" in err and "malls[0].merchants[0].area: unknown area 'NOWHERE'" in err

@@ -100,7 +100,7 @@ def charges(r: Rated, lk: Lookup) -> Charges:
 
 
 def entry_ids(lk: Lookup, cidx: np.ndarray, end_ms: np.ndarray, period: np.ndarray, tier: np.ndarray,
-              price: np.ndarray) -> pl.Series:
+              price: np.ndarray, combos: Combos | None = None) -> pl.Series:
     """``A:chg:<circuit>:<end_ms>:<period>:<tier>:<price>`` per charge. (period, tier, price) is
     unique within an interval; price only differs on a version change."""
     pre = lk.charge_prefix
@@ -109,16 +109,34 @@ def entry_ids(lk: Lookup, cidx: np.ndarray, end_ms: np.ndarray, period: np.ndarr
             f"{pre[c]}{e}:{PERIOD_NAMES[p]}:{t}:{u}"
             for c, e, p, t, u in zip(cidx.tolist(), end_ms.tolist(), period.tolist(), tier.tolist(), price.tolist(),
                                      strict=True)], pl.String)
-    # (period, tier, price) combinations are few: format each once, then concatenate columns
-    prices, pcode = cols.codes(price)
-    nt, npd = int(tier.max()) + 1, len(PERIOD_NAMES)
-    uniq, inv = cols.codes((pcode * nt + tier) * npd + period)
-    suffix = pl.Series("s", [f":{PERIOD_NAMES[k % npd]}:{k // npd % nt}:{prices[k // npd // nt]}" for k in uniq.tolist()],
-                       dtype=pl.String)
-    times, tinv = cols.codes(end_ms)  # a batch spans few distinct reading times
+    # few distinct (period, tier, price) and reading times: format each once, concatenate columns
+    cb = combos or Combos.of(period, tier, price)
+    suffix = pl.Series("s", [f":{PERIOD_NAMES[p]}:{t}:{u}" for p, t, u in
+                             zip(cb.period.tolist(), cb.tier.tolist(), cb.price.tolist(), strict=True)], dtype=pl.String)
+    times, tinv = cols.codes(end_ms)
     stamp = take(pl.Series("e", [str(t) for t in times.tolist()], dtype=pl.String), tinv)
-    parts = [take(lk.charge_prefix_series, cidx).alias("p"), stamp, take(suffix, inv)]
+    parts = [take(lk.charge_prefix_series, cidx).alias("p"), stamp, take(suffix, cb.inv)]
     return pl.DataFrame(parts).select(entry_id=pl.concat_str("p", "e", "s")).to_series()
+
+
+@dataclass
+class Combos:
+    """Distinct (period, tier, price) of some charges, and each charge's combination."""
+
+    period: np.ndarray
+    tier: np.ndarray
+    price: np.ndarray
+    inv: np.ndarray
+
+    @classmethod
+    def of(cls, period: np.ndarray, tier: np.ndarray, price: np.ndarray) -> Combos:
+        nt, npd = (int(tier.max()) + 1 if tier.size else 1), len(PERIOD_NAMES)
+        if price.size and int(price.min()) >= 0 and int(price.max()) < (1 << 62) // (nt * npd):
+            uniq, inv = cols.codes((price * nt + tier) * npd + period)
+            return cls(uniq % npd, uniq // npd % nt, uniq // npd // nt, inv)
+        prices, pcode = cols.codes(price)
+        uniq, inv = cols.codes((pcode * nt + tier) * npd + period)
+        return cls(uniq % npd, uniq // npd % nt, prices[uniq // npd // nt], inv)
 
 
 def threshold(s: AccountState, ctx: RatingContext) -> int | None:
@@ -268,21 +286,35 @@ def _ledger(ch: Charges, keep: np.ndarray, amount: np.ndarray, balance: np.ndarr
         extra = cols.series(charge.name, standing if standing is not None else [None] * m, charge.dtype)
         return take(pl.concat([charge, extra], rechunk=True), src)  # gathers from one chunk are ~10x faster
 
-    entry = ch.entry_ids(keep, lk)
+    def coded(dictionary: pl.Series, code: np.ndarray) -> pl.Series:
+        """``dictionary[code]`` for the charges, null for the standing charges, in final order."""
+        if m == 0:
+            return take(dictionary, code)
+        idx = np.full(k + m, dictionary.len(), dtype=np.int64)
+        idx[ch_final] = code
+        return take(pl.concat([dictionary, cols.series(dictionary.name, [None], dictionary.dtype)], rechunk=True), idx)
+
+    cb = Combos.of(ch.period[keep], ch.tier[keep], ch.price_u[keep]) if k > cols.SMALL else None
+    entry = entry_ids(lk, ch.cidx[keep], ch.end_ms[keep], ch.period[keep], ch.tier[keep], ch.price_u[keep], cb)
     aid = [lk.account_ids[x] for x in seg_rank[st.seg].tolist()]
     est = np.zeros(k + m, dtype=bool)
     est[ch_final] = ch.column("estimated", keep).to_numpy()
+    if cb is not None:
+        rates = coded(_rates(cb.price, lk).alias("rate"), cb.inv)
+    else:
+        rates = merged(_rates(ch.price_u[keep], lk), None)
     led = cols.frame(schema, {
         "entry_id": merged(entry, [f"{x}:standing:{d}" for x, d in zip(aid, st.iso, strict=True)]),
         "account_id": take(lk.account_series, rank), "mall_id": take(lk.mall_series, rank),
         "kind": take(_KINDS, ints(np.zeros(k, dtype=np.int64), np.ones(m, dtype=np.int64))),
         "amount_minor": ints(amount, -st.fee), "balance_after_minor": ints(balance, st.balance),
         "ts_ms": ints(ch.end_ms[keep], st.ts), "source_id": merged(entry.alias("source_id"), st.iso),
-        "meter_id": merged(ch.column("meter_id", keep), None), "circuit_id": merged(ch.column("circuit_id", keep), None),
+        "meter_id": merged(ch.column("meter_id", keep), None),
+        "circuit_id": coded(lk.cindex.id_series, ch.cidx[keep]),
         "interval_start_ms": merged(ch.column("start_ms", keep), None),
-        "energy_wh": merged(ch.column("energy_wh", keep), None), "tou_period": merged(ch.column("period", keep), None),
-        "tier": merged(ch.column("tier", keep), None), "rate": merged(_rates(ch.price_u[keep], lk), None),
-        "estimated": est})
+        "energy_wh": merged(ch.column("energy_wh", keep), None),
+        "tou_period": coded(lk.period_names, ch.period[keep]),
+        "tier": merged(ch.column("tier", keep), None), "rate": rates, "estimated": est})
     return led, rank
 
 

@@ -178,8 +178,10 @@ class _Meters:
     def code_of(self, mcode: np.ndarray) -> dict[str, int]:
         if self.v is not None:
             return dict(zip(self.v, mcode.tolist(), strict=True))
-        uniq = pl.DataFrame({"m": self.s, "c": mcode}).unique("m")
-        return dict(zip(uniq["m"].to_list(), uniq["c"].to_list(), strict=True))
+        first = np.full(int(mcode.max()) + 1 if mcode.size else 0, -1, dtype=np.int64)
+        first[mcode[::-1]] = np.arange(mcode.size - 1, -1, -1)  # first row of each code
+        rows = first[first >= 0]
+        return dict(zip(take(self.s, rows).to_list(), mcode[rows].tolist(), strict=True))
 
     def take(self, idx: np.ndarray) -> _Meters:
         if self.v is not None:

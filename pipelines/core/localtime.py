@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from functools import lru_cache
 
 import numpy as np
 import polars as pl
@@ -65,10 +66,12 @@ def _offset(col: str, tz: str) -> pl.Expr:
     return local.dt.replace_time_zone(None).dt.epoch("ms") - pl.col(col)
 
 
+@lru_cache(maxsize=4096)
 def day_iso(day: int) -> str:
     """ISO date of a local day number (days since 1970-01-01)."""
     return date.fromordinal(EPOCH_ORDINAL + day).isoformat()
 
 
+@lru_cache(maxsize=4096)
 def iso_day(iso: str) -> int:
     return date.fromisoformat(iso).toordinal() - EPOCH_ORDINAL

@@ -255,10 +255,14 @@ def _count_untiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str,
                     a: np.ndarray, yyyymm: np.ndarray, piece_wh: np.ndarray) -> None:
     """Tier counters without blocks: each account's Wh in the month of its latest piece."""
     ua, inv = cols.codes(a)
-    last = np.zeros(ua.size, dtype=np.int64)
-    np.maximum.at(last, inv, yyyymm)
-    wh = np.zeros(ua.size, dtype=np.int64)
-    np.add.at(wh, inv, np.where(yyyymm == last[inv], piece_wh, 0))
+    months, m_inv = cols.codes(yyyymm)  # one or two months per batch
+    if months.size == 1:
+        last = np.full(ua.size, months[0], dtype=np.int64)
+    else:
+        last = np.zeros(ua.size, dtype=np.int64)
+        np.maximum.at(last, inv, yyyymm)
+    # exact: float64 sums of integer Wh below 2**53
+    wh = np.bincount(inv, weights=np.where(yyyymm == last[inv], piece_wh, 0), minlength=ua.size).astype(np.int64)
     for acc, m, w in zip(ua.tolist(), last.tolist(), wh.tolist(), strict=True):
         aid = lk.account_ids[acc]
         c = counters.get(aid)

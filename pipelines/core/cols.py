@@ -121,6 +121,8 @@ def repeat(name: str, value: Any, n: int, dtype: Any) -> pl.Series:
     """A constant column."""
     if n <= SMALL:
         return series(name, [value] * n, dtype)
+    if RAW:
+        return _wrap(series(name, [value], dtype)._s.new_from_index(0, n))
     return take(series(name, [value], dtype), np.zeros(n, dtype=np.int64))
 
 

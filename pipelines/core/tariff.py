@@ -254,19 +254,21 @@ def _convert_rows(tz: str, p: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, ..
 def _count_untiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str, TierCounter],
                     a: np.ndarray, yyyymm: np.ndarray, piece_wh: np.ndarray) -> None:
     """Tier counters without blocks: each account's Wh in the month of its latest piece."""
-    ua, inv = cols.codes(a)
-    months, m_inv = cols.codes(yyyymm)  # one or two months per batch
-    if months.size == 1:
-        last = np.full(ua.size, months[0], dtype=np.int64)
+    na = len(lk.account_ids)
+    ua = np.flatnonzero(np.bincount(a, minlength=na))  # accounts present, by rank (no sort)
+    if (yyyymm == yyyymm[0]).all():  # one month in the batch (the common case)
+        last = np.full(ua.size, yyyymm[0], dtype=np.int64)
+        w = piece_wh
     else:
-        last = np.zeros(ua.size, dtype=np.int64)
-        np.maximum.at(last, inv, yyyymm)
+        full = np.zeros(na, dtype=np.int64)
+        np.maximum.at(full, a, yyyymm)
+        last, w = full[ua], np.where(yyyymm == full[a], piece_wh, 0)
     # exact: float64 sums of integer Wh below 2**53
-    wh = np.bincount(inv, weights=np.where(yyyymm == last[inv], piece_wh, 0), minlength=ua.size).astype(np.int64)
-    for acc, m, w in zip(ua.tolist(), last.tolist(), wh.tolist(), strict=True):
+    wh = np.bincount(a, weights=w, minlength=na)[ua].astype(np.int64)
+    for acc, m, x in zip(ua.tolist(), last.tolist(), wh.tolist(), strict=True):
         aid = lk.account_ids[acc]
         c = counters.get(aid)
-        out[aid] = TierCounter(m, w + (c.wh if c is not None and c.month == m else 0))
+        out[aid] = TierCounter(m, x + (c.wh if c is not None and c.month == m else 0))
 
 
 def _tiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str, TierCounter], a: np.ndarray,

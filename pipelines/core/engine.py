@@ -10,9 +10,9 @@ Input ``payments``: a DataFrame or a list of dicts with
     kind: "topup" | "reversal" | "refund" (case-insensitive), reverses_payment_id: str | None.
 
 Events of an account are applied in (ts_ms, payments before charges, entry id) order. Accounts
-whose batch holds only charges that cross no threshold, change no local day and have no
-payment take a vectorised path; all others run through `wallet.Wallet` one event at a time.
-Both paths implement the same rules (property tests compare them).
+without a payment in the batch whose charges (and standing charges) can fire no rule take the
+vectorised path (`fastpath`); all others run through `wallet.Wallet` one event at a time. Both
+paths implement the same rules and order (tests compare them).
 """
 
 from __future__ import annotations

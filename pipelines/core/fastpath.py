@@ -277,22 +277,25 @@ def _ledger(ch: Charges, keep: np.ndarray, amount: np.ndarray, balance: np.ndarr
         out[ch_final], out[st_final] = charge, standing
         return out
 
+    src = np.zeros(k + m, dtype=np.int64)
+    src[ch_final] = np.arange(k)
+
     def merged(charge: pl.Series, standing: list[Any] | None) -> pl.Series:
         """Charge values (in kept order) and standing values (None: null) in final order."""
         if m == 0:
             return charge
-        src = np.empty(k + m, dtype=np.int64)
-        src[ch_final], src[st_final] = np.arange(k), k + np.arange(m)
         extra = cols.series(charge.name, standing if standing is not None else [None] * m, charge.dtype)
-        return take(pl.concat([charge, extra], rechunk=True), src)  # gathers from one chunk are ~10x faster
+        if k == 0:
+            return extra
+        out = take(charge, src)  # standing rows get row 0 here, then their own values
+        out.scatter(st_final, extra)
+        return out
 
     def coded(dictionary: pl.Series, code: np.ndarray) -> pl.Series:
         """``dictionary[code]`` for the charges, null for the standing charges, in final order."""
         if m == 0:
             return take(dictionary, code)
-        idx = np.full(k + m, dictionary.len(), dtype=np.int64)
-        idx[ch_final] = code
-        return take(pl.concat([dictionary, cols.series(dictionary.name, [None], dictionary.dtype)], rechunk=True), idx)
+        return merged(take(dictionary, code), None)
 
     cb = Combos.of(ch.period[keep], ch.tier[keep], ch.price_u[keep]) if k > cols.SMALL else None
     entry = entry_ids(lk, ch.cidx[keep], ch.end_ms[keep], ch.period[keep], ch.tier[keep], ch.price_u[keep], cb)

@@ -61,3 +61,25 @@ def test_random_batches_same_on_every_path(knobs, steps):
     first, *others = variants(lambda: run(process_batch, CoreState(), batches, pay, ctx, flush_last=True))
     for o in others:
         assert_same(first, o)
+
+
+def test_standing_charge_without_any_posted_charge(knobs):
+    """The vectorised ledger with standing rows but no charge that posts a unit."""
+    from billing_helpers import make_ctx
+
+    from pipelines.core.models import Tariff, WalletPolicy
+
+    ctx = make_ctx(Tariff.flat("t", "0.001", standing_charge_per_day=50), WalletPolicy(alert_levels=[]))
+    t0 = ms(2024, 7, 1, 23)
+    pay = [{"payment_id": "p", "account_id": "a1", "ts_ms": t0 - 1, "amount_minor": 10_000}]
+    state, _ = process_batch(CoreState(), readings([("c1", "m1", t0, 1.0)]), pay, ctx)
+
+    def one():
+        return process_batch(state, readings([("c1", "m1", t0 + 3_600_000, 1.001)]), None, ctx)[1].ledger
+
+    first, *others = variants(one)
+    assert first.select("entry_id", "amount_minor", "balance_after_minor").rows() == [
+        ("a1:standing:2024-07-02", -50, 9_900)]
+    assert first["circuit_id"].to_list() == [None]
+    for o in others:
+        assert o.equals(first)

@@ -14,6 +14,7 @@ The high-water marks make re-delivered input a no-op for the bucket (effects onc
 from __future__ import annotations
 
 import json
+import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,13 +35,6 @@ class OutboxItem:
     key: bytes
     value: bytes
 
-    def to_json(self) -> list[str]:
-        return [self.topic, self.key.decode("latin-1"), self.value.decode("latin-1")]
-
-    @classmethod
-    def from_json(cls, raw: list[str]) -> OutboxItem:
-        return cls(raw[0], raw[1].encode("latin-1"), raw[2].encode("latin-1"))
-
 
 @dataclass
 class Envelope:
@@ -58,19 +52,54 @@ class Envelope:
         return self.hwm.get(source, -1) >= offset
 
     def to_bytes(self) -> bytes:
-        return json.dumps({
-            "v": 1, "accounts": self.accounts, "circuits": self.circuits, "hwm": self.hwm,
-            "outbox": [o.to_json() for o in self.outbox], "updates": self.updates,
-            "holds": self.holds, "extra": self.extra,
-        }, separators=(",", ":")).encode()
+        """MAGIC, outbox length, binary outbox, then the state as JSON.
+
+        The outbox comes first and is binary, so the forwarder reads the outputs of a change
+        without parsing the bucket's state.
+        """
+        outbox = b"".join(struct.pack(">HII", len(o.topic), len(o.key), len(o.value))
+                          + o.topic.encode() + o.key + o.value for o in self.outbox)
+        state = json.dumps({"accounts": self.accounts, "circuits": self.circuits, "hwm": self.hwm,
+                            "updates": self.updates, "holds": self.holds, "extra": self.extra},
+                           separators=(",", ":")).encode()
+        return MAGIC + struct.pack(">I", len(outbox)) + outbox + state
 
     @classmethod
     def from_bytes(cls, raw: bytes | None) -> Envelope:
         if not raw:
             return cls()
-        data = json.loads(raw)
-        if data.get("v") != 1:
-            raise ValueError(f"unknown envelope version {data.get('v')!r}")
-        return cls(data["accounts"], data["circuits"], data["hwm"],
-                   [OutboxItem.from_json(o) for o in data["outbox"]], data.get("updates", 0),
+        if not raw.startswith(MAGIC):
+            raise ValueError("not a mallwatt state envelope (unknown format)")
+        outbox, end = _read_outbox(raw)
+        data = json.loads(raw[end:])
+        return cls(data["accounts"], data["circuits"], data["hwm"], outbox, data.get("updates", 0),
                    data.get("holds", {}), data.get("extra", {}))
+
+
+MAGIC = b"MW\x02"
+
+
+def outbox_of(raw: bytes) -> list[OutboxItem]:
+    """Only the outputs of a stored change (what the forwarder needs)."""
+    if not raw.startswith(MAGIC):
+        raise ValueError("not a mallwatt state envelope (unknown format)")
+    return _read_outbox(raw)[0]
+
+
+def _read_outbox(raw: bytes) -> tuple[list[OutboxItem], int]:
+    (size,) = struct.unpack_from(">I", raw, len(MAGIC))
+    pos = len(MAGIC) + 4
+    end = pos + size
+    items: list[OutboxItem] = []
+    while pos < end:
+        t, k, v = struct.unpack_from(">HII", raw, pos)
+        pos += 10
+        topic = raw[pos:pos + t].decode()
+        pos += t
+        key = raw[pos:pos + k]
+        pos += k
+        items.append(OutboxItem(topic, key, raw[pos:pos + v]))
+        pos += v
+    if pos != end:
+        raise ValueError("corrupt state envelope: outbox length mismatch")
+    return items, end

@@ -8,11 +8,12 @@ a crash re-publishes, never loses. Output ids are deterministic, so consumers de
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
-from pipelines.envelope import Envelope
+from pipelines.envelope import outbox_of
 
 log = logging.getLogger("mallwatt.forwarder")
 
@@ -84,11 +85,11 @@ class Forwarder:
         if raw is None:  # a tombstone: bucket deleted, nothing to publish
             return
         try:
-            env = Envelope.from_bytes(raw)
-        except ValueError as exc:
+            outbox = outbox_of(raw)
+        except (ValueError, struct.error) as exc:
             log.error("forwarder: unreadable changelog record skipped: %s", exc)
             return
-        for item in env.outbox:
+        for item in outbox:
             while True:
                 try:
                     self._producer.produce(item.topic, key=item.key, value=item.value)

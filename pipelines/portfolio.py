@@ -276,7 +276,8 @@ def load_portfolio(path: str | Path) -> Portfolio:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read portfolio config ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        # the C loader when libyaml is there: a 50-mall portfolio loads in a fraction of the time
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

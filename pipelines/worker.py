@@ -45,7 +45,8 @@ def changelog_topic(app_id: str = APP_ID) -> str:
     return f"{app_id}-{TABLE_NAME}-changelog"
 
 
-def build_app(config_path: str, *, bootstrap: str | None = None, store: str | None = None) -> faust.App:
+def build_app(config_path: str, *, bootstrap: str | None = None, store: str | None = None,
+              holder: billing.ContextHolder | None = None) -> faust.App:
     partitions = T.default_partitions()
     datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID)))
     datadir.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         broker_session_timeout=float(os.environ.get("MALLWATT_SESSION_TIMEOUT_S", 10)),
         broker_heartbeat_interval=1.0,
     )
-    holder = billing.ContextHolder(config_path, partitions)
+    holder = holder or billing.ContextHolder(config_path, partitions)
     buckets = app.Table(TABLE_NAME, default=None, partitions=partitions,
                         key_type=bytes, value_type=bytes,
                         # the forwarder reads every changelog record: keep them uncompacted for a day
@@ -196,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        billing.ContextHolder(args.config, T.default_partitions())  # fail fast on a bad config
+        holder = billing.ContextHolder(args.config, T.default_partitions())  # fail fast on a bad config
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    app = build_app(args.config)
+    app = build_app(args.config, holder=holder)
     forwarder = None
     if not args.no_forwarder:
         forwarder = Forwarder(bootstrap_servers(), changelog_topic(), group=f"{APP_ID}-forwarder")

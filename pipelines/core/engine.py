@@ -194,7 +194,7 @@ def _process_batch(
     outputs = BatchOutputs(
         intervals=intervals, rated=rated, ledger=ledger, alerts=_alerts(out.alerts),
         commands=cols.frame_from_rows(COMMAND_SCHEMA, out.commands),
-        rejected_readings=rej_r if rej_r.schema == REJECT_SCHEMA else rej_r.cast(REJECT_SCHEMA),
+        rejected_readings=rej_r,  # REJECT_SCHEMA already (interval._concat_rejects)
         rejected_payments=cols.frame_from_rows(PAYMENT_REJECT_SCHEMA, out.rejected))
     if timings is not None:
         timings.update(interval=t1 - t0, tariff=t2 - t1, wallet=time.perf_counter() - t2)

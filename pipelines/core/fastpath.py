@@ -40,7 +40,7 @@ class Charges:
     """One charge per (interval, period, tier, price). Arrays are in posting order, (account,
     end_ms, entry id); ``frame`` rows are not (``row`` maps a charge to its frame row)."""
 
-    frame: pl.DataFrame  # CHARGE_KEYS + meter_id, start_ms, piece_ms, energy_wh, amount_n, estimated
+    frame: pl.DataFrame  # CHARGE_KEYS + meter_id, start_ms, piece_ms, energy_wh, amount_n, estimated (+ month)
     row: np.ndarray
     aidx: np.ndarray  # account rank
     end_day: np.ndarray  # local date of end_ms (days since 1970-01-01)
@@ -77,7 +77,7 @@ def charges(r: Rated, lk: Lookup) -> Charges:
                                                                "pcode", "tier", "price_u")]
         frame = g.drop("aidx", "end_day", "cidx", "pcode")
     else:  # one row per interval (the common case): the rated rows are the charges, in order
-        frame = pl.DataFrame([c for c in rated.get_columns() if c.name != "month"])
+        frame = rated  # its extra "month" column is never read
         arrays = [r.aidx, r.end_day, r.end_ms, r.amount_n, r.cidx, r.period, r.tier, r.price_u]
     row = np.arange(frame.height)
     a, end = arrays[0], arrays[2]
@@ -326,8 +326,12 @@ _KINDS = pl.Series("kind", ["charge", "standing_charge"], dtype=pl.String)
 
 def _rates(price: np.ndarray, lk: Lookup) -> pl.Series:
     """Ledger ``rate`` text of each price (exact decimal, no trailing zeros), cached per price."""
-    uniq, inv = cols.codes(price)
     known = lk.rate_strs
+    if price.size <= cols.SMALL:
+        plist = price.tolist()
+        if all(p in known for p in plist):
+            return cols.series("rate", [known[p] for p in plist], pl.String)
+    uniq, inv = cols.codes(price)
     miss = [p for p in uniq.tolist() if p not in known]
     if miss:
         txt = pl.DataFrame({"p": miss}, schema={"p": pl.Int64}).select(

@@ -120,60 +120,52 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             if rejected:
                 await to_dead_letter(event, "routing", "; ".join(rejected[:20]))
 
-    @app.agent(payments_topic)
-    async def on_payments(stream: faust.Stream) -> None:
+    async def per_account(stream: faust.Stream, schema: str, account_of: Any, apply: Any) -> None:
+        """Messages that each move one account: decode, check ownership, apply once."""
         async for event in stream.events():
             msg = event.message
             source = f"{msg.topic}:{msg.partition}"
             try:
-                payment = codec.decode("Payment", msg.value)
+                record = codec.decode(schema, msg.value)
             except codec.DecodeError as exc:
                 await to_dead_letter(event, "decode", str(exc))
                 continue
             ctx = holder.current()
-            account = payment["account_id"]
-            if account not in ctx.accounts:
-                await to_dead_letter(event, "routing", f"unknown account {account!r}")
-                continue
-            if account_shard(account, ctx.partitions) != msg.partition:
-                await to_dead_letter(event, "routing", f"account {account!r} belongs to partition "
-                                     f"{account_shard(account, ctx.partitions)}, not {msg.partition}")
+            account, problem = account_of(record, ctx)
+            owner = account_shard(account, ctx.partitions) if account else None
+            if problem is None and owner != msg.partition:
+                problem = f"account {account!r} belongs to partition {owner}, not {msg.partition}"
+            if problem is not None:
+                await to_dead_letter(event, "routing", problem)
                 continue
             key = bucket_key(account, ctx.partitions)
             env = load(key)
             if env.applied(source, msg.offset):
                 continue
             try:
-                store(key, billing.apply_payment(env, payment, ctx, source, msg.offset))
-            except Exception as exc:
-                log.exception("payment %s failed", payment.get("payment_id"))
+                store(key, apply(env, record, ctx, source, msg.offset))
+            except Exception as exc:  # one bad message must not stop the agent
+                log.exception("%s at %s@%s failed", schema, source, msg.offset)
                 await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
+
+    def payment_account(payment: dict[str, Any], ctx: Any) -> tuple[str, str | None]:
+        account = payment["account_id"]
+        return account, None if account in ctx.accounts else f"unknown account {account!r}"
+
+    def operator_account(command: dict[str, Any], ctx: Any) -> tuple[str, str | None]:
+        route = ctx.meter_route.get(command["meter_id"])
+        if route is None or route.account_id != command["account_id"]:
+            return command["account_id"], (f"meter {command['meter_id']!r} is not a meter of account "
+                                           f"{command['account_id']!r} in the current config")
+        return route.account_id, None
+
+    @app.agent(payments_topic)
+    async def on_payments(stream: faust.Stream) -> None:
+        await per_account(stream, "Payment", payment_account, billing.apply_payment)
 
     @app.agent(operator_topic)
     async def on_operator(stream: faust.Stream) -> None:
-        async for event in stream.events():
-            msg = event.message
-            source = f"{msg.topic}:{msg.partition}"
-            try:
-                command = codec.decode("OperatorCommand", msg.value)
-            except codec.DecodeError as exc:
-                await to_dead_letter(event, "decode", str(exc))
-                continue
-            ctx = holder.current()
-            route = ctx.meter_route.get(command["meter_id"])
-            if route is None or route.account_id != command["account_id"]:
-                await to_dead_letter(event, "routing", f"meter {command['meter_id']!r} is not a meter of "
-                                     f"account {command['account_id']!r} in the current config")
-                continue
-            if account_shard(route.account_id, ctx.partitions) != msg.partition:
-                await to_dead_letter(event, "routing", f"account {route.account_id!r} is not owned by "
-                                     f"partition {msg.partition}")
-                continue
-            key = bucket_key(route.account_id, ctx.partitions)
-            env = load(key)
-            if env.applied(source, msg.offset):
-                continue
-            store(key, billing.apply_operator(env, command, ctx, source, msg.offset))
+        await per_account(stream, "OperatorCommand", operator_account, billing.apply_operator)
 
     @app.timer(interval=5.0)
     async def reload_config() -> None:

@@ -48,6 +48,7 @@ RELAY_OUTCOMES = "mallwatt.relay-outcomes"
 COLLECTOR_EVENTS = "mallwatt.collector-events"
 OPERATOR_COMMANDS = "mallwatt.operator-commands"
 DEADLETTER = "mallwatt.deadletter"
+POSTINGS = "mallwatt.postings"
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
@@ -100,6 +101,13 @@ TOPICS: tuple[TopicSpec, ...] = (
         key="source topic name: failures group by where they came from",
         value="dead_letter",
         retention_ms=30 * DAY_MS,
+    ),
+    TopicSpec(
+        POSTINGS,
+        key="account id, produced to partition account_shard(account): common-area shares, "
+        "adjustments and opening balances reach the worker that owns the account's wallet",
+        value="ledger_posting",
+        retention_ms=INFINITE,  # money input, like payments
     ),
 )
 

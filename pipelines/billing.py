@@ -16,6 +16,7 @@ import polars as pl
 from infra import topics as T
 from pipelines.context import BillingContext, build_context
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
+from pipelines.core.postings import apply_postings
 from pipelines.envelope import BUCKETS_PER_PARTITION, Envelope, OutboxItem, bucket_key
 from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.portfolio import load_portfolio
@@ -100,6 +101,27 @@ def apply_payment(env: Envelope, payment: dict[str, Any], ctx: BillingContext, s
            "amount_minor": payment["amount_minor"], "kind": str(payment["kind"]).lower(),
            "reverses_payment_id": payment.get("reverses_payment_id")}
     return _step({"_": env}, None, [row], ctx, source, offset, lambda _a: "_")["_"]
+
+
+def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, source: str,
+                  offset: int) -> Envelope:
+    """A LedgerPosting through the account's wallet; a rejected one (not a duplicate) raises an alert."""
+    state = CoreState.from_dict({"circuits": env.circuits, "accounts": env.accounts})
+    new_state, out = apply_postings(state, [posting], ctx.rating)
+    holds = {"_": {m: list(h) for m, h in env.holds.items()}}
+    tagged = outbox_items(out, ctx) + gate_wallet_commands(out, holds, ctx, lambda _a: "_")
+    for row in out.rejected_payments.iter_rows(named=True):
+        if row["reason"] == "duplicate":
+            continue
+        alert = {"alert_id": f"{row['payment_id']}:rejected", "kind": "rejected_posting", "severity": "WARNING",
+                 "mall_id": ctx.account_mall.get(row["account_id"], "unknown"), "account_id": row["account_id"],
+                 "meter_id": None, "ts_ms": row["ts_ms"], "message": f"posting {row['payment_id']} not applied: "
+                 f"{row['reason']}", "details": {"amount_minor": str(row["amount_minor"]), "reason": row["reason"]}}
+        tagged.append((row["account_id"], OutboxItem(T.ALERTS, row["account_id"].encode(),
+                                                      codec.encode("Alert", alert))))
+    data = new_state.to_dict()
+    return Envelope(accounts=data["accounts"], circuits=env.circuits, hwm={**env.hwm, source: offset},
+                    outbox=[item for _, item in tagged], updates=env.updates + 1, holds=holds["_"], extra=env.extra)
 
 
 def apply_readings_many(envs: dict[str, Envelope], frames: dict[str, pl.DataFrame], ctx: BillingContext,

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "worker": ("pipelines.worker", "main", "run the billing stream worker (faust agents)"),
     "sink": ("pipelines.sink", "main", "copy Kafka topics into ClickHouse and serve warehouse queries"),
     "topup": ("pipelines.payments_cli", "main", "publish a merchant top-up (payment) to Kafka"),
+    "post": ("pipelines.postings_cli", "main", "post ledger postings (shared costs, adjustments) to wallets"),
     "power": ("pipelines.power_cli", "main", "remote power off/on for a meter, area, account or mall"),
     "sql": ("infra.sql_cli", "main", "run a SQL statement against the warehouse and print a table"),
     "query": ("infra.sql_cli", "query_main", "run a named analytics query from sql/queries"),

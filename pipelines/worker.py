@@ -81,6 +81,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     readings_topic = app.topic(T.READINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     payments_topic = app.topic(T.PAYMENTS, key_type=bytes, value_type=bytes, partitions=partitions)
     operator_topic = app.topic(T.OPERATOR_COMMANDS, key_type=bytes, value_type=bytes, partitions=partitions)
+    postings_topic = app.topic(T.POSTINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     dlq_topic = app.topic(T.DEADLETTER, key_type=bytes, value_type=bytes)
 
     async def to_dead_letter(event: Any, stage: str, reason: str) -> None:
@@ -162,6 +163,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     @app.agent(payments_topic)
     async def on_payments(stream: faust.Stream) -> None:
         await per_account(stream, "Payment", payment_account, billing.apply_payment)
+
+    @app.agent(postings_topic)
+    async def on_postings(stream: faust.Stream) -> None:
+        await per_account(stream, "LedgerPosting", payment_account, billing.apply_posting)
 
     @app.agent(operator_topic)
     async def on_operator(stream: faust.Stream) -> None:

@@ -31,6 +31,7 @@ SCHEMA_FILES: dict[str, str] = {
     "CollectorEvent": "collector_event.avsc",
     "OperatorCommand": "operator_command.avsc",
     "DeadLetter": "dead_letter.avsc",
+    "LedgerPosting": "ledger_posting.avsc",
 }
 
 

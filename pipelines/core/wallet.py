@@ -48,15 +48,18 @@ class AccountState:
     reversed: list[str] = field(default_factory=list)
     tier_month: int = 0
     tier_wh: int = 0
+    postings: list[str] = field(default_factory=list)  # entry ids of applied LedgerPostings
 
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__} | {  # type: ignore[attr-defined]
-            "fired_levels": list(self.fired_levels), "payments": dict(self.payments), "reversed": list(self.reversed)}
+            "fired_levels": list(self.fired_levels), "payments": dict(self.payments), "reversed": list(self.reversed),
+            "postings": list(self.postings)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AccountState:
         return cls(**{**d, "fired_levels": list(d.get("fired_levels", [])),
-                      "payments": dict(d.get("payments", {})), "reversed": list(d.get("reversed", []))})
+                      "payments": dict(d.get("payments", {})), "reversed": list(d.get("reversed", [])),
+                      "postings": list(d.get("postings", []))})
 
     def copy(self) -> AccountState:
         """An independent copy (positional: this runs for every touched account of a batch)."""
@@ -64,7 +67,7 @@ class AccountState:
             self.account_id, self.balance, self.acc_n, self.debt, self.ec_owed, list(self.fired_levels),
             self.warning_fired, self.warn_pending, self.relay, self.trip_reason, self.deferred, self.standing_day,
             self.recovery_period, self.recovered_in_period, dict(self.payments), list(self.reversed),
-            self.tier_month, self.tier_wh)
+            self.tier_month, self.tier_wh, list(self.postings))
 
     @property
     def tiers(self) -> TierCounter:
@@ -93,6 +96,21 @@ class Payment:
     amount_minor: int
     kind: str = "topup"  # topup | reversal | refund
     reverses_payment_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    """A money movement decided outside the wallet (shared cost, adjustment, opening balance)."""
+
+    entry_id: str  # final: the wallet posts it at most once
+    kind: str  # shared_cost | adjustment | opening_balance
+    amount_minor: int  # signed: credits positive, debits negative
+    ts_ms: int
+    source_id: str
+    rate: str | None = None
+
+
+POSTING_KINDS = ("shared_cost", "adjustment", "opening_balance")
 
 
 @dataclass
@@ -242,6 +260,23 @@ class Wallet:
             self._after_debit(p.ts_ms, p.payment_id)
         else:
             self._reject(p, f"unknown payment kind {p.kind}")
+
+    def posting(self, p: Posting) -> None:
+        s = self.s
+        if p.entry_id in s.postings or p.kind not in POSTING_KINDS or p.amount_minor == 0:
+            reason = "duplicate" if p.entry_id in s.postings else (
+                f"unknown posting kind {p.kind}" if p.kind not in POSTING_KINDS else "zero amount")
+            self.o.rejected.append({"payment_id": p.entry_id, "account_id": s.account_id, "ts_ms": p.ts_ms,
+                                    "amount_minor": p.amount_minor, "kind": p.kind, "reason": reason})
+            return
+        self._periodic(p.ts_ms)
+        s.postings.append(p.entry_id)
+        self._entry(p.entry_id, p.kind, p.amount_minor, p.ts_ms, p.source_id)
+        self.o.ledger[-1]["rate"] = p.rate
+        if p.amount_minor < 0:
+            self._after_debit(p.ts_ms, p.entry_id)
+        else:
+            self._after_credit(p.ts_ms, p.entry_id)
 
     # -- thresholds -------------------------------------------------------------------------
     def _after_debit(self, ts: int, cause: str) -> None:

@@ -138,3 +138,13 @@ def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict
     assert back["reason"] == "operator"
     # the top-up in between never produced a reconnect of its own
     assert [c["action"] for c in commands.seen if c["meter_id"] == meter.id] == ["TRIP", "RECONNECT"]
+    # a shared-cost posting reaches the wallet through its own topic, once
+    posting = {"entry_id": f"{merchant.id}:shr:P1:2026-07", "account_id": merchant.id, "mall_id": mall.id,
+               "kind": "shared_cost", "amount_minor": -123, "ts_ms": T0 + 2, "source_id": "P1|area|2026-07|999",
+               "rate": "0.123123"}
+    for _ in range(2):
+        producer.produce(T.POSTINGS, key=merchant.id.encode(), partition=shard,
+                         value=codec.encode("LedgerPosting", posting))
+    producer.flush(10)
+    entry = ledger.wait_for(lambda e: e["entry_id"] == posting["entry_id"])
+    assert entry["kind"] == "shared_cost" and entry["balance_after_minor"] == 9000 - 123

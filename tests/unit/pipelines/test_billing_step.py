@@ -121,3 +121,45 @@ def test_sustained_overload_trips_once_and_a_spike_does_not(ctx: billing.Billing
     env = billing.apply_payment(env, {"payment_id": "p-more", "account_id": account, "ts_ms": T0 + n * 10_000,
                                       "amount_minor": 100, "kind": "TOPUP"}, ctx, "payments:0", 1)
     assert _decoded(env, "mallwatt.relay-commands", "RelayCommand") == []
+
+
+def test_shared_cost_posting_moves_money_once_and_can_trip(ctx: billing.BillingContext) -> None:
+    account, meter, _ = _merchant(ctx)
+    env = billing.apply_payment(Envelope(), {"payment_id": "p-s", "account_id": account, "ts_ms": T0,
+                                             "amount_minor": 500, "kind": "TOPUP"}, ctx, "payments:0", 0)
+    posting = {"entry_id": f"{account}:shr:M01-P-hvac:2026-07", "account_id": account, "mall_id": "M01",
+               "kind": "shared_cost", "amount_minor": -700, "ts_ms": T0 + 1, "source_id": "M01-P-hvac|area|2026-07|9000",
+               "rate": "0.077778"}
+    env = billing.apply_posting(env, posting, ctx, "postings:0", 0)
+    ledger = _decoded(env, "mallwatt.ledger", "LedgerEntry")
+    # 500 - 700 = -200: at or below the cutoff 0, so the shared cost trips the relay like any debit
+    assert [(e["kind"], e["amount_minor"], e["balance_after_minor"], e["rate"]) for e in ledger] == [
+        ("shared_cost", -700, -200, "0.077778")]
+    assert [(c["action"], c["reason"]) for c in _decoded(env, "mallwatt.relay-commands", "RelayCommand")] == [
+        ("TRIP", "credit")]
+    # the same entry id again (a re-run of the allocation) moves nothing and raises no alert
+    again = billing.apply_posting(env, {**posting, "ts_ms": T0 + 2}, ctx, "postings:0", 1)
+    assert again.outbox == [] and again.accounts[account]["balance"] == -200
+
+
+def test_unknown_posting_kind_is_refused_with_an_alert(ctx: billing.BillingContext) -> None:
+    account, _, _ = _merchant(ctx)
+    env = billing.apply_posting(Envelope(), {"entry_id": "x1", "account_id": account, "mall_id": "M01",
+                                             "kind": "gift", "amount_minor": 100, "ts_ms": T0, "source_id": "?"},
+                                ctx, "postings:0", 0)
+    alerts = _decoded(env, "mallwatt.alerts", "Alert")
+    assert [a["kind"] for a in alerts] == ["rejected_posting"] and "unknown posting kind gift" in alerts[0]["message"]
+    assert _decoded(env, "mallwatt.ledger", "LedgerEntry") == []
+
+
+def test_post_cli_names_the_bad_line() -> None:
+    from pipelines.postings_cli import parse_lines
+
+    good = '{"entry_id": "a", "account_id": "A", "mall_id": "M", "kind": "adjustment", "amount_minor": 5, ' \
+           '"ts_ms": 1, "source_id": "s"}'
+    assert parse_lines([good, ""], "f.jsonl")[0]["amount_minor"] == 5
+    with pytest.raises(ValueError, match=r"f.jsonl:2: missing field\(s\) ts_ms"):
+        parse_lines([good, '{"entry_id": "b", "account_id": "A", "mall_id": "M", "kind": "adjustment", '
+                           '"amount_minor": 5, "source_id": "s"}'], "f.jsonl")
+    with pytest.raises(ValueError, match="amount_minor must be an integer"):
+        parse_lines([good.replace('"amount_minor": 5', '"amount_minor": 5.5')], "f.jsonl")

@@ -1,0 +1,70 @@
+"""`mallwatt post`: publish ledger postings (JSON lines) to the wallets.
+
+    mallwatt bills allocate --month 2026-10 | mallwatt post -
+
+Each line is a LedgerPosting (schemas/ledger_posting.avsc): entry_id, account_id, mall_id, kind
+(shared_cost | adjustment | opening_balance), amount_minor (signed), ts_ms, source_id, rate.
+The entry id is final: posting the same file twice moves money once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from infra import topics as T
+from infra.broker import bootstrap_servers
+from schemas import codec
+from schemas.keys import account_shard
+
+REQUIRED = ("entry_id", "account_id", "mall_id", "kind", "amount_minor", "ts_ms", "source_id")
+
+
+def parse_lines(lines: list[str], source: str) -> list[dict[str, Any]]:
+    """Postings from JSON lines; a bad line is an error naming the file, line and field."""
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}:{number}: not JSON ({exc.msg})") from None
+        missing = [f for f in REQUIRED if f not in record]
+        if missing:
+            raise ValueError(f"{source}:{number}: missing field(s) {', '.join(missing)}")
+        if not isinstance(record["amount_minor"], int) or isinstance(record["amount_minor"], bool):
+            raise ValueError(f"{source}:{number}: amount_minor must be an integer (minor units)")
+        out.append({**{f: record[f] for f in REQUIRED}, "rate": record.get("rate")})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mallwatt post", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", help="JSON lines file, or - for standard input")
+    parser.add_argument("--dry-run", action="store_true", help="validate only, publish nothing")
+    args = parser.parse_args(argv)
+    try:
+        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()  # noqa: SIM115
+        postings = parse_lines(text.splitlines(), "<stdin>" if args.file == "-" else args.file)
+    except (OSError, ValueError) as exc:
+        print(f"mallwatt post: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"{len(postings)} posting(s) valid; nothing published")
+        return 0
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap_servers(), "enable.idempotence": True})
+    partitions = T.default_partitions()
+    for p in postings:
+        producer.produce(T.POSTINGS, key=p["account_id"].encode(), value=codec.encode("LedgerPosting", p),
+                         partition=account_shard(p["account_id"], partitions))
+    if producer.flush(30):
+        print("mallwatt post: Kafka did not confirm every posting; post the same file again", file=sys.stderr)
+        return 1
+    print(f"published {len(postings)} posting(s)")
+    return 0

@@ -39,7 +39,8 @@ import pyarrow as pa
 from pipelines.context import landlord_account
 from pipelines.generate import GUANGDONG_HOURS, generate
 from pipelines.portfolio import Portfolio, parse_portfolio
-from pipelines.sink_tables import LEDGER_SCHEMA, readings_to_arrow
+from pipelines.sink import DEFAULT_MAX_ROWS
+from pipelines.sink_tables import LEDGER_SCHEMA, insert_arrow, readings_to_arrow
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PATH = REPO / "var" / "bench" / "chdb-warehouse"
@@ -237,10 +238,13 @@ def ledger_rows(syn: Synthetic, frames: list[pl.DataFrame] | None = None) -> pa.
     return ledger.to_arrow(compat_level=pl.CompatLevel.oldest()).cast(LEDGER_SCHEMA)
 
 
-def insert_readings(client: Any, frame: pl.DataFrame, token: str) -> None:
-    """The sink's insert of a readings buffer (pipelines.sink.Sink._write)."""
-    client.insert_arrow("mallwatt.readings", readings_to_arrow([frame]),
-                        settings={"insert_deduplication_token": token})  # fmt: skip
+def insert_readings(client: Any, frame: pl.DataFrame, token: str,
+                    batch_rows: int = DEFAULT_MAX_ROWS) -> None:  # fmt: skip
+    """The sink's inserts of `frame` (pipelines.sink.Sink._write): batches of the sink's
+    default size, Arrow conversion included, each with its own dedup token."""
+    for i, start in enumerate(range(0, frame.height, batch_rows)):
+        table = readings_to_arrow([frame.slice(start, batch_rows)])
+        insert_arrow(client, "mallwatt.readings", table, f"{token}-{i}")
 
 
 def synthetic_dataset(client: Any, syn: Synthetic) -> dict[str, Any]:
@@ -336,7 +340,7 @@ def run_bench(path: Path, scale: float, days: int, step_min: int, repeat: int,
     with wh.open_owner(path, serve=False, migrate=False) as owner:
         log("merging parts")
         t0 = time.perf_counter()
-        for table in ("readings_15m", "circuit_daily", "ledger_tou_hourly", "ledger_hourly"):
+        for table in ("readings_15m_v2", "circuit_daily", "ledger_tou_hourly", "ledger_hourly"):
             _optimize(owner.client, table, log)
         out["optimize_s"] = round(time.perf_counter() - t0, 1)
         sizes = owner.client.query(

@@ -44,6 +44,7 @@ from pipelines.sink_tables import (
     TopicTable,
     dead_letter_row,
     drop_known_ledger_rows,
+    insert_arrow,
 )
 from schemas import codec
 
@@ -52,6 +53,9 @@ log = logging.getLogger("mallwatt.sink")
 GROUP_ID = "mallwatt-sink"
 STAGE = "sink"
 DEFAULT_TOPICS = tuple(TOPIC_TABLES)
+# Rows per table per insert: every insert makes one part per table and rollup plus a
+# watermark row and a commit, so small batches pay that many times (docs/warehouse.md).
+DEFAULT_MAX_ROWS = 250_000
 
 
 def default_bootstrap() -> str:
@@ -117,7 +121,7 @@ class Sink:
         *,
         topics: Iterable[str] = DEFAULT_TOPICS,
         group_id: str = GROUP_ID,
-        max_rows: int = 50_000,
+        max_rows: int = DEFAULT_MAX_ROWS,
         max_delay: float = 1.0,
         stop_event: threading.Event,
         consumer_config: dict[str, Any] | None = None,
@@ -260,9 +264,7 @@ class Sink:
         if table is not None and buf.spec.topic == LEDGER_TOPIC:
             table = drop_known_ledger_rows(table, self.client)
         if table is not None and table.num_rows:
-            self.client.insert_arrow(
-                buf.spec.table, table, settings={"insert_deduplication_token": token}
-            )
+            insert_arrow(self.client, buf.spec.table, table, token)
         # Dead letters of this batch must be durable before its offsets are committed.
         if self.producer.flush(10) > 0:
             raise RuntimeError("dead-letter producer did not drain")
@@ -272,7 +274,8 @@ class Sink:
             for p, r in buf.ranges.items()
         ]
         ts = pa.timestamp("ms", tz="UTC")
-        self.client.insert_arrow(
+        insert_arrow(
+            self.client,
             f"{warehouse.DATABASE}.ingest_watermark",
             pa.table(
                 {
@@ -309,7 +312,7 @@ def run_sink(
     chdb_path: str | os.PathLike[str] | None = None,
     topics: Iterable[str] = DEFAULT_TOPICS,
     group_id: str = GROUP_ID,
-    max_rows: int = 50_000,
+    max_rows: int = DEFAULT_MAX_ROWS,
     max_delay: float = 1.0,
     serve: bool = True,
     consumer_config: dict[str, Any] | None = None,
@@ -359,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--topics", nargs="+", default=list(DEFAULT_TOPICS), choices=list(DEFAULT_TOPICS)
     )
-    parser.add_argument("--max-rows", type=int, default=50_000, help="rows per table per insert")
+    parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows per table per insert")
     parser.add_argument("--max-delay", type=float, default=1.0, help="seconds a row may wait")
     parser.add_argument("--no-serve", action="store_true", help="do not serve the query endpoint")
     parser.add_argument("--config", help="portfolio YAML: load the analytics dimensions at start")

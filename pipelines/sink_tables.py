@@ -77,6 +77,52 @@ def readings_to_arrow(frames: list[pl.DataFrame]) -> pa.Table:
     return pl.concat(frames, how="vertical").to_arrow(compat_level=pl.CompatLevel.oldest())
 
 
+# --- inserting ------------------------------------------------------------------------
+
+# Every sink insert runs with these (measured, docs/warehouse.md "Benchmark"):
+#   optimize_on_insert = 0        no collapsing pass over each new part of the Replacing /
+#                                 Aggregating tables; merges and FINAL do it anyway (the
+#                                 rollups are duplicate-insensitive, reads use FINAL)
+#   parallel_view_processing = 1  the materialized views of one block run side by side
+INSERT_SETTINGS = {"optimize_on_insert": 0, "parallel_view_processing": 1}
+
+
+def _chdb_handle(client: Any) -> Any:
+    """The embedded engine handle behind a clickhouse-connect chDB client, else None."""
+    handle = getattr(getattr(client, "_backend", None), "_handle", None)
+    if handle is None or not hasattr(handle, "conn") or not hasattr(handle, "lock"):
+        return None
+    return handle
+
+
+def insert_arrow(client: Any, table: str, data: pa.Table, token: str | None = None) -> None:
+    """Insert an Arrow table with the sink's settings and an optional dedup token.
+
+    Embedded chDB: `INSERT ... SELECT * FROM Python(data)` reads the Arrow buffers in
+    place (measured 2.4M rows/s into a Null table, against ~0.55M for clickhouse-connect's
+    `insert_arrow`, which writes an Arrow IPC temp file and parses it back). A server gets
+    the ordinary `insert_arrow`.
+    """
+    settings: dict[str, Any] = dict(INSERT_SETTINGS)
+    if token is not None:
+        settings["insert_deduplication_token"] = token
+    handle = _chdb_handle(client)
+    if handle is None:
+        client.insert_arrow(table, data, settings=settings)
+        return
+    cols = ", ".join(f"`{name}`" for name in data.column_names)
+    clause = ", ".join(
+        f"{k} = '{v}'" if isinstance(v, str) else f"{k} = {v}" for k, v in settings.items()
+    )
+    # chDB resolves Python(name) against the calling frame's local variables.
+    __mallwatt_rows = data  # noqa: F841
+    sql = f"INSERT INTO {table} ({cols}) SETTINGS {clause} SELECT * FROM Python(__mallwatt_rows)"
+    with handle.lock:
+        if handle.conn is None:
+            raise RuntimeError("the warehouse client has been closed")
+        handle.conn.query(sql, "TabSeparated")
+
+
 # --- row-wise topics ------------------------------------------------------------------
 
 

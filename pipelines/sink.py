@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--topics", nargs="+", default=list(DEFAULT_TOPICS), choices=list(DEFAULT_TOPICS)
     )
-    parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows per table per insert")
+    parser.add_argument(
+        "--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows per table per insert"
+    )
     parser.add_argument("--max-delay", type=float, default=1.0, help="seconds a row may wait")
     parser.add_argument("--no-serve", action="store_true", help="do not serve the query endpoint")
     parser.add_argument("--config", help="portfolio YAML: load the analytics dimensions at start")

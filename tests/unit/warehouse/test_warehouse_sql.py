@@ -64,9 +64,8 @@ def test_migrations_are_ordered_and_split_cleanly() -> None:
                 target = statement.split()[2]
                 assert target in created, (m.path, statement[:80])
                 continue
-            assert (
-                "IF NOT EXISTS" in upper
-                or upper.startswith(("DROP VIEW IF EXISTS", "CREATE OR REPLACE VIEW"))
+            assert "IF NOT EXISTS" in upper or upper.startswith(
+                ("DROP VIEW IF EXISTS", "CREATE OR REPLACE VIEW")
             ), (m.path, statement[:80])
 
 

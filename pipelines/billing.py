@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,26 +75,32 @@ def _circuit_routes(ctx: BillingContext) -> pl.DataFrame:
     return frame
 
 
-def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int
-                   ) -> tuple[dict[str, pl.DataFrame], list[str]]:
-    """Readings grouped by state bucket; readings that cannot be billed here are named with why."""
+@dataclass
+class Routed:
+    """The readings of one message this partition can bill, and the state buckets they touch."""
+
+    frame: pl.DataFrame  # the batch's columns plus `bucket`
+    buckets: list[str]
+    rejected: list[str]  # why other readings of the message cannot be billed here
+
+
+def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int) -> Routed:
     joined = frame.join(_circuit_routes(ctx), on="circuit_id", how="left")
     rejected: list[str] = []
-    unknown = joined.filter(pl.col("bucket").is_null())
-    if unknown.height:
-        ids = unknown["circuit_id"].unique().sort().to_list()
-        rejected.append(f"{unknown.height} reading(s) of unknown circuit(s) {ids[:10]}")
-    misrouted = joined.filter(pl.col("bucket").is_not_null() & (pl.col("shard") != partition))
-    if misrouted.height:
-        ids = misrouted["circuit_id"].unique().sort().to_list()
-        rejected.append(f"{misrouted.height} reading(s) on partition {partition} belong to another shard: {ids[:10]}")
-    ok = joined.filter(pl.col("shard") == partition)
-    groups = {str(key[0]): part for key, part in ok.partition_by("bucket", as_dict=True).items()} if ok.height else {}
-    return groups, rejected
+    if joined["bucket"].null_count():
+        ids = joined.filter(pl.col("bucket").is_null())["circuit_id"].unique().sort().to_list()
+        rejected.append(f"{joined['bucket'].null_count()} reading(s) of unknown circuit(s) {ids[:10]}")
+    wrong = joined.filter(pl.col("bucket").is_not_null() & (pl.col("shard") != partition))
+    if wrong.height:
+        ids = wrong["circuit_id"].unique().sort().to_list()
+        rejected.append(f"{wrong.height} reading(s) on partition {partition} belong to another shard: {ids[:10]}")
+    ok = joined.filter(pl.col("shard") == partition) if rejected else joined
+    return Routed(ok, ok["bucket"].unique().to_list(), rejected)
 
 
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
-    return apply_readings_many({"_": env}, {"_": readings}, ctx, source, offset, lambda _a: "_")["_"]
+    """Readings of one bucket (tests and tools; the worker uses apply_readings_many)."""
+    return _step({"_": env}, readings, None, ctx, source, offset, lambda _a: "_")["_"]
 
 
 def apply_payment(env: Envelope, payment: dict[str, Any], ctx: BillingContext, source: str, offset: int) -> Envelope:
@@ -124,15 +131,18 @@ def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, s
                     outbox=[item for _, item in tagged], updates=env.updates + 1, holds=holds["_"], extra=env.extra)
 
 
-def apply_readings_many(envs: dict[str, Envelope], frames: dict[str, pl.DataFrame], ctx: BillingContext,
-                        source: str, offset: int, bucket_of: Any = None) -> dict[str, Envelope]:
-    """One core call for every bucket a message touches (the core's cost is mostly per call);
-    buckets that already applied this offset are left out. Returns the changed envelopes."""
-    todo = [k for k in frames if not envs[k].applied(source, offset)]
+def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingContext, source: str,
+                        offset: int) -> dict[str, Envelope]:
+    """One core call for every bucket a message touches (the core's cost is mostly per call).
+    Buckets that already applied this offset (a replay after a crash) are left out. Returns the
+    changed envelopes."""
+    todo = [k for k in routed.buckets if not envs[k].applied(source, offset)]
     if not todo:
         return {}
-    frame = pl.concat([frames[k] for k in todo], how="vertical_relaxed")
-    return _step({k: envs[k] for k in todo}, frame, None, ctx, source, offset, bucket_of)
+    frame = routed.frame
+    if len(todo) < len(routed.buckets):
+        frame = frame.filter(pl.col("bucket").is_in(todo))
+    return _step({k: envs[k] for k in todo}, frame, None, ctx, source, offset)
 
 
 def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,

@@ -110,16 +110,16 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 continue
             ctx = holder.current()
             try:
-                routed, rejected = billing.route_readings(frame, ctx, msg.partition)
-                envs = {key: load(key) for key in routed}
+                routed = billing.route_readings(frame, ctx, msg.partition)
+                envs = {key: load(key) for key in routed.buckets}
                 for key, env in billing.apply_readings_many(envs, routed, ctx, source, msg.offset).items():
                     store(key, env)
             except Exception as exc:  # a bug or bad data must not stop billing for everyone
                 log.exception("reading batch %s failed", record.get("batch_id"))
                 await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
                 continue
-            if rejected:
-                await to_dead_letter(event, "routing", "; ".join(rejected[:20]))
+            if routed.rejected:
+                await to_dead_letter(event, "routing", "; ".join(routed.rejected))
 
     async def per_account(stream: faust.Stream, schema: str, account_of: Any, apply: Any) -> None:
         """Messages that each move one account: decode, check ownership, apply once."""

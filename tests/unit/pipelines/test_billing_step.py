@@ -48,12 +48,12 @@ def test_routing_rejects_unknown_and_misrouted(ctx: billing.BillingContext) -> N
     frame = pl.concat([_readings(account, meter, circuit, [1.0, 2.0]),
                        _readings("X", "ghost", "ghost.1", [1.0])])
     right = account_shard(account, PARTITIONS)
-    groups, rejected = billing.route_readings(frame, ctx, right)
-    assert list(groups) == [bucket_key(account, PARTITIONS)]
-    assert groups[bucket_key(account, PARTITIONS)].height == 2
-    assert any("unknown circuit" in r and "ghost.1" in r for r in rejected)
-    _, rejected = billing.route_readings(frame, ctx, (right + 1) % PARTITIONS)
-    assert any("another shard" in r for r in rejected)
+    routed = billing.route_readings(frame, ctx, right)
+    assert routed.buckets == [bucket_key(account, PARTITIONS)]
+    assert routed.frame.height == 2
+    assert any("unknown circuit" in r and "ghost.1" in r for r in routed.rejected)
+    routed = billing.route_readings(frame, ctx, (right + 1) % PARTITIONS)
+    assert routed.buckets == [] and any("another shard" in r for r in routed.rejected)
 
 
 def test_topup_charge_and_trip_in_outbox(ctx: billing.BillingContext) -> None:

@@ -103,10 +103,13 @@ def committed_total(consumer: Consumer, group_consumer: Consumer, topic: str) ->
 
 def run_worker(config: Path, bootstrap: str, app_id: str,
                extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The worker with its forwarder in a second process (one core each, as deployed)."""
     env = {**os.environ, "MALLWATT_KAFKA": bootstrap, "MALLWATT_APP_ID": app_id, **(extra_env or {})}
     out = open(BENCH_DIR / f"{app_id}.log", "wb")  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "worker", "--config", str(config)], cwd=ROOT,
-                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = (f"{sys.executable} -m pipelines.cli forward & "
+           f"exec {sys.executable} -m pipelines.cli worker --no-forwarder --config {config}")
+    return subprocess.Popen(["bash", "-c", cmd], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

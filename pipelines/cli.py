@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "simulate": ("collectors.sim_portfolio", "main", "run simulated Modbus meters for a portfolio on loopback"),
     "collect": ("collectors.run", "main", "poll meters, publish readings to Kafka, execute relay commands"),
     "worker": ("pipelines.worker", "main", "run the billing stream worker (faust agents)"),
+    "forward": ("pipelines.forwarder", "main", "publish the worker's outputs from its changelog (own process)"),
     "sink": ("pipelines.sink", "main", "copy Kafka topics into ClickHouse and serve warehouse queries"),
     "topup": ("pipelines.payments_cli", "main", "publish a merchant top-up (payment) to Kafka"),
     "post": ("pipelines.postings_cli", "main", "post ledger postings (shared costs, adjustments) to wallets"),

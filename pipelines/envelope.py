@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-BUCKETS_PER_PARTITION = 64
+BUCKETS_PER_PARTITION = 8
 
 
 def bucket_key(account_id: str, partitions: int) -> str:

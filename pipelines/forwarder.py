@@ -98,3 +98,30 @@ class Forwarder:
                     self._producer.poll(0.05)
             self.forwarded += 1
         self._producer.poll(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mallwatt forward`: the forwarder as its own process (frees the worker's core)."""
+    import argparse
+    import os
+    import signal
+
+    from infra.broker import bootstrap_servers
+
+    parser = argparse.ArgumentParser(
+        prog="mallwatt forward",
+        description="Publish the outputs (ledger entries, alerts, relay commands) stored in the billing "
+        "table's changelog. Run it beside `mallwatt worker --no-forwarder` to give it its own core; "
+        "several forwarders share the changelog partitions.")
+    parser.add_argument("--app-id", default=os.environ.get("MALLWATT_APP_ID", "mallwatt-billing"),
+                        help="the worker's app id (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    forwarder = Forwarder(bootstrap_servers(), f"{args.app_id}-buckets-changelog", group=f"{args.app_id}-forwarder")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    forwarder.start()
+    stop.wait()
+    forwarder.stop()
+    return 0

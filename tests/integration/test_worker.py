@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +149,35 @@ def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict
     producer.flush(10)
     entry = ledger.wait_for(lambda e: e["entry_id"] == posting["entry_id"])
     assert entry["kind"] == "shared_cost" and entry["balance_after_minor"] == 9000 - 123
+
+
+def test_config_change_applies_live(kafka_bootstrap: str, worker: tuple[dict, Path]) -> None:
+    data, config = worker
+    mall = parse_portfolio(data).malls[0]
+    merchant = mall.merchants[2]
+    meter = next(m for m in mall.meters if m.account == merchant.id)
+    shard = account_shard(merchant.id, T.default_partitions())
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerEntry")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+
+    def readings_at(seq: int, steps: list[int]) -> None:
+        frame = pl.DataFrame({"circuit_id": [meter.circuits[0].id] * len(steps), "meter_id": [meter.id] * len(steps),
+                              "account_id": [merchant.id] * len(steps),
+                              "ts_ms": [T0 + i * 900_000 for i in steps], "import_kwh": [200.0 + i for i in steps]})
+        batch = readings.frame_to_batch(frame, batch_id=f"{merchant.id}/{seq}", collector_id="test",
+                                        mall_id=mall.id, shard=shard, seq=seq, collected_at_ms=T0)
+        producer.produce(T.READINGS, key=shard_key(shard), partition=shard,
+                         value=codec.encode("ReadingBatch", batch))
+        producer.flush(10)
+
+    readings_at(1, [0, 1])  # 1 kWh at the peak price: 136 fen
+    first = ledger.wait_for(lambda e: e["account_id"] == merchant.id and e["kind"] == "charge", timeout=90)
+    assert first["amount_minor"] == -136
+    # the merchant negotiates a surcharge: the running worker picks the edited file up
+    data["malls"][0]["merchants"][2]["price_multiplier"] = 2.0
+    time.sleep(1.1)  # a distinct mtime even on coarse file systems
+    dump_portfolio(data, config)
+    time.sleep(7)  # the reload timer runs every 5 s
+    readings_at(2, [2])
+    second = ledger.wait_for(lambda e: e["account_id"] == merchant.id and e["ts_ms"] == T0 + 2 * 900_000)
+    assert second["amount_minor"] == -272

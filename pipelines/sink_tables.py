@@ -110,6 +110,14 @@ def insert_arrow(client: Any, table: str, data: pa.Table, token: str | None = No
     if handle is None:
         client.insert_arrow(table, data, settings=settings)
         return
+    if any(pa.types.is_binary(f.type) for f in data.schema):
+        # chDB's Python() reads pa.binary() as hex text; large_binary arrives as raw bytes.
+        data = data.cast(
+            pa.schema(
+                f.with_type(pa.large_binary()) if pa.types.is_binary(f.type) else f
+                for f in data.schema
+            )
+        )
     cols = ", ".join(f"`{name}`" for name in data.column_names)
     clause = ", ".join(
         f"{k} = '{v}'" if isinstance(v, str) else f"{k} = {v}" for k, v in settings.items()

@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from infra import broker
 from infra import topics as T
+from pipelines.forwarder import changelog_topic
 from pipelines.generate import generate
 from pipelines.portfolio import dump_portfolio, parse_portfolio
 from schemas import codec, readings
@@ -156,7 +157,7 @@ def throughput(bootstrap: str, config: Path, total_readings: int) -> float:
                 raise RuntimeError(f"worker exited; see {BENCH_DIR / (app_id + '.log')}")
             time.sleep(0.2)
         done_ms = time.time() * 1000
-        start_ms = first_write_ms(bootstrap, f"{app_id}-buckets-changelog")
+        start_ms = first_write_ms(bootstrap, changelog_topic(app_id))
         if start_ms is None or done_ms <= start_ms:
             return 0.0
         return total_readings / ((done_ms - start_ms) / 1000)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from infra import topics as T
 from pipelines.context import BillingContext, build_context
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.postings import apply_postings
-from pipelines.envelope import BUCKETS_PER_PARTITION, Envelope, OutboxItem, bucket_key
+from pipelines.envelope import Envelope, OutboxItem, bucket_key
 from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
@@ -58,23 +57,6 @@ class ContextHolder:
         return True
 
 
-def _circuit_routes(ctx: BillingContext) -> pl.DataFrame:
-    cached = getattr(ctx, "_route_frame", None)
-    if cached is not None:
-        return cached
-    import zlib
-
-    rows = []
-    for circuit_id, route in ctx.circuit_meter.items():
-        h = zlib.crc32(route.account_id.encode())
-        shard = h % ctx.partitions
-        rows.append((circuit_id, route.account_id, shard, f"p{shard}.b{(h // ctx.partitions) % BUCKETS_PER_PARTITION}"))
-    frame = pl.DataFrame(rows, orient="row", schema={"circuit_id": pl.String, "cfg_account": pl.String,
-                                                       "shard": pl.Int64, "bucket": pl.String})
-    object.__setattr__(ctx, "_route_frame", frame)
-    return frame
-
-
 @dataclass
 class Routed:
     """The readings of one message this partition can bill, and the state buckets they touch."""
@@ -85,7 +67,7 @@ class Routed:
 
 
 def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int) -> Routed:
-    joined = frame.join(_circuit_routes(ctx), on="circuit_id", how="left")
+    joined = frame.join(ctx.circuit_routes, on="circuit_id", how="left")
     rejected: list[str] = []
     if joined["bucket"].null_count():
         ids = joined.filter(pl.col("bucket").is_null())["circuit_id"].unique().sort().to_list()
@@ -177,19 +159,19 @@ def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: li
     for account, value in data["accounts"].items():
         result[bucket_of(account)].accounts[account] = value
     for circuit, value in data["circuits"].items():
-        result[bucket_of(ctx.circuit_meter[circuit].account_id if circuit in ctx.circuit_meter
-                         else _owner_of(circuit, envs))].circuits[circuit] = value
+        route = ctx.circuit_meter.get(circuit)
+        key = bucket_of(route.account_id) if route else _bucket_holding(circuit, envs)
+        result[key].circuits[circuit] = value
     for account, item in tagged:
         result[bucket_of(account)].outbox.append(item)
     return result
 
 
-def _owner_of(circuit: str, envs: dict[str, Envelope]) -> str:
+def _bucket_holding(circuit: str, envs: dict[str, Envelope]) -> str:
     """A circuit no longer in the config keeps living in the bucket that held it."""
-    for env in envs.values():
-        for account in env.accounts:
-            if circuit in env.circuits:
-                return account
+    for key, env in envs.items():
+        if circuit in env.circuits:
+            return key
     raise KeyError(f"circuit {circuit!r} is in no bucket and not in the config")
 
 
@@ -242,19 +224,16 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[tuple[str, Outb
     return items
 
 
-# Wallet relay reasons -> the hold they set or clear (see pipelines.relaygate).
-CREDIT_HOLDS = {"credit": "credit", "warning": "warning"}
-
-
 def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,
                          bucket_of: Any) -> list[tuple[str, OutboxItem]]:
     """Wallet trips and reconnects, filtered through every other reason a meter is held open."""
     items: list[tuple[str, OutboxItem]] = []
     for row in out.commands.iter_rows(named=True):
-        meters = [r.meter_id for r in relay_meters(ctx, row["account_id"])]
+        meters = ctx.account_meters.get(row["account_id"], [])
         holds = holds_by_bucket[bucket_of(row["account_id"])]
-        if row["action"].upper() == "TRIP":
-            gated = set_hold(holds, meters, CREDIT_HOLDS.get(row["reason"], "credit"), True, row["command_id"])
+        if row["action"].upper() == "TRIP":  # the wallet trips for "credit" or "warning": that is the hold
+            hold = "warning" if row["reason"] == "warning" else "credit"
+            gated = set_hold(holds, meters, hold, True, row["command_id"])
         else:  # a top-up releases both credit holds
             gated = set_hold(holds, meters, "warning", False, row["command_id"], row["reason"])
             gated += set_hold(holds, meters, "credit", False, row["command_id"], row["reason"])
@@ -273,7 +252,7 @@ def load_items(out: LoadOutputs, holds_by_bucket: dict[str, Holds], ctx: Billing
                                                       codec.encode("Alert", record))))
     for cmd in out.commands:
         account = cmd["account_id"]
-        meters = [r.meter_id for r in relay_meters(ctx, account)]
+        meters = ctx.account_meters.get(account, [])
         gated = set_hold(holds_by_bucket[bucket_of(account)], meters, cmd["hold"], cmd["action"] == "TRIP",
                          cmd["command_id"], cmd["reason"])
         items += [(account, relay_item(ctx, g, account, cmd["cause_ts_ms"], "loadcontrol")) for g in gated]
@@ -287,11 +266,3 @@ def relay_item(ctx: BillingContext, g: GateCommand, account_id: str | None, ts_m
                "gateway_id": route.gateway_id, "meter_id": g.meter_id, "account_id": account_id,
                "issued_at_ms": ts_ms, "cause_ts_ms": ts_ms, "requested_by": requested_by}
     return OutboxItem(T.RELAY_COMMANDS, route.gateway_id.encode(), codec.encode("RelayCommand", command))
-
-
-def relay_meters(ctx: BillingContext, account_id: str) -> list[Any]:
-    return [r for r in ctx.meter_route.values() if r.account_id == account_id]
-
-
-def default_config_path() -> str:
-    return os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import cached_property
 from typing import Any
+
+import polars as pl
 
 from pipelines.core.context import RatingContext
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, WalletPolicy
+from pipelines.envelope import bucket_key
 from pipelines.loadcontrol import limits_from_portfolio
 from pipelines.portfolio import Portfolio
+from schemas.keys import account_shard
 
 # Register wrap values per meter model (uint32 x0.01 kWh wraps at 42,949,672.95 kWh; the
 # float32 models report a 6-digit display counter).
@@ -48,6 +53,24 @@ class BillingContext:
     @property
     def accounts(self) -> dict[str, AccountRating]:
         return self.rating.accounts
+
+    @cached_property
+    def account_meters(self) -> dict[str, list[str]]:
+        """Account id -> its meters, in config order (the meters a trip or reconnect acts on)."""
+        out: dict[str, list[str]] = {}
+        for route in self.meter_route.values():
+            out.setdefault(route.account_id, []).append(route.meter_id)
+        return out
+
+    @cached_property
+    def circuit_routes(self) -> pl.DataFrame:
+        """circuit_id -> the partition (shard) and state bucket that own its account."""
+        ids = list(self.circuit_meter)
+        accounts = [self.circuit_meter[c].account_id for c in ids]
+        return pl.DataFrame({"circuit_id": ids,
+                             "shard": [account_shard(a, self.partitions) for a in accounts],
+                             "bucket": [bucket_key(a, self.partitions) for a in accounts]},
+                            schema={"circuit_id": pl.String, "shard": pl.Int64, "bucket": pl.String})
 
 
 def build_context(portfolio: Portfolio, partitions: int, *, lateness_ms: int = 0) -> BillingContext:

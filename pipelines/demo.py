@@ -206,7 +206,7 @@ def print_summary(stats: dict[str, Any]) -> None:
           f"  logs: {DEMO_DIR}/*.log", flush=True)
 
 
-def export_bills(portfolio_path: Path) -> None:
+def export_bills(portfolio_path: Path, merchant_id: str) -> None:
     """Statements and the ERP export of the first simulated day, if it has closed."""
     from pipelines.bills.export import main as bills_main
 
@@ -221,18 +221,11 @@ def export_bills(portfolio_path: Path) -> None:
         print(written.getvalue(), end="", flush=True)
         print("  (no bills: see the reason above; the day closes after ~70 s of the default demo)", flush=True)
         return
-    first = parse_portfolio_file(portfolio_path).malls[0].merchants[0].id
-    print(f"  statement of {first}:", flush=True)
-    bills_main([*common, "statement", "--account", first, "--day", BILL_DAY])
+    print(f"  statement of {merchant_id}:", flush=True)
+    bills_main([*common, "statement", "--account", merchant_id, "--day", BILL_DAY])
     files = [line for line in written.getvalue().splitlines() if line.strip()]
     print(f"  {len(files)} files (ERP documents and lines as CSV and JSON, one HTML statement per merchant, "
           f"the export register) in {out}", flush=True)
-
-
-def parse_portfolio_file(path: Path) -> Portfolio:
-    from pipelines.portfolio import load_portfolio
-
-    return load_portfolio(path)
 
 
 def wait_for_sink(published: int, timeout: float = 60.0) -> None:
@@ -310,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(5.0)
         wait_for_sink(int(stats.get("readings", 0)))
         print_summary(stats)
-        export_bills(portfolio_path)
+        export_bills(portfolio_path, portfolio.malls[0].merchants[0].id)
         return 0
     except Exception as exc:
         say(f"failed: {exc}")

@@ -18,6 +18,14 @@ from pipelines.envelope import outbox_of
 log = logging.getLogger("mallwatt.forwarder")
 
 
+TABLE_NAME = "buckets"  # the worker's faust table of state buckets
+
+
+def changelog_topic(app_id: str) -> str:
+    """The billing table's changelog, which faust names after the app and the table."""
+    return f"{app_id}-{TABLE_NAME}-changelog"
+
+
 class Forwarder:
     def __init__(self, bootstrap: str, changelog_topic: str, group: str = "mallwatt-forwarder") -> None:
         self.changelog_topic = changelog_topic
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the worker's app id (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    forwarder = Forwarder(bootstrap_servers(), f"{args.app_id}-buckets-changelog", group=f"{args.app_id}-forwarder")
+    forwarder = Forwarder(bootstrap_servers(), changelog_topic(args.app_id), group=f"{args.app_id}-forwarder")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -28,7 +28,7 @@ from infra.broker import bootstrap_servers
 from pipelines import billing
 from pipelines.deadletter import dead_letter_record
 from pipelines.envelope import Envelope, bucket_key
-from pipelines.forwarder import Forwarder
+from pipelines.forwarder import TABLE_NAME, Forwarder, changelog_topic
 from pipelines.portfolio import ConfigError
 from schemas import codec
 from schemas.keys import account_shard
@@ -38,11 +38,6 @@ log = logging.getLogger("mallwatt.worker")
 
 APP_ID = os.environ.get("MALLWATT_APP_ID", "mallwatt-billing")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TABLE_NAME = "buckets"
-
-
-def changelog_topic(app_id: str = APP_ID) -> str:
-    return f"{app_id}-{TABLE_NAME}-changelog"
 
 
 def build_app(config_path: str, *, bootstrap: str | None = None, store: str | None = None,
@@ -176,7 +171,6 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     async def reload_config() -> None:
         holder.reload_if_changed()
 
-    app.mallwatt_holder = holder  # type: ignore[attr-defined]
     return app
 
 
@@ -201,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(args.config, holder=holder)
     forwarder = None
     if not args.no_forwarder:
-        forwarder = Forwarder(bootstrap_servers(), changelog_topic(), group=f"{APP_ID}-forwarder")
+        forwarder = Forwarder(bootstrap_servers(), changelog_topic(APP_ID), group=f"{APP_ID}-forwarder")
         forwarder.start()
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
     try:

@@ -13,7 +13,7 @@ import sys
 import time
 
 from infra import broker
-from infra.topics import TOPICS, provision_topics
+from infra.topics import TOPICS, provision_topics, wait_until_served
 
 
 def migrate_warehouse() -> list[str]:
@@ -34,6 +34,7 @@ def up(kafka_only: bool = False) -> dict[str, object]:
     config = broker.BrokerConfig.from_env()
     st = broker.start(config)
     created = provision_topics(config.bootstrap)
+    wait_until_served(config.bootstrap)
     applied: list[str] = [] if kafka_only else migrate_warehouse()
     return {"kafka": st.bootstrap, "kafka_pid": st.pid, "topics_created": created,
             "topics_declared": len(TOPICS), "migrations_applied": applied,

@@ -186,6 +186,32 @@ def provision_topics(
     return sorted(created)
 
 
+def wait_until_served(bootstrap: str, names: Iterable[str] | None = None, timeout: float = 60.0) -> None:
+    """Wait until every partition of the topics answers offset queries (a broker that has just
+    started answers metadata before it leads its partitions: NOT_LEADER_FOR_PARTITION)."""
+    import time
+
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    wanted = list(names) if names is not None else [t.name for t in TOPICS]
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mallwatt-readiness"})
+    deadline = time.monotonic() + timeout
+    try:
+        for name in wanted:
+            partitions = consumer.list_topics(name, timeout=timeout).topics[name].partitions
+            for p in partitions:
+                while True:
+                    try:
+                        consumer.get_watermark_offsets(TopicPartition(name, p), timeout=5.0)
+                        break
+                    except KafkaException:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+    finally:
+        consumer.close()
+
+
 def main() -> int:
     from infra.broker import bootstrap_servers
 

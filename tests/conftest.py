@@ -15,7 +15,7 @@ def kafka_bootstrap() -> Iterator[str]:
     else that dev broker is started here and stopped at session end (only then).
     """
     from infra import broker
-    from infra.topics import provision_topics
+    from infra.topics import provision_topics, wait_until_served
 
     config = broker.BrokerConfig.from_env()
     started = False
@@ -25,6 +25,7 @@ def kafka_bootstrap() -> Iterator[str]:
     elif config.external:
         broker.wait_until_ready(config, timeout=30.0)
     provision_topics(config.bootstrap)
+    wait_until_served(config.bootstrap)
     try:
         yield config.bootstrap
     finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from infra import topics as T
@@ -22,6 +23,7 @@ from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
+from schemas.ledger import ledger_batches
 
 log = logging.getLogger("mallwatt.billing")
 
@@ -59,25 +61,39 @@ class ContextHolder:
 
 @dataclass
 class Routed:
-    """The readings of one message this partition can bill, and the state buckets they touch."""
+    """The readings of one or more messages of a partition that it can bill, and the buckets they touch."""
 
-    frame: pl.DataFrame  # the batch's columns plus `bucket`
+    frame: pl.DataFrame  # the batch's columns plus `offset` (input message) and `bucket`
     buckets: list[str]
-    rejected: list[str]  # why other readings of the message cannot be billed here
+    rejected: list[tuple[int, str]]  # (message offset, why some of its readings cannot be billed here)
+
+
+def messages_frame(messages: list[tuple[int, pl.DataFrame]]) -> pl.DataFrame:
+    """The readings of several messages of one partition as one frame, each row tagged with
+    the offset of the message it came from (the high-water marks work per message)."""
+    frame = pl.concat([f for _, f in messages], how="vertical_relaxed")
+    offsets = np.repeat(np.array([o for o, _ in messages], dtype=np.int64), [f.height for _, f in messages])
+    return frame.with_columns(offset=pl.Series(offsets, dtype=pl.Int64))
 
 
 def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int) -> Routed:
+    if "offset" not in frame.columns:
+        frame = frame.with_columns(offset=pl.lit(-1, pl.Int64))
     joined = frame.join(ctx.circuit_routes, on="circuit_id", how="left")
-    rejected: list[str] = []
-    if joined["bucket"].null_count():
-        ids = joined.filter(pl.col("bucket").is_null())["circuit_id"].unique().sort().to_list()
-        rejected.append(f"{joined['bucket'].null_count()} reading(s) of unknown circuit(s) {ids[:10]}")
+    unknown = joined.filter(pl.col("bucket").is_null())
     wrong = joined.filter(pl.col("bucket").is_not_null() & (pl.col("shard") != partition))
-    if wrong.height:
-        ids = wrong["circuit_id"].unique().sort().to_list()
-        rejected.append(f"{wrong.height} reading(s) on partition {partition} belong to another shard: {ids[:10]}")
-    ok = joined.filter(pl.col("shard") == partition) if rejected else joined
-    return Routed(ok, ok["bucket"].unique().to_list(), rejected)
+    if not unknown.height and not wrong.height:
+        return Routed(joined, joined["bucket"].unique().to_list(), [])
+    rejected: list[tuple[int, str]] = []
+    for (offset,), group in unknown.partition_by("offset", as_dict=True, maintain_order=True).items():
+        ids = group["circuit_id"].unique().sort().to_list()
+        rejected.append((int(offset), f"{group.height} reading(s) of unknown circuit(s) {ids[:10]}"))
+    for (offset,), group in wrong.partition_by("offset", as_dict=True, maintain_order=True).items():
+        ids = group["circuit_id"].unique().sort().to_list()
+        rejected.append((int(offset), f"{group.height} reading(s) on partition {partition} belong to another "
+                                      f"shard: {ids[:10]}"))
+    ok = joined.filter(pl.col("shard") == partition)
+    return Routed(ok, ok["bucket"].unique().to_list(), sorted(rejected))
 
 
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
@@ -98,7 +114,8 @@ def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, s
     state = CoreState.from_dict({"circuits": env.circuits, "accounts": env.accounts})
     new_state, out = apply_postings(state, [posting], ctx.rating)
     holds = {"_": {m: list(h) for m, h in env.holds.items()}}
-    tagged = outbox_items(out, ctx) + gate_wallet_commands(out, holds, ctx, lambda _a: "_")
+    tagged = outbox_items(out, ctx, lambda _a: "_", f"{source}:{offset}")
+    tagged += gate_wallet_commands(out, holds, ctx, lambda _a: "_")
     for row in out.rejected_payments.iter_rows(named=True):
         if row["reason"] == "duplicate":
             continue
@@ -106,25 +123,26 @@ def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, s
                  "mall_id": ctx.account_mall.get(row["account_id"], "unknown"), "account_id": row["account_id"],
                  "meter_id": None, "ts_ms": row["ts_ms"], "message": f"posting {row['payment_id']} not applied: "
                  f"{row['reason']}", "details": {"amount_minor": str(row["amount_minor"]), "reason": row["reason"]}}
-        tagged.append((row["account_id"], OutboxItem(T.ALERTS, row["account_id"].encode(),
-                                                      codec.encode("Alert", alert))))
+        tagged.append(("_", OutboxItem(T.ALERTS, row["account_id"].encode(), codec.encode("Alert", alert))))
     data = new_state.to_dict()
     return Envelope(accounts=data["accounts"], circuits=env.circuits, hwm={**env.hwm, source: offset},
                     outbox=[item for _, item in tagged], updates=env.updates + 1, holds=holds["_"], extra=env.extra)
 
 
 def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingContext, source: str,
-                        offset: int) -> dict[str, Envelope]:
-    """One core call for every bucket a message touches (the core's cost is mostly per call).
-    Buckets that already applied this offset (a replay after a crash) are left out. Returns the
+                        last_offset: int) -> dict[str, Envelope]:
+    """One core call for every bucket the routed messages touch (the core's cost is mostly per
+    call). A bucket skips the messages at or below its high-water mark for `source` (a replay
+    after a crash) and records `last_offset`, the last message of the batch. Returns the
     changed envelopes."""
-    todo = [k for k in routed.buckets if not envs[k].applied(source, offset)]
+    marks = {k: envs[k].hwm.get(source, -1) for k in routed.buckets}
+    frame = routed.frame
+    if frame.height and max(marks.values()) >= frame["offset"].min():
+        frame = frame.filter(pl.col("offset") > pl.col("bucket").replace_strict(marks, return_dtype=pl.Int64))
+    todo = frame["bucket"].unique().to_list()
     if not todo:
         return {}
-    frame = routed.frame
-    if len(todo) < len(routed.buckets):
-        frame = frame.filter(pl.col("bucket").is_in(todo))
-    return _step({k: envs[k] for k in todo}, frame, None, ctx, source, offset)
+    return _step({k: envs[k] for k in todo}, frame, None, ctx, source, last_offset)
 
 
 def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,
@@ -142,7 +160,8 @@ def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: li
     new_state, out = process_batch(state, readings, payments, ctx.rating)
     data = new_state.to_dict()
     holds = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
-    tagged = outbox_items(out, ctx) + gate_wallet_commands(out, holds, ctx, bucket_of)
+    tagged = outbox_items(out, ctx, bucket_of, f"{source}:{offset}")
+    tagged += gate_wallet_commands(out, holds, ctx, bucket_of)
     load_state: dict[str, Any] = {}
     if readings.height and "power_w" in readings.columns:
         for env in envs.values():
@@ -162,8 +181,8 @@ def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: li
         route = ctx.circuit_meter.get(circuit)
         key = bucket_of(route.account_id) if route else _bucket_holding(circuit, envs)
         result[key].circuits[circuit] = value
-    for account, item in tagged:
-        result[bucket_of(account)].outbox.append(item)
+    for key, item in tagged:
+        result[key].outbox.append(item)
     return result
 
 
@@ -198,17 +217,32 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
                     outbox=items, updates=env.updates + 1, holds=holds, extra=env.extra)
 
 
-def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[tuple[str, OutboxItem]]:
-    """The outputs of one core call, each tagged with the account whose bucket carries it."""
+def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
+                 change: str) -> list[tuple[str, OutboxItem]]:
+    """The outputs of one core call, each tagged with the bucket that carries it. The ledger
+    goes out column-wise: one LedgerBatch per bucket and change (`change` names the input)."""
     items: list[tuple[str, OutboxItem]] = []
-    for row in out.ledger.iter_rows(named=True):
-        items.append((row["account_id"], OutboxItem(T.LEDGER, row["account_id"].encode(),
-                                                    codec.encode("LedgerEntry", row))))
+    if out.ledger.height:
+        owner = {account: bucket_of(account) for account in out.ledger["account_id"].unique().to_list()}
+        # a stable sort keeps each account's entries in order
+        ledger = out.ledger.with_columns(_bucket=pl.col("account_id").replace_strict(owner)).sort(
+            "_bucket", maintain_order=True)
+        runs = ledger.group_by("_bucket", maintain_order=True).agg(
+            first_account=pl.col("account_id").first(), length=pl.len())
+        slices, keys, start = [], [], 0
+        for key, first_account, length in runs.iter_rows():
+            # the message key is the real bucket, so all entries of an account share a partition
+            real = bucket_key(first_account, ctx.partitions)
+            slices.append((f"{real}@{change}", start, length))
+            keys.append((key, real))
+            start += length
+        for (key, real), batch in zip(keys, ledger_batches(ledger, slices), strict=True):
+            items.append((key, OutboxItem(T.LEDGER, real.encode(), codec.encode("LedgerBatch", batch))))
     for row in out.alerts.iter_rows(named=True):
         details = json.loads(row["details"]) if row["details"] else {}
         record = {**row, "details": {k: str(v) for k, v in details.items()}}
-        items.append((row["account_id"], OutboxItem(T.ALERTS, (row["account_id"] or row["mall_id"]).encode(),
-                                                    codec.encode("Alert", record))))
+        items.append((bucket_of(row["account_id"]), OutboxItem(
+            T.ALERTS, (row["account_id"] or row["mall_id"]).encode(), codec.encode("Alert", record))))
     for row in out.rejected_readings.iter_rows(named=True):
         route = ctx.circuit_meter.get(row["circuit_id"])
         if route is None:
@@ -218,15 +252,16 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext) -> list[tuple[str, Outb
                  "ts_ms": row["ts_ms"], "message": f"reading not billed: {row['reason']}",
                  "details": {"circuit_id": row["circuit_id"], "import_kwh": str(row["import_kwh"]),
                              "reason": str(row["reason"])}}
-        items.append((route.account_id, OutboxItem(T.ALERTS, route.account_id.encode(),
-                                                   codec.encode("Alert", alert))))
+        items.append((bucket_of(route.account_id), OutboxItem(T.ALERTS, route.account_id.encode(),
+                                                              codec.encode("Alert", alert))))
     # rejected payments already come with a rejected_topup alert from the wallet
     return items
 
 
 def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,
                          bucket_of: Any) -> list[tuple[str, OutboxItem]]:
-    """Wallet trips and reconnects, filtered through every other reason a meter is held open."""
+    """Wallet trips and reconnects, filtered through every other reason a meter is held open;
+    each tagged with the bucket that carries it."""
     items: list[tuple[str, OutboxItem]] = []
     for row in out.commands.iter_rows(named=True):
         meters = ctx.account_meters.get(row["account_id"], [])
@@ -237,7 +272,8 @@ def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], c
         else:  # a top-up releases both credit holds
             gated = set_hold(holds, meters, "warning", False, row["command_id"], row["reason"])
             gated += set_hold(holds, meters, "credit", False, row["command_id"], row["reason"])
-        items += [(row["account_id"], relay_item(ctx, g, row["account_id"], row["cause_ts_ms"], "pipeline"))
+        items += [(bucket_of(row["account_id"]), relay_item(ctx, g, row["account_id"], row["cause_ts_ms"],
+                                                            "pipeline"))
                   for g in gated]
     return items
 
@@ -248,14 +284,15 @@ def load_items(out: LoadOutputs, holds_by_bucket: dict[str, Holds], ctx: Billing
     items: list[tuple[str, OutboxItem]] = []
     for alert in out.alerts:
         record = {**alert, "details": {k: str(v) for k, v in alert.get("details", {}).items()}}
-        items.append((alert["account_id"], OutboxItem(T.ALERTS, alert["account_id"].encode(),
+        items.append((bucket_of(alert["account_id"]), OutboxItem(T.ALERTS, alert["account_id"].encode(),
                                                       codec.encode("Alert", record))))
     for cmd in out.commands:
         account = cmd["account_id"]
         meters = ctx.account_meters.get(account, [])
         gated = set_hold(holds_by_bucket[bucket_of(account)], meters, cmd["hold"], cmd["action"] == "TRIP",
                          cmd["command_id"], cmd["reason"])
-        items += [(account, relay_item(ctx, g, account, cmd["cause_ts_ms"], "loadcontrol")) for g in gated]
+        items += [(bucket_of(account), relay_item(ctx, g, account, cmd["cause_ts_ms"], "loadcontrol"))
+                  for g in gated]
     return items
 
 

@@ -16,6 +16,7 @@ import polars as pl
 import pyarrow as pa
 
 from schemas import codec
+from schemas.ledger import batch_entries
 from schemas.readings import RELAY_NAMES, batch_to_frame, reading_flags
 
 DB = "mallwatt"
@@ -164,6 +165,12 @@ def _ledger_row(r: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def decode_ledger(value: bytes | None) -> Decoded:
+    """A LedgerBatch (many entries per message) as ledger rows."""
+    entries = batch_entries(codec.decode("LedgerBatch", value))
+    return [_ledger_row(e) for e in entries], len(entries), max((e["ts_ms"] for e in entries), default=0)
+
+
 LEDGER_SCHEMA = pa.schema([
     ("entry_id", STR), ("account_id", STR), ("mall_id", STR), ("kind", STR),
     ("amount_minor", pa.int64()), ("balance_after_minor", pa.int64()), ("ts", TS),
@@ -253,8 +260,7 @@ TOPIC_TABLES: dict[str, TopicTable] = {
     t.topic: t
     for t in (
         TopicTable(READINGS_TOPIC, f"{DB}.readings", "ReadingBatch", decode_readings, readings_to_arrow),
-        TopicTable(LEDGER_TOPIC, f"{DB}.ledger", "LedgerEntry",
-                   _row_decoder("LedgerEntry", _ledger_row, "ts_ms"), _arrow_builder(LEDGER_SCHEMA)),
+        TopicTable(LEDGER_TOPIC, f"{DB}.ledger", "LedgerBatch", decode_ledger, _arrow_builder(LEDGER_SCHEMA)),
         TopicTable(ALERTS_TOPIC, f"{DB}.alerts", "Alert",
                    _row_decoder("Alert", _alert_row, "ts_ms"), _arrow_builder(ALERT_SCHEMA)),
         TopicTable(RELAY_COMMANDS_TOPIC, f"{DB}.relay_commands", "RelayCommand",

@@ -18,10 +18,12 @@ import logging
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
@@ -37,6 +39,9 @@ from schemas.readings import batch_to_frame
 log = logging.getLogger("mallwatt.worker")
 
 APP_ID = os.environ.get("MALLWATT_APP_ID", "mallwatt-billing")
+#: Reading messages per billing step at most, and how long a step waits to fill up.
+BATCH_MESSAGES = int(os.environ.get("MALLWATT_BATCH_MESSAGES", 256))
+BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,27 +99,66 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     @app.agent(readings_topic)
     async def on_readings(stream: faust.Stream) -> None:
-        async for event in stream.events():
-            msg = event.message
-            source = f"{msg.topic}:{msg.partition}"
+        # Many messages per step: the core, the state (de)serialisation and every changelog
+        # write are paid once per bucket and step instead of once per message. Events are
+        # acked (and so committed) only after the step that consumed them.
+        async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
+            by_partition: dict[int, list[Any]] = {}
+            for event in events:
+                by_partition.setdefault(event.message.partition, []).append(event)
+            for partition, batch in by_partition.items():
+                await bill_readings(partition, batch)
+
+    async def bill_readings(partition: int, events: list[Any]) -> None:
+        """Readings of consecutive messages of one partition in one billing step. If the step
+        fails, each message is retried alone so only the bad one goes to the dead letters."""
+        decoded: list[tuple[int, Any]] = []
+        for event in events:
             try:
-                record = codec.decode("ReadingBatch", msg.value)
-                frame = batch_to_frame(record)
+                decoded.append((event.message.offset,
+                                batch_to_frame(codec.decode("ReadingBatch", event.message.value))))
             except (codec.DecodeError, ValueError, KeyError) as exc:
                 await to_dead_letter(event, "decode", str(exc))
-                continue
-            ctx = holder.current()
-            try:
-                routed = billing.route_readings(frame, ctx, msg.partition)
-                envs = {key: load(key) for key in routed.buckets}
-                for key, env in billing.apply_readings_many(envs, routed, ctx, source, msg.offset).items():
-                    store(key, env)
-            except Exception as exc:  # a bug or bad data must not stop billing for everyone
-                log.exception("reading batch %s failed", record.get("batch_id"))
-                await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
-                continue
-            if routed.rejected:
-                await to_dead_letter(event, "routing", "; ".join(routed.rejected))
+        if not decoded:
+            return
+        by_offset = {event.message.offset: event for event in events}
+        source = f"{T.READINGS}:{partition}"
+        ctx = holder.current()
+        try:
+            rejected = bill_step(ctx, partition, source, decoded, by_offset[decoded[-1][0]])
+        except Exception as exc:  # isolate the message that broke the step
+            if len(decoded) > 1:
+                log.warning("reading step of %s messages failed (%s); retrying one by one", len(decoded), exc)
+                for one in decoded:
+                    await bill_readings(partition, [by_offset[one[0]]])
+                return
+            log.exception("reading batch at %s@%s failed", source, decoded[0][0])
+            await to_dead_letter(by_offset[decoded[0][0]], "billing", f"{type(exc).__name__}: {exc}")
+            return
+        for offset, reason in rejected:
+            await to_dead_letter(by_offset[offset], "routing", reason)
+
+    def bill_step(ctx: Any, partition: int, source: str, decoded: list[tuple[int, Any]],
+                  event: Any) -> list[tuple[int, str]]:
+        """Load, bill and store without an await in between: no other agent can interleave.
+        `event` (the step's last) tells faust which changelog partition the writes belong to:
+        outside `async for event in stream` faust has no current event of its own."""
+        token = _current_event.set(weakref.ref(event))
+        try:
+            return _bill_step(ctx, partition, source, decoded)
+        finally:
+            _current_event.reset(token)
+
+    def _bill_step(ctx: Any, partition: int, source: str, decoded: list[tuple[int, Any]]) -> list[tuple[int, str]]:
+        routed = billing.route_readings(billing.messages_frame(decoded), ctx, partition)
+        envs = {key: load(key) for key in routed.buckets}
+        last_offset = decoded[-1][0]
+        for key, env in billing.apply_readings_many(envs, routed, ctx, source, last_offset).items():
+            store(key, env)
+        reasons: dict[int, list[str]] = {}
+        for offset, reason in routed.rejected:
+            reasons.setdefault(offset, []).append(reason)
+        return [(offset, "; ".join(r)) for offset, r in reasons.items()]
 
     async def per_account(stream: faust.Stream, schema: str, account_of: Any, apply: Any) -> None:
         """Messages that each move one account: decode, check ownership, apply once."""

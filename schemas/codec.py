@@ -32,6 +32,7 @@ SCHEMA_FILES: dict[str, str] = {
     "OperatorCommand": "operator_command.avsc",
     "DeadLetter": "dead_letter.avsc",
     "LedgerPosting": "ledger_posting.avsc",
+    "LedgerBatch": "ledger_batch.avsc",
 }
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import codec
+from schemas.ledger import batch_entries
 
 
 def _end_offsets(bootstrap: str, topic: str) -> list[TopicPartition]:
@@ -20,6 +21,13 @@ def _end_offsets(bootstrap: str, topic: str) -> list[TopicPartition]:
         out.append(TopicPartition(topic, p, high))
     consumer.close()
     return out
+
+
+def decode_records(schema: str, value: bytes | None) -> list[dict]:
+    """The records of one message: a LedgerBatch carries many entries, other contracts one."""
+    if schema == "LedgerBatch":
+        return batch_entries(codec.decode(schema, value))
+    return [codec.decode(schema, value)]
 
 
 class TopicTail:
@@ -41,8 +49,8 @@ class TopicTail:
             msg = self.consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            record = codec.decode(self.schema, msg.value())
-            self.seen.append(record)
-            if predicate(record):
-                return record
+            for record in decode_records(self.schema, msg.value()):
+                self.seen.append(record)
+                if predicate(record):
+                    return record
         raise AssertionError(f"no matching {self.schema} within {timeout}s; saw {len(self.seen)}")

@@ -14,6 +14,7 @@ from pipelines.bills.periods import parse_period
 from pipelines.portfolio import dump_portfolio
 from pipelines.sink_tables import TOPIC_TABLES
 from schemas import codec
+from schemas.ledger import entries_to_batch
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +68,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Path, Path, object]]:
 
 def insert(client: object, entries: list[dict]) -> None:
     spec = TOPIC_TABLES["mallwatt.ledger"]
-    chunks = [spec.decode(codec.encode("LedgerEntry", e))[0] for e in entries]
+    chunks = [spec.decode(codec.encode("LedgerBatch", entries_to_batch([e], e["entry_id"])))[0] for e in entries]
     client.insert_arrow(spec.table, spec.to_arrow(chunks))  # type: ignore[attr-defined]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from confluent_kafka import Producer
-from kafka_tail import TopicTail
+from kafka_tail import TopicTail, decode_records
 
 from infra import topics as T
 from pipelines.context import build_context
@@ -140,7 +140,7 @@ def test_kill9_and_rebalance_match_offline_replay(kafka_bootstrap: str, tmp_path
     accounts = {r["account_id"] for r in expected_out.ledger.iter_rows(named=True)}
     assert len(expected) > 500 and any(e.endswith("-p2") for e in expected)
 
-    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerEntry")
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
     env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": f"chaos-{prefix}",
            "MALLWATT_SESSION_TIMEOUT_S": "6"}
     workers = Workers(config, env, tmp_path)
@@ -169,9 +169,9 @@ def test_kill9_and_rebalance_match_offline_replay(kafka_bootstrap: str, tmp_path
         time.sleep(3)  # let late duplicates arrive, so the duplicate check below sees them
         while (msg := ledger.consumer.poll(1.0)) is not None:
             if not msg.error():
-                r = codec.decode("LedgerEntry", msg.value())
-                if r["account_id"] in accounts:
-                    seen.setdefault(r["entry_id"], []).append(r["amount_minor"])
+                for r in decode_records("LedgerBatch", msg.value()):
+                    if r["account_id"] in accounts:
+                        seen.setdefault(r["entry_id"], []).append(r["amount_minor"])
     finally:
         stop.set()
         workers.stop_all()

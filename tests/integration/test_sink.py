@@ -23,6 +23,7 @@ from infra import warehouse as wh
 from pipelines.sink import run_sink
 from pipelines.sink_tables import TOPIC_TABLES
 from schemas import codec
+from schemas.ledger import entries_to_batch
 from schemas.readings import frame_to_batch
 
 pytestmark = pytest.mark.integration
@@ -79,10 +80,10 @@ def reading_batch(batch_id: str, ts0: int, kwh0: float) -> bytes:
 
 def ledger(entry_id: str, amount: int, balance: int, ts: int) -> bytes:
     return codec.encode(
-        "LedgerEntry",
-        {"entry_id": entry_id, "account_id": "A1", "mall_id": "MALL1", "kind": "charge",
-         "amount_minor": amount, "balance_after_minor": balance, "ts_ms": ts,
-         "source_id": f"interval-{entry_id}", "energy_wh": 250, "rate": "0.85"},
+        "LedgerBatch",
+        entries_to_batch([{"entry_id": entry_id, "account_id": "A1", "mall_id": "MALL1", "kind": "charge",
+                           "amount_minor": amount, "balance_after_minor": balance, "ts_ms": ts,
+                           "source_id": f"interval-{entry_id}", "energy_wh": 250, "rate": "0.85"}], entry_id),
     )  # fmt: skip
 
 

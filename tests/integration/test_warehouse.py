@@ -15,6 +15,7 @@ from infra import warehouse as wh
 from infra.warehouse_sql import list_migrations
 from pipelines.sink_tables import TOPIC_TABLES
 from schemas import codec
+from schemas.ledger import entries_to_batch
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def test_migrations_apply_twice_without_change(folder: Path) -> None:
         first = wh.apply_migrations(owner.client)
         assert first == [m.version for m in list_migrations()]
         before = tables_snapshot(owner.client)
-        assert {"readings", "ledger", "readings_15m", "ledger_hourly", "ingest_watermark"} <= {
+        assert {"readings", "ledger", "circuit_hour_kwh", "ledger_hourly", "ingest_watermark"} <= {
             name for name, _ in before
         }
         assert wh.apply_migrations(owner.client) == []
@@ -69,7 +70,7 @@ def ledger_entry(entry_id: str, account: str, kind: str, amount: int, balance: i
 
 def insert_ledger(client: object, entries: list[dict]) -> None:
     spec = TOPIC_TABLES["mallwatt.ledger"]
-    chunks = [spec.decode(codec.encode("LedgerEntry", e))[0] for e in entries]
+    chunks = [spec.decode(codec.encode("LedgerBatch", entries_to_batch([e], e["entry_id"])))[0] for e in entries]
     client.insert_arrow(spec.table, spec.to_arrow(chunks))  # type: ignore[attr-defined]
 
 

@@ -60,7 +60,7 @@ def test_trip_then_topup_reconnects_and_bad_input_goes_to_dead_letter(
     circuit = meter.circuits[0].id
     shard = account_shard(merchant.id, T.default_partitions())
     commands = TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")
-    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerEntry")
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
     dead = TopicTail(kafka_bootstrap, T.DEADLETTER, "DeadLetter")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
 
@@ -113,7 +113,7 @@ def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict
     meter = next(m for m in mall.meters if m.account == merchant.id)
     shard = account_shard(merchant.id, T.default_partitions())
     commands = TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")
-    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerEntry")
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
     alerts = TopicTail(kafka_bootstrap, T.ALERTS, "Alert")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
 
@@ -157,7 +157,7 @@ def test_config_change_applies_live(kafka_bootstrap: str, worker: tuple[dict, Pa
     merchant = mall.merchants[2]
     meter = next(m for m in mall.meters if m.account == merchant.id)
     shard = account_shard(merchant.id, T.default_partitions())
-    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerEntry")
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
 
     def readings_at(seq: int, steps: list[int]) -> None:

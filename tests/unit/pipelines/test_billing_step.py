@@ -12,6 +12,7 @@ from pipelines.generate import generate
 from pipelines.portfolio import parse_portfolio
 from schemas import codec
 from schemas.keys import account_shard
+from schemas.ledger import batch_entries
 
 T0 = 1_784_080_800_000  # 2026-07-15 10:00 +08:00, a peak hour (136 fen/kWh)
 PARTITIONS = 8
@@ -40,6 +41,8 @@ def _readings(account: str, meter: str, circuit: str, kwh: list[float], start: i
 
 
 def _decoded(env: Envelope, topic: str, schema: str) -> list[dict]:
+    if schema == "LedgerBatch":
+        return [e for o in env.outbox if o.topic == topic for e in batch_entries(codec.decode(schema, o.value))]
     return [codec.decode(schema, o.value) for o in env.outbox if o.topic == topic]
 
 
@@ -51,22 +54,22 @@ def test_routing_rejects_unknown_and_misrouted(ctx: billing.BillingContext) -> N
     routed = billing.route_readings(frame, ctx, right)
     assert routed.buckets == [bucket_key(account, PARTITIONS)]
     assert routed.frame.height == 2
-    assert any("unknown circuit" in r and "ghost.1" in r for r in routed.rejected)
+    assert any("unknown circuit" in r and "ghost.1" in r for _, r in routed.rejected)
     routed = billing.route_readings(frame, ctx, (right + 1) % PARTITIONS)
-    assert routed.buckets == [] and any("another shard" in r for r in routed.rejected)
+    assert routed.buckets == [] and any("another shard" in r for _, r in routed.rejected)
 
 
 def test_topup_charge_and_trip_in_outbox(ctx: billing.BillingContext) -> None:
     account, meter, circuit = _merchant(ctx)
     env = billing.apply_payment(Envelope(), {"payment_id": "p-1", "account_id": account, "ts_ms": T0 - 1,
                                              "amount_minor": 300, "kind": "TOPUP"}, ctx, "payments:0", 0)
-    ledger = _decoded(env, "mallwatt.ledger", "LedgerEntry")
+    ledger = _decoded(env, "mallwatt.ledger", "LedgerBatch")
     assert [(e["kind"], e["amount_minor"], e["balance_after_minor"]) for e in ledger] == [("topup", 300, 300)]
     # 1 kWh per 15 minutes at the peak price 136 fen/kWh: 136 fen per interval.
     # 300 - 136 = 164, 164 - 136 = 28, 28 - 136 = -108 -> credit trip at the third interval.
     env = billing.apply_readings(env, _readings(account, meter, circuit, [100.0, 101.0, 102.0, 103.0]),
                                  ctx, "readings:3", 10)
-    charges = _decoded(env, "mallwatt.ledger", "LedgerEntry")
+    charges = _decoded(env, "mallwatt.ledger", "LedgerBatch")
     assert [c["amount_minor"] for c in charges] == [-136, -136, -136]
     assert charges[-1]["balance_after_minor"] == 300 - 3 * 136
     commands = _decoded(env, "mallwatt.relay-commands", "RelayCommand")
@@ -89,10 +92,10 @@ def test_redelivered_readings_do_not_charge_twice(ctx: billing.BillingContext) -
     account, meter, circuit = _merchant(ctx)
     frame = _readings(account, meter, circuit, [10.0, 11.0, 12.0])
     env = billing.apply_readings(Envelope(), frame, ctx, "r:1", 1)
-    first = _decoded(env, "mallwatt.ledger", "LedgerEntry")
+    first = _decoded(env, "mallwatt.ledger", "LedgerBatch")
     # the same readings under a new offset (a collector spool re-send): no new money moves
     env2 = billing.apply_readings(env, frame, ctx, "r:1", 2)
-    assert _decoded(env2, "mallwatt.ledger", "LedgerEntry") == []
+    assert _decoded(env2, "mallwatt.ledger", "LedgerBatch") == []
     assert env2.accounts[account]["balance"] == env.accounts[account]["balance"] == sum(
         e["amount_minor"] for e in first)
 
@@ -131,7 +134,7 @@ def test_shared_cost_posting_moves_money_once_and_can_trip(ctx: billing.BillingC
                "kind": "shared_cost", "amount_minor": -700, "ts_ms": T0 + 1, "source_id": "M01-P-hvac|area|2026-07|9000",
                "rate": "0.077778"}
     env = billing.apply_posting(env, posting, ctx, "postings:0", 0)
-    ledger = _decoded(env, "mallwatt.ledger", "LedgerEntry")
+    ledger = _decoded(env, "mallwatt.ledger", "LedgerBatch")
     # 500 - 700 = -200: at or below the cutoff 0, so the shared cost trips the relay like any debit
     assert [(e["kind"], e["amount_minor"], e["balance_after_minor"], e["rate"]) for e in ledger] == [
         ("shared_cost", -700, -200, "0.077778")]
@@ -149,7 +152,7 @@ def test_unknown_posting_kind_is_refused_with_an_alert(ctx: billing.BillingConte
                                 ctx, "postings:0", 0)
     alerts = _decoded(env, "mallwatt.alerts", "Alert")
     assert [a["kind"] for a in alerts] == ["rejected_posting"] and "unknown posting kind gift" in alerts[0]["message"]
-    assert _decoded(env, "mallwatt.ledger", "LedgerEntry") == []
+    assert _decoded(env, "mallwatt.ledger", "LedgerBatch") == []
 
 
 def test_post_cli_names_the_bad_line() -> None:
@@ -163,3 +166,84 @@ def test_post_cli_names_the_bad_line() -> None:
                            '"amount_minor": 5, "source_id": "s"}'], "f.jsonl")
     with pytest.raises(ValueError, match="amount_minor must be an integer"):
         parse_lines([good.replace('"amount_minor": 5', '"amount_minor": 5.5')], "f.jsonl")
+
+
+def _shard_messages(ctx: billing.BillingContext, steps: int) -> tuple[int, list[tuple[int, pl.DataFrame]]]:
+    """Reading messages (offset, frame) of the shard with the most accounts, one per 15 minutes."""
+    routes = ctx.circuit_routes.join(
+        pl.DataFrame({"circuit_id": list(ctx.circuit_meter),
+                      "meter_id": [r.meter_id for r in ctx.circuit_meter.values()],
+                      "account_id": [r.account_id for r in ctx.circuit_meter.values()]}), on="circuit_id")
+    shard = routes.group_by("shard").len().sort("len", "shard", descending=True)["shard"][0]
+    mine = routes.filter(pl.col("shard") == shard)
+    n = mine.height
+    return shard, [(offset, pl.DataFrame({
+        "circuit_id": mine["circuit_id"], "meter_id": mine["meter_id"], "account_id": mine["account_id"],
+        "ts_ms": [T0 + offset * 900_000] * n, "import_kwh": [10.0 + offset * (1 + i % 3) for i in range(n)]}))
+        for offset in range(steps)]
+
+
+def _bill(ctx: billing.BillingContext, table: dict[str, Envelope], shard: int,
+          messages: list[tuple[int, pl.DataFrame]]) -> list[dict]:
+    """One billing step over `messages`, as the worker does it; returns the ledger entries produced."""
+    routed = billing.route_readings(billing.messages_frame(messages), ctx, shard)
+    envs = {k: table.get(k, Envelope()) for k in routed.buckets}
+    changed = billing.apply_readings_many(envs, routed, ctx, f"r:{shard}", messages[-1][0])
+    table.update(changed)
+    return [e for env in changed.values() for e in _decoded(env, "mallwatt.ledger", "LedgerBatch")]
+
+
+def _funded(ctx: billing.BillingContext, shard: int) -> dict[str, Envelope]:
+    table: dict[str, Envelope] = {}
+    for i, account in enumerate(a for a in ctx.accounts if account_shard(a, PARTITIONS) == shard):
+        key = bucket_key(account, PARTITIONS)
+        table[key] = billing.apply_payment(table.get(key, Envelope()), {
+            "payment_id": f"open-{account}", "account_id": account, "ts_ms": T0 - 1, "amount_minor": 400,
+            "kind": "TOPUP"}, ctx, "payments:0", i)
+    return table
+
+
+@pytest.fixture(scope="module")
+def big_ctx() -> billing.BillingContext:
+    """Enough merchants that one shard spans several state buckets."""
+    data = generate(1, 60, seed=5)
+    for merchant in data["malls"][0]["merchants"]:
+        merchant["level"], merchant["protected"] = "standard", False
+    return build_context(parse_portfolio(data), PARTITIONS)
+
+
+def test_one_step_over_many_messages_equals_message_by_message(big_ctx: billing.BillingContext) -> None:
+    ctx = big_ctx
+    shard, messages = _shard_messages(ctx, 6)
+    one_by_one, batched = _funded(ctx, shard), _funded(ctx, shard)
+    single = [e for m in messages for e in _bill(ctx, one_by_one, shard, [m])]
+    together = _bill(ctx, batched, shard, messages)
+    assert len(batched) >= 3 and len(single) > len(messages)
+    assert sorted(single, key=lambda e: e["entry_id"]) == sorted(together, key=lambda e: e["entry_id"])
+    assert {k: e.accounts for k, e in one_by_one.items()} == {k: e.accounts for k, e in batched.items()}
+    assert all(e.hwm[f"r:{shard}"] == messages[-1][0] for e in batched.values())
+    # an account's entries keep their order inside a batch
+    for account in {e["account_id"] for e in together}:
+        stamps = [e["ts_ms"] for e in together if e["account_id"] == account and e["kind"] == "charge"]
+        assert stamps == sorted(stamps)
+
+
+def test_replayed_step_applies_only_messages_above_each_buckets_mark(big_ctx: billing.BillingContext) -> None:
+    ctx = big_ctx
+    shard, messages = _shard_messages(ctx, 5)
+    reference = _funded(ctx, shard)
+    per_message = [_bill(ctx, reference, shard, [m]) for m in messages]
+    table = _funded(ctx, shard)
+    _bill(ctx, table, shard, messages[:1])
+    after_first = dict(table)
+    _bill(ctx, table, shard, messages[1:2])
+    # a crash lost one bucket's write of the second step: it is back at its state after offset 0
+    lost = sorted(table)[0]
+    table[lost] = after_first[lost]
+    assert len(table) >= 3 and table[lost].hwm[f"r:{shard}"] == 0
+    # redelivery from offset 0: each bucket applies only the messages above its own mark
+    replayed = _bill(ctx, table, shard, messages)
+    expected = [e for entries in per_message[2:] for e in entries]
+    expected += [e for e in per_message[1] if e["account_id"] in table[lost].accounts]
+    assert per_message[1] and sorted(e["entry_id"] for e in replayed) == sorted(e["entry_id"] for e in expected)
+    assert {k: e.accounts for k, e in table.items()} == {k: e.accounts for k, e in reference.items()}

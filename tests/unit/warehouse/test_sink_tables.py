@@ -6,6 +6,7 @@ import pytest
 from pipelines.sink import _Buffer
 from pipelines.sink_tables import READINGS_COLUMNS, TOPIC_TABLES
 from schemas import codec
+from schemas.ledger import entries_to_batch
 from schemas.readings import frame_to_batch
 
 NOW = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -59,10 +60,10 @@ def test_garbage_raises_decode_error(topic: str) -> None:
 def test_ledger_rows_keep_optional_fields() -> None:
     spec = TOPIC_TABLES["mallwatt.ledger"]
     value = codec.encode(
-        "LedgerEntry",
-        {"entry_id": "e1", "account_id": "a", "mall_id": "M1", "kind": "charge",
-         "amount_minor": -5, "balance_after_minor": 95, "ts_ms": NOW, "source_id": "i",
-         "energy_wh": 250, "rate": "0.85"},
+        "LedgerBatch",
+        entries_to_batch([{"entry_id": "e1", "account_id": "a", "mall_id": "M1", "kind": "charge",
+                           "amount_minor": -5, "balance_after_minor": 95, "ts_ms": NOW, "source_id": "i",
+                           "energy_wh": 250, "rate": "0.85"}], "b1"),
     )  # fmt: skip
     rows, n, ts = spec.decode(value)
     table = spec.to_arrow([rows])

@@ -1,0 +1,99 @@
+"""Build and read the column-wise LedgerBatch contract (schemas/ledger_batch.avsc).
+
+The billing core produces ledger entries as a polars frame with LEDGER_COLUMNS; a
+LedgerBatch carries such a frame in one message. Consumers that want one record per entry
+(statements, tests) use `batch_entries`, which yields LedgerEntry-shaped dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+#: Columns (and types) of a ledger frame; the same fields as schemas/ledger_entry.avsc.
+LEDGER_COLUMNS: dict[str, Any] = {
+    "entry_id": pl.String, "account_id": pl.String, "mall_id": pl.String, "kind": pl.String,
+    "amount_minor": pl.Int64, "balance_after_minor": pl.Int64, "ts_ms": pl.Int64, "source_id": pl.String,
+    "meter_id": pl.String, "circuit_id": pl.String, "interval_start_ms": pl.Int64, "energy_wh": pl.Int64,
+    "tou_period": pl.String, "tier": pl.Int32, "rate": pl.String, "estimated": pl.Boolean,
+}  # fmt: skip
+REQUIRED_STRINGS = ("entry_id", "account_id", "mall_id", "kind", "source_id")
+OPTIONAL_STRINGS = ("meter_id", "circuit_id", "tou_period", "rate")
+INT64_COLUMNS = ("amount_minor", "balance_after_minor", "ts_ms")
+#: Optional numbers and their bit in null_mask.
+NULL_BITS: dict[str, int] = {"interval_start_ms": 1, "energy_wh": 2, "tier": 4}
+NUMPY_TYPES = {"interval_start_ms": "<i8", "energy_wh": "<i8", "tier": "<i4"}
+
+
+def frame_to_ledger_batch(frame: pl.DataFrame, batch_id: str) -> dict[str, Any]:
+    """A LedgerBatch record from a frame with LEDGER_COLUMNS (extra columns are ignored)."""
+    return ledger_batches(frame, [(batch_id, 0, frame.height)])[0]
+
+
+def ledger_batches(frame: pl.DataFrame, slices: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """One LedgerBatch record per (batch_id, offset, length) slice of `frame`.
+
+    Every column is converted once for the whole frame and then sliced, because the cost of
+    a conversion is mostly per call, and a billing step yields one batch per state bucket."""
+    columns: dict[str, Any] = {}
+    for name in REQUIRED_STRINGS:
+        columns[name] = frame[name].to_list()
+    for name in OPTIONAL_STRINGS:
+        columns[name] = frame[name].fill_null("").to_list()
+    for name in INT64_COLUMNS:
+        columns[name] = frame[name].cast(pl.Int64).to_numpy().astype("<i8")
+    mask = np.zeros(frame.height, dtype="u1")
+    for name, bit in NULL_BITS.items():
+        column = frame[name]
+        mask |= column.is_null().to_numpy().astype("u1") * np.uint8(bit)
+        columns[name] = column.fill_null(0).to_numpy().astype(NUMPY_TYPES[name])
+    columns["null_mask"] = mask
+    columns["estimated"] = frame["estimated"].fill_null(False).cast(pl.UInt8).to_numpy().astype("u1")
+    records = []
+    for batch_id, start, length in slices:
+        record: dict[str, Any] = {"batch_id": batch_id}
+        for name, values in columns.items():
+            part = values[start:start + length]
+            record[name] = part.tobytes() if isinstance(part, np.ndarray) else part
+        records.append(record)
+    return records
+
+
+def ledger_batch_to_frame(record: dict[str, Any]) -> pl.DataFrame:
+    """The entries of a decoded LedgerBatch as a frame with LEDGER_COLUMNS; raises ValueError
+    on ragged columns (a corrupt or hand-made message)."""
+    n = len(record["entry_id"])
+    columns: dict[str, Any] = {}
+    for name in REQUIRED_STRINGS + OPTIONAL_STRINGS:
+        columns[name] = record[name]
+    for name in INT64_COLUMNS:
+        columns[name] = np.frombuffer(record[name], dtype="<i8")
+    for name, dtype in NUMPY_TYPES.items():
+        columns[name] = np.frombuffer(record[name], dtype=dtype)
+    mask = np.frombuffer(record["null_mask"], dtype="u1")
+    estimated = np.frombuffer(record["estimated"], dtype="u1")
+    for name, values in [*columns.items(), ("null_mask", mask), ("estimated", estimated)]:
+        if len(values) != n:
+            raise ValueError(f"LedgerBatch {record.get('batch_id')}: column {name} has {len(values)} values, "
+                             f"expected {n}")
+    columns["estimated"] = estimated.astype(bool)
+    frame = pl.DataFrame(columns).with_columns(
+        *[pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in OPTIONAL_STRINGS],
+        *[pl.when(pl.Series(mask & bit != 0)).then(None).otherwise(pl.col(c)).alias(c)
+          for c, bit in NULL_BITS.items()],
+    )
+    return frame.select(list(LEDGER_COLUMNS)).cast(LEDGER_COLUMNS)
+
+
+def batch_entries(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One LedgerEntry-shaped dict per entry of a decoded LedgerBatch, in batch order."""
+    return ledger_batch_to_frame(record).to_dicts()
+
+
+def entries_to_batch(entries: list[dict[str, Any]], batch_id: str) -> dict[str, Any]:
+    """A LedgerBatch record from LedgerEntry-shaped dicts (missing optional fields are null)."""
+    defaults = {"estimated": False}
+    rows = [{name: entry.get(name, defaults.get(name)) for name in LEDGER_COLUMNS} for entry in entries]
+    return frame_to_ledger_batch(pl.DataFrame(rows, schema=LEDGER_COLUMNS), batch_id)

@@ -8,7 +8,7 @@ circuits, 30 days at 15-minute resolution = 100.8 million readings. `--scale 0.1
 the shape with 5 malls. Readings go in through the sink's own insert path (frames ->
 `pipelines.sink_tables.readings_to_arrow` -> `pipelines.sink_tables.insert_arrow` with a
 dedup token), in batches of the sink's default size (250k rows), so the materialized views
-(readings_15m_v2, circuit_daily) work exactly as behind the sink: `sink_rows_per_s` =
+(circuit_daily) work exactly as behind the sink: `sink_rows_per_s` =
 readings / seconds spent inserting (`sink_rows_per_cpu_s`: per CPU-second of this process,
 chDB's threads included; steadier on a shared machine; load averages are reported too).
 The ledger gets one charge per account, local day and TOU period plus weekly top-ups
@@ -250,8 +250,11 @@ def insert_readings(client: Any, frame: pl.DataFrame, token: str,
         insert_arrow(client, "mallwatt.readings", table, f"{token}-{i}")
 
 
-def synthetic_dataset(client: Any, syn: Synthetic) -> dict[str, Any]:
-    """Dims + readings + ledger + watermark of `syn` into a migrated warehouse (tests)."""
+def synthetic_dataset(client: Any, syn: Synthetic, *, close: bool = True) -> dict[str, Any]:
+    """Dims + readings + ledger + watermark of `syn` into a migrated warehouse (tests), and
+    the closed days' hourly energies as the sink's timer writes them (`closed`: first and
+    last UTC day written; the last UTC day of the data stays open)."""
+    from infra.warehouse_catalog import close_days
     from infra.warehouse_dims import load_dimensions
 
     load_dimensions(client, syn.portfolio)
@@ -263,7 +266,9 @@ def synthetic_dataset(client: Any, syn: Synthetic) -> dict[str, Any]:
     client.insert_arrow("mallwatt.ledger", ledger)
     end_ms = syn.start_ms + syn.days * 86_400_000 - 1000
     write_watermark(client, {"mallwatt.readings": end_ms, "mallwatt.ledger": end_ms})
-    return {"readings": sum(f.height for f in frames), "ledger": ledger.num_rows, "frames": frames}
+    closed = close_days(client) if close else None
+    return {"readings": sum(f.height for f in frames), "ledger": ledger.num_rows, "frames": frames,
+            "closed": closed}  # fmt: skip
 
 
 def write_watermark(client: Any, topics: dict[str, int]) -> None:
@@ -328,7 +333,7 @@ def _optimize(client: Any, table: str, log: Any, attempts: int = 3) -> None:
 def run_bench(path: Path, scale: float, days: int, step_min: int, repeat: int,
               keep: bool, log: Any, load: bool = True) -> dict[str, Any]:  # fmt: skip
     from infra import warehouse as wh
-    from infra.warehouse_catalog import catalog
+    from infra.warehouse_catalog import catalog, close_days
 
     malls = max(1, round(50 * scale))
     syn = build_synthetic(malls, 697, days, step_min * 60)
@@ -344,9 +349,18 @@ def run_bench(path: Path, scale: float, days: int, step_min: int, repeat: int,
     with wh.open_owner(path, serve=False, migrate=False) as owner:
         log("merging parts")
         t0 = time.perf_counter()
-        for table in ("readings_15m_v2", "circuit_daily", "ledger_tou_hourly", "ledger_hourly"):
+        for table in ("circuit_daily", "ledger_tou_hourly", "ledger_hourly"):
             _optimize(owner.client, table, log)
         out["optimize_s"] = round(time.perf_counter() - t0, 1)
+        if load:
+            # What the sink's timer does once a day, here for every day the watermark has
+            # passed: the last UTC day stays open and is derived at query time.
+            t0 = time.perf_counter()
+            closed = close_days(owner.client)
+            _optimize(owner.client, "circuit_hour_kwh", log)
+            out["close_days_s"] = round(time.perf_counter() - t0, 1)
+            out["closed_days"] = [d.isoformat() for d in closed] if closed else None
+            log(f"closed days {out['closed_days']} in {out['close_days_s']} s")
         sizes = owner.client.query(
             "SELECT table, sum(rows), sum(bytes_on_disk) FROM system.parts WHERE active AND "
             "database = 'mallwatt' GROUP BY table ORDER BY table").result_rows

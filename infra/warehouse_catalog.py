@@ -376,3 +376,86 @@ def backfill_rollups(client: Any) -> None:
     """
     for statement in BACKFILL:
         client.command(statement)
+    # Hourly energies of closed days are derived from circuit_daily: rebuild them too.
+    client.command("TRUNCATE TABLE IF EXISTS mallwatt.circuit_hour_kwh")
+    client.command("TRUNCATE TABLE IF EXISTS mallwatt.circuit_hour_kwh_closed")
+    close_days(client)
+
+
+# --- closing days: the hourly energy rollup ---------------------------------------------
+
+READINGS_TOPIC = "mallwatt.readings"
+# Days closed again on every run, for reads that arrive after their day was closed.
+RECOMPUTE_DAYS = 2
+# Days per INSERT: bounds the per-circuit arrays of one statement (24 numbers a day).
+CLOSE_CHUNK_DAYS = 7
+
+_CLOSE_INSERT = """INSERT INTO mallwatt.circuit_hour_kwh
+    (mall_id, circuit_id, day, account_id, meter_id, kwh, last_kwh)
+SELECT mall_id, circuit_id, day, account_id, meter_id, kwh, last_kwh
+FROM mallwatt.circuit_hour_kwh_live(from_day = {from_day:Date}, to_day = {to_day:Date},
+                                    mall_id = '', open_only = 0)"""
+
+
+def readings_complete_until(client: Any, topic: str = READINGS_TOPIC) -> dt.datetime | None:
+    """The readings ingest watermark: newest event time written, smallest over partitions."""
+    rows = client.query(
+        "SELECT min(m), count() FROM (SELECT partition, max(max_event_ts) AS m "
+        "FROM mallwatt.ingest_watermark WHERE topic = {t:String} GROUP BY partition)",
+        parameters={"t": topic},
+    ).result_rows
+    return rows[0][0] if rows and rows[0][1] else None
+
+
+def closed_through(client: Any) -> dt.date | None:
+    """The last UTC day whose hourly energies are in circuit_hour_kwh (None: no day yet)."""
+    rows = client.query("SELECT max(through), count() FROM mallwatt.circuit_hour_kwh_closed").result_rows
+    return rows[0][0] if rows and rows[0][1] else None
+
+
+def close_days(
+    client: Any,
+    through: dt.date | None = None,
+    *,
+    from_day: dt.date | None = None,
+    topic: str = READINGS_TOPIC,
+    recompute_days: int = RECOMPUTE_DAYS,
+) -> tuple[dt.date, dt.date] | None:
+    """Write circuit_hour_kwh for UTC days up to `through`; returns the days written.
+
+    `through` defaults to the last UTC day the readings watermark has passed completely.
+    Starts after the last closed day (minus `recompute_days`, for late reads), at the first
+    day of circuit_daily when nothing is closed yet, or at `from_day` if that is earlier
+    (reads that arrived for an older day). Rows first, then the closed mark, so a query
+    never takes a day from the table before its rows are there; a recomputed day replaces
+    its rows (ReplacingMergeTree on closed_at). Duplicate-free by construction: every row
+    is derived from circuit_daily, whatever ran before.
+    """
+    if through is None:
+        until = readings_complete_until(client, topic)
+        if until is None:
+            return None
+        through = until.date() - dt.timedelta(days=1)
+    done = closed_through(client)
+    if done is not None:
+        start = done + dt.timedelta(days=1 - recompute_days)
+    else:
+        first = client.query("SELECT min(day), count() FROM mallwatt.circuit_daily").result_rows[0]
+        if not first[1]:
+            return None
+        start = first[0]
+    if from_day is not None:
+        start = min(start, from_day)
+    if start > through:
+        return None
+    day = start
+    while day <= through:
+        end = min(day + dt.timedelta(days=CLOSE_CHUNK_DAYS - 1), through)
+        client.command(_CLOSE_INSERT, parameters={"from_day": day, "to_day": end})
+        day = end + dt.timedelta(days=1)
+    if done is None or through > done:
+        client.command(
+            "INSERT INTO mallwatt.circuit_hour_kwh_closed (through) VALUES ({d:Date})",
+            parameters={"d": through},
+        )
+    return start, through

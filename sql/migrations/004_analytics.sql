@@ -37,7 +37,10 @@ CREATE TABLE IF NOT EXISTS mallwatt.circuit_daily
     slots             SimpleAggregateFunction(groupBitOr, UInt128)
 )
 ENGINE = AggregatingMergeTree
-PARTITION BY toYYYYMM(day)
+-- One partition per day: day is the third key column, so in monthly parts the rows of one
+-- day sit in every granule; reading the open day(s) or the last day (top_consumers) read
+-- the whole month (measured at 8,400 circuits: 36 ms for one day against 3 ms by day).
+PARTITION BY day
 -- meter_id in the key: registers of two meters (a swap) are never compared.
 ORDER BY (mall_id, circuit_id, day, account_id, meter_id, collector_id);
 

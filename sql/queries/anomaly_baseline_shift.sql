@@ -15,7 +15,7 @@
 -- Column: recent_kwh_day Float64 | mean daily energy in the recent window (kWh)
 -- Column: ratio Float64 | recent / baseline (inf when the baseline is 0)
 -- Column: direction String | up or down
--- Source: circuit_daily (rollup), dim_accounts
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts
 -- Watermark: mallwatt.readings
 SELECT
     e.mall_id AS mall_id,
@@ -30,14 +30,12 @@ FROM
     SELECT
         mall_id,
         account_id,
-        sum(arraySum(arrayFilter((x, d) -> d > {to_day:Date} - {recent_days:UInt16},
-                                 kwh, local_days))) / {recent_days:UInt16} AS recent,
-        sum(arraySum(arrayFilter((x, d) -> d <= {to_day:Date} - {recent_days:UInt16},
-                                 kwh, local_days)))
+        sumIf(kwh, day > {to_day:Date} - {recent_days:UInt16}) / {recent_days:UInt16} AS recent,
+        sumIf(kwh, day <= {to_day:Date} - {recent_days:UInt16})
             / greatest(dateDiff('day', {from_day:Date}, {to_day:Date}) + 1 - {recent_days:UInt16}, 1)
             AS baseline
-    FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
-                                to_day = {to_day:Date}, mall_id = {mall_id:String})
+    FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
+                                     to_day = {to_day:Date}, mall_id = {mall_id:String})
     -- a range not longer than the recent window has no baseline: no rows
     WHERE dateDiff('day', {from_day:Date}, {to_day:Date}) + 1 > {recent_days:UInt16}
     GROUP BY mall_id, account_id

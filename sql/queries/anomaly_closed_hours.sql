@@ -18,7 +18,7 @@
 -- Column: kwh_total Float64 | energy over the range (kWh)
 -- Column: closed_share Float64 | kwh_closed / kwh_total
 -- Column: avg_kw_closed Float64 | mean power over the closed hours of the range (kW)
--- Source: circuit_daily (rollup), dim_accounts, dim_circuits
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
 -- Watermark: mallwatt.readings
 SELECT
     e.mall_id AS mall_id,
@@ -36,11 +36,11 @@ FROM
     SELECT
         mall_id,
         account_id,
-        sum(arraySum(arrayFilter((x, h) -> h < {open_hour:UInt8} OR h >= {close_hour:UInt8},
-                                 kwh, local_hours))) AS kwh_closed,
-        sum(arraySum(kwh)) AS kwh_total
-    FROM mallwatt.circuit_hours(tz = {tz:String}, from_day = {from_day:Date},
-                                to_day = {to_day:Date}, mall_id = {mall_id:String})
+        sum(arraySum((e, h) -> if(h < {open_hour:UInt8} OR h >= {close_hour:UInt8}, e, 0),
+                     by_hour, range(toUInt8(24)))) AS kwh_closed,
+        sum(arraySum(by_hour)) AS kwh_total
+    FROM mallwatt.circuit_local_hours(tz = {tz:String}, from_day = {from_day:Date},
+                                      to_day = {to_day:Date}, mall_id = {mall_id:String})
     WHERE circuit_id NOT IN (SELECT circuit_id FROM mallwatt.dim_circuits FINAL
                              WHERE is_common OR has({exclude_purposes:Array(String)}, purpose))
     GROUP BY mall_id, account_id

@@ -15,7 +15,7 @@
 -- Column: avg_kw_open Float64 | mean power over the opening hours of the range
 -- Column: avg_kw_closed Float64 | mean power over the closed hours of the range
 -- Column: running_closed_hours UInt64 | closed hours (summed over circuits) above running_kw
--- Source: circuit_daily (rollup), dim_circuits
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_circuits
 -- Watermark: mallwatt.readings
 SELECT
     h.mall_id AS mall_id,
@@ -32,12 +32,13 @@ FROM
     SELECT
         mall_id,
         circuit_id,
-        arrayMap(x -> x >= {open_hour:UInt8} AND x < {close_hour:UInt8}, local_hours) AS open_mask,
-        arraySum(arrayFilter((e, o) -> o, kwh, open_mask)) AS kwh_open,
-        arraySum(arrayFilter((e, o) -> NOT o, kwh, open_mask)) AS kwh_closed,
-        arrayCount((e, o) -> NOT o AND e > {running_kw:Float64}, kwh, open_mask) AS running
-    FROM mallwatt.circuit_hours(tz = {tz:String}, from_day = {from_day:Date},
-                                to_day = {to_day:Date}, mall_id = {mall_id:String})
+        -- one row per circuit and UTC day, by_hour indexed by local hour
+        arrayMap(x -> x >= {open_hour:UInt8} AND x < {close_hour:UInt8}, range(toUInt8(24))) AS open_mask,
+        arraySum(arrayFilter((e, o) -> o, by_hour, open_mask)) AS kwh_open,
+        arraySum(arrayFilter((e, o) -> NOT o, by_hour, open_mask)) AS kwh_closed,
+        arrayCount((e, o) -> NOT o AND e > {running_kw:Float64}, by_hour, open_mask) AS running
+    FROM mallwatt.circuit_local_hours(tz = {tz:String}, from_day = {from_day:Date},
+                                      to_day = {to_day:Date}, mall_id = {mall_id:String})
     WHERE circuit_id IN (SELECT circuit_id FROM mallwatt.dim_circuits FINAL
                          WHERE purpose IN ('hvac', 'elevator', 'public_lighting'))
 ) AS h

@@ -1,5 +1,5 @@
 -- Purpose: metered energy per local month by mall, area, business type or circuit purpose.
---   Register differences from the circuit_daily rollup (view circuit_days): no raw reads.
+--   Hourly energies of closed days (circuit_hour_kwh), later days from circuit_daily.
 -- Param: tz String = Asia/Shanghai | zone of the local days (whole-hour offsets)
 -- Param: from_day Date | first local day
 -- Param: to_day Date | last local day (inclusive)
@@ -11,15 +11,16 @@
 -- Column: kwh Float64 | energy (kWh)
 -- Column: accounts UInt64 | accounts with consumption that month
 -- Column: circuits UInt64 | circuits with consumption that month
--- Source: circuit_daily (rollup), dim_accounts, dim_circuits
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
 -- Watermark: mallwatt.readings
 WITH per_circuit AS
 (
-    -- one row per circuit and meter; no sumMap (Field-based, slow): the outer GROUP BY
-    -- adds up the two meters of a swapped circuit anyway
-    SELECT mall_id, account_id, circuit_id, (local_days, kwh) AS by_day
-    FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
-                                to_day = {to_day:Date}, mall_id = {mall_id:String})
+    -- the circuit's energy per local day, as arrays: the dimension joins then see one row
+    -- per circuit instead of one per circuit and day
+    SELECT mall_id, account_id, circuit_id, (groupArray(day), groupArray(kwh)) AS by_day
+    FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
+                                     to_day = {to_day:Date}, mall_id = {mall_id:String})
+    GROUP BY mall_id, account_id, circuit_id
 )
 SELECT toStartOfMonth(day) AS month, mall_id, key, round(sum(e), 3) AS kwh,
        uniqExact(cityHash64(account_id)) AS accounts, uniqExact(cityHash64(circuit_id)) AS circuits

@@ -15,7 +15,7 @@
 -- Column: kwh Float64 | energy (kWh)
 -- Column: kwh_per_m2 Float64 | kwh / leased_m2
 -- Column: vs_median Float64 | kwh_per_m2 / the business type's median (1 = typical)
--- Source: circuit_daily (rollup), dim_accounts
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts
 -- Watermark: mallwatt.readings
 SELECT
     business_type,
@@ -49,9 +49,9 @@ FROM
     ) AS a
     LEFT JOIN
     (
-        SELECT account_id, sum(arraySum(kwh)) AS account_kwh
-        FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
-                                    to_day = {to_day:Date}, mall_id = {mall_id:String})
+        SELECT account_id, sum(kwh) AS account_kwh
+        FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
+                                         to_day = {to_day:Date}, mall_id = {mall_id:String})
         GROUP BY account_id
     ) AS e ON e.account_id = a.account_id
 )

@@ -13,7 +13,7 @@
 -- Column: kwh Float64 | their energy (kWh)
 -- Column: kwh_per_m2 Float64 | kwh / leased_m2 over the range
 -- Column: kwh_per_m2_day Float64 | the same per local day of the range
--- Source: circuit_daily (rollup), dim_accounts
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts
 -- Watermark: mallwatt.readings
 SELECT
     if({by:String} = 'business_type', '', a.mall_id) AS mall_id,
@@ -33,9 +33,9 @@ FROM
 ) AS a
 LEFT JOIN
 (
-    SELECT account_id, sum(arraySum(kwh)) AS account_kwh
-    FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
-                                to_day = {to_day:Date}, mall_id = {mall_id:String})
+    SELECT account_id, sum(kwh) AS account_kwh
+    FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
+                                     to_day = {to_day:Date}, mall_id = {mall_id:String})
     GROUP BY account_id
 ) AS e ON e.account_id = a.account_id
 WHERE throwIf({by:String} NOT IN ('mall', 'area', 'business_type'),

@@ -10,7 +10,7 @@
 -- Column: hour UInt8 | local hour of day (0-23)
 -- Column: avg_kw Float64 | mean power in that hour over the days of the range (kW)
 -- Column: share_of_day Float64 | the hour's share of the group's average daily energy
--- Source: circuit_daily (rollup), dim_accounts, dim_circuits
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
 -- Watermark: mallwatt.readings
 SELECT
     mall_id,
@@ -28,9 +28,10 @@ FROM
         p.by_hour AS by_hour
     FROM
     (
-        SELECT mall_id, account_id, circuit_id, sumMap(local_hours, kwh) AS by_hour
-        FROM mallwatt.circuit_hours(tz = {tz:String}, from_day = {from_day:Date},
-                                    to_day = {to_day:Date}, mall_id = {mall_id:String})
+        -- by_hour[h + 1]: the circuit's energy in local hour h, summed over the days
+        SELECT mall_id, account_id, circuit_id, sumForEach(by_hour) AS by_hour
+        FROM mallwatt.circuit_local_hours(tz = {tz:String}, from_day = {from_day:Date},
+                                          to_day = {to_day:Date}, mall_id = {mall_id:String})
         GROUP BY mall_id, account_id, circuit_id
     ) AS p
     LEFT JOIN (SELECT account_id, business_type FROM mallwatt.dim_accounts FINAL) AS a
@@ -40,6 +41,6 @@ FROM
     WHERE throwIf({by:String} NOT IN ('mall', 'business_type', 'purpose'),
                   'by must be mall, business_type or purpose') = 0
 )
-ARRAY JOIN by_hour.1 AS hour, by_hour.2 AS e
-GROUP BY mall_id, key, hour
+ARRAY JOIN by_hour AS e, arrayEnumerate(by_hour) AS i
+GROUP BY mall_id, key, toUInt8(i - 1) AS hour
 ORDER BY mall_id, key, hour

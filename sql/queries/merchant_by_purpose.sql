@@ -11,7 +11,7 @@
 -- Column: purpose String | circuit purpose ('(unassigned)' without dimensions)
 -- Column: kwh Float64 | energy (kWh)
 -- Column: share Float64 | share of the account's energy over the range (sums to 1 per account)
--- Source: circuit_daily (rollup), dim_accounts, dim_circuits
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
 -- Watermark: mallwatt.readings
 SELECT
     e.mall_id AS mall_id,
@@ -24,9 +24,9 @@ SELECT
        sum(e.circuit_kwh) / sum(sum(e.circuit_kwh)) OVER (PARTITION BY e.account_id), 0) AS share
 FROM
 (
-    SELECT mall_id, account_id, circuit_id, sum(arraySum(kwh)) AS circuit_kwh
-    FROM mallwatt.circuit_days(tz = {tz:String}, from_day = {from_day:Date},
-                                to_day = {to_day:Date}, mall_id = {mall_id:String})
+    SELECT mall_id, account_id, circuit_id, sum(kwh) AS circuit_kwh
+    FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
+                                     to_day = {to_day:Date}, mall_id = {mall_id:String})
     GROUP BY mall_id, account_id, circuit_id
 ) AS e
 LEFT JOIN (SELECT account_id, name, business_type FROM mallwatt.dim_accounts FINAL) AS a

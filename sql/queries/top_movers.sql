@@ -13,7 +13,7 @@
 -- Column: change_kwh Float64 | kwh - kwh_previous
 -- Column: change_pct Float64 | change relative to the previous period (NULL when it was 0)
 -- Column: rank_now UInt64 | rank by kwh this period (1 = largest consumer)
--- Source: circuit_daily (rollup), dim_accounts
+-- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts
 -- Watermark: mallwatt.readings
 SELECT
     e.mall_id AS mall_id,
@@ -29,10 +29,10 @@ FROM
     SELECT
         mall_id,
         account_id,
-        sum(arraySum(arrayFilter((x, d) -> d >= {from_day:Date}, kwh, local_days))) AS now_kwh,
-        sum(arraySum(arrayFilter((x, d) -> d < {from_day:Date}, kwh, local_days))) AS prev_kwh,
+        sumIf(kwh, day >= {from_day:Date}) AS now_kwh,
+        sumIf(kwh, day < {from_day:Date}) AS prev_kwh,
         rank() OVER (ORDER BY now_kwh DESC) AS rank_now
-    FROM mallwatt.circuit_days(
+    FROM mallwatt.circuit_local_days(
         tz = {tz:String},
         from_day = {from_day:Date} - (dateDiff('day', {from_day:Date}, {to_day:Date}) + 1),
         to_day = {to_day:Date}, mall_id = {mall_id:String})

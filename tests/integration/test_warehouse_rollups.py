@@ -1,8 +1,10 @@
-"""Real chDB: the readings rollups of migration 005 against the raw table, replays, and the
-data migration from the 002/004 rollups."""
+"""Real chDB: the readings rollups (circuit_daily, the circuit_15m view, the closed days'
+hourly energies of migration 006) against the raw table, replays, and migration 006 on a
+warehouse that already holds data."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import polars as pl
 import pytest
 
 from infra import warehouse as wh
+from infra.warehouse_catalog import close_days, closed_through
 from infra.warehouse_sql import MIGRATIONS_DIR
 from pipelines.sink_tables import READINGS_COLUMNS, insert_arrow, readings_to_arrow
 
@@ -100,37 +103,178 @@ def test_rollups_match_the_raw_reads_and_ignore_replays(folder: Path) -> None:
         assert c15 == c.query(C15_FROM_RAW).result_rows
         assert len(daily) >= 12 and any(r[8][0] for r in daily)  # OPEN hours with power
         # Merging the parts changes nothing either.
-        for table in ("readings_15m_v2", "circuit_daily"):
+        for table in ("readings", "circuit_daily"):
             c.command(f"OPTIMIZE TABLE mallwatt.{table} FINAL")
         assert c.query(DAILY).result_rows == daily
         assert c.query(C15).result_rows == c15
 
 
-def test_migration_005_carries_the_old_rollups_over(folder: Path, tmp_path: Path) -> None:
+def test_migration_006_drops_the_15_minute_rollup_and_keeps_circuit_15m(
+    folder: Path, tmp_path: Path
+) -> None:
     old = tmp_path / "old_migrations"
     old.mkdir()
-    for path in sorted(MIGRATIONS_DIR.glob("00[1-4]_*.sql")):
+    for path in sorted(MIGRATIONS_DIR.glob("00[1-5]_*.sql")):
         shutil.copy(path, old / path.name)
     frame = reads(3)
     with wh.open_owner(folder, serve=False, migrate=False) as owner:
         c = owner.client
         wh.apply_migrations(c, old)
-        c.insert_arrow("mallwatt.readings", readings_to_arrow([frame]))
-        daily_before = c.query(DAILY).result_rows
-        c15_before = c.query(
-            "SELECT circuit_id, bucket, meter_id, first_kwh, last_kwh, reads FROM mallwatt.circuit_15m "
-            "ORDER BY circuit_id, bucket, meter_id"
-        ).result_rows
-        assert wh.apply_migrations(c) == ["005"]
-        c15_after = c.query(
-            "SELECT circuit_id, bucket, meter_id, first_kwh, last_kwh, reads FROM mallwatt.circuit_15m "
-            "ORDER BY circuit_id, bucket, meter_id"
-        ).result_rows
-        # Registers only grow within a meter, so min/max equal the first/last reads.
-        assert c15_after == c15_before
-        # New reads (and a replay) go through the new views only, into the same rollups.
-        insert(c, frame, "again")
+        insert(c, frame, "before")
+        c15_before = c.query(C15).result_rows
+        assert wh.apply_migrations(c) == ["006"]
+        tables = {
+            r[0]
+            for r in c.query(
+                "SELECT name FROM system.tables WHERE database = 'mallwatt'"
+            ).result_rows
+        }
+        assert "readings_15m_v2" not in tables and "readings_15m_v2_mv" not in tables
+        assert {"circuit_15m", "circuit_hour_kwh", "circuit_hour_energy"} <= tables
+        # The view over the raw reads gives what the rollup held (registers only grow).
+        assert c.query(C15).result_rows == c15_before
+        insert(c, frame, "again")  # a replay
         insert(c, reads(4), "more")
         assert c.query(DAILY).result_rows == c.query(DAILY_FROM_RAW).result_rows
         assert c.query(C15).result_rows == c.query(C15_FROM_RAW).result_rows
-        assert daily_before and len(c.query(DAILY).result_rows) >= len(daily_before)
+
+
+# --- the closed days' hourly energies (circuit_hour_kwh) --------------------------------
+
+D0 = dt.date(2026, 1, 1)
+
+
+def day_reads(seed: int, days: int = 6) -> pl.DataFrame:
+    """Three circuits read every ~20 minutes (jitter) for `days` UTC days: C1 has a 30-hour
+    gap on day 2, C2's meter is swapped on day 3 (new registers from 5.0), C3 is reset to 0
+    on day 4; every few reads carry no power."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[Any]] = {c: [] for c in READINGS_COLUMNS}
+    for c in (1, 2, 3):
+        register = 1000.0 * c
+        for k in range(days * 72):
+            ts = T0 + k * 1_200_000 + int(rng.integers(0, 5000))
+            hour = k // 3
+            register = round(register + float(rng.uniform(0, 2.0)), 2)
+            if c == 1 and 40 <= hour < 70:
+                continue
+            meter = f"MT{c}"
+            value = register
+            if c == 2 and hour >= 72:
+                meter, value = "MT2b", round(register - 2000.0 + 5.0, 2)
+            if c == 3 and hour >= 96:
+                value = round(register - 3200.0, 2)  # restarts lower (registers stay >= 0)
+            values = {
+                "mall_id": "M1", "account_id": f"A{c}", "meter_id": meter, "circuit_id": f"C{c}",
+                "ts": ts, "import_kwh": value, "export_kwh": None,
+                "power_w": None if k % 7 == 0 else 500.0, "voltage_v": 230.0, "current_a": None,
+                "power_factor": 0.95, "relay": "CLOSED", "flags": [], "batch_id": f"d{seed}-{k}",
+                "collector_id": "COL1", "collected_at": ts + 5000,
+            }  # fmt: skip
+            for name in READINGS_COLUMNS:
+                rows[name].append(values[name])
+    frame = pl.DataFrame(rows, schema_overrides={"flags": pl.List(pl.String)})
+    return frame.with_columns(
+        pl.col("ts").cast(pl.Datetime("ms", "UTC")),
+        pl.col("collected_at").cast(pl.Datetime("ms", "UTC")),
+    )
+
+
+def hour_energy_from_raw(frame: pl.DataFrame) -> dict[tuple[str, str, dt.date, int], float]:
+    """Energy per circuit, meter, UTC day and hour straight from the reads: the largest
+    register of each hour minus that of the previous hour with reads (negative: 0); the
+    first hour counts from the smallest read of its day."""
+    hours = (
+        frame.with_columns(pl.col("ts").dt.truncate("1h").alias("hour"))
+        .group_by("circuit_id", "meter_id", "hour")
+        .agg(pl.col("import_kwh").max().alias("reg"), pl.col("import_kwh").min().alias("low"))
+        .sort("circuit_id", "meter_id", "hour")
+        .with_columns(pl.col("hour").dt.date().alias("day"))
+    )
+    first_day_min = hours.group_by("circuit_id", "meter_id").agg(
+        pl.col("low").filter(pl.col("day") == pl.col("day").min()).min().alias("base")
+    )
+    hours = hours.join(first_day_min, on=["circuit_id", "meter_id"]).with_columns(
+        (
+            pl.col("reg")
+            - pl.col("reg").shift(1).over("circuit_id", "meter_id").fill_null(pl.col("base"))
+        )
+        .clip(lower_bound=0.0)
+        .alias("kwh")
+    )
+    return {
+        (r["circuit_id"], r["meter_id"], r["day"], r["hour"].hour): r["kwh"]
+        for r in hours.to_dicts()
+    }
+
+
+def table_hours(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str, dt.date, int], float]:
+    """(circuit_id, meter_id, day, kwh array) rows -> energy by hour (hours with energy)."""
+    out = {}
+    for circuit, meter, day, kwh in rows:
+        assert len(kwh) == 24
+        for hour, value in enumerate(kwh):
+            if value:
+                out[(circuit, meter, day, hour)] = value
+    return out
+
+
+def assert_same_energy(got: dict[Any, float], expected: dict[Any, float]) -> None:
+    nonzero = {k: v for k, v in expected.items() if v}
+    assert got.keys() == nonzero.keys()
+    for key, value in nonzero.items():
+        # closed days are stored as Float32 (~7 digits): a few kWh to within 1e-5
+        assert got[key] == pytest.approx(value, abs=1e-5), key
+
+
+UNION = """SELECT circuit_id, meter_id, day, kwh FROM mallwatt.circuit_hour_energy(
+    from_day = '2026-01-01', to_day = '2026-01-31', mall_id = '') ORDER BY circuit_id, meter_id, day"""
+
+
+def test_closed_hourly_energies_equal_the_raw_reads_under_replays(folder: Path) -> None:
+    frame = day_reads(5)
+    expected = hour_energy_from_raw(frame)
+    with wh.open_owner(folder, serve=False) as owner:
+        c = owner.client
+        # Nothing closed yet: every day is derived at query time.
+        insert(c, frame.filter(pl.col("ts").dt.date() <= D0 + dt.timedelta(days=3)), "a")
+        assert closed_through(c) is None
+        # Close the first two days, then the rest arrives (and a replay with other bounds).
+        assert close_days(c, D0 + dt.timedelta(days=1)) == (D0, D0 + dt.timedelta(days=1))
+        insert(c, frame.filter(pl.col("ts").dt.date() > D0 + dt.timedelta(days=3)), "b")
+        insert(c, frame.slice(100, 500), "replay")
+        assert_same_energy(table_hours(c.query(UNION).result_rows), expected)
+        # Close two more days (the last RECOMPUTE_DAYS closed ones again); later days stay derived.
+        assert close_days(c, D0 + dt.timedelta(days=3)) == (D0, D0 + dt.timedelta(days=3))
+        assert closed_through(c) == D0 + dt.timedelta(days=3)
+        assert_same_energy(table_hours(c.query(UNION).result_rows), expected)
+        # The table itself holds exactly the raw energies of the closed days.
+        closed = c.query(
+            "SELECT circuit_id, meter_id, day, kwh FROM mallwatt.circuit_hour_kwh FINAL "
+            "ORDER BY circuit_id, meter_id, day"
+        ).result_rows
+        assert {r[2] for r in closed} == {D0 + dt.timedelta(days=i) for i in range(4)}
+        in_closed = {k: v for k, v in expected.items() if k[2] <= D0 + dt.timedelta(days=3)}
+        assert_same_energy(table_hours(closed), in_closed)
+        # Late reads for a closed day (a replay of day 1) change nothing once re-closed.
+        insert(c, frame.filter(pl.col("ts").dt.date() == D0 + dt.timedelta(days=1)), "late")
+        close_days(c, D0 + dt.timedelta(days=5), from_day=D0 + dt.timedelta(days=1))
+        c.command("OPTIMIZE TABLE mallwatt.circuit_hour_kwh FINAL")
+        assert_same_energy(table_hours(c.query(UNION).result_rows), expected)
+        # The same figures at local days: circuit_local_days adds up to the raw energy.
+        total = c.query(
+            "SELECT sum(kwh) FROM mallwatt.circuit_local_days(tz = 'Asia/Shanghai', "
+            "from_day = '2025-12-31', to_day = '2026-01-31', mall_id = '')"
+        ).result_rows[0][0]
+        assert total == pytest.approx(sum(expected.values()), abs=1e-3)
+        by_hour = c.query(
+            "SELECT sumForEach(by_hour) FROM mallwatt.circuit_local_hours(tz = 'Asia/Shanghai', "
+            "from_day = '2026-01-02', to_day = '2026-01-03', mall_id = '')"
+        ).result_rows[0][0]
+        # local hour h of 2026-01-02/03 (UTC+8) = UTC hour h - 8 of the same or previous day
+        want = [0.0] * 24
+        for (_, _, day, hour), kwh in expected.items():
+            local = dt.datetime.combine(day, dt.time(hour)) + dt.timedelta(hours=8)
+            if dt.date(2026, 1, 2) <= local.date() <= dt.date(2026, 1, 3):
+                want[local.hour] += kwh
+        assert by_hour == pytest.approx(want, abs=1e-4)

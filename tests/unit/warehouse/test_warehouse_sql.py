@@ -54,9 +54,9 @@ def test_migrations_are_ordered_and_split_cleanly() -> None:
     assert versions == sorted(versions) and len(versions) >= 2
     for m in migrations:
         # A run that died half-way is finished by running the file again, so every
-        # statement must be safe to repeat: CREATE IF NOT EXISTS, DROP IF EXISTS, CREATE OR
-        # REPLACE VIEW, or a data migration INSERT into a rollup the same file creates
-        # (AggregatingMergeTree with duplicate-insensitive columns only).
+        # statement must be safe to repeat: CREATE IF NOT EXISTS, DROP (VIEW|TABLE) IF EXISTS,
+        # CREATE OR REPLACE VIEW, or a data migration INSERT into a rollup the same file
+        # creates (AggregatingMergeTree with duplicate-insensitive columns only).
         created = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\S+)", "\n".join(m.statements)))
         for statement in m.statements:
             upper = statement.upper()
@@ -65,7 +65,7 @@ def test_migrations_are_ordered_and_split_cleanly() -> None:
                 assert target in created, (m.path, statement[:80])
                 continue
             assert "IF NOT EXISTS" in upper or upper.startswith(
-                ("DROP VIEW IF EXISTS", "CREATE OR REPLACE VIEW")
+                ("DROP VIEW IF EXISTS", "DROP TABLE IF EXISTS", "CREATE OR REPLACE VIEW")
             ), (m.path, statement[:80])
 
 

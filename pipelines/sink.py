@@ -10,7 +10,10 @@ replay is harmless:
   entry_id...), and each insert carries insert_deduplication_token = table + offset
   ranges, so a retried block is dropped at insert time;
 * the readings rollup only uses duplicate-insensitive aggregates, and ledger entries that
-  are already stored are dropped before insert (pipelines.sink_tables).
+  are already stored are dropped before insert (pipelines.sink_tables);
+* every --close-every seconds the sink closes the UTC days the readings watermark has
+  passed (hourly energies into circuit_hour_kwh, infra.warehouse_catalog.close_days),
+  again from the oldest day it inserted reads for since, so late reads are folded in.
 
 Undecodable messages go to mallwatt.deadletter with the reason; the sink keeps going.
 In embedded mode the sink owns the chDB folder and serves the warehouse query endpoint
@@ -22,6 +25,7 @@ In embedded mode the sink owns the chDB folder and serves the warehouse query en
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -34,12 +38,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from infra import warehouse
+from infra.warehouse_catalog import close_days
 from pipelines.sink_tables import (
     DEADLETTER_TOPIC,
     LEDGER_TOPIC,
+    READINGS_TOPIC,
     TOPIC_TABLES,
     TopicTable,
     dead_letter_row,
@@ -56,6 +63,9 @@ DEFAULT_TOPICS = tuple(TOPIC_TABLES)
 # Rows per table per insert: every insert makes one part per table and rollup plus a
 # watermark row and a commit, so small batches pay that many times (docs/warehouse.md).
 DEFAULT_MAX_ROWS = 250_000
+# Seconds between close_days runs (closing a day at full scale takes ~1 s; a day is closed
+# once, the last RECOMPUTE_DAYS again on every run).
+DEFAULT_CLOSE_EVERY = 300.0
 
 
 def default_bootstrap() -> str:
@@ -126,8 +136,14 @@ class Sink:
         stop_event: threading.Event,
         consumer_config: dict[str, Any] | None = None,
         topic_prefix: str = "",
+        close_every: float = DEFAULT_CLOSE_EVERY,
     ) -> None:
         self.client = client
+        # 0 disables closing days (tests that count inserts, several sinks on one server:
+        # one of them is enough).
+        self.close_every = close_every
+        self._closed_at = time.monotonic()
+        self._oldest_read_day: dt.date | None = None  # oldest UTC day inserted since last close
         # A prefix renames every topic (tests, or several environments on one cluster).
         self.prefix = topic_prefix
         self.deadletter_topic = topic_prefix + DEADLETTER_TOPIC
@@ -166,6 +182,7 @@ class Sink:
                 for buf in self.buffers.values():
                     if buf.due(self.max_rows, self.max_delay):
                         self._flush(buf)
+                self._close_days()
                 self._report()
             for buf in self.buffers.values():  # graceful stop: write what we have
                 if buf.opened_at is not None:
@@ -265,6 +282,8 @@ class Sink:
             table = drop_known_ledger_rows(table, self.client)
         if table is not None and table.num_rows:
             insert_arrow(self.client, buf.spec.table, table, token)
+            if buf.spec.topic == READINGS_TOPIC:
+                self._note_read_days(table)
         # Dead letters of this batch must be durable before its offsets are committed.
         if self.producer.flush(10) > 0:
             raise RuntimeError("dead-letter producer did not drain")
@@ -288,6 +307,33 @@ class Sink:
             ),
         )
         return 0 if table is None else table.num_rows
+
+    def _note_read_days(self, table: pa.Table) -> None:
+        first = pc.min(table.column("ts")).as_py()
+        if first is not None:
+            day = first.astimezone(dt.UTC).date()
+            if self._oldest_read_day is None or day < self._oldest_read_day:
+                self._oldest_read_day = day
+
+    def _close_days(self) -> None:
+        """Close the days the readings watermark has passed, recomputing from the oldest
+        day read since the last run (late reads of a closed day). A failure is logged and
+        tried again next time: queries derive unclosed days from circuit_daily anyway."""
+        if self.close_every <= 0 or time.monotonic() - self._closed_at < self.close_every:
+            return
+        self._closed_at = time.monotonic()
+        oldest, self._oldest_read_day = self._oldest_read_day, None
+        try:
+            t0 = time.monotonic()
+            done = close_days(self.client, from_day=oldest, topic=self.prefix + READINGS_TOPIC)
+            if done is not None:
+                log.info("closed days %s..%s in %.1fs", done[0], done[1], time.monotonic() - t0)
+        except Exception as exc:  # the engine's error, whatever its class
+            log.error("closing days failed (next try in %.0fs): %s", self.close_every, exc)
+            if oldest is not None and (
+                self._oldest_read_day is None or oldest < self._oldest_read_day
+            ):
+                self._oldest_read_day = oldest
 
     def _report(self, every: float = 10.0) -> None:
         now = time.monotonic()
@@ -318,6 +364,7 @@ def run_sink(
     consumer_config: dict[str, Any] | None = None,
     topic_prefix: str = "",
     portfolio: Any = None,
+    close_every: float = DEFAULT_CLOSE_EVERY,
 ) -> SinkStats:
     """Run until `stop_event` is set; owns the warehouse (and its endpoint) meanwhile.
 
@@ -339,6 +386,7 @@ def run_sink(
             stop_event=stop_event,
             consumer_config=consumer_config,
             topic_prefix=topic_prefix,
+            close_every=close_every,
         )
         log.info("sink started: topics %s, group %s", ", ".join(sink.topics), group_id)
         stats = sink.run()
@@ -367,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-delay", type=float, default=1.0, help="seconds a row may wait")
     parser.add_argument("--no-serve", action="store_true", help="do not serve the query endpoint")
+    parser.add_argument(
+        "--close-every",
+        type=float,
+        default=DEFAULT_CLOSE_EVERY,
+        help="seconds between closing the finished days' hourly energies (0: never)",
+    )
     parser.add_argument("--config", help="portfolio YAML: load the analytics dimensions at start")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -384,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         max_rows=args.max_rows,
         max_delay=args.max_delay,
         serve=not args.no_serve,
+        close_every=args.close_every,
         portfolio=_load_config(args.config) if args.config else None,
     )
     return 0

@@ -88,7 +88,9 @@ def ledger(entry_id: str, amount: int, balance: int, ts: int) -> bytes:
 
 
 class RunningSink:
-    def __init__(self, bootstrap: str, folder: Path, prefix: str, group: str) -> None:
+    def __init__(
+        self, bootstrap: str, folder: Path, prefix: str, group: str, close_every: float = 300.0
+    ) -> None:
         self.stop = threading.Event()
         self.result: dict[str, Any] = {}
 
@@ -96,7 +98,7 @@ class RunningSink:
             try:
                 self.result["stats"] = run_sink(
                     self.stop, bootstrap, chdb_path=folder, topic_prefix=prefix,
-                    group_id=group, max_delay=0.2,
+                    group_id=group, max_delay=0.2, close_every=close_every,
                 )  # fmt: skip
             except BaseException as exc:  # surfaced by close()
                 self.result["error"] = exc
@@ -264,3 +266,44 @@ def test_undecodable_message_goes_to_dead_letter_and_sink_continues(
     consumer.close()
     assert sorted(d["source_offset"] for d in found) == [0, 1]
     assert all(d["source_topic"] == readings and "DecodeError" in d["reason"] for d in found)
+
+
+def test_sink_closes_finished_days_and_folds_late_reads_in(
+    kafka_bootstrap: str, prefix: str, folder: Path
+) -> None:
+    readings = prefix + "mallwatt.readings"
+    day = 86_400_000
+    # Day 1 (2026-01-01) in two hours, then reads of day 2 on both partitions: the
+    # watermark has passed day 1, so the sink's timer closes it.
+    produce(
+        kafka_bootstrap,
+        [
+            (readings, 0, reading_batch("COL1/0/1", T0 + 3_600_000, 100.0)),
+            (readings, 0, reading_batch("COL1/0/2", T0 + 5 * 3_600_000, 103.0)),
+            (readings, 0, reading_batch("COL1/0/3", T0 + day + 3_600_000, 110.0)),
+            (readings, 1, reading_batch("COL1/1/1", T0 + day + 7_200_000, 111.0)),
+        ],
+    )
+    sink = RunningSink(kafka_bootstrap, folder, prefix, group=f"{prefix}g", close_every=0.5)
+    energy = (
+        "SELECT circuit_id, round(arraySum(kwh), 3) FROM mallwatt.circuit_hour_kwh FINAL "
+        "WHERE day = '2026-01-01' ORDER BY circuit_id"
+    )
+    try:
+        wait_until(
+            lambda: (
+                scalar(
+                    folder, "SELECT toString(max(through)) FROM mallwatt.circuit_hour_kwh_closed"
+                )
+                == "2026-01-01"
+            )
+        )
+        # C1: 100.0 .. 103.25 read on day 1; C2: 200.0 .. 207.0 (registers x2, +1 on the second read)
+        assert wh.query(energy, path=folder)[1] == [("C1", 3.25), ("C2", 7.0)]
+        # A late read of day 1 (hour 20): the next run recomputes day 1 from it.
+        produce(
+            kafka_bootstrap, [(readings, 1, reading_batch("COL1/1/0", T0 + 20 * 3_600_000, 105.0))]
+        )
+        wait_until(lambda: wh.query(energy, path=folder)[1] == [("C1", 5.25), ("C2", 11.0)])
+    finally:
+        sink.close()

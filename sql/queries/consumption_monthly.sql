@@ -13,37 +13,35 @@
 -- Column: circuits UInt64 | circuits with consumption that month
 -- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
 -- Watermark: mallwatt.readings
-WITH per_circuit AS
+WITH keys AS
 (
-    -- the circuit's energy per local day, as arrays: the dimension joins then see one row
-    -- per circuit instead of one per circuit and day
-    SELECT mall_id, account_id, circuit_id, (groupArray(day), groupArray(kwh)) AS by_day
-    FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
-                                     to_day = {to_day:Date}, mall_id = {mall_id:String})
-    GROUP BY mall_id, account_id, circuit_id
+    -- the group key per account (area, business type) or per circuit (purpose), from the
+    -- dimensions, so the circuit-day rows meet one small join instead of two
+    SELECT account_id AS id,
+           if({by:String} = 'area', if(is_landlord, '(common)', area_id), business_type) AS raw_key
+    FROM mallwatt.dim_accounts FINAL
+    WHERE {by:String} IN ('area', 'business_type')
+    UNION ALL
+    SELECT circuit_id AS id, toString(purpose) AS raw_key
+    FROM mallwatt.dim_circuits FINAL
+    WHERE {by:String} = 'purpose'
 )
 SELECT toStartOfMonth(day) AS month, mall_id, key, round(sum(e), 3) AS kwh,
        uniqExact(cityHash64(account_id)) AS accounts, uniqExact(cityHash64(circuit_id)) AS circuits
 FROM
 (
     SELECT
+        p.day AS day,
         if({by:String} IN ('business_type', 'purpose'), '', p.mall_id) AS mall_id,
-        multiIf({by:String} = 'mall', p.mall_id,
-                {by:String} = 'area', if(a.is_landlord, '(common)', a.area_id),
-                {by:String} = 'business_type', a.business_type,
-                c.purpose) AS raw_key,
-        if(raw_key = '', '(unassigned)', raw_key) AS key,
+        if({by:String} = 'mall', p.mall_id, if(k.raw_key = '', '(unassigned)', k.raw_key)) AS key,
         p.account_id AS account_id,
         p.circuit_id AS circuit_id,
-        p.by_day AS by_day
-    FROM per_circuit AS p
-    LEFT JOIN (SELECT account_id, area_id, business_type, is_landlord
-               FROM mallwatt.dim_accounts FINAL) AS a ON a.account_id = p.account_id
-    LEFT JOIN (SELECT circuit_id, purpose FROM mallwatt.dim_circuits FINAL) AS c
-        ON c.circuit_id = p.circuit_id
+        p.kwh AS e
+    FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
+                                     to_day = {to_day:Date}, mall_id = {mall_id:String}) AS p
+    LEFT JOIN keys AS k ON k.id = if({by:String} = 'purpose', p.circuit_id, p.account_id)
     WHERE throwIf({by:String} NOT IN ('mall', 'area', 'business_type', 'purpose'),
                   'by must be mall, area, business_type or purpose') = 0
 )
-ARRAY JOIN by_day.1 AS day, by_day.2 AS e
 GROUP BY month, mall_id, key
 ORDER BY month, mall_id, key

@@ -34,8 +34,8 @@ FROM
 LEFT JOIN
 (
     SELECT account_id, sum(kwh) AS account_kwh
-    FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
-                                     to_day = {to_day:Date}, mall_id = {mall_id:String})
+    FROM mallwatt.circuit_local_totals(tz = {tz:String}, from_day = {from_day:Date},
+                                       to_day = {to_day:Date}, mall_id = {mall_id:String})
     GROUP BY account_id
 ) AS e ON e.account_id = a.account_id
 WHERE throwIf({by:String} NOT IN ('mall', 'area', 'business_type'),

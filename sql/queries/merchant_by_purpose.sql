@@ -25,8 +25,8 @@ SELECT
 FROM
 (
     SELECT mall_id, account_id, circuit_id, sum(kwh) AS circuit_kwh
-    FROM mallwatt.circuit_local_days(tz = {tz:String}, from_day = {from_day:Date},
-                                     to_day = {to_day:Date}, mall_id = {mall_id:String})
+    FROM mallwatt.circuit_local_totals(tz = {tz:String}, from_day = {from_day:Date},
+                                       to_day = {to_day:Date}, mall_id = {mall_id:String})
     GROUP BY mall_id, account_id, circuit_id
 ) AS e
 LEFT JOIN (SELECT account_id, name, business_type FROM mallwatt.dim_accounts FINAL) AS a

@@ -121,28 +121,31 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def first_write_ms(bootstrap: str, topic: str, timeout: float = 60.0) -> int | None:
-    """Create time of the earliest record of a topic (the worker's first state write)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"first-{time.time()}",
+def write_span_ms(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[int, int] | None:
+    """Create times of the earliest and the latest record of a topic (the worker's first and
+    last state write)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"span-{time.time()}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([topic])
     first: int | None = None
+    last: int | None = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         batch = consumer.consume(1000, 1.0)
         stamps = [m.timestamp()[1] for m in batch if not m.error()]
         if stamps:
             first = min(stamps) if first is None else min(first, *stamps)
+            last = max(stamps) if last is None else max(last, *stamps)
         elif first is not None:
             break
     consumer.close()
-    return first
+    return None if first is None or last is None else (first, last)
 
 
 def throughput(bootstrap: str, config: Path, total_readings: int) -> float:
-    """Worker readings/s over input already on the topic: from its first state write (the
-    changelog record's create time) until its committed offsets reach the end of the input.
-    (Commit times alone are too coarse: a commit may wait for the producer for many seconds.)"""
+    """Worker readings/s over input already on the topic: from its first state write to its
+    last (changelog create times), once its committed offsets show it consumed all the input.
+    Commit times are too coarse for the end: commits run on a 1 s timer."""
     app_id = f"bench-tp-{int(time.time())}"
     probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
     group = Consumer({"bootstrap.servers": bootstrap, "group.id": app_id})
@@ -156,11 +159,10 @@ def throughput(bootstrap: str, config: Path, total_readings: int) -> float:
             if proc.poll() is not None:
                 raise RuntimeError(f"worker exited; see {BENCH_DIR / (app_id + '.log')}")
             time.sleep(0.2)
-        done_ms = time.time() * 1000
-        start_ms = first_write_ms(bootstrap, changelog_topic(app_id))
-        if start_ms is None or done_ms <= start_ms:
+        span = write_span_ms(bootstrap, changelog_topic(app_id))
+        if span is None or span[1] <= span[0]:
             return 0.0
-        return total_readings / ((done_ms - start_ms) / 1000)
+        return total_readings / ((span[1] - span[0]) / 1000)
     finally:
         stop(proc)
         probe.close()

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from infra import topics as T
@@ -59,53 +57,16 @@ class ContextHolder:
         return True
 
 
-@dataclass
-class Routed:
-    """The readings of one or more messages of a partition that it can bill, and the buckets they touch."""
-
-    frame: pl.DataFrame  # the batch's columns plus `offset` (input message) and `bucket`
-    buckets: list[str]
-    rejected: list[tuple[int, str]]  # (message offset, why some of its readings cannot be billed here)
-
-
-def messages_frame(messages: list[tuple[int, pl.DataFrame]]) -> pl.DataFrame:
-    """The readings of several messages of one partition as one frame, each row tagged with
-    the offset of the message it came from (the high-water marks work per message)."""
-    frame = pl.concat([f for _, f in messages], how="vertical_relaxed")
-    offsets = np.repeat(np.array([o for o, _ in messages], dtype=np.int64), [f.height for _, f in messages])
-    return frame.with_columns(offset=pl.Series(offsets, dtype=pl.Int64))
-
-
-def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int) -> Routed:
-    if "offset" not in frame.columns:
-        frame = frame.with_columns(offset=pl.lit(-1, pl.Int64))
-    joined = frame.join(ctx.circuit_routes, on="circuit_id", how="left")
-    unknown = joined.filter(pl.col("bucket").is_null())
-    wrong = joined.filter(pl.col("bucket").is_not_null() & (pl.col("shard") != partition))
-    if not unknown.height and not wrong.height:
-        return Routed(joined, joined["bucket"].unique().to_list(), [])
-    rejected: list[tuple[int, str]] = []
-    for (offset,), group in unknown.partition_by("offset", as_dict=True, maintain_order=True).items():
-        ids = group["circuit_id"].unique().sort().to_list()
-        rejected.append((int(offset), f"{group.height} reading(s) of unknown circuit(s) {ids[:10]}"))
-    for (offset,), group in wrong.partition_by("offset", as_dict=True, maintain_order=True).items():
-        ids = group["circuit_id"].unique().sort().to_list()
-        rejected.append((int(offset), f"{group.height} reading(s) on partition {partition} belong to another "
-                                      f"shard: {ids[:10]}"))
-    ok = joined.filter(pl.col("shard") == partition)
-    return Routed(ok, ok["bucket"].unique().to_list(), sorted(rejected))
-
-
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
-    """Readings of one bucket (tests and tools; the worker uses apply_readings_many)."""
-    return _step({"_": env}, readings, None, ctx, source, offset, lambda _a: "_")["_"]
+    """Readings of one bucket (tests and tools; the worker uses pipelines.batching)."""
+    return step({"_": env}, readings, None, ctx, {"_": (source, offset)}, lambda _a: "_")["_"]
 
 
 def apply_payment(env: Envelope, payment: dict[str, Any], ctx: BillingContext, source: str, offset: int) -> Envelope:
     row = {"payment_id": payment["payment_id"], "account_id": payment["account_id"], "ts_ms": payment["ts_ms"],
            "amount_minor": payment["amount_minor"], "kind": str(payment["kind"]).lower(),
            "reverses_payment_id": payment.get("reverses_payment_id")}
-    return _step({"_": env}, None, [row], ctx, source, offset, lambda _a: "_")["_"]
+    return step({"_": env}, None, [row], ctx, {"_": (source, offset)}, lambda _a: "_")["_"]
 
 
 def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, source: str,
@@ -114,7 +75,7 @@ def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, s
     state = CoreState.from_dict({"circuits": env.circuits, "accounts": env.accounts})
     new_state, out = apply_postings(state, [posting], ctx.rating)
     holds = {"_": {m: list(h) for m, h in env.holds.items()}}
-    tagged = outbox_items(out, ctx, lambda _a: "_", f"{source}:{offset}")
+    tagged = outbox_items(out, ctx, lambda _a: "_", {"_": (source, offset)})
     tagged += gate_wallet_commands(out, holds, ctx, lambda _a: "_")
     for row in out.rejected_payments.iter_rows(named=True):
         if row["reason"] == "duplicate":
@@ -129,24 +90,11 @@ def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, s
                     outbox=[item for _, item in tagged], updates=env.updates + 1, holds=holds["_"], extra=env.extra)
 
 
-def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingContext, source: str,
-                        last_offset: int) -> dict[str, Envelope]:
-    """One core call for every bucket the routed messages touch (the core's cost is mostly per
-    call). A bucket skips the messages at or below its high-water mark for `source` (a replay
-    after a crash) and records `last_offset`, the last message of the batch. Returns the
-    changed envelopes."""
-    marks = {k: envs[k].hwm.get(source, -1) for k in routed.buckets}
-    frame = routed.frame
-    if frame.height and max(marks.values()) >= frame["offset"].min():
-        frame = frame.filter(pl.col("offset") > pl.col("bucket").replace_strict(marks, return_dtype=pl.Int64))
-    todo = frame["bucket"].unique().to_list()
-    if not todo:
-        return {}
-    return _step({k: envs[k] for k in todo}, frame, None, ctx, source, last_offset)
-
-
-def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,
-          ctx: BillingContext, source: str, offset: int, bucket_of: Any = None) -> dict[str, Envelope]:
+def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,
+         ctx: BillingContext, positions: dict[str, tuple[str, int]], bucket_of: Any = None) -> dict[str, Envelope]:
+    """One core call over the state of `envs` (bucket key -> envelope). Each bucket records
+    its input position (source, offset) as its new high-water mark; outputs go to the outbox
+    of the bucket that owns their account."""
     bucket_of = bucket_of or (lambda account: bucket_key(account, ctx.partitions))
     circuits: dict[str, Any] = {}
     accounts: dict[str, Any] = {}
@@ -160,7 +108,7 @@ def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: li
     new_state, out = process_batch(state, readings, payments, ctx.rating)
     data = new_state.to_dict()
     holds = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
-    tagged = outbox_items(out, ctx, bucket_of, f"{source}:{offset}")
+    tagged = outbox_items(out, ctx, bucket_of, positions)
     tagged += gate_wallet_commands(out, holds, ctx, bucket_of)
     load_state: dict[str, Any] = {}
     if readings.height and "power_w" in readings.columns:
@@ -171,6 +119,7 @@ def _step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: li
     result: dict[str, Envelope] = {}
     for key, env in envs.items():
         extra = {**env.extra, "load": {}} if load_state else env.extra
+        source, offset = positions[key]
         result[key] = Envelope(accounts={}, circuits={}, hwm={**env.hwm, source: offset}, outbox=[],
                                updates=env.updates + 1, holds=holds[key], extra=extra)
     for account, value in load_state.items():
@@ -218,9 +167,9 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
 
 
 def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
-                 change: str) -> list[tuple[str, OutboxItem]]:
+                 positions: dict[str, tuple[str, int]]) -> list[tuple[str, OutboxItem]]:
     """The outputs of one core call, each tagged with the bucket that carries it. The ledger
-    goes out column-wise: one LedgerBatch per bucket and change (`change` names the input)."""
+    goes out column-wise: one LedgerBatch per bucket and change (named by its input position)."""
     items: list[tuple[str, OutboxItem]] = []
     if out.ledger.height:
         owner = {account: bucket_of(account) for account in out.ledger["account_id"].unique().to_list()}
@@ -233,7 +182,8 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
         for key, first_account, length in runs.iter_rows():
             # the message key is the real bucket, so all entries of an account share a partition
             real = bucket_key(first_account, ctx.partitions)
-            slices.append((f"{real}@{change}", start, length))
+            source, offset = positions[key]
+            slices.append((f"{real}@{source}:{offset}", start, length))
             keys.append((key, real))
             start += length
         for (key, real), batch in zip(keys, ledger_batches(ledger, slices), strict=True):

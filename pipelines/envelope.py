@@ -13,11 +13,12 @@ The high-water marks make re-delivered input a no-op for the bucket (effects onc
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 BUCKETS_PER_PARTITION = 8
 
@@ -59,9 +60,8 @@ class Envelope:
         """
         outbox = b"".join(struct.pack(">HII", len(o.topic), len(o.key), len(o.value))
                           + o.topic.encode() + o.key + o.value for o in self.outbox)
-        state = json.dumps({"accounts": self.accounts, "circuits": self.circuits, "hwm": self.hwm,
-                            "updates": self.updates, "holds": self.holds, "extra": self.extra},
-                           separators=(",", ":")).encode()
+        state = orjson.dumps({"accounts": self.accounts, "circuits": self.circuits, "hwm": self.hwm,
+                              "updates": self.updates, "holds": self.holds, "extra": self.extra})
         return MAGIC + struct.pack(">I", len(outbox)) + outbox + state
 
     @classmethod
@@ -71,7 +71,7 @@ class Envelope:
         if not raw.startswith(MAGIC):
             raise ValueError("not a mallwatt state envelope (unknown format)")
         outbox, end = _read_outbox(raw)
-        data = json.loads(raw[end:])
+        data = orjson.loads(raw[end:])
         return cls(data["accounts"], data["circuits"], data["hwm"], outbox, data.get("updates", 0),
                    data.get("holds", {}), data.get("extra", {}))
 
@@ -103,3 +103,8 @@ def _read_outbox(raw: bytes) -> tuple[list[OutboxItem], int]:
     if pos != end:
         raise ValueError("corrupt state envelope: outbox length mismatch")
     return items, end
+
+
+def bucket_partition(key: str) -> int:
+    """The partition a bucket key belongs to (the inverse of the shard part of bucket_key)."""
+    return int(key[1:key.index(".")])

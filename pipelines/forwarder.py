@@ -65,7 +65,9 @@ class Forwarder:
             self._consumer.close()
 
     def _step(self) -> None:
-        messages = self._consumer.consume(num_messages=500, timeout=0.2)
+        # consume() waits for a full batch or the timeout: keep the timeout short, because a
+        # relay trip waits in here
+        messages = self._consumer.consume(num_messages=500, timeout=0.02)
         seen = False
         for msg in messages:
             if msg.error():

@@ -20,16 +20,17 @@ import sys
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
-from pipelines import billing
+from pipelines import batching, billing
 from pipelines.deadletter import dead_letter_record
-from pipelines.envelope import Envelope, bucket_key
+from pipelines.durable_table import DurableTable
+from pipelines.envelope import Envelope, bucket_key, bucket_partition
 from pipelines.forwarder import TABLE_NAME, Forwarder, changelog_topic
 from pipelines.portfolio import ConfigError
 from schemas import codec
@@ -69,15 +70,16 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         producer_max_batch_size=1_048_576,
         producer_compression_type="lz4",
         stream_wait_empty=False,
+        Table=DurableTable,  # agents wait for their changelog writes (pipelines/durable_table.py)
         # a worker killed without goodbye holds its partitions until this expires
         broker_session_timeout=float(os.environ.get("MALLWATT_SESSION_TIMEOUT_S", 10)),
         broker_heartbeat_interval=1.0,
     )
     holder = holder or billing.ContextHolder(config_path, partitions)
-    buckets = app.Table(TABLE_NAME, default=None, partitions=partitions,
+    buckets = cast(DurableTable, app.Table(TABLE_NAME, default=None, partitions=partitions,
                         key_type=bytes, value_type=bytes,
                         # the forwarder reads every changelog record: keep them uncompacted for a day
-                        extra_topic_configs={"min.compaction.lag.ms": str(24 * 3600 * 1000)})
+                        extra_topic_configs={"min.compaction.lag.ms": str(24 * 3600 * 1000)}))
     readings_topic = app.topic(T.READINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     payments_topic = app.topic(T.PAYMENTS, key_type=bytes, value_type=bytes, partitions=partitions)
     operator_topic = app.topic(T.OPERATOR_COMMANDS, key_type=bytes, value_type=bytes, partitions=partitions)
@@ -89,76 +91,129 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         log.warning("dead letter %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, reason)
         record = dead_letter_record(msg.topic, msg.partition, msg.offset, stage, reason,
                                     msg.key, msg.value, int(time.time() * 1000))
-        await dlq_topic.send(key=msg.topic.encode(), value=codec.encode("DeadLetter", record))
+        delivered = await dlq_topic.send(key=msg.topic.encode(), value=codec.encode("DeadLetter", record))
+        await delivered  # before the event is acked: a refused message is never lost silently
+
+    # The last envelope stored or loaded per bucket, with the exact bytes object the table
+    # holds: while the table still holds that object, parsing it again would give the same
+    # envelope. A rebalance or recovery puts new objects in the table, so the cache misses.
+    parsed: dict[str, tuple[bytes | None, Envelope]] = {}
 
     def store(key: str, env: Envelope) -> None:
-        buckets[key.encode()] = env.to_bytes()
+        raw = env.to_bytes()
+        buckets[key.encode()] = raw
+        parsed[key] = (raw, env)
 
     def load(key: str) -> Envelope:
-        return Envelope.from_bytes(buckets.get(key.encode()))
+        raw = buckets.get(key.encode())
+        hit = parsed.get(key)
+        if hit is not None and hit[0] is raw and raw is not None:
+            return hit[1]
+        env = Envelope.from_bytes(raw)
+        parsed[key] = (raw, env)
+        return env
 
-    @app.agent(readings_topic)
-    async def on_readings(stream: faust.Stream) -> None:
-        # Many messages per step: the core, the state (de)serialisation and every changelog
-        # write are paid once per bucket and step instead of once per message. Events are
-        # acked (and so committed) only after the step that consumed them.
-        async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
-            by_partition: dict[int, list[Any]] = {}
-            for event in events:
-                by_partition.setdefault(event.message.partition, []).append(event)
-            for partition, batch in by_partition.items():
-                await bill_readings(partition, batch)
+    def store_all(changed: dict[str, Envelope], events: list[Any]) -> None:
+        """faust takes a table write's changelog partition from the current event, and outside
+        `async for event in stream` there is none: set the last event of the bucket's partition."""
+        last = {event.message.partition: event for event in events}
+        for key, env in changed.items():
+            token = _current_event.set(weakref.ref(last[bucket_partition(key)]))
+            try:
+                store(key, env)
+            finally:
+                _current_event.reset(token)
 
-    async def bill_readings(partition: int, events: list[Any]) -> None:
-        """Readings of consecutive messages of one partition in one billing step. If the step
-        fails, each message is retried alone so only the bad one goes to the dead letters."""
-        decoded: list[tuple[int, Any]] = []
+    async def bill_batch(events: list[Any], decode: Any, bill: Any) -> None:
+        """Decode each message (a bad one goes to the dead letters) and bill the rest in one
+        step. If the step fails, bill the messages one by one so only the bad one is refused."""
+        decoded: list[tuple[Any, Any]] = []
         for event in events:
             try:
-                decoded.append((event.message.offset,
-                                batch_to_frame(codec.decode("ReadingBatch", event.message.value))))
+                decoded.append((event, decode(event.message.value)))
             except (codec.DecodeError, ValueError, KeyError) as exc:
                 await to_dead_letter(event, "decode", str(exc))
         if not decoded:
             return
-        by_offset = {event.message.offset: event for event in events}
-        source = f"{T.READINGS}:{partition}"
-        ctx = holder.current()
         try:
-            rejected = bill_step(ctx, partition, source, decoded, by_offset[decoded[-1][0]])
-        except Exception as exc:  # isolate the message that broke the step
+            refused = bill(decoded, holder.current())  # synchronous: no other agent interleaves
+        except Exception as exc:
             if len(decoded) > 1:
-                log.warning("reading step of %s messages failed (%s); retrying one by one", len(decoded), exc)
-                for one in decoded:
-                    await bill_readings(partition, [by_offset[one[0]]])
+                log.warning("billing step of %s messages failed (%s); retrying one by one", len(decoded), exc)
+                for event, _ in decoded:
+                    await bill_batch([event], decode, bill)
                 return
-            log.exception("reading batch at %s@%s failed", source, decoded[0][0])
-            await to_dead_letter(by_offset[decoded[0][0]], "billing", f"{type(exc).__name__}: {exc}")
+            msg = decoded[0][0].message
+            log.exception("%s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
+            await to_dead_letter(decoded[0][0], "billing", f"{type(exc).__name__}: {exc}")
             return
-        for offset, reason in rejected:
-            await to_dead_letter(by_offset[offset], "routing", reason)
+        await written()
+        for event, reason in refused:
+            await to_dead_letter(event, "routing", reason)
 
-    def bill_step(ctx: Any, partition: int, source: str, decoded: list[tuple[int, Any]],
-                  event: Any) -> list[tuple[int, str]]:
-        """Load, bill and store without an await in between: no other agent can interleave.
-        `event` (the step's last) tells faust which changelog partition the writes belong to:
-        outside `async for event in stream` faust has no current event of its own."""
-        token = _current_event.set(weakref.ref(event))
+    async def written() -> None:
+        """Wait for this agent's changelog writes before its events are acked (and so before
+        their offsets can be committed). A write the broker refused leaves memory ahead of
+        the changelog: stop the worker, so a restart recovers the table from the changelog."""
         try:
-            return _bill_step(ctx, partition, source, decoded)
-        finally:
-            _current_event.reset(token)
+            await buckets.written()
+        except Exception as exc:
+            log.critical("a state write was not stored (%s); stopping the worker", exc)
+            await app.crash(exc)
+            raise
 
-    def _bill_step(ctx: Any, partition: int, source: str, decoded: list[tuple[int, Any]]) -> list[tuple[int, str]]:
-        routed = billing.route_readings(billing.messages_frame(decoded), ctx, partition)
+    def decode_readings(value: bytes) -> Any:
+        return batch_to_frame(codec.decode("ReadingBatch", value))
+
+    def bill_readings(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
+        frame = batching.messages_frame([(e.message.partition, e.message.offset, f) for e, f in decoded])
+        routed = batching.route_readings(frame, ctx)
         envs = {key: load(key) for key in routed.buckets}
-        last_offset = decoded[-1][0]
-        for key, env in billing.apply_readings_many(envs, routed, ctx, source, last_offset).items():
-            store(key, env)
-        reasons: dict[int, list[str]] = {}
-        for offset, reason in routed.rejected:
-            reasons.setdefault(offset, []).append(reason)
-        return [(offset, "; ".join(r)) for offset, r in reasons.items()]
+        store_all(batching.apply_readings_many(envs, routed, ctx), [e for e, _ in decoded])
+        by_position = {(e.message.partition, e.message.offset): e for e, _ in decoded}
+        reasons: dict[tuple[int, int], list[str]] = {}
+        for part, offset, reason in routed.rejected:
+            reasons.setdefault((part, offset), []).append(reason)
+        return [(by_position[pos], "; ".join(r)) for pos, r in reasons.items()]
+
+    def bill_payments(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
+        refused: list[tuple[Any, str]] = []
+        good: list[tuple[int, int, dict[str, Any]]] = []
+        for event, payment in decoded:
+            account, problem = payment_account(payment, ctx)
+            problem = owner_problem(event, account, problem, ctx)
+            if problem:
+                refused.append((event, problem))
+            else:
+                good.append((event.message.partition, event.message.offset, payment))
+        keys = {bucket_key(p["account_id"], ctx.partitions) for _, _, p in good}
+        envs = {key: load(key) for key in keys}
+        store_all(batching.apply_payments_many(envs, good, ctx), [e for e, _ in decoded])
+        return refused
+
+    def owner_problem(event: Any, account: str, problem: str | None, ctx: Any) -> str | None:
+        owner = account_shard(account, ctx.partitions) if account else None
+        if problem is None and owner != event.message.partition:
+            problem = f"account {account!r} belongs to partition {owner}, not {event.message.partition}"
+        return problem
+
+    @app.agent(readings_topic)
+    async def on_readings(stream: faust.Stream) -> None:
+        # Many messages per step: the core, the state (de)serialisation and every changelog
+        # write are paid once per bucket and step instead of once per message. take_events
+        # acks (and so commits) the events only after the step that consumed them.
+        async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
+            started = time.time()
+            await bill_batch(events, decode_readings, bill_readings)
+            if log.isEnabledFor(logging.DEBUG):  # how far behind the input a step runs, and its cost
+                ages = [(started - e.message.timestamp) * 1000 for e in events]
+                log.debug("reading step: %s messages, %.0f-%.0f ms old, %.0f ms", len(events), min(ages),
+                          max(ages), (time.time() - started) * 1000)
+
+    @app.agent(payments_topic)
+    async def on_payments(stream: faust.Stream) -> None:
+        async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
+            await bill_batch(events, lambda value: codec.decode("Payment", value), bill_payments)
 
     async def per_account(stream: faust.Stream, schema: str, account_of: Any, apply: Any) -> None:
         """Messages that each move one account: decode, check ownership, apply once."""
@@ -172,9 +227,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 continue
             ctx = holder.current()
             account, problem = account_of(record, ctx)
-            owner = account_shard(account, ctx.partitions) if account else None
-            if problem is None and owner != msg.partition:
-                problem = f"account {account!r} belongs to partition {owner}, not {msg.partition}"
+            problem = owner_problem(event, account, problem, ctx)
             if problem is not None:
                 await to_dead_letter(event, "routing", problem)
                 continue
@@ -187,6 +240,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             except Exception as exc:  # one bad message must not stop the agent
                 log.exception("%s at %s@%s failed", schema, source, msg.offset)
                 await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
+                continue
+            await written()
 
     def payment_account(payment: dict[str, Any], ctx: Any) -> tuple[str, str | None]:
         account = payment["account_id"]
@@ -198,10 +253,6 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             return command["account_id"], (f"meter {command['meter_id']!r} is not a meter of account "
                                            f"{command['account_id']!r} in the current config")
         return route.account_id, None
-
-    @app.agent(payments_topic)
-    async def on_payments(stream: faust.Stream) -> None:
-        await per_account(stream, "Payment", payment_account, billing.apply_payment)
 
     @app.agent(postings_topic)
     async def on_postings(stream: faust.Stream) -> None:
@@ -231,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not publish outputs from the changelog in this process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # aiokafka builds a debug record for every message it sends unless told otherwise
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
         holder = billing.ContextHolder(args.config, T.default_partitions())  # fail fast on a bad config
     except ConfigError as exc:

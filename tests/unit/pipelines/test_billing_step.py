@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from pipelines import billing
+from pipelines import batching, billing
 from pipelines.context import build_context
 from pipelines.envelope import Envelope, bucket_key
 from pipelines.generate import generate
@@ -51,12 +51,12 @@ def test_routing_rejects_unknown_and_misrouted(ctx: billing.BillingContext) -> N
     frame = pl.concat([_readings(account, meter, circuit, [1.0, 2.0]),
                        _readings("X", "ghost", "ghost.1", [1.0])])
     right = account_shard(account, PARTITIONS)
-    routed = billing.route_readings(frame, ctx, right)
+    routed = batching.route_readings(frame, ctx, right)
     assert routed.buckets == [bucket_key(account, PARTITIONS)]
     assert routed.frame.height == 2
-    assert any("unknown circuit" in r and "ghost.1" in r for _, r in routed.rejected)
-    routed = billing.route_readings(frame, ctx, (right + 1) % PARTITIONS)
-    assert routed.buckets == [] and any("another shard" in r for _, r in routed.rejected)
+    assert any("unknown circuit" in r and "ghost.1" in r for _, _, r in routed.rejected)
+    routed = batching.route_readings(frame, ctx, (right + 1) % PARTITIONS)
+    assert routed.buckets == [] and any("another shard" in r for _, _, r in routed.rejected)
 
 
 def test_topup_charge_and_trip_in_outbox(ctx: billing.BillingContext) -> None:
@@ -186,9 +186,9 @@ def _shard_messages(ctx: billing.BillingContext, steps: int) -> tuple[int, list[
 def _bill(ctx: billing.BillingContext, table: dict[str, Envelope], shard: int,
           messages: list[tuple[int, pl.DataFrame]]) -> list[dict]:
     """One billing step over `messages`, as the worker does it; returns the ledger entries produced."""
-    routed = billing.route_readings(billing.messages_frame(messages), ctx, shard)
+    routed = batching.route_readings(batching.messages_frame([(shard, o, f) for o, f in messages]), ctx)
     envs = {k: table.get(k, Envelope()) for k in routed.buckets}
-    changed = billing.apply_readings_many(envs, routed, ctx, f"r:{shard}", messages[-1][0])
+    changed = batching.apply_readings_many(envs, routed, ctx, "r")
     table.update(changed)
     return [e for env in changed.values() for e in _decoded(env, "mallwatt.ledger", "LedgerBatch")]
 
@@ -247,3 +247,49 @@ def test_replayed_step_applies_only_messages_above_each_buckets_mark(big_ctx: bi
     expected += [e for e in per_message[1] if e["account_id"] in table[lost].accounts]
     assert per_message[1] and sorted(e["entry_id"] for e in replayed) == sorted(e["entry_id"] for e in expected)
     assert {k: e.accounts for k, e in table.items()} == {k: e.accounts for k, e in reference.items()}
+
+
+def test_one_step_spans_partitions_with_a_mark_per_partition(big_ctx: billing.BillingContext) -> None:
+    ctx = big_ctx
+    shards = sorted({account_shard(a, PARTITIONS) for a in ctx.accounts})[:2]
+    inputs = {}
+    for shard in shards:
+        mine = ctx.circuit_routes.filter(pl.col("shard") == shard)["circuit_id"].to_list()
+        inputs[shard] = [(offset, pl.DataFrame({
+            "circuit_id": mine, "meter_id": [ctx.circuit_meter[c].meter_id for c in mine],
+            "account_id": [ctx.circuit_meter[c].account_id for c in mine],
+            "ts_ms": [T0 + offset * 900_000] * len(mine), "import_kwh": [5.0 + offset] * len(mine)}))
+            for offset in range(3)]
+    separate: dict[str, Envelope] = {}
+    for shard in shards:
+        separate.update(_funded(ctx, shard))
+    together = dict(separate)
+    for shard in shards:
+        _bill(ctx, separate, shard, inputs[shard])
+    frame = batching.messages_frame([(s, o, f) for s in shards for o, f in inputs[s]])
+    routed = batching.route_readings(frame, ctx)
+    assert routed.rejected == []
+    together.update(batching.apply_readings_many({k: together[k] for k in routed.buckets}, routed, ctx, "r"))
+    assert {k: e.accounts for k, e in together.items()} == {k: e.accounts for k, e in separate.items()}
+    for key, env in together.items():
+        assert env.hwm[f"r:{int(key[1:key.index('.')])}"] == 2
+
+
+def test_payments_in_one_step_credit_each_payment_once(ctx: billing.BillingContext) -> None:
+    accounts = [a for a in ctx.accounts if not a.endswith("LANDLORD")][:2]
+
+    def pay(pid: str, account: str, amount: int) -> dict:
+        return {"payment_id": pid, "account_id": account, "ts_ms": T0, "amount_minor": amount, "kind": "TOPUP"}
+
+    messages = [(account_shard(a, PARTITIONS), offset, pay(pid, a, amount)) for offset, (pid, a, amount) in
+                enumerate([("p1", accounts[0], 500), ("p2", accounts[1], 700), ("p1", accounts[0], 500),
+                           ("p3", accounts[0], 1000)])]
+    keys = {bucket_key(a, PARTITIONS) for a in accounts}
+    table = {k: Envelope() for k in keys}
+    table.update(batching.apply_payments_many(table, messages, ctx, "pay"))
+    balances = {a: table[bucket_key(a, PARTITIONS)].accounts[a]["balance"] for a in accounts}
+    assert balances == {accounts[0]: 1500, accounts[1]: 700}
+    topups = [e for env in table.values() for e in _decoded(env, "mallwatt.ledger", "LedgerBatch")]
+    assert sorted(e["source_id"] for e in topups) == ["p1", "p2", "p3"]
+    # the same messages again (redelivery after a crash): nothing to do
+    assert batching.apply_payments_many(table, messages, ctx, "pay") == {}

@@ -1,9 +1,10 @@
 """`mallwatt bench pipeline --json`: end-to-end readings/s through the agents vs the ceiling.
 
-All figures come from one run on one private broker (var/bench/kafka):
+All figures come from one run on one private broker (var/bench-pipeline/kafka):
 - ceiling: a bare confluent-kafka consumer decoding the same reading topic, nothing else;
-- readings_per_s: the billing worker (one process) consuming the same input, measured from
-  the first to the last committed offset;
+- readings_per_s: the billing worker (one process, its forwarder in another) with the
+  opening top-ups applied; the readings are produced in one burst while it runs, and the
+  time runs from the start of the burst to the worker's last state write;
 - trip latency: input replayed at 50 % of the measured throughput; for every reading that
   exhausts a wallet, the time from its produce timestamp to the trip command it causes.
 """
@@ -142,16 +143,56 @@ def write_span_ms(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[in
     return None if first is None or last is None else (first, last)
 
 
-def throughput(bootstrap: str, config: Path, total_readings: int) -> float:
-    """Worker readings/s over input already on the topic: from its first state write to its
-    last (changelog create times), once its committed offsets show it consumed all the input.
-    Commit times are too coarse for the end: commits run on a 1 s timer."""
+def produce(bootstrap: str, payments: list[dict[str, Any]], messages: list[tuple[int, bytes, int, int]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4"})
+    partitions = T.default_partitions()
+    for p in payments:
+        producer.produce(T.PAYMENTS, key=p["account_id"].encode(), value=codec.encode("Payment", p),
+                         partition=account_shard(p["account_id"], partitions))
+    for shard, value, _, _ in messages:
+        producer.produce(T.READINGS, key=shard_key(shard), partition=shard, value=value)
+        producer.poll(0)
+    producer.flush()
+
+
+def wait_quiet(bootstrap: str, topic: str, quiet_s: float = 2.0, timeout: float = 120.0) -> None:
+    """Until `topic` has records and none arrived for `quiet_s`."""
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
+    try:
+        deadline = time.monotonic() + timeout
+        last_total, last_change = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                total = sum(end_offsets(probe, topic).values())
+            except Exception:  # the topic is created by the worker as it starts
+                total = 0
+            if total != last_total:
+                last_total, last_change = total, time.monotonic()
+            elif total and time.monotonic() - last_change >= quiet_s:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{topic} did not settle within {timeout}s")
+    finally:
+        probe.close()
+
+
+def throughput(bootstrap: str, config: Path, payments: list[dict[str, Any]],
+               messages: list[tuple[int, bytes, int, int]]) -> tuple[float, float]:
+    """Worker readings/s, end to end: the worker runs and has applied the opening top-ups; then
+    the readings are produced in one burst. From the start of the burst to the worker's last
+    state write (its changelog's create time), once its committed offsets show it consumed all
+    the input. Returns (readings/s, seconds the burst took to produce)."""
     app_id = f"bench-tp-{int(time.time())}"
     probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
     group = Consumer({"bootstrap.servers": bootstrap, "group.id": app_id})
-    target = sum(end_offsets(probe, T.READINGS).values())
     proc = run_worker(config, bootstrap, app_id)
     try:
+        produce(bootstrap, payments, [])
+        wait_quiet(bootstrap, changelog_topic(app_id))
+        start_ms = time.time() * 1000
+        produce(bootstrap, [], messages)
+        produced_s = time.time() - start_ms / 1000
+        target = sum(end_offsets(probe, T.READINGS).values())
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             if committed_total(probe, group, T.READINGS) >= target:
@@ -160,9 +201,9 @@ def throughput(bootstrap: str, config: Path, total_readings: int) -> float:
                 raise RuntimeError(f"worker exited; see {BENCH_DIR / (app_id + '.log')}")
             time.sleep(0.2)
         span = write_span_ms(bootstrap, changelog_topic(app_id))
-        if span is None or span[1] <= span[0]:
-            return 0.0
-        return total_readings / ((span[1] - span[0]) / 1000)
+        if span is None or span[1] <= start_ms:
+            return 0.0, produced_s
+        return sum(m[2] for m in messages) / ((span[1] - start_ms) / 1000), produced_s
     finally:
         stop(proc)
         probe.close()
@@ -230,8 +271,8 @@ def percentile(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mallwatt bench pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stalls", type=int, default=400, help="merchants (one circuit each; default 400)")
-    parser.add_argument("--steps", type=int, default=250, help="15-minute readings per circuit (default 250)")
+    parser.add_argument("--stalls", type=int, default=1000, help="merchants (one circuit each; default 1000)")
+    parser.add_argument("--steps", type=int, default=200, help="15-minute readings per circuit (default 200)")
     parser.add_argument("--json", action="store_true", help="print only the JSON figures on stdout")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the cleanup below always stops what was started
@@ -247,24 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         config = BENCH_DIR / "portfolio.yaml"
         dump_portfolio(data, config)
         total = sum(m[2] for m in messages)
-        log(f"producing {total} readings in {len(messages)} messages")
-        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4"})
-        partitions = T.default_partitions()
-        for p in payments:
-            producer.produce(T.PAYMENTS, key=p["account_id"].encode(), value=codec.encode("Payment", p),
-                             partition=account_shard(p["account_id"], partitions))
-        for shard, value, _, _ in messages:
-            producer.produce(T.READINGS, key=shard_key(shard), partition=shard, value=value)
-            producer.poll(0)
-        producer.flush()
-        log("ceiling: bare consumer decoding the topic")
+        log(f"throughput: one worker; {total} readings in {len(messages)} messages arrive while it runs")
+        worker_rps, produced_s = throughput(bootstrap, config, payments, messages)
+        log("ceiling: bare consumer decoding the same topic")
         ceiling_rps = ceiling(bootstrap, total)
-        log("throughput: one worker over the same input")
-        worker_rps = throughput(bootstrap, config, total)
         log(f"trip latency: input paced at 50% of {worker_rps:.0f} readings/s")
         lat = latency(bootstrap, config, data, messages, max(100.0, worker_rps * 0.5))
         result = {"readings": total, "messages": len(messages), "readings_per_message": total // len(messages),
                   "readings_per_s": round(worker_rps), "ceiling_readings_per_s": round(ceiling_rps),
+                  "input_produce_s": round(produced_s, 2),
                   "ratio": round(worker_rps / ceiling_rps, 3) if ceiling_rps else None,
                   "trip_samples": len(lat), "trip_latency_ms_p50": round(percentile(lat, 0.5), 1),
                   "trip_latency_ms_p99": round(percentile(lat, 0.99), 1)}

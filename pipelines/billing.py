@@ -72,8 +72,7 @@ def apply_payment(env: Envelope, payment: dict[str, Any], ctx: BillingContext, s
 def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, source: str,
                   offset: int) -> Envelope:
     """A LedgerPosting through the account's wallet; a rejected one (not a duplicate) raises an alert."""
-    state = CoreState.from_dict({"circuits": env.circuits, "accounts": env.accounts})
-    new_state, out = apply_postings(state, [posting], ctx.rating)
+    new_state, out = apply_postings(CoreState(dict(env.circuits), dict(env.accounts)), [posting], ctx.rating)
     holds = {"_": {m: list(h) for m, h in env.holds.items()}}
     tagged = outbox_items(out, ctx, lambda _a: "_", {"_": (source, offset)})
     tagged += gate_wallet_commands(out, holds, ctx, lambda _a: "_")
@@ -85,8 +84,7 @@ def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, s
                  "meter_id": None, "ts_ms": row["ts_ms"], "message": f"posting {row['payment_id']} not applied: "
                  f"{row['reason']}", "details": {"amount_minor": str(row["amount_minor"]), "reason": row["reason"]}}
         tagged.append(("_", OutboxItem(T.ALERTS, row["account_id"].encode(), codec.encode("Alert", alert))))
-    data = new_state.to_dict()
-    return Envelope(accounts=data["accounts"], circuits=env.circuits, hwm={**env.hwm, source: offset},
+    return Envelope(accounts=new_state.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
                     outbox=[item for _, item in tagged], updates=env.updates + 1, holds=holds["_"], extra=env.extra)
 
 
@@ -96,17 +94,14 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
     its input position (source, offset) as its new high-water mark; outputs go to the outbox
     of the bucket that owns their account."""
     bucket_of = bucket_of or (lambda account: bucket_key(account, ctx.partitions))
-    circuits: dict[str, Any] = {}
-    accounts: dict[str, Any] = {}
+    state = CoreState()
     for env in envs.values():
-        circuits.update(env.circuits)
-        accounts.update(env.accounts)
-    state = CoreState.from_dict({"circuits": circuits, "accounts": accounts})
+        state.circuits.update(env.circuits)
+        state.accounts.update(env.accounts)
     if readings is None:
         readings = pl.DataFrame(schema={"circuit_id": pl.String, "meter_id": pl.String, "ts_ms": pl.Int64,
                                         "import_kwh": pl.Float64})
     new_state, out = process_batch(state, readings, payments, ctx.rating)
-    data = new_state.to_dict()
     holds = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
     tagged = outbox_items(out, ctx, bucket_of, positions)
     tagged += gate_wallet_commands(out, holds, ctx, bucket_of)
@@ -124,9 +119,9 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
                                updates=env.updates + 1, holds=holds[key], extra=extra)
     for account, value in load_state.items():
         result[bucket_of(account)].extra["load"][account] = value
-    for account, value in data["accounts"].items():
+    for account, value in new_state.accounts.items():
         result[bucket_of(account)].accounts[account] = value
-    for circuit, value in data["circuits"].items():
+    for circuit, value in new_state.circuits.items():
         route = ctx.circuit_meter.get(circuit)
         key = bucket_of(route.account_id) if route else _bucket_holding(circuit, envs)
         result[key].circuits[circuit] = value

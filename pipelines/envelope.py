@@ -20,6 +20,9 @@ from typing import Any
 
 import orjson
 
+from pipelines.core.interval import CircuitState
+from pipelines.core.wallet import AccountState
+
 BUCKETS_PER_PARTITION = 8
 
 
@@ -41,8 +44,10 @@ class OutboxItem:
 class Envelope:
     """One bucket: the core's per-account and per-circuit state, input high-water marks, outbox."""
 
-    accounts: dict[str, Any] = field(default_factory=dict)  # account id -> core account state (plain data)
-    circuits: dict[str, Any] = field(default_factory=dict)  # circuit id -> core circuit state (plain data)
+    # The core's own state objects: the worker keeps envelopes between steps, so a step
+    # neither parses nor rebuilds them. Treated as immutable (the core copies what it changes).
+    accounts: dict[str, AccountState] = field(default_factory=dict)
+    circuits: dict[str, CircuitState] = field(default_factory=dict)
     hwm: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> last applied offset
     outbox: list[OutboxItem] = field(default_factory=list)  # outputs of the LAST update only
     updates: int = 0
@@ -60,6 +65,7 @@ class Envelope:
         """
         outbox = b"".join(struct.pack(">HII", len(o.topic), len(o.key), len(o.value))
                           + o.topic.encode() + o.key + o.value for o in self.outbox)
+        # orjson writes the state dataclasses as objects with their field names (= to_dict())
         state = orjson.dumps({"accounts": self.accounts, "circuits": self.circuits, "hwm": self.hwm,
                               "updates": self.updates, "holds": self.holds, "extra": self.extra})
         return MAGIC + struct.pack(">I", len(outbox)) + outbox + state
@@ -72,8 +78,9 @@ class Envelope:
             raise ValueError("not a mallwatt state envelope (unknown format)")
         outbox, end = _read_outbox(raw)
         data = orjson.loads(raw[end:])
-        return cls(data["accounts"], data["circuits"], data["hwm"], outbox, data.get("updates", 0),
-                   data.get("holds", {}), data.get("extra", {}))
+        return cls({k: AccountState.from_dict(v) for k, v in data["accounts"].items()},
+                   {k: CircuitState.from_dict(v) for k, v in data["circuits"].items()},
+                   data["hwm"], outbox, data.get("updates", 0), data.get("holds", {}), data.get("extra", {}))
 
 
 MAGIC = b"MW\x02"

@@ -14,6 +14,7 @@ its reason and the agent keeps going.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ from pipelines import batching, billing
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope, bucket_key, bucket_partition
+from pipelines.faust_tuning import shorten_fetch_wait
 from pipelines.forwarder import TABLE_NAME, Forwarder, changelog_topic
 from pipelines.portfolio import ConfigError
 from schemas import codec
@@ -48,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def build_app(config_path: str, *, bootstrap: str | None = None, store: str | None = None,
               holder: billing.ContextHolder | None = None) -> faust.App:
+    shorten_fetch_wait()
     partitions = T.default_partitions()
     datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID)))
     datadir.parent.mkdir(parents=True, exist_ok=True)
@@ -86,13 +89,16 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     postings_topic = app.topic(T.POSTINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     dlq_topic = app.topic(T.DEADLETTER, key_type=bytes, value_type=bytes)
 
-    async def to_dead_letter(event: Any, stage: str, reason: str) -> None:
+    async def send_dead_letter(event: Any, stage: str, reason: str) -> Any:
+        """Send a dead letter; returns its delivery future (await it before acking the event)."""
         msg = event.message
         log.warning("dead letter %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, reason)
         record = dead_letter_record(msg.topic, msg.partition, msg.offset, stage, reason,
                                     msg.key, msg.value, int(time.time() * 1000))
-        delivered = await dlq_topic.send(key=msg.topic.encode(), value=codec.encode("DeadLetter", record))
-        await delivered  # before the event is acked: a refused message is never lost silently
+        return await dlq_topic.send(key=msg.topic.encode(), value=codec.encode("DeadLetter", record))
+
+    async def to_dead_letter(event: Any, stage: str, reason: str) -> None:
+        await (await send_dead_letter(event, stage, reason))  # delivered before the event is acked
 
     # The last envelope stored or loaded per bucket, with the exact bytes object the table
     # holds: while the table still holds that object, parsing it again would give the same
@@ -124,16 +130,19 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             finally:
                 _current_event.reset(token)
 
-    async def bill_batch(events: list[Any], decode: Any, bill: Any) -> None:
+    async def bill_batch(events: list[Any], decode: Any, bill: Any, *, wait_written: bool = True) -> None:
         """Decode each message (a bad one goes to the dead letters) and bill the rest in one
-        step. If the step fails, bill the messages one by one so only the bad one is refused."""
+        step. If the step fails, bill the messages one by one so only the bad one is refused.
+        With `wait_written`, return only once the step's state writes are acknowledged."""
         decoded: list[tuple[Any, Any]] = []
+        letters: list[Any] = []  # delivery futures, awaited together: one round trip per step
         for event in events:
             try:
                 decoded.append((event, decode(event.message.value)))
             except (codec.DecodeError, ValueError, KeyError) as exc:
-                await to_dead_letter(event, "decode", str(exc))
+                letters.append(await send_dead_letter(event, "decode", str(exc)))
         if not decoded:
+            await asyncio.gather(*letters)
             return
         try:
             refused = bill(decoded, holder.current())  # synchronous: no other agent interleaves
@@ -141,15 +150,19 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             if len(decoded) > 1:
                 log.warning("billing step of %s messages failed (%s); retrying one by one", len(decoded), exc)
                 for event, _ in decoded:
-                    await bill_batch([event], decode, bill)
+                    await bill_batch([event], decode, bill, wait_written=wait_written)
+                await asyncio.gather(*letters)
                 return
             msg = decoded[0][0].message
             log.exception("%s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
-            await to_dead_letter(decoded[0][0], "billing", f"{type(exc).__name__}: {exc}")
+            letters.append(await send_dead_letter(decoded[0][0], "billing", f"{type(exc).__name__}: {exc}"))
+            await asyncio.gather(*letters)
             return
-        await written()
+        if wait_written:
+            await written()
         for event, reason in refused:
-            await to_dead_letter(event, "routing", reason)
+            letters.append(await send_dead_letter(event, "routing", reason))
+        await asyncio.gather(*letters)
 
     async def written() -> None:
         """Wait for this agent's changelog writes before its events are acked (and so before
@@ -202,13 +215,30 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         # Many messages per step: the core, the state (de)serialisation and every changelog
         # write are paid once per bucket and step instead of once per message. take_events
         # acks (and so commits) the events only after the step that consumed them.
+        #
+        # The step's events must not be acked before its state writes are acknowledged (see
+        # written()), but waiting for that here would hold the next step back by a broker
+        # round trip. So each event gets one extra reference: take_events' own ack after
+        # this body only drops that, and the real ack follows once the writes are stored.
         async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
             started = time.time()
-            await bill_batch(events, decode_readings, bill_readings)
+            for event in events:
+                event.message.incref()
+            await bill_batch(events, decode_readings, bill_readings, wait_written=False)
+            task = asyncio.ensure_future(ack_when_written(stream, events))
+            pending_acks.add(task)
+            task.add_done_callback(pending_acks.discard)
             if log.isEnabledFor(logging.DEBUG):  # how far behind the input a step runs, and its cost
                 ages = [(started - e.message.timestamp) * 1000 for e in events]
                 log.debug("reading step: %s messages, %.0f-%.0f ms old, %.0f ms", len(events), min(ages),
                           max(ages), (time.time() - started) * 1000)
+
+    pending_acks: set[asyncio.Future[None]] = set()
+
+    async def ack_when_written(stream: faust.Stream, events: list[Any]) -> None:
+        await written()
+        for event in events:
+            await stream.ack(event)
 
     @app.agent(payments_topic)
     async def on_payments(stream: faust.Stream) -> None:

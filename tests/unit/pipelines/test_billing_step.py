@@ -76,7 +76,7 @@ def test_topup_charge_and_trip_in_outbox(ctx: billing.BillingContext) -> None:
     assert [(c["action"], c["reason"], c["meter_id"]) for c in commands] == [("TRIP", "credit", meter)]
     assert env.hwm == {"payments:0": 0, "readings:3": 10}
     # balance in state equals the sum of the ledger entries produced
-    assert env.accounts[account]["balance"] == 300 - 3 * 136
+    assert env.accounts[account].balance == 300 - 3 * 136
 
 
 def test_envelope_round_trip_and_replay_guard(ctx: billing.BillingContext) -> None:
@@ -96,7 +96,7 @@ def test_redelivered_readings_do_not_charge_twice(ctx: billing.BillingContext) -
     # the same readings under a new offset (a collector spool re-send): no new money moves
     env2 = billing.apply_readings(env, frame, ctx, "r:1", 2)
     assert _decoded(env2, "mallwatt.ledger", "LedgerBatch") == []
-    assert env2.accounts[account]["balance"] == env.accounts[account]["balance"] == sum(
+    assert env2.accounts[account].balance == env.accounts[account].balance == sum(
         e["amount_minor"] for e in first)
 
 
@@ -142,7 +142,7 @@ def test_shared_cost_posting_moves_money_once_and_can_trip(ctx: billing.BillingC
         ("TRIP", "credit")]
     # the same entry id again (a re-run of the allocation) moves nothing and raises no alert
     again = billing.apply_posting(env, {**posting, "ts_ms": T0 + 2}, ctx, "postings:0", 1)
-    assert again.outbox == [] and again.accounts[account]["balance"] == -200
+    assert again.outbox == [] and again.accounts[account].balance == -200
 
 
 def test_unknown_posting_kind_is_refused_with_an_alert(ctx: billing.BillingContext) -> None:
@@ -287,7 +287,7 @@ def test_payments_in_one_step_credit_each_payment_once(ctx: billing.BillingConte
     keys = {bucket_key(a, PARTITIONS) for a in accounts}
     table = {k: Envelope() for k in keys}
     table.update(batching.apply_payments_many(table, messages, ctx, "pay"))
-    balances = {a: table[bucket_key(a, PARTITIONS)].accounts[a]["balance"] for a in accounts}
+    balances = {a: table[bucket_key(a, PARTITIONS)].accounts[a].balance for a in accounts}
     assert balances == {accounts[0]: 1500, accounts[1]: 700}
     topups = [e for env in table.values() for e in _decoded(env, "mallwatt.ledger", "LedgerBatch")]
     assert sorted(e["source_id"] for e in topups) == ["p1", "p2", "p3"]

@@ -181,3 +181,53 @@ def test_config_change_applies_live(kafka_bootstrap: str, worker: tuple[dict, Pa
     readings_at(2, [2])
     second = ledger.wait_for(lambda e: e["account_id"] == merchant.id and e["ts_ms"] == T0 + 2 * 900_000)
     assert second["amount_minor"] == -272
+
+
+def test_overload_trips_after_the_debounce_and_a_spike_does_not(kafka_bootstrap: str,
+                                                                worker: tuple[dict, Path]) -> None:
+    from pipelines.context import build_context
+
+    data, _ = worker
+    portfolio = parse_portfolio(data)
+    mall = portfolio.malls[0]
+    merchant = mall.merchants[3]
+    meter = next(m for m in mall.meters if m.account == merchant.id)
+    shard = account_shard(merchant.id, T.default_partitions())
+    limit = build_context(portfolio, T.default_partitions()).load_limits[merchant.id].max_power_w
+    commands = TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")
+    alerts = TopicTail(kafka_bootstrap, T.ALERTS, "Alert")
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    producer.produce(T.PAYMENTS, key=merchant.id.encode(), partition=shard, value=codec.encode("Payment", {
+        "payment_id": f"{merchant.id}-big", "account_id": merchant.id, "kind": "TOPUP", "amount_minor": 10**7,
+        "ts_ms": T0 - 1}))
+    producer.flush(10)
+    ledger.wait_for(lambda e: e["source_id"] == f"{merchant.id}-big", timeout=90)
+
+    def power(seq: int, start: int, watts: list[float]) -> None:
+        n = len(watts)
+        frame = pl.DataFrame({"circuit_id": [meter.circuits[0].id] * n, "meter_id": [meter.id] * n,
+                              "account_id": [merchant.id] * n, "ts_ms": [T0 + (start + i) * 10_000 for i in range(n)],
+                              "import_kwh": [50.0 + (start + i) * 0.01 for i in range(n)], "power_w": watts,
+                              "power_factor": [0.9] * n, "relay": [0] * n}, schema_overrides={"relay": pl.UInt8})
+        batch = readings.frame_to_batch(frame, batch_id=f"{merchant.id}/p{seq}", collector_id="test",
+                                        mall_id=mall.id, shard=shard, seq=seq, collected_at_ms=T0)
+        producer.produce(T.READINGS, key=shard_key(shard), partition=shard, value=codec.encode("ReadingBatch", batch))
+        producer.flush(10)
+
+    # readings 10 s apart: a kettle-like spike for 10 s is shorter than the 30 s debounce
+    power(1, 0, [1000.0, limit + 5000.0, 1000.0])
+    # a marker payment after the spike: once it is in the ledger, the spike has been billed too
+    producer.produce(T.PAYMENTS, key=merchant.id.encode(), partition=shard, value=codec.encode("Payment", {
+        "payment_id": f"{merchant.id}-marker", "account_id": merchant.id, "kind": "TOPUP", "amount_minor": 100,
+        "ts_ms": T0 + 30_000}))
+    producer.flush(10)
+    ledger.wait_for(lambda e: e["source_id"] == f"{merchant.id}-marker")
+    time.sleep(2)
+    assert not [c for c in commands.seen if c["meter_id"] == meter.id]
+    # then 60 s above the limit: one overload trip and its alarm
+    power(2, 3, [limit + 5000.0] * 7)
+    trip = commands.wait_for(lambda c: c["meter_id"] == meter.id and c["action"] == "TRIP")
+    assert trip["reason"] == "overload" and trip["requested_by"] == "loadcontrol"
+    alarm = alerts.wait_for(lambda a: a["account_id"] == merchant.id and a["kind"] == "overload")
+    assert alarm["severity"] == "CRITICAL"  # the alarm of an overload that tripped

@@ -18,7 +18,7 @@ import polars as pl
 from infra import topics as T
 from pipelines.billing import step
 from pipelines.context import BillingContext
-from pipelines.envelope import Envelope, bucket_key
+from pipelines.envelope import Envelope
 
 
 def source_of(topic: str, partition: int) -> str:
@@ -95,7 +95,7 @@ def apply_payments_many(envs: dict[str, Envelope], payments: list[tuple[int, int
     rows: list[dict[str, Any]] = []
     positions: dict[str, tuple[str, int]] = {}
     for part, offset, payment in payments:
-        key = bucket_key(payment["account_id"], ctx.partitions)
+        key = ctx.bucket_of(payment["account_id"])
         source = source_of(topic, part)
         if envs[key].applied(source, offset):
             continue

@@ -16,7 +16,7 @@ from infra import topics as T
 from pipelines.context import BillingContext, build_context
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.postings import apply_postings
-from pipelines.envelope import Envelope, OutboxItem, bucket_key
+from pipelines.envelope import Envelope, OutboxItem
 from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
@@ -93,7 +93,7 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
     """One core call over the state of `envs` (bucket key -> envelope). Each bucket records
     its input position (source, offset) as its new high-water mark; outputs go to the outbox
     of the bucket that owns their account."""
-    bucket_of = bucket_of or (lambda account: bucket_key(account, ctx.partitions))
+    bucket_of = bucket_of or ctx.bucket_of
     state = CoreState()
     for env in envs.values():
         state.circuits.update(env.circuits)
@@ -106,7 +106,8 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
     tagged = outbox_items(out, ctx, bucket_of, positions)
     tagged += gate_wallet_commands(out, holds, ctx, bucket_of)
     load_state: dict[str, Any] = {}
-    if readings.height and "power_w" in readings.columns:
+    # load control needs power values; without any it would change nothing
+    if readings.height and "power_w" in readings.columns and readings["power_w"].null_count() < readings.height:
         for env in envs.values():
             load_state.update(env.extra.get("load", {}))
         load_state, load_out = process_load(readings, load_state, ctx.load_limits)
@@ -176,7 +177,7 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
         slices, keys, start = [], [], 0
         for key, first_account, length in runs.iter_rows():
             # the message key is the real bucket, so all entries of an account share a partition
-            real = bucket_key(first_account, ctx.partitions)
+            real = ctx.bucket_of(first_account)
             source, offset = positions[key]
             slices.append((f"{real}@{source}:{offset}", start, length))
             keys.append((key, real))

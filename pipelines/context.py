@@ -63,6 +63,15 @@ class BillingContext:
         return out
 
     @cached_property
+    def _buckets(self) -> dict[str, str]:
+        return {a: bucket_key(a, self.partitions) for a in self.accounts}
+
+    def bucket_of(self, account_id: str) -> str:
+        """The state bucket of an account (hashed once per config; any id works)."""
+        key = self._buckets.get(account_id)
+        return key if key is not None else bucket_key(account_id, self.partitions)
+
+    @cached_property
     def circuit_routes(self) -> pl.DataFrame:
         """circuit_id -> the partition (shard) and state bucket that own its account."""
         ids = list(self.circuit_meter)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
@@ -18,6 +19,7 @@ from pipelines.envelope import outbox_of
 log = logging.getLogger("mallwatt.forwarder")
 
 
+COMMIT_INTERVAL_S = 0.5  # how often the forwarder commits (and so waits for its outputs)
 TABLE_NAME = "buckets"  # the worker's faust table of state buckets
 
 
@@ -41,6 +43,8 @@ class Forwarder:
             "linger.ms": 2, "compression.type": "lz4",
         })
         self.forwarded = 0
+        self._uncommitted = False
+        self._committed_at = time.monotonic()
 
     def start(self) -> None:
         self._thread.start()
@@ -61,26 +65,37 @@ class Forwarder:
                     self._stop.wait(1.0)
                     self._rewind()
         finally:
-            self._producer.flush(10)
+            if self._uncommitted:
+                try:
+                    self._commit()
+                except KafkaException as exc:  # redelivered to the next forwarder: at least once
+                    log.warning("forwarder: final commit failed (%s)", exc)
             self._consumer.close()
 
     def _step(self) -> None:
         # consume() waits for a full batch or the timeout: keep the timeout short, because a
         # relay trip waits in here
         messages = self._consumer.consume(num_messages=500, timeout=0.02)
-        seen = False
         for msg in messages:
             if msg.error():
                 if msg.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.warning("forwarder: %s", msg.error())
                 continue
             self._forward(msg.value())
-            seen = True
-        if seen:
-            remaining = self._producer.flush(30)
-            if remaining:
-                raise KafkaException(f"{remaining} output(s) not delivered; offsets not committed")
-            self._consumer.commit(asynchronous=False)
+            self._uncommitted = True
+        if self._uncommitted and time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit what was consumed, once every output of it is delivered. Outputs leave as
+        they are produced; only the commit waits for them, every COMMIT_INTERVAL_S, so a
+        relay command never waits for a flush of the ledger."""
+        remaining = self._producer.flush(30)
+        if remaining:
+            raise KafkaException(f"{remaining} output(s) not delivered; offsets not committed")
+        self._consumer.commit(asynchronous=False)
+        self._uncommitted = False
+        self._committed_at = time.monotonic()
 
     def _rewind(self) -> None:
         """Go back to the last committed offsets, so nothing consumed but unsent is skipped."""

@@ -35,6 +35,12 @@ from schemas import codec
 from schemas.keys import account_shard
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Queries the demo suggests at its end (tests run them against the migrated schema).
+NEXT_QUERIES = (
+    "SELECT account_id, argMax(balance_after_minor, ts)/100 AS balance FROM mallwatt.ledger FINAL "
+    "GROUP BY account_id ORDER BY balance LIMIT 10",
+    "SELECT kind, account_id, message FROM mallwatt.alerts FINAL ORDER BY ts LIMIT 20",
+)
 DEMO_DIR = ROOT / "var" / "demo"
 DEMO_PORT = 19192
 SIM_START = "2026-07-14T12:00:00+08:00"  # a summer weekday: peak and critical-peak hours, then night
@@ -197,13 +203,9 @@ def print_summary(stats: dict[str, Any]) -> None:
         print("  " + " | ".join(columns))
         for row in rows:
             print("  " + " | ".join(str(v) for v in row))
-    print("\nWhere to look next (the warehouse is in var/demo/chdb):\n"
-          "  MALLWATT_CHDB_PATH=var/demo/chdb .venv/bin/mallwatt sql "
-          "\"SELECT account_id, argMax(balance_after_minor, ts_ms)/100 AS balance "
-          "FROM mallwatt.ledger FINAL GROUP BY account_id ORDER BY balance LIMIT 10\"\n"
-          "  MALLWATT_CHDB_PATH=var/demo/chdb .venv/bin/mallwatt sql "
-          "\"SELECT kind, account_id, message FROM mallwatt.alerts FINAL ORDER BY ts_ms LIMIT 20\"\n"
-          f"  logs: {DEMO_DIR}/*.log", flush=True)
+    hints = "".join(f"  MALLWATT_CHDB_PATH=var/demo/chdb .venv/bin/mallwatt sql \"{q}\"\n" for q in NEXT_QUERIES)
+    print(f"\nWhere to look next (the warehouse is in var/demo/chdb):\n{hints}  logs: {DEMO_DIR}/*.log",
+          flush=True)
 
 
 def export_bills(portfolio_path: Path, merchant_id: str) -> None:

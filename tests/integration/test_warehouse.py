@@ -168,3 +168,14 @@ def test_direct_openers_take_turns(folder: Path) -> None:
         stdout, stderr = proc.communicate(timeout=90)
         assert proc.returncode == 0, stderr
         assert stdout.strip() == "[(0,)]"
+
+
+def test_queries_the_demo_suggests_run_on_the_schema(folder: Path) -> None:
+    from pipelines.demo import NEXT_QUERIES
+
+    with wh.open_owner(folder, serve=False, migrate=False) as owner:
+        wh.apply_migrations(owner.client)
+        insert_ledger(owner.client, [ledger_entry("e1", "A1", "topup", 500, 500, T0)])
+        balances = owner.client.query(NEXT_QUERIES[0]).result_rows
+        assert balances == [("A1", 5.0)]
+        owner.client.query(NEXT_QUERIES[1])  # no alerts yet: it runs and returns nothing

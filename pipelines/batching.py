@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from infra import topics as T
-from pipelines.billing import step
+from pipelines.billing import payment_row, step
 from pipelines.context import BillingContext
 from pipelines.envelope import Envelope
 
@@ -100,9 +100,7 @@ def apply_payments_many(envs: dict[str, Envelope], payments: list[tuple[int, int
         if envs[key].applied(source, offset):
             continue
         positions[key] = (source, max(offset, positions.get(key, (source, -1))[1]))
-        rows.append({"payment_id": payment["payment_id"], "account_id": payment["account_id"],
-                     "ts_ms": payment["ts_ms"], "amount_minor": payment["amount_minor"],
-                     "kind": str(payment["kind"]).lower(), "reverses_payment_id": payment.get("reverses_payment_id")})
+        rows.append(payment_row(payment))
     if not rows:
         return {}
     return step({k: envs[k] for k in positions}, None, rows, ctx, positions)

@@ -62,11 +62,15 @@ def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, s
     return step({"_": env}, readings, None, ctx, {"_": (source, offset)}, lambda _a: "_")["_"]
 
 
+def payment_row(payment: dict[str, Any]) -> dict[str, Any]:
+    """A decoded Payment as the core's payment input."""
+    return {"payment_id": payment["payment_id"], "account_id": payment["account_id"], "ts_ms": payment["ts_ms"],
+            "amount_minor": payment["amount_minor"], "kind": str(payment["kind"]).lower(),
+            "reverses_payment_id": payment.get("reverses_payment_id")}
+
+
 def apply_payment(env: Envelope, payment: dict[str, Any], ctx: BillingContext, source: str, offset: int) -> Envelope:
-    row = {"payment_id": payment["payment_id"], "account_id": payment["account_id"], "ts_ms": payment["ts_ms"],
-           "amount_minor": payment["amount_minor"], "kind": str(payment["kind"]).lower(),
-           "reverses_payment_id": payment.get("reverses_payment_id")}
-    return step({"_": env}, None, [row], ctx, {"_": (source, offset)}, lambda _a: "_")["_"]
+    return step({"_": env}, None, [payment_row(payment)], ctx, {"_": (source, offset)}, lambda _a: "_")["_"]
 
 
 def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, source: str,

@@ -31,7 +31,7 @@ from infra.broker import bootstrap_servers
 from pipelines import batching, billing
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
-from pipelines.envelope import Envelope, bucket_key, bucket_partition
+from pipelines.envelope import Envelope, bucket_partition
 from pipelines.faust_tuning import shorten_fetch_wait
 from pipelines.forwarder import TABLE_NAME, Forwarder, changelog_topic
 from pipelines.portfolio import ConfigError
@@ -199,7 +199,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 refused.append((event, problem))
             else:
                 good.append((event.message.partition, event.message.offset, payment))
-        keys = {bucket_key(p["account_id"], ctx.partitions) for _, _, p in good}
+        keys = {ctx.bucket_of(p["account_id"]) for _, _, p in good}
         envs = {key: load(key) for key in keys}
         store_all(batching.apply_payments_many(envs, good, ctx), [e for e, _ in decoded])
         return refused
@@ -209,6 +209,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         if problem is None and owner != event.message.partition:
             problem = f"account {account!r} belongs to partition {owner}, not {event.message.partition}"
         return problem
+
+    pending_acks: set[asyncio.Future[None]] = set()  # keeps the background ack tasks referenced
 
     @app.agent(readings_topic)
     async def on_readings(stream: faust.Stream) -> None:
@@ -233,8 +235,6 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 log.debug("reading step: %s messages, %.0f-%.0f ms old, %.0f ms", len(events), min(ages),
                           max(ages), (time.time() - started) * 1000)
 
-    pending_acks: set[asyncio.Future[None]] = set()
-
     async def ack_when_written(stream: faust.Stream, events: list[Any]) -> None:
         await written()
         for event in events:
@@ -249,7 +249,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         """Messages that each move one account: decode, check ownership, apply once."""
         async for event in stream.events():
             msg = event.message
-            source = f"{msg.topic}:{msg.partition}"
+            source = batching.source_of(msg.topic, msg.partition)
             try:
                 record = codec.decode(schema, msg.value)
             except codec.DecodeError as exc:
@@ -261,7 +261,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             if problem is not None:
                 await to_dead_letter(event, "routing", problem)
                 continue
-            key = bucket_key(account, ctx.partitions)
+            key = ctx.bucket_of(account)
             env = load(key)
             if env.applied(source, msg.offset):
                 continue

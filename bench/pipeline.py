@@ -39,6 +39,7 @@ BENCH_DIR = ROOT / "var" / "bench-pipeline"
 PORT = 19292
 T0 = 1_784_044_800_000  # 2026-07-15 00:00 +08:00
 STEP = 900_000
+EXTRA_ENV: dict[str, str] = {}
 
 
 def log(text: str) -> None:
@@ -219,7 +220,7 @@ def latency(bootstrap: str, config: Path, data: dict[str, Any], messages: list[t
     merchants = [m["id"] for m in data["malls"][0]["merchants"]]
     rng = random.Random(7)
     partitions = T.default_partitions()
-    env_extra = {"MALLWATT_OFFSET_RESET": "latest"}
+    env_extra = {"MALLWATT_OFFSET_RESET": "latest", **EXTRA_ENV}
     proc = run_worker(config, bootstrap, app_id, env_extra)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
     tail = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{app_id}", "enable.auto.commit": False})

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from infra import topics as T
@@ -170,24 +171,7 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
                  positions: dict[str, tuple[str, int]]) -> list[tuple[str, OutboxItem]]:
     """The outputs of one core call, each tagged with the bucket that carries it. The ledger
     goes out column-wise: one LedgerBatch per bucket and change (named by its input position)."""
-    items: list[tuple[str, OutboxItem]] = []
-    if out.ledger.height:
-        owner = {account: bucket_of(account) for account in out.ledger["account_id"].unique().to_list()}
-        # a stable sort keeps each account's entries in order
-        ledger = out.ledger.with_columns(_bucket=pl.col("account_id").replace_strict(owner)).sort(
-            "_bucket", maintain_order=True)
-        runs = ledger.group_by("_bucket", maintain_order=True).agg(
-            first_account=pl.col("account_id").first(), length=pl.len())
-        slices, keys, start = [], [], 0
-        for key, first_account, length in runs.iter_rows():
-            # the message key is the real bucket, so all entries of an account share a partition
-            real = ctx.bucket_of(first_account)
-            source, offset = positions[key]
-            slices.append((f"{real}@{source}:{offset}", start, length))
-            keys.append((key, real))
-            start += length
-        for (key, real), batch in zip(keys, ledger_batches(ledger, slices), strict=True):
-            items.append((key, OutboxItem(T.LEDGER, real.encode(), codec.encode("LedgerBatch", batch))))
+    items = ledger_items(out.ledger, ctx, bucket_of, positions) if out.ledger.height else []
     for row in out.alerts.iter_rows(named=True):
         details = json.loads(row["details"]) if row["details"] else {}
         record = {**row, "details": {k: str(v) for k, v in details.items()}}
@@ -206,6 +190,35 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
                                                               codec.encode("Alert", alert))))
     # rejected payments already come with a rejected_topup alert from the wallet
     return items
+
+
+def ledger_items(ledger: pl.DataFrame, ctx: BillingContext, bucket_of: Any,
+                 positions: dict[str, tuple[str, int]]) -> list[tuple[str, OutboxItem]]:
+    """One LedgerBatch per bucket, keeping each account's entries in order. Buckets are
+    found per run of equal account ids (the core orders its ledger by account), not per
+    entry, because this runs for every step."""
+    runs = ledger["account_id"].rle().struct.unnest()
+    run_accounts = runs["value"].to_list()
+    run_keys = [bucket_of(a) for a in run_accounts]
+    keys = sorted(set(run_keys))
+    code_of = {key: i for i, key in enumerate(keys)}
+    codes = np.repeat(np.array([code_of[k] for k in run_keys], dtype=np.int64), runs["len"].to_numpy())
+    if codes.size > 1 and (codes[1:] < codes[:-1]).any():
+        order = np.argsort(codes, kind="stable")  # stable: each account's entries stay in order
+        ledger = ledger[order]
+    first_account: dict[str, str] = {}
+    for key, account in zip(run_keys, run_accounts, strict=True):
+        first_account.setdefault(key, account)
+    slices, reals, start = [], [], 0
+    for key, length in zip(keys, np.bincount(codes, minlength=len(keys)).tolist(), strict=True):
+        # the message key is the real bucket, so all entries of an account share a partition
+        real = ctx.bucket_of(first_account[key])
+        source, offset = positions[key]
+        slices.append((f"{real}@{source}:{offset}", start, length))
+        reals.append(real)
+        start += length
+    return [(key, OutboxItem(T.LEDGER, real.encode(), codec.encode("LedgerBatch", batch)))
+            for key, real, batch in zip(keys, reals, ledger_batches(ledger, slices), strict=True)]
 
 
 def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,

@@ -19,6 +19,8 @@ from pipelines.envelope import outbox_of
 log = logging.getLogger("mallwatt.forwarder")
 
 
+#: consume() returns after this long unless 500 records came: a relay trip waits up to this
+CONSUME_WAIT_S = 0.005
 COMMIT_INTERVAL_S = 0.5  # how often the forwarder commits (and so waits for its outputs)
 TABLE_NAME = "buckets"  # the worker's faust table of state buckets
 
@@ -75,7 +77,7 @@ class Forwarder:
     def _step(self) -> None:
         # consume() waits for a full batch or the timeout: keep the timeout short, because a
         # relay trip waits in here
-        messages = self._consumer.consume(num_messages=500, timeout=0.02)
+        messages = self._consumer.consume(num_messages=500, timeout=CONSUME_WAIT_S)
         for msg in messages:
             if msg.error():
                 if msg.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):

@@ -32,9 +32,10 @@ from pipelines import batching, billing
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope, bucket_partition
-from pipelines.faust_tuning import shorten_fetch_wait
+from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
 from pipelines.forwarder import TABLE_NAME, Forwarder, changelog_topic
 from pipelines.portfolio import ConfigError
+from pipelines.take import take_steps
 from schemas import codec
 from schemas.keys import account_shard
 from schemas.readings import batch_to_frame
@@ -45,12 +46,15 @@ APP_ID = os.environ.get("MALLWATT_APP_ID", "mallwatt-billing")
 #: Reading messages per billing step at most, and how long a step waits to fill up.
 BATCH_MESSAGES = int(os.environ.get("MALLWATT_BATCH_MESSAGES", 256))
 BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
+#: Log every reading step's size, input age and cost (for tuning; off by default).
+LOG_STEPS = bool(os.environ.get("MALLWATT_LOG_STEPS"))
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_app(config_path: str, *, bootstrap: str | None = None, store: str | None = None,
               holder: billing.ContextHolder | None = None) -> faust.App:
     shorten_fetch_wait()
+    faster_compression()
     partitions = T.default_partitions()
     datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID)))
     datadir.parent.mkdir(parents=True, exist_ok=True)
@@ -215,14 +219,14 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     @app.agent(readings_topic)
     async def on_readings(stream: faust.Stream) -> None:
         # Many messages per step: the core, the state (de)serialisation and every changelog
-        # write are paid once per bucket and step instead of once per message. take_events
+        # write are paid once per bucket and step instead of once per message. take_steps
         # acks (and so commits) the events only after the step that consumed them.
         #
         # The step's events must not be acked before its state writes are acknowledged (see
         # written()), but waiting for that here would hold the next step back by a broker
-        # round trip. So each event gets one extra reference: take_events' own ack after
+        # round trip. So each event gets one extra reference: take_steps' own ack after
         # this body only drops that, and the real ack follows once the writes are stored.
-        async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
+        async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
             started = time.time()
             for event in events:
                 event.message.incref()
@@ -230,9 +234,9 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             task = asyncio.ensure_future(ack_when_written(stream, events))
             pending_acks.add(task)
             task.add_done_callback(pending_acks.discard)
-            if log.isEnabledFor(logging.DEBUG):  # how far behind the input a step runs, and its cost
+            if LOG_STEPS:  # how far behind the input a step runs, and its cost
                 ages = [(started - e.message.timestamp) * 1000 for e in events]
-                log.debug("reading step: %s messages, %.0f-%.0f ms old, %.0f ms", len(events), min(ages),
+                log.warning("reading step: %s messages, %.0f-%.0f ms old, %.0f ms", len(events), min(ages),
                           max(ages), (time.time() - started) * 1000)
 
     async def ack_when_written(stream: faust.Stream, events: list[Any]) -> None:
@@ -242,7 +246,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     @app.agent(payments_topic)
     async def on_payments(stream: faust.Stream) -> None:
-        async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
+        async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
             await bill_batch(events, lambda value: codec.decode("Payment", value), bill_payments)
 
     async def per_account(stream: faust.Stream, schema: str, account_of: Any, apply: Any) -> None:

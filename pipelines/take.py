@@ -1,0 +1,94 @@
+"""Steps of many events from a faust stream, sized by the load.
+
+faust's `Stream.take_events(max_, within)` waits `within` after every step before it yields
+the next one, even when messages piled up while the step ran. A step that takes 100 ms
+then makes a cycle of 150 ms, and a reading that arrives at the start of a step waits a
+whole cycle before it is billed. `take_steps` counts `within` from when the oldest buffered
+event arrived instead: when the worker is busy, the next step starts at once with what
+arrived during the last one (the steps grow with the load); when it is idle, a step waits
+at most `within` to fill up.
+
+The buffering is faust's own (a stream processor fills the buffer, and events are acked
+after the step that consumed them); only the wait differs. It depends on faust-streaming
+0.15.3 internals (pinned): `add_processor`, `_enable_passive`, the channel's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mode.utils.futures import notify
+
+
+async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
+    """Lists of at most `max_` events; a list is yielded once its oldest event has waited
+    `within` seconds since it reached the worker, or at once when it is full."""
+    events: list[Any] = []
+    arrived: list[float] = []  # monotonic time each buffered event reached the worker
+    has_events = asyncio.Event()
+    full = asyncio.Event()
+    consumed = asyncio.Event()
+    consuming: asyncio.Future[None] | None = None
+    channel = aiter(stream.channel)
+
+    async def add_to_buffer(value: Any) -> Any:
+        nonlocal consuming
+        try:
+            if consuming is not None:  # a step is running: do not change its list
+                try:
+                    await consuming
+                finally:
+                    consuming = None
+            event = stream.current_event
+            if event is None:
+                raise RuntimeError("take_steps found no current event")
+            events.append(event)
+            time_in = getattr(event.message, "time_in", None)  # set by faust's monitor on receipt
+            arrived.append(time_in if time_in is not None else time.monotonic())
+            has_events.set()
+            if len(events) >= max_:
+                full.set()
+                consumed.clear()
+                await stream.wait(consumed)  # never more than max_ per step
+        except asyncio.CancelledError:  # pragma: no cover
+            raise
+        except Exception as exc:  # pragma: no cover - as faust's take_events
+            stream.log.exception("Error adding to take buffer: %r", exc)
+            await stream.crash(exc)
+        return value
+
+    enable_acks = stream.enable_acks
+    stream.enable_acks = False  # events are acked after the step that consumed them
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(channel)
+    try:
+        while not stream.should_stop:
+            if not events:
+                await stream.wait_for_stopped(has_events)
+                if not events:
+                    continue
+            # what arrived while the last step ran is already queued: take it before deciding
+            while len(events) < max_ and not channel.queue.empty() and not stream.should_stop:
+                await asyncio.sleep(0)
+            remaining = within - (time.monotonic() - min(arrived))
+            if remaining > 0 and len(events) < max_:
+                await stream.wait_for_stopped(full, timeout=remaining)
+            consuming = asyncio.get_running_loop().create_future()
+            step = list(events)
+            try:
+                yield step
+            finally:
+                events.clear()
+                arrived.clear()
+                has_events.clear()
+                for event in step:
+                    await stream.ack(event)
+                notify(consuming)
+                full.clear()
+                consumed.set()
+    finally:
+        stream.enable_acks = enable_acks
+        stream._processors.remove(add_to_buffer)

@@ -176,6 +176,7 @@ def _java_cmd(libs: Path, main: str, *args: str, heap: tuple[str, ...] = ()) -> 
         kafka_runtime.java_executable(),
         *heap,
         *JVM_OPTS,
+        *os.environ.get("MALLWATT_KAFKA_JVM_OPTS", "").split(),  # e.g. tuning flags for one bench run
         f"-Dlog4j.configuration=file:{log4j}",
         "-cp",
         f"{libs}/*",

@@ -1,8 +1,14 @@
 """Publishes the outputs stored in the billing table's changelog to their topics.
 
 Each changelog record carries the outbox of one state change (see pipelines.envelope).
-Delivery is at least once: offsets are committed only after the producer has flushed, so
-a crash re-publishes, never loses. Output ids are deterministic, so consumers deduplicate.
+Delivery is at least once: an offset is committed only once every output of the records
+before it has been delivered, so a crash re-publishes, never loses. Output ids are
+deterministic, so consumers deduplicate.
+
+Commits never stop the forwarding. Every COMMIT_INTERVAL_S the consumed positions are set
+aside with the outputs produced so far (an epoch); they are committed when the broker has
+acknowledged all of those outputs, while newer records keep flowing. (Flushing the producer
+before each commit held every relay command behind it for a broker round trip.)
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
+from functools import partial
+from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from pipelines.envelope import outbox_of
 
@@ -47,6 +56,10 @@ class Forwarder:
         self.forwarded = 0
         self._uncommitted = False
         self._committed_at = time.monotonic()
+        self._epoch = 0  # outputs produced now belong to this epoch
+        self._undelivered: dict[int, int] = {0: 0}  # epoch -> outputs not yet acknowledged
+        self._closed: deque[tuple[int, list[TopicPartition]]] = deque()  # epoch, positions after it
+        self._failure: str | None = None  # a delivery the broker refused
 
     def start(self) -> None:
         self._thread.start()
@@ -67,7 +80,7 @@ class Forwarder:
                     self._stop.wait(1.0)
                     self._rewind()
         finally:
-            if self._uncommitted:
+            if self._uncommitted or self._closed:
                 try:
                     self._commit()
                 except KafkaException as exc:  # redelivered to the next forwarder: at least once
@@ -85,13 +98,34 @@ class Forwarder:
                 continue
             self._forward(msg.value())
             self._uncommitted = True
+        self._producer.poll(0)  # delivery reports
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise KafkaException(f"an output was not delivered ({failure}); offsets not committed")
         if self._uncommitted and time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
-            self._commit()
+            self._close_epoch()
+        self._commit_delivered()
+
+    def _close_epoch(self) -> None:
+        """Set aside the positions consumed so far; they commit once this epoch's outputs are in."""
+        positions = [tp for tp in self._consumer.position(self._consumer.assignment()) if tp.offset >= 0]
+        self._closed.append((self._epoch, positions))
+        self._epoch += 1
+        self._undelivered[self._epoch] = 0
+        self._uncommitted = False
+        self._committed_at = time.monotonic()
+
+    def _commit_delivered(self) -> None:
+        """Commit the newest closed epoch whose outputs, and all before it, are delivered."""
+        ready: list[TopicPartition] | None = None
+        while self._closed and self._undelivered[self._closed[0][0]] == 0:
+            epoch, ready = self._closed.popleft()
+            del self._undelivered[epoch]
+        if ready:
+            self._consumer.commit(offsets=ready, asynchronous=True)
 
     def _commit(self) -> None:
-        """Commit what was consumed, once every output of it is delivered. Outputs leave as
-        they are produced; only the commit waits for them, every COMMIT_INTERVAL_S, so a
-        relay command never waits for a flush of the ledger."""
+        """Commit everything consumed, once every output is delivered (on stop)."""
         remaining = self._producer.flush(30)
         if remaining:
             raise KafkaException(f"{remaining} output(s) not delivered; offsets not committed")
@@ -99,8 +133,20 @@ class Forwarder:
         self._uncommitted = False
         self._committed_at = time.monotonic()
 
+    def _delivered(self, epoch: int, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._failure = str(err)
+        elif epoch in self._undelivered:  # not an epoch abandoned by a rewind
+            self._undelivered[epoch] -= 1
+
     def _rewind(self) -> None:
         """Go back to the last committed offsets, so nothing consumed but unsent is skipped."""
+        self._producer.flush(30)  # settle what is in flight; its epochs are abandoned below
+        self._closed.clear()
+        self._epoch += 1
+        self._undelivered = {self._epoch: 0}
+        self._uncommitted = False
+        self._failure = None
         try:
             for tp in self._consumer.committed(self._consumer.assignment(), timeout=10):
                 if tp.offset >= 0:
@@ -116,10 +162,12 @@ class Forwarder:
         except (ValueError, struct.error) as exc:
             log.error("forwarder: unreadable changelog record skipped: %s", exc)
             return
+        on_delivery = partial(self._delivered, self._epoch)
         for item in outbox:
+            self._undelivered[self._epoch] += 1
             while True:
                 try:
-                    self._producer.produce(item.topic, key=item.key, value=item.value)
+                    self._producer.produce(item.topic, key=item.key, value=item.value, on_delivery=on_delivery)
                     break
                 except BufferError:
                     self._producer.poll(0.05)

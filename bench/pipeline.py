@@ -39,6 +39,7 @@ BENCH_DIR = ROOT / "var" / "bench-pipeline"
 PORT = 19292
 T0 = 1_784_044_800_000  # 2026-07-15 00:00 +08:00
 STEP = 900_000
+#: Extra environment for the worker in both phases (`--worker-env`), for tuning runs.
 EXTRA_ENV: dict[str, str] = {}
 
 
@@ -107,7 +108,7 @@ def committed_total(consumer: Consumer, group_consumer: Consumer, topic: str) ->
 def run_worker(config: Path, bootstrap: str, app_id: str,
                extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """The worker with its forwarder in a second process (one core each, as deployed)."""
-    env = {**os.environ, "MALLWATT_KAFKA": bootstrap, "MALLWATT_APP_ID": app_id, **(extra_env or {})}
+    env = {**os.environ, "MALLWATT_KAFKA": bootstrap, "MALLWATT_APP_ID": app_id, **EXTRA_ENV, **(extra_env or {})}
     out = open(BENCH_DIR / f"{app_id}.log", "wb")  # noqa: SIM115
     cmd = (f"{sys.executable} -m pipelines.cli forward & "
            f"exec {sys.executable} -m pipelines.cli worker --no-forwarder --config {config}")
@@ -220,7 +221,7 @@ def latency(bootstrap: str, config: Path, data: dict[str, Any], messages: list[t
     merchants = [m["id"] for m in data["malls"][0]["merchants"]]
     rng = random.Random(7)
     partitions = T.default_partitions()
-    env_extra = {"MALLWATT_OFFSET_RESET": "latest", **EXTRA_ENV}
+    env_extra = {"MALLWATT_OFFSET_RESET": "latest"}
     proc = run_worker(config, bootstrap, app_id, env_extra)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
     tail = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{app_id}", "enable.auto.commit": False})
@@ -275,7 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stalls", type=int, default=1000, help="merchants (one circuit each; default 1000)")
     parser.add_argument("--steps", type=int, default=200, help="15-minute readings per circuit (default 200)")
     parser.add_argument("--json", action="store_true", help="print only the JSON figures on stdout")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for the worker, e.g. MALLWATT_BATCH_WITHIN_MS=25 or "
+                             "MALLWATT_LOG_STEPS=1 (its log is in var/bench-pipeline); repeatable")
     args = parser.parse_args(argv)
+    for item in args.worker_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--worker-env {item!r}: expected NAME=VALUE")
+        EXTRA_ENV[name] = value
     # SIGTERM unwinds like Ctrl-C, so the cleanup below always stops what was started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shutil.rmtree(BENCH_DIR, ignore_errors=True)

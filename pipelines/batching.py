@@ -76,11 +76,13 @@ def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingC
     """One core call for every bucket the routed readings touch. Returns the changed envelopes."""
     if not routed.frame.height:
         return {}
-    per_bucket = routed.frame.group_by("bucket").agg(pl.col("partition").first(), pl.col("offset").max())
-    positions = {key: (source_of(topic, part), last) for key, part, last in per_bucket.iter_rows()}
+    per_bucket = routed.frame.group_by("bucket").agg(pl.col("partition").first(), pl.col("offset").min().alias("first"),
+                                                     pl.col("offset").max())
+    positions = {key: (source_of(topic, part), last) for key, part, _, last in per_bucket.iter_rows()}
     marks = {key: envs[key].hwm.get(source, -1) for key, (source, _) in positions.items()}
     frame = routed.frame
-    if max(marks.values()) >= frame["offset"].min():
+    # offsets are per partition: only a bucket whose own mark reaches its first row replays
+    if any(marks[key] >= first for key, _, first, _ in per_bucket.iter_rows()):
         frame = frame.filter(pl.col("offset") > pl.col("bucket").replace_strict(marks, return_dtype=pl.Int64))
     todo = frame["bucket"].unique().to_list()
     if not todo:

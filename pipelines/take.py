@@ -4,9 +4,9 @@ faust's `Stream.take_events(max_, within)` waits `within` after every step befor
 the next one, even when messages piled up while the step ran. A step that takes 100 ms
 then makes a cycle of 150 ms, and a reading that arrives at the start of a step waits a
 whole cycle before it is billed. `take_steps` counts `within` from when the oldest buffered
-event arrived instead: when the worker is busy, the next step starts at once with what
-arrived during the last one (the steps grow with the load); when it is idle, a step waits
-at most `within` to fill up.
+event arrived instead (`_arrival`): when the worker is busy, the next step starts at once
+with what arrived during the last one (the steps grow with the load); when it is idle, a
+step waits at most `within` to fill up.
 
 The buffering is faust's own (a stream processor fills the buffer, and events are acked
 after the step that consumed them); only the wait differs. It depends on faust-streaming
@@ -21,6 +21,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mode.utils.futures import notify
+
+
+def _arrival(message: Any) -> float:
+    """When a message arrived, on the monotonic clock: the earlier of its receipt by this
+    worker and its Kafka timestamp. faust notes the receipt only when its event loop is free,
+    so a message that came while a step ran looks fresh after the step; its timestamp (the
+    producer's clock) tells it has waited. A producer clock that runs ahead is caught by the
+    receipt time; one that runs behind only makes steps start sooner."""
+    now = time.monotonic()
+    received = getattr(message, "time_in", None)  # set by faust's monitor
+    stamped = getattr(message, "timestamp", None)  # epoch seconds
+    arrived = received if received is not None else now
+    if stamped:
+        arrived = min(arrived, now - max(0.0, time.time() - stamped))
+    return arrived
 
 
 async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
@@ -46,8 +61,7 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
             if event is None:
                 raise RuntimeError("take_steps found no current event")
             events.append(event)
-            time_in = getattr(event.message, "time_in", None)  # set by faust's monitor on receipt
-            arrived.append(time_in if time_in is not None else time.monotonic())
+            arrived.append(_arrival(event.message))
             has_events.set()
             if len(events) >= max_:
                 full.set()

@@ -1,0 +1,69 @@
+"""take_steps on a faust agent (faust's test context: no broker): steps never exceed their
+size, an idle step waits `within` for company, and messages that piled up while a step ran
+are taken as soon as it ends instead of `within` later (what faust's take_events does)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import faust
+
+from pipelines.take import take_steps
+
+WITHIN = 0.4
+SLOW_STEP = 0.3
+
+
+def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0,
+              settle: float = 1.5) -> tuple[float, list[tuple[float, list[Any]]]]:
+    """Put each value at its offset (seconds) into an agent that reads with take_steps and
+    takes `step_s` per step; returns the start time and (time, values) of every step."""
+    app = faust.App(f"take-test-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
+                    web_enabled=False)
+    steps: list[tuple[float, list[Any]]] = []
+
+    @app.agent()
+    async def agent(stream: Any) -> None:
+        async for events in take_steps(stream, max_, WITHIN):
+            steps.append((time.monotonic(), [event.value for event in events]))
+            await asyncio.sleep(step_s)
+
+    async def main() -> float:
+        async with agent.test_context() as context:
+            start = time.monotonic()
+            for at, value in puts:
+                await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+                await context.put(value)
+            await asyncio.sleep(settle)
+            return start
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main()), steps
+    finally:
+        loop.close()
+
+
+def test_a_full_step_goes_at_once_and_what_came_during_it_follows_without_waiting() -> None:
+    puts = [(0.0, v) for v in range(1, 6)] + [(0.05, v) for v in range(6, 9)]
+    start, steps = run_agent(puts, 5, step_s=SLOW_STEP)
+    assert [values for _, values in steps] == [[1, 2, 3, 4, 5], [6, 7, 8]]
+    first_at, second_at = steps[0][0] - start, steps[1][0] - start
+    assert first_at < WITHIN / 2  # full: no wait
+    # 6..8 waited through the slow step: taken when it ends, not WITHIN after it
+    assert second_at - (first_at + SLOW_STEP) < WITHIN / 2
+
+
+def test_an_idle_step_waits_within_for_more() -> None:
+    start, steps = run_agent([(0.0, "a"), (0.1, "b")], 10)
+    assert [values for _, values in steps] == [["a", "b"]]
+    assert WITHIN * 0.8 <= steps[0][0] - start < WITHIN * 2
+
+
+def test_every_value_once_in_order_over_many_steps() -> None:
+    puts = [(i * 0.002, i) for i in range(200)]
+    _, steps = run_agent(puts, 16, step_s=0.01)
+    assert [v for _, values in steps for v in values] == list(range(200))
+    assert max(len(values) for _, values in steps) <= 16

@@ -6,7 +6,8 @@ then makes a cycle of 150 ms, and a reading that arrives at the start of a step 
 whole cycle before it is billed. `take_steps` counts `within` from when the oldest buffered
 event arrived instead (`_arrival`): when the worker is busy, the next step starts at once
 with what arrived during the last one (the steps grow with the load); when it is idle, a
-step waits at most `within` to fill up.
+step waits at most `within` to fill up. Behind a backlog (`behind`), steps fill up to their
+size as with take_events.
 
 The buffering is faust's own (a stream processor fills the buffer, and events are acked
 after the step that consumed them); only the wait differs. It depends on faust-streaming
@@ -36,6 +37,14 @@ def _arrival(message: Any) -> float:
     if stamped:
         arrived = min(arrived, now - max(0.0, time.time() - stamped))
     return arrived
+
+
+def behind(events: list[Any], within: float) -> bool:
+    """Whether even the newest buffered message is older than `within` by its Kafka timestamp:
+    the worker is working through a backlog (a restart, a burst), not keeping up with live
+    input, and a step that went at once would hold only what happened to be delivered yet."""
+    stamps = [stamp for e in events if (stamp := getattr(e.message, "timestamp", None))]
+    return bool(stamps) and time.time() - max(stamps) >= within
 
 
 async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
@@ -88,6 +97,8 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
             while len(events) < max_ and not channel.queue.empty() and not stream.should_stop:
                 await asyncio.sleep(0)
             remaining = within - (time.monotonic() - min(arrived))
+            if remaining <= 0 and behind(events, within):
+                remaining = within  # a backlog: more is on its way, fill the step as take_events does
             if remaining > 0 and len(events) < max_:
                 await stream.wait_for_stopped(full, timeout=remaining)
             consuming = asyncio.get_running_loop().create_future()

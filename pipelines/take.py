@@ -29,7 +29,8 @@ def _arrival(message: Any) -> float:
     worker and its Kafka timestamp. faust notes the receipt only when its event loop is free,
     so a message that came while a step ran looks fresh after the step; its timestamp (the
     producer's clock) tells it has waited. A producer clock that runs ahead is caught by the
-    receipt time; one that runs behind only makes steps start sooner."""
+    receipt time; one that runs behind makes messages look older: steps start sooner, or,
+    behind by more than `within`, they wait to fill as with take_events (see `behind`)."""
     now = time.monotonic()
     received = getattr(message, "time_in", None)  # set by faust's monitor
     stamped = getattr(message, "timestamp", None)  # epoch seconds
@@ -48,8 +49,9 @@ def behind(events: list[Any], within: float) -> bool:
 
 
 async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
-    """Lists of at most `max_` events; a list is yielded once its oldest event has waited
-    `within` seconds since it reached the worker, or at once when it is full."""
+    """Lists of at most `max_` events; a list is yielded at once when it is full, else once
+    its oldest event has waited `within` seconds since it arrived (behind a backlog: once it
+    is full or `within` after the wait began)."""
     events: list[Any] = []
     arrived: list[float] = []  # monotonic time each buffered event reached the worker
     has_events = asyncio.Event()

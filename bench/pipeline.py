@@ -39,8 +39,6 @@ BENCH_DIR = ROOT / "var" / "bench-pipeline"
 PORT = 19292
 T0 = 1_784_044_800_000  # 2026-07-15 00:00 +08:00
 STEP = 900_000
-#: Extra environment for the worker in both phases (`--worker-env`), for tuning runs.
-EXTRA_ENV: dict[str, str] = {}
 
 
 def log(text: str) -> None:
@@ -108,7 +106,7 @@ def committed_total(consumer: Consumer, group_consumer: Consumer, topic: str) ->
 def run_worker(config: Path, bootstrap: str, app_id: str,
                extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """The worker with its forwarder in a second process (one core each, as deployed)."""
-    env = {**os.environ, "MALLWATT_KAFKA": bootstrap, "MALLWATT_APP_ID": app_id, **EXTRA_ENV, **(extra_env or {})}
+    env = {**os.environ, "MALLWATT_KAFKA": bootstrap, "MALLWATT_APP_ID": app_id, **(extra_env or {})}
     out = open(BENCH_DIR / f"{app_id}.log", "wb")  # noqa: SIM115
     cmd = (f"{sys.executable} -m pipelines.cli forward & "
            f"exec {sys.executable} -m pipelines.cli worker --no-forwarder --config {config}")
@@ -179,7 +177,8 @@ def wait_quiet(bootstrap: str, topic: str, quiet_s: float = 2.0, timeout: float 
 
 
 def throughput(bootstrap: str, config: Path, payments: list[dict[str, Any]],
-               messages: list[tuple[int, bytes, int, int]]) -> tuple[float, float]:
+               messages: list[tuple[int, bytes, int, int]],
+               worker_env: dict[str, str] | None = None) -> tuple[float, float]:
     """Worker readings/s, end to end: the worker runs and has applied the opening top-ups; then
     the readings are produced in one burst. From the start of the burst to the worker's last
     state write (its changelog's create time), once its committed offsets show it consumed all
@@ -187,7 +186,7 @@ def throughput(bootstrap: str, config: Path, payments: list[dict[str, Any]],
     app_id = f"bench-tp-{int(time.time())}"
     probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
     group = Consumer({"bootstrap.servers": bootstrap, "group.id": app_id})
-    proc = run_worker(config, bootstrap, app_id)
+    proc = run_worker(config, bootstrap, app_id, worker_env)
     try:
         produce(bootstrap, payments, [])
         wait_quiet(bootstrap, changelog_topic(app_id))
@@ -213,7 +212,7 @@ def throughput(bootstrap: str, config: Path, payments: list[dict[str, Any]],
 
 
 def latency(bootstrap: str, config: Path, data: dict[str, Any], messages: list[tuple[int, bytes, int, int]],
-            rate: float) -> list[float]:
+            rate: float, worker_env: dict[str, str] | None = None) -> list[float]:
     """Trip latencies (ms): input paced at `rate` readings/s into a fresh worker whose accounts hold
     random small balances, so trips happen all through the run; each trip is matched to the
     reading that caused it (same account shard, same reading timestamp)."""
@@ -221,7 +220,7 @@ def latency(bootstrap: str, config: Path, data: dict[str, Any], messages: list[t
     merchants = [m["id"] for m in data["malls"][0]["merchants"]]
     rng = random.Random(7)
     partitions = T.default_partitions()
-    env_extra = {"MALLWATT_OFFSET_RESET": "latest"}
+    env_extra = {**(worker_env or {}), "MALLWATT_OFFSET_RESET": "latest"}
     proc = run_worker(config, bootstrap, app_id, env_extra)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
     tail = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{app_id}", "enable.auto.commit": False})
@@ -280,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="environment for the worker, e.g. MALLWATT_BATCH_WITHIN_MS=25 or "
                              "MALLWATT_LOG_STEPS=1 (its log is in var/bench-pipeline); repeatable")
     args = parser.parse_args(argv)
+    worker_env: dict[str, str] = {}  # for the worker in both phases
     for item in args.worker_env:
         name, sep, value = item.partition("=")
         if not sep or not name:
             parser.error(f"--worker-env {item!r}: expected NAME=VALUE")
-        EXTRA_ENV[name] = value
+        worker_env[name] = value
     # SIGTERM unwinds like Ctrl-C, so the cleanup below always stops what was started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shutil.rmtree(BENCH_DIR, ignore_errors=True)
@@ -299,11 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         dump_portfolio(data, config)
         total = sum(m[2] for m in messages)
         log(f"throughput: one worker; {total} readings in {len(messages)} messages arrive while it runs")
-        worker_rps, produced_s = throughput(bootstrap, config, payments, messages)
+        worker_rps, produced_s = throughput(bootstrap, config, payments, messages, worker_env)
         log("ceiling: bare consumer decoding the same topic")
         ceiling_rps = ceiling(bootstrap, total)
         log(f"trip latency: input paced at 50% of {worker_rps:.0f} readings/s")
-        lat = latency(bootstrap, config, data, messages, max(100.0, worker_rps * 0.5))
+        lat = latency(bootstrap, config, data, messages, max(100.0, worker_rps * 0.5), worker_env)
         result = {"readings": total, "messages": len(messages), "readings_per_message": total // len(messages),
                   "readings_per_s": round(worker_rps), "ceiling_readings_per_s": round(ceiling_rps),
                   "input_produce_s": round(produced_s, 2),

@@ -40,12 +40,12 @@ def _arrival(message: Any) -> float:
     return arrived
 
 
-def behind(events: list[Any], within: float) -> bool:
-    """Whether even the newest buffered message is older than `within` by its Kafka timestamp:
-    the worker is working through a backlog (a restart, a burst), not keeping up with live
-    input, and a step that went at once would hold only what happened to be delivered yet."""
-    stamps = [stamp for e in events if (stamp := getattr(e.message, "timestamp", None))]
-    return bool(stamps) and time.time() - max(stamps) >= within
+def behind(newest_stamp: float | None, within: float) -> bool:
+    """Whether even the newest buffered message (its Kafka timestamp, epoch seconds) is older
+    than `within`: the worker is working through a backlog (a restart, a burst), not keeping
+    up with live input, and a step that went at once would hold only what happened to be
+    delivered yet."""
+    return newest_stamp is not None and time.time() - newest_stamp >= within
 
 
 async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
@@ -53,7 +53,8 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
     its oldest event has waited `within` seconds since it arrived (behind a backlog: once it
     is full or `within` after the wait began)."""
     events: list[Any] = []
-    arrived: list[float] = []  # monotonic time each buffered event reached the worker
+    oldest = float("inf")  # monotonic time the oldest buffered event arrived (_arrival)
+    newest_stamp: float | None = None  # Kafka timestamp of the newest buffered event
     has_events = asyncio.Event()
     full = asyncio.Event()
     consumed = asyncio.Event()
@@ -61,7 +62,7 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
     channel = aiter(stream.channel)
 
     async def add_to_buffer(value: Any) -> Any:
-        nonlocal consuming
+        nonlocal consuming, oldest, newest_stamp
         try:
             if consuming is not None:  # a step is running: do not change its list
                 try:
@@ -72,7 +73,10 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
             if event is None:
                 raise RuntimeError("take_steps found no current event")
             events.append(event)
-            arrived.append(_arrival(event.message))
+            oldest = min(oldest, _arrival(event.message))
+            stamp = getattr(event.message, "timestamp", None)
+            if stamp and (newest_stamp is None or stamp > newest_stamp):
+                newest_stamp = stamp
             has_events.set()
             if len(events) >= max_:
                 full.set()
@@ -98,8 +102,8 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
             # what arrived while the last step ran is already queued: take it before deciding
             while len(events) < max_ and not channel.queue.empty() and not stream.should_stop:
                 await asyncio.sleep(0)
-            remaining = within - (time.monotonic() - min(arrived))
-            if remaining <= 0 and behind(events, within):
+            remaining = within - (time.monotonic() - oldest)
+            if remaining <= 0 and behind(newest_stamp, within):
                 remaining = within  # a backlog: more is on its way, fill the step as take_events does
             if remaining > 0 and len(events) < max_:
                 await stream.wait_for_stopped(full, timeout=remaining)
@@ -109,7 +113,7 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
                 yield step
             finally:
                 events.clear()
-                arrived.clear()
+                oldest, newest_stamp = float("inf"), None
                 has_events.clear()
                 for event in step:
                     await stream.ack(event)

@@ -78,6 +78,11 @@ def reads(seed: int, n_circuits: int = 6, polls: int = 40, step_s: int = 290) ->
             }  # fmt: skip
             for name in READINGS_COLUMNS:
                 rows[name].append(values[name])
+    return readings_frame(rows)
+
+
+def readings_frame(rows: dict[str, list[Any]]) -> pl.DataFrame:
+    """Rows by warehouse readings column as a frame with the warehouse's timestamp types."""
     frame = pl.DataFrame(rows, schema_overrides={"flags": pl.List(pl.String)})
     return frame.with_columns(
         pl.col("ts").cast(pl.Datetime("ms", "UTC")),
@@ -173,11 +178,7 @@ def day_reads(seed: int, days: int = 6) -> pl.DataFrame:
             }  # fmt: skip
             for name in READINGS_COLUMNS:
                 rows[name].append(values[name])
-    frame = pl.DataFrame(rows, schema_overrides={"flags": pl.List(pl.String)})
-    return frame.with_columns(
-        pl.col("ts").cast(pl.Datetime("ms", "UTC")),
-        pl.col("collected_at").cast(pl.Datetime("ms", "UTC")),
-    )
+    return readings_frame(rows)
 
 
 def hour_energy_from_raw(frame: pl.DataFrame) -> dict[tuple[str, str, dt.date, int], float]:

@@ -30,6 +30,7 @@ from infra import broker
 from infra import topics as T
 from pipelines.forwarder import changelog_topic
 from pipelines.generate import generate
+from pipelines.money_input import produce_payment
 from pipelines.portfolio import dump_portfolio, parse_portfolio
 from schemas import codec, readings
 from schemas.keys import account_shard, shard_key
@@ -147,8 +148,7 @@ def produce(bootstrap: str, payments: list[dict[str, Any]], messages: list[tuple
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4"})
     partitions = T.default_partitions()
     for p in payments:
-        producer.produce(T.PAYMENTS, key=p["account_id"].encode(), value=codec.encode("Payment", p),
-                         partition=account_shard(p["account_id"], partitions))
+        produce_payment(producer, p, partitions)
     for shard, value, _, _ in messages:
         producer.produce(T.READINGS, key=shard_key(shard), partition=shard, value=value)
         producer.poll(0)
@@ -230,8 +230,7 @@ def latency(bootstrap: str, config: Path, data: dict[str, Any], messages: list[t
         for account in merchants:
             p = {"payment_id": f"{app_id}-{account}", "account_id": account, "kind": "TOPUP",
                  "amount_minor": rng.randint(100, 20_000), "ts_ms": T0 - 1}
-            producer.produce(T.PAYMENTS, key=account.encode(), value=codec.encode("Payment", p),
-                             partition=account_shard(account, partitions))
+            produce_payment(producer, p, partitions)
         producer.flush()
         time.sleep(2)
         sent_ms: dict[tuple[int, int], float] = {}

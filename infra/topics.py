@@ -39,6 +39,14 @@ class TopicSpec:
         return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
 
 
+def claims_changelog_configs(horizon_days: int) -> dict[str, str]:
+    """The claims table's changelog: compacted, and deleted after the claim horizon, so the
+    store of payment and posting ids stays bounded (pipelines.core.claims)."""
+    window_ms = int(float(os.environ.get("MALLWATT_FORWARD_WINDOW_S", 600)) * 1000)
+    return {"cleanup.policy": "compact,delete", "retention.ms": str(horizon_days * DAY_MS),
+            "min.compaction.lag.ms": str(window_ms), "segment.ms": str(max(window_ms // 4, 60_000))}
+
+
 def state_changelog_configs() -> dict[str, str]:
     """Settings of the worker's state changelog (faust creates the topic with these).
 
@@ -65,6 +73,8 @@ COLLECTOR_EVENTS = "mallwatt.collector-events"
 OPERATOR_COMMANDS = "mallwatt.operator-commands"
 DEADLETTER = "mallwatt.deadletter"
 POSTINGS = "mallwatt.postings"
+PAYMENTS_ACCEPTED = "mallwatt.payments-accepted"
+POSTINGS_ACCEPTED = "mallwatt.postings-accepted"
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
@@ -75,8 +85,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         PAYMENTS,
-        key="account id, produced to partition account_shard(account): top-ups of one "
-        "account are applied in order, by the worker that owns its readings",
+        key="claim key (pipelines.core.claims.claim_key: the payment id, a reversal's "
+        "reversed id), produced to partition claim_partition(): every use of an id meets "
+        "its first use in one partition, so an id credits once across the portfolio",
         value="payment",
         retention_ms=INFINITE,  # money input: replay and reconciliation need every payment
     ),
@@ -120,10 +131,23 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         POSTINGS,
-        key="account id, produced to partition account_shard(account): common-area shares, "
-        "adjustments and opening balances reach the worker that owns the account's wallet",
+        key="claim key (\"post:\" + entry id), produced to partition claim_partition(): "
+        "common-area shares, adjustments and opening balances, each entry id claimed once",
         value="ledger_posting",
         retention_ms=INFINITE,  # money input, like payments
+    ),
+    TopicSpec(
+        PAYMENTS_ACCEPTED,
+        key="account id, partition account_shard(account): payments that won their claim, "
+        "for the worker that owns the account's wallet (written by the forwarder)",
+        value="payment",
+        retention_ms=INFINITE,
+    ),
+    TopicSpec(
+        POSTINGS_ACCEPTED,
+        key="account id, partition account_shard(account): postings that won their claim",
+        value="ledger_posting",
+        retention_ms=INFINITE,
     ),
 )
 

@@ -131,11 +131,14 @@ def apply_payments_many(envs: dict[str, Envelope], payments: list[tuple[int, int
     rounds: list[list[dict[str, Any]]] = []
     positions: list[dict[str, tuple[str, int]]] = []
     count: dict[str, int] = {}
+    taken: dict[tuple[str, str], int] = {}  # (account, source) -> last offset taken in this call
     for part, offset, payment in sorted(payments, key=lambda p: (p[0], p[1])):
         key = ctx.bucket_of(payment["account_id"])
         source = source_of(topic, part)
-        if envs[key].applied(source, offset):
+        # at or below the mark: applied before, or the same claimed payment published twice
+        if envs[key].applied(source, offset) or taken.get((key, source), -1) >= offset:
             continue
+        taken[key, source] = offset
         index = count.get(key, 0) // PAYMENTS_PER_ACCOUNT
         count[key] = count.get(key, 0) + 1
         if index == len(rounds):

@@ -30,9 +30,9 @@ from confluent_kafka import Consumer, Producer
 from infra import broker
 from infra import topics as T
 from pipelines.generate import generate
+from pipelines.money_input import produce_payment
 from pipelines.portfolio import Portfolio, dump_portfolio, parse_portfolio
 from schemas import codec
-from schemas.keys import account_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Queries the demo suggests at its end (tests run them against the migrated schema).
@@ -128,8 +128,7 @@ def publish_topups(bootstrap: str, portfolio: Portfolio, amounts: dict[str, int]
         payment = {"payment_id": f"{tag}-{account}", "account_id": account, "kind": "TOPUP",
                    "amount_minor": amount, "currency": portfolio.currency, "ts_ms": ts_ms,
                    "provider": "demo", "reverses_payment_id": None}
-        producer.produce(T.PAYMENTS, key=account.encode(), partition=account_shard(account, partitions),
-                         value=codec.encode("Payment", payment))
+        produce_payment(producer, payment, partitions)
     producer.flush(30)
     return len(amounts)
 

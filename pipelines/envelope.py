@@ -12,7 +12,7 @@ when its state change survived, and never be produced for a state change that di
 The high-water marks make re-delivered input a no-op for the account (effects once).
 
 The value is binary: MAGIC, the outbox (length-prefixed, so the forwarder never parses the
-state), then the state as msgpack arrays in a fixed field order (no field names: an account
+state; the claims table frames its values the same way), then the state as msgpack arrays in a fixed field order (no field names: an account
 with one circuit is about 200 bytes).
 """
 
@@ -50,6 +50,22 @@ class OutboxItem:
     topic: str
     key: bytes
     value: bytes
+    partition: int = -1  # -1: the producer's partitioner picks it from the key
+
+
+def frame_value(outbox: list[OutboxItem], state: bytes) -> bytes:
+    """MAGIC, outbox length, the binary outbox, then the state bytes (any table's)."""
+    packed = b"".join(struct.pack(">HIIi", len(o.topic), len(o.key), len(o.value), o.partition)
+                      + o.topic.encode() + o.key + o.value for o in outbox)
+    return MAGIC + struct.pack(">I", len(packed)) + packed + state
+
+
+def unframe_value(raw: bytes) -> tuple[list[OutboxItem], bytes]:
+    """The outbox and the state bytes of a framed value."""
+    if not raw.startswith(MAGIC):
+        raise ValueError("not a mallwatt state value of this version (unknown format)")
+    outbox, end = _read_outbox(raw)
+    return outbox, raw[end:]
 
 
 _ACCOUNT_FIELDS = AccountState.__slots__  # type: ignore[attr-defined]
@@ -101,29 +117,24 @@ class Envelope:
         """MAGIC, outbox length, binary outbox, then the state as msgpack arrays.
 
         Raises ValueTooLarge above `limit` (default MAX_VALUE_BYTES), naming the account."""
-        outbox = b"".join(struct.pack(">HII", len(o.topic), len(o.key), len(o.value))
-                          + o.topic.encode() + o.key + o.value for o in self.outbox)
         state = msgpack.packb([
             [_account_row(s) for s in self.accounts.values()],
             [_circuit_row(c) for c in self.circuits.values()],
             self.hwm, self.updates, self.holds, self.extra], use_bin_type=True)
-        raw = MAGIC + struct.pack(">I", len(outbox)) + outbox + state
+        raw = frame_value(self.outbox, state)
         cap = MAX_VALUE_BYTES if limit is None else limit
         if len(raw) > cap:
             raise ValueTooLarge(f"state value of {sorted(self.accounts)[:3]} would be {len(raw)} bytes "
-                                f"(outbox {len(outbox)} bytes in {len(self.outbox)} outputs), above the "
-                                f"limit of {cap} bytes (MALLWATT_MAX_VALUE_BYTES)")
+                                f"({len(raw) - len(state)} bytes of outbox in {len(self.outbox)} outputs), "
+                                f"above the limit of {cap} bytes (MALLWATT_MAX_VALUE_BYTES)")
         return raw
 
     @classmethod
     def from_bytes(cls, raw: bytes | None) -> Envelope:
         if not raw:
             return cls()
-        if not raw.startswith(MAGIC):
-            raise ValueError("not a mallwatt state value of this version (unknown format)")
-        outbox, end = _read_outbox(raw)
-        accounts, circuits, hwm, updates, holds, extra = msgpack.unpackb(raw[end:], raw=False,
-                                                                         strict_map_key=False)
+        outbox, state = unframe_value(raw)
+        accounts, circuits, hwm, updates, holds, extra = msgpack.unpackb(state, raw=False, strict_map_key=False)
         accs = [_account_from(r) for r in accounts]
         circs = [_circuit_from(r) for r in circuits]
         return cls({s.account_id: s for s in accs}, {c.circuit_id: c for c in circs}, hwm, outbox, updates,
@@ -143,13 +154,13 @@ def _read_outbox(raw: bytes) -> tuple[list[OutboxItem], int]:
     end = pos + size
     items: list[OutboxItem] = []
     while pos < end:
-        t, k, v = struct.unpack_from(">HII", raw, pos)
-        pos += 10
+        t, k, v, partition = struct.unpack_from(">HIIi", raw, pos)
+        pos += 14
         topic = raw[pos:pos + t].decode()
         pos += t
         key = raw[pos:pos + k]
         pos += k
-        items.append(OutboxItem(topic, key, raw[pos:pos + v]))
+        items.append(OutboxItem(topic, key, raw[pos:pos + v], partition))
         pos += v
     if pos != end:
         raise ValueError("corrupt state value: outbox length mismatch")

@@ -39,14 +39,22 @@ LEDGER_BATCH_ENTRIES = 4096
 TABLE_NAME = "accounts"  # the worker's faust table: one state value per account
 
 
-def changelog_topic(app_id: str) -> str:
-    """The billing table's changelog, which faust names after the app and the table."""
-    return f"{app_id}-{TABLE_NAME}-changelog"
+CLAIMS_TABLE = "claims"  # the worker's faust table of payment and posting ids (pipelines.core.claims)
+
+
+def changelog_topic(app_id: str, table: str = TABLE_NAME) -> str:
+    """A table's changelog, which faust names after the app and the table."""
+    return f"{app_id}-{table}-changelog"
+
+
+def changelog_topics(app_id: str) -> list[str]:
+    """Every changelog whose records carry outboxes: account states and claims."""
+    return [changelog_topic(app_id), changelog_topic(app_id, CLAIMS_TABLE)]
 
 
 class Forwarder:
-    def __init__(self, bootstrap: str, changelog_topic: str, group: str = "mallwatt-forwarder") -> None:
-        self.changelog_topic = changelog_topic
+    def __init__(self, bootstrap: str, changelog_topic: str | list[str], group: str = "mallwatt-forwarder") -> None:
+        self.topics = [changelog_topic] if isinstance(changelog_topic, str) else list(changelog_topic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
         self._consumer = Consumer({
@@ -75,7 +83,7 @@ class Forwarder:
 
     def _run(self) -> None:
         # The changelog is created by faust when the worker starts; subscribe() waits for it.
-        self._consumer.subscribe([self.changelog_topic])
+        self._consumer.subscribe(self.topics)
         try:
             while not self._stop.is_set():
                 try:
@@ -96,16 +104,17 @@ class Forwarder:
         # consume() waits for a full batch or the timeout: keep the timeout short, because a
         # relay trip waits in here
         messages = self._consumer.consume(num_messages=500, timeout=CONSUME_WAIT_S)
-        ledger: dict[int, list[tuple[Any, ...]]] = {}  # changelog partition -> ledger rows, in order
+        ledger: dict[tuple[str, int], list[tuple[Any, ...]]] = {}  # changelog partition -> rows, in order
         for msg in messages:
             if msg.error():
                 if msg.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.warning("forwarder: %s", msg.error())
                 continue
-            self._forward(msg.value(), ledger.setdefault(msg.partition(), []))
+            self._forward(msg.value(), ledger.setdefault((msg.topic(), msg.partition()), []))
             self._uncommitted = True
-        for partition, rows in ledger.items():
-            self._publish_ledger(partition, rows, messages)
+        for (topic, partition), rows in ledger.items():
+            if rows:
+                self._publish_ledger(topic, partition, rows, messages)
         self._producer.poll(0)  # delivery reports
         if self._failure is not None:
             failure, self._failure = self._failure, None
@@ -175,24 +184,27 @@ class Forwarder:
             if item.topic == LEDGER_ROWS:
                 ledger_rows += unpack_ledger_rows(item.value)
             else:
-                self._produce(item.topic, item.key, item.value)
+                self._produce(item.topic, item.key, item.value, item.partition)
         self._producer.poll(0)
 
-    def _publish_ledger(self, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]) -> None:
+    def _publish_ledger(self, topic: str, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]
+                        ) -> None:
         """The ledger rows of one changelog partition's records as LedgerBatches, in order, keyed
         by that partition so that all entries of an account stay in one ledger partition."""
-        first = next(m.offset() for m in messages if not m.error() and m.partition() == partition)
+        first = next(m.offset() for m in messages
+                     if not m.error() and m.topic() == topic and m.partition() == partition)
         for start in range(0, len(rows), LEDGER_BATCH_ENTRIES):
             frame = rows_to_frame(rows[start:start + LEDGER_BATCH_ENTRIES])
-            batch = frame_to_ledger_batch(frame, f"{self.changelog_topic}:{partition}@{first}+{start}")
+            batch = frame_to_ledger_batch(frame, f"{topic}:{partition}@{first}+{start}")
             self._produce(T.LEDGER, f"p{partition}".encode(), codec.encode("LedgerBatch", batch))
 
-    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
+    def _produce(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
         self._undelivered[self._epoch] += 1
+        where = {"partition": partition} if partition >= 0 else {}
         while True:
             try:
                 self._producer.produce(topic, key=key, value=value,
-                                       on_delivery=partial(self._delivered, self._epoch))
+                                       on_delivery=partial(self._delivered, self._epoch), **where)
                 break
             except BufferError:
                 self._producer.poll(0.05)
@@ -216,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the worker's app id (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    forwarder = Forwarder(bootstrap_servers(), changelog_topic(args.app_id), group=f"{args.app_id}-forwarder")
+    forwarder = Forwarder(bootstrap_servers(), changelog_topics(args.app_id), group=f"{args.app_id}-forwarder")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -8,10 +8,8 @@ import time
 import uuid
 from decimal import Decimal, InvalidOperation
 
-from infra import topics as T
 from infra.broker import bootstrap_servers
-from schemas import codec
-from schemas.keys import account_shard
+from pipelines.money_input import produce_payment
 
 
 def to_minor(amount: str) -> int:
@@ -48,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap_servers(), "enable.idempotence": True})
-    producer.produce(T.PAYMENTS, key=args.account.encode(),
-                     partition=account_shard(args.account, T.default_partitions()),
-                     value=codec.encode("Payment", payment))
+    produce_payment(producer, payment)
     if producer.flush(30):
         print("mallwatt topup: Kafka did not confirm the payment; retry with the same --payment-id",
               file=sys.stderr)

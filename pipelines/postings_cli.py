@@ -14,10 +14,8 @@ import json
 import sys
 from typing import Any
 
-from infra import topics as T
 from infra.broker import bootstrap_servers
-from schemas import codec
-from schemas.keys import account_shard
+from pipelines.money_input import produce_posting
 
 REQUIRED = ("entry_id", "account_id", "mall_id", "kind", "amount_minor", "ts_ms", "source_id")
 
@@ -59,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap_servers(), "enable.idempotence": True})
-    partitions = T.default_partitions()
     for p in postings:
-        producer.produce(T.POSTINGS, key=p["account_id"].encode(), value=codec.encode("LedgerPosting", p),
-                         partition=account_shard(p["account_id"], partitions))
+        produce_posting(producer, p)
     if producer.flush(30):
         print("mallwatt post: Kafka did not confirm every posting; post the same file again", file=sys.stderr)
         return 1

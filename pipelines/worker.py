@@ -28,12 +28,13 @@ from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
-from pipelines import batching, billing
+from pipelines import batching, billing, claiming
+from pipelines.core.claims import CLAIM_HORIZON_DAYS, expired
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
 from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
-from pipelines.forwarder import TABLE_NAME, Forwarder, changelog_topic
+from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.portfolio import ConfigError
 from pipelines.take import take_steps
 from schemas import codec
@@ -48,6 +49,8 @@ BATCH_MESSAGES = int(os.environ.get("MALLWATT_BATCH_MESSAGES", 256))
 BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
 #: Log every reading step's size, input age and cost (for tuning; off by default).
 LOG_STEPS = bool(os.environ.get("MALLWATT_LOG_STEPS"))
+#: How often a worker forgets claims past the horizon (pipelines.core.claims).
+CLAIM_SWEEP_S = float(os.environ.get("MALLWATT_CLAIM_SWEEP_S", 3600))
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,8 +90,16 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     states = cast(DurableTable, app.Table(TABLE_NAME, default=None, partitions=partitions,
                                           key_type=bytes, value_type=bytes,
                                           extra_topic_configs=T.state_changelog_configs()))
+    # payment and posting ids, keyed by claim key; forgotten after the claim horizon
+    claims = cast(DurableTable, app.Table(CLAIMS_TABLE, default=None, partitions=partitions,
+                                          key_type=bytes, value_type=bytes,
+                                          extra_topic_configs=T.claims_changelog_configs(CLAIM_HORIZON_DAYS)))
     readings_topic = app.topic(T.READINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     payments_topic = app.topic(T.PAYMENTS, key_type=bytes, value_type=bytes, partitions=partitions)
+    accepted_payments_topic = app.topic(T.PAYMENTS_ACCEPTED, key_type=bytes, value_type=bytes,
+                                        partitions=partitions)
+    accepted_postings_topic = app.topic(T.POSTINGS_ACCEPTED, key_type=bytes, value_type=bytes,
+                                        partitions=partitions)
     operator_topic = app.topic(T.OPERATOR_COMMANDS, key_type=bytes, value_type=bytes, partitions=partitions)
     postings_topic = app.topic(T.POSTINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     dlq_topic = app.topic(T.DEADLETTER, key_type=bytes, value_type=bytes)
@@ -174,6 +185,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         the changelog: stop the worker, so a restart recovers the table from the changelog."""
         try:
             await states.written()
+            await claims.written()
         except Exception as exc:
             log.critical("a state write was not stored (%s); stopping the worker", exc)
             await app.crash(exc)
@@ -195,15 +207,20 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         return [(by_position[pos], "; ".join(r)) for pos, r in reasons.items()]
 
     def bill_payments(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
+        """Accepted payments (they won their claim); each account's mark is the claimed input's
+        partition and offset, so a re-published accepted payment is a no-op."""
         refused: list[tuple[Any, str]] = []
         good: list[tuple[int, int, dict[str, Any]]] = []
         for event, payment in decoded:
             account, problem = payment_account(payment, ctx)
             problem = owner_problem(event, account, problem, ctx)
+            position = claiming.accepted_position(payment, T.PAYMENTS_ACCEPTED)
+            if problem is None and position is None:
+                problem = "accepted payment without claim_partition/claim_offset (not from the claims table)"
             if problem:
                 refused.append((event, problem))
             else:
-                good.append((event.message.partition, event.message.offset, payment))
+                good.append((payment["claim_partition"], payment["claim_offset"], payment))
         keys = {ctx.bucket_of(p["account_id"]) for _, _, p in good}
         envs = {key: load(key) for key in keys}
         for changed in batching.apply_payments_many(envs, good, ctx):
@@ -246,16 +263,80 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         for event in events:
             await stream.ack(event)
 
-    @app.agent(payments_topic)
+    @app.agent(accepted_payments_topic)
     async def on_payments(stream: faust.Stream) -> None:
         async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
             await bill_batch(events, lambda value: codec.decode("Payment", value), bill_payments)
+
+    def load_claim(key: str) -> Any:
+        return claiming.decode_claim(claims.get(key.encode()))
+
+    newest_claim_ms = [0]  # the newest payment/posting time claimed here: the horizon's "now"
+
+    @app.timer(interval=CLAIM_SWEEP_S)
+    async def forget_expired_claims() -> None:
+        """Drop claims past the horizon from this worker's memory, in slices so that billing
+        never waits for a sweep. The changelog's retention (the same horizon) drops them for a
+        restart, so this only touches the local store, never the changelog."""
+        if not newest_claim_ms[0]:
+            return
+        store = claims.data  # faust's local store of the table
+        keys = list(store.keys())
+        for start in range(0, len(keys), 5_000):
+            for key in keys[start:start + 5_000]:
+                claim = claiming.decode_claim(store.get(key))
+                if claim is not None and expired(claim, newest_claim_ms[0]):
+                    del store[key]
+            await asyncio.sleep(0)
+
+    async def claim_records(stream: faust.Stream, schema: str) -> None:
+        """Payments or postings against their claims, in input order; an accepted one goes on
+        (through the claim's outbox) to the account's wallet."""
+        async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
+            letters: list[Any] = []
+            for event in events:
+                msg = event.message
+                try:
+                    record = codec.decode(schema, msg.value)
+                except codec.DecodeError as exc:
+                    letters.append(await send_dead_letter(event, "decode", str(exc)))
+                    continue
+                ctx = holder.current()
+                problem = claiming.record_problem(record, msg.topic, msg.partition, ctx)
+                if problem is not None:
+                    letters.append(await send_dead_letter(event, "routing", problem))
+                    continue
+                try:
+                    key = claiming.claim_key(record, claiming.NAMESPACES[msg.topic])
+                    result = claiming.claim_step(load_claim(key), record, msg.topic, msg.partition, msg.offset,
+                                                 ctx)
+                except Exception as exc:  # one bad message must not stop the agent
+                    log.exception("%s at %s@%s failed", schema, msg.topic, msg.offset)
+                    letters.append(await send_dead_letter(event, "claim", f"{type(exc).__name__}: {exc}"))
+                    continue
+                newest_claim_ms[0] = max(newest_claim_ms[0], int(record["ts_ms"]))
+                if result.value is not None:
+                    token = _current_event.set(weakref.ref(event))  # the changelog partition of the write
+                    try:
+                        claims[key.encode()] = result.value
+                    finally:
+                        _current_event.reset(token)
+            await written()
+            await asyncio.gather(*letters)
+
+    @app.agent(payments_topic)
+    async def on_payment_claims(stream: faust.Stream) -> None:
+        await claim_records(stream, "Payment")
+
+    @app.agent(postings_topic)
+    async def on_posting_claims(stream: faust.Stream) -> None:
+        await claim_records(stream, "LedgerPosting")
 
     async def per_account(stream: faust.Stream, schema: str, account_of: Any, apply: Any) -> None:
         """Messages that each move one account: decode, check ownership, apply once."""
         async for event in stream.events():
             msg = event.message
-            source = batching.source_of(msg.topic, msg.partition)
+            source, offset = batching.source_of(msg.topic, msg.partition), msg.offset
             try:
                 record = codec.decode(schema, msg.value)
             except codec.DecodeError as exc:
@@ -264,15 +345,21 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             ctx = holder.current()
             account, problem = account_of(record, ctx)
             problem = owner_problem(event, account, problem, ctx)
+            if problem is None and msg.topic == T.POSTINGS_ACCEPTED:
+                position = claiming.accepted_position(record, msg.topic)
+                if position is None:
+                    problem = "accepted posting without claim_partition/claim_offset (not from the claims table)"
+                else:
+                    source, offset = position  # the claimed input's position: a re-publish is a no-op
             if problem is not None:
                 await to_dead_letter(event, "routing", problem)
                 continue
             key = ctx.bucket_of(account)
             env = load(key)
-            if env.applied(source, msg.offset):
+            if env.applied(source, offset):
                 continue
             try:
-                store(key, apply(env, record, ctx, source, msg.offset))
+                store(key, apply(env, record, ctx, source, offset))
             except Exception as exc:  # one bad message must not stop the agent
                 log.exception("%s at %s@%s failed", schema, source, msg.offset)
                 await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
@@ -290,7 +377,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                                            f"{command['account_id']!r} in the current config")
         return route.account_id, None
 
-    @app.agent(postings_topic)
+    @app.agent(accepted_postings_topic)
     async def on_postings(stream: faust.Stream) -> None:
         await per_account(stream, "LedgerPosting", payment_account, billing.apply_posting)
 
@@ -328,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(args.config, holder=holder)
     forwarder = None
     if not args.no_forwarder:
-        forwarder = Forwarder(bootstrap_servers(), changelog_topic(APP_ID), group=f"{APP_ID}-forwarder")
+        forwarder = Forwarder(bootstrap_servers(), changelog_topics(APP_ID), group=f"{APP_ID}-forwarder")
         forwarder.start()
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
     try:

@@ -20,8 +20,9 @@ from typing import Any
 import polars as pl
 import yaml
 
+from pipelines.core.claims import claim_payment_rows
 from pipelines.core.context import RatingContext
-from pipelines.core.engine import CoreState, process_batch
+from pipelines.core.engine import PAYMENT_REJECT_SCHEMA, CoreState, payments_frame, process_batch
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
 from pipelines.core.wallet import AccountState
 
@@ -96,6 +97,12 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
     pays = payments.sort("ts_ms", maintain_order=True) if payments is not None else None
     state, acc = state or CoreState(), {k: [] for k in ("ledger", "alerts", "commands", "rejected_readings",
                                                "rejected_payments", "intervals")}
+    if pays is not None and pays.height:  # every id claimed once, as the stream's claim step does
+        frame = payments_frame(pays)
+        accepted, refused = claim_payment_rows(frame.to_dicts(), {a: r.policy for a, r in ctx.accounts.items()})
+        pays = pl.DataFrame(accepted, schema=frame.schema)
+        acc["rejected_payments"].append(pl.DataFrame(
+            [{k: r[k] for k in PAYMENT_REJECT_SCHEMA} for r in refused], schema=PAYMENT_REJECT_SCHEMA))
     n = readings.height
     starts = list(range(0, n, batch_size)) or [0]
     for i, s in enumerate(starts):

@@ -44,30 +44,25 @@ class AccountState:
     standing_day: str | None = None  # last local date charged its standing charge
     recovery_period: str | None = None
     recovered_in_period: int = 0
-    payments: dict[str, int] = field(default_factory=dict)  # applied payment id -> credited amount
-    reversed: list[str] = field(default_factory=list)
+    # No payment, reversal or posting ids here: they are claimed once across the portfolio
+    # before they reach the wallet (pipelines.core.claims), so this state stays O(1) over years.
     tier_month: int = 0
     tier_wh: int = 0
-    postings: list[str] = field(default_factory=list)  # entry ids of applied LedgerPostings
 
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__} | {  # type: ignore[attr-defined]
-            "fired_levels": list(self.fired_levels), "payments": dict(self.payments), "reversed": list(self.reversed),
-            "postings": list(self.postings)}
+            "fired_levels": list(self.fired_levels)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AccountState:
-        return cls(**{**d, "fired_levels": list(d.get("fired_levels", [])),
-                      "payments": dict(d.get("payments", {})), "reversed": list(d.get("reversed", [])),
-                      "postings": list(d.get("postings", []))})
+        return cls(**{**d, "fired_levels": list(d.get("fired_levels", []))})
 
     def copy(self) -> AccountState:
         """An independent copy (positional: this runs for every touched account of a batch)."""
         return AccountState(
             self.account_id, self.balance, self.acc_n, self.debt, self.ec_owed, list(self.fired_levels),
             self.warning_fired, self.warn_pending, self.relay, self.trip_reason, self.deferred, self.standing_day,
-            self.recovery_period, self.recovered_in_period, dict(self.payments), list(self.reversed),
-            self.tier_month, self.tier_wh, list(self.postings))
+            self.recovery_period, self.recovered_in_period, self.tier_month, self.tier_wh)
 
     @property
     def tiers(self) -> TierCounter:
@@ -219,18 +214,12 @@ class Wallet:
         self._after_debit(c.ts_ms, c.entry_id)
 
     def payment(self, p: Payment) -> None:
+        """A payment that won its claim (pipelines.core.claims): its id is new across the
+        portfolio, a top-up is within the account's limits, and a reversal carries the amount
+        of the top-up it reverses."""
         s, acct = self.s, self.s.account_id
-        if p.payment_id in s.payments or p.payment_id in s.reversed:
-            self.o.rejected.append({"payment_id": p.payment_id, "account_id": acct, "ts_ms": p.ts_ms,
-                                    "amount_minor": p.amount_minor, "kind": p.kind, "reason": "duplicate"})
-            return
         self._periodic(p.ts_ms)
         if p.kind == "topup":
-            if p.amount_minor < self.p.min_topup:
-                return self._reject(p, f"below minimum top-up {self.p.min_topup}")
-            if self.p.max_topup is not None and p.amount_minor > self.p.max_topup:
-                return self._reject(p, f"above maximum top-up {self.p.max_topup}")
-            s.payments[p.payment_id] = p.amount_minor
             self._entry(f"{acct}:topup:{p.payment_id}", "topup", p.amount_minor, p.ts_ms, p.payment_id)
             left = p.amount_minor
             if s.ec_owed:
@@ -246,31 +235,27 @@ class Wallet:
             self._after_credit(p.ts_ms, p.payment_id)
         elif p.kind == "reversal":
             orig = p.reverses_payment_id
-            if orig is None or orig not in s.payments or orig in s.reversed:
+            if orig is None or p.amount_minor <= 0:
                 return self._reject(p, f"nothing to reverse for {orig}")
-            s.reversed.append(orig)
-            s.payments[p.payment_id] = 0
-            self._entry(f"{acct}:reversal:{p.payment_id}", "reversal", -s.payments[orig], p.ts_ms, orig)
+            self._entry(f"{acct}:reversal:{p.payment_id}", "reversal", -p.amount_minor, p.ts_ms, orig)
             self._after_debit(p.ts_ms, p.payment_id)
         elif p.kind == "refund":
             if p.amount_minor <= 0 or p.amount_minor > s.balance - max(self.p.cutoff, 0):
                 return self._reject(p, "refund exceeds available balance")
-            s.payments[p.payment_id] = 0
             self._entry(f"{acct}:refund:{p.payment_id}", "refund", -p.amount_minor, p.ts_ms, p.payment_id)
             self._after_debit(p.ts_ms, p.payment_id)
         else:
             self._reject(p, f"unknown payment kind {p.kind}")
 
     def posting(self, p: Posting) -> None:
+        """A posting that won its claim (its entry id is new across the portfolio)."""
         s = self.s
-        if p.entry_id in s.postings or p.kind not in POSTING_KINDS or p.amount_minor == 0:
-            reason = "duplicate" if p.entry_id in s.postings else (
-                f"unknown posting kind {p.kind}" if p.kind not in POSTING_KINDS else "zero amount")
+        if p.kind not in POSTING_KINDS or p.amount_minor == 0:
+            reason = f"unknown posting kind {p.kind}" if p.kind not in POSTING_KINDS else "zero amount"
             self.o.rejected.append({"payment_id": p.entry_id, "account_id": s.account_id, "ts_ms": p.ts_ms,
                                     "amount_minor": p.amount_minor, "kind": p.kind, "reason": reason})
             return
         self._periodic(p.ts_ms)
-        s.postings.append(p.entry_id)
         self._entry(p.entry_id, p.kind, p.amount_minor, p.ts_ms, p.source_id)
         self.o.ledger[-1]["rate"] = p.rate
         if p.amount_minor < 0:

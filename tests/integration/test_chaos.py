@@ -26,6 +26,7 @@ from infra import topics as T
 from pipelines.context import build_context
 from pipelines.core.engine import CoreState, process_batch
 from pipelines.generate import generate
+from pipelines.money_input import produce_payment
 from pipelines.portfolio import dump_portfolio, parse_portfolio
 from schemas import codec, readings
 from schemas.keys import account_shard, shard_key
@@ -90,9 +91,7 @@ def _produce(bootstrap: str, mall_id: str, frame: pl.DataFrame, payments: list[d
             p = by_time.pop(0)
             copies = 2 if rng.random() < 0.3 else 1  # the provider's webhook retried
             for _ in range(copies):
-                producer.produce(T.PAYMENTS, key=p["account_id"].encode(),
-                                 partition=account_shard(p["account_id"], partitions),
-                                 value=codec.encode("Payment", p))
+                produce_payment(producer, p, partitions)
         producer.flush(30)
         time.sleep(0.4)
 

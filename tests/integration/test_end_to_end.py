@@ -22,9 +22,8 @@ from collectors.run import run_collector
 from collectors.sim_portfolio import mall_simulator
 from infra import topics as T
 from pipelines.generate import generate
+from pipelines.money_input import produce_payment
 from pipelines.portfolio import dump_portfolio, parse_portfolio
-from schemas import codec
-from schemas.keys import account_shard
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,9 +67,8 @@ def test_meter_to_warehouse_with_trip_and_reconnect(kafka_bootstrap: str, tmp_pa
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
 
     def pay(account: str, amount: int, payment_id: str, ts_ms: int) -> None:
-        producer.produce(T.PAYMENTS, key=account.encode(), partition=account_shard(account, partitions),
-                         value=codec.encode("Payment", {"payment_id": payment_id, "account_id": account,
-                                                        "kind": "TOPUP", "amount_minor": amount, "ts_ms": ts_ms}))
+        produce_payment(producer, {"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
+                                   "amount_minor": amount, "ts_ms": ts_ms}, partitions)
         producer.flush(10)
 
     async def scenario() -> None:

@@ -18,6 +18,7 @@ from kafka_tail import TopicTail
 
 from infra import topics as T
 from pipelines.generate import generate
+from pipelines.money_input import produce_payment, produce_posting
 from pipelines.portfolio import dump_portfolio, parse_portfolio
 from schemas import codec, readings
 from schemas.keys import account_shard, shard_key
@@ -28,8 +29,9 @@ T0 = 1_784_080_800_000  # 2026-07-15 10:00 +08:00: peak hour, 136 fen/kWh
 
 
 def topup(producer: Producer, account: str, shard: int, payment_id: str, amount: int, ts: int) -> None:
-    producer.produce(T.PAYMENTS, key=account.encode(), partition=shard, value=codec.encode("Payment", {
-        "payment_id": payment_id, "account_id": account, "kind": "TOPUP", "amount_minor": amount, "ts_ms": ts}))
+    # `shard` is the account's; the payment goes to its claim's partition (money_input)
+    produce_payment(producer, {"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
+                               "amount_minor": amount, "ts_ms": ts})
     producer.flush(10)
 
 
@@ -144,8 +146,7 @@ def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict
                "kind": "shared_cost", "amount_minor": -123, "ts_ms": T0 + 2, "source_id": "P1|area|2026-07|999",
                "rate": "0.123123"}
     for _ in range(2):
-        producer.produce(T.POSTINGS, key=merchant.id.encode(), partition=shard,
-                         value=codec.encode("LedgerPosting", posting))
+        produce_posting(producer, posting)
     producer.flush(10)
     entry = ledger.wait_for(lambda e: e["entry_id"] == posting["entry_id"])
     assert entry["kind"] == "shared_cost" and entry["balance_after_minor"] == 9000 - 123

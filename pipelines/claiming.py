@@ -1,0 +1,106 @@
+"""The stream's claim step: a payment or posting against the claim stored under its key.
+
+    mallwatt.payments / mallwatt.postings (partition = claim key's shard)
+        -> claims table (key = claim key; value = the claim + the outbox of its last change)
+        -> forwarder -> mallwatt.payments-accepted / mallwatt.postings-accepted
+           (partition = account shard) -> the account's wallet
+
+The accepted record carries the partition and offset of the input that won the claim; the
+wallet uses them as its high-water mark, so a forwarder that publishes an accepted record
+twice moves no money twice, and the account state never holds an id. No Kafka here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from infra import topics as T
+from pipelines.context import BillingContext
+from pipelines.core.claims import (
+    Claim,
+    ClaimResult,
+    Decision,
+    claim_key,
+    decide_payment,
+    decide_posting,
+)
+from pipelines.envelope import OutboxItem, frame_value, unframe_value
+from schemas import codec
+from schemas.keys import account_shard
+
+NAMESPACES = {T.PAYMENTS: "pay", T.POSTINGS: "post"}
+
+
+def encode_claim(claim: Claim | None, outbox: list[OutboxItem]) -> bytes:
+    return frame_value(outbox, msgpack.packb(claim.to_row() if claim else None, use_bin_type=True))
+
+
+def decode_claim(raw: bytes | None) -> Claim | None:
+    if not raw:
+        return None
+    _, state = unframe_value(raw)
+    row = msgpack.unpackb(state, raw=False)
+    return Claim.from_row(row) if row is not None else None
+
+
+@dataclass(frozen=True)
+class ClaimStep:
+    key: str
+    decision: Decision
+    value: bytes | None  # what to store under `key` (None: nothing changed, nothing to publish)
+
+
+def record_problem(record: dict[str, Any], topic: str, partition: int, ctx: BillingContext) -> str | None:
+    """Why a payment or posting cannot be claimed here (a routing problem: dead letter)."""
+    namespace = NAMESPACES[topic]
+    account = record["account_id"]
+    if account not in ctx.accounts:
+        return f"unknown account {account!r}"
+    owner = account_shard(claim_key(record, namespace), ctx.partitions)
+    if owner != partition:
+        return (f"claim key {claim_key(record, namespace)!r} belongs to partition {owner}, not {partition} "
+                f"(produce with pipelines.core.claims.claim_partition)")
+    return None
+
+
+def claim_step(existing: Claim | None, record: dict[str, Any], topic: str, partition: int, offset: int,
+               ctx: BillingContext) -> ClaimStep:
+    """Decide a decoded Payment (topic mallwatt.payments) or LedgerPosting (mallwatt.postings)."""
+    namespace = NAMESPACES[topic]
+    key = claim_key(record, namespace)
+    account = record["account_id"]
+    if namespace == "pay":
+        decision = decide_payment(existing, record, ctx.accounts[account].policy)
+    else:
+        decision = decide_posting(existing, record)
+    if decision.result is ClaimResult.DUPLICATE:  # a re-send: nothing moves, nothing to say
+        return ClaimStep(key, decision, None)
+    if decision.accepted:
+        accepted = {**record, "claim_partition": partition, "claim_offset": offset}
+        if namespace == "pay":
+            accepted["amount_minor"] = decision.amount_minor  # a reversal moves the top-up's amount
+        item = OutboxItem(T.PAYMENTS_ACCEPTED if namespace == "pay" else T.POSTINGS_ACCEPTED, account.encode(),
+                          codec.encode("Payment" if namespace == "pay" else "LedgerPosting", accepted),
+                          account_shard(account, ctx.partitions))
+        return ClaimStep(key, decision, encode_claim(decision.stored, [item]))
+    record_id = record["payment_id"] if namespace == "pay" else record["entry_id"]
+    alert = {"alert_id": f"{record_id}:claim:{decision.result.value}",
+             "kind": "rejected_topup" if namespace == "pay" else "rejected_posting", "severity": "WARNING",
+             "mall_id": ctx.account_mall.get(account, "unknown"), "account_id": account, "meter_id": None,
+             "ts_ms": int(record["ts_ms"]),
+             "message": f"{'payment' if namespace == 'pay' else 'posting'} refused: {decision.reason(record_id)}",
+             "details": {"reason": decision.result.value, "amount_minor": str(record["amount_minor"]),
+                         "kind": str(record["kind"])}}
+    item = OutboxItem(T.ALERTS, account.encode(), codec.encode("Alert", alert))
+    return ClaimStep(key, decision, encode_claim(existing, [item]))
+
+
+def accepted_position(record: dict[str, Any], topic: str) -> tuple[str, int] | None:
+    """The wallet's high-water mark source and offset of an accepted record (None: unclaimed)."""
+    if record.get("claim_partition") is None or record.get("claim_offset") is None:
+        return None
+    origin = T.PAYMENTS if topic == T.PAYMENTS_ACCEPTED else T.POSTINGS
+    return f"{origin}:{record['claim_partition']}", int(record["claim_offset"])

@@ -11,6 +11,7 @@ import polars as pl
 
 from pipelines.core.context import RatingContext
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, WalletPolicy
+from pipelines.core.timeguard import Bounds, bounds_for
 from pipelines.envelope import bucket_key
 from pipelines.loadcontrol import limits_from_portfolio
 from pipelines.portfolio import Portfolio
@@ -70,6 +71,12 @@ class BillingContext:
         """The state bucket of an account (hashed once per config; any id works)."""
         key = self._buckets.get(account_id)
         return key if key is not None else bucket_key(account_id, self.partitions)
+
+    @cached_property
+    def time_bounds(self) -> Bounds:
+        """The portfolio's `time:` limits in ms (pipelines.core.timeguard), per circuit tariff."""
+        tariff_of = {c: self.accounts[r.account_id].tariff_id for c, r in self.circuit_meter.items()}
+        return bounds_for(self.portfolio.time, self.portfolio.tariffs, tariff_of)
 
     @cached_property
     def circuit_routes(self) -> pl.DataFrame:

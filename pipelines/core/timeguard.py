@@ -109,18 +109,19 @@ def split_frame(frame: pl.DataFrame, bounds: Bounds, *, ts_col: str = "ts_ms", r
     if not frame.height:
         return frame, frame.with_columns(pl.lit(None, pl.String).alias(REASON_COLUMN)).clear()
     ts_s = frame.get_column(ts_col).cast(pl.Int64)
-    ts = ts_s.fill_null(1).to_numpy()  # null ts: left to the core
+    ts = ts_s.fill_null(1).to_numpy()
+    known = ~ts_s.is_null().to_numpy() if ts_s.null_count() else np.ones(ts.size, dtype=bool)  # null: the core's
     floor: np.ndarray | int = bounds.earliest_ms
     if bounds.circuit_floor_ms and circuit_col in frame.columns:
         floor = frame.get_column(circuit_col).replace_strict(
             dict(bounds.circuit_floor_ms), default=bounds.earliest_ms, return_dtype=pl.Int64).to_numpy()
-    absurd = (ts <= 0) | (ts >= LATEST_MS)
-    before = ~absurd & (ts < floor)
+    absurd = known & ((ts <= 0) | (ts >= LATEST_MS))
+    before = known & ~absurd & (ts < floor)
     future = np.zeros(ts.size, dtype=bool)
     if ref_col in frame.columns:
         ref_s = frame.get_column(ref_col).cast(pl.Int64)
         ref = ref_s.fill_null(LATEST_MS).to_numpy()  # no reference: no future check
-        future = ~absurd & ~before & (ts > ref + bounds.max_future_skew_ms)
+        future = known & ~absurd & ~before & (ts > ref + bounds.max_future_skew_ms)
     bad = absurd | before | future
     if not bad.any():
         return frame, frame.clear().with_columns(pl.lit(None, pl.String).alias(REASON_COLUMN))

@@ -183,7 +183,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         return batch_to_frame(codec.decode("ReadingBatch", value))
 
     def bill_readings(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
-        frame = batching.messages_frame([(e.message.partition, e.message.offset, f) for e, f in decoded])
+        frame = batching.messages_frame([(e.message.partition, e.message.offset, f,
+                                          batching.message_ts_ms(e.message.timestamp)) for e, f in decoded])
         routed = batching.route_readings(frame, ctx)
         envs = {key: load(key) for key in routed.buckets}
         store_all(batching.apply_readings_many(envs, routed, ctx), [e for e, _ in decoded])
@@ -198,7 +199,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         good: list[tuple[int, int, dict[str, Any]]] = []
         for event, payment in decoded:
             account, problem = payment_account(payment, ctx)
-            problem = owner_problem(event, account, problem, ctx)
+            problem = owner_problem(event, account, problem, ctx) or batching.time_problem(
+                payment["ts_ms"], batching.message_ts_ms(event.message.timestamp), ctx)
             if problem:
                 refused.append((event, problem))
             else:
@@ -261,7 +263,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 continue
             ctx = holder.current()
             account, problem = account_of(record, ctx)
-            problem = owner_problem(event, account, problem, ctx)
+            problem = owner_problem(event, account, problem, ctx) or batching.time_problem(
+                record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
             if problem is not None:
                 await to_dead_letter(event, "routing", problem)
                 continue

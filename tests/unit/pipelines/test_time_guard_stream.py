@@ -109,3 +109,30 @@ def test_skew_comes_from_the_portfolio() -> None:
     ctx = build_context(parse_portfolio(data), PARTITIONS)
     assert batching.time_problem(T0 + 3_000_000, T0, ctx) is None
     assert batching.time_problem(T0 + 3_700_000, T0, ctx) is not None
+
+
+def test_replay_refuses_what_the_stream_refuses(ctx: billing.BillingContext) -> None:
+    from pipelines.core.replay import context_from_portfolio, replay, time_bounds
+
+    account, meter, (circuit,) = _route(ctx, 1)
+    rating, state0 = context_from_portfolio(ctx.portfolio, lateness_ms=0)
+    assert time_bounds(rating) == ctx.time_bounds
+    ts = [T0, T0 + 900_000, Y2100, T0 + 1_800_000, Y3000]
+    msg = [T0, T0 + 900_000, T0 + 900_000, T0 + 1_800_000, T0 + 1_800_000]
+    frame = _msg(circuit, meter, ts, [100.0, 101.0, 150.0, 102.0, 170.0]).with_columns(
+        msg_ts_ms=pl.Series(msg, dtype=pl.Int64))
+    pays = pl.DataFrame({"payment_id": ["p1", "p2"], "account_id": [account] * 2, "ts_ms": [T0 - 1, Y2100],
+                         "amount_minor": [10_000, 99_999], "kind": ["TOPUP"] * 2, "reverses_payment_id": [None] * 2,
+                         "msg_ts_ms": [T0, T0]})
+    _, tables = replay(rating, frame, pays, state=state0)
+    refused = tables["rejected_readings"]
+    assert sorted(refused["ts_ms"].to_list()) == [Y2100, Y3000]
+    assert set(refused["reason"].str.split(":").list.first()) == {"future", "absurd"}
+    assert tables["rejected_payments"].select("payment_id", "reason").rows() == [
+        ("p2", "future: ts more than 300 s ahead of the broker time")]
+    charges = tables["ledger"].filter(pl.col("kind") == "charge")
+    assert charges["energy_wh"].sum() == 2000 and charges["ts_ms"].max() == T0 + 1_800_000
+    # the stream, same input as one message per reading: the same two are refused
+    routed = batching.route_readings(batching.messages_frame(
+        [(account_shard(account, PARTITIONS), i, frame[i].drop("msg_ts_ms"), m) for i, m in enumerate(msg)]), ctx)
+    assert [o for _, o, _ in routed.rejected] == [2, 4]

@@ -107,9 +107,9 @@ def split_frame(frame: pl.DataFrame, bounds: Bounds, *, ts_col: str = "ts_ms", r
     common case (every row fine) costs a few numpy comparisons. ``ref_col`` is optional: a
     frame without it is checked against the absolute bounds only."""
     if not frame.height:
-        return frame, frame.with_columns(pl.lit(None, pl.String).alias(REASON_COLUMN)).clear()
+        return frame, _none_rejected(frame)
     ts_s = frame.get_column(ts_col).cast(pl.Int64)
-    ts = ts_s.fill_null(1).to_numpy()
+    ts = _ints(ts_s, 1)
     known = ~ts_s.is_null().to_numpy() if ts_s.null_count() else np.ones(ts.size, dtype=bool)  # null: the core's
     floor: np.ndarray | int = bounds.earliest_ms
     if bounds.circuit_floor_ms and circuit_col in frame.columns:
@@ -119,16 +119,24 @@ def split_frame(frame: pl.DataFrame, bounds: Bounds, *, ts_col: str = "ts_ms", r
     before = known & ~absurd & (ts < floor)
     future = np.zeros(ts.size, dtype=bool)
     if ref_col in frame.columns:
-        ref_s = frame.get_column(ref_col).cast(pl.Int64)
-        ref = ref_s.fill_null(LATEST_MS).to_numpy()  # no reference: no future check
+        ref = _ints(frame.get_column(ref_col).cast(pl.Int64), LATEST_MS)  # no reference: no future check
         future = known & ~absurd & ~before & (ts > ref + bounds.max_future_skew_ms)
     bad = absurd | before | future
     if not bad.any():
-        return frame, frame.clear().with_columns(pl.lit(None, pl.String).alias(REASON_COLUMN))
+        return frame, _none_rejected(frame)
     code = np.where(absurd, ABSURD, np.where(before, BEFORE_START, FUTURE))
     mask = pl.Series(bad)
     rejected = frame.filter(mask).with_columns(pl.Series(REASON_COLUMN, code[bad], dtype=pl.String))
     return frame.filter(~mask), rejected
+
+
+def _ints(s: pl.Series, null: int) -> np.ndarray:
+    """Int64 values with nulls as ``null`` (fill_null costs ~0.15 ms a call: only when needed)."""
+    return s.fill_null(null).to_numpy() if s.null_count() else s.to_numpy()
+
+
+def _none_rejected(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.clear().hstack([pl.Series(REASON_COLUMN, [], dtype=pl.String)])
 
 
 def summarise(rejected: pl.DataFrame, bounds: Bounds, *, what: str = "reading", ts_col: str = "ts_ms",

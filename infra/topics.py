@@ -39,6 +39,22 @@ class TopicSpec:
         return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
 
 
+def state_changelog_configs() -> dict[str, str]:
+    """Settings of the worker's state changelog (faust creates the topic with these).
+
+    Compacted, one live record per account, so a worker restored from it reads about one
+    record per account plus the recent tail, whatever the history. Records younger than the
+    forwarding window are never compacted: the forwarder publishes every record's outbox
+    (ledger, alerts, relay commands) within that window, so an output is never compacted away
+    before it was published (the forwarder normally trails by milliseconds; its lag is a
+    metric). Small segments let the cleaner reach records soon after the window.
+    """
+    window_ms = int(float(os.environ.get("MALLWATT_FORWARD_WINDOW_S", 600)) * 1000)
+    return {"cleanup.policy": "compact", "min.compaction.lag.ms": str(window_ms),
+            "segment.ms": str(max(window_ms // 4, 60_000)), "min.cleanable.dirty.ratio": "0.2",
+            "max.message.bytes": str(1024 * 1024)}
+
+
 READINGS = "mallwatt.readings"
 PAYMENTS = "mallwatt.payments"
 LEDGER = "mallwatt.ledger"

@@ -1,14 +1,20 @@
 """Billing steps over many input messages at once, from one or more partitions.
 
-Why: the core, the state (de)serialisation and every changelog write cost mostly per call,
-so the readings agent bills everything one `take` brought in a single step. Every row
-keeps the partition and offset of its message, and every state bucket belongs to one
-partition, so the high-water marks still work per message: a bucket skips the messages at
-or below its mark for its partition (a redelivery after a crash) and records the last one.
+Why: the core and the state handling cost mostly per call and per account touched, so the
+readings agent bills everything one `take` brought in a single step. Every row keeps the
+partition and offset of its message, and every account's state belongs to one partition, so
+the high-water marks still work per message: an account skips the messages at or below its
+mark for its partition (a redelivery after a crash) and records the last one.
+
+Bounded steps: a step gives an account at most ROWS_PER_ACCOUNT readings per round (whole
+messages, so a mark never covers half a message). A backlog that brings more (a restart
+behind hours of input) is billed in several rounds, each written before the next, so no
+state value or output carries more than a round's outputs of one account.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +27,11 @@ from pipelines.context import BillingContext
 from pipelines.core import timeguard
 from pipelines.envelope import Envelope
 
+#: Readings of one account per round of a step (bounds each state value's outbox).
+ROWS_PER_ACCOUNT = int(os.environ.get("MALLWATT_ROWS_PER_ACCOUNT", 64))
+#: Payments of one account per round of a step.
+PAYMENTS_PER_ACCOUNT = 16
+
 
 def source_of(topic: str, partition: int) -> str:
     """The name of an input partition in the high-water marks."""
@@ -29,9 +40,9 @@ def source_of(topic: str, partition: int) -> str:
 
 @dataclass
 class Routed:
-    """Readings that can be billed here, and the buckets they touch."""
+    """Readings that can be billed here, and the state keys (accounts) they touch."""
 
-    frame: pl.DataFrame  # the batch's columns plus `partition`, `offset` (input message), `shard`, `bucket`
+    frame: pl.DataFrame  # the batch's columns plus `partition`, `offset` (input message), `shard`, `bucket` (state key)
     buckets: list[str]
     rejected: list[tuple[int, int, str]]  # (partition, offset, why some readings of that message are refused)
 
@@ -104,37 +115,70 @@ def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int | No
 
 
 def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingContext,
-                        topic: str = T.READINGS) -> dict[str, Envelope]:
-    """One core call for every bucket the routed readings touch. Returns the changed envelopes."""
+                        topic: str = T.READINGS, rows_per_account: int | None = None
+                        ) -> list[dict[str, Envelope]]:
+    """Bill the routed readings in rounds; returns the changed envelopes of each round, in the
+    order they must be written (a later round builds on the earlier ones)."""
     if not routed.frame.height:
-        return {}
-    per_bucket = routed.frame.group_by("bucket").agg(pl.col("partition").first(), pl.col("offset").min().alias("first"),
-                                                     pl.col("offset").max())
-    positions = {key: (source_of(topic, part), last) for key, part, _, last in per_bucket.iter_rows()}
-    marks = {key: envs[key].hwm.get(source, -1) for key, (source, _) in positions.items()}
+        return []
+    limit = rows_per_account or ROWS_PER_ACCOUNT
+    per_key = routed.frame.group_by("bucket").agg(pl.col("partition").first(), pl.col("offset").min().alias("first"),
+                                                  pl.len().alias("rows"))
+    sources = {key: source_of(topic, part) for key, part, _, _ in per_key.iter_rows()}
+    marks = {key: envs[key].hwm.get(source, -1) for key, source in sources.items()}
     frame = routed.frame
-    # offsets are per partition: only a bucket whose own mark reaches its first row replays
-    if any(marks[key] >= first for key, _, first, _ in per_bucket.iter_rows()):
+    # offsets are per partition: only an account whose own mark reaches its first row replays
+    if any(marks[key] >= first for key, _, first, _ in per_key.iter_rows()):
         frame = frame.filter(pl.col("offset") > pl.col("bucket").replace_strict(marks, return_dtype=pl.Int64))
-    todo = frame["bucket"].unique().to_list()
-    if not todo:
-        return {}
-    return step({k: envs[k] for k in todo}, frame, None, ctx, {k: positions[k] for k in todo})
+    if not frame.height:
+        return []
+    if int(per_key["rows"].max()) <= limit:  # the live shape: one round
+        return [_round(envs, frame, sources, ctx)]
+    # whole messages per account and round: `before` counts the account's rows in earlier messages
+    sizes = (frame.group_by("bucket", "offset").len().sort("bucket", "offset")
+             .with_columns(round=((pl.col("len").cum_sum().over("bucket") - pl.col("len")) // limit)))
+    frame = frame.join(sizes.select("bucket", "offset", "round"), on=["bucket", "offset"], how="left",
+                       maintain_order="left")
+    rounds: list[dict[str, Envelope]] = []
+    current = dict(envs)
+    for (_,), part in frame.partition_by("round", as_dict=True, maintain_order=True, include_key=False).items():
+        changed = _round(current, part, sources, ctx)
+        current.update(changed)
+        rounds.append(changed)
+    return rounds
+
+
+def _round(envs: dict[str, Envelope], frame: pl.DataFrame, sources: dict[str, str], ctx: BillingContext
+           ) -> dict[str, Envelope]:
+    """One core call; each account records the last offset of its rows here as its mark."""
+    last = frame.group_by("bucket").agg(pl.col("offset").max())
+    positions = {key: (sources[key], offset) for key, offset in last.iter_rows()}
+    return step({k: envs[k] for k in positions}, frame, None, ctx, positions)
 
 
 def apply_payments_many(envs: dict[str, Envelope], payments: list[tuple[int, int, dict[str, Any]]],
-                        ctx: BillingContext, topic: str = T.PAYMENTS) -> dict[str, Envelope]:
-    """(partition, offset, Payment) messages whose accounts own `envs`, in one core call.
-    A bucket skips payments at or below its mark (the wallet also refuses a payment id twice)."""
-    rows: list[dict[str, Any]] = []
-    positions: dict[str, tuple[str, int]] = {}
-    for part, offset, payment in payments:
+                        ctx: BillingContext, topic: str = T.PAYMENTS) -> list[dict[str, Envelope]]:
+    """(partition, offset, Payment) messages whose accounts own `envs`, in rounds of at most
+    PAYMENTS_PER_ACCOUNT per account. An account skips payments at or below its mark."""
+    rounds: list[list[dict[str, Any]]] = []
+    positions: list[dict[str, tuple[str, int]]] = []
+    count: dict[str, int] = {}
+    for part, offset, payment in sorted(payments, key=lambda p: (p[0], p[1])):
         key = ctx.bucket_of(payment["account_id"])
         source = source_of(topic, part)
         if envs[key].applied(source, offset):
             continue
-        positions[key] = (source, max(offset, positions.get(key, (source, -1))[1]))
-        rows.append(payment_row(payment))
-    if not rows:
-        return {}
-    return step({k: envs[k] for k in positions}, None, rows, ctx, positions)
+        index = count.get(key, 0) // PAYMENTS_PER_ACCOUNT
+        count[key] = count.get(key, 0) + 1
+        if index == len(rounds):
+            rounds.append([])
+            positions.append({})
+        positions[index][key] = (source, max(offset, positions[index].get(key, (source, -1))[1]))
+        rounds[index].append(payment_row(payment))
+    out: list[dict[str, Envelope]] = []
+    current = dict(envs)
+    for rows, where in zip(rounds, positions, strict=True):
+        changed = step({k: current[k] for k in where}, None, rows, ctx, where)
+        current.update(changed)
+        out.append(changed)
+    return out

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from infra import topics as T
@@ -22,7 +21,7 @@ from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
-from schemas.ledger import ledger_batches
+from schemas.ledger import LEDGER_ROWS, pack_ledger_rows
 
 log = logging.getLogger("mallwatt.billing")
 
@@ -194,31 +193,11 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
 
 def ledger_items(ledger: pl.DataFrame, ctx: BillingContext, bucket_of: Any,
                  positions: dict[str, tuple[str, int]]) -> list[tuple[str, OutboxItem]]:
-    """One LedgerBatch per bucket, keeping each account's entries in order. Buckets are
-    found per run of equal account ids (the core orders its ledger by account), not per
-    entry, because this runs for every step."""
-    runs = ledger["account_id"].rle().struct.unnest()
-    run_accounts = runs["value"].to_list()
-    run_keys = [bucket_of(a) for a in run_accounts]
-    keys = sorted(set(run_keys))
-    code_of = {key: i for i, key in enumerate(keys)}
-    codes = np.repeat(np.array([code_of[k] for k in run_keys], dtype=np.int64), runs["len"].to_numpy())
-    if codes.size > 1 and (codes[1:] < codes[:-1]).any():
-        order = np.argsort(codes, kind="stable")  # stable: each account's entries stay in order
-        ledger = ledger[order]
-    first_account: dict[str, str] = {}
-    for key, account in zip(run_keys, run_accounts, strict=True):
-        first_account.setdefault(key, account)
-    slices, reals, start = [], [], 0
-    for key, length in zip(keys, np.bincount(codes, minlength=len(keys)).tolist(), strict=True):
-        # the message key is the real bucket, so all entries of an account share a partition
-        real = ctx.bucket_of(first_account[key])
-        source, offset = positions[key]
-        slices.append((f"{real}@{source}:{offset}", start, length))
-        reals.append(real)
-        start += length
-    return [(key, OutboxItem(T.LEDGER, real.encode(), codec.encode("LedgerBatch", batch)))
-            for key, real, batch in zip(keys, reals, ledger_batches(ledger, slices), strict=True)]
+    """Each account's ledger entries, in order, as packed rows in the outbox of its own state
+    record. The forwarder gathers the rows of many records into one LedgerBatch: encoding a
+    LedgerBatch per account and step cost more than the whole core on live input."""
+    return [(bucket_of(account), OutboxItem(LEDGER_ROWS, account.encode(), packed))
+            for account, packed in pack_ledger_rows(ledger)]
 
 
 def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,

@@ -12,7 +12,7 @@ import polars as pl
 from pipelines.core.context import RatingContext
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, WalletPolicy
 from pipelines.core.timeguard import Bounds, bounds_for
-from pipelines.envelope import bucket_key
+from pipelines.envelope import state_key
 from pipelines.loadcontrol import limits_from_portfolio
 from pipelines.portfolio import Portfolio
 from schemas.keys import account_shard
@@ -63,14 +63,13 @@ class BillingContext:
             out.setdefault(route.account_id, []).append(route.meter_id)
         return out
 
-    @cached_property
-    def _buckets(self) -> dict[str, str]:
-        return {a: bucket_key(a, self.partitions) for a in self.accounts}
-
     def bucket_of(self, account_id: str) -> str:
-        """The state bucket of an account (hashed once per config; any id works)."""
-        key = self._buckets.get(account_id)
-        return key if key is not None else bucket_key(account_id, self.partitions)
+        """The state key of an account (one key per account; any id works)."""
+        return state_key(account_id)
+
+    def partition_of_key(self, key: str) -> int:
+        """The partition that owns a state key (the account's shard)."""
+        return account_shard(key, self.partitions)
 
     @cached_property
     def time_bounds(self) -> Bounds:
@@ -80,12 +79,12 @@ class BillingContext:
 
     @cached_property
     def circuit_routes(self) -> pl.DataFrame:
-        """circuit_id -> the partition (shard) and state bucket that own its account."""
+        """circuit_id -> the partition (shard) and state key that own its account."""
         ids = list(self.circuit_meter)
         accounts = [self.circuit_meter[c].account_id for c in ids]
         return pl.DataFrame({"circuit_id": ids,
                              "shard": [account_shard(a, self.partitions) for a in accounts],
-                             "bucket": [bucket_key(a, self.partitions) for a in accounts]},
+                             "bucket": [state_key(a) for a in accounts]},
                             schema={"circuit_id": pl.String, "shard": pl.Int64, "bucket": pl.String})
 
 

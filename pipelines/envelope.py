@@ -1,36 +1,48 @@
-"""The unit of state the stream worker stores: one bucket of accounts.
+"""The unit of state the stream worker stores: one account, under its own key.
 
-Why buckets: every table write is one changelog message, so writing one value per account
-would cost one Kafka message per account per batch. Accounts of a partition are spread
-over a fixed number of buckets; a batch writes each touched bucket once.
+Why one key per account: a step writes the accounts it touched and nothing else, so the
+changelog bytes, the encoding time and the largest value follow the change, not the size of
+the portfolio (a bucket of hundreds of accounts was rewritten whole for one reading and
+outgrew the producer's 1 MB request at 35,000 merchants).
 
 Why the outbox lives inside the state: the changelog record that makes a state change
 durable also carries the outputs (ledger entries, alerts, relay commands) that the change
 caused. The forwarder publishes outputs from the changelog, so an output can never be lost
 when its state change survived, and never be produced for a state change that did not.
-The high-water marks make re-delivered input a no-op for the bucket (effects once).
+The high-water marks make re-delivered input a no-op for the account (effects once).
+
+The value is binary: MAGIC, the outbox (length-prefixed, so the forwarder never parses the
+state), then the state as msgpack arrays in a fixed field order (no field names: an account
+with one circuit is about 200 bytes).
 """
 
 from __future__ import annotations
 
+import os
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+import msgpack
 
 from pipelines.core.interval import CircuitState
 from pipelines.core.wallet import AccountState
 
-BUCKETS_PER_PARTITION = 8
+MAGIC = b"MW\x03"
+
+#: Largest changelog value (state + outbox) a step may write. Kafka's default request limit is
+#: 1 MB; a step splits its input per account so that a value stays far below this (see
+#: pipelines.batching.ROWS_PER_ACCOUNT), and a value above it is refused with a clear error.
+MAX_VALUE_BYTES = int(os.environ.get("MALLWATT_MAX_VALUE_BYTES", 256 * 1024))
 
 
-def bucket_key(account_id: str, partitions: int) -> str:
-    """Stable bucket of an account; the shard is part of the key so a bucket never spans partitions."""
-    h = zlib.crc32(account_id.encode("utf-8"))
-    shard = h % partitions
-    return f"p{shard}.b{(h // partitions) % BUCKETS_PER_PARTITION}"
+class ValueTooLarge(ValueError):
+    """A state value would exceed MAX_VALUE_BYTES (the step is split or the input refused)."""
+
+
+def state_key(account_id: str) -> str:
+    """The table key of an account's state (its partition is the account's shard)."""
+    return account_id
 
 
 @dataclass
@@ -40,9 +52,37 @@ class OutboxItem:
     value: bytes
 
 
+_ACCOUNT_FIELDS = AccountState.__slots__  # type: ignore[attr-defined]
+_CIRCUIT_FIELDS = ("circuit_id", "meter_id", "last_ts_ms", "last_reg_wh", "max_seen_ts_ms", "spike_streak",
+                   "billed_wh", "pending")
+
+
+def _account_row(s: AccountState) -> list[Any]:
+    return [getattr(s, f) for f in _ACCOUNT_FIELDS]
+
+
+def _account_from(row: list[Any]) -> AccountState:
+    s = AccountState(*row)
+    return s
+
+
+def _circuit_row(c: CircuitState) -> list[Any]:
+    return [c.circuit_id, c.meter_id, c.last_ts_ms, c.last_reg_wh, c.max_seen_ts_ms, c.spike_streak,
+            c.billed_wh, c.pending]
+
+
+def _circuit_from(row: list[Any]) -> CircuitState:
+    return CircuitState(*row[:7], pending=[tuple(p) for p in row[7]])  # type: ignore[misc]
+
+
 @dataclass
 class Envelope:
-    """One bucket: the core's per-account and per-circuit state, input high-water marks, outbox."""
+    """One account's stored state: the core's account and circuit state, input high-water
+    marks, relay holds of its meters, other rules' state, and the outbox of its last change.
+
+    `accounts`/`circuits` are maps (of one account, and of that account's circuits) so the
+    billing step can merge any number of envelopes into one core call.
+    """
 
     # The core's own state objects: the worker keeps envelopes between steps, so a step
     # neither parses nor rebuilds them. Treated as immutable (the core copies what it changes).
@@ -57,39 +97,43 @@ class Envelope:
     def applied(self, source: str, offset: int) -> bool:
         return self.hwm.get(source, -1) >= offset
 
-    def to_bytes(self) -> bytes:
-        """MAGIC, outbox length, binary outbox, then the state as JSON.
+    def to_bytes(self, limit: int | None = None) -> bytes:
+        """MAGIC, outbox length, binary outbox, then the state as msgpack arrays.
 
-        The outbox comes first and is binary, so the forwarder reads the outputs of a change
-        without parsing the bucket's state.
-        """
+        Raises ValueTooLarge above `limit` (default MAX_VALUE_BYTES), naming the account."""
         outbox = b"".join(struct.pack(">HII", len(o.topic), len(o.key), len(o.value))
                           + o.topic.encode() + o.key + o.value for o in self.outbox)
-        # orjson writes the state dataclasses as objects with their field names (= to_dict())
-        state = orjson.dumps({"accounts": self.accounts, "circuits": self.circuits, "hwm": self.hwm,
-                              "updates": self.updates, "holds": self.holds, "extra": self.extra})
-        return MAGIC + struct.pack(">I", len(outbox)) + outbox + state
+        state = msgpack.packb([
+            [_account_row(s) for s in self.accounts.values()],
+            [_circuit_row(c) for c in self.circuits.values()],
+            self.hwm, self.updates, self.holds, self.extra], use_bin_type=True)
+        raw = MAGIC + struct.pack(">I", len(outbox)) + outbox + state
+        cap = MAX_VALUE_BYTES if limit is None else limit
+        if len(raw) > cap:
+            raise ValueTooLarge(f"state value of {sorted(self.accounts)[:3]} would be {len(raw)} bytes "
+                                f"(outbox {len(outbox)} bytes in {len(self.outbox)} outputs), above the "
+                                f"limit of {cap} bytes (MALLWATT_MAX_VALUE_BYTES)")
+        return raw
 
     @classmethod
     def from_bytes(cls, raw: bytes | None) -> Envelope:
         if not raw:
             return cls()
         if not raw.startswith(MAGIC):
-            raise ValueError("not a mallwatt state envelope (unknown format)")
+            raise ValueError("not a mallwatt state value of this version (unknown format)")
         outbox, end = _read_outbox(raw)
-        data = orjson.loads(raw[end:])
-        return cls({k: AccountState.from_dict(v) for k, v in data["accounts"].items()},
-                   {k: CircuitState.from_dict(v) for k, v in data["circuits"].items()},
-                   data["hwm"], outbox, data.get("updates", 0), data.get("holds", {}), data.get("extra", {}))
-
-
-MAGIC = b"MW\x02"
+        accounts, circuits, hwm, updates, holds, extra = msgpack.unpackb(raw[end:], raw=False,
+                                                                         strict_map_key=False)
+        accs = [_account_from(r) for r in accounts]
+        circs = [_circuit_from(r) for r in circuits]
+        return cls({s.account_id: s for s in accs}, {c.circuit_id: c for c in circs}, hwm, outbox, updates,
+                   holds, extra)
 
 
 def outbox_of(raw: bytes) -> list[OutboxItem]:
     """Only the outputs of a stored change (what the forwarder needs)."""
     if not raw.startswith(MAGIC):
-        raise ValueError("not a mallwatt state envelope (unknown format)")
+        raise ValueError("not a mallwatt state value of this version (unknown format)")
     return _read_outbox(raw)[0]
 
 
@@ -108,10 +152,5 @@ def _read_outbox(raw: bytes) -> tuple[list[OutboxItem], int]:
         items.append(OutboxItem(topic, key, raw[pos:pos + v]))
         pos += v
     if pos != end:
-        raise ValueError("corrupt state envelope: outbox length mismatch")
+        raise ValueError("corrupt state value: outbox length mismatch")
     return items, end
-
-
-def bucket_partition(key: str) -> int:
-    """The partition a bucket key belongs to (the inverse of the shard part of bucket_key)."""
-    return int(key[1:key.index(".")])

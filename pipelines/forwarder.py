@@ -23,7 +23,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from infra import topics as T
 from pipelines.envelope import outbox_of
+from schemas import codec
+from schemas.ledger import LEDGER_ROWS, frame_to_ledger_batch, rows_to_frame, unpack_ledger_rows
 
 log = logging.getLogger("mallwatt.forwarder")
 
@@ -31,7 +34,9 @@ log = logging.getLogger("mallwatt.forwarder")
 #: consume() returns after this long unless 500 records came: a relay trip waits up to this
 CONSUME_WAIT_S = 0.005
 COMMIT_INTERVAL_S = 0.5  # how often the forwarder commits (and so waits for its outputs)
-TABLE_NAME = "buckets"  # the worker's faust table of state buckets
+#: Ledger entries per LedgerBatch message at most (about 60 bytes each: far below 1 MB).
+LEDGER_BATCH_ENTRIES = 4096
+TABLE_NAME = "accounts"  # the worker's faust table: one state value per account
 
 
 def changelog_topic(app_id: str) -> str:
@@ -91,13 +96,16 @@ class Forwarder:
         # consume() waits for a full batch or the timeout: keep the timeout short, because a
         # relay trip waits in here
         messages = self._consumer.consume(num_messages=500, timeout=CONSUME_WAIT_S)
+        ledger: dict[int, list[tuple[Any, ...]]] = {}  # changelog partition -> ledger rows, in order
         for msg in messages:
             if msg.error():
                 if msg.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.warning("forwarder: %s", msg.error())
                 continue
-            self._forward(msg.value())
+            self._forward(msg.value(), ledger.setdefault(msg.partition(), []))
             self._uncommitted = True
+        for partition, rows in ledger.items():
+            self._publish_ledger(partition, rows, messages)
         self._producer.poll(0)  # delivery reports
         if self._failure is not None:
             failure, self._failure = self._failure, None
@@ -154,25 +162,41 @@ class Forwarder:
         except KafkaException as exc:
             log.warning("forwarder: rewind failed (%s); will retry", exc)
 
-    def _forward(self, raw: bytes | None) -> None:
-        if raw is None:  # a tombstone: bucket deleted, nothing to publish
+    def _forward(self, raw: bytes | None, ledger_rows: list[tuple[Any, ...]]) -> None:
+        """Publish a record's outputs; its ledger rows are added to `ledger_rows` instead."""
+        if raw is None:  # a tombstone: account state deleted, nothing to publish
             return
         try:
             outbox = outbox_of(raw)
         except (ValueError, struct.error) as exc:
             log.error("forwarder: unreadable changelog record skipped: %s", exc)
             return
-        on_delivery = partial(self._delivered, self._epoch)
         for item in outbox:
-            self._undelivered[self._epoch] += 1
-            while True:
-                try:
-                    self._producer.produce(item.topic, key=item.key, value=item.value, on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    self._producer.poll(0.05)
-            self.forwarded += 1
+            if item.topic == LEDGER_ROWS:
+                ledger_rows += unpack_ledger_rows(item.value)
+            else:
+                self._produce(item.topic, item.key, item.value)
         self._producer.poll(0)
+
+    def _publish_ledger(self, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]) -> None:
+        """The ledger rows of one changelog partition's records as LedgerBatches, in order, keyed
+        by that partition so that all entries of an account stay in one ledger partition."""
+        first = next(m.offset() for m in messages if not m.error() and m.partition() == partition)
+        for start in range(0, len(rows), LEDGER_BATCH_ENTRIES):
+            frame = rows_to_frame(rows[start:start + LEDGER_BATCH_ENTRIES])
+            batch = frame_to_ledger_batch(frame, f"{self.changelog_topic}:{partition}@{first}+{start}")
+            self._produce(T.LEDGER, f"p{partition}".encode(), codec.encode("LedgerBatch", batch))
+
+    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
+        self._undelivered[self._epoch] += 1
+        while True:
+            try:
+                self._producer.produce(topic, key=key, value=value,
+                                       on_delivery=partial(self._delivered, self._epoch))
+                break
+            except BufferError:
+                self._producer.poll(0.05)
+        self.forwarded += 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The billing stream worker: faust agents around the pure billing core.
 
 readings (ReadingBatch, partition = account shard) ----\
-                                                        +--> buckets table (state + outbox)
+                                                        +--> accounts table (state + outbox)
 payments (Payment, partition = account shard) ---------/          | changelog
                                                                   v
                                       forwarder --> ledger, alerts, relay-commands
@@ -31,7 +31,7 @@ from infra.broker import bootstrap_servers
 from pipelines import batching, billing
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
-from pipelines.envelope import Envelope, bucket_partition
+from pipelines.envelope import Envelope
 from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
 from pipelines.forwarder import TABLE_NAME, Forwarder, changelog_topic
 from pipelines.portfolio import ConfigError
@@ -83,10 +83,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         broker_heartbeat_interval=1.0,
     )
     holder = holder or billing.ContextHolder(config_path, partitions)
-    buckets = cast(DurableTable, app.Table(TABLE_NAME, default=None, partitions=partitions,
-                        key_type=bytes, value_type=bytes,
-                        # the forwarder reads every changelog record: keep them uncompacted for a day
-                        extra_topic_configs={"min.compaction.lag.ms": str(24 * 3600 * 1000)}))
+    # one key per account (pipelines/envelope.py); compacted after the forwarding window
+    states = cast(DurableTable, app.Table(TABLE_NAME, default=None, partitions=partitions,
+                                          key_type=bytes, value_type=bytes,
+                                          extra_topic_configs=T.state_changelog_configs()))
     readings_topic = app.topic(T.READINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     payments_topic = app.topic(T.PAYMENTS, key_type=bytes, value_type=bytes, partitions=partitions)
     operator_topic = app.topic(T.OPERATOR_COMMANDS, key_type=bytes, value_type=bytes, partitions=partitions)
@@ -104,18 +104,18 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     async def to_dead_letter(event: Any, stage: str, reason: str) -> None:
         await (await send_dead_letter(event, stage, reason))  # delivered before the event is acked
 
-    # The last envelope stored or loaded per bucket, with the exact bytes object the table
+    # The last envelope stored or loaded per account, with the exact bytes object the table
     # holds: while the table still holds that object, parsing it again would give the same
     # envelope. A rebalance or recovery puts new objects in the table, so the cache misses.
     parsed: dict[str, tuple[bytes | None, Envelope]] = {}
 
     def store(key: str, env: Envelope) -> None:
         raw = env.to_bytes()
-        buckets[key.encode()] = raw
+        states[key.encode()] = raw
         parsed[key] = (raw, env)
 
     def load(key: str) -> Envelope:
-        raw = buckets.get(key.encode())
+        raw = states.get(key.encode())
         hit = parsed.get(key)
         if hit is not None and hit[0] is raw and raw is not None:
             return hit[1]
@@ -123,12 +123,12 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         parsed[key] = (raw, env)
         return env
 
-    def store_all(changed: dict[str, Envelope], events: list[Any]) -> None:
+    def store_all(changed: dict[str, Envelope], events: list[Any], ctx: Any) -> None:
         """faust takes a table write's changelog partition from the current event, and outside
-        `async for event in stream` there is none: set the last event of the bucket's partition."""
+        `async for event in stream` there is none: set the last event of the key's partition."""
         last = {event.message.partition: event for event in events}
         for key, env in changed.items():
-            token = _current_event.set(weakref.ref(last[bucket_partition(key)]))
+            token = _current_event.set(weakref.ref(last[ctx.partition_of_key(key)]))
             try:
                 store(key, env)
             finally:
@@ -173,7 +173,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         their offsets can be committed). A write the broker refused leaves memory ahead of
         the changelog: stop the worker, so a restart recovers the table from the changelog."""
         try:
-            await buckets.written()
+            await states.written()
         except Exception as exc:
             log.critical("a state write was not stored (%s); stopping the worker", exc)
             await app.crash(exc)
@@ -187,7 +187,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                                           batching.message_ts_ms(e.message.timestamp)) for e, f in decoded])
         routed = batching.route_readings(frame, ctx)
         envs = {key: load(key) for key in routed.buckets}
-        store_all(batching.apply_readings_many(envs, routed, ctx), [e for e, _ in decoded])
+        for changed in batching.apply_readings_many(envs, routed, ctx):  # rounds, in order
+            store_all(changed, [e for e, _ in decoded], ctx)
         by_position = {(e.message.partition, e.message.offset): e for e, _ in decoded}
         reasons: dict[tuple[int, int], list[str]] = {}
         for part, offset, reason in routed.rejected:
@@ -207,7 +208,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 good.append((event.message.partition, event.message.offset, payment))
         keys = {ctx.bucket_of(p["account_id"]) for _, _, p in good}
         envs = {key: load(key) for key in keys}
-        store_all(batching.apply_payments_many(envs, good, ctx), [e for e, _ in decoded])
+        for changed in batching.apply_payments_many(envs, good, ctx):
+            store_all(changed, [e for e, _ in decoded], ctx)
         return refused
 
     def owner_problem(event: Any, account: str, problem: str | None, ctx: Any) -> str | None:

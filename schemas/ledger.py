@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import numpy as np
 import polars as pl
 
@@ -97,3 +98,41 @@ def entries_to_batch(entries: list[dict[str, Any]], batch_id: str) -> dict[str, 
     defaults = {"estimated": False}
     rows = [{name: entry.get(name, defaults.get(name)) for name in LEDGER_COLUMNS} for entry in entries]
     return frame_to_ledger_batch(pl.DataFrame(rows, schema=LEDGER_COLUMNS), batch_id)
+
+
+#: The outbox carries an account's ledger entries as msgpack rows under this pseudo-topic; the
+#: forwarder gathers the rows of many state records into one LedgerBatch on LEDGER_TOPIC.
+LEDGER_ROWS = "mallwatt.ledger#rows"
+
+
+def pack_ledger_rows(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
+    """(account id, msgpack rows) per run of equal account ids of a ledger frame ordered by
+    account: rows in LEDGER_COLUMNS order. Columns are converted once for the whole frame,
+    because this runs for every account a billing step touches."""
+    if not frame.height:
+        return []
+    columns = [frame[name].to_list() for name in LEDGER_COLUMNS]
+    rows = list(zip(*columns, strict=True))
+    runs = frame["account_id"].rle().struct.unnest()
+    out: list[tuple[str, bytes]] = []
+    start = 0
+    for account, length in zip(runs["value"].to_list(), runs["len"].to_list(), strict=True):
+        out.append((account, msgpack.packb(rows[start:start + length], use_bin_type=True)))
+        start += length
+    return out
+
+
+def unpack_ledger_rows(value: bytes) -> list[tuple[Any, ...]]:
+    """The rows packed by `pack_ledger_rows` (tuples in LEDGER_COLUMNS order)."""
+    return [tuple(row) for row in msgpack.unpackb(value, raw=False)]
+
+
+def rows_to_frame(rows: list[tuple[Any, ...]]) -> pl.DataFrame:
+    """Ledger rows (LEDGER_COLUMNS order) as a ledger frame."""
+    return pl.DataFrame(rows, schema=LEDGER_COLUMNS, orient="row")
+
+
+def row_entries(value: bytes) -> list[dict[str, Any]]:
+    """LedgerEntry-shaped dicts of packed rows (tests, tools)."""
+    names = list(LEDGER_COLUMNS)
+    return [dict(zip(names, row, strict=True)) for row in unpack_ledger_rows(value)]

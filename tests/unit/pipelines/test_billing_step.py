@@ -7,12 +7,12 @@ import pytest
 
 from pipelines import batching, billing
 from pipelines.context import build_context
-from pipelines.envelope import Envelope, bucket_key
+from pipelines.envelope import Envelope, state_key
 from pipelines.generate import generate
 from pipelines.portfolio import parse_portfolio
 from schemas import codec
 from schemas.keys import account_shard
-from schemas.ledger import batch_entries
+from schemas.ledger import LEDGER_ROWS, row_entries
 
 T0 = 1_784_080_800_000  # 2026-07-15 10:00 +08:00, a peak hour (136 fen/kWh)
 PARTITIONS = 8
@@ -41,8 +41,8 @@ def _readings(account: str, meter: str, circuit: str, kwh: list[float], start: i
 
 
 def _decoded(env: Envelope, topic: str, schema: str) -> list[dict]:
-    if schema == "LedgerBatch":
-        return [e for o in env.outbox if o.topic == topic for e in batch_entries(codec.decode(schema, o.value))]
+    if schema == "LedgerBatch":  # the outbox carries packed rows; the forwarder makes the batches
+        return [e for o in env.outbox if o.topic == LEDGER_ROWS for e in row_entries(o.value)]
     return [codec.decode(schema, o.value) for o in env.outbox if o.topic == topic]
 
 
@@ -52,7 +52,7 @@ def test_routing_rejects_unknown_and_misrouted(ctx: billing.BillingContext) -> N
                        _readings("X", "ghost", "ghost.1", [1.0])])
     right = account_shard(account, PARTITIONS)
     routed = batching.route_readings(frame, ctx, right)
-    assert routed.buckets == [bucket_key(account, PARTITIONS)]
+    assert routed.buckets == [state_key(account)]
     assert routed.frame.height == 2
     assert any("unknown circuit" in r and "ghost.1" in r for _, _, r in routed.rejected)
     routed = batching.route_readings(frame, ctx, (right + 1) % PARTITIONS)
@@ -188,15 +188,22 @@ def _bill(ctx: billing.BillingContext, table: dict[str, Envelope], shard: int,
     """One billing step over `messages`, as the worker does it; returns the ledger entries produced."""
     routed = batching.route_readings(batching.messages_frame([(shard, o, f) for o, f in messages]), ctx)
     envs = {k: table.get(k, Envelope()) for k in routed.buckets}
-    changed = batching.apply_readings_many(envs, routed, ctx, "r")
-    table.update(changed)
-    return [e for env in changed.values() for e in _decoded(env, "mallwatt.ledger", "LedgerBatch")]
+    return _written(table, batching.apply_readings_many(envs, routed, ctx, "r"))
+
+
+def _written(table: dict[str, Envelope], rounds: list[dict[str, Envelope]]) -> list[dict]:
+    """Write each round to `table` as the worker does; the ledger entries of every round's outbox."""
+    entries = []
+    for changed in rounds:
+        table.update(changed)
+        entries += [e for env in changed.values() for e in _decoded(env, "mallwatt.ledger", "LedgerBatch")]
+    return entries
 
 
 def _funded(ctx: billing.BillingContext, shard: int) -> dict[str, Envelope]:
     table: dict[str, Envelope] = {}
     for i, account in enumerate(a for a in ctx.accounts if account_shard(a, PARTITIONS) == shard):
-        key = bucket_key(account, PARTITIONS)
+        key = state_key(account)
         table[key] = billing.apply_payment(table.get(key, Envelope()), {
             "payment_id": f"open-{account}", "account_id": account, "ts_ms": T0 - 1, "amount_minor": 400,
             "kind": "TOPUP"}, ctx, "payments:0", i)
@@ -269,10 +276,10 @@ def test_one_step_spans_partitions_with_a_mark_per_partition(big_ctx: billing.Bi
     frame = batching.messages_frame([(s, o, f) for s in shards for o, f in inputs[s]])
     routed = batching.route_readings(frame, ctx)
     assert routed.rejected == []
-    together.update(batching.apply_readings_many({k: together[k] for k in routed.buckets}, routed, ctx, "r"))
+    _written(together, batching.apply_readings_many({k: together[k] for k in routed.buckets}, routed, ctx, "r"))
     assert {k: e.accounts for k, e in together.items()} == {k: e.accounts for k, e in separate.items()}
     for key, env in together.items():
-        assert env.hwm[f"r:{int(key[1:key.index('.')])}"] == 2
+        assert env.hwm[f"r:{account_shard(key, PARTITIONS)}"] == 2
 
 
 def test_payments_in_one_step_credit_each_payment_once(ctx: billing.BillingContext) -> None:
@@ -284,12 +291,11 @@ def test_payments_in_one_step_credit_each_payment_once(ctx: billing.BillingConte
     messages = [(account_shard(a, PARTITIONS), offset, pay(pid, a, amount)) for offset, (pid, a, amount) in
                 enumerate([("p1", accounts[0], 500), ("p2", accounts[1], 700), ("p1", accounts[0], 500),
                            ("p3", accounts[0], 1000)])]
-    keys = {bucket_key(a, PARTITIONS) for a in accounts}
+    keys = {state_key(a) for a in accounts}
     table = {k: Envelope() for k in keys}
-    table.update(batching.apply_payments_many(table, messages, ctx, "pay"))
-    balances = {a: table[bucket_key(a, PARTITIONS)].accounts[a].balance for a in accounts}
+    topups = _written(table, batching.apply_payments_many(table, messages, ctx, "pay"))
+    balances = {a: table[state_key(a)].accounts[a].balance for a in accounts}
     assert balances == {accounts[0]: 1500, accounts[1]: 700}
-    topups = [e for env in table.values() for e in _decoded(env, "mallwatt.ledger", "LedgerBatch")]
     assert sorted(e["source_id"] for e in topups) == ["p1", "p2", "p3"]
     # the same messages again (redelivery after a crash): nothing to do
-    assert batching.apply_payments_many(table, messages, ctx, "pay") == {}
+    assert batching.apply_payments_many(table, messages, ctx, "pay") == []

@@ -13,9 +13,8 @@ from pipelines.context import build_context
 from pipelines.envelope import Envelope
 from pipelines.generate import generate
 from pipelines.portfolio import parse_portfolio
-from schemas import codec
 from schemas.keys import account_shard
-from schemas.ledger import batch_entries
+from schemas.ledger import LEDGER_ROWS, row_entries
 
 T0 = 1_784_080_800_000  # 2026-07-15 10:00 +08:00, a peak hour
 Y3000 = int(datetime(3000, 1, 1, tzinfo=UTC).timestamp() * 1000)
@@ -45,8 +44,9 @@ def _msg(circuit: str, meter: str, ts: list[int], kwh: list[float]) -> pl.DataFr
 
 
 def _charges(envs: dict[str, Envelope]) -> list[dict]:
-    return [e for env in envs.values() for o in env.outbox if o.topic == "mallwatt.ledger"
-            for e in batch_entries(codec.decode("LedgerBatch", o.value)) if e["kind"] == "charge"]
+    """Charges in the outboxes (packed ledger rows; the forwarder makes the LedgerBatches)."""
+    return [e for env in envs.values() for o in env.outbox if o.topic == LEDGER_ROWS
+            for e in row_entries(o.value) if e["kind"] == "charge"]
 
 
 def test_messages_frame_tags_the_message_time() -> None:
@@ -87,9 +87,9 @@ def test_circuit_keeps_billing_after_a_refused_year_3000_reading(ctx: billing.Bi
     for messages in steps:
         routed = batching.route_readings(batching.messages_frame(messages), ctx)
         refused += routed.rejected
-        changed = batching.apply_readings_many(envs, routed, ctx)
-        envs.update(changed)
-        charged += _charges(changed)
+        for changed in batching.apply_readings_many(envs, routed, ctx):  # rounds, in order
+            envs.update(changed)
+            charged += _charges(changed)
     assert [(p, o) for p, o, _ in refused] == [(shard, 1)] and "plausible" in refused[0][2]
     # both real intervals billed at the peak price, nothing for year 3000
     assert [(c["ts_ms"], c["energy_wh"]) for c in charged] == [(T0 + 900_000, 1000), (T0 + 1_800_000, 1000)]

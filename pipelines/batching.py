@@ -24,6 +24,7 @@ import polars as pl
 from infra import topics as T
 from pipelines.billing import payment_row, step
 from pipelines.context import BillingContext
+from pipelines.core import timeguard
 from pipelines.envelope import Envelope
 
 #: Readings of one account per round of a step (bounds each state value's outbox).
@@ -46,29 +47,60 @@ class Routed:
     rejected: list[tuple[int, int, str]]  # (partition, offset, why some readings of that message are refused)
 
 
-def messages_frame(messages: list[tuple[int, int, pl.DataFrame]]) -> pl.DataFrame:
-    """The readings of (partition, offset, frame) messages as one frame, each row tagged with
-    the partition and offset of its message."""
-    frame = pl.concat([f for _, _, f in messages], how="vertical_relaxed")
-    heights = [f.height for _, _, f in messages]
-    return frame.with_columns(
-        partition=pl.Series(np.repeat(np.array([p for p, _, _ in messages], dtype=np.int64), heights)),
-        offset=pl.Series(np.repeat(np.array([o for _, o, _ in messages], dtype=np.int64), heights)))
+def messages_frame(messages: list[tuple[int, int, pl.DataFrame]] | list[tuple[int, int, pl.DataFrame, int | None]]
+                   ) -> pl.DataFrame:
+    """The readings of (partition, offset, frame[, message timestamp ms]) messages as one frame,
+    each row tagged with the partition and offset of its message, and with `msg_ts_ms` (the
+    Kafka message timestamp, the reference of the time guard) when the tuples carry it."""
+    frame = pl.concat([m[2] for m in messages], how="vertical_relaxed")
+    heights = [m[2].height for m in messages]
+    cols = {"partition": pl.Series(np.repeat(np.array([m[0] for m in messages], dtype=np.int64), heights)),
+            "offset": pl.Series(np.repeat(np.array([m[1] for m in messages], dtype=np.int64), heights))}
+    if messages and all(len(m) > 3 for m in messages):
+        stamps = [m[3] for m in messages]  # type: ignore[misc]
+        cols["msg_ts_ms"] = pl.Series([t for t, n in zip(stamps, heights, strict=True) for _ in range(n)],
+                                      dtype=pl.Int64) if None in stamps else \
+            pl.Series(np.repeat(np.array(stamps, dtype=np.int64), heights))
+    return frame.with_columns(**cols)
+
+
+def message_ts_ms(timestamp: float | None) -> int | None:
+    """A faust/aiokafka message timestamp (float seconds) as epoch ms; None if the broker gave none."""
+    return None if timestamp is None or timestamp <= 0 else int(round(timestamp * 1000))
+
+
+def time_problem(ts_ms: int | None, msg_ts_ms: int | None, ctx: BillingContext) -> str | None:
+    """Why a payment or posting (or operator command) stamped ``ts_ms`` must not reach the core,
+    carried by a message stamped ``msg_ts_ms``; None when its time is acceptable."""
+    return timeguard.problem(ts_ms, msg_ts_ms, ctx.time_bounds)
+
+
+def guard_readings(frame: pl.DataFrame, ctx: BillingContext) -> tuple[pl.DataFrame, list[tuple[int, int, str]]]:
+    """Readings whose time can be billed, and (partition, offset, reason) for messages with
+    readings that cannot (future, before the tariff, absurd: pipelines.core.timeguard)."""
+    ok, bad = timeguard.split_frame(frame, ctx.time_bounds)
+    if not bad.height:
+        return ok, []
+    rejected = [(int(part), int(offset), "; ".join(timeguard.summarise(group, ctx.time_bounds)))
+                for (part, offset), group in bad.partition_by("partition", "offset", as_dict=True,
+                                                              maintain_order=True).items()]
+    return ok, rejected
 
 
 def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int | None = None) -> Routed:
     """Join readings with their account's shard and bucket. A reading of an unknown circuit,
-    or one that arrived on a partition not owning its account, is refused (per message)."""
+    one that arrived on a partition not owning its account, or one whose time cannot be true
+    (`guard_readings`) is refused (per message); the rest of its message is billed."""
     if "offset" not in frame.columns:
         frame = frame.with_columns(offset=pl.lit(-1, pl.Int64))
     if partition is not None or "partition" not in frame.columns:
         frame = frame.with_columns(partition=pl.lit(partition if partition is not None else -1, pl.Int64))
+    frame, rejected = guard_readings(frame, ctx)
     joined = frame.join(ctx.circuit_routes, on="circuit_id", how="left")
     unknown = joined.filter(pl.col("bucket").is_null())
     wrong = joined.filter(pl.col("bucket").is_not_null() & (pl.col("shard") != pl.col("partition")))
     if not unknown.height and not wrong.height:
-        return Routed(joined, joined["bucket"].unique().to_list(), [])
-    rejected: list[tuple[int, int, str]] = []
+        return Routed(joined, joined["bucket"].unique().to_list(), rejected)
     for (part, offset), group in unknown.partition_by("partition", "offset", as_dict=True,
                                                       maintain_order=True).items():
         ids = group["circuit_id"].unique().sort().to_list()

@@ -11,6 +11,7 @@ import polars as pl
 
 from pipelines.core.context import RatingContext
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, WalletPolicy
+from pipelines.core.timeguard import Bounds, bounds_for
 from pipelines.envelope import state_key
 from pipelines.loadcontrol import limits_from_portfolio
 from pipelines.portfolio import Portfolio
@@ -69,6 +70,12 @@ class BillingContext:
     def partition_of_key(self, key: str) -> int:
         """The partition that owns a state key (the account's shard)."""
         return account_shard(key, self.partitions)
+
+    @cached_property
+    def time_bounds(self) -> Bounds:
+        """The portfolio's `time:` limits in ms (pipelines.core.timeguard), per circuit tariff."""
+        tariff_of = {c: self.accounts[r.account_id].tariff_id for c, r in self.circuit_meter.items()}
+        return bounds_for(self.portfolio.time, self.portfolio.tariffs, tariff_of)
 
     @cached_property
     def circuit_routes(self) -> pl.DataFrame:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.core.models import Tariff, WalletPolicy
+from pipelines.core.timeguard import TimeLimits
 from pipelines.loadcontrol import LoadPolicy
 
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
@@ -159,6 +160,8 @@ class Portfolio(_Model):
     tariffs: list[Tariff] = Field(min_length=1)
     levels: list[MerchantLevel] = Field(default_factory=lambda: [MerchantLevel(name="standard")])
     malls: list[MallConfig] = Field(min_length=1)
+    # bounded time: how far input timestamps may run ahead of their Kafka message (docs/stream.md)
+    time: TimeLimits = Field(default_factory=TimeLimits)
 
     @model_validator(mode="after")
     def _references(self) -> Portfolio:

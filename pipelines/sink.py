@@ -39,10 +39,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from infra import warehouse
 from infra.warehouse_catalog import close_days
+from pipelines.core.timeguard import DEFAULT_MAX_FUTURE_SKEW_S
 from pipelines.sink_tables import (
     DEADLETTER_TOPIC,
     LEDGER_TOPIC,
@@ -52,6 +60,7 @@ from pipelines.sink_tables import (
     dead_letter_row,
     drop_known_ledger_rows,
     insert_arrow,
+    watermark_event_ms,
 )
 from schemas import codec
 
@@ -137,8 +146,11 @@ class Sink:
         consumer_config: dict[str, Any] | None = None,
         topic_prefix: str = "",
         close_every: float = DEFAULT_CLOSE_EVERY,
+        max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_S * 1000,
     ) -> None:
         self.client = client
+        # rows this far ahead of their message's broker time never advance the watermark
+        self.max_future_skew_ms = max_future_skew_ms
         # 0 disables closing days (tests that count inserts, several sinks on one server:
         # one of them is enough).
         self.close_every = close_every
@@ -220,6 +232,9 @@ class Sink:
             self._dead_letter(msg, reason, buf)
             buf.add(partition, offset, None, 0, None)
             return buf
+        stamp_type, stamp = msg.timestamp()
+        broker_ms = stamp if stamp_type != TIMESTAMP_NOT_AVAILABLE and stamp > 0 else None
+        event_ms = watermark_event_ms(buf.spec, chunk, event_ms, broker_ms, self.max_future_skew_ms)
         buf.add(partition, offset, chunk, rows, event_ms)
         return buf
 
@@ -387,6 +402,8 @@ def run_sink(
             consumer_config=consumer_config,
             topic_prefix=topic_prefix,
             close_every=close_every,
+            max_future_skew_ms=(portfolio.time.max_future_skew_s if portfolio is not None
+                                else DEFAULT_MAX_FUTURE_SKEW_S) * 1000,
         )
         log.info("sink started: topics %s, group %s", ", ".join(sink.topics), group_id)
         stats = sink.run()

@@ -41,6 +41,26 @@ class TopicTable:
     schema_name: str
     decode: Callable[[bytes | None], Decoded]
     to_arrow: Callable[[list[Any]], pa.Table]
+    ts_field: str = "ts"  # the row field holding the event time (ms, or a Datetime column)
+
+
+def watermark_event_ms(spec: TopicTable, chunk: Any, event_ms: int | None, broker_ms: int | None,
+                       max_future_skew_ms: int) -> int | None:
+    """The newest event time of a decoded message that may advance the ingest watermark:
+    rows stamped more than the skew ahead of their message's broker time are ignored (a
+    reading from the year 3000 must not close every period up to then). None: no row counts.
+    Without a broker time the decoder's newest event time stands."""
+    if event_ms is None or broker_ms is None or event_ms <= broker_ms + max_future_skew_ms:
+        return event_ms
+    limit = broker_ms + max_future_skew_ms
+    if isinstance(chunk, pl.DataFrame):
+        ts = chunk.get_column(spec.ts_field)
+        if ts.dtype != pl.Int64:
+            ts = ts.dt.epoch("ms")
+        best = ts.filter(ts <= limit).max()
+        return None if best is None else int(best)  # type: ignore[arg-type]
+    times = [int(r[spec.ts_field]) for r in chunk or [] if r.get(spec.ts_field) is not None]
+    return max((t for t in times if t <= limit), default=None)
 
 
 # --- readings -------------------------------------------------------------------------
@@ -265,7 +285,7 @@ TOPIC_TABLES: dict[str, TopicTable] = {
                    _row_decoder("Alert", _alert_row, "ts_ms"), _arrow_builder(ALERT_SCHEMA)),
         TopicTable(RELAY_COMMANDS_TOPIC, f"{DB}.relay_commands", "RelayCommand",
                    _row_decoder("RelayCommand", _relay_command_row, "issued_at_ms"),
-                   _arrow_builder(RELAY_COMMAND_SCHEMA)),
+                   _arrow_builder(RELAY_COMMAND_SCHEMA), ts_field="issued_at"),
         TopicTable(RELAY_OUTCOMES_TOPIC, f"{DB}.relay_outcomes", "RelayOutcome",
                    _row_decoder("RelayOutcome", _relay_outcome_row, "ts_ms"),
                    _arrow_builder(RELAY_OUTCOME_SCHEMA)),

@@ -195,7 +195,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         return batch_to_frame(codec.decode("ReadingBatch", value))
 
     def bill_readings(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
-        frame = batching.messages_frame([(e.message.partition, e.message.offset, f) for e, f in decoded])
+        frame = batching.messages_frame([(e.message.partition, e.message.offset, f,
+                                          batching.message_ts_ms(e.message.timestamp)) for e, f in decoded])
         routed = batching.route_readings(frame, ctx)
         envs = {key: load(key) for key in routed.buckets}
         for changed in batching.apply_readings_many(envs, routed, ctx):  # rounds, in order
@@ -213,6 +214,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         good: list[tuple[int, int, dict[str, Any]]] = []
         for event, payment in decoded:
             account, problem = payment_account(payment, ctx)
+            # time was checked at the claim, against the time the payment itself was produced
             problem = owner_problem(event, account, problem, ctx)
             position = claiming.accepted_position(payment, T.PAYMENTS_ACCEPTED)
             if problem is None and position is None:
@@ -302,7 +304,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                     letters.append(await send_dead_letter(event, "decode", str(exc)))
                     continue
                 ctx = holder.current()
-                problem = claiming.record_problem(record, msg.topic, msg.partition, ctx)
+                problem = claiming.record_problem(record, msg.topic, msg.partition, ctx) or batching.time_problem(
+                    record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
                 if problem is not None:
                     letters.append(await send_dead_letter(event, "routing", problem))
                     continue
@@ -345,12 +348,14 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             ctx = holder.current()
             account, problem = account_of(record, ctx)
             problem = owner_problem(event, account, problem, ctx)
-            if problem is None and msg.topic == T.POSTINGS_ACCEPTED:
+            if problem is None and msg.topic == T.POSTINGS_ACCEPTED:  # time was checked at the claim
                 position = claiming.accepted_position(record, msg.topic)
                 if position is None:
                     problem = "accepted posting without claim_partition/claim_offset (not from the claims table)"
                 else:
                     source, offset = position  # the claimed input's position: a re-publish is a no-op
+            elif problem is None:
+                problem = batching.time_problem(record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
             if problem is not None:
                 await to_dead_letter(event, "routing", problem)
                 continue

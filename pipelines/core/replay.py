@@ -20,11 +20,15 @@ from typing import Any
 import polars as pl
 import yaml
 
+from pipelines.core import timeguard
 from pipelines.core.claims import claim_payment_rows
 from pipelines.core.context import RatingContext
 from pipelines.core.engine import PAYMENT_REJECT_SCHEMA, CoreState, payments_frame, process_batch
+from pipelines.core.interval import REJECT_SCHEMA
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
 from pipelines.core.wallet import AccountState
+
+TIME_LIMITS = "time_limits"  # RatingContext.extra key: the config's `time:` section (timeguard.TimeLimits)
 
 
 def context_from_values(tariffs: list[Any], malls: list[Any], accounts: list[Any], circuits: list[Any],
@@ -59,7 +63,9 @@ def context_from_portfolio(p: Any, **kw: Any) -> tuple[RatingContext, CoreState]
             if meter.account is not None:
                 circuits += [CircuitConfig(circuit_id=c.id, account_id=meter.account,
                                            max_kw=Decimal(str(meter.max_kw))) for c in meter.circuits]
-    return context_from_values(list(p.tariffs), malls, accounts, circuits, **kw), state
+    ctx = context_from_values(list(p.tariffs), malls, accounts, circuits, **kw)
+    ctx.extra[TIME_LIMITS] = p.time
+    return ctx, state
 
 
 def load_context(path: str) -> tuple[RatingContext, CoreState]:
@@ -70,6 +76,7 @@ def load_context(path: str) -> tuple[RatingContext, CoreState]:
         extra = {k: doc[k] for k in ("lateness_ms", "gap_ms") if k in doc}
         ctx = context_from_values(doc.get("tariffs", []), doc.get("malls", []), doc["accounts"],
                                   doc["circuits"], **extra)
+        ctx.extra[TIME_LIMITS] = timeguard.TimeLimits.model_validate(doc.get("time") or {})
         return ctx, CoreState()
     from pipelines.portfolio import load_portfolio
 
@@ -91,12 +98,50 @@ def write_table(df: pl.DataFrame, path: Path, fmt: str) -> None:
         df.write_ndjson(path.with_suffix(".jsonl"))
 
 
+def time_bounds(ctx: RatingContext) -> timeguard.Bounds:
+    """The stream's time bounds for this context: the config's `time:` limits (defaults when
+    absent) against its tariffs, per circuit as in `pipelines.context.BillingContext`."""
+    limits = ctx.extra.get(TIME_LIMITS) or timeguard.TimeLimits()
+    tariff_of = {c: ctx.accounts[cfg.account_id].tariff_id for c, cfg in ctx.circuits.items()}
+    return timeguard.bounds_for(limits, ctx.tariffs.values(), tariff_of)
+
+
+def guard(readings: pl.DataFrame, payments: pl.DataFrame | None, bounds: timeguard.Bounds
+          ) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame, pl.DataFrame]:
+    """The stream's time guard over recorded inputs: (readings, payments, refused readings,
+    refused payments). The future check needs each row's Kafka message time in `msg_ts_ms`;
+    without that column only the absolute bounds apply (see docs/billing.md, Replay)."""
+    readings, bad_r = timeguard.split_frame(readings, bounds)
+    bad_p = pl.DataFrame(schema=PAYMENT_REJECT_SCHEMA)
+    if payments is not None:
+        payments, bad = timeguard.split_frame(payments, bounds, circuit_col="")
+        if bad.height:
+            bad_p = _reasons(bad, bounds, PAYMENT_REJECT_SCHEMA)
+    return readings, payments, _reasons(bad_r, bounds, REJECT_SCHEMA), bad_p
+
+
+def _reasons(bad: pl.DataFrame, bounds: timeguard.Bounds, schema: dict[str, Any]) -> pl.DataFrame:
+    text = {c: f"{c}: {timeguard.explain(c, bounds)}" for c in (timeguard.FUTURE, timeguard.BEFORE_START,
+                                                                  timeguard.ABSURD)}
+    out = bad.with_columns(reason=pl.col(timeguard.REASON_COLUMN).replace_strict(text, return_dtype=pl.String))
+    for name, dtype in schema.items():
+        if name not in out.columns:
+            out = out.with_columns(pl.lit(None, dtype).alias(name))
+    return out.select(list(schema)).cast(schema)
+
+
 def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | None,
-           batch_size: int = 100_000, state: CoreState | None = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
+           batch_size: int = 100_000, state: CoreState | None = None,
+           bounds: timeguard.Bounds | None = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
+    """Bill recorded inputs. They pass the stream's time guard first (``bounds``, default
+    `time_bounds(ctx)`): what the stream would dead-letter is refused here with the same reason."""
+    readings, payments, refused_r, refused_p = guard(readings, payments, bounds or time_bounds(ctx))
     readings = readings.sort("ts_ms", maintain_order=True)
     pays = payments.sort("ts_ms", maintain_order=True) if payments is not None else None
     state, acc = state or CoreState(), {k: [] for k in ("ledger", "alerts", "commands", "rejected_readings",
                                                "rejected_payments", "intervals")}
+    acc["rejected_readings"].append(refused_r)
+    acc["rejected_payments"].append(refused_p)
     if pays is not None and pays.height:  # every id claimed once, as the stream's claim step does
         frame = payments_frame(pays)
         accepted, refused = claim_payment_rows(frame.to_dicts(), {a: r.policy for a, r in ctx.accounts.items()})

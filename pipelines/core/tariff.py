@@ -41,6 +41,11 @@ from pipelines.core.models import (
 )
 
 TIER_INF = 1 << 62
+#: Pieces per interval at most: 35 days of 15-minute slots. Longer intervals (always flagged
+#: estimated) are cut into this many pieces of several slots each (`_long_pieces`).
+MAX_PIECES = 35 * 96
+_PHI_DEN = 1 << 20
+_PHI_NUM = 648_056  # round((sqrt(5) - 1) / 2 * 2**20): frac(j * golden ratio), in integers
 RATED_SCHEMA: dict[str, Any] = {
     "account_id": pl.String, "circuit_id": pl.String, "meter_id": pl.String, "start_ms": pl.Int64,
     "end_ms": pl.Int64, "piece_ms": pl.Int64, "period": pl.String, "tier": pl.Int32,
@@ -148,7 +153,8 @@ def rate_arrays(
     energy = e_all[pos]
     # Pieces on the UTC grid; each interval's pieces are contiguous, in time order.
     k0 = start // GRID_MS
-    n_p = (end - 1) // GRID_MS - k0 + 1
+    n_s = (end - 1) // GRID_MS - k0 + 1  # slots each interval touches
+    n_p = np.minimum(n_s, MAX_PIECES)  # memory is O(intervals), never O(gap): see _long_pieces
     if (n_p == 1).all():
         rep = np.arange(pos.size)
         piece_ms, piece_wh = start, energy
@@ -156,9 +162,12 @@ def rate_arrays(
         rep = np.repeat(np.arange(pos.size), n_p)
         offs = np.cumsum(n_p) - n_p
         k = k0[rep] + np.arange(rep.size) - offs[rep]
+        k_end = k + 1  # a piece covers slots [k, k_end) of its interval
+        if (n_s > MAX_PIECES).any():
+            k, k_end = _long_pieces(k, k_end, k0[rep], n_s[rep], n_p[rep], np.arange(rep.size) - offs[rep])
         s_r, e_r = start[rep], end[rep]
         piece_ms = np.maximum(s_r, k * GRID_MS)
-        cum, span = np.minimum(e_r, (k + 1) * GRID_MS) - s_r, e_r - s_r
+        cum, span = np.minimum(e_r, k_end * GRID_MS) - s_r, e_r - s_r
         if int(energy.max()) * int(span.max()) < 1 << 62:
             e_cum = energy[rep] * cum // span
         else:  # huge gap x huge energy: exact in 128 bits
@@ -214,6 +223,23 @@ def rate_arrays(
     return Rated(frame, out, a_s, end_day[sel], end_p[sel], amount, src[sel], c[sel], period[sel], tier, price)
 
 
+def _long_pieces(k: np.ndarray, k_end: np.ndarray, k0: np.ndarray, n_s: np.ndarray, n_p: np.ndarray,
+                 j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pieces of intervals spanning more than MAX_PIECES slots (a meter silent for weeks, a
+    clock jump): piece ``j`` of ``n_p`` covers slots ``[j*n_s//n_p, (j+1)*n_s//n_p)`` of the
+    interval (so the energy still adds up exactly, in proportion to time) and is labelled, for
+    its period, day, month and tariff version, with one slot inside that span. The label slot
+    sits at the fraction ``frac(j * golden ratio)`` of the span: a piece length that is a
+    multiple of a day or a week would put a fixed offset on the same hour every time (an
+    all-peak or all-valley bill); this sequence spreads the labels evenly over the hours of
+    the day and the days of the week whatever the length. Shorter intervals keep one piece per
+    slot (returned unchanged)."""
+    long = n_s > MAX_PIECES
+    lo, hi = j * n_s // n_p, (j + 1) * n_s // n_p
+    at = lo + ((j * _PHI_NUM) % _PHI_DEN) * (hi - lo) // _PHI_DEN
+    return np.where(long, k0 + at, k), np.where(long, k0 + hi, k_end)
+
+
 def _empty_rated(out: dict[str, TierCounter]) -> Rated:
     z = np.zeros(0, dtype=np.int64)
     return Rated(cols.empty(RATED_SCHEMA), out, z, z, z, z, z, z, z, z, z)
@@ -229,7 +255,10 @@ def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.nd
         m = slice(None) if zones.size == 1 else tz_of_row == z
         p, e = piece_ms[m], end_ms[m]
         tz = lk.mall_tz[z]
-        f = lk.slot_fields(z, int(p.min()), int(e.max()))
+        lo, hi = int(p.min()), int(e.max())
+        # a span far wider than the rows (a long gap) is converted row by row, not slot by slot
+        wide = (hi - lo) // GRID_MS > max(4 * p.size, MAX_PIECES)
+        f = None if wide else lk.slot_fields(z, lo, hi)
         if f is not None:
             i, j = f.index(p), f.index(e)
             vals = (f.month[i], f.hour[i], f.wday[i], f.day[i], f.yyyymm[i], f.day[j])

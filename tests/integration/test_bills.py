@@ -30,8 +30,8 @@ CONFIG = {
                "merchants": [{"id": "A", "name": "Tea A", "area": "F1", "leased_area_m2": 30},
                              {"id": "B", "name": "Shoes B", "area": "F1", "leased_area_m2": 10,
                               "opening_balance_minor": 700}],
-               "meters": [{"id": "MH", "model": "x", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
-                          {"id": "MA", "model": "x", "gateway": "G1", "unit_id": 2, "account": "A",
+               "meters": [{"id": "MH", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
+                          {"id": "MA", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 2, "account": "A",
                            "circuits": [{"id": "CA"}]}],
                "pools": [{"id": "HVAC", "name": "Central HVAC", "meters": ["MH"]}]}]}
 

@@ -6,6 +6,7 @@ and the field so a typo in a profile is found before a collector starts polling.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from collectors.decode import DATA_TYPES, ORDERS, word_count
+from collectors.decode import DATA_TYPES, ORDERS, is_integer, word_count
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -242,3 +243,41 @@ def load_profile(name: str) -> Profile:
 def load_profiles(directory: str | Path | None = None) -> dict[str, Profile]:
     d = Path(directory) if directory else PROFILE_DIR
     return {p.stem: load_profile_file(p) for p in sorted(d.glob("*.yaml"))}
+
+
+#: A float register has no natural wrap; its counter rolls over with the meter's display,
+#: which for the float32 models we know shows 99,999.99 kWh. Used only when a profile declares
+#: no ``wrap`` for a float counter.
+FLOAT_COUNTER_WRAP_KWH = Decimal("100000")
+DEFAULT_RESOLUTION_KWH = Decimal("0.01")
+
+
+def counter_wrap(f: FieldDef) -> tuple[Decimal, Decimal]:
+    """(largest register value in kWh, register resolution in kWh) of an energy counter: the
+    one place billing learns when a meter's register rolls over.
+
+    A declared ``wrap`` wins; an integer register wraps at its raw range times its scale
+    (uint32 x0.01 -> 42,949,672.95; a signed int32 counts up to 2^31 - 1, so x0.01 ->
+    21,474,836.47); a float register at FLOAT_COUNTER_WRAP_KWH."""
+    scale = Decimal(str(f.scale))
+    resolution = abs(scale) if is_integer(f.type) else DEFAULT_RESOLUTION_KWH
+    if f.wrap is not None:
+        modulus = Decimal(str(f.wrap))
+    elif is_integer(f.type):
+        bits = 16 * f.words
+        modulus = (1 << (bits if f.type.startswith("uint") else bits - 1)) * abs(scale)
+    else:
+        modulus = FLOAT_COUNTER_WRAP_KWH
+    return modulus - resolution, resolution
+
+
+@cache
+def register_limits(model: str, name: str = "import_kwh", circuit: str = "main") -> tuple[Decimal, Decimal]:
+    """`counter_wrap` of a bundled profile's billed counter (cached: one parse per model)."""
+    return counter_wrap(load_profile(model).field(name, circuit))
+
+
+@cache
+def known_models() -> frozenset[str]:
+    """Names of the bundled profiles (the meter models a portfolio may use)."""
+    return frozenset(p.stem for p in PROFILE_DIR.glob("*.yaml"))

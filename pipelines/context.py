@@ -9,6 +9,7 @@ from typing import Any
 
 import polars as pl
 
+from collectors.profile import register_limits
 from pipelines.core.context import RatingContext
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, WalletPolicy
 from pipelines.core.timeguard import Bounds, bounds_for
@@ -16,14 +17,6 @@ from pipelines.envelope import state_key
 from pipelines.loadcontrol import limits_from_portfolio
 from pipelines.portfolio import Portfolio
 from schemas.keys import account_shard
-
-# Register wrap values per meter model (uint32 x0.01 kWh wraps at 42,949,672.95 kWh; the
-# float32 models report a 6-digit display counter).
-REGISTER_MAX_KWH: dict[str, Decimal | None] = {
-    "acrel_ddsy1352": Decimal("42949672.95"),
-    "acrel_adl400": Decimal("21474836.47"),
-}
-DEFAULT_REGISTER_MAX = Decimal("99999.99")
 
 
 def landlord_account(mall_id: str) -> str:
@@ -88,7 +81,10 @@ class BillingContext:
                             schema={"circuit_id": pl.String, "shard": pl.Int64, "bucket": pl.String})
 
 
-def build_context(portfolio: Portfolio, partitions: int, *, lateness_ms: int = 0) -> BillingContext:
+def build_context(portfolio: Portfolio, partitions: int, *, lateness_ms: int | None = None) -> BillingContext:
+    """The one config -> billing context builder (stream, replay, bills, tests). Policy knobs
+    come from ``portfolio.billing`` (``lateness_ms`` overrides it, for tests); register wraps
+    from the meter profiles (`collectors.profile.register_limits`)."""
     accounts: dict[str, AccountRating] = {}
     circuits: dict[str, CircuitConfig] = {}
     malls: dict[str, Mall] = {}
@@ -112,19 +108,24 @@ def build_context(portfolio: Portfolio, partitions: int, *, lateness_ms: int = 0
                 policy = policy.model_copy(update=updates)
             accounts[merchant.id] = AccountRating(
                 account_id=merchant.id, mall_id=mall.id, tariff_id=merchant.tariff or mall.tariff,
-                policy=policy, price_multiplier=Decimal(str(merchant.price_multiplier)))
+                policy=policy, price_multiplier=Decimal(str(merchant.price_multiplier)),
+                opening_balance_minor=merchant.opening_balance_minor, opening_debt_minor=merchant.opening_debt_minor)
         for meter in mall.meters:
             account = meter.account or landlord
             route = MeterRoute(mall.id, meter.gateway, meter.id, account)
             meter_route[meter.id] = route
+            register_max, resolution = register_limits(meter.model)
             for circuit in meter.circuits:
                 circuit_meter[circuit.id] = route
                 circuits[circuit.id] = CircuitConfig(
                     circuit_id=circuit.id, account_id=account, max_kw=Decimal(str(meter.max_kw)),
-                    register_max_kwh=REGISTER_MAX_KWH.get(meter.model, DEFAULT_REGISTER_MAX))
+                    register_max_kwh=register_max, register_resolution_kwh=resolution)
     rating = RatingContext(circuits=circuits, accounts=accounts,
                            tariffs={t.id: t for t in portfolio.tariffs}, malls=malls,
-                           lateness_ms=lateness_ms)
+                           lateness_ms=portfolio.billing.lateness_ms if lateness_ms is None else lateness_ms,
+                           gap_ms=portfolio.billing.gap_ms,
+                           # replay's time guard reads the same limits (pipelines.core.replay.time_bounds)
+                           extra={"time_limits": portfolio.time})
     limits = limits_from_portfolio(portfolio, {lv.name: lv.load for lv in portfolio.levels})
     return BillingContext(portfolio, rating, partitions, circuit_meter, meter_route,
                           {a.account_id: a.mall_id for a in accounts.values()}, limits)

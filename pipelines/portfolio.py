@@ -17,11 +17,15 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.core.models import Tariff, WalletPolicy
+from collectors.profile import known_models
+from pipelines.core.models import MAX_MINOR, Tariff, WalletPolicy
 from pipelines.core.timeguard import TimeLimits
 from pipelines.loadcontrol import LoadPolicy
 
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+MAX_CONFIG_MINOR = MAX_MINOR  # the core's limit on any configured amount (core/models.py)
+ConfigMinor = Annotated[int, Field(ge=-MAX_CONFIG_MINOR, le=MAX_CONFIG_MINOR)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class ConfigError(ValueError):
@@ -91,8 +95,8 @@ class Meter(_Model):
     unit_id: Annotated[int, Field(ge=1, le=247)]
     account: Identifier | None = None  # None: a common-area or main meter owned by the mall
     circuits: list[Circuit] = Field(min_length=1, max_length=1)
-    max_kw: Annotated[float, Field(gt=0)] = 60.0
-    poll_interval_s: Annotated[float, Field(gt=0)] = 15.0
+    max_kw: Annotated[Finite, Field(gt=0, le=100_000)] = 60.0
+    poll_interval_s: Annotated[Finite, Field(gt=0, le=86_400)] = 15.0
 
 
 class Merchant(_Model):
@@ -103,12 +107,15 @@ class Merchant(_Model):
     business_type: BusinessType = BusinessType.RETAIL
     area: Identifier
     level: Identifier = "standard"
-    leased_area_m2: Annotated[float, Field(gt=0)]
+    leased_area_m2: Annotated[Finite, Field(gt=0, le=1e7)]
     tariff: Identifier | None = None  # None: the mall's tariff
-    price_multiplier: Annotated[float, Field(gt=0)] = 1.0
+    price_multiplier: Annotated[Finite, Field(gt=0, le=1000)] = 1.0
     protected: bool = False
-    alert_levels: list[int] | None = None  # overrides the level's thresholds
-    opening_balance_minor: int = 0
+    alert_levels: list[ConfigMinor] | None = None  # overrides the level's thresholds
+    # Carried over from the mall's previous system; posted once to the ledger when the account
+    # first appears in billing (kinds opening_balance and debt_opening, docs/billing.md).
+    opening_balance_minor: ConfigMinor = 0
+    opening_debt_minor: Annotated[int, Field(ge=0, le=MAX_CONFIG_MINOR)] = 0
     vacant: bool = False
 
 
@@ -126,8 +133,8 @@ class SharedPool(_Model):
     name: str
     meters: list[Identifier] = Field(min_length=1)
     method: PoolMethod = PoolMethod.AREA
-    fixed_shares: dict[Identifier, float] = Field(default_factory=dict)
-    mix_weights: dict[PoolMethod, float] = Field(default_factory=dict)
+    fixed_shares: dict[Identifier, Annotated[Finite, Field(ge=0)]] = Field(default_factory=dict)
+    mix_weights: dict[PoolMethod, Annotated[Finite, Field(ge=0)]] = Field(default_factory=dict)
     exclude: list[Identifier] = Field(default_factory=list)
 
 
@@ -154,6 +161,17 @@ class MallConfig(_Model):
         return value
 
 
+class BillingSettings(_Model):
+    """Policy knobs of the billing core, the same for the stream and for replay.
+
+    ``lateness_ms``: how long the interval step holds a reading back for stragglers before it
+    bills (0: bill at once; a reading older than the circuit's last billed one is then rejected
+    as late). ``gap_ms``: intervals longer than this are flagged estimated."""
+
+    lateness_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 0
+    gap_ms: Annotated[int, Field(gt=0, le=31 * 86_400_000)] = 20 * 60_000
+
+
 class Portfolio(_Model):
     name: str
     currency: Annotated[str, Field(min_length=3, max_length=3)] = "CNY"
@@ -162,6 +180,7 @@ class Portfolio(_Model):
     malls: list[MallConfig] = Field(min_length=1)
     # bounded time: how far input timestamps may run ahead of their Kafka message (docs/stream.md)
     time: TimeLimits = Field(default_factory=TimeLimits)
+    billing: BillingSettings = Field(default_factory=BillingSettings)
 
     @model_validator(mode="after")
     def _references(self) -> Portfolio:
@@ -222,6 +241,10 @@ def _reference_problems(p: Portfolio) -> Iterator[str]:
         meters = {m.id for m in mall.meters}
         for dup in sorted(_duplicates([f"{g.host}:{g.port}" for g in mall.gateways])):
             yield f"{where}.gateways: two gateways at {dup}"
+        for label, ids in (("areas", [a.id for a in mall.areas]), ("gateways", [g.id for g in mall.gateways]),
+                           ("pools", [x.id for x in mall.pools])):
+            for dup in sorted(_duplicates(ids)):
+                yield f"{where}.{label}: duplicate id {dup!r}"
         for xi, merchant in enumerate(mall.merchants):
             at = f"{where}.merchants[{xi}]"
             if merchant.area not in areas:
@@ -240,13 +263,22 @@ def _reference_problems(p: Portfolio) -> Iterator[str]:
             units.add((meter.gateway, meter.unit_id))
             if meter.account is not None and meter.account not in merchants:
                 yield f"{at}.account: unknown merchant {meter.account!r} in mall {mall.id!r}"
+            if meter.model not in known_models():
+                yield f"{at}.model: unknown meter model {meter.model!r} (known: {sorted(known_models())})"
         if mall.main_meter is not None and mall.main_meter not in meters:
             yield f"{where}.main_meter: unknown meter {mall.main_meter!r}"
+        owner = {m.id: m.account for m in mall.meters}
+        pooled: dict[str, str] = {}
         for pi, pool in enumerate(mall.pools):
             at = f"{where}.pools[{pi}]"
             for meter_id in pool.meters:
                 if meter_id not in meters:
                     yield f"{at}.meters: unknown meter {meter_id!r}"
+                elif owner[meter_id] is not None:  # a merchant pays its own meter; sharing it bills twice
+                    yield f"{at}.meters: meter {meter_id!r} belongs to merchant {owner[meter_id]!r}, not a common area"
+                if meter_id in pooled:
+                    yield f"{at}.meters: meter {meter_id!r} is already in pool {pooled[meter_id]!r}"
+                pooled.setdefault(meter_id, pool.id)
             for merchant_id in [*pool.exclude, *pool.fixed_shares]:
                 if merchant_id not in merchants:
                     yield f"{at}: unknown merchant {merchant_id!r}"

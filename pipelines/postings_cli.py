@@ -3,7 +3,10 @@
     mallwatt bills allocate --month 2026-10 | mallwatt post -
 
 Each line is a LedgerPosting (schemas/ledger_posting.avsc): entry_id, account_id, mall_id, kind
-(shared_cost | adjustment | opening_balance), amount_minor (signed), ts_ms, source_id, rate.
+(shared_cost | adjustment | opening_balance | debt_add | debt_writeoff), amount_minor, ts_ms,
+source_id, rate. amount_minor is signed (credits positive) for money kinds; for debt_add and
+debt_writeoff it is the positive size of the debt movement (the balance does not change; the
+ledger entry has amount 0 and debt_change_minor +/- the size; docs/billing.md).
 The entry id is final: posting the same file twice moves money once.
 """
 
@@ -15,6 +18,7 @@ import sys
 from typing import Any
 
 from infra.broker import bootstrap_servers
+from pipelines.core.wallet import DEBT_POSTING_KINDS, POSTING_KINDS
 from pipelines.money_input import produce_posting
 
 REQUIRED = ("entry_id", "account_id", "mall_id", "kind", "amount_minor", "ts_ms", "source_id")
@@ -35,6 +39,12 @@ def parse_lines(lines: list[str], source: str) -> list[dict[str, Any]]:
             raise ValueError(f"{source}:{number}: missing field(s) {', '.join(missing)}")
         if not isinstance(record["amount_minor"], int) or isinstance(record["amount_minor"], bool):
             raise ValueError(f"{source}:{number}: amount_minor must be an integer (minor units)")
+        if record["kind"] not in POSTING_KINDS:
+            raise ValueError(f"{source}:{number}: kind: unknown posting kind {record['kind']!r} "
+                             f"(known: {', '.join(POSTING_KINDS)})")
+        if record["kind"] in DEBT_POSTING_KINDS and record["amount_minor"] <= 0:
+            raise ValueError(f"{source}:{number}: amount_minor: {record['kind']} takes the positive size "
+                             "of the debt movement")
         out.append({**{f: record[f] for f in REQUIRED}, "rate": record.get("rate")})
     return out
 

@@ -14,7 +14,13 @@ from typing import Any
 from pipelines.bills import warehouse_io
 from pipelines.bills.allocation import Allocation, allocate_mall
 from pipelines.bills.periods import Period, require_closed
-from pipelines.bills.statements import Opening, Statement, build_statement, mall_summary
+from pipelines.bills.statements import (
+    NO_EARLIER_ENTRY,
+    Opening,
+    Statement,
+    build_statement,
+    mall_summary,
+)
 from pipelines.context import landlord_account
 from pipelines.portfolio import MallConfig, Portfolio
 
@@ -39,13 +45,13 @@ def bills_from_entries(portfolio: Portfolio, period: Period, entries: list[Mappi
         start, end = period.start_ms(mall.timezone), period.end_ms(mall.timezone)
         rows = [e for e in entries if e["mall_id"] == mall.id and start <= int(e["ts_ms"]) < end]
         names = {m.id: m.name for m in mall.merchants}
-        config_opening = {m.id: m.opening_balance_minor for m in mall.merchants}
         landlord = landlord_account(mall.id)
         names[landlord] = f"{mall.name} (landlord)"
         accounts = sorted(set(names) | {str(e["account_id"]) for e in rows})
         mall_statements = []
         for account in accounts:
-            opening = openings.get(account) or Opening(config_opening.get(account, 0), "config:opening_balance_minor")
+            # no earlier entry: 0 (a configured opening balance is the first period's opening_balance line)
+            opening = openings.get(account) or Opening(0, NO_EARLIER_ENTRY)
             mall_statements.append(build_statement(account, mall.id, period, mall.timezone, rows, opening,
                                                    merchant_name=names.get(account, ""), currency=portfolio.currency))
         statements += mall_statements

@@ -117,8 +117,8 @@ def _reconcile(portfolio: Portfolio, args: argparse.Namespace, label: str) -> di
     provider = None
     if args.payments:
         provider = [json.loads(x) for x in Path(args.payments).read_text().splitlines() if x.strip()]
-    openings = {m.id: m.opening_balance_minor for mall in malls for m in mall.merchants}
-    return reconcile(label, totals, rows, config_openings=openings, malls=malls, circuit_wh=energy,
+    # opening balances are ledger entries (kind opening_balance): every balance starts at 0
+    return reconcile(label, totals, rows, malls=malls, circuit_wh=energy,
                      provider_payments=provider)
 
 

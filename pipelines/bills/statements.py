@@ -6,8 +6,11 @@ against the ledger's own ``balance_after_minor``: a statement that does not add 
 `StatementError` instead of being printed.
 
 The opening balance is the ``balance_after_minor`` of the account's last entry before the
-period (by ts, then entry_id, as the warehouse orders it), or the configured
-``opening_balance_minor`` when the account has no earlier entry.
+period (by ts, then entry_id, as the warehouse orders it), or 0 when the account has no
+earlier entry: a configured opening balance is a ledger entry of its own (kind
+``opening_balance``), so it appears as a line of the first period. Debt-register movements
+(``debt_opening``, ``debt_add``, ``debt_writeoff``) are lines of amount 0 whose detail carries
+the debt change; recoveries are ``debt_recovery`` lines that move both.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from pipelines.bills.periods import Period
 from pipelines.bills.render import money
 
 # Statement sections in print order; ledger kinds map onto them.
-SECTIONS = ("opening", "topup", "reversal", "refund", "energy", "standing_charge", "shared_cost",
-            "adjustment", "debt_recovery", "emergency_credit", "other")
-KIND_SECTION = {"topup": "topup", "reversal": "reversal", "refund": "refund", "charge": "energy",
+SECTIONS = ("opening", "opening_balance", "topup", "reversal", "refund", "energy", "standing_charge", "shared_cost",
+            "adjustment", "debt", "debt_recovery", "emergency_credit", "other")
+KIND_SECTION = {"opening_balance": "opening_balance", "debt_opening": "debt", "debt_add": "debt",
+                "debt_writeoff": "debt", "topup": "topup", "reversal": "reversal", "refund": "refund", "charge": "energy",
                 "standing_charge": "standing_charge", "shared_cost": "shared_cost", "adjustment": "adjustment",
                 "debt_recovery": "debt_recovery", "emergency_credit_draw": "emergency_credit",
                 "emergency_credit_repay": "emergency_credit"}
@@ -104,11 +108,14 @@ def _order(e: Mapping[str, Any]) -> tuple[int, str]:
     return int(e["ts_ms"]), str(e["entry_id"])
 
 
-def opening_from_entries(before: Iterable[Mapping[str, Any]], config_opening: int = 0) -> Opening:
-    """The opening balance from the account's entries before the period."""
+NO_EARLIER_ENTRY = "ledger:none"
+
+
+def opening_from_entries(before: Iterable[Mapping[str, Any]]) -> Opening:
+    """The opening balance from the account's entries before the period (0 without any)."""
     last = max(before, key=_order, default=None)
     if last is None:
-        return Opening(config_opening, "config:opening_balance_minor")
+        return Opening(0, NO_EARLIER_ENTRY)
     return Opening(int(last["balance_after_minor"]), str(last["entry_id"]))
 
 
@@ -143,6 +150,23 @@ def _shared_lines(doc: str, entries: list[Mapping[str, Any]]) -> list[Line]:
     return out
 
 
+_DEBT_WORDS = {"debt_opening": "Arrears carried over", "debt_add": "Debt added", "debt_writeoff": "Debt written off",
+               "debt_recovery": "Debt recovered"}
+
+
+def _debt_line(doc: str, e: Mapping[str, Any]) -> Line:
+    """A debt movement: its balance effect as the amount, the debt change in the detail."""
+    change = e.get("debt_change_minor")
+    kind = str(e["kind"])
+    words = _DEBT_WORDS.get(kind, kind)
+    text = f"{words} {e.get('source_id') or ''}".strip()
+    if change is not None:
+        text += f" (debt {'+' if int(change) > 0 else '-'}{money(abs(int(change)))})"
+    detail = {} if change is None else {"debt_change_minor": int(change)}
+    return Line(f"{doc}/{kind}:{e['entry_id']}", KIND_SECTION[kind], text, int(e["amount_minor"]),
+                (str(e["entry_id"]),), detail=detail)
+
+
 def build_statement(account_id: str, mall_id: str, period: Period, tz: str, entries: Iterable[Mapping[str, Any]],
                     opening: Opening, *, merchant_name: str = "", currency: str = "CNY") -> Statement:
     """One account's statement for one period from ledger rows (others are ignored)."""
@@ -162,6 +186,8 @@ def build_statement(account_id: str, mall_id: str, period: Period, tz: str, entr
             lines += _energy_lines(doc, es)
         elif section == "shared_cost":
             lines += _shared_lines(doc, es)
+        elif section in ("debt", "debt_recovery"):
+            lines += [_debt_line(doc, e) for e in es]
         elif section == "standing_charge":
             lines.append(Line(f"{doc}/standing", section, f"Standing charges, {len(es)} day(s)",
                               sum(int(e["amount_minor"]) for e in es), tuple(e["entry_id"] for e in es),

@@ -44,6 +44,7 @@ from pipelines.core.wallet import (
     Wallet,
     WalletOut,
     evaluate_deferred,
+    open_account,
 )
 
 LEDGER_SCHEMA: dict[str, Any] = {
@@ -51,6 +52,7 @@ LEDGER_SCHEMA: dict[str, Any] = {
     "amount_minor": pl.Int64, "balance_after_minor": pl.Int64, "ts_ms": pl.Int64, "source_id": pl.String,
     "meter_id": pl.String, "circuit_id": pl.String, "interval_start_ms": pl.Int64, "energy_wh": pl.Int64,
     "tou_period": pl.String, "tier": pl.Int32, "rate": pl.String, "estimated": pl.Boolean,
+    "debt_change_minor": pl.Int64,  # change of the debt register (null: none), see wallet.py
 }
 ALERT_SCHEMA: dict[str, Any] = {
     "alert_id": pl.String, "kind": pl.String, "severity": pl.String, "mall_id": pl.String,
@@ -165,15 +167,17 @@ def _process_batch(
 
     pay_accts = {p["account_id"] for p in pay_rows}
     touched = pay_accts | ({lk.account_ids[x] for x in np.unique(ch.aidx).tolist()} if ch is not None else set())
+    out = WalletOut()
+    new = sorted(a for a in touched if a not in accounts and a in ctx.accounts)
+    first_ts = _first_event_ts(new, ch, pay_rows, lk) if new else {}
     for a in touched:
         if a not in ctx.accounts:
             continue
-        s = accounts[a].copy() if a in accounts else AccountState(a)
+        s = accounts[a].copy() if a in accounts else _open(a, first_ts[a], ctx, out)
         c = counters.get(a, TierCounter())
         s.tier_month, s.tier_wh = c.month, c.wh
         accounts[a] = s
 
-    out = WalletOut()
     fast_ids: set[str] = set()
     fast_ledger, fast_rank = None, np.zeros(0, dtype=np.int64)
     if ch is not None:
@@ -199,6 +203,34 @@ def _process_batch(
     if timings is not None:
         timings.update(interval=t1 - t0, tariff=t2 - t1, wallet=time.perf_counter() - t2)
     return CoreState(circuits, accounts), outputs
+
+
+def _open(account_id: str, first_ts_ms: int, ctx: RatingContext, out: WalletOut) -> AccountState:
+    """A new account's state with its opening entries (`wallet.open_account`)."""
+    rating = ctx.accounts[account_id]
+    mall = ctx.malls[rating.mall_id]
+    return open_account(rating, ctx.tariffs[rating.tariff_id], mall.tz, frozenset(mall.holidays), first_ts_ms, out)
+
+
+def _first_event_ts(new: list[str], ch: Charges | None, pay_rows: list[dict[str, Any]], lk: Lookup
+                    ) -> dict[str, int]:
+    """Earliest charge or payment time of each account new to the state (rare: runs only then)."""
+    first: dict[str, int] = {}
+    wanted = set(new)
+    for p in pay_rows:
+        a = p["account_id"]
+        if a in wanted:
+            first[a] = min(first.get(a, p["ts_ms"]), p["ts_ms"])
+    if ch is not None:
+        for a in new:
+            rank = lk.account_rank.get(a)
+            if rank is None:
+                continue
+            sel = ch.aidx == rank
+            if sel.any():
+                t = int(ch.end_ms[sel].min())
+                first[a] = min(first.get(a, t), t)
+    return first
 
 
 def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow_rows: list[dict[str, Any]], lk: Lookup

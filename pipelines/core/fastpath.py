@@ -317,7 +317,8 @@ def _ledger(ch: Charges, keep: np.ndarray, amount: np.ndarray, balance: np.ndarr
         "interval_start_ms": merged(ch.column("start_ms", keep), None),
         "energy_wh": merged(ch.column("energy_wh", keep), None),
         "tou_period": coded(lk.period_names, ch.period[keep]),
-        "tier": merged(ch.column("tier", keep), None), "rate": rates, "estimated": est})
+        "tier": merged(ch.column("tier", keep), None), "rate": rates, "estimated": est,
+        "debt_change_minor": pl.repeat(None, k + m, dtype=pl.Int64, eager=True)})  # fast accounts have no debt recovery
     return led, rank
 
 

@@ -39,8 +39,13 @@ PERIOD_CODES: dict[str, Period] = {
     "S": Period.SHARP, "P": Period.PEAK, "F": Period.FLAT, "V": Period.VALLEY, "D": Period.DEEP_VALLEY,
 }
 
-Price = Annotated[Decimal, Field(ge=0, decimal_places=6)]
-Minor = Annotated[int, Field(description="integer minor units")]
+#: Largest money amount a configuration may carry (10^12 minor units = 10 billion CNY): far
+#: above any real figure, far below int64, so sums of many of them cannot overflow an Int64.
+MAX_MINOR = 10**12
+MAX_PRICE = Decimal(10**7)  # minor units per kWh (100,000 CNY/kWh): anything above is a typo
+Price = Annotated[Decimal, Field(ge=0, le=MAX_PRICE, decimal_places=6)]
+Minor = Annotated[int, Field(ge=-MAX_MINOR, le=MAX_MINOR, description="integer minor units")]
+PositiveMinor = Annotated[int, Field(ge=0, le=MAX_MINOR)]
 
 
 class _Model(BaseModel):
@@ -90,8 +95,8 @@ class TierBlock(_Model):
     """
 
     upto_kwh: Annotated[Decimal, Field(gt=0)] | None = None
-    adder: Annotated[Decimal, Field(decimal_places=6)] = Decimal(0)
-    multiplier: Annotated[Decimal, Field(ge=0)] = Decimal(1)
+    adder: Annotated[Decimal, Field(ge=0, le=MAX_PRICE, decimal_places=6)] = Decimal(0)
+    multiplier: Annotated[Decimal, Field(ge=0, le=1000)] = Decimal(1)
 
 
 class TariffVersion(_Model):
@@ -108,7 +113,7 @@ class TariffVersion(_Model):
     weekend_days: list[Annotated[int, Field(ge=0, le=6)]] = Field(default_factory=lambda: [5, 6])  # Mon=0
     critical_peak: list[CriticalPeak] = Field(default_factory=list)
     tiers: list[TierBlock] = Field(default_factory=list)
-    standing_charge_per_day: Annotated[int, Field(ge=0)] = 0
+    standing_charge_per_day: PositiveMinor = 0
     demand_charge_per_kw: Price | None = None  # minor units per kW of monthly max 15-min average
 
     @field_validator("effective_from")
@@ -188,23 +193,23 @@ class DebtRecovery(_Model):
     amount per period, both limited by ``cap_per_period`` (periods are local days/ISO weeks/months)."""
 
     percent_of_topup: Annotated[Decimal, Field(ge=0, le=100)] = Decimal(0)
-    fixed_per_period: Annotated[int, Field(ge=0)] = 0
+    fixed_per_period: PositiveMinor = 0
     period: str = Field(default="week", pattern="^(day|week|month)$")
-    cap_per_period: Annotated[int, Field(ge=0)] | None = None
+    cap_per_period: PositiveMinor | None = None
 
 
 class WalletPolicy(_Model):
     """Prepaid behaviour of one account; all amounts in integer minor units."""
 
-    alert_levels: list[int] = Field(default_factory=lambda: [5000, 1000])
-    warning_trip_level: int | None = None  # trip once per downward crossing; merchant may re-close
-    cutoff: Annotated[int, Field(le=0)] = 0  # trip at balance <= cutoff; negative = allowed overdraft
-    emergency_credit: Annotated[int, Field(ge=0)] = 0  # drawn automatically at cutoff, repaid first
+    alert_levels: list[Minor] = Field(default_factory=lambda: [5000, 1000])
+    warning_trip_level: Minor | None = None  # trip once per downward crossing; merchant may re-close
+    cutoff: Annotated[int, Field(ge=-MAX_MINOR, le=0)] = 0  # trip at balance <= cutoff; negative = overdraft
+    emergency_credit: PositiveMinor = 0  # drawn automatically at cutoff, repaid first
     friendly: FriendlyCredit | None = None
     protected: bool = False  # never tripped for credit; still billed and alerted
     debt_recovery: DebtRecovery | None = None
-    min_topup: Annotated[int, Field(ge=1)] = 1
-    max_topup: Annotated[int, Field(ge=1)] | None = None
+    min_topup: Annotated[int, Field(ge=1, le=MAX_MINOR)] = 1
+    max_topup: Annotated[int, Field(ge=1, le=MAX_MINOR)] | None = None
 
     @model_validator(mode="after")
     def _levels(self) -> WalletPolicy:
@@ -223,6 +228,10 @@ class AccountRating(_Model):
     tariff_id: str  # an override tariff is just a different id here
     policy: WalletPolicy = Field(default_factory=WalletPolicy)
     price_multiplier: Annotated[Decimal, Field(gt=0)] = Decimal(1)  # merchant discount/surcharge
+    # Carried over from a previous system: the core posts them once, when it first creates the
+    # account's state (ledger kinds opening_balance and debt_opening; see wallet.open_account).
+    opening_balance_minor: Minor = 0
+    opening_debt_minor: PositiveMinor = 0
 
 
 class CircuitConfig(_Model):

@@ -1,4 +1,4 @@
-"""Ledger postings decided outside the wallet (common-area shares, adjustments, opening balances).
+"""Ledger postings decided outside the wallet (common-area shares, adjustments, debt movements).
 
 A posting goes through the account's wallet like any debit or credit, so alert levels, trips
 and reconnects apply; its entry id is final, so a posting delivered twice moves money once.
@@ -19,7 +19,7 @@ from pipelines.core.engine import (
     _alerts,
     tick,
 )
-from pipelines.core.wallet import AccountState, Posting, Wallet, WalletOut
+from pipelines.core.wallet import Posting, Wallet, WalletOut, open_account
 
 
 def apply_postings(state: CoreState, postings: list[dict[str, Any]], ctx: RatingContext
@@ -33,10 +33,12 @@ def apply_postings(state: CoreState, postings: list[dict[str, Any]], ctx: Rating
             out.rejected.append({"payment_id": p["entry_id"], "account_id": account, "ts_ms": p["ts_ms"],
                                  "amount_minor": p["amount_minor"], "kind": p["kind"], "reason": "unknown_account"})
             continue
-        s = accounts[account].copy() if account in accounts else AccountState(account)
-        accounts[account] = s
         rating = ctx.accounts[account]
         mall = ctx.malls[rating.mall_id]
+        tariff, holidays = ctx.tariffs[rating.tariff_id], frozenset(mall.holidays)
+        s = accounts[account].copy() if account in accounts else open_account(
+            rating, tariff, mall.tz, holidays, int(p["ts_ms"]), out)
+        accounts[account] = s
         Wallet(s, rating, ctx.tariffs[rating.tariff_id], mall.tz, frozenset(mall.holidays), out).posting(
             Posting(p["entry_id"], p["kind"], int(p["amount_minor"]), int(p["ts_ms"]), p["source_id"], p.get("rate")))
     _, empty = tick(CoreState(), 0, ctx)  # the output frames' shapes, with no rows

@@ -6,7 +6,10 @@ amount to ``acc_n``, posts ``acc_n // AMOUNT_SCALE`` minor units and keeps the r
 sum of posted energy charges always equals floor(exact total) and never drifts, whatever the
 batching. Every other movement is already in integer minor units.
 
-``balance == sum(amount_minor of the account's ledger entries)`` holds after every event.
+``balance == sum(amount_minor of the account's ledger entries)`` holds after every event, and
+``debt == sum(debt_change_minor)`` likewise: a movement of the separate debt register (opening
+arrears, an operator's debt_add / debt_writeoff, a recovery) carries its change in
+``debt_change_minor``; one that leaves the balance alone has ``amount_minor`` 0.
 Entry ids derive from the input that caused them (interval key, payment id, local date), so a
 replay yields identical ids. Nothing here reads a clock: the caller passes event timestamps,
 and `evaluate_deferred` lets a timer re-check a trip deferred by a friendly-credit period.
@@ -105,7 +108,9 @@ class Posting:
     rate: str | None = None
 
 
-POSTING_KINDS = ("shared_cost", "adjustment", "opening_balance")
+POSTING_KINDS = ("shared_cost", "adjustment", "opening_balance", "debt_add", "debt_writeoff")
+#: Postings that move the debt register, not the balance: amount_minor is the (positive) size.
+DEBT_POSTING_KINDS = ("debt_add", "debt_writeoff")
 
 
 @dataclass
@@ -140,7 +145,8 @@ class Wallet:
         self.s, self.r, self.p, self.t, self.tz, self.hol, self.o = state, rating, rating.policy, tariff, tz, holidays, out
 
     # -- ledger -----------------------------------------------------------------------------
-    def _entry(self, entry_id: str, kind: str, amount: int, ts: int, source: str, c: Charge | None = None) -> None:
+    def _entry(self, entry_id: str, kind: str, amount: int, ts: int, source: str, c: Charge | None = None,
+               debt_change: int | None = None) -> None:
         self.s.balance += amount
         self.o.ledger.append({
             "entry_id": entry_id, "account_id": self.s.account_id, "mall_id": self.r.mall_id, "kind": kind,
@@ -149,6 +155,7 @@ class Wallet:
             "interval_start_ms": c.start_ms if c else None, "energy_wh": c.energy_wh if c else None,
             "tou_period": c.period if c else None, "tier": c.tier if c else None,
             "rate": rate_str(c.price_u) if c else None, "estimated": c.estimated if c else False,
+            "debt_change_minor": debt_change,
         })
 
     def _alert(self, kind: str, severity: str, ts: int, cause: str, message: str, **details: Any) -> None:
@@ -202,7 +209,22 @@ class Wallet:
     def _recover(self, x: int, entry_id: str, ts: int, source: str) -> None:
         self.s.debt -= x
         self.s.recovered_in_period += x
-        self._entry(entry_id, "debt_recovery", -x, ts, source)
+        self._entry(entry_id, "debt_recovery", -x, ts, source, debt_change=-x)
+
+    def _debt(self, entry_id: str, kind: str, change: int, ts: int, source: str) -> None:
+        """A debt-register movement: a ledger line of amount 0 carrying the change."""
+        self.s.debt += change
+        self._entry(entry_id, kind, 0, ts, source, debt_change=change)
+
+    def open(self, ts: int) -> None:
+        """Carry over the configured opening balance and arrears of a new account, as ledger
+        entries with fixed ids (so stream and replay post them once and identically). The
+        account's next event runs the alert and trip rules."""
+        r, acct = self.r, self.s.account_id
+        if r.opening_balance_minor:
+            self._entry(f"{acct}:opening_balance", "opening_balance", r.opening_balance_minor, ts, "config")
+        if r.opening_debt_minor:
+            self._debt(f"{acct}:opening_debt", "debt_opening", r.opening_debt_minor, ts, "config")
 
     # -- events -----------------------------------------------------------------------------
     def charge(self, c: Charge) -> None:
@@ -250,12 +272,24 @@ class Wallet:
     def posting(self, p: Posting) -> None:
         """A posting that won its claim (its entry id is new across the portfolio)."""
         s = self.s
-        if p.kind not in POSTING_KINDS or p.amount_minor == 0:
-            reason = f"unknown posting kind {p.kind}" if p.kind not in POSTING_KINDS else "zero amount"
+        reason = None
+        if p.kind not in POSTING_KINDS:
+            reason = f"unknown posting kind {p.kind}"
+        elif p.amount_minor == 0:
+            reason = "zero amount"
+        elif p.kind in DEBT_POSTING_KINDS and p.amount_minor < 0:
+            reason = f"{p.kind} amount must be positive (the size of the debt movement)"
+        elif p.kind == "debt_writeoff" and p.amount_minor > s.debt:
+            reason = f"write-off {p.amount_minor} exceeds the debt {s.debt}"
+        if reason is not None:
             self.o.rejected.append({"payment_id": p.entry_id, "account_id": s.account_id, "ts_ms": p.ts_ms,
                                     "amount_minor": p.amount_minor, "kind": p.kind, "reason": reason})
             return
         self._periodic(p.ts_ms)
+        if p.kind in DEBT_POSTING_KINDS:
+            self._debt(p.entry_id, p.kind, p.amount_minor if p.kind == "debt_add" else -p.amount_minor,
+                       p.ts_ms, p.source_id)
+            return
         self._entry(p.entry_id, p.kind, p.amount_minor, p.ts_ms, p.source_id)
         self.o.ledger[-1]["rate"] = p.rate
         if p.amount_minor < 0:
@@ -331,3 +365,16 @@ def evaluate_deferred(state: AccountState, now_ms: int, rating: AccountRating, t
     if s.deferred or s.warn_pending:
         Wallet(s, rating, tariff, tz, holidays, out)._check_trip(now_ms, f"timer:{now_ms}")
     return s, out
+
+
+def open_account(rating: AccountRating, tariff: Tariff, tz: str, holidays: frozenset[str], first_ts_ms: int,
+                 out: WalletOut) -> AccountState:
+    """The state of an account the core has never seen, with its opening entries posted.
+
+    Called where the core first creates an account's state, before the account's first event.
+    The entries are dated at the local start of that event's day: the same day (so the same
+    statement period) as the event, and not after the day's standing charge."""
+    s = AccountState(rating.account_id)
+    day = datetime.fromtimestamp(first_ts_ms / 1000, ZoneInfo(tz)).date()
+    Wallet(s, rating, tariff, tz, holidays, out).open(local_day_start_ms(day, tz))
+    return s

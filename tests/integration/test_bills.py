@@ -30,8 +30,8 @@ CONFIG = {
                "merchants": [{"id": "A", "name": "Tea A", "area": "F1", "leased_area_m2": 30},
                              {"id": "B", "name": "Shoes B", "area": "F1", "leased_area_m2": 10,
                               "opening_balance_minor": 700}],
-               "meters": [{"id": "MH", "model": "x", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
-                          {"id": "MA", "model": "x", "gateway": "G1", "unit_id": 2, "account": "A",
+               "meters": [{"id": "MH", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
+                          {"id": "MA", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 2, "account": "A",
                            "circuits": [{"id": "CA"}]}],
                "pools": [{"id": "HVAC", "name": "Central HVAC", "meters": ["MH"]}]}]}
 
@@ -42,7 +42,7 @@ def entry(entry_id: str, account: str, kind: str, amount: int, balance: int, ts:
 
 
 # A: opening 1000 (Sep top-up), Oct: top-up 500, peak charge -170 (1 kWh), standing -300 -> 1030.
-# B: no entries before (config opening 700), Oct: standing -300 -> 400.
+# B: no entries before; Oct: its configured opening 700 (posted by the core), standing -300 -> 400.
 # Landlord: HVAC charge -400 (4 kWh) -> -400. HVAC for October by area 30:10 -> A 300, B 100.
 LEDGER = [
     entry("A:topup:t0", "A", "topup", 1000, 1000, START - 24 * H, source_id="t0"),
@@ -50,6 +50,7 @@ LEDGER = [
     entry("A:chg:CA:1", "A", "charge", -170, 1330, START + 11 * H, circuit_id="CA", energy_wh=1000,
           tou_period="peak", tier=1, rate="170"),
     entry("A:standing:2026-10-01", "A", "standing_charge", -300, 1030, START + 11 * H + 1),
+    entry("B:opening_balance", "B", "opening_balance", 700, 700, START, source_id="config"),
     entry("B:standing:2026-10-01", "B", "standing_charge", -300, 400, START + 2 * H),
     entry("M1-LANDLORD:chg:CH:1", "M1-LANDLORD", "charge", -400, -400, START + 3 * H, circuit_id="CH",
           energy_wh=4000, tou_period="flat", tier=1, rate="100"),
@@ -104,7 +105,8 @@ def test_export_statement_reconcile_end_to_end(setup: tuple[Path, Path, object],
     assert files(out) == first
     lines = first["bills-2026-10-lines.csv"].decode()
     assert "ST-2026-10-A/energy:peak:1:170,,energy,Energy peak tier 1: 1.000 kWh @ 170/kWh,-170,1.000" in lines
-    assert "ST-2026-10-B/opening,,opening,Opening balance,700,,,,,1,config:opening_balance_minor" in lines
+    assert "ST-2026-10-B/opening,,opening,Opening balance,0,,,,,1,ledger:none" in lines
+    assert "ST-2026-10-B/opening_balance:B:opening_balance,,opening_balance,opening_balance config,700" in lines
     capsys.readouterr()
 
     assert main([*base, "statement", "--account", "A", "--month", "2026-10"]) == 0

@@ -74,7 +74,7 @@ def portfolio_dict() -> dict[str, Any]:
                                  {"id": "B", "name": "Shoes B", "area": "F1", "leased_area_m2": 60},
                                  {"id": "C", "name": "(vacant)", "area": "F1", "leased_area_m2": 40,
                                   "vacant": True}],
-                   "meters": [{"id": "MH", "model": "x", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
-                              {"id": "MA", "model": "x", "gateway": "G1", "unit_id": 2, "account": "A",
+                   "meters": [{"id": "MH", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
+                              {"id": "MA", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 2, "account": "A",
                                "circuits": [{"id": "CA"}]}],
                    "pools": [{"id": "HVAC", "name": "Central HVAC", "meters": ["MH"]}]}]}

@@ -111,8 +111,8 @@ def test_allocate_mall_takes_the_pool_cost_from_landlord_charges() -> None:
                    "gateways": [{"id": "G1", "port": 1502}],
                    "merchants": [{"id": "A", "name": "A", "area": "F1", "leased_area_m2": 30},
                                  {"id": "B", "name": "B", "area": "F1", "leased_area_m2": 10}],
-                   "meters": [{"id": "MH", "model": "x", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
-                              {"id": "MA", "model": "x", "gateway": "G1", "unit_id": 2, "account": "A",
+                   "meters": [{"id": "MH", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CH"}]},
+                              {"id": "MA", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 2, "account": "A",
                                "circuits": [{"id": "CA"}]}],
                    "pools": [{"id": "HVAC", "name": "HVAC", "meters": ["MH"]}]}]})
     entries = [

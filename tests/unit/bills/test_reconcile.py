@@ -57,9 +57,9 @@ def mall_with_main() -> object:
         "malls": [{"id": "M1", "name": "M1", "tariff": "flat", "areas": [{"id": "F1"}], "main_meter": "MM",
                    "gateways": [{"id": "G1", "port": 1502}],
                    "merchants": [{"id": "A", "name": "A", "area": "F1", "leased_area_m2": 30}],
-                   "meters": [{"id": "MM", "model": "x", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CM"}]},
-                              {"id": "MH", "model": "x", "gateway": "G1", "unit_id": 2, "circuits": [{"id": "CH"}]},
-                              {"id": "MA", "model": "x", "gateway": "G1", "unit_id": 3, "account": "A",
+                   "meters": [{"id": "MM", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 1, "circuits": [{"id": "CM"}]},
+                              {"id": "MH", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 2, "circuits": [{"id": "CH"}]},
+                              {"id": "MA", "model": "eastron_sdm120", "gateway": "G1", "unit_id": 3, "account": "A",
                                "circuits": [{"id": "CA"}]}]}]}).mall("M1")  # type: ignore[attr-defined]
 
 

@@ -50,10 +50,36 @@ def test_statement_that_does_not_add_up_is_an_error() -> None:
         statement_of("A", rows)
 
 
-def test_account_without_entries_before_uses_config_opening() -> None:
-    st = build_statement("B", "M1", OCT, TZ, ledger(), opening_from_entries([], 0))
-    assert st.lines[0].entry_ids == ("config:opening_balance_minor",)
+def test_account_without_entries_before_opens_at_zero() -> None:
+    st = build_statement("B", "M1", OCT, TZ, ledger(), opening_from_entries([]))
+    assert st.lines[0].entry_ids == ("ledger:none",)
     assert (st.opening_minor, st.closing_minor) == (0, 1700)
+
+
+def _row(entry_id: str, kind: str, amount: int, balance: int, ts: int, debt: int | None = None) -> dict:
+    return {"entry_id": entry_id, "account_id": "N", "mall_id": "M1", "kind": kind, "amount_minor": amount,
+            "balance_after_minor": balance, "ts_ms": ts, "source_id": "config", "debt_change_minor": debt}
+
+
+def test_opening_balance_and_debt_movements_are_lines_of_the_first_period() -> None:
+    # carried over: balance 648, arrears 1,000; a top-up recovers 100; the operator writes off 300
+    rows = [_row("N:opening_balance", "opening_balance", 648, 648, START),
+            _row("N:opening_debt", "debt_opening", 0, 648, START, 1000),
+            _row("N:topup:p1", "topup", 1000, 1648, START + 10),
+            _row("N:debtpct:p1", "debt_recovery", -100, 1548, START + 10, -100),
+            _row("w1", "debt_writeoff", 0, 1548, START + 20, -300)]
+    st = build_statement("N", "M1", OCT, TZ, rows, opening_from_entries([]))
+    assert (st.opening_minor, st.closing_minor) == (0, 1548)
+    by_section = {}
+    for x in st.lines:
+        by_section.setdefault(x.section, []).append(x)
+    assert [x.amount_minor for x in by_section["opening_balance"]] == [648]
+    assert [(x.amount_minor, x.detail["debt_change_minor"]) for x in by_section["debt"]] == [(0, 1000), (0, -300)]
+    assert "Arrears carried over" in by_section["debt"][0].description
+    assert "(debt +10.00)" in by_section["debt"][0].description
+    assert [(x.amount_minor, x.detail["debt_change_minor"]) for x in by_section["debt_recovery"]] == [(-100, -100)]
+    # every entry is on exactly one line
+    assert sorted(i for x in st.lines[1:] for i in x.entry_ids) == sorted(r["entry_id"] for r in rows)
 
 
 def test_mall_summary() -> None:

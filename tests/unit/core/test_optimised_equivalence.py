@@ -52,7 +52,15 @@ def assert_same(a, b):
     assert sa.to_dict() == sb.to_dict()
     for x, y in zip(oa, ob, strict=True):
         for f in FRAMES:
-            assert getattr(x, f).equals(getattr(y, f)), f
+            assert _comparable(getattr(x, f), getattr(y, f)), f
+
+
+def _comparable(a, b):
+    """Frame equality; the legacy core predates the ledger's debt column (no test here moves debt)."""
+    if "debt_change_minor" in a.columns and "debt_change_minor" not in b.columns:
+        assert a["debt_change_minor"].null_count() == a.height
+        a = a.drop("debt_change_minor")
+    return a.equals(b)
 
 
 def ledger_groups(ledger):
@@ -77,7 +85,7 @@ def assert_same_as_legacy(a, b):
             .filter(pl.col("n") > 1).select("account_id", "ts_ms", kind=pl.lit("charge"))
         untied = [d.join(ties, on=["account_id", "ts_ms", "kind"], how="anti").sort("entry_id")
                   for d in (x.ledger, y.ledger)]
-        assert untied[0].equals(untied[1])
+        assert _comparable(*untied)
 
 
 def realistic(circuits: int = 40):

@@ -9,7 +9,7 @@ from infra import topics as T
 from pipelines import batching, billing, claiming
 from pipelines.context import build_context
 from pipelines.core.claims import ClaimResult, claim_key, claim_partition
-from pipelines.envelope import Envelope
+from pipelines.envelope import Envelope, unframe_value
 from pipelines.generate import generate
 from pipelines.portfolio import parse_portfolio
 from schemas import codec
@@ -24,6 +24,7 @@ def ctx() -> billing.BillingContext:
     data = generate(1, 12, seed=5)
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
+        merchant["opening_balance_minor"] = 0  # balances below are the payments' alone
     return build_context(parse_portfolio(data), PARTITIONS)
 
 
@@ -47,7 +48,7 @@ def test_accepted_payment_goes_to_the_account_partition_with_its_claimed_positio
     account = _merchants(ctx)[0]
     step = _claim(ctx, None, _topup("p1", account), 7)
     assert step.decision.result is ClaimResult.ACCEPTED and step.key == "pay:p1"
-    [item] = __import__("pipelines.envelope", fromlist=["x"]).unframe_value(step.value)[0]
+    [item] = unframe_value(step.value)[0]
     assert item.topic == T.PAYMENTS_ACCEPTED and item.partition == account_shard(account, PARTITIONS)
     accepted = codec.decode("Payment", item.value)
     assert (accepted["claim_partition"], accepted["claim_offset"]) == (claim_partition(_topup("p1", account),
@@ -63,7 +64,7 @@ def test_same_id_on_another_account_is_refused_with_an_alert_naming_the_first_us
     assert again.decision.result is ClaimResult.DUPLICATE and again.value is None  # a provider re-send
     other = _claim(ctx, stored, _topup("p1", second), 3)
     assert other.decision.result is ClaimResult.EXISTS_WITH_DIFFERENT_ACCOUNT
-    outbox, _ = __import__("pipelines.envelope", fromlist=["x"]).unframe_value(other.value)
+    outbox, _ = unframe_value(other.value)
     alert = codec.decode("Alert", outbox[0].value)
     assert alert["kind"] == "rejected_topup" and f"first used by account {first}" in alert["message"]
     assert claiming.decode_claim(other.value) == stored  # the first claim stays
@@ -83,7 +84,7 @@ def test_reversal_is_claimed_under_the_topup_and_moves_its_amount(ctx) -> None:
     reversal = {**_topup("r1", account, 1), "kind": "REVERSAL", "reverses_payment_id": "p1"}
     assert claim_key(reversal) == "pay:p1"
     step = _claim(ctx, stored, reversal, 2)
-    outbox, _ = __import__("pipelines.envelope", fromlist=["x"]).unframe_value(step.value)
+    outbox, _ = unframe_value(step.value)
     assert codec.decode("Payment", outbox[0].value)["amount_minor"] == 800
     assert claiming.decode_claim(step.value).reversed_by == "r1"
 
@@ -91,7 +92,7 @@ def test_reversal_is_claimed_under_the_topup_and_moves_its_amount(ctx) -> None:
 def test_wallet_credits_an_accepted_payment_once_even_when_republished(ctx) -> None:
     account = _merchants(ctx)[0]
     step = _claim(ctx, None, _topup("p1", account, 500), 4)
-    outbox, _ = __import__("pipelines.envelope", fromlist=["x"]).unframe_value(step.value)
+    outbox, _ = unframe_value(step.value)
     accepted = codec.decode("Payment", outbox[0].value)
     message = (accepted["claim_partition"], accepted["claim_offset"], accepted)
     table = {account: Envelope()}

@@ -112,10 +112,11 @@ def test_skew_comes_from_the_portfolio() -> None:
 
 
 def test_replay_refuses_what_the_stream_refuses(ctx: billing.BillingContext) -> None:
-    from pipelines.core.replay import context_from_portfolio, replay, time_bounds
+    from pipelines.core.engine import CoreState
+    from pipelines.core.replay import replay, time_bounds
 
     account, meter, (circuit,) = _route(ctx, 1)
-    rating, state0 = context_from_portfolio(ctx.portfolio, lateness_ms=0)
+    rating, state0 = ctx.rating, CoreState()  # replay uses the stream's own context builder
     assert time_bounds(rating) == ctx.time_bounds
     ts = [T0, T0 + 900_000, Y2100, T0 + 1_800_000, Y3000]
     msg = [T0, T0 + 900_000, T0 + 900_000, T0 + 1_800_000, T0 + 1_800_000]

@@ -11,9 +11,13 @@ A broken edit keeps the last good context and logs the field-named error.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from pipelines.context import BillingContext, build_context
 from pipelines.roster import TableFile, config_files, load_config
@@ -30,6 +34,29 @@ def warm(ctx: BillingContext) -> BillingContext:
     _ = ctx.account_meters, ctx.circuit_routes, ctx.rating.circuit_frame, ctx.rating.account_frame
     lookup(ctx.rating)
     return ctx
+
+
+def release(box: list[BillingContext], wait_s: float = 2.0) -> None:
+    """Free a replaced context bit by bit (run in a thread). Dropping it at once frees millions
+    of objects in one C call that holds the GIL, a pause as long as building it. It is only
+    taken apart once nothing else refers to it (an agent may still hold it for a moment)."""
+    ctx = box.pop()
+    deadline = time.monotonic() + wait_s
+    while sys.getrefcount(ctx) > 2:  # this frame and getrefcount's argument
+        if time.monotonic() > deadline:
+            return  # still in use: whoever drops it last frees it
+        time.sleep(0.05)
+    rating, lookup = ctx.rating, ctx.rating.extra.get("lookup")
+    parts: list[Any] = [rating.accounts, rating.circuits, ctx.circuit_meter, ctx.meter_route, ctx.account_mall,
+                        ctx.load_limits, *vars(ctx).values(), *vars(rating).values(),
+                        *(vars(lookup).values() if lookup is not None else ())]
+    for part in parts:
+        if isinstance(part, dict):
+            while part:
+                part.popitem()
+        elif isinstance(part, list):
+            while part:
+                del part[-2000:]
 
 
 class ContextHolder:
@@ -60,7 +87,19 @@ class ContextHolder:
 
     def _build(self) -> BillingContext:
         with self._lock:
-            return warm(build_context(load_config(self.path, self._tables), self.partitions))
+            # A cyclic collection walks every tracked object holding the GIL: during a build of
+            # millions of objects it would run again and again and pause the loop each time.
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                ctx = warm(build_context(load_config(self.path, self._tables), self.partitions))
+            finally:
+                if enabled:
+                    gc.enable()
+            # The context lives until the next change and has no cycles: keep it (and what is
+            # alive now) out of later collections, which would otherwise scan it all each time.
+            gc.freeze()
+            return ctx
 
     def _changed(self) -> bool:
         """Whether the files changed since the last look; the new stamp is taken before
@@ -107,4 +146,8 @@ class ContextHolder:
             return self._rejected(exc)
         finally:
             self._running = False
-        return self._swap(ctx)
+        old = [self._ctx]
+        self._swap(ctx)
+        del ctx
+        await asyncio.to_thread(release, old)
+        return True

@@ -188,18 +188,19 @@ def load_tables(path: str | Path, cache: dict[str, tuple[int, TableFile]] | None
             if cache is not None:
                 cache[table] = (mtime, files[table])
     messages = [f"{f.label}: {m}" for f in files.values() for m in f.file_level]
+    total = len(messages)
     if not messages:
         frames = {t: f.frame for t, f in files.items()}
         found = {t: f.problems for t, f in files.items() if f.problems.height}
         if not found:  # references only make sense between well-typed columns
             found, header = reference_problems(rules, frames, {t: f.word for t, f in files.items()})
             messages += [f"{RULES_FILE}: {m}" for m in header]
+        total = len(messages) + sum(p.height for p in found.values())
         messages += _render(found, files)
     if messages:
         shown = messages[:MAX_PROBLEMS]
-        more = f"\n  ... and {len(messages) - len(shown)} more" if len(messages) > len(shown) else ""
-        raise ConfigError(f"{folder}: invalid portfolio ({len(messages)} problem(s))\n  "
-                          + "\n  ".join(shown) + more)
+        more = f"\n  ... and {total - len(shown)} more" if total > len(shown) else ""
+        raise ConfigError(f"{folder}: invalid portfolio ({total} problem(s))\n  " + "\n  ".join(shown) + more)
     return PortfolioConfig(rules, Roster(**{t: f.frame for t, f in files.items()}), str(folder))
 
 

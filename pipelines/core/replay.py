@@ -63,8 +63,9 @@ def context_from_portfolio(p: Any, **kw: Any) -> tuple[RatingContext, CoreState]
 
 def load_context(path: str) -> tuple[RatingContext, CoreState]:
     """A core-native YAML (top-level ``accounts`` and ``circuits``: see docs/billing.md), else the
-    lead's portfolio format via `pipelines.portfolio.load_portfolio`."""
-    doc = yaml.safe_load(Path(path).read_text())
+    lead's portfolio format via `pipelines.portfolio.load_portfolio` (a YAML file or a directory
+    with roster tables, docs/roster.md)."""
+    doc = None if Path(path).is_dir() else yaml.safe_load(Path(path).read_text())
     if isinstance(doc, dict) and "accounts" in doc and "circuits" in doc:
         extra = {k: doc[k] for k in ("lateness_ms", "gap_ms") if k in doc}
         ctx = context_from_values(doc.get("tariffs", []), doc.get("malls", []), doc["accounts"],

@@ -208,3 +208,16 @@ def test_roster_bench_small() -> None:
     assert result["merchants"] >= 2000 and result["change_visible"] is True
     assert result["circuits"] == result["merchants"] + 3 * result["malls"]
     assert 0 < result["config_load_s"] < 30 and result["config_change_stall_ms"] > 0
+
+
+def test_every_reader_takes_the_directory(tmp_path: Path) -> None:
+    """Collectors, replay and the rest read a portfolio through load_portfolio: a directory works."""
+    from collectors.mapping import plan_mall
+    from pipelines.core.replay import load_context
+
+    folder = _tables(tmp_path)
+    assert len(plan_mall(folder, "M02").devices) == 30 + 3  # its merchants' meters plus 3 common ones
+    rating, state = load_context(str(folder))
+    portfolio = load_portfolio(folder)
+    first = portfolio.malls[0].merchants[0]
+    assert first.id in rating.accounts and state.accounts[first.id].balance == first.opening_balance_minor

@@ -90,12 +90,16 @@ def measure(merchants: int, *, stalls: int = 700, partitions: int = 12) -> dict[
         folder = generate_tables(Path(tmp) / "portfolio", malls, stalls)
         generate_s = time.perf_counter() - t0
         gc.collect()
-        t0 = time.perf_counter()
-        ctx = build_context(load_config(folder), partitions)
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        warm(ctx)
-        warm_s = time.perf_counter() - t0
+        gc.disable()  # as ContextHolder builds (pipelines/config_holder.py)
+        try:
+            t0 = time.perf_counter()
+            ctx = build_context(load_config(folder), partitions)
+            load_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            warm(ctx)
+            warm_s = time.perf_counter() - t0
+        finally:
+            gc.enable()
         del ctx
         holder = ContextHolder(folder, partitions)
         target = f"M{malls // 2 + 1:02d}-S{stalls // 2 + 1:04d}"

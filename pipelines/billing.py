@@ -7,54 +7,22 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from infra import topics as T
-from pipelines.context import BillingContext, build_context
+from pipelines.config_holder import ContextHolder  # noqa: F401
+from pipelines.context import BillingContext
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.postings import apply_postings
 from pipelines.envelope import Envelope, OutboxItem
 from pipelines.loadcontrol import LoadOutputs, process_load
-from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
 from schemas.ledger import LEDGER_ROWS, pack_ledger_rows
 
 log = logging.getLogger("mallwatt.billing")
-
-
-class ContextHolder:
-    """The current BillingContext, rebuilt when the config file changes (no restart needed)."""
-
-    def __init__(self, path: str | Path, partitions: int) -> None:
-        self.path = Path(path)
-        self.partitions = partitions
-        self._mtime = self.path.stat().st_mtime_ns if self.path.exists() else 0
-        self._ctx = build_context(load_portfolio(self.path), partitions)
-        self.version = 1
-
-    def current(self) -> BillingContext:
-        return self._ctx
-
-    def reload_if_changed(self) -> bool:
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except OSError:
-            return False
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        try:
-            self._ctx = build_context(load_portfolio(self.path), self.partitions)
-        except Exception as exc:  # keep billing with the last good config
-            log.error("config change rejected, keeping version %s: %s", self.version, exc)
-            return False
-        self.version += 1
-        log.warning("config reloaded from %s (version %s)", self.path, self.version)
-        return True
 
 
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:

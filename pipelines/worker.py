@@ -392,7 +392,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     @app.timer(interval=5.0)
     async def reload_config() -> None:
-        holder.reload_if_changed()
+        # re-read and rebuild in a thread; billing keeps the last context until the new one is ready
+        await holder.reload_in_background()
 
     return app
 
@@ -404,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "top-ups and emits ledger entries, alerts and relay commands. Run more than one to "
         "share the partitions; state moves with its partitions on a rebalance.")
     parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
-                        help="portfolio config (YAML); edits are picked up live (default %(default)s)")
+                        help="portfolio config: a YAML file or a roster directory (docs/roster.md); edits are "
+                        "picked up live, without stopping billing (default %(default)s)")
     parser.add_argument("--loglevel", default="warning", help="faust log level (default %(default)s)")
     parser.add_argument("--no-forwarder", action="store_true",
                         help="do not publish outputs from the changelog in this process")

@@ -26,6 +26,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.core import cols
+from pipelines.core.accounts import AccountView, advanced
 from pipelines.core.cols import take
 from pipelines.core.context import RatingContext
 from pipelines.core.fastpath import Charges, charges, fast_path
@@ -35,8 +36,9 @@ from pipelines.core.interval import (
     CircuitState,
     interval_arrays,
 )
+from pipelines.core.localtime import day_iso
 from pipelines.core.lookup import Lookup, lookup
-from pipelines.core.tariff import RATED_SCHEMA, TierCounter, rate_arrays
+from pipelines.core.tariff import RATED_SCHEMA, TierArrays, rate_arrays
 from pipelines.core.wallet import (
     AccountState,
     Charge,
@@ -153,36 +155,53 @@ def _process_batch(
         state.circuits, readings, lk.cindex, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
     aidx = lk.circ_acc[cidx]
     intervals = cols.hstack(intervals, [take(lk.account_series, aidx, lk.account_ids)])
-    t1 = time.perf_counter()
-    accounts = dict(state.accounts)
-    counters = {a: s.tiers for a, s in accounts.items()}
-    r = rate_arrays(intervals, aidx, cidx, ctx, counters)
-    rated, counters = r.frame, r.counters
-    t2 = time.perf_counter()
     pay = payments_frame(payments)
     pay_rows = pay.rows(named=True) if pay.height else []
+    pay_accts = {p["account_id"] for p in pay_rows}
+    pay_rank = np.array(sorted(lk.account_rank[a] for a in pay_accts if a in lk.account_rank), dtype=np.int64)
+    energy = intervals.get_column("energy_wh").to_numpy()
+    view = AccountView(state.accounts, np.union1d(aidx[energy > 0], pay_rank), lk)
+    t1 = time.perf_counter()
+    r = rate_arrays(intervals, aidx, cidx, ctx, TierArrays.dense(lk, view.rank, view.tier_month, view.tier_wh))
+    rated = r.frame
+    t2 = time.perf_counter()
     ch = charges(r, lk) if not rated.is_empty() else None
 
-    pay_accts = {p["account_id"] for p in pay_rows}
-    touched = pay_accts | ({lk.account_ids[x] for x in np.unique(ch.aidx).tolist()} if ch is not None else set())
-    for a in touched:
-        if a not in ctx.accounts:
-            continue
-        s = accounts[a].copy() if a in accounts else AccountState(a)
-        c = counters.get(a, TierCounter())
-        s.tier_month, s.tier_wh = c.month, c.wh
-        accounts[a] = s
-
+    # Every touched account gets a new state; its tier counters first (rated accounts: updated).
+    tier_month, tier_wh = view.tier_month.copy(), view.tier_wh.copy()
+    assert r.tiers.acc is not None
+    tr = view.row[r.tiers.acc]
+    tier_month[tr], tier_wh[tr] = r.tiers.month, r.tiers.wh
+    touched = np.zeros(view.rank.size, dtype=bool)
+    touched[view.row[pay_rank]] = True
+    touched[view.row[np.unique(r.aidx)]] = True
+    has_pay = np.zeros(view.rank.size, dtype=bool)
+    has_pay[view.row[pay_rank]] = True
+    accounts = dict(state.accounts)
     out = WalletOut()
-    fast_ids: set[str] = set()
     fast_ledger, fast_rank = None, np.zeros(0, dtype=np.int64)
+    is_fast = np.zeros(view.rank.size, dtype=bool)
     if ch is not None:
-        fast_ids, fast_ledger, fast_rank = fast_path(ch, accounts, pay_accts, ctx, lk, LEDGER_SCHEMA)
-    slow_ids = sorted(touched - fast_ids)
+        f = fast_path(ch, view, has_pay, ctx, lk, LEDGER_SCHEMA)
+        fast_ledger, fast_rank = f.ledger, f.rank
+        is_fast[f.rows] = True
+        ids, states = view.ids, view.states
+        accounts.update(zip([ids[i] for i in f.rows.tolist()], map(
+            advanced, [states[i] for i in f.rows.tolist()], f.balance.tolist(), f.acc_n.tolist(),
+            [day_iso(d) if d >= 0 else states[i].standing_day  # type: ignore[union-attr]  # fast: has a state
+             for i, d in zip(f.rows.tolist(), f.new_day.tolist(), strict=True)],
+            tier_month[f.rows].tolist(), tier_wh[f.rows].tolist()), strict=True))
+    slow_rows = np.flatnonzero(touched & ~is_fast).tolist()
+    slow_ids = sorted([view.ids[i] for i in slow_rows] + [a for a in pay_accts if a not in lk.account_rank])
     ch_by = _charges_by_account(ch, slow_ids, lk) if ch is not None and slow_ids else {}
     pay_by: dict[str, list[dict[str, Any]]] = {}
     for p in pay_rows:
         pay_by.setdefault(p["account_id"], []).append(p)
+    for i in slow_rows:
+        old = view.states[i]
+        s = old.copy() if old is not None else AccountState(view.ids[i])
+        s.tier_month, s.tier_wh = int(tier_month[i]), int(tier_wh[i])
+        accounts[s.account_id] = s
     for a in slow_ids:
         if a not in ctx.accounts:
             for p in pay_by[a]:

@@ -10,8 +10,9 @@ mutated once they are in a `CoreState` (the per-event wallet works on `AccountSt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
-from operator import attrgetter
+from typing import Any, cast
 
 import numpy as np
 
@@ -20,18 +21,22 @@ from pipelines.core.localtime import iso_day
 from pipelines.core.lookup import Lookup
 from pipelines.core.wallet import AccountState
 
-_ALL = attrgetter(*(f.name for f in fields(AccountState)))  # positional order of the constructor
 _NO_STATE = (0, 0, 0, 0, None, False, False)
-_DAYS: dict[str, int] = {}  # ISO date -> days since 1970-01-01 (a handful of distinct values)
+_REPLACED = ("balance", "acc_n", "standing_day", "tier_month", "tier_wh")
 
 
-def _day(iso: str | None) -> int:
-    if iso is None:
-        return -1
-    d = _DAYS.get(iso)
-    if d is None:
-        d = _DAYS[iso] = iso_day(iso)
-    return d
+def _advanced_function() -> Callable[..., AccountState]:
+    """`advanced` as one positional constructor call, generated from the dataclass fields (so it
+    follows any change to `AccountState`): 0.6 us, against 1.3 us for `copy` plus assignments."""
+    args = ", ".join(f.name if f.name in _REPLACED else f"s.{f.name}" for f in fields(AccountState))
+    ns: dict[str, Any] = {"AccountState": AccountState}
+    exec(f"def advanced(s, {', '.join(_REPLACED)}):\n    return AccountState({args})", ns)  # noqa: S102
+    return cast(Callable[..., AccountState], ns["advanced"])
+
+
+advanced = _advanced_function()
+advanced.__doc__ = """advanced(s, balance, acc_n, standing_day, tier_month, tier_wh): a new state, ``s`` with
+these five fields replaced, sharing its containers (see the module doc)."""
 
 
 class AccountView:
@@ -47,7 +52,9 @@ class AccountView:
         bal, accn, month, wh, sd, exists, quiet = zip(*rows, strict=True) if rows else ((),) * 7
         self.balance, self.acc_n = np.array(bal, dtype=np.int64), np.array(accn, dtype=np.int64)
         self.tier_month, self.tier_wh = np.array(month, dtype=np.int64), np.array(wh, dtype=np.int64)
-        self.standing_day = np.array(list(map(_day, sd)), dtype=np.int64)  # -1: none yet
+        self.standing_iso: tuple[str | None, ...] = sd
+        days = {d: iso_day(d) if d is not None else -1 for d in set(sd)}  # a handful of distinct days
+        self.standing_day = np.array([days[d] for d in sd], dtype=np.int64)  # -1: none yet
         self.exists, self.quiet = np.array(exists, dtype=bool), np.array(quiet, dtype=bool)
         self.row = np.full(len(lk.account_ids), -1, dtype=np.int64)  # rank -> row
         self.row[rank] = np.arange(rank.size)
@@ -65,11 +72,3 @@ class AccountView:
             if t is not None:
                 eligible[i], limit[i] = True, t
         return eligible, limit
-
-
-def advanced(s: AccountState, balance: int, acc_n: int, standing_day: str | None, tier_month: int,
-             tier_wh: int) -> AccountState:
-    """A new state: ``s`` with these five fields replaced, sharing its containers (see module doc)."""
-    n = AccountState(*_ALL(s))
-    n.balance, n.acc_n, n.standing_day, n.tier_month, n.tier_wh = balance, acc_n, standing_day, tier_month, tier_wh
-    return n

@@ -215,11 +215,12 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
         fast_ledger, fast_rank = f.ledger, f.rank
         is_fast[f.rows] = True
         timings["fast"] = time.perf_counter() - t2
-        ids, states = view.ids, view.states
-        accounts.update(zip([ids[i] for i in f.rows.tolist()], map(
-            advanced, [states[i] for i in f.rows.tolist()], f.balance.tolist(), f.acc_n.tolist(),
-            [day_iso(d) if d >= 0 else states[i].standing_day  # type: ignore[union-attr]  # fast: has a state
-             for i, d in zip(f.rows.tolist(), f.new_day.tolist(), strict=True)],
+        rows = f.rows.tolist()
+        iso = {d: day_iso(d) for d in np.unique(f.new_day[f.new_day >= 0]).tolist()}
+        sd = view.standing_iso
+        accounts.update(zip([view.ids[i] for i in rows], map(
+            advanced, [view.states[i] for i in rows], f.balance.tolist(), f.acc_n.tolist(),
+            [iso[d] if d >= 0 else sd[i] for i, d in zip(rows, f.new_day.tolist(), strict=True)],
             tier_month[f.rows].tolist(), tier_wh[f.rows].tolist()), strict=True))
     slow_rows = np.flatnonzero(touched & ~is_fast).tolist()
     slow_ids = sorted([view.ids[i] for i in slow_rows] + [a for a in pay_accts if a not in lk.account_rank])

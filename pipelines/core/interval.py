@@ -162,13 +162,6 @@ class _Meters:
         assert self.s is not None
         return _Meters(pl.concat([pl.Series("meter_id", head, dtype=pl.String), self.s]))
 
-    def codes(self) -> np.ndarray:
-        if self.v is not None:
-            seen: dict[str, int] = {}
-            return np.array([seen.setdefault(m, len(seen)) for m in self.v], dtype=np.int64)
-        assert self.s is not None
-        return self.s.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
-
     def ranks(self) -> np.ndarray:
         if self.v is not None:
             rank = {m: i for i, m in enumerate(sorted(set(self.v)))}
@@ -176,13 +169,18 @@ class _Meters:
         assert self.s is not None
         return self.s.rank("dense").to_numpy().astype(np.int64)
 
-    def code_of(self, mcode: np.ndarray) -> dict[str, int]:
+    def codes_with(self, last: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """`codes`, and the codes of ``last`` (the states' last meters) in the same coding:
+        -2 for None, and a code no row has (-1 if there are few rows) for a meter not in the batch."""
         if self.v is not None:
-            return dict(zip(self.v, mcode.tolist(), strict=True))
-        first = np.full(int(mcode.max()) + 1 if mcode.size else 0, -1, dtype=np.int64)
-        first[mcode[::-1]] = np.arange(mcode.size - 1, -1, -1)  # first row of each code
-        rows = first[first >= 0]
-        return dict(zip(take(self.s, rows).to_list(), mcode[rows].tolist(), strict=True))
+            code: dict[str, int] = {}
+            mcode = np.array([code.setdefault(m, len(code)) for m in self.v], dtype=np.int64)
+            return mcode, np.array([code.get(m, -1) if m is not None else -2 for m in last], dtype=np.int64)
+        assert self.s is not None
+        n = self.s.len()  # one cast of both: equal ids get equal codes
+        both = pl.concat([self.s, pl.Series("meter_id", last, dtype=pl.String)]).cast(pl.Categorical).to_physical()
+        codes = both.cast(pl.Int64).fill_null(-2).to_numpy() if both.null_count() else both.to_numpy().astype(np.int64)
+        return codes[:n], codes[n:]
 
     def take(self, idx: np.ndarray) -> _Meters:
         if self.v is not None:
@@ -274,7 +272,7 @@ def interval_arrays(
     if cidx.size == 0:
         return new_states, _empty(INTERVAL_SCHEMA), _concat_rejects(rejects), np.zeros(0, dtype=np.int64)
     src = (np.arange(cidx.size) >= n_p).astype(np.int64)  # 0: pending from state, 1: this batch
-    mcode = meters.codes()
+    mcode, lm_code = meters.codes_with(prior.meter)
 
     # Order by (circuit, ts); ties (duplicates) by every column, so the winner ignores arrival order.
     order = None if lex_sorted((cidx, ts)) else np.lexsort((ts, cidx))
@@ -300,7 +298,6 @@ def interval_arrays(
     pos[present] = np.arange(k)
     has_last, last_ts, last_reg, last_meter = ~prior.ts_none, prior.last_ts, prior.last_reg, prior.meter
     seen0, streak = prior.seen, prior.streak
-    lm_code = _meter_codes(meters, mcode, last_meter)
 
     def rows(mask: np.ndarray, reason: str) -> None:
         if mask.any():
@@ -341,7 +338,8 @@ def interval_arrays(
     new_ts[fx], new_reg[fx] = ends.fast_ts, ends.fast_reg
     new_billed[fx] += ends.fast_wh
     ts_none[fx] = reg_none[fx] = False
-    for x, mm in zip(fx.tolist(), ends.fast_meter, strict=True):
+    moved = np.flatnonzero(mcode[ends.fast_row] != lm_code[fx])  # meter differs from the state's
+    for x, mm in zip(fx[moved].tolist(), meters.list(ends.fast_row[moved]), strict=True):
         meter[x] = mm
     for x, (e, wh, rg, mm) in ends.slow.items():
         new_ts[x], new_billed[x], new_reg[x], meter[x] = e, new_billed[x] + wh, rg, mm
@@ -354,11 +352,14 @@ def interval_arrays(
         new_ts[x], new_reg[x], meter[x] = ts[f], reg[f], meters[f]
         ts_none[x] = reg_none[x] = False
     seen_new = np.where(alive_c, seen, seen0)
-    pending: list[list[tuple[int, str, int]]] = [[] for _ in range(k)]
-    hi = row[held]
-    for x, held_row in zip(t[hi].tolist(), zip(ts[hi].tolist(), meters.list(hi), reg[hi].tolist(), strict=True),
-                           strict=True):
-        pending[x].append(held_row)
+    hi = row[held]  # in (circuit, ts) order
+    held_rows = zip(ts[hi].tolist(), meters.list(hi), reg[hi].tolist(), strict=True)
+    if hi.size == k and (t[hi] == np.arange(k)).all():  # live input: one reading waits per circuit
+        pending = [[h] for h in held_rows]
+    else:
+        pending = [[] for _ in range(k)]
+        for x, h in zip(t[hi].tolist(), held_rows, strict=True):
+            pending[x].append(h)
     new_states.update(zip(touched, map(
         CircuitState, touched, meter, _nullable(new_ts, ts_none), _nullable(new_reg, reg_none),
         _nullable(seen_new, prior.seen_none & ~alive_c), new_streak.tolist(), new_billed.tolist(), pending), strict=True))
@@ -408,12 +409,6 @@ def _concat_rejects(rejects: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat([r.select(list(REJECT_SCHEMA)).cast(REJECT_SCHEMA) for r in rejects])
 
 
-def _meter_codes(meters: _Meters, mcode: np.ndarray, last_meter: list[str | None]) -> np.ndarray:
-    """Codes of the state's last meters in the batch's meter coding (-1: not in the batch / None)."""
-    code = meters.code_of(mcode)
-    return np.array([code.get(m, -1) if m is not None else -2 for m in last_meter], dtype=np.int64)
-
-
 @dataclass
 class _Ends:
     """What `_released` changes in the touched circuits' states (indices: touched positions)."""
@@ -423,7 +418,7 @@ class _Ends:
     fast_ts: np.ndarray  # ... its time,
     fast_wh: np.ndarray  # their energy in this batch,
     fast_reg: np.ndarray  # the register value
-    fast_meter: list[str]  # and meter
+    fast_row: np.ndarray  # and row (its meter)
     slow: dict[int, tuple[int, int, int, str]]  # sequential path: (end, energy, register, meter)
 
 
@@ -438,7 +433,7 @@ def _released(
     energy, register, meter) of the last interval per touched circuit."""
     z = np.zeros(0, dtype=np.int64)
     if rel.size == 0:
-        return _empty(INTERVAL_SCHEMA), z, [], {}, _Ends(z, z, z, z, z, [], {})
+        return _empty(INTERVAL_SCHEMA), z, [], {}, _Ends(z, z, z, z, z, z, {})
     c, tt, r, m, ti = cidx[rel], ts[rel], reg[rel], mcode[rel], t[rel]
     head = np.concatenate(([True], c[1:] != c[:-1]))
     prev_ts, prev_reg, prev_m = (np.concatenate(([0], x[:-1])) for x in (tt, r, m))
@@ -460,8 +455,7 @@ def _released(
     fx = ti[last_rows]
     wh = np.zeros(len(touched), dtype=np.int64)
     np.add.at(wh, ti[fi], delta[fi])
-    ends = _Ends(ti[head], fx, tt[last_rows], wh[fx], r[last_rows],
-                 meters.list(rel[last_rows]) if last_rows.size else [], {})
+    ends = _Ends(ti[head], fx, tt[last_rows], wh[fx], r[last_rows], rel[last_rows], {})
     frame = cols.frame(INTERVAL_SCHEMA, {
         "circuit_id": take(ix.id_series, c[fi], ix.ids), "meter_id": meters.series(rel[fi]),
         "start_ms": prev_ts[fi], "end_ms": tt[fi], "energy_wh": delta[fi], "estimated": (tt[fi] - prev_ts[fi]) > gap_ms,

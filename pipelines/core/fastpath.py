@@ -68,8 +68,8 @@ class Charges:
 
 def charges(r: Rated, lk: Lookup) -> Charges:
     rated = r.frame
-    if r.src.size > 1 and (r.src[1:] == r.src[:-1]).any():
-        # Some interval has several rated rows: merge those with the same (period, tier, price).
+    if r.src.size > 1 and _mergeable(r):
+        # Some interval has several rated rows with the same (period, tier, price): merge them.
         g = cols.hstack(rated, [pl.Series("aidx", r.aidx), pl.Series("end_day", r.end_day),
                                 pl.Series("cidx", r.cidx), pl.Series("pcode", r.period)]).group_by(CHARGE_KEYS).agg(
             pl.col("meter_id").first(), pl.col("start_ms").first(), pl.col("piece_ms").min(),
@@ -100,6 +100,18 @@ def charges(r: Rated, lk: Lookup) -> Charges:
         row[idx] = idx[order]
         arrays = [x[row] for x in arrays]
     return Charges(frame, row, *arrays)
+
+
+def _mergeable(r: Rated) -> bool:
+    """Whether two rated rows of one interval share (period, tier, price). Rows of an interval
+    are adjacent; when none merge (one piece per interval, tier splits only), the rated rows
+    already are the charges in posting order."""
+    multi = r.src[1:] == r.src[:-1]
+    if not multi.any():
+        return False
+    i = np.flatnonzero(np.concatenate(([False], multi)) | np.concatenate((multi, [False])))
+    key = np.stack([r.src[i], r.period[i], r.tier[i], r.price_u[i]], axis=1)
+    return bool(np.unique(key, axis=0).shape[0] < i.size)
 
 
 def entry_ids(lk: Lookup, cidx: np.ndarray, end_ms: np.ndarray, period: np.ndarray, tier: np.ndarray,

@@ -74,7 +74,7 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
         readings = pl.DataFrame(schema={"circuit_id": pl.String, "meter_id": pl.String, "ts_ms": pl.Int64,
                                         "import_kwh": pl.Float64})
     new_state, out = process_batch(state, readings, payments, ctx.rating)
-    holds = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
+    holds = _HoldCopies(envs)
     tagged = outbox_items(out, ctx, bucket_of, positions)
     tagged += gate_wallet_commands(out, holds, ctx, bucket_of)
     load_state: dict[str, Any] = {}
@@ -89,7 +89,8 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
         extra = {**env.extra, "load": {}} if load_state else env.extra
         source, offset = positions[key]
         result[key] = Envelope(accounts={}, circuits={}, hwm={**env.hwm, source: offset}, outbox=[],
-                               updates=env.updates + 1, holds=holds[key], extra=extra)
+                               updates=env.updates + 1, holds=holds.get(key, env.holds),  # get: no copy
+                               extra=extra)
     for account, value in load_state.items():
         result[bucket_of(account)].extra["load"][account] = value
     for account, value in new_state.accounts.items():
@@ -101,6 +102,20 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
     for key, item in tagged:
         result[key].outbox.append(item)
     return result
+
+
+class _HoldCopies(dict[str, Holds]):
+    """Each key's relay holds, copied from its envelope on first use: most accounts of a step
+    change no hold, and copying every touched account's holds cost a dict per account."""
+
+    def __init__(self, envs: dict[str, Envelope]) -> None:
+        super().__init__()
+        self._envs = envs
+
+    def __missing__(self, key: str) -> Holds:
+        value = {m: list(h) for m, h in self._envs[key].holds.items()}
+        self[key] = value
+        return value
 
 
 def _bucket_holding(circuit: str, envs: dict[str, Envelope]) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import polars as pl
 
 from collectors.profile import register_limits
+from pipelines.core.cols import chunked_frame
 from pipelines.core.context import RatingContext
 from pipelines.core.models import AccountRating, Mall
 from pipelines.core.timeguard import Bounds, bounds_for
@@ -80,10 +81,9 @@ class BillingContext:
         """circuit_id -> the partition (shard) and state key that own its account."""
         ids = list(self.circuit_meter)
         accounts = [self.circuit_meter[c].account_id for c in ids]
-        return pl.DataFrame({"circuit_id": ids,
-                             "shard": [account_shard(a, self.partitions) for a in accounts],
-                             "bucket": [state_key(a) for a in accounts]},
-                            schema={"circuit_id": pl.String, "shard": pl.Int64, "bucket": pl.String})
+        return chunked_frame({"circuit_id": ids, "shard": [account_shard(a, self.partitions) for a in accounts],
+                              "bucket": [state_key(a) for a in accounts]},
+                             {"circuit_id": pl.String, "shard": pl.Int64, "bucket": pl.String})
 
 
 def build_context(portfolio: Portfolio | PortfolioConfig, partitions: int, *,

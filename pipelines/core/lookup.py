@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipelines.core.cols import chunked
 from pipelines.core.context import RatingContext
 from pipelines.core.interval import CircuitIndex
 from pipelines.core.localtime import EPOCH_ORDINAL, SlotFields, slot_fields
@@ -39,7 +40,7 @@ class Lookup:
         af = ctx.account_frame.sort("account_id")
         self.frames = (ctx.account_frame, ctx.circuit_frame)  # identity marks a stale Lookup
         self.account_ids: list[str] = af["account_id"].to_list()
-        self.account_series = pl.Series("account_id", self.account_ids, dtype=pl.String)
+        self.account_series = chunked("account_id", self.account_ids, pl.String)
         rank = self.account_rank = {a: i for i, a in enumerate(self.account_ids)}
         self.tariff_ids = sorted(ctx.tariffs)
         self.mall_ids = sorted(ctx.malls)
@@ -50,7 +51,7 @@ class Lookup:
         self.acc_m_num = af["m_num"].to_numpy().astype(np.int64)
         self.acc_m_den = af["m_den"].to_numpy().astype(np.int64)
         self.acc_mall_id = af["mall_id"].to_list()
-        self.mall_series = pl.Series("mall_id", self.acc_mall_id, dtype=pl.String)
+        self.mall_series = chunked("mall_id", self.acc_mall_id, pl.String)
         self.mall_tz = [ctx.malls[m].tz for m in self.mall_ids]
         self.holidays = np.array(sorted(
             (i << 32) + date.fromisoformat(d).toordinal() - EPOCH_ORDINAL
@@ -61,7 +62,7 @@ class Lookup:
         self.circuit_enum = self.cindex.enum
         self.circ_acc = np.array([rank[ctx.circuits[c].account_id] for c in self.circuit_ids], dtype=np.int64)
         self.charge_prefix = [f"{ctx.circuits[c].account_id}:chg:{c}:" for c in self.circuit_ids]  # entry ids
-        self.charge_prefix_series = pl.Series("p", self.charge_prefix, dtype=pl.String)
+        self.charge_prefix_series = chunked("p", self.charge_prefix, pl.String)
 
         # Global versions: all tariffs' versions in (tariff, effective_from) order.
         eff: list[int] = []

@@ -325,6 +325,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                     token = _current_event.set(weakref.ref(event))  # the changelog partition of the write
                     try:
                         claims[key.encode()] = result.value
+                    except Exception as exc:  # the table itself is broken: restart, never drop input
+                        log.critical("claims table write failed (%s); stopping the worker", exc)
+                        await app.crash(exc)
+                        raise
                     finally:
                         _current_event.reset(token)
             await written()

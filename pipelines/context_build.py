@@ -14,6 +14,7 @@ from typing import Any
 
 import polars as pl
 
+from pipelines.core.cols import as_list
 from pipelines.core.models import AccountRating, CircuitConfig, WalletPolicy
 from pipelines.loadcontrol import LoadLimits
 
@@ -67,10 +68,10 @@ def accounts_from_roster(rules: Any, merchants: pl.DataFrame, landlord_of: Calla
                      for key, mall, level, protected in
                      m.select("_limit", "mall", "level", "protected").unique("_limit").iter_rows()}
     decimals = {x: Decimal(str(x)) for x in m["price_multiplier"].unique().to_list()}
-    ids = m["id"].to_list()
-    rows = zip(ids, m["mall"].to_list(), m["tariff"].to_list(), map(policies.__getitem__, m["_policy"].to_list()),
-               map(decimals.__getitem__, m["price_multiplier"].to_list()), m["opening_balance_minor"].to_list(),
-               m["opening_debt_minor"].to_list(), strict=True)
+    ids = as_list(m["id"])
+    rows = zip(ids, as_list(m["mall"]), as_list(m["tariff"]), map(policies.__getitem__, as_list(m["_policy"])),
+               map(decimals.__getitem__, as_list(m["price_multiplier"])), as_list(m["opening_balance_minor"]),
+               as_list(m["opening_debt_minor"]), strict=True)
     names = ("account_id", "mall_id", "tariff_id", "policy", "price_multiplier", "opening_balance_minor",
              "opening_debt_minor")
     merchant_models = prebuilt(AccountRating, names, rows)
@@ -85,7 +86,7 @@ def accounts_from_roster(rules: Any, merchants: pl.DataFrame, landlord_of: Calla
         end = start + count.get(mall.id, 0)
         accounts.update(zip(ids[start:end], merchant_models[start:end], strict=True))
         start = end
-    limits = dict(zip(ids, map(shared_limits.__getitem__, m["_limit"].to_list()), strict=True))
+    limits = dict(zip(ids, map(shared_limits.__getitem__, as_list(m["_limit"])), strict=True))
     return accounts, limits
 
 
@@ -110,13 +111,13 @@ def circuits_from_roster(rules: Any, meters: pl.DataFrame, landlord_of: Callable
     ).sort("_order", maintain_order=True)
     registers = {x: register_limits(x) for x in m["model"].unique().to_list()}  # (max, resolution)
     decimals = {x: Decimal(str(x)) for x in m["max_kw"].unique().to_list()}
-    meter_ids, circuit_ids, accounts = m["id"].to_list(), m["circuit"].to_list(), m["account"].to_list()
-    routes = [_route(route_cls, *r) for r in zip(m["mall"].to_list(), m["gateway"].to_list(), meter_ids, accounts,
+    meter_ids, circuit_ids, accounts = as_list(m["id"]), as_list(m["circuit"]), as_list(m["account"])
+    routes = [_route(route_cls, *r) for r in zip(as_list(m["mall"]), as_list(m["gateway"]), meter_ids, accounts,
                                                    strict=True)]
-    limits = [registers[x] for x in m["model"].to_list()]
+    limits = [registers[x] for x in as_list(m["model"])]
     configs = prebuilt(CircuitConfig, ("circuit_id", "account_id", "max_kw", "register_max_kwh",
                                        "register_resolution_kwh"),
-                       zip(circuit_ids, accounts, map(decimals.__getitem__, m["max_kw"].to_list()),
+                       zip(circuit_ids, accounts, map(decimals.__getitem__, as_list(m["max_kw"])),
                            [x[0] for x in limits], [x[1] for x in limits], strict=True))
     return (dict(zip(circuit_ids, configs, strict=True)), dict(zip(circuit_ids, routes, strict=True)),
             dict(zip(meter_ids, routes, strict=True)))

@@ -89,6 +89,16 @@ def chunked(name: str, values: Sequence[Any], dtype: Any) -> pl.Series:
                      rechunk=True)
 
 
+def as_list(column: pl.Series) -> list[Any]:
+    """column.to_list() in slices of CHUNK values (see `chunked`)."""
+    if column.len() <= CHUNK:
+        return column.to_list()
+    out: list[Any] = []
+    for start in range(0, column.len(), CHUNK):
+        out += column.slice(start, CHUNK).to_list()
+    return out
+
+
 def chunked_frame(columns: dict[str, Sequence[Any]], schema: dict[str, Any]) -> pl.DataFrame:
     """A frame of `chunked` columns."""
     return pl.DataFrame([chunked(name, columns[name], dtype) for name, dtype in schema.items()])

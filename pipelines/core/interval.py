@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.core import cols
-from pipelines.core.cols import take
+from pipelines.core.cols import chunked, take
 from pipelines.core.models import CircuitConfig
 
 SPIKE_REBASELINE = 3
@@ -114,7 +114,7 @@ class CircuitIndex:
         self.ids = sorted(circuits)
         self.rank = {c: i for i, c in enumerate(self.ids)}
         self.enum = pl.Enum(self.ids)
-        self.id_series = pl.Series("circuit_id", self.ids, dtype=pl.String)
+        self.id_series = chunked("circuit_id", self.ids, pl.String)
         self.limits = [_limits(circuits[c]) for c in self.ids]
         self.max_w = np.array([x.max_w for x in self.limits], dtype=np.int64)
         self.res = np.array([x.res_wh for x in self.limits], dtype=np.int64)

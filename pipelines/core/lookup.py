@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipelines.core.cols import chunked
+from pipelines.core.cols import as_list, chunked
 from pipelines.core.context import RatingContext
 from pipelines.core.interval import CircuitIndex
 from pipelines.core.localtime import EPOCH_ORDINAL, SlotFields, slot_fields
@@ -39,7 +39,7 @@ class Lookup:
 
         af = ctx.account_frame.sort("account_id")
         self.frames = (ctx.account_frame, ctx.circuit_frame)  # identity marks a stale Lookup
-        self.account_ids: list[str] = af["account_id"].to_list()
+        self.account_ids: list[str] = as_list(af["account_id"])
         self.account_series = chunked("account_id", self.account_ids, pl.String)
         rank = self.account_rank = {a: i for i, a in enumerate(self.account_ids)}
         self.tariff_ids = sorted(ctx.tariffs)
@@ -50,7 +50,7 @@ class Lookup:
         self.acc_mall = np.array([m_of[m] for m in af["mall_id"]], dtype=np.int64)
         self.acc_m_num = af["m_num"].to_numpy().astype(np.int64)
         self.acc_m_den = af["m_den"].to_numpy().astype(np.int64)
-        self.acc_mall_id = af["mall_id"].to_list()
+        self.acc_mall_id = as_list(af["mall_id"])
         self.mall_series = chunked("mall_id", self.acc_mall_id, pl.String)
         self.mall_tz = [ctx.malls[m].tz for m in self.mall_ids]
         self.holidays = np.array(sorted(

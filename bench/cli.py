@@ -10,6 +10,7 @@ BENCHES = {
     "collect": ("collectors.bench", "collector: Modbus polls/s per core against simulated gateways"),
     "warehouse": ("bench.warehouse", "warehouse: sink rows/s and catalog query latencies on chDB"),
     "pipeline": ("bench.pipeline", "stream: worker readings/s vs a bare consumer, trip latency p50/p99"),
+    "scale": ("bench.scale", "stream at portfolio scale: live-shaped input, lag, trips, recovery, catch-up"),
 }
 
 

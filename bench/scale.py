@@ -70,7 +70,7 @@ APP_ID = "bench-scale"
 KEYS = ("merchants", "circuits", "cadence_s", "offered_readings_per_s", "sustained", "steady_cadences",
         "max_lag_messages", "lag_limit_messages", "trip_samples", "trip_latency_ms_p50", "trip_latency_ms_p99",
         "changelog_bytes_per_reading", "max_value_bytes", "max_value_topic", "state_bytes_per_account",
-        "recovery_s", "catchup_readings_per_s", "catchup_backlog_readings", "catchup_startup_s",
+        "recovery_s", "catchup_readings_per_s", "catchup_drained", "catchup_backlog_readings", "catchup_startup_s",
         "worker_cpu_s_per_1k_readings", "forwarder_cpu_s_per_1k_readings", "worker_ready_s",
         "config_load_s", "config_change_stall_ms", "phases", "failure", "notes")
 
@@ -311,20 +311,27 @@ class Run:
 
     def catchup(self) -> None:
         args, live = self.args, self.live
-        if self.wait_drained(max(120.0, 8 * args.cadence_s)) is None:
-            raise WorkerFailed("the worker has not caught up with the live input; no clean backlog possible")
+        self.wait_drained(max(60.0, 4 * args.cadence_s))
         self.procs.stop_worker()
+        # a worker that never caught up with the live input leaves some behind: part of the backlog
+        behind = self.offsets.lag(T.READINGS) * live.readings_per_cycle // live.messages_per_cycle
+        if behind:
+            self.note(f"catchup: the worker was still ~{behind} readings behind the live input when stopped; "
+                      "they count as backlog")
         cycles = max(1, math.ceil(args.backlog_minutes * 60 / args.cadence_s))
         log(f"catchup: worker stopped; producing a {args.backlog_minutes}-minute backlog "
             f"({cycles} cycles, {cycles * live.readings_per_cycle} readings)")
         for n in range(cycles):  # top-ups belong to the backlog too
             self.send_payment(payment(f"backlog-{self.cycle + n}", self.rng.choice(live.roster.merchants), 5_000,
                                       T0 + int((self.cycle + n) * args.cadence_s * 1000)))
-        backlog = self.stream(cycles, paced=False)
+        backlog = self.stream(cycles, paced=False) + behind
         cl_before = self.offsets.ends(self.changelog)
+        messages = self.offsets.lag(T.READINGS)
         started = time.time()
         self.procs.start_worker()
         done = self.wait_drained(args.drain_timeout_s)
+        left = self.offsets.lag(T.READINGS) if done is None else 0
+        until = done or time.time()
         ends = self.offsets.ends(self.changelog)
         first = scan(self.bootstrap, self.changelog, cl_before,
                      {p: cl_before.get(p, 0) + 1 for p, e in ends.items() if e > cl_before.get(p, 0)})
@@ -332,11 +339,14 @@ class Run:
         if first.first_ts_ms is None:
             raise WorkerFailed(f"the restarted worker billed nothing within {args.drain_timeout_s}s")
         self.result["catchup_startup_s"] = round(first.first_ts_ms / 1000 - started, 2)
-        if done is None:
-            raise WorkerFailed(f"the {backlog}-reading backlog was not drained within {args.drain_timeout_s}s")
-        rate = backlog / max(0.001, done - first.first_ts_ms / 1000)
+        self.result["catchup_drained"] = done is not None
+        if done is None:  # the rate so far, from the messages drained
+            self.note(f"catchup: {left} of {messages} backlog messages were still waiting after "
+                      f"{args.drain_timeout_s:.0f} s; catchup_readings_per_s is the rate until then")
+        drained = backlog * (messages - left) / max(1, messages)
+        rate = drained / max(0.001, until - first.first_ts_ms / 1000)
         self.result["catchup_readings_per_s"] = round(rate)
-        log(f"catchup: {backlog} readings drained at {rate:.0f} readings/s "
+        log(f"catchup: {drained:.0f} of {backlog} readings drained at {rate:.0f} readings/s "
             f"({rate / (live.readings_per_cycle / args.cadence_s):.1f}x the offered rate) after "
             f"{self.result['catchup_startup_s']} s of start-up")
 
@@ -388,6 +398,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--phases: unknown {unknown}; known: {', '.join(PHASES)}")
     if args.merchants < 1 or args.cadence_s <= 0 or args.cadences < 1:
         parser.error("--merchants, --cadence-s and --cadences must be positive")
+    args.dir = args.dir.resolve()  # the broker runs in its data directory
     args.env = {}
     for item in args.worker_env:
         name, sep, value = item.partition("=")
@@ -399,22 +410,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_kafka_phases(args: argparse.Namespace, result: dict[str, Any]) -> None:
     kafka = broker.BrokerConfig(data_dir=args.dir / "kafka", port=args.port, controller_port=args.port + 1)
-    log(f"writing the {args.merchants}-merchant portfolio")
-    roster = write_portfolio(args.merchants, args.dir)
-    trip_count = args.trip_accounts or max(20, min(100, args.merchants // 350))
-    live = LiveInput(roster, T.default_partitions(), args.cadence_s, choose_trip_accounts(roster, trip_count))
-    result.update(circuits=live.readings_per_cycle,
-                  offered_readings_per_s=round(live.readings_per_cycle / args.cadence_s, 1))
-    log(f"starting a private broker on port {args.port}")
-    bootstrap = broker.start(kafka).bootstrap
-    env = {"MALLWATT_KAFKA": bootstrap, "MALLWATT_APP_ID": APP_ID, "MALLWATT_FAUST_DIR": str(args.dir / "faust"),
-           **args.env}
-    procs = Processes(args.dir, env, roster.config)
+    procs: Processes | None = None
     run: Run | None = None
-    phase = "setup"
+    phase = "portfolio"
     try:
+        log(f"writing the {args.merchants}-merchant portfolio")
+        roster = write_portfolio(args.merchants, args.dir)
+        trip_count = args.trip_accounts or max(20, min(100, args.merchants // 350))
+        live = LiveInput(roster, T.default_partitions(), args.cadence_s, choose_trip_accounts(roster, trip_count))
+        result.update(circuits=live.readings_per_cycle,
+                      offered_readings_per_s=round(live.readings_per_cycle / args.cadence_s, 1))
+        phase = "broker"
+        log(f"starting a private broker on port {args.port}")
+        bootstrap = broker.start(kafka).bootstrap
         T.provision_topics(bootstrap)
         T.wait_until_served(bootstrap)
+        env = {"MALLWATT_KAFKA": bootstrap, "MALLWATT_APP_ID": APP_ID,
+               "MALLWATT_FAUST_DIR": str(args.dir / "faust"), **args.env}
+        procs = Processes(args.dir, env, roster.config)
+        phase = "setup"
         run = Run(args, bootstrap, live, procs, result)
         run.setup()
         for phase in (p for p in KAFKA_PHASES if p in args.phases):
@@ -422,7 +436,7 @@ def run_kafka_phases(args: argparse.Namespace, result: dict[str, Any]) -> None:
             result["phases"].append(phase)
         phase = "outputs"
         run.outputs()
-    except (WorkerFailed, KafkaException, RuntimeError) as exc:
+    except (WorkerFailed, KafkaException, RuntimeError, OSError, ValueError) as exc:  # BrokerError is a RuntimeError
         result["failure"] = {"phase": phase, "error": str(exc)}
         log(f"FAILED in {phase}: {exc}")
     finally:
@@ -430,7 +444,8 @@ def run_kafka_phases(args: argparse.Namespace, result: dict[str, Any]) -> None:
             if run.largest[0]:
                 result["max_value_bytes"], result["max_value_topic"] = run.largest
             run.close()
-        procs.close()
+        if procs is not None:
+            procs.close()
         if args.keep_broker:
             log(f"broker left running: MALLWATT_KAFKA_PORT={args.port} MALLWATT_KAFKA_CONTROLLER_PORT="
                 f"{args.port + 1} MALLWATT_KAFKA_DATA_DIR={kafka.data_dir} mallwatt stack down")

@@ -83,7 +83,7 @@ class Processes:
                     break
         code = self.worker.poll()
         if problem is None and code is not None:
-            problem = f"exited with code {code}"
+            problem = f"exited with code {code}; last log line: {_last_line(self._log)}"
         if problem is not None:
             raise WorkerFailed(f"worker (log {self._log}): {problem}")
 
@@ -112,6 +112,15 @@ class Processes:
 
     def forwarder_cpu_s(self) -> float:
         return cpu_seconds(self.forwarder.pid) if self.forwarder else 0.0
+
+
+def _last_line(path: Path | None) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 4000))
+        lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:400] if lines else "(empty log)"
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:

@@ -8,7 +8,6 @@ Logs carry method, path (no query string), status and the token id, never a toke
 from __future__ import annotations
 
 import json
-from html import escape
 import logging
 import secrets
 import threading
@@ -16,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class Portal:
 
 
 KEY: web.AppKey[Portal] = web.AppKey("portal", Portal)
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 
 
 def error(status: int, code: str, message: str, field_name: str | None = None) -> web.Response:
@@ -70,7 +71,7 @@ async def middleware(request: web.Request, handler: Callable[[web.Request], Awai
         response = await handler(request)
     except web.HTTPException as exc:  # aiohttp's own (404 route, 413 body too large, ...) as JSON
         response = error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-    who = request.get("principal")
+    who = request.get(PRINCIPAL)
     log.info("%s %s %s %.1fms token=%s", request.method, request.path, response.status,
              (time.perf_counter() - started) * 1000, who.token_id if who else "-")
     return response
@@ -81,7 +82,7 @@ def authenticate(request: web.Request) -> Principal | web.Response:
     principal = portal.tokens.authenticate(bearer_token(request.headers.get("Authorization")) or "")
     if principal is None:
         return error(401, "unauthorized", "a valid bearer token is required", "Authorization")
-    request["principal"] = principal
+    request[PRINCIPAL] = principal
     if not portal.limiter.allow(principal.token_id, portal.clock() / 1000):
         return error(429, "rate_limited", "too many requests for this token; retry shortly")
     return principal

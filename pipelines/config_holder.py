@@ -32,6 +32,7 @@ def warm(ctx: BillingContext) -> BillingContext:
 
     ctx.bucket_of("")  # fills the account -> bucket map
     _ = ctx.account_meters, ctx.circuit_routes, ctx.rating.circuit_frame, ctx.rating.account_frame
+    _ = ctx.time_bounds  # the time guard's per-circuit floors
     lookup(ctx.rating)
     return ctx
 
@@ -93,12 +94,14 @@ class ContextHolder:
             gc.disable()
             try:
                 ctx = warm(build_context(load_config(self.path, self._tables), self.partitions))
+                # The context lives until the next change and has no cycles: keep it (and what is
+                # alive now) out of later collections. Frozen BEFORE the collector is back on:
+                # otherwise the build's millions of young objects made the next collection (on
+                # whichever thread allocated first, the event loop too) walk them all at once.
+                gc.freeze()
             finally:
                 if enabled:
                     gc.enable()
-            # The context lives until the next change and has no cycles: keep it (and what is
-            # alive now) out of later collections, which would otherwise scan it all each time.
-            gc.freeze()
             return ctx
 
     def _changed(self) -> bool:

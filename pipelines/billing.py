@@ -17,11 +17,11 @@ from pipelines.context import BillingContext, build_context
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.postings import apply_postings
 from pipelines.envelope import Envelope, OutboxItem
+from pipelines.facts import interval_facts
 from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
-from pipelines.facts import interval_facts
 from schemas.intervals import INTERVAL_ROWS, pack_interval_rows
 from schemas.ledger import LEDGER_ROWS, pack_ledger_rows
 

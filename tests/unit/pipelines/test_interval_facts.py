@@ -7,10 +7,10 @@ import polars as pl
 import pytest
 
 from pipelines import billing
+from pipelines.context import build_context
 from pipelines.envelope import Envelope
 from pipelines.generate import generate
 from pipelines.portfolio import parse_portfolio
-from pipelines.context import build_context
 from schemas import codec
 from schemas.intervals import (
     INTERVAL_COLUMNS,

@@ -147,10 +147,10 @@ def test_circuit_energy_from_interval_facts(setup: tuple[Path, Path, object]) ->
              ("CH", "MH2", END - H, END, 100, 4100, ""),
              ("CH", "MH2", END, END + H, 7200, 11300, ""),
              ("CH", "MH", START + H, START + 2 * H, 1500, 1500, "")]
-    for n, (c, m, start, end, wh, total, flag) in enumerate(facts):
+    for n, (c, m, start, end, energy, total, flag) in enumerate(facts):
         client.command("INSERT INTO mallwatt.interval_energy (mall_id, circuit_id, end_ts, start_ts, account_id, "  # type: ignore[attr-defined]
                        "meter_id, energy_wh, billed_total_wh, estimated, flag) VALUES "
                        f"('M1', '{c}', fromUnixTimestamp64Milli(toInt64({end}), 'UTC'), "
-                       f"fromUnixTimestamp64Milli(toInt64({start}), 'UTC'), 'X', '{m}', {wh}, {total}, false, '{flag}')",
+                       f"fromUnixTimestamp64Milli(toInt64({start}), 'UTC'), 'X', '{m}', {energy}, {total}, false, '{flag}')",
                        settings={"insert_deduplication_token": f"fact-{n}"})
     assert warehouse_io.circuit_energy_wh(START, END, "M1", folder) == {"CH": 4100}

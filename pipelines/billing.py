@@ -7,56 +7,24 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from infra import topics as T
-from pipelines.context import BillingContext, build_context
+from pipelines.config_holder import ContextHolder  # noqa: F401
+from pipelines.context import BillingContext
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.postings import apply_postings
 from pipelines.envelope import Envelope, OutboxItem
 from pipelines.facts import interval_facts
 from pipelines.loadcontrol import LoadOutputs, process_load
-from pipelines.portfolio import load_portfolio
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
 from schemas.intervals import INTERVAL_ROWS, pack_interval_rows
 from schemas.ledger import LEDGER_ROWS, pack_ledger_rows
 
 log = logging.getLogger("mallwatt.billing")
-
-
-class ContextHolder:
-    """The current BillingContext, rebuilt when the config file changes (no restart needed)."""
-
-    def __init__(self, path: str | Path, partitions: int) -> None:
-        self.path = Path(path)
-        self.partitions = partitions
-        self._mtime = self.path.stat().st_mtime_ns if self.path.exists() else 0
-        self._ctx = build_context(load_portfolio(self.path), partitions)
-        self.version = 1
-
-    def current(self) -> BillingContext:
-        return self._ctx
-
-    def reload_if_changed(self) -> bool:
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except OSError:
-            return False
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        try:
-            self._ctx = build_context(load_portfolio(self.path), self.partitions)
-        except Exception as exc:  # keep billing with the last good config
-            log.error("config change rejected, keeping version %s: %s", self.version, exc)
-            return False
-        self.version += 1
-        log.warning("config reloaded from %s (version %s)", self.path, self.version)
-        return True
 
 
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
@@ -108,7 +76,7 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
         readings = pl.DataFrame(schema={"circuit_id": pl.String, "meter_id": pl.String, "ts_ms": pl.Int64,
                                         "import_kwh": pl.Float64})
     new_state, out = process_batch(state, readings, payments, ctx.rating)
-    holds = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
+    holds = _HoldCopies(envs)
     tagged = outbox_items(out, ctx, bucket_of, positions)
     tagged += interval_items(out, new_state, ctx, bucket_of)
     tagged += gate_wallet_commands(out, holds, ctx, bucket_of)
@@ -124,7 +92,8 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
         extra = {**env.extra, "load": {}} if load_state else env.extra
         source, offset = positions[key]
         result[key] = Envelope(accounts={}, circuits={}, hwm={**env.hwm, source: offset}, outbox=[],
-                               updates=env.updates + 1, holds=holds[key], extra=extra)
+                               updates=env.updates + 1, holds=holds.get(key, env.holds),  # get: no copy
+                               extra=extra)
     for account, value in load_state.items():
         result[bucket_of(account)].extra["load"][account] = value
     for account, value in new_state.accounts.items():
@@ -136,6 +105,20 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
     for key, item in tagged:
         result[key].outbox.append(item)
     return result
+
+
+class _HoldCopies(dict[str, Holds]):
+    """Each key's relay holds, copied from its envelope on first use: most accounts of a step
+    change no hold, and copying every touched account's holds cost a dict per account."""
+
+    def __init__(self, envs: dict[str, Envelope]) -> None:
+        super().__init__()
+        self._envs = envs
+
+    def __missing__(self, key: str) -> Holds:
+        value = {m: list(h) for m, h in self._envs[key].holds.items()}
+        self[key] = value
+        return value
 
 
 def _bucket_holding(circuit: str, envs: dict[str, Envelope]) -> str:

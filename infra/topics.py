@@ -84,6 +84,7 @@ def state_changelog_configs() -> dict[str, str]:
 READINGS = "mallwatt.readings"
 PAYMENTS = "mallwatt.payments"
 LEDGER = "mallwatt.ledger"
+INTERVALS = "mallwatt.intervals"
 ALERTS = "mallwatt.alerts"
 RELAY_COMMANDS = "mallwatt.relay-commands"
 RELAY_OUTCOMES = "mallwatt.relay-outcomes"
@@ -114,6 +115,13 @@ TOPICS: tuple[TopicSpec, ...] = (
         key="account id: the balance is the ordered sum of an account's entries",
         value="ledger_entry",
         retention_ms=INFINITE,
+    ),
+    TopicSpec(
+        INTERVALS,
+        key="p<state changelog partition> (the account shard): every interval fact of a "
+        "circuit is in one partition, in order; the warehouse deduplicates on (circuit, end)",
+        value="interval_batch",
+        retention_ms=INFINITE,  # billed energy facts: the warehouse can be rebuilt from them
     ),
     TopicSpec(
         ALERTS,

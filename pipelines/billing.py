@@ -17,9 +17,11 @@ from pipelines.context import BillingContext
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.postings import apply_postings
 from pipelines.envelope import Envelope, OutboxItem
+from pipelines.facts import interval_facts
 from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
 from schemas import codec
+from schemas.intervals import INTERVAL_ROWS, pack_interval_rows
 from schemas.ledger import LEDGER_ROWS, pack_ledger_rows
 
 log = logging.getLogger("mallwatt.billing")
@@ -76,6 +78,7 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
     new_state, out = process_batch(state, readings, payments, ctx.rating)
     holds = _HoldCopies(envs)
     tagged = outbox_items(out, ctx, bucket_of, positions)
+    tagged += interval_items(out, new_state, ctx, bucket_of)
     tagged += gate_wallet_commands(out, holds, ctx, bucket_of)
     load_state: dict[str, Any] = {}
     # load control needs power values; without any it would change nothing
@@ -181,6 +184,18 @@ def ledger_items(ledger: pl.DataFrame, ctx: BillingContext, bucket_of: Any,
     LedgerBatch per account and step cost more than the whole core on live input."""
     return [(bucket_of(account), OutboxItem(LEDGER_ROWS, account.encode(), packed))
             for account, packed in pack_ledger_rows(ledger)]
+
+
+def interval_items(out: BatchOutputs, new_state: CoreState, ctx: BillingContext,
+                   bucket_of: Any) -> list[tuple[str, OutboxItem]]:
+    """Each account's interval facts (billed energy with its flags, late/spike markers) as
+    packed rows in the outbox of its own state record; the forwarder gathers them into
+    IntervalBatches (like the ledger rows)."""
+    if not out.intervals.height and not out.rejected_readings.height:
+        return []
+    facts = interval_facts(out.intervals, out.rejected_readings, new_state.circuits, ctx)
+    return [(bucket_of(account), OutboxItem(INTERVAL_ROWS, account.encode(), packed))
+            for account, packed in pack_interval_rows(facts)]
 
 
 def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,

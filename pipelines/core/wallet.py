@@ -133,6 +133,22 @@ def in_friendly(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: frozen
     return any((s <= h < e) if s < e else (h >= s or h < e) for s, e in fc.weekday_hours)
 
 
+FRIENDLY_STEP_MS = 900_000  # friendly periods start and end on local hours: quarter hours in any zone
+FRIENDLY_LOOKBACK_STEPS = 7 * 96  # a week: longer than any friendly period plus the timer's delay
+
+
+def friendly_end(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: frozenset[str]) -> int:
+    """When the stretch outside friendly credit that contains `ts_ms` began: the end of the
+    friendly period before it. A deferred trip is stamped with it, so stream and replay raise
+    the same trip (same id, same time) whether a charge or the timer notices it, and however late."""
+    t = ts_ms - ts_ms % FRIENDLY_STEP_MS
+    for _ in range(FRIENDLY_LOOKBACK_STEPS):
+        if in_friendly(fc, t - FRIENDLY_STEP_MS, tz, holidays):
+            return t
+        t -= FRIENDLY_STEP_MS
+    return t
+
+
 def rate_str(price_u: int | None) -> str | None:
     return None if price_u is None else str(Decimal(price_u) / PRICE_SCALE)
 
@@ -324,6 +340,9 @@ class Wallet:
                 self._alert("trip_deferred", "INFO", ts, cause, f"{want} trip deferred by friendly credit")
             s.deferred = True
             return
+        if s.deferred:  # due when the friendly period ended, whoever notices (a charge or the timer)
+            ts = friendly_end(p.friendly, ts, self.tz, self.hol)
+            cause = f"friendly_end:{ts}"
         s.deferred = False
         if want == "credit" and p.emergency_credit and s.ec_owed == 0:
             s.ec_owed = p.emergency_credit

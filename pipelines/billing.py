@@ -17,6 +17,7 @@ from pipelines.context import BillingContext, build_context
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.engine import tick as core_tick
 from pipelines.core.postings import apply_postings
+from pipelines.core.wallet import friendly_until
 from pipelines.envelope import Envelope, OutboxItem
 from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.portfolio import load_portfolio
@@ -270,3 +271,15 @@ def tick(env: Envelope, ctx: BillingContext, now_ms: int) -> Envelope | None:
         return None
     return Envelope(accounts=accounts, circuits=env.circuits, hwm=env.hwm, outbox=[item for _, item in tagged],
                     updates=env.updates + 1, holds=loop.holds["_"], extra=env.extra, relays=loop.relays["_"])
+
+
+def next_timer_ms(env: Envelope, ctx: BillingContext, now_ms: int) -> int:
+    """When the timer must look at this account again after a tick that changed nothing: the
+    earliest relay chain due, or the first moment a deferred trip's friendly period can be over."""
+    dues = [row[9] for row in env.relays.values() if row[9] > now_ms]
+    for s in env.accounts.values():
+        rating = ctx.rating.accounts.get(s.account_id)
+        if (s.deferred or s.warn_pending) and rating is not None:
+            mall = ctx.rating.malls[rating.mall_id]
+            dues.append(friendly_until(rating.policy.friendly, now_ms, mall.tz, frozenset(mall.holidays)))
+    return min(dues) if dues else now_ms + 60_000

@@ -149,6 +149,17 @@ def friendly_end(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: froze
     return t
 
 
+def friendly_until(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: frozenset[str]) -> int:
+    """The first quarter hour after `ts_ms` outside friendly credit (at most a week ahead): when a
+    timer must look again at a trip deferred at `ts_ms`."""
+    t = ts_ms - ts_ms % FRIENDLY_STEP_MS
+    for _ in range(FRIENDLY_LOOKBACK_STEPS):
+        t += FRIENDLY_STEP_MS
+        if not in_friendly(fc, t, tz, holidays):
+            return t
+    return t
+
+
 def rate_str(price_u: int | None) -> str | None:
     return None if price_u is None else str(Decimal(price_u) / PRICE_SCALE)
 

@@ -262,7 +262,7 @@ def tick(env: Envelope, ctx: BillingContext, now_ms: int) -> Envelope | None:
     tagged: list[tuple[str, OutboxItem]] = []
     accounts = env.accounts
     if any(s.deferred or s.warn_pending for s in env.accounts.values()):
-        state, out = core_tick(CoreState({}, dict(env.accounts)), now_ms, ctx.rating)
+        state, out = core_tick(CoreState(dict(env.circuits), dict(env.accounts)), now_ms, ctx.rating)
         accounts = state.accounts
         tagged += outbox_items(out, ctx, lambda _a: "_", {})
         tagged += gate_wallet_commands(out, loop, ctx)
@@ -277,9 +277,12 @@ def next_timer_ms(env: Envelope, ctx: BillingContext, now_ms: int) -> int:
     """When the timer must look at this account again after a tick that changed nothing: the
     earliest relay chain due, or the first moment a deferred trip's friendly period can be over."""
     dues = [row[9] for row in env.relays.values() if row[9] > now_ms]
+    seen = [t for c in env.circuits.values() for t in (c.last_ts_ms, c.max_seen_ts_ms) if t is not None]
     for s in env.accounts.values():
         rating = ctx.rating.accounts.get(s.account_id)
         if (s.deferred or s.warn_pending) and rating is not None:
             mall = ctx.rating.malls[rating.mall_id]
-            dues.append(friendly_until(rating.policy.friendly, now_ms, mall.tz, frozenset(mall.holidays)))
+            anchor = max([now_ms] if not seen else seen)
+            dues.append(max(now_ms + 1, friendly_until(rating.policy.friendly, anchor, mall.tz,
+                                                       frozenset(mall.holidays))))
     return min(dues) if dues else now_ms + 60_000

@@ -388,12 +388,26 @@ class Wallet:
 
 
 def evaluate_deferred(state: AccountState, now_ms: int, rating: AccountRating, tariff: Tariff, tz: str,
-                      holidays: frozenset[str]) -> tuple[AccountState, WalletOut]:
-    """Timer hook: raise a trip deferred by a friendly-credit period once the period is over."""
+                      holidays: frozenset[str], anchor_ms: int | None = None) -> tuple[AccountState, WalletOut]:
+    """Timer hook: raise a trip deferred by a friendly-credit period once the period is over.
+
+    `anchor_ms` is the account's own newest time (its latest reading): the period that matters
+    is the one around it, not the one around `now_ms` (a timer may run long after the account's
+    data, and a replay's clock stops at its last input). The trip is due at that period's end
+    and stamped with it; before then nothing happens."""
     s = state.copy()
     out = WalletOut()
     if s.deferred or s.warn_pending:
-        Wallet(s, rating, tariff, tz, holidays, out)._check_trip(now_ms, f"timer:{now_ms}")
+        fc = rating.policy.friendly
+        at = now_ms
+        if anchor_ms is not None:
+            if in_friendly(fc, anchor_ms, tz, holidays):
+                at = friendly_until(fc, anchor_ms, tz, holidays)
+            else:
+                at = friendly_end(fc, anchor_ms, tz, holidays)
+            if at > now_ms:
+                return s, out
+        Wallet(s, rating, tariff, tz, holidays, out)._check_trip(at, f"timer:{at}")
     return s, out
 
 

@@ -282,7 +282,7 @@ def next_timer_ms(env: Envelope, ctx: BillingContext, now_ms: int) -> int:
         rating = ctx.rating.accounts.get(s.account_id)
         if (s.deferred or s.warn_pending) and rating is not None:
             mall = ctx.rating.malls[rating.mall_id]
-            anchor = max([now_ms] if not seen else seen)
+            anchor = max(seen if seen else [now_ms])
             dues.append(max(now_ms + 1, friendly_until(rating.policy.friendly, anchor, mall.tz,
                                                        frozenset(mall.holidays))))
     return min(dues) if dues else now_ms + 60_000

@@ -151,3 +151,19 @@ def test_envelope_without_relays_field_still_reads() -> None:
     assert env.relays == {} and env.holds == {"m": ["credit"]}
     env.relays["m"] = ["open", 1, "c", "TRIP", "credit", 1, 1, 1, "c", 5, "", ""]
     assert Envelope.from_bytes(env.to_bytes()).relays == env.relays
+
+
+def test_a_late_timer_still_trips_at_the_end_of_the_accounts_own_period(ctx: billing.BillingContext) -> None:
+    account, meter, circuit = _merchant(ctx)
+    evening = T0 + 9 * HOUR
+    pay = {"payment_id": "p0", "account_id": account, "ts_ms": evening - 1, "amount_minor": 100, "kind": "topup"}
+    used = _readings(meter, circuit, account, [evening, evening + 900_000], [100.0, 102.0])
+    env = billing.step({"k": Envelope()}, used, [pay], ctx, {"k": ("in:0", 0)}, lambda _a: "k",
+                       now_ms=evening + 900_000)["k"]
+    assert billing.tick(env, ctx, evening + 2 * HOUR) is None  # still the night's friendly period
+    due = billing.next_timer_ms(env, ctx, evening + 2 * HOUR)
+    assert due == T0 + 22 * HOUR  # the timer looks again at 08:00
+    # the stream clock months later (another input far ahead): the trip is still the night's
+    ticked = billing.tick(env, ctx, T0 + 150 * 24 * HOUR)
+    assert ticked is not None
+    assert [c["cause_ts_ms"] for c in _commands(ticked)] == [T0 + 22 * HOUR]

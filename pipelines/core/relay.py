@@ -12,7 +12,7 @@ a stale command as expired, or a relay that did not switch, is retried. After
 answer at all). Retries go on at the longest backoff up to `give_up_attempts`.
 
 Per meter the state is one small record (last command, attempt count, last observation), kept
-only while the meter is not at rest: bounded per meter, no history.
+once the meter has been commanded or seen out of place: bounded per meter, no history.
 
 States (docs/relay-state-machine.md):
 
@@ -228,11 +228,11 @@ def backoff_ms(attempt: int, policy: RelayPolicy) -> int:
     return min(policy.max_backoff_ms, policy.backoff_ms * (2 ** max(0, min(attempt - 1, 20))))
 
 
-def _settled(rec: MeterRelay, desired: str) -> MeterRelay | None:
-    """A meter observed as desired with nothing pending needs no record (bounded state)."""
-    if rec.observed == desired:
-        return None
-    return replace(rec, due_ms=-1)
+def _settled(rec: MeterRelay, desired: str) -> MeterRelay:
+    """Nothing pending. The record stays (one per meter ever commanded: bounded): its
+    observation time keeps a reading polled before the command, but billed after its
+    confirmation, from looking like a meter that switched back by itself."""
+    return replace(rec, due_ms=-1, status="CONFIRMED" if rec.observed == desired else rec.status)
 
 
 def _command(meter_id: str, rec: MeterRelay) -> Command:

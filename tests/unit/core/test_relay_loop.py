@@ -26,10 +26,12 @@ def test_expired_reconnect_is_reissued_at_once_with_a_chained_id() -> None:
                                                              "expired: issued 600s ago"), CLOSED, NOW + 500, P)
     assert [(c.command_id, c.issued_at_ms, c.attempt, c.root_id) for c in cmds] == [("c1:r2", NOW + 500, 2, "c1")]
     assert [a.kind for a in alarms] == ["relay_retry"] and alarms[0].meter_id == "m1"
-    # the retry's confirmation settles the meter: no record left (bounded state)
+    # the retry's confirmation settles the meter: nothing pending
     rec, cmds, alarms = relay.on_outcome(rec, "m1", _outcome(rec, "CONFIRMED", "CLOSED", NOW + 900), CLOSED,
                                          NOW + 1000, P)
-    assert rec is None and not cmds and not alarms
+    assert not rec.pending and relay.phase(rec, CLOSED) == "connected" and not cmds and not alarms
+    # a reading polled before the reconnect but billed after its confirmation changes nothing
+    assert relay.observe(rec, "m1", OPEN, NOW + 800, None, CLOSED, NOW + 1100, P) == (rec, [], [])
 
 
 def test_failed_trip_backs_off_then_retries_and_escalates() -> None:
@@ -88,9 +90,9 @@ def test_observations_reconcile_a_meter_at_rest() -> None:
 def test_power_while_desired_open_is_tripped_but_drawing() -> None:
     rec, _ = relay.start(None, "m1", "TRIP", "credit", "t1", NOW, NOW, P)
     rec, _, _ = relay.on_outcome(rec, "m1", _outcome(rec, "CONFIRMED", "OPEN", NOW + 10), OPEN, NOW + 20, P)
-    assert rec is None  # confirmed: at rest
+    assert not rec.pending and relay.phase(rec, OPEN) == "disconnected"  # confirmed: at rest
     # power within the grace after the command is not evidence; later it is
-    rec, cmds, alarms = relay.observe(None, "m1", OPEN, NOW + 40_000, 800.0, OPEN, NOW + 41_000, P)
+    rec, cmds, alarms = relay.observe(rec, "m1", OPEN, NOW + 40_000, 800.0, OPEN, NOW + 41_000, P)
     assert [a.kind for a in alarms] == ["tripped_but_drawing"] and [c.action for c in cmds] == ["TRIP"]
     rec, _, alarms = relay.observe(rec, "m1", OPEN, NOW + 50_000, 900.0, OPEN, NOW + 51_000, P)
     assert not alarms  # once per chain

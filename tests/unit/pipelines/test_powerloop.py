@@ -72,7 +72,7 @@ def _trip(ctx, account, meter, circuit):  # type: ignore[no-untyped-def]
     outcome = {"command_id": trip["command_id"], "action": "TRIP", "status": "CONFIRMED", "meter_id": meter,
                "relay_after": "OPEN", "ts_ms": T0 + 1_001_000, "detail": ""}
     env = billing.apply_outcomes(env, account, [outcome], ctx, "outcomes:0", 0, T0 + 1_002_000)
-    assert env.relays == {}  # confirmed: at rest, nothing stored for the meter
+    assert env.relays[meter][9] == -1  # confirmed: at rest, nothing due
     return env
 
 
@@ -94,7 +94,7 @@ def test_topup_billed_ten_minutes_late_reconnects_with_a_fresh_stamp(ctx: billin
     done = {**expired, "command_id": retry["command_id"], "status": "CONFIRMED", "relay_after": "CLOSED",
             "ts_ms": billed + 2_000}
     env = billing.apply_outcomes(env, account, [done], ctx, "outcomes:0", 2, billed + 3_000)
-    assert env.relays == {} and not _commands(env)
+    assert env.relays[meter][9] == -1 and not _commands(env)
 
 
 def test_timer_retries_a_command_without_an_answer(ctx: billing.BillingContext) -> None:

@@ -2,7 +2,8 @@
 that stores the state change and carries the command in its outbox) to the command on
 mallwatt.relay-commands stays p99 < 10 s while workers are SIGKILLed and restarted.
 
-Two workers (static forwarder members `a` and `b`, MALLWATT_WORKER_NAME); operator commands
+Two workers (static forwarder members `a` and `b` via MALLWATT_WORKER_NAME, or dynamic ones with
+the 6 s session timeout); operator commands
 toggle merchants' power ten times a second; each worker is killed with SIGKILL once and
 restarted at once. The figures are printed (run with -s to see them).
 """
@@ -60,7 +61,8 @@ def _ends(bootstrap: str, topic: str) -> dict[int, int]:
     return ends
 
 
-def test_command_delay_across_sigkill_and_restart(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("static", [True, False], ids=["static-members", "dynamic-members"])
+def test_command_delay_across_sigkill_and_restart(kafka_bootstrap: str, tmp_path: Path, static: bool) -> None:
     prefix = f"D{uuid.uuid4().hex[:6]}"
     data = generate(1, 40, seed=3, mall_prefix=prefix)
     for merchant in data["malls"][0]["merchants"]:
@@ -97,14 +99,14 @@ def test_command_delay_across_sigkill_and_restart(kafka_bootstrap: str, tmp_path
     thread = threading.Thread(target=operate)
     try:
         for name in ("a", "b"):
-            workers.env = {**env, "MALLWATT_WORKER_NAME": name}
+            workers.env = {**env, "MALLWATT_WORKER_NAME": name if static else ""}
             workers.start(name)
         time.sleep(12)
         thread.start()
         for name in ("a", "b"):
             time.sleep(8)
             workers.kill9(name)
-            workers.env = {**env, "MALLWATT_WORKER_NAME": name}
+            workers.env = {**env, "MALLWATT_WORKER_NAME": name if static else ""}
             workers.start(name)  # restarted at once, as a supervisor would
         time.sleep(15)
         stop.set()
@@ -131,6 +133,6 @@ def test_command_delay_across_sigkill_and_restart(kafka_bootstrap: str, tmp_path
     delays = sorted(published[c] - decided[c] for c in decided)
     p50, p99 = delays[len(delays) // 2], delays[min(len(delays) - 1, int(len(delays) * 0.99))]
     print(f"\nrelay command delay, state write -> topic ({len(delays)} commands, {len(merchants)} merchants, "
-          f"2 workers each SIGKILLed and restarted once): p50 {p50} ms, p99 {p99} ms, max {delays[-1]} ms")
+          f"2 workers each SIGKILLed and restarted once, {'static' if static else 'dynamic'} forwarder members): p50 {p50} ms, p99 {p99} ms, max {delays[-1]} ms")
     assert len(delays) > 100
     assert p99 < 10_000

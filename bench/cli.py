@@ -10,6 +10,7 @@ BENCHES = {
     "collect": ("collectors.bench", "collector: Modbus polls/s per core against simulated gateways"),
     "warehouse": ("bench.warehouse", "warehouse: sink rows/s and catalog query latencies on chDB"),
     "pipeline": ("bench.pipeline", "stream: worker readings/s vs a bare consumer, trip latency p50/p99"),
+    "roster": ("pipelines.roster_bench", "portfolio: table load + context build s, event-loop stall on a change"),
 }
 
 

@@ -34,9 +34,11 @@ class TopicSpec:
     retention_ms: int = 7 * DAY_MS  # -1 keeps data forever
     cleanup_policy: str = "delete"
     partitions: int = field(default_factory=default_partitions)
+    extra_configs: tuple[tuple[str, str], ...] = ()  # e.g. the changelogs' compaction settings
 
     def configs(self) -> dict[str, str]:
-        return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+        return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy,
+                **dict(self.extra_configs)}
 
 
 def claims_changelog_configs(horizon_days: int) -> dict[str, str]:
@@ -45,6 +47,22 @@ def claims_changelog_configs(horizon_days: int) -> dict[str, str]:
     window_ms = int(float(os.environ.get("MALLWATT_FORWARD_WINDOW_S", 600)) * 1000)
     return {"cleanup.policy": "compact,delete", "retention.ms": str(horizon_days * DAY_MS),
             "min.compaction.lag.ms": str(window_ms), "segment.ms": str(max(window_ms // 4, 60_000))}
+
+
+def changelog_specs(app_id: str, horizon_days: int, partitions: int | None = None) -> list[TopicSpec]:
+    """The worker's table changelogs, created before faust starts: faust checks a table's
+    changelog partitions on the first write, and a changelog it had just created was sometimes
+    not yet in its metadata (PartitionsMismatch crashed the agent)."""
+    count = partitions or default_partitions()
+    state, claims = state_changelog_configs(), claims_changelog_configs(horizon_days)
+    return [
+        TopicSpec(f"{app_id}-accounts-changelog", key="account id", value="state value (pipelines/envelope.py)",
+                  retention_ms=INFINITE, cleanup_policy=state.pop("cleanup.policy"), partitions=count,
+                  extra_configs=tuple(state.items())),
+        TopicSpec(f"{app_id}-claims-changelog", key="claim key", value="claim (pipelines/claiming.py)",
+                  retention_ms=int(claims.pop("retention.ms")), cleanup_policy=claims.pop("cleanup.policy"),
+                  partitions=count, extra_configs=tuple(claims.items())),
+    ]
 
 
 def state_changelog_configs() -> dict[str, str]:

@@ -7,57 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from infra import topics as T
-from pipelines.context import BillingContext, build_context
+from pipelines.config_holder import ContextHolder  # noqa: F401
+from pipelines.context import BillingContext
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.engine import tick as core_tick
 from pipelines.core.postings import apply_postings
 from pipelines.core.wallet import friendly_until
 from pipelines.envelope import Envelope, OutboxItem
 from pipelines.loadcontrol import LoadOutputs, process_load
-from pipelines.portfolio import load_portfolio
 from pipelines.powerloop import PowerLoop
 from pipelines.relaygate import held_by
 from schemas import codec
 from schemas.ledger import LEDGER_ROWS, pack_ledger_rows
 
 log = logging.getLogger("mallwatt.billing")
-
-
-class ContextHolder:
-    """The current BillingContext, rebuilt when the config file changes (no restart needed)."""
-
-    def __init__(self, path: str | Path, partitions: int) -> None:
-        self.path = Path(path)
-        self.partitions = partitions
-        self._mtime = self.path.stat().st_mtime_ns if self.path.exists() else 0
-        self._ctx = build_context(load_portfolio(self.path), partitions)
-        self.version = 1
-
-    def current(self) -> BillingContext:
-        return self._ctx
-
-    def reload_if_changed(self) -> bool:
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except OSError:
-            return False
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        try:
-            self._ctx = build_context(load_portfolio(self.path), self.partitions)
-        except Exception as exc:  # keep billing with the last good config
-            log.error("config change rejected, keeping version %s: %s", self.version, exc)
-            return False
-        self.version += 1
-        log.warning("config reloaded from %s (version %s)", self.path, self.version)
-        return True
 
 
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
@@ -93,8 +61,8 @@ def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, s
                  f"{row['reason']}", "details": {"amount_minor": str(row["amount_minor"]), "reason": row["reason"]}}
         tagged.append(("_", OutboxItem(T.ALERTS, row["account_id"].encode(), codec.encode("Alert", alert))))
     return Envelope(accounts=new_state.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
-                    outbox=[item for _, item in tagged], updates=env.updates + 1, holds=loop.holds["_"],
-                    extra=env.extra, relays=loop.relays["_"])
+                    outbox=[item for _, item in tagged], updates=env.updates + 1, holds=loop.holds_of("_"),
+                    extra=env.extra, relays=loop.relays_of("_"))
 
 
 def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,
@@ -131,7 +99,8 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
         extra = {**env.extra, "load": {}} if load_state else env.extra
         source, offset = positions[key]
         result[key] = Envelope(accounts={}, circuits={}, hwm={**env.hwm, source: offset}, outbox=[],
-                               updates=env.updates + 1, holds=loop.holds[key], extra=extra, relays=loop.relays[key])
+                               updates=env.updates + 1, holds=loop.holds_of(key), extra=extra,  # no copy
+                               relays=loop.relays_of(key))
     for account, value in load_state.items():
         result[bucket_of(account)].extra["load"][account] = value
     for account, value in new_state.accounts.items():
@@ -163,7 +132,7 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
     gated = loop.gate(route.account_id, [meter], "operator", on, command["command_id"], None, command["ts_ms"],
                       f"operator:{command['operator']}")
     items = [item for _, item in gated]
-    still = held_by(loop.holds["_"], meter)
+    still = held_by(loop.holds_of("_"), meter)
     audit = {"alert_id": f"{command['command_id']}:audit", "kind": "operator_power", "severity": "INFO",
              "mall_id": route.mall_id, "account_id": route.account_id, "meter_id": meter,
              "ts_ms": command["ts_ms"],
@@ -173,8 +142,8 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
                          "target_id": command["target_id"], "holds": ",".join(still)}}
     items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", audit)))
     return Envelope(accounts=env.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
-                    outbox=items, updates=env.updates + 1, holds=loop.holds["_"], extra=env.extra,
-                    relays=loop.relays["_"])
+                    outbox=items, updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra,
+                    relays=loop.relays_of("_"))
 
 
 def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
@@ -251,7 +220,7 @@ def apply_outcomes(env: Envelope, account: str, outcomes: list[dict[str, Any]], 
     loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
     items = [item for o in outcomes for _, item in loop.outcome(account, o, now_ms)]
     return Envelope(accounts=env.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset}, outbox=items,
-                    updates=env.updates + 1, holds=loop.holds["_"], extra=env.extra, relays=loop.relays["_"])
+                    updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra, relays=loop.relays_of("_"))
 
 
 def tick(env: Envelope, ctx: BillingContext, now_ms: int) -> Envelope | None:
@@ -267,10 +236,10 @@ def tick(env: Envelope, ctx: BillingContext, now_ms: int) -> Envelope | None:
         tagged += outbox_items(out, ctx, lambda _a: "_", {})
         tagged += gate_wallet_commands(out, loop, ctx)
     tagged += loop.tick(now_ms)
-    if not tagged and accounts == env.accounts and loop.relays["_"] == env.relays:
+    if not tagged and accounts == env.accounts and loop.relays_of("_") == env.relays:
         return None
     return Envelope(accounts=accounts, circuits=env.circuits, hwm=env.hwm, outbox=[item for _, item in tagged],
-                    updates=env.updates + 1, holds=loop.holds["_"], extra=env.extra, relays=loop.relays["_"])
+                    updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra, relays=loop.relays_of("_"))
 
 
 def next_timer_ms(env: Envelope, ctx: BillingContext, now_ms: int) -> int:

@@ -18,6 +18,7 @@ with one circuit is about 200 bytes).
 
 from __future__ import annotations
 
+import operator
 import os
 import struct
 from dataclasses import dataclass, field
@@ -55,9 +56,17 @@ class OutboxItem:
 
 def frame_value(outbox: list[OutboxItem], state: bytes) -> bytes:
     """MAGIC, outbox length, the binary outbox, then the state bytes (any table's)."""
-    packed = b"".join(struct.pack(">HIIi", len(o.topic), len(o.key), len(o.value), o.partition)
-                      + o.topic.encode() + o.key + o.value for o in outbox)
-    return MAGIC + struct.pack(">I", len(packed)) + packed + state
+    parts = [MAGIC, b""]
+    for o in outbox:
+        topic = o.topic.encode()
+        parts += (_ITEM.pack(len(topic), len(o.key), len(o.value), o.partition), topic, o.key, o.value)
+    parts[1] = _LENGTH.pack(sum(map(len, parts)) - len(MAGIC))
+    parts.append(state)
+    return b"".join(parts)
+
+
+_ITEM = struct.Struct(">HIIi")
+_LENGTH = struct.Struct(">I")
 
 
 def unframe_value(raw: bytes) -> tuple[list[OutboxItem], bytes]:
@@ -71,20 +80,13 @@ def unframe_value(raw: bytes) -> tuple[list[OutboxItem], bytes]:
 _ACCOUNT_FIELDS = AccountState.__slots__  # type: ignore[attr-defined]
 _CIRCUIT_FIELDS = ("circuit_id", "meter_id", "last_ts_ms", "last_reg_wh", "max_seen_ts_ms", "spike_streak",
                    "billed_wh", "pending")
-
-
-def _account_row(s: AccountState) -> list[Any]:
-    return [getattr(s, f) for f in _ACCOUNT_FIELDS]
+# C-level getters: this runs for every account a step writes
+_account_row = operator.attrgetter(*_ACCOUNT_FIELDS)
+_circuit_row = operator.attrgetter(*_CIRCUIT_FIELDS)
 
 
 def _account_from(row: list[Any]) -> AccountState:
-    s = AccountState(*row)
-    return s
-
-
-def _circuit_row(c: CircuitState) -> list[Any]:
-    return [c.circuit_id, c.meter_id, c.last_ts_ms, c.last_reg_wh, c.max_seen_ts_ms, c.spike_streak,
-            c.billed_wh, c.pending]
+    return AccountState(*row)
 
 
 def _circuit_from(row: list[Any]) -> CircuitState:

@@ -50,32 +50,57 @@ POLICY = policy_from_env()
 Tagged = list[tuple[str, OutboxItem]]
 
 
+class _Copies(dict[str, Any]):
+    """Each key's holds (or loop records), copied from its envelope on first use: most accounts
+    of a step change neither, and copying every touched account's cost a dict per account."""
+
+    def __init__(self, envs: dict[str, Envelope], field: str) -> None:
+        super().__init__()
+        self._envs, self._field = envs, field
+
+    def __missing__(self, key: str) -> Any:
+        value = {m: list(v) for m, v in getattr(self._envs[key], self._field).items()}
+        self[key] = value
+        return value
+
+
 class PowerLoop:
-    """Holds and loop records of a step's envelopes (copied: the inputs stay untouched)."""
+    """Holds and loop records of a step's envelopes (copied on first use: the inputs stay
+    untouched). `holds.get(key, env.holds)` is the key's result (no copy when unchanged)."""
 
     def __init__(self, envs: dict[str, Envelope], ctx: Any, now_ms: int | None, bucket_of: Callable[[str], str],
                  policy: relay.RelayPolicy | None = None) -> None:
         self.ctx, self.now_ms, self.bucket_of = ctx, now_ms, bucket_of
         self.policy = policy or POLICY
-        self.holds: dict[str, Holds] = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
-        self.relays: dict[str, dict[str, list[Any]]] = {k: dict(env.relays) for k, env in envs.items()}
+        self.envs = envs
+        self.holds: dict[str, Holds] = _Copies(envs, "holds")
+        self.relays: dict[str, dict[str, list[Any]]] = _Copies(envs, "relays")
+
+    def holds_of(self, key: str) -> Holds:
+        return self.holds.get(key, self.envs[key].holds)
+
+    def relays_of(self, key: str) -> dict[str, list[Any]]:
+        return self.relays.get(key, self.envs[key].relays)
 
     def now(self, cause_ts_ms: int) -> int:
         """The issue time: the step's explicit now; tools without one fall back to the cause."""
         return self.now_ms if self.now_ms is not None else cause_ts_ms
 
     def _rec(self, key: str, meter: str) -> relay.MeterRelay | None:
-        row = self.relays[key].get(meter)
+        row = self.relays_of(key).get(meter)
         return relay.MeterRelay.from_row(row) if row is not None else None
 
     def _put(self, key: str, meter: str, rec: relay.MeterRelay | None) -> None:
-        if rec is None:
+        row = None if rec is None else rec.to_row()
+        if self.relays_of(key).get(meter) == row:
+            return  # unchanged: no copy
+        if row is None:
             self.relays[key].pop(meter, None)
         else:
-            self.relays[key][meter] = rec.to_row()
+            self.relays[key][meter] = row
 
     def desired(self, key: str, meter: str) -> str:
-        return relay.desired_of(self.holds[key].get(meter))
+        return relay.desired_of(self.holds_of(key).get(meter))
 
     def gate(self, account: str, meters: list[str], hold: str, on: bool, cause_id: str, reason: str | None,
              cause_ts_ms: int, requested_by: str) -> Tagged:
@@ -100,7 +125,8 @@ class PowerLoop:
         looked at: meters with a hold or a loop record, and meters reporting OPEN."""
         if "relay" not in readings.columns or not readings.height:
             return []
-        watched = [m for key in self.holds for m in (*self.holds[key], *self.relays[key])]
+        watched = [m for key, env in self.envs.items() if env.holds or env.relays or key in self.holds
+                   for m in (*self.holds_of(key), *self.relays_of(key))]
         cond = pl.col("relay") == 1
         if watched:
             cond = cond | pl.col("meter_id").is_in(watched)
@@ -115,7 +141,7 @@ class PowerLoop:
             if route is None:
                 continue
             key, meter = self.bucket_of(route.account_id), row["meter_id"]
-            if key not in self.holds:
+            if key not in self.envs:
                 continue
             power = row.get("power_w")
             power = None if power is None or power != power else float(power)  # NaN: not measured
@@ -128,8 +154,8 @@ class PowerLoop:
     def tick(self, now_ms: int) -> Tagged:
         """Re-issue or settle every chain whose time has come."""
         items: Tagged = []
-        for key, records in self.relays.items():
-            for meter in list(records):
+        for key in self.envs:
+            for meter in list(self.relays_of(key)):
                 route = self.ctx.meter_route.get(meter)
                 account = route.account_id if route else key
                 rec, cmds, alarms = relay.due(self._rec(key, meter), meter, self.desired(key, meter), now_ms,

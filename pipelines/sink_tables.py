@@ -8,6 +8,7 @@ per-reading dicts.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +16,12 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from pipelines.core.timeguard import LATEST_MS
 from schemas import codec
 from schemas.ledger import batch_entries
 from schemas.readings import RELAY_NAMES, batch_to_frame, reading_flags
+
+log = logging.getLogger("mallwatt.sink")
 
 DB = "mallwatt"
 TS = pa.timestamp("ms", tz="UTC")
@@ -79,6 +83,17 @@ def decode_readings(value: bytes | None) -> Decoded:
     flags = reading_flags(record)
     if flags and (min(flags) < 0 or max(flags) >= n):
         raise ValueError(f"ReadingBatch {record['batch_id']}: flag index outside 0..{n - 1}")
+    # A reading the stream refuses as absurd (year 3000) is not stored either: the warehouse's
+    # rollups cannot hold it, and one such row made every insert of its batch fail for ever.
+    # The worker dead-letters its message with the reason, so it is not lost silently.
+    plausible = (pl.col("ts_ms") > 0) & (pl.col("ts_ms") < LATEST_MS)
+    if frame.height and not frame.select(plausible.all()).item():
+        keep = frame.select(plausible).to_series()
+        log.warning("ReadingBatch %s: %s reading(s) with an absurd timestamp not stored", record["batch_id"],
+                    frame.height - int(keep.sum()))
+        frame = frame.filter(keep)
+        flags = {new: flags[old] for new, old in enumerate(keep.arg_true().to_list()) if old in flags}
+        n = frame.height
     frame = frame.with_columns(
         pl.lit(record["mall_id"]).alias("mall_id"),
         pl.col("ts_ms").cast(pl.Datetime("ms", "UTC")).alias("ts"),

@@ -35,6 +35,7 @@ from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
 from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
+from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
 from pipelines.take import take_steps
 from schemas import codec
@@ -158,6 +159,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         now = min(max(stamps), cap)
         clock_ms[0] = max(clock_ms[0], now)
         return now
+    collector = StepCollector()
 
     def store(key: str, env: Envelope) -> None:
         raw = env.to_bytes()
@@ -201,7 +203,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             await asyncio.gather(*letters)
             return
         try:
-            refused = bill(decoded, holder.current())  # synchronous: no other agent interleaves
+            with collector.step():  # the cycle collector stays off the state (pipelines/gc_policy.py)
+                refused = bill(decoded, holder.current())  # synchronous: no other agent interleaves
         except Exception as exc:
             if len(decoded) > 1:
                 log.warning("billing step of %s messages failed (%s); retrying one by one", len(decoded), exc)
@@ -365,6 +368,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                     token = _current_event.set(weakref.ref(event))  # the changelog partition of the write
                     try:
                         claims[key.encode()] = result.value
+                    except Exception as exc:  # the table itself is broken: restart, never drop input
+                        log.critical("claims table write failed (%s); stopping the worker", exc)
+                        await app.crash(exc)
+                        raise
                     finally:
                         _current_event.reset(token)
             await written()
@@ -436,7 +443,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     @app.timer(interval=5.0)
     async def reload_config() -> None:
-        holder.reload_if_changed()
+        # re-read and rebuild in a thread; billing keeps the last context until the new one is ready
+        await holder.reload_in_background()
 
     def outcome_account(outcome: dict[str, Any], ctx: Any) -> tuple[str, str | None]:
         route = ctx.meter_route.get(outcome["meter_id"])
@@ -539,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         "top-ups and emits ledger entries, alerts and relay commands. Run more than one to "
         "share the partitions; state moves with its partitions on a rebalance.")
     parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
-                        help="portfolio config (YAML); edits are picked up live (default %(default)s)")
+                        help="portfolio config: a YAML file or a roster directory (docs/roster.md); edits are "
+                        "picked up live, without stopping billing (default %(default)s)")
     parser.add_argument("--loglevel", default="warning", help="faust log level (default %(default)s)")
     parser.add_argument("--no-forwarder", action="store_true",
                         help="do not publish outputs from the changelog in this process")
@@ -552,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # the changelogs exist (with their compaction settings) before faust's first table write
+    T.provision_topics(bootstrap_servers(), T.changelog_specs(APP_ID, CLAIM_HORIZON_DAYS))
+    T.wait_until_served(bootstrap_servers(), [t.name for t in T.changelog_specs(APP_ID, CLAIM_HORIZON_DAYS)])
     app = build_app(args.config, holder=holder)
     forwarder = None
     if not args.no_forwarder:

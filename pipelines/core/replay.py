@@ -50,9 +50,15 @@ def context_from_values(tariffs: list[Any], malls: list[Any], accounts: list[Any
 
 def load_context(path: str) -> tuple[RatingContext, CoreState]:
     """A core-native YAML (top-level ``accounts`` and ``circuits``: see docs/billing.md), else a
-    portfolio, through the stream's own builder (`pipelines.context.build_context`): the same
-    circuits (common areas to the mall's LANDLORD account), register wraps, opening balances and
-    debts, lateness and gap as the stream."""
+    portfolio (a YAML file or a directory with roster tables, docs/roster.md), through the
+    stream's own builder (`pipelines.context.build_context`): the same circuits (common areas to
+    the mall's LANDLORD account), register wraps, opening balances and debts, lateness and gap as
+    the stream."""
+    if Path(path).is_dir():
+        from pipelines.context import build_context
+        from pipelines.portfolio import load_portfolio
+
+        return build_context(load_portfolio(path), partitions=1).rating, CoreState()
     try:
         # the C loader when there: a 50-mall portfolio loads in a fraction of the time, and once
         doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506

@@ -131,7 +131,8 @@ def test_topup_billed_after_a_ten_minute_outage_reconnects(kafka_bootstrap: str,
     async def body(sim, mall, worker, producer, tails) -> None:  # type: ignore[no-untyped-def]
         merchant = mall.merchants[0]
         meter = next(m for m in mall.meters if m.account == merchant.id)
-        _pay(producer, merchant.id, f"{prefix}-open", 1, sim.now_ms())  # 1 fen: the first charge trips
+        # no opening top-up: the account opens at 0 with its first charge, at the cut-off: a trip
+        # (a 1 fen top-up billed after that charge would reconnect it and race the test)
         trip = await _wait(tails["outcomes"], lambda o: o["meter_id"] == meter.id and o["action"] == "TRIP")
         assert trip["status"] == "CONFIRMED" and not sim.meters[meter.id].relay_closed
 
@@ -156,7 +157,7 @@ def test_meter_that_ignores_its_first_trip_is_tripped_by_the_retry(kafka_bootstr
         merchant = mall.merchants[1]
         meter = next(m for m in mall.meters if m.account == merchant.id)
         sim.meters[meter.id].faults.ignore_relay_writes = 3  # every write of the collector's first command
-        _pay(producer, merchant.id, f"{prefix}-open", 1, sim.now_ms())
+        # no top-up: the account opens at 0 with its first charge, at the cut-off: a trip
         first = await _wait(tails["outcomes"], lambda o: o["meter_id"] == meter.id and o["action"] == "TRIP")
         assert first["status"] == "FAILED" and first["relay_after"] == "CLOSED"
         retry = await _wait(tails["outcomes"], lambda o: o["meter_id"] == meter.id and o["action"] == "TRIP"

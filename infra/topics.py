@@ -135,7 +135,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         RELAY_OUTCOMES,
-        key="gateway id: outcomes arrive in the order the gateway executed them",
+        key="gateway id, produced to partition account_shard(account of the meter): the worker "
+        "that owns the meter's relay state reads it, in the order the gateway executed them",
         value="relay_outcome",
     ),
     TopicSpec(

@@ -111,6 +111,8 @@ class Envelope:
     updates: int = 0
     holds: dict[str, list[str]] = field(default_factory=dict)  # meter id -> why its relay is held open
     extra: dict[str, Any] = field(default_factory=dict)  # per-account state of other rules (load control)
+    # meter id -> pipelines.core.relay.MeterRelay row: the power loop of meters not at rest
+    relays: dict[str, list[Any]] = field(default_factory=dict)
 
     def applied(self, source: str, offset: int) -> bool:
         return self.hwm.get(source, -1) >= offset
@@ -122,7 +124,7 @@ class Envelope:
         state = msgpack.packb([
             [_account_row(s) for s in self.accounts.values()],
             [_circuit_row(c) for c in self.circuits.values()],
-            self.hwm, self.updates, self.holds, self.extra], use_bin_type=True)
+            self.hwm, self.updates, self.holds, self.extra, self.relays], use_bin_type=True)
         raw = frame_value(self.outbox, state)
         cap = MAX_VALUE_BYTES if limit is None else limit
         if len(raw) > cap:
@@ -136,11 +138,13 @@ class Envelope:
         if not raw:
             return cls()
         outbox, state = unframe_value(raw)
-        accounts, circuits, hwm, updates, holds, extra = msgpack.unpackb(state, raw=False, strict_map_key=False)
+        fields = msgpack.unpackb(state, raw=False, strict_map_key=False)
+        accounts, circuits, hwm, updates, holds, extra = fields[:6]
+        relays = fields[6] if len(fields) > 6 else {}  # added at the end: older values still read
         accs = [_account_from(r) for r in accounts]
         circs = [_circuit_from(r) for r in circuits]
         return cls({s.account_id: s for s in accs}, {c.circuit_id: c for c in circs}, hwm, outbox, updates,
-                   holds, extra)
+                   holds, extra, relays)
 
 
 def outbox_of(raw: bytes) -> list[OutboxItem]:

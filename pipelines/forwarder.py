@@ -14,6 +14,7 @@ before each commit held every relay command behind it for a broker round trip.)
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -55,16 +56,35 @@ def changelog_topics(app_id: str) -> list[str]:
     return [changelog_topic(app_id), changelog_topic(app_id, CLAIMS_TABLE)]
 
 
+#: The forwarder group's session timeout: how long a killed member's changelog partitions (and
+#: so every relay command stored in them) wait before another forwarder takes them. The client
+#: default (45 s) held commands for a rebalance's length; 6 s is the broker's default minimum.
+SESSION_TIMEOUT_MS = int(os.environ.get("MALLWATT_FORWARDER_SESSION_TIMEOUT_MS", 6000))
+
+
+def consumer_config(bootstrap: str, group: str, instance: str | None = None) -> dict[str, Any]:
+    """The forwarder's consumer settings. With a stable instance name (`MALLWATT_WORKER_NAME`:
+    one per worker process, kept across restarts) the member is static: a restarted worker takes
+    its partitions back at once, without a rebalance, instead of waiting out the session."""
+    instance = instance if instance is not None else os.environ.get("MALLWATT_WORKER_NAME")
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+        "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
+        "topic.metadata.refresh.interval.ms": 2000,
+        "session.timeout.ms": SESSION_TIMEOUT_MS,
+        "heartbeat.interval.ms": max(500, SESSION_TIMEOUT_MS // 6),
+    }
+    if instance:
+        config["group.instance.id"] = f"{group}-{instance}"
+    return config
+
+
 class Forwarder:
     def __init__(self, bootstrap: str, changelog_topic: str | list[str], group: str = "mallwatt-forwarder") -> None:
         self.topics = [changelog_topic] if isinstance(changelog_topic, str) else list(changelog_topic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
-        self._consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
-            "topic.metadata.refresh.interval.ms": 2000,
-        })
+        self._consumer = Consumer(consumer_config(bootstrap, group))
         self._producer = Producer({
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 2, "compression.type": "lz4",

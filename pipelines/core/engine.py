@@ -362,14 +362,25 @@ def _slow_path(s: AccountState, chs: list[Charge], pay: list[dict[str, Any]], ct
 
 
 def tick(state: CoreState, now_ms: int, ctx: RatingContext) -> tuple[CoreState, BatchOutputs]:
-    """Timer step: re-check trips deferred by friendly-credit periods (see wallet.evaluate_deferred)."""
+    """Timer step at `now_ms`: raise trips deferred by a friendly-credit period whose period
+    (the one around the account's newest reading) has ended, stamped with its end
+    (see wallet.evaluate_deferred). Same result for any `now_ms` after that end."""
     accounts = dict(state.accounts)
     out = WalletOut()
-    for a, s in state.accounts.items():
-        if (s.deferred or s.warn_pending) and a in ctx.accounts:
+    waiting = {a for a, s in state.accounts.items() if (s.deferred or s.warn_pending) and a in ctx.accounts}
+    anchors: dict[str, int] = {}  # each waiting account's newest reading: its own time
+    for c, cs in state.circuits.items():
+        cfg = ctx.circuits.get(c)
+        seen = max((t for t in (cs.last_ts_ms, cs.max_seen_ts_ms) if t is not None), default=None)
+        if cfg is not None and cfg.account_id in waiting and seen is not None:
+            anchors[cfg.account_id] = max(anchors.get(cfg.account_id, seen), seen)
+    for a in sorted(waiting):
+        s = state.accounts[a]
+        if a in ctx.accounts:
             r = ctx.accounts[a]
             m = ctx.malls[r.mall_id]
-            accounts[a], o = evaluate_deferred(s, now_ms, r, ctx.tariffs[r.tariff_id], m.tz, frozenset(m.holidays))
+            accounts[a], o = evaluate_deferred(s, now_ms, r, ctx.tariffs[r.tariff_id], m.tz, frozenset(m.holidays),
+                                               anchors.get(a))
             out.ledger += o.ledger
             out.alerts += o.alerts
             out.commands += o.commands

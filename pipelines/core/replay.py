@@ -23,7 +23,13 @@ import yaml
 from pipelines.core import timeguard
 from pipelines.core.claims import claim_payment_rows
 from pipelines.core.context import RatingContext
-from pipelines.core.engine import PAYMENT_REJECT_SCHEMA, CoreState, payments_frame, process_batch
+from pipelines.core.engine import (
+    PAYMENT_REJECT_SCHEMA,
+    CoreState,
+    payments_frame,
+    process_batch,
+    tick,
+)
 from pipelines.core.interval import REJECT_SCHEMA
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
 from pipelines.core.replay_input import InputError, read_payments, read_readings
@@ -154,12 +160,27 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
         state, out = process_batch(state, batch, p, ctx, flush=last)
         for k in acc:
             acc[k].append(getattr(out, k))
+        # the stream's timer (pipelines.worker.power_timer): trips deferred by a friendly period
+        # that ended before the newest input time are raised at the period's end, as in the stream
+        now = replay_now(batch, p)
+        if now is not None and any(s.deferred or s.warn_pending for s in state.accounts.values()):
+            state, out = tick(state, now, ctx)
+            for k in acc:
+                acc[k].append(getattr(out, k))
     tables = {k: pl.concat(v, how="vertical_relaxed") for k, v in acc.items()}
     tables["balances"] = pl.DataFrame(
         [(a, s.balance, s.ec_owed, s.debt, s.relay) for a, s in sorted(state.accounts.items())], orient="row",
         schema={"account_id": pl.String, "balance_minor": pl.Int64, "ec_owed_minor": pl.Int64,
                 "debt_minor": pl.Int64, "relay": pl.String})
     return state, tables
+
+
+def replay_now(batch: pl.DataFrame, payments: pl.DataFrame | None) -> int | None:
+    """The time the stream's clock had reached after a batch: the newest input (the recorded
+    Kafka timestamps `msg_ts_ms` when the input has them, else the readings' and payments' own)."""
+    stamps = [int(v) for f in (batch, payments) if f is not None and f.height
+              for c in ("ts_ms", "msg_ts_ms") if c in f.columns and (v := f[c].max()) is not None]
+    return max(stamps) if stamps else None
 
 
 def _load_tariff(path: str) -> Tariff:

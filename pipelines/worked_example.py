@@ -57,7 +57,7 @@ OPENING_MINOR = 20_000
 NEW_METER = "M01-S0001-E1-NEW"
 INTERVAL_COLUMNS = ["circuit_id", "meter_id", "account_id", "mall_id", "start_ms", "end_ms", "energy_wh",
                     "billed_total_wh", "estimated", "flag"]
-COLUMNS = ("kwh", "energy_minor", "topups_minor", "shared_cost_minor", "closing_minor")
+COLUMNS = ("kwh", "opening_minor", "energy_minor", "topups_minor", "shared_cost_minor", "closing_minor")
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,14 @@ class Figures:
 
     source: str
     energy_wh: int
+    opening_minor: int  # the configured opening balance, posted in the month
     energy_minor: int
     topups_minor: int
     shared_cost_minor: int
     closing_minor: int
 
     def key(self) -> tuple[int, ...]:
-        return (self.energy_wh, self.energy_minor, self.topups_minor, self.shared_cost_minor, self.closing_minor)
+        return (self.energy_wh, self.opening_minor, self.energy_minor, self.topups_minor, self.shared_cost_minor, self.closing_minor)
 
 
 @dataclass
@@ -219,11 +220,11 @@ def _month(frame: pl.DataFrame, inp: MonthInput, ts: str) -> pl.DataFrame:
                                                                                     closed="left"))
 
 
-def _money(ledger: pl.DataFrame) -> tuple[int, int, int]:
-    """Energy charges, top-ups and shared costs of ledger rows (minor units)."""
+def _money(ledger: pl.DataFrame) -> tuple[int, int, int, int]:
+    """Opening balance, energy charges, top-ups and shared costs of ledger rows (minor units)."""
     def total(*kinds: str) -> int:
         return int(ledger.filter(pl.col("kind").is_in(kinds))["amount_minor"].sum())
-    return total("charge"), total("topup"), total("shared_cost")
+    return total("opening_balance"), total("charge"), total("topup"), total("shared_cost")
 
 
 def stream_figures(run: StreamRun, inp: MonthInput) -> Figures:
@@ -282,7 +283,7 @@ def bill_figures(inp: MonthInput, path: str) -> Figures:
     bills = load_bills(inp.portfolio, parse_period(MONTH), mall_id=MALL, path=path, check_closed=False)
     st = next(s for s in bills.statements if s.account_id == ACCOUNT)
     totals = st.section_totals()
-    return Figures("bill", int(st.energy_kwh() * 1000), totals["energy"], totals["topup"], totals["shared_cost"],
+    return Figures("bill", int(st.energy_kwh() * 1000), totals["opening_balance"], totals["energy"], totals["topup"], totals["shared_cost"],
                    st.closing_minor)
 
 
@@ -307,10 +308,10 @@ def table(figures: list[Figures]) -> str:
     """The figures as a Markdown table (kWh exact to the Wh, money in CNY with fen)."""
     def cny(minor: int) -> str:
         return f"{Decimal(minor) / 100:,.2f}"
-    lines = ["| source | energy (kWh) | energy charges (CNY) | top-ups (CNY) | shared cost (CNY) | closing balance (CNY) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| source | energy (kWh) | opening balance (CNY) | energy charges (CNY) | top-ups (CNY) | shared cost (CNY) | closing balance (CNY) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for f in figures:
-        lines.append(f"| {f.source} | {Decimal(f.energy_wh) / 1000:,.3f} | {cny(f.energy_minor)} | "
+        lines.append(f"| {f.source} | {Decimal(f.energy_wh) / 1000:,.3f} | {cny(f.opening_minor)} | {cny(f.energy_minor)} | "
                      f"{cny(f.topups_minor)} | {cny(f.shared_cost_minor)} | {cny(f.closing_minor)} |")
     return "\n".join(lines)
 

@@ -57,7 +57,6 @@ OPENING_MINOR = 20_000
 NEW_METER = "M01-S0001-E1-NEW"
 INTERVAL_COLUMNS = ["circuit_id", "meter_id", "account_id", "mall_id", "start_ms", "end_ms", "energy_wh",
                     "billed_total_wh", "estimated", "flag"]
-COLUMNS = ("kwh", "opening_minor", "energy_minor", "topups_minor", "shared_cost_minor", "closing_minor")
 
 
 @dataclass(frozen=True)

@@ -477,11 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     args.dir.mkdir(parents=True)
     if any(p in args.phases for p in KAFKA_PHASES):
         run_kafka_phases(args, result)
-    if "year" in args.phases:
-        log("year: 365 daily top-ups and hourly readings for one account, in-process")
-        result["state_bytes_per_account"] = state_value_bytes_after_year()
-        result["phases"].append("year")
-    config_figures(args.merchants, result)
+    try:  # the figures measured so far are printed whatever happens here
+        if "year" in args.phases:
+            log("year: 365 daily top-ups and hourly readings for one account, in-process")
+            result["state_bytes_per_account"] = state_value_bytes_after_year()
+            result["phases"].append("year")
+        config_figures(args.merchants, result)
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON, not as a traceback
+        result["failure"] = result["failure"] or {"phase": "in-process", "error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(result))
     return 1 if result["failure"] else 0
 

@@ -410,7 +410,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.merchants < 1 or args.cadence_s <= 0 or args.cadences < 1:
         parser.error("--merchants, --cadence-s and --cadences must be positive")
     args.dir = args.dir.resolve()  # the broker runs in its data directory
-    args.env = {}
+    # as a production worker runs (docs/stream.md, Recovery): RocksDB local state, a stable name
+    args.env = {"MALLWATT_STORE": "rocksdb://", "MALLWATT_WORKER_NAME": "bench-worker"}
     for item in args.worker_env:
         name, sep, value = item.partition("=")
         if not sep or not name:

@@ -16,10 +16,20 @@ The writer is idempotent with acks=all, so a partition's writes stay in order, e
 with faust's producer. On a rebalance the writer is flushed before partitions move, so a
 new owner recovers every write this worker made.
 
+Why the local store is written after the broker's ack: with faust's RocksDB store a
+restarted worker resumes from its local state and reads the changelog only from the offset
+it stored. faust writes the local store before the changelog, so a kill -9 between the two
+left a local value the changelog never got: the restarted worker skipped the input as
+applied (its mark is in that value), and the change and its outputs were never published.
+Here a value reaches the local store only once it is in the changelog. Until then the
+caller reads its own newest values from its own cache (`generation` says when a rebalance
+made that cache stale).
+
 faust internals used here (faust-streaming 0.15.x, checked by FAUST_VERSIONS and tested in
-tests/unit/pipelines/test_durable_table.py): Table.on_key_set (the write hook),
+tests/unit/pipelines/test_durable_table.py): Table.__setitem__/on_key_set (the write hook),
 Collection.partition_for_key (the current event's partition), _maybe_set_key_ttl,
-_sensor_on_set, on_rebalance, data.set_persisted_offset (RocksDB's restart offsets).
+_sensor_on_set, on_rebalance, data.set_persisted_offset (RocksDB's restart offsets), and the
+RocksDB store's _db_for_partition/_key_index (a write outside a stream event).
 """
 
 from __future__ import annotations
@@ -100,6 +110,14 @@ class DurableTable(faust.Table):
         super().__post_init__()
         self._unacknowledged: list[Any] = []
         self._writer: ChangelogWriter | None = None
+        self.generation = 0  # +1 on every rebalance: values cached by callers may be stale
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # ManagedUserDict.__setitem__ is on_key_set, then the local store; with the writer the
+        # local store is written when the broker acknowledges the changelog record (above)
+        self.on_key_set(key, value)
+        if self._changelog_writer() is None:
+            self.data[key] = value
 
     def _changelog_writer(self) -> ChangelogWriter | None:
         if WRITER != "librdkafka":
@@ -118,27 +136,33 @@ class DurableTable(faust.Table):
             fut: Any = self.send_changelog(partition, key, value)
         else:
             topic = self.changelog_topic.get_topic_name()
-            fut = writer.produce(topic, partition, key, value, self._stored_at(topic))
+            fut = writer.produce(topic, partition, key, value, self._stored_at(topic, key, value))
         self._unacknowledged.append(fut)
         self._maybe_set_key_ttl(key, partition)
         self._sensor_on_set(self, key, value)
 
-    def _stored_at(self, topic: str) -> Any:
+    def _stored_at(self, topic: str, key: bytes, value: bytes) -> Any:
         def stored(partition: int, offset: int) -> None:
+            store_locally(self.data, partition, key, value)
             # what faust's own send callback does: RocksDB keeps it to resume after a restart
             self.data.set_persisted_offset(TP(topic, partition), offset)
         return stored
 
     async def written(self) -> None:
         """Wait until the broker has acknowledged every write made so far (raises if one failed)."""
-        pending, self._unacknowledged = self._unacknowledged, []
+        # Every caller waits for every write made before it called, whoever else is waiting:
+        # the readings agent acks in the background while other agents wait for theirs.
+        pending = list(self._unacknowledged)
         if not pending:
             return
-        if self._writer is not None:
-            await self._writer.wait([f for f in pending if isinstance(f, asyncio.Future)])
-            pending = [f for f in pending if not isinstance(f, asyncio.Future)]
-        if pending:
-            await asyncio.gather(*pending)
+        try:
+            if self._writer is not None:
+                await self._writer.wait([f for f in pending if isinstance(f, asyncio.Future)])
+            others = [f for f in pending if not isinstance(f, asyncio.Future)]
+            if others:
+                await asyncio.gather(*others)
+        finally:
+            self._unacknowledged = [f for f in self._unacknowledged if not f.done()]
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP],
                            generation_id: int = 0) -> None:
@@ -147,4 +171,15 @@ class DurableTable(faust.Table):
             remaining = await self._writer.flush(30.0)
             if remaining:
                 raise RuntimeError(f"{remaining} changelog write(s) not stored before a rebalance")
+        self.generation += 1
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+
+
+def store_locally(store: Any, partition: int, key: bytes, value: bytes) -> None:
+    """Put an acknowledged value into the table's local store: the RocksDB store picks its
+    partition database from the current stream event, and a delivery report has none."""
+    if hasattr(store, "_db_for_partition"):  # faust.stores.rocksdb.Store
+        store._db_for_partition(partition).put(key, value)
+        store._key_index[key] = partition
+    else:  # the memory store
+        store[key] = value

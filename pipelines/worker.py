@@ -74,7 +74,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     shorten_fetch_wait()
     faster_compression()
     partitions = T.default_partitions()
-    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID)))
+    # one directory per named worker: with MALLWATT_STORE=rocksdb:// a restarted worker finds
+    # its own local state there (two workers of one host must not share it)
+    name = os.environ.get("MALLWATT_WORKER_NAME", "")
+    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID / name)))
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         APP_ID,
@@ -131,10 +134,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     async def to_dead_letter(event: Any, stage: str, reason: str) -> None:
         await (await send_dead_letter(event, stage, reason))  # delivered before the event is acked
 
-    # The last envelope stored or loaded per account, with the exact bytes object the table
-    # holds: while the table still holds that object, parsing it again would give the same
-    # envelope. A rebalance or recovery puts new objects in the table, so the cache misses.
-    parsed: dict[str, tuple[bytes | None, Envelope]] = {}
+    # The last envelope stored or loaded per account, with the table's rebalance generation:
+    # the authoritative newest state of the accounts this worker owns (the table's local store
+    # lags by the broker's ack), and a rebalance or recovery makes every entry stale.
+    parsed: dict[str, tuple[int, Envelope]] = {}
     # Accounts with timer work (a relay chain due, a trip waiting for a friendly period to end)
     # -> when; kept as envelopes are stored or parsed, and by a periodic scan after a rebalance.
     due: dict[str, int] = {}
@@ -162,18 +165,18 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     collector = StepCollector()
 
     def store(key: str, env: Envelope) -> None:
-        raw = env.to_bytes()
-        states[key.encode()] = raw
-        parsed[key] = (raw, env)
+        states[key.encode()] = env.to_bytes()
+        parsed[key] = (states.generation, env)
         note_due(key, env)
 
     def load(key: str) -> Envelope:
-        raw = states.get(key.encode())
+        # Our own newest value: the table's local store gets it only once the broker has it
+        # (pipelines/durable_table.py). Values of before a rebalance are read again.
         hit = parsed.get(key)
-        if hit is not None and hit[0] is raw and raw is not None:
+        if hit is not None and hit[0] == states.generation:
             return hit[1]
-        env = Envelope.from_bytes(raw)
-        parsed[key] = (raw, env)
+        env = Envelope.from_bytes(states.get(key.encode()))
+        parsed[key] = (states.generation, env)
         note_due(key, env)
         return env
 
@@ -316,8 +319,13 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
             await bill_batch(events, lambda value: codec.decode("Payment", value), bill_payments)
 
+    # Claims written and not yet acknowledged (the table's local store gets them on the ack):
+    # a second use of an id in the same step must meet the first.
+    unacked_claims: dict[str, bytes] = {}
+
     def load_claim(key: str) -> Any:
-        return claiming.decode_claim(claims.get(key.encode()))
+        raw = unacked_claims.get(key)
+        return claiming.decode_claim(raw if raw is not None else claims.get(key.encode()))
 
     newest_claim_ms = [0]  # the newest payment/posting time claimed here: the horizon's "now"
 
@@ -368,6 +376,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                     token = _current_event.set(weakref.ref(event))  # the changelog partition of the write
                     try:
                         claims[key.encode()] = result.value
+                        unacked_claims[key] = result.value
                     except Exception as exc:  # the table itself is broken: restart, never drop input
                         log.critical("claims table write failed (%s); stopping the worker", exc)
                         await app.crash(exc)
@@ -375,6 +384,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                     finally:
                         _current_event.reset(token)
             await written()
+            unacked_claims.clear()  # acknowledged: in the local store now
             await asyncio.gather(*letters)
 
     @app.agent(payments_topic)
@@ -549,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
                         help="portfolio config: a YAML file or a roster directory (docs/roster.md); edits are "
                         "picked up live, without stopping billing (default %(default)s)")
-    parser.add_argument("--loglevel", default="warning", help="faust log level (default %(default)s)")
+    parser.add_argument("--loglevel", default=os.environ.get("MALLWATT_LOGLEVEL", "warning"),
+                        help="faust log level (default %(default)s; MALLWATT_LOGLEVEL)")
     parser.add_argument("--no-forwarder", action="store_true",
                         help="do not publish outputs from the changelog in this process")
     args = parser.parse_args(argv)

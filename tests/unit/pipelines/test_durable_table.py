@@ -21,18 +21,25 @@ class FakeWriter:
     def __init__(self) -> None:
         self.writes: list[tuple[str, int, bytes, bytes]] = []
         self.futures: list[asyncio.Future[Any]] = []
+        self.stored: list[Any] = []
         self.flushed = 0
 
     def produce(self, topic: str, partition: int, key: bytes, value: bytes, on_stored: Any = None) -> Any:
         self.writes.append((topic, partition, key, value))
         future = asyncio.get_running_loop().create_future()
         self.futures.append(future)
+        self.stored.append(on_stored)
         return future
 
     def deliver(self, error: Exception | None = None) -> None:
         for i, future in enumerate(self.futures):
             if not future.done():
-                future.set_exception(error) if error else future.set_result((0, i))
+                if error:
+                    future.set_exception(error)
+                else:
+                    future.set_result((0, i))
+                    if self.stored[i] is not None:
+                        self.stored[i](self.writes[i][1], i)
 
     async def wait(self, futures: list[asyncio.Future[Any]]) -> None:
         await asyncio.gather(*futures)
@@ -99,12 +106,42 @@ def test_a_refused_write_raises_from_written() -> None:
     assert run(body)["error"] == "refused"
 
 
-def test_a_rebalance_flushes_the_writer_first() -> None:
+def test_a_rebalance_flushes_the_writer_first_and_marks_cached_values_stale() -> None:
     async def body(table: Any, writer: FakeWriter, event: Any) -> dict[str, Any]:
+        before = table.generation
         await table.on_rebalance(set(), set(), set())
-        return {"flushed": writer.flushed}
+        return {"flushed": writer.flushed, "generations": (before, table.generation)}
 
-    assert run(body)["flushed"] == 1
+    out = run(body)
+    assert out["flushed"] == 1 and out["generations"] == (0, 1)
+
+
+def test_the_local_store_gets_a_value_only_once_the_broker_has_it() -> None:
+    """A restart from a RocksDB store must never find a value the changelog lacks."""
+    async def body(table: Any, writer: FakeWriter, event: Any) -> dict[str, Any]:
+        table[b"acct-1"] = b"new"
+        before = table.data.get(b"acct-1")
+        writer.deliver()
+        await table.written()
+        return {"before": before, "after": table.data.get(b"acct-1")}
+
+    assert run(body) == {"before": None, "after": b"new"}
+
+
+def test_written_waits_for_every_earlier_write_whoever_else_waits() -> None:
+    async def body(table: Any, writer: FakeWriter, event: Any) -> dict[str, Any]:
+        table[b"a"] = b"1"
+        first = asyncio.ensure_future(table.written())  # e.g. a background ack
+        await asyncio.sleep(0)
+        table[b"b"] = b"2"
+        second = asyncio.ensure_future(table.written())
+        await asyncio.sleep(0.01)
+        waiting = (first.done(), second.done())
+        writer.deliver()
+        await asyncio.gather(first, second)
+        return {"waiting": waiting}
+
+    assert run(body)["waiting"] == (False, False)
 
 
 def test_the_faust_version_is_one_this_module_was_written_for() -> None:

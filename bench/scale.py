@@ -400,7 +400,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recovery-timeout-s", type=float, default=300.0)
     parser.add_argument("--drain-timeout-s", type=float, default=900.0)
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment for the worker, e.g. MALLWATT_LOG_STEPS=1; repeatable")
+                        help="environment for the worker, e.g. MALLWATT_LOG_STEPS=1; repeatable (set by default: "
+                        "MALLWATT_STORE=rocksdb:// and MALLWATT_WORKER_NAME=bench-worker, as in production)")
     parser.add_argument("--json", action="store_true", help="print only the JSON figures on stdout (always so)")
     args = parser.parse_args(argv)
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]

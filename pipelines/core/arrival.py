@@ -82,6 +82,20 @@ class Progress:
 Sink = Callable[[str, pl.DataFrame], None]  # (output name, frame) -> write it
 
 
+def arrival_problem(frame: pl.DataFrame) -> str | None:
+    """Why a frame cannot be replayed in arrival order (column level), or None."""
+    for name in ARRIVAL_COLUMNS:
+        if name not in frame.columns:
+            return (f"missing column {name!r}: --arrival-order needs each row's Kafka partition, offset and "
+                    f"msg_ts_ms (mallwatt export-input writes them)")
+        col = frame[name]
+        if not (col.dtype.is_integer() or col.dtype == pl.Null):
+            return f"column {name!r}: expected integers, got {col.dtype}"
+        if name != "msg_ts_ms" and col.null_count():
+            return f"row {int(col.is_null().arg_max() or 0) + 1}: {name}: expected a value, got None"
+    return None
+
+
 def claim_in_order(payments: pl.DataFrame, ctx: RatingContext, bounds: timeguard.Bounds,
                    book: ClaimBook | None = None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """(accepted payments in wallet arrival order, refused by time, refused by claim).
@@ -185,10 +199,9 @@ class ArrivalReplay:
         return self.state
 
     def _check_order(self, chunk: pl.DataFrame, where: str, first_row: int) -> None:
-        for name in ARRIVAL_COLUMNS:
-            if name not in chunk.columns:
-                raise OrderError(f"{where}: missing column {name!r}: --arrival-order needs each row's Kafka "
-                                 f"partition, offset and msg_ts_ms (mallwatt export-input writes them)")
+        problem = arrival_problem(chunk)
+        if problem is not None:
+            raise OrderError(f"{where}: {problem}")
         prev = chunk.with_row_index("row").with_columns(
             before=pl.col("offset").shift(1).over("partition"))
         back = prev.filter(pl.col("offset") < pl.col("before"))
@@ -290,10 +303,9 @@ def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFram
     bounds = bounds or time_bounds(ctx)
     accepted = pl.DataFrame(schema={**payments_frame(None).schema, **{c: pl.Int64 for c in ARRIVAL_COLUMNS}})
     if payments is not None and payments.height:
-        for name in ARRIVAL_COLUMNS:
-            if name not in payments.columns:
-                raise OrderError(f"payments: missing column {name!r}: --arrival-order needs each payment's "
-                                 f"Kafka partition, offset and msg_ts_ms (mallwatt export-input writes them)")
+        problem = arrival_problem(payments)
+        if problem is not None:
+            raise OrderError(f"payments: {problem}")
         accepted, late, refused = claim_in_order(payments, ctx, bounds)
         for frame in (late, refused):
             if frame.height:

@@ -51,11 +51,12 @@ from schemas.keys import shard_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-MALLS, STALLS, CADENCES = 8, 1000, 16
-# (worker, MALLWATT_FAULT) lives in order: a dies at each point and is restarted with the next
-LIVES_A = ["mid_step:2500", "after_state_write_before_commit:12", "forwarder_after_publish_before_commit:4",
-           "mid_step:9000", ""]
-LIFE_B = "after_state_write_before_commit:8"  # b joins during a's third life and dies there
+MALLS, STALLS, CADENCES = 8, 1000, 12
+# MALLWATT_FAULT of each life of worker a, in order: it dies at the point and is restarted with
+# the next (a restart costs about 40 s on the shared 2-core machine: the budget for lives)
+LIVES_A = ["mid_step:2500", "after_state_write_before_commit:12", "forwarder_after_publish_before_commit:4", ""]
+LIFE_B = "mid_step:1500"  # b joins at window B_JOINS (1 -> 2 workers) and dies mid-step (2 -> 1)
+B_JOINS = 2
 
 
 def _ends(bootstrap: str, topic: str) -> dict[int, int]:
@@ -144,7 +145,7 @@ def _caught_up(bootstrap: str, group: str, topic: str, target: dict[int, int] | 
 def _produce_window(producer: Producer, window: object, mall_of: dict[str, str], seq: list[int]) -> None:
     for shard, frame in window.readings:  # type: ignore[attr-defined]
         seq[0] += 1
-        batch = readings.frame_to_batch(frame.drop("account_id"), batch_id=f"chaos/{shard}/{seq[0]}",
+        batch = readings.frame_to_batch(frame, batch_id=f"chaos/{shard}/{seq[0]}",
                                         collector_id="chaos", mall_id=mall_of[frame["account_id"][0]],
                                         shard=int(shard), seq=seq[0], collected_at_ms=int(frame["ts_ms"].max()))
         producer.produce(T.READINGS, key=shard_key(int(shard)), partition=int(shard),
@@ -177,15 +178,20 @@ def _worker_balances(bootstrap: str, app_id: str) -> dict[str, int]:
     return out
 
 
-def _drain(tail: TopicTail, seconds: float) -> list[dict]:
-    """Everything the tail's topic holds now (poll until `seconds` pass without a gap)."""
-    deadline = time.monotonic() + seconds
+def _drain(tail: TopicTail, bootstrap: str, topic: str, begin: dict[int, int], timeout: float = 120.0) -> list[dict]:
+    """Everything the tail's topic holds up to its end offsets of now (called once every output
+    is forwarded), read to the last offset of every partition, never by a fixed wait."""
+    ends = _ends(bootstrap, topic)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        positions = {tp.partition: tp.offset for tp in tail.consumer.position(tail.consumer.assignment())}
+        if all(positions.get(p, -1) >= end for p, end in ends.items() if end > begin.get(p, 0)):
+            return tail.seen
         msg = tail.consumer.poll(0.5)
         if msg is None or msg.error():
             continue
         tail.seen += decode_records(tail.schema, msg.value())
-    return tail.seen
+    raise AssertionError(f"{topic}: not read to its end offsets {ends} within {timeout}s")
 
 
 def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_path: Path) -> None:
@@ -196,11 +202,12 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(inp.portfolio, config)
     ctx = build_context(parse_portfolio(inp.portfolio), partitions)
-    assert len(ctx.accounts) >= 8000 and inp.readings_count > 100_000
+    assert len(ctx.accounts) >= 8000 and inp.readings_count > 90_000
     mall_of = {a: r.mall_id for a, r in ctx.rating.accounts.items()}
 
     app_id = f"chaos-{prefix}"
     start = {T.READINGS: _ends(kafka_bootstrap, T.READINGS), T.PAYMENTS: _ends(kafka_bootstrap, T.PAYMENTS)}
+    begin = {t: _ends(kafka_bootstrap, t) for t in (T.LEDGER, T.ALERTS, T.RELAY_COMMANDS)}  # tails start here
     tails = {"ledger": TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch"),
              "alerts": TopicTail(kafka_bootstrap, T.ALERTS, "Alert"),
              "commands": TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")}
@@ -213,7 +220,7 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     try:
         workers.start("a", LIVES_A)
         for i, window in enumerate(inp.windows):
-            if i == 3:
+            if i == B_JOINS:
                 workers.start("b", [LIFE_B])  # 1 -> 2 workers; b dies at its fault: 2 -> 1
             _produce_window(producer, window, mall_of, seq)
             _wait(f"window {i} readings committed", _caught_up(kafka_bootstrap, app_id, T.READINGS), workers)
@@ -226,7 +233,8 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
             _wait(f"window {i} payments applied", _caught_up(kafka_bootstrap, app_id, T.PAYMENTS_ACCEPTED), workers)
         _wait("every output forwarded", _caught_up(kafka_bootstrap, f"{app_id}-forwarder", changelog_topic(app_id)),
               workers)
-        published = Published(*(_drain(tails[k], 4 if k == "ledger" else 1) for k in ("ledger", "alerts", "commands")))
+        published = Published(*(_drain(tails[k], kafka_bootstrap, topic, begin[topic]) for k, topic in
+                                (("ledger", T.LEDGER), ("alerts", T.ALERTS), ("commands", T.RELAY_COMMANDS))))
     finally:
         workers.stop_all()
     fired = [(name, fault) for name, fault, code in workers.deaths if fault]
@@ -261,5 +269,5 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     # the comparison saw the whole story: duplicates published, every payment id credited once
     topups = {e["entry_id"] for e in published.ledger if e["kind"] == "topup"}
     assert len(topups) == len(inp.payment_ids)
-    assert table["ledger"].height > 100_000 and published.commands and published.alerts
-    assert time.monotonic() - started < 400
+    assert table["ledger"].height > 80_000 and published.commands and published.alerts
+    assert time.monotonic() - started < 420

@@ -33,10 +33,11 @@ CADENCE_MS = 900_000
 PER_DAY = 96
 
 
-def write_input(merchants: int, days: int, out: Path, partitions: int = 8, seed: int = 7) -> dict[str, int]:
+def write_input(merchants: int, days: int, out: Path, partitions: int = 8, seed: int = 7,
+                low_balance_share: float = 0.2) -> dict[str, int]:
     stalls = min(merchants, 700)
     malls = math.ceil(merchants / stalls)
-    data = generate(malls, stalls, seed=seed)
+    data = generate(malls, stalls, seed=seed, low_balance_share=low_balance_share)
     dump_portfolio(data, out / "portfolio.yaml")
     portfolio = parse_portfolio(data)
     meters = [(m.circuits[0].id, m.id, m.account or f"{mall.id}-LANDLORD") for mall, m in portfolio.meters()]
@@ -81,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merchants", type=int, default=35_000)
     ap.add_argument("--days", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=100_000)
+    ap.add_argument("--low-balance-share", type=float, default=0.2,
+                    help="share of merchants opening with 5..20 yuan (generate's default 0.2): they run out of "
+                         "credit within hours and every charge of theirs then takes the wallet's per-event path")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", help="directory for the input and outputs (default: a temporary one)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mallwatt-bench-replay-") as tmp:
         work = Path(a.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        sizes = write_input(a.merchants, a.days, work)
+        sizes = write_input(a.merchants, a.days, work, low_balance_share=a.low_balance_share)
         cmd = [sys.executable, "-m", "pipelines.cli", "replay", "--arrival-order", "--quiet", "--config",
                str(work / "portfolio.yaml"), "--readings", str(work / "readings.parquet"), "--payments",
                str(work / "payments.parquet"), "--out", str(work / "out"), "--batch-size", str(a.batch_size)]
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if status != 0:
             print(f"mallwatt bench replay: replay failed ({status}): {out}", file=sys.stderr)
             return 1
-    result = {"merchants": a.merchants, "days": a.days, **sizes, "seconds": round(seconds, 2),
+    result = {"merchants": a.merchants, "days": a.days, "low_balance_share": a.low_balance_share, **sizes, "seconds": round(seconds, 2),
               "readings_per_s": round(sizes["readings"] / seconds), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
               "outputs": json.loads(out.strip().splitlines()[-1]), "load_average": os.getloadavg()[0]}
     print(json.dumps(result) if a.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

@@ -52,6 +52,7 @@ def build_input(stalls: int, steps: int, *, low_balance: set[str] | None = None
     data = generate(1, stalls, seed=5, mall_prefix="B")
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
+        merchant["opening_balance_minor"] = 0  # the stream posts openings: balances here come from top-ups
     portfolio = parse_portfolio(data)
     partitions = T.default_partitions()
     rng = random.Random(1)

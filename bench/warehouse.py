@@ -232,7 +232,7 @@ def ledger_rows(syn: Synthetic, frames: list[pl.DataFrame] | None = None) -> pa.
             (pl.col("energy_wh") if "energy_wh" in frame.columns else pl.lit(None, pl.Int64)).alias("energy_wh"),
             (pl.col("tou_period") if "tou_period" in frame.columns else pl.lit(None, pl.String)).alias("tou_period"),
             pl.lit(None, pl.Int32).alias("tier"), pl.lit(None, pl.String).alias("rate"),
-            pl.lit(False).alias("estimated"),
+            pl.lit(False).alias("estimated"), pl.lit(None, pl.Int64).alias("debt_change_minor"),
         )  # fmt: skip
     ledger = pl.concat([entries(charges, "charge"), entries(topups, "topup")])
     # Running balance per account in time order, as the billing core would write it.
@@ -250,6 +250,46 @@ def insert_readings(client: Any, frame: pl.DataFrame, token: str,
         insert_arrow(client, "mallwatt.readings", table, f"{token}-{i}")
 
 
+FACT_KEYS = ["circuit_id", "meter_id", "ts", "reg", "total"]
+
+
+def interval_facts(frame: pl.DataFrame, carry: pl.DataFrame | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The interval facts the core would bill for one day of clean synthetic reads (what the
+    sink stores from mallwatt.intervals), and the carry (last read and billed total per
+    circuit) for the next day. Register differences in integer Wh; a meter change or a
+    negative step bills 0 (replaced / reset), as the core does; no wraps in synthetic data."""
+    reads = frame.select("mall_id", "account_id", "circuit_id", "meter_id", "ts",
+                         (pl.col("import_kwh") * 1000).round().cast(pl.Int64).alias("reg"))
+    if carry is not None:
+        reads = pl.concat([carry.select(reads.columns), reads], how="vertical")
+    reads = reads.sort("circuit_id", "ts")
+    prev = [pl.col(c).shift(1).over("circuit_id") for c in ("ts", "reg", "meter_id")]
+    facts = reads.with_columns(prev_ts=prev[0], prev_reg=prev[1], prev_meter=prev[2]).filter(
+        pl.col("prev_ts").is_not_null()).with_columns(
+        flag=pl.when(pl.col("meter_id") != pl.col("prev_meter")).then(pl.lit("replaced"))
+        .when(pl.col("reg") < pl.col("prev_reg")).then(pl.lit("reset")).otherwise(pl.lit("")))
+    facts = facts.with_columns(energy_wh=pl.when(pl.col("flag") == "").then(pl.col("reg") - pl.col("prev_reg"))
+                               .otherwise(0))
+    base = (carry.select("circuit_id", "total") if carry is not None
+            else pl.DataFrame(schema={"circuit_id": pl.String, "total": pl.Int64}))
+    facts = facts.join(base, on="circuit_id", how="left").with_columns(
+        billed_total_wh=pl.col("total").fill_null(0) + pl.col("energy_wh").cum_sum().over("circuit_id"))
+    out = facts.select("mall_id", "circuit_id", pl.col("ts").alias("end_ts"), pl.col("prev_ts").alias("start_ts"),
+                       "account_id", "meter_id", "energy_wh", "billed_total_wh",
+                       ((pl.col("ts") - pl.col("prev_ts")).dt.total_minutes() > 20).alias("estimated"), "flag")
+    last = reads.group_by("circuit_id").agg(pl.all().sort_by("ts").last())
+    totals = out.group_by("circuit_id").agg(pl.col("billed_total_wh").max().alias("new_total"))
+    last = last.join(base, on="circuit_id", how="left").join(totals, on="circuit_id", how="left").with_columns(
+        total=pl.coalesce("new_total", "total", pl.lit(0))).drop("new_total")
+    return out, last
+
+
+def insert_facts(client: Any, facts: pl.DataFrame, token: str) -> None:
+    table = facts.to_arrow(compat_level=pl.CompatLevel.oldest())
+    for i, start in enumerate(range(0, table.num_rows, 250_000)):
+        insert_arrow(client, "mallwatt.interval_energy", table.slice(start, 250_000), f"{token}-{i}")
+
+
 def synthetic_dataset(client: Any, syn: Synthetic, *, close: bool = True) -> dict[str, Any]:
     """Dims + readings + ledger + watermark of `syn` into a migrated warehouse (tests), and
     the closed days' hourly energies as the sink's timer writes them (`closed`: first and
@@ -259,13 +299,16 @@ def synthetic_dataset(client: Any, syn: Synthetic, *, close: bool = True) -> dic
 
     load_dimensions(client, syn.portfolio)
     frames = []
+    carry = None
     for day, frame in reading_days(syn):
         insert_readings(client, frame, f"synthetic-readings-{day}")
+        facts, carry = interval_facts(frame, carry)
+        insert_facts(client, facts, f"synthetic-facts-{day}")
         frames.append(frame)
     ledger = ledger_rows(syn, frames)
     client.insert_arrow("mallwatt.ledger", ledger)
     end_ms = syn.start_ms + syn.days * 86_400_000 - 1000
-    write_watermark(client, {"mallwatt.readings": end_ms, "mallwatt.ledger": end_ms})
+    write_watermark(client, {"mallwatt.readings": end_ms, "mallwatt.ledger": end_ms, "mallwatt.intervals": end_ms})
     closed = close_days(client) if close else None
     return {"readings": sum(f.height for f in frames), "ledger": ledger.num_rows, "frames": frames,
             "closed": closed}  # fmt: skip
@@ -349,7 +392,7 @@ def run_bench(path: Path, scale: float, days: int, step_min: int, repeat: int,
     with wh.open_owner(path, serve=False, migrate=False) as owner:
         log("merging parts")
         t0 = time.perf_counter()
-        for table in ("circuit_daily", "ledger_tou_hourly", "ledger_hourly"):
+        for table in ("circuit_daily", "billed_daily", "ledger_tou_hourly", "ledger_hourly"):
             _optimize(owner.client, table, log)
         out["optimize_s"] = round(time.perf_counter() - t0, 1)
         if load:
@@ -357,7 +400,7 @@ def run_bench(path: Path, scale: float, days: int, step_min: int, repeat: int,
             # passed: the last UTC day stays open and is derived at query time.
             t0 = time.perf_counter()
             closed = close_days(owner.client)
-            _optimize(owner.client, "circuit_hour_kwh", log)
+            _optimize(owner.client, "billed_hour_kwh", log)
             out["close_days_s"] = round(time.perf_counter() - t0, 1)
             out["closed_days"] = [d.isoformat() for d in closed] if closed else None
             log(f"closed days {out['closed_days']} in {out['close_days_s']} s")
@@ -401,13 +444,19 @@ def load_data(path: Path, syn: Synthetic, days: int, log: Any) -> dict[str, Any]
         load_dimensions(client, syn.portfolio)
         rows, insert_s, gen_s, insert_cpu = 0, 0.0, 0.0, 0.0
         frames_for_ledger: list[pl.DataFrame] = []
+        carry, facts_s, facts_rows = None, 0.0, 0
         t_gen = time.perf_counter()
         for day, frame in reading_days(syn):
+            facts, carry = interval_facts(frame, carry)
             gen_s += time.perf_counter() - t_gen
             token = hashlib.sha1(f"bench-{day}".encode()).hexdigest()
             t0, c0 = time.perf_counter(), time.process_time()
             insert_readings(client, frame, token)
             insert_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            insert_facts(client, facts, token + "-facts")
+            facts_s += time.perf_counter() - t1
+            facts_rows += facts.height
             # chDB runs in this process: its insert, view and merge threads count here too
             insert_cpu += time.process_time() - c0
             rows += frame.height
@@ -417,14 +466,16 @@ def load_data(path: Path, syn: Synthetic, days: int, log: Any) -> dict[str, Any]
             t_gen = time.perf_counter()
         out.update(readings=rows, sink_rows_per_s=round(rows / insert_s), insert_s=round(insert_s, 1),
                    sink_rows_per_cpu_s=round(rows / insert_cpu), generate_s=round(gen_s, 1),
-                   load_average_after_insert=[round(x, 2) for x in os.getloadavg()])  # fmt: skip
+                   load_average_after_insert=[round(x, 2) for x in os.getloadavg()],
+                   interval_facts=facts_rows, facts_rows_per_s=round(facts_rows / max(facts_s, 1e-9)))  # fmt: skip
         t0 = time.perf_counter()
         ledger = ledger_rows(syn, frames_for_ledger)
         for start in range(0, ledger.num_rows, 500_000):
             client.insert_arrow("mallwatt.ledger", ledger.slice(start, 500_000))
         out.update(ledger_rows=ledger.num_rows, ledger_insert_s=round(time.perf_counter() - t0, 1))
         end_ms = syn.start_ms + days * 86_400_000 - 1000
-        write_watermark(client, {"mallwatt.readings": end_ms, "mallwatt.ledger": end_ms})
+        write_watermark(client, {"mallwatt.readings": end_ms, "mallwatt.ledger": end_ms,
+                                 "mallwatt.intervals": end_ms})
     return out
 
 

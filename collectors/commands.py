@@ -199,7 +199,8 @@ class CommandExecutor:
             if o.duplicate:
                 self.repeated += 1  # its outcome is on Kafka (or in the spool) already
                 continue
-            self.publisher.outcome(outcome_record(o, self.plan.mall_id, gateway_id))
+            self.publisher.outcome(outcome_record(o, self.plan.mall_id, gateway_id),
+                                   self.plan.account_of(o.meter_id) if self.plan.owns(o.meter_id) else None)
             if self.log is not None:  # after the spool: a crash between re-executes
                 self.log.append(o)
             self.executed += 1

@@ -191,17 +191,19 @@ class ReadingPublisher:
         self.event(ev.kind, gateway_id=ev.gateway_id, meter_id=ev.meter_id, detail=ev.detail,
                    ts_ms=ev.ts_ms)
 
-    def outcome(self, outcome: dict[str, Any]) -> None:
-        """Spool one RelayOutcome record (key gateway_id); durable when this returns."""
+    def outcome(self, outcome: dict[str, Any], account_id: str | None = None) -> None:
+        """Spool one RelayOutcome record (key gateway_id); durable when this returns. With the
+        meter's account it goes to that account's shard: the worker that owns the account's
+        relay state reads it there (the power loop, pipelines/powerloop.py)."""
         self._spool_keyed(T.RELAY_OUTCOMES, outcome["gateway_id"],
-                          codec.encode("RelayOutcome", outcome), "outcomes", True)
+                          codec.encode("RelayOutcome", outcome), "outcomes", True, shard_of=account_id)
 
     def _spool_keyed(self, topic: str, key: str, value: bytes, stream: str,
-                     flush: bool) -> None:
+                     flush: bool, shard_of: str | None = None) -> None:
         # explicit partition: one producer must not mix explicit and partitioner-chosen
         # partitions (librdkafka queues them separately, breaking produce order)
         seq = self.spool.next_seq(stream)
-        self.spool.append(SpoolRecord(topic, account_shard(key, self.partitions), key.encode(),
+        self.spool.append(SpoolRecord(topic, account_shard(shard_of or key, self.partitions), key.encode(),
                                       value, f"{self.collector_id}/{stream}/{seq}", stream, seq))
         if flush:
             self.spool.flush()

@@ -60,6 +60,7 @@ class Faults:
     silent: bool = False  # no answer at all (a dead meter or a broken bus segment)
     delay_s: float = 0.0  # answer late; holds the bus like a slow meter would
     garbage: str | None = None  # "nan" or "negative"
+    ignore_relay_writes: int = 0  # accept this many relay writes without switching (a stuck contactor)
 
 
 @dataclass
@@ -161,6 +162,9 @@ class SimMeter:
         v = int(values[0])
         if v not in (r.closed, r.open):
             return ExcCodes.ILLEGAL_VALUE
+        if self.faults.ignore_relay_writes > 0:  # acknowledged, but the relay stays where it is
+            self.faults.ignore_relay_writes -= 1
+            return None
         self.relay_closed = v == r.closed
         self.relay_writes += 1
         if not self.relay_closed:
@@ -390,7 +394,8 @@ def build_portfolio(n_gateways: int, meters_per_gateway: int, *, seed: int = 1,
 
 
 def apply_fault(sim: Simulator, spec: str) -> None:
-    """`kind:meter_id[:arg]`: rollover[:margin_kwh], reset, silent, nan, negative, slow:delay_s."""
+    """`kind:meter_id[:arg]`: rollover[:margin_kwh], reset, silent, nan, negative, slow:delay_s,
+    stuck_relay[:writes] (the next `writes` relay writes are acknowledged but do nothing)."""
     kind, _, rest = spec.partition(":")
     meter_id, _, arg = rest.partition(":")
     if meter_id not in sim.meters:
@@ -407,6 +412,8 @@ def apply_fault(sim: Simulator, spec: str) -> None:
         m.encode()
     elif kind == "slow":
         m.faults.delay_s = float(arg or 0.5)
+    elif kind == "stuck_relay":
+        m.faults.ignore_relay_writes = int(arg or 3)
     else:
         raise ValueError(f"fault {spec!r}: unknown kind {kind!r}")
 

@@ -34,9 +34,11 @@ class TopicSpec:
     retention_ms: int = 7 * DAY_MS  # -1 keeps data forever
     cleanup_policy: str = "delete"
     partitions: int = field(default_factory=default_partitions)
+    extra_configs: tuple[tuple[str, str], ...] = ()  # e.g. the changelogs' compaction settings
 
     def configs(self) -> dict[str, str]:
-        return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+        return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy,
+                **dict(self.extra_configs)}
 
 
 def claims_changelog_configs(horizon_days: int) -> dict[str, str]:
@@ -45,6 +47,22 @@ def claims_changelog_configs(horizon_days: int) -> dict[str, str]:
     window_ms = int(float(os.environ.get("MALLWATT_FORWARD_WINDOW_S", 600)) * 1000)
     return {"cleanup.policy": "compact,delete", "retention.ms": str(horizon_days * DAY_MS),
             "min.compaction.lag.ms": str(window_ms), "segment.ms": str(max(window_ms // 4, 60_000))}
+
+
+def changelog_specs(app_id: str, horizon_days: int, partitions: int | None = None) -> list[TopicSpec]:
+    """The worker's table changelogs, created before faust starts: faust checks a table's
+    changelog partitions on the first write, and a changelog it had just created was sometimes
+    not yet in its metadata (PartitionsMismatch crashed the agent)."""
+    count = partitions or default_partitions()
+    state, claims = state_changelog_configs(), claims_changelog_configs(horizon_days)
+    return [
+        TopicSpec(f"{app_id}-accounts-changelog", key="account id", value="state value (pipelines/envelope.py)",
+                  retention_ms=INFINITE, cleanup_policy=state.pop("cleanup.policy"), partitions=count,
+                  extra_configs=tuple(state.items())),
+        TopicSpec(f"{app_id}-claims-changelog", key="claim key", value="claim (pipelines/claiming.py)",
+                  retention_ms=int(claims.pop("retention.ms")), cleanup_policy=claims.pop("cleanup.policy"),
+                  partitions=count, extra_configs=tuple(claims.items())),
+    ]
 
 
 def state_changelog_configs() -> dict[str, str]:
@@ -66,6 +84,7 @@ def state_changelog_configs() -> dict[str, str]:
 READINGS = "mallwatt.readings"
 PAYMENTS = "mallwatt.payments"
 LEDGER = "mallwatt.ledger"
+INTERVALS = "mallwatt.intervals"
 ALERTS = "mallwatt.alerts"
 RELAY_COMMANDS = "mallwatt.relay-commands"
 RELAY_OUTCOMES = "mallwatt.relay-outcomes"
@@ -98,6 +117,13 @@ TOPICS: tuple[TopicSpec, ...] = (
         retention_ms=INFINITE,
     ),
     TopicSpec(
+        INTERVALS,
+        key="p<state changelog partition> (the account shard): every interval fact of a "
+        "circuit is in one partition, in order; the warehouse deduplicates on (circuit, end)",
+        value="interval_batch",
+        retention_ms=INFINITE,  # billed energy facts: the warehouse can be rebuilt from them
+    ),
+    TopicSpec(
         ALERTS,
         key="account id: alert hysteresis per account stays ordered",
         value="alert",
@@ -109,7 +135,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         RELAY_OUTCOMES,
-        key="gateway id: outcomes arrive in the order the gateway executed them",
+        key="gateway id, produced to partition account_shard(account of the meter): the worker "
+        "that owns the meter's relay state reads it, in the order the gateway executed them",
         value="relay_outcome",
     ),
     TopicSpec(

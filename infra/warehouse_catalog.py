@@ -358,6 +358,14 @@ SELECT mall_id, circuit_id, toDate(ts, 'UTC') AS day, account_id, meter_id, coll
     groupBitOr(bitShiftLeft(toUInt128(1), toUInt8(intDiv(toUnixTimestamp(ts) % 86400, 900))))
 FROM mallwatt.readings
 GROUP BY mall_id, circuit_id, day, account_id, meter_id, collector_id""",
+    "TRUNCATE TABLE IF EXISTS mallwatt.billed_daily",
+    """INSERT INTO mallwatt.billed_daily
+SELECT mall_id, circuit_id, toDate(end_ts - toIntervalMillisecond(1), 'UTC') AS day, account_id, meter_id,
+    min(billed_total_wh - energy_wh) / 1000,
+    maxMap([toUInt8(toHour(end_ts - toIntervalMillisecond(1), 'UTC'))], [billed_total_wh / 1000])
+FROM mallwatt.interval_energy
+WHERE start_ts < end_ts
+GROUP BY mall_id, circuit_id, day, account_id, meter_id""",
     "TRUNCATE TABLE IF EXISTS mallwatt.ledger_tou_hourly",
     """INSERT INTO mallwatt.ledger_tou_hourly
 SELECT mall_id, account_id, toStartOfHour(toDateTime(ifNull(interval_start, ts), 'UTC')) AS hour,
@@ -376,29 +384,53 @@ def backfill_rollups(client: Any) -> None:
     """
     for statement in BACKFILL:
         client.command(statement)
-    # Hourly energies of closed days are derived from circuit_daily: rebuild them too.
-    client.command("TRUNCATE TABLE IF EXISTS mallwatt.circuit_hour_kwh")
-    client.command("TRUNCATE TABLE IF EXISTS mallwatt.circuit_hour_kwh_closed")
-    close_days(client)
+    # Hourly energies of closed days are derived from the daily rollups: rebuild them too.
+    for rollup in (REGISTERS, BILLED):
+        client.command(f"TRUNCATE TABLE IF EXISTS {rollup.hours}")
+        client.command(f"TRUNCATE TABLE IF EXISTS {rollup.closed}")
+        close_days(client, rollup=rollup)
 
 
 # --- closing days: the hourly energy rollup ---------------------------------------------
 
 READINGS_TOPIC = "mallwatt.readings"
+INTERVALS_TOPIC = "mallwatt.intervals"
 # Days closed again on every run, for reads that arrive after their day was closed.
 RECOMPUTE_DAYS = 2
 # Days per INSERT: bounds the per-circuit arrays of one statement (24 numbers a day).
 CLOSE_CHUNK_DAYS = 7
 
-_CLOSE_INSERT = """INSERT INTO mallwatt.circuit_hour_kwh
+
+@dataclass(frozen=True)
+class HourRollup:
+    """The tables of one closed-days rollup: its hourly rows, their closed mark, the view that
+    derives them and the daily rollup it derives them from, and the topic whose watermark
+    says a day is finished."""
+
+    hours: str
+    closed: str
+    live: str
+    daily: str
+    topic: str
+
+
+#: Billed energy from the interval facts (migration 007): what the catalog reads.
+BILLED = HourRollup("mallwatt.billed_hour_kwh", "mallwatt.billed_hour_kwh_closed", "mallwatt.billed_hour_kwh_live",
+                    "mallwatt.billed_daily", INTERVALS_TOPIC)
+#: Register differences of the raw readings (migration 006); no catalog query reads it since 007.
+REGISTERS = HourRollup("mallwatt.circuit_hour_kwh", "mallwatt.circuit_hour_kwh_closed",
+                       "mallwatt.circuit_hour_kwh_live", "mallwatt.circuit_daily", READINGS_TOPIC)
+
+
+def _close_insert(r: HourRollup) -> str:
+    return f"""INSERT INTO {r.hours}
     (mall_id, circuit_id, day, account_id, meter_id, kwh, last_kwh)
 SELECT mall_id, circuit_id, day, account_id, meter_id, kwh, last_kwh
-FROM mallwatt.circuit_hour_kwh_live(from_day = {from_day:Date}, to_day = {to_day:Date},
-                                    mall_id = '', open_only = 0)"""
+FROM {r.live}(from_day = {{from_day:Date}}, to_day = {{to_day:Date}}, mall_id = '', open_only = 0)"""
 
 
 def readings_complete_until(client: Any, topic: str = READINGS_TOPIC) -> dt.datetime | None:
-    """The readings ingest watermark: newest event time written, smallest over partitions."""
+    """A topic's ingest watermark: newest event time written, smallest over partitions."""
     rows = client.query(
         "SELECT min(m), count() FROM (SELECT partition, max(max_event_ts) AS m "
         "FROM mallwatt.ingest_watermark WHERE topic = {t:String} GROUP BY partition)",
@@ -407,9 +439,9 @@ def readings_complete_until(client: Any, topic: str = READINGS_TOPIC) -> dt.date
     return rows[0][0] if rows and rows[0][1] else None
 
 
-def closed_through(client: Any) -> dt.date | None:
-    """The last UTC day whose hourly energies are in circuit_hour_kwh (None: no day yet)."""
-    rows = client.query("SELECT max(through), count() FROM mallwatt.circuit_hour_kwh_closed").result_rows
+def closed_through(client: Any, rollup: HourRollup = BILLED) -> dt.date | None:
+    """The last UTC day whose hourly energies are in the rollup's table (None: no day yet)."""
+    rows = client.query(f"SELECT max(through), count() FROM {rollup.closed}").result_rows
     return rows[0][0] if rows and rows[0][1] else None
 
 
@@ -418,29 +450,32 @@ def close_days(
     through: dt.date | None = None,
     *,
     from_day: dt.date | None = None,
-    topic: str = READINGS_TOPIC,
+    topic: str | None = None,
     recompute_days: int = RECOMPUTE_DAYS,
+    rollup: HourRollup = BILLED,
 ) -> tuple[dt.date, dt.date] | None:
-    """Write circuit_hour_kwh for UTC days up to `through`; returns the days written.
+    """Write the rollup's hourly rows (billed_hour_kwh by default) for UTC days up to
+    `through`; returns the days written.
 
-    `through` defaults to the last UTC day the readings watermark has passed completely.
-    Starts after the last closed day (minus `recompute_days`, for late reads), at the first
-    day of circuit_daily when nothing is closed yet, or at `from_day` if that is earlier
-    (reads that arrived for an older day). Rows first, then the closed mark, so a query
+    `through` defaults to the last UTC day the watermark of `topic` (default: the rollup's,
+    mallwatt.intervals for billed energy) has passed completely.
+    Starts after the last closed day (minus `recompute_days`, for late facts), at the first
+    day of the daily rollup when nothing is closed yet, or at `from_day` if that is earlier
+    (facts that arrived for an older day). Rows first, then the closed mark, so a query
     never takes a day from the table before its rows are there; a recomputed day replaces
     its rows (ReplacingMergeTree on closed_at). Duplicate-free by construction: every row
-    is derived from circuit_daily, whatever ran before.
+    is derived from the daily rollup, whatever ran before.
     """
     if through is None:
-        until = readings_complete_until(client, topic)
+        until = readings_complete_until(client, topic or rollup.topic)
         if until is None:
             return None
         through = until.date() - dt.timedelta(days=1)
-    done = closed_through(client)
+    done = closed_through(client, rollup)
     if done is not None:
         start = done + dt.timedelta(days=1 - recompute_days)
     else:
-        first = client.query("SELECT min(day), count() FROM mallwatt.circuit_daily").result_rows[0]
+        first = client.query(f"SELECT min(day), count() FROM {rollup.daily}").result_rows[0]
         if not first[1]:
             return None
         start = first[0]
@@ -451,11 +486,11 @@ def close_days(
     day = start
     while day <= through:
         end = min(day + dt.timedelta(days=CLOSE_CHUNK_DAYS - 1), through)
-        client.command(_CLOSE_INSERT, parameters={"from_day": day, "to_day": end})
+        client.command(_close_insert(rollup), parameters={"from_day": day, "to_day": end})
         day = end + dt.timedelta(days=1)
     if done is None or through > done:
         client.command(
-            "INSERT INTO mallwatt.circuit_hour_kwh_closed (through) VALUES ({d:Date})",
+            f"INSERT INTO {rollup.closed} (through) VALUES ({{d:Date}})",
             parameters={"d": through},
         )
     return start, through

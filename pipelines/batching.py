@@ -194,13 +194,23 @@ def _round(envs: dict[str, Envelope], frame: pl.DataFrame, sources: dict[str, st
     """One core call; each account records the last offset of its rows here as its mark."""
     last = frame.group_by("bucket").agg(pl.col("offset").max())
     positions = {key: (sources[key], offset) for key, offset in last.iter_rows()}
-    return step({k: envs[k] for k in positions}, frame, None, ctx, positions)
+    return step({k: envs[k] for k in positions}, frame, None, ctx, positions, now_ms=step_now(frame))
+
+
+def step_now(frame: pl.DataFrame) -> int | None:
+    """A step's time: the newest Kafka message timestamp of its readings (None without one).
+    Relay commands are stamped with it (pipelines.powerloop), never with a clock."""
+    if "msg_ts_ms" not in frame.columns or frame["msg_ts_ms"].null_count() == frame.height:
+        return None
+    return int(frame["msg_ts_ms"].max())  # type: ignore[arg-type]
 
 
 def apply_payments_many(envs: dict[str, Envelope], payments: list[tuple[int, int, dict[str, Any]]],
-                        ctx: BillingContext, topic: str = T.PAYMENTS) -> list[dict[str, Envelope]]:
+                        ctx: BillingContext, topic: str = T.PAYMENTS, now_ms: int | None = None
+                        ) -> list[dict[str, Envelope]]:
     """(partition, offset, Payment) messages whose accounts own `envs`, in rounds of at most
-    PAYMENTS_PER_ACCOUNT per account. An account skips payments at or below its mark."""
+    PAYMENTS_PER_ACCOUNT per account. An account skips payments at or below its mark.
+    `now_ms` (the newest Kafka timestamp of the step's messages) stamps the relay commands."""
     rounds: list[list[dict[str, Any]]] = []
     positions: list[dict[str, tuple[str, int]]] = []
     count: dict[str, int] = {}
@@ -222,7 +232,7 @@ def apply_payments_many(envs: dict[str, Envelope], payments: list[tuple[int, int
     out: list[dict[str, Envelope]] = []
     current = dict(envs)
     for rows, where in zip(rounds, positions, strict=True):
-        changed = step({k: current[k] for k in where}, None, rows, ctx, where)
+        changed = step({k: current[k] for k in where}, None, rows, ctx, where, now_ms=now_ms)
         current.update(changed)
         out.append(changed)
     return out

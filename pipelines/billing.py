@@ -7,54 +7,27 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from infra import topics as T
-from pipelines.context import BillingContext, build_context
+from pipelines.config_holder import ContextHolder  # noqa: F401
+from pipelines.context import BillingContext
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
+from pipelines.core.engine import tick as core_tick
 from pipelines.core.postings import apply_postings
+from pipelines.core.wallet import friendly_until
 from pipelines.envelope import Envelope, OutboxItem
+from pipelines.facts import interval_facts
 from pipelines.loadcontrol import LoadOutputs, process_load
-from pipelines.portfolio import load_portfolio
-from pipelines.relaygate import GateCommand, Holds, held_by, set_hold
+from pipelines.powerloop import PowerLoop
+from pipelines.relaygate import held_by
 from schemas import codec
+from schemas.intervals import INTERVAL_ROWS, pack_interval_rows
 from schemas.ledger import LEDGER_ROWS, pack_ledger_rows
 
 log = logging.getLogger("mallwatt.billing")
-
-
-class ContextHolder:
-    """The current BillingContext, rebuilt when the config file changes (no restart needed)."""
-
-    def __init__(self, path: str | Path, partitions: int) -> None:
-        self.path = Path(path)
-        self.partitions = partitions
-        self._mtime = self.path.stat().st_mtime_ns if self.path.exists() else 0
-        self._ctx = build_context(load_portfolio(self.path), partitions)
-        self.version = 1
-
-    def current(self) -> BillingContext:
-        return self._ctx
-
-    def reload_if_changed(self) -> bool:
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except OSError:
-            return False
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        try:
-            self._ctx = build_context(load_portfolio(self.path), self.partitions)
-        except Exception as exc:  # keep billing with the last good config
-            log.error("config change rejected, keeping version %s: %s", self.version, exc)
-            return False
-        self.version += 1
-        log.warning("config reloaded from %s (version %s)", self.path, self.version)
-        return True
 
 
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
@@ -74,12 +47,13 @@ def apply_payment(env: Envelope, payment: dict[str, Any], ctx: BillingContext, s
 
 
 def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, source: str,
-                  offset: int) -> Envelope:
-    """A LedgerPosting through the account's wallet; a rejected one (not a duplicate) raises an alert."""
+                  offset: int, now_ms: int | None = None) -> Envelope:
+    """A LedgerPosting through the account's wallet; a rejected one (not a duplicate) raises an alert.
+    `now_ms` (the message's Kafka timestamp) stamps the relay commands it causes."""
     new_state, out = apply_postings(CoreState(dict(env.circuits), dict(env.accounts)), [posting], ctx.rating)
-    holds = {"_": {m: list(h) for m, h in env.holds.items()}}
+    loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
     tagged = outbox_items(out, ctx, lambda _a: "_", {"_": (source, offset)})
-    tagged += gate_wallet_commands(out, holds, ctx, lambda _a: "_")
+    tagged += gate_wallet_commands(out, loop, ctx)
     for row in out.rejected_payments.iter_rows(named=True):
         if row["reason"] == "duplicate":
             continue
@@ -89,14 +63,18 @@ def apply_posting(env: Envelope, posting: dict[str, Any], ctx: BillingContext, s
                  f"{row['reason']}", "details": {"amount_minor": str(row["amount_minor"]), "reason": row["reason"]}}
         tagged.append(("_", OutboxItem(T.ALERTS, row["account_id"].encode(), codec.encode("Alert", alert))))
     return Envelope(accounts=new_state.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
-                    outbox=[item for _, item in tagged], updates=env.updates + 1, holds=holds["_"], extra=env.extra)
+                    outbox=[item for _, item in tagged], updates=env.updates + 1, holds=loop.holds_of("_"),
+                    extra=env.extra, relays=loop.relays_of("_"))
 
 
 def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: list[dict[str, Any]] | None,
-         ctx: BillingContext, positions: dict[str, tuple[str, int]], bucket_of: Any = None) -> dict[str, Envelope]:
+         ctx: BillingContext, positions: dict[str, tuple[str, int]], bucket_of: Any = None,
+         now_ms: int | None = None) -> dict[str, Envelope]:
     """One core call over the state of `envs` (bucket key -> envelope). Each bucket records
     its input position (source, offset) as its new high-water mark; outputs go to the outbox
-    of the bucket that owns their account."""
+    of the bucket that owns their account. `now_ms` is the step's time (the newest Kafka
+    message timestamp of its input): relay commands are stamped with it, and the readings'
+    relay column is checked against the meters' desired state (pipelines.powerloop)."""
     bucket_of = bucket_of or ctx.bucket_of
     state = CoreState()
     for env in envs.values():
@@ -106,22 +84,26 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
         readings = pl.DataFrame(schema={"circuit_id": pl.String, "meter_id": pl.String, "ts_ms": pl.Int64,
                                         "import_kwh": pl.Float64})
     new_state, out = process_batch(state, readings, payments, ctx.rating)
-    holds = {k: {m: list(h) for m, h in env.holds.items()} for k, env in envs.items()}
+    loop = PowerLoop(envs, ctx, now_ms, bucket_of)
     tagged = outbox_items(out, ctx, bucket_of, positions)
-    tagged += gate_wallet_commands(out, holds, ctx, bucket_of)
+    tagged += interval_items(out, new_state, ctx, bucket_of)
+    tagged += gate_wallet_commands(out, loop, ctx)
     load_state: dict[str, Any] = {}
     # load control needs power values; without any it would change nothing
     if readings.height and "power_w" in readings.columns and readings["power_w"].null_count() < readings.height:
         for env in envs.values():
             load_state.update(env.extra.get("load", {}))
         load_state, load_out = process_load(readings, load_state, ctx.load_limits)
-        tagged += load_items(load_out, holds, ctx, bucket_of)
+        tagged += load_items(load_out, loop, ctx, bucket_of)
+    if now_ms is not None and readings.height:
+        tagged += loop.observe(readings, now_ms)
     result: dict[str, Envelope] = {}
     for key, env in envs.items():
         extra = {**env.extra, "load": {}} if load_state else env.extra
         source, offset = positions[key]
         result[key] = Envelope(accounts={}, circuits={}, hwm={**env.hwm, source: offset}, outbox=[],
-                               updates=env.updates + 1, holds=holds[key], extra=extra)
+                               updates=env.updates + 1, holds=loop.holds_of(key), extra=extra,  # no copy
+                               relays=loop.relays_of(key))
     for account, value in load_state.items():
         result[bucket_of(account)].extra["load"][account] = value
     for account, value in new_state.accounts.items():
@@ -144,16 +126,16 @@ def _bucket_holding(circuit: str, envs: dict[str, Envelope]) -> str:
 
 
 def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, source: str,
-                   offset: int) -> Envelope:
+                   offset: int, now_ms: int | None = None) -> Envelope:
     """An operator's power off/on for one meter: sets or clears the operator hold, audited as an alert."""
     meter = command["meter_id"]
     route = ctx.meter_route[meter]
-    holds = {m: list(h) for m, h in env.holds.items()}
+    loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
     on = command["action"] == "POWER_OFF"
-    gated = set_hold(holds, [meter], "operator", on, command["command_id"])
-    items = [relay_item(ctx, g, route.account_id, command["ts_ms"], f"operator:{command['operator']}")
-             for g in gated]
-    still = held_by(holds, meter)
+    gated = loop.gate(route.account_id, [meter], "operator", on, command["command_id"], None, command["ts_ms"],
+                      f"operator:{command['operator']}")
+    items = [item for _, item in gated]
+    still = held_by(loop.holds_of("_"), meter)
     audit = {"alert_id": f"{command['command_id']}:audit", "kind": "operator_power", "severity": "INFO",
              "mall_id": route.mall_id, "account_id": route.account_id, "meter_id": meter,
              "ts_ms": command["ts_ms"],
@@ -163,7 +145,8 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
                          "target_id": command["target_id"], "holds": ",".join(still)}}
     items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", audit)))
     return Envelope(accounts=env.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
-                    outbox=items, updates=env.updates + 1, holds=holds, extra=env.extra)
+                    outbox=items, updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra,
+                    relays=loop.relays_of("_"))
 
 
 def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
@@ -200,27 +183,37 @@ def ledger_items(ledger: pl.DataFrame, ctx: BillingContext, bucket_of: Any,
             for account, packed in pack_ledger_rows(ledger)]
 
 
-def gate_wallet_commands(out: BatchOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,
-                         bucket_of: Any) -> list[tuple[str, OutboxItem]]:
+def interval_items(out: BatchOutputs, new_state: CoreState, ctx: BillingContext,
+                   bucket_of: Any) -> list[tuple[str, OutboxItem]]:
+    """Each account's interval facts (billed energy with its flags, late/spike markers) as
+    packed rows in the outbox of its own state record; the forwarder gathers them into
+    IntervalBatches (like the ledger rows)."""
+    if not out.intervals.height and not out.rejected_readings.height:
+        return []
+    facts = interval_facts(out.intervals, out.rejected_readings, new_state.circuits, ctx)
+    return [(bucket_of(account), OutboxItem(INTERVAL_ROWS, account.encode(), packed))
+            for account, packed in pack_interval_rows(facts)]
+
+
+def gate_wallet_commands(out: BatchOutputs, loop: PowerLoop, ctx: BillingContext) -> list[tuple[str, OutboxItem]]:
     """Wallet trips and reconnects, filtered through every other reason a meter is held open;
     each tagged with the bucket that carries it."""
     items: list[tuple[str, OutboxItem]] = []
     for row in out.commands.iter_rows(named=True):
-        meters = ctx.account_meters.get(row["account_id"], [])
-        holds = holds_by_bucket[bucket_of(row["account_id"])]
+        account = row["account_id"]
+        meters = ctx.account_meters.get(account, [])
         if row["action"].upper() == "TRIP":  # the wallet trips for "credit" or "warning": that is the hold
             hold = "warning" if row["reason"] == "warning" else "credit"
-            gated = set_hold(holds, meters, hold, True, row["command_id"])
+            items += loop.gate(account, meters, hold, True, row["command_id"], None, row["cause_ts_ms"], "pipeline")
         else:  # a top-up releases both credit holds
-            gated = set_hold(holds, meters, "warning", False, row["command_id"], row["reason"])
-            gated += set_hold(holds, meters, "credit", False, row["command_id"], row["reason"])
-        items += [(bucket_of(row["account_id"]), relay_item(ctx, g, row["account_id"], row["cause_ts_ms"],
-                                                            "pipeline"))
-                  for g in gated]
+            items += loop.gate(account, meters, "warning", False, row["command_id"], row["reason"],
+                               row["cause_ts_ms"], "pipeline")
+            items += loop.gate(account, meters, "credit", False, row["command_id"], row["reason"],
+                               row["cause_ts_ms"], "pipeline")
     return items
 
 
-def load_items(out: LoadOutputs, holds_by_bucket: dict[str, Holds], ctx: BillingContext,
+def load_items(out: LoadOutputs, loop: PowerLoop, ctx: BillingContext,
                bucket_of: Any) -> list[tuple[str, OutboxItem]]:
     """Load-control alerts, and its trips/restores filtered through the relay holds."""
     items: list[tuple[str, OutboxItem]] = []
@@ -230,18 +223,50 @@ def load_items(out: LoadOutputs, holds_by_bucket: dict[str, Holds], ctx: Billing
                                                       codec.encode("Alert", record))))
     for cmd in out.commands:
         account = cmd["account_id"]
-        meters = ctx.account_meters.get(account, [])
-        gated = set_hold(holds_by_bucket[bucket_of(account)], meters, cmd["hold"], cmd["action"] == "TRIP",
-                         cmd["command_id"], cmd["reason"])
-        items += [(bucket_of(account), relay_item(ctx, g, account, cmd["cause_ts_ms"], "loadcontrol"))
-                  for g in gated]
+        items += loop.gate(account, ctx.account_meters.get(account, []), cmd["hold"], cmd["action"] == "TRIP",
+                           cmd["command_id"], cmd["reason"], cmd["cause_ts_ms"], "loadcontrol")
     return items
 
 
-def relay_item(ctx: BillingContext, g: GateCommand, account_id: str | None, ts_ms: int,
-               requested_by: str) -> OutboxItem:
-    route = ctx.meter_route[g.meter_id]
-    command = {"command_id": g.command_id, "action": g.action, "reason": g.reason, "mall_id": route.mall_id,
-               "gateway_id": route.gateway_id, "meter_id": g.meter_id, "account_id": account_id,
-               "issued_at_ms": ts_ms, "cause_ts_ms": ts_ms, "requested_by": requested_by}
-    return OutboxItem(T.RELAY_COMMANDS, route.gateway_id.encode(), codec.encode("RelayCommand", command))
+def apply_outcomes(env: Envelope, account: str, outcomes: list[dict[str, Any]], ctx: BillingContext, source: str,
+                   offset: int, now_ms: int) -> Envelope:
+    """RelayOutcomes of one account's meters (in topic order): observations of the power loop;
+    a failed or expired command is re-issued (pipelines.core.relay)."""
+    loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
+    items = [item for o in outcomes for _, item in loop.outcome(account, o, now_ms)]
+    return Envelope(accounts=env.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset}, outbox=items,
+                    updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra, relays=loop.relays_of("_"))
+
+
+def tick(env: Envelope, ctx: BillingContext, now_ms: int) -> Envelope | None:
+    """Timer step of one account at `now_ms` (explicit): trips deferred by a friendly period
+    whose period has ended (engine.tick), then relay chains that are due. None when nothing
+    changed (nothing to write). The high-water marks stay: a tick consumes no input."""
+    loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
+    tagged: list[tuple[str, OutboxItem]] = []
+    accounts = env.accounts
+    if any(s.deferred or s.warn_pending for s in env.accounts.values()):
+        state, out = core_tick(CoreState(dict(env.circuits), dict(env.accounts)), now_ms, ctx.rating)
+        accounts = state.accounts
+        tagged += outbox_items(out, ctx, lambda _a: "_", {})
+        tagged += gate_wallet_commands(out, loop, ctx)
+    tagged += loop.tick(now_ms)
+    if not tagged and accounts == env.accounts and loop.relays_of("_") == env.relays:
+        return None
+    return Envelope(accounts=accounts, circuits=env.circuits, hwm=env.hwm, outbox=[item for _, item in tagged],
+                    updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra, relays=loop.relays_of("_"))
+
+
+def next_timer_ms(env: Envelope, ctx: BillingContext, now_ms: int) -> int:
+    """When the timer must look at this account again after a tick that changed nothing: the
+    earliest relay chain due, or the first moment a deferred trip's friendly period can be over."""
+    dues = [row[9] for row in env.relays.values() if row[9] > now_ms]
+    seen = [t for c in env.circuits.values() for t in (c.last_ts_ms, c.max_seen_ts_ms) if t is not None]
+    for s in env.accounts.values():
+        rating = ctx.rating.accounts.get(s.account_id)
+        if (s.deferred or s.warn_pending) and rating is not None:
+            mall = ctx.rating.malls[rating.mall_id]
+            anchor = max(seen if seen else [now_ms])
+            dues.append(max(now_ms + 1, friendly_until(rating.policy.friendly, anchor, mall.tz,
+                                                       frozenset(mall.holidays))))
+    return min(dues) if dues else now_ms + 60_000

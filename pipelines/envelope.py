@@ -18,6 +18,7 @@ with one circuit is about 200 bytes).
 
 from __future__ import annotations
 
+import operator
 import os
 import struct
 from dataclasses import dataclass, field
@@ -55,9 +56,17 @@ class OutboxItem:
 
 def frame_value(outbox: list[OutboxItem], state: bytes) -> bytes:
     """MAGIC, outbox length, the binary outbox, then the state bytes (any table's)."""
-    packed = b"".join(struct.pack(">HIIi", len(o.topic), len(o.key), len(o.value), o.partition)
-                      + o.topic.encode() + o.key + o.value for o in outbox)
-    return MAGIC + struct.pack(">I", len(packed)) + packed + state
+    parts = [MAGIC, b""]
+    for o in outbox:
+        topic = o.topic.encode()
+        parts += (_ITEM.pack(len(topic), len(o.key), len(o.value), o.partition), topic, o.key, o.value)
+    parts[1] = _LENGTH.pack(sum(map(len, parts)) - len(MAGIC))
+    parts.append(state)
+    return b"".join(parts)
+
+
+_ITEM = struct.Struct(">HIIi")
+_LENGTH = struct.Struct(">I")
 
 
 def unframe_value(raw: bytes) -> tuple[list[OutboxItem], bytes]:
@@ -71,20 +80,13 @@ def unframe_value(raw: bytes) -> tuple[list[OutboxItem], bytes]:
 _ACCOUNT_FIELDS = AccountState.__slots__  # type: ignore[attr-defined]
 _CIRCUIT_FIELDS = ("circuit_id", "meter_id", "last_ts_ms", "last_reg_wh", "max_seen_ts_ms", "spike_streak",
                    "billed_wh", "pending")
-
-
-def _account_row(s: AccountState) -> list[Any]:
-    return [getattr(s, f) for f in _ACCOUNT_FIELDS]
+# C-level getters: this runs for every account a step writes
+_account_row = operator.attrgetter(*_ACCOUNT_FIELDS)
+_circuit_row = operator.attrgetter(*_CIRCUIT_FIELDS)
 
 
 def _account_from(row: list[Any]) -> AccountState:
-    s = AccountState(*row)
-    return s
-
-
-def _circuit_row(c: CircuitState) -> list[Any]:
-    return [c.circuit_id, c.meter_id, c.last_ts_ms, c.last_reg_wh, c.max_seen_ts_ms, c.spike_streak,
-            c.billed_wh, c.pending]
+    return AccountState(*row)
 
 
 def _circuit_from(row: list[Any]) -> CircuitState:
@@ -109,6 +111,8 @@ class Envelope:
     updates: int = 0
     holds: dict[str, list[str]] = field(default_factory=dict)  # meter id -> why its relay is held open
     extra: dict[str, Any] = field(default_factory=dict)  # per-account state of other rules (load control)
+    # meter id -> pipelines.core.relay.MeterRelay row: the power loop of meters not at rest
+    relays: dict[str, list[Any]] = field(default_factory=dict)
 
     def applied(self, source: str, offset: int) -> bool:
         return self.hwm.get(source, -1) >= offset
@@ -120,7 +124,7 @@ class Envelope:
         state = msgpack.packb([
             [_account_row(s) for s in self.accounts.values()],
             [_circuit_row(c) for c in self.circuits.values()],
-            self.hwm, self.updates, self.holds, self.extra], use_bin_type=True)
+            self.hwm, self.updates, self.holds, self.extra, self.relays], use_bin_type=True)
         raw = frame_value(self.outbox, state)
         cap = MAX_VALUE_BYTES if limit is None else limit
         if len(raw) > cap:
@@ -134,11 +138,13 @@ class Envelope:
         if not raw:
             return cls()
         outbox, state = unframe_value(raw)
-        accounts, circuits, hwm, updates, holds, extra = msgpack.unpackb(state, raw=False, strict_map_key=False)
+        fields = msgpack.unpackb(state, raw=False, strict_map_key=False)
+        accounts, circuits, hwm, updates, holds, extra = fields[:6]
+        relays = fields[6] if len(fields) > 6 else {}  # added at the end: older values still read
         accs = [_account_from(r) for r in accounts]
         circs = [_circuit_from(r) for r in circuits]
         return cls({s.account_id: s for s in accs}, {c.circuit_id: c for c in circs}, hwm, outbox, updates,
-                   holds, extra)
+                   holds, extra, relays)
 
 
 def outbox_of(raw: bytes) -> list[OutboxItem]:

@@ -14,6 +14,7 @@ before each commit held every relay command behind it for a broker round trip.)
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -27,6 +28,7 @@ from infra import topics as T
 from pipelines.envelope import outbox_of
 from pipelines.faults import fault_point
 from schemas import codec
+from schemas.intervals import INTERVAL_ROWS, rows_to_interval_batch, unpack_interval_rows
 from schemas.ledger import LEDGER_ROWS, frame_to_ledger_batch, rows_to_frame, unpack_ledger_rows
 
 log = logging.getLogger("mallwatt.forwarder")
@@ -37,6 +39,8 @@ CONSUME_WAIT_S = 0.005
 COMMIT_INTERVAL_S = 0.5  # how often the forwarder commits (and so waits for its outputs)
 #: Ledger entries per LedgerBatch message at most (about 60 bytes each: far below 1 MB).
 LEDGER_BATCH_ENTRIES = 4096
+#: Interval facts per IntervalBatch message at most (about 60 bytes each).
+INTERVAL_BATCH_ROWS = 8192
 TABLE_NAME = "accounts"  # the worker's faust table: one state value per account
 
 
@@ -53,16 +57,35 @@ def changelog_topics(app_id: str) -> list[str]:
     return [changelog_topic(app_id), changelog_topic(app_id, CLAIMS_TABLE)]
 
 
+#: The forwarder group's session timeout: how long a killed member's changelog partitions (and
+#: so every relay command stored in them) wait before another forwarder takes them. The client
+#: default (45 s) held commands for a rebalance's length; 6 s is the broker's default minimum.
+SESSION_TIMEOUT_MS = int(os.environ.get("MALLWATT_FORWARDER_SESSION_TIMEOUT_MS", 6000))
+
+
+def consumer_config(bootstrap: str, group: str, instance: str | None = None) -> dict[str, Any]:
+    """The forwarder's consumer settings. With a stable instance name (`MALLWATT_WORKER_NAME`:
+    one per worker process, kept across restarts) the member is static: a restarted worker takes
+    its partitions back at once, without a rebalance, instead of waiting out the session."""
+    instance = instance if instance is not None else os.environ.get("MALLWATT_WORKER_NAME")
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+        "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
+        "topic.metadata.refresh.interval.ms": 2000,
+        "session.timeout.ms": SESSION_TIMEOUT_MS,
+        "heartbeat.interval.ms": max(500, SESSION_TIMEOUT_MS // 6),
+    }
+    if instance:
+        config["group.instance.id"] = f"{group}-{instance}"
+    return config
+
+
 class Forwarder:
     def __init__(self, bootstrap: str, changelog_topic: str | list[str], group: str = "mallwatt-forwarder") -> None:
         self.topics = [changelog_topic] if isinstance(changelog_topic, str) else list(changelog_topic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
-        self._consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "fetch.wait.max.ms": 20,
-            "topic.metadata.refresh.interval.ms": 2000,
-        })
+        self._consumer = Consumer(consumer_config(bootstrap, group))
         self._producer = Producer({
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 2, "compression.type": "lz4",
@@ -106,16 +129,21 @@ class Forwarder:
         # relay trip waits in here
         messages = self._consumer.consume(num_messages=500, timeout=CONSUME_WAIT_S)
         ledger: dict[tuple[str, int], list[tuple[Any, ...]]] = {}  # changelog partition -> rows, in order
+        intervals: dict[tuple[str, int], list[tuple[Any, ...]]] = {}  # the same for interval facts
         for msg in messages:
             if msg.error():
                 if msg.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.warning("forwarder: %s", msg.error())
                 continue
-            self._forward(msg.value(), ledger.setdefault((msg.topic(), msg.partition()), []))
+            where = (msg.topic(), msg.partition())
+            self._forward(msg.value(), ledger.setdefault(where, []), intervals.setdefault(where, []))
             self._uncommitted = True
         for (topic, partition), rows in ledger.items():
             if rows:
                 self._publish_ledger(topic, partition, rows, messages)
+        for (topic, partition), rows in intervals.items():
+            if rows:
+                self._publish_intervals(topic, partition, rows, messages)
         self._producer.poll(0)  # delivery reports
         if self._failure is not None:
             failure, self._failure = self._failure, None
@@ -173,8 +201,10 @@ class Forwarder:
         except KafkaException as exc:
             log.warning("forwarder: rewind failed (%s); will retry", exc)
 
-    def _forward(self, raw: bytes | None, ledger_rows: list[tuple[Any, ...]]) -> None:
-        """Publish a record's outputs; its ledger rows are added to `ledger_rows` instead."""
+    def _forward(self, raw: bytes | None, ledger_rows: list[tuple[Any, ...]],
+                 interval_rows: list[tuple[Any, ...]] | None = None) -> None:
+        """Publish a record's outputs; its ledger rows are added to `ledger_rows` instead, its
+        interval facts to `interval_rows`."""
         if raw is None:  # a tombstone: account state deleted, nothing to publish
             return
         try:
@@ -185,6 +215,9 @@ class Forwarder:
         for item in outbox:
             if item.topic == LEDGER_ROWS:
                 ledger_rows += unpack_ledger_rows(item.value)
+            elif item.topic == INTERVAL_ROWS:
+                if interval_rows is not None:
+                    interval_rows += unpack_interval_rows(item.value)
             else:
                 self._produce(item.topic, item.key, item.value, item.partition)
         self._producer.poll(0)
@@ -199,6 +232,16 @@ class Forwarder:
             frame = rows_to_frame(rows[start:start + LEDGER_BATCH_ENTRIES])
             batch = frame_to_ledger_batch(frame, f"{topic}:{partition}@{first}+{start}")
             self._produce(T.LEDGER, f"p{partition}".encode(), codec.encode("LedgerBatch", batch))
+
+    def _publish_intervals(self, topic: str, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]
+                           ) -> None:
+        """The interval facts of one changelog partition's records as IntervalBatches, keyed like
+        the ledger (a circuit's facts stay in one partition, in order)."""
+        first = next(m.offset() for m in messages
+                     if not m.error() and m.topic() == topic and m.partition() == partition)
+        for start in range(0, len(rows), INTERVAL_BATCH_ROWS):
+            batch = rows_to_interval_batch(rows[start:start + INTERVAL_BATCH_ROWS], f"{topic}:{partition}@{first}+{start}")
+            self._produce(T.INTERVALS, f"p{partition}".encode(), codec.encode("IntervalBatch", batch))
 
     def _produce(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
         self._undelivered[self._epoch] += 1

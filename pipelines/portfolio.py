@@ -138,16 +138,14 @@ class SharedPool(_Model):
     exclude: list[Identifier] = Field(default_factory=list)
 
 
-class MallConfig(_Model):
+class MallHeader(_Model):
+    """A mall's own settings (rules), without its roster: what a table-form portfolio keeps in YAML."""
+
     id: Identifier
     name: str
     timezone: str = "Asia/Shanghai"
     holidays: list[date] = Field(default_factory=list)
     tariff: Identifier
-    areas: list[Area] = Field(min_length=1)
-    gateways: list[Gateway] = Field(default_factory=list)
-    merchants: list[Merchant] = Field(default_factory=list)
-    meters: list[Meter] = Field(default_factory=list)
     pools: list[SharedPool] = Field(default_factory=list)
     main_meter: Identifier | None = None
 
@@ -170,6 +168,15 @@ class BillingSettings(_Model):
 
     lateness_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 0
     gap_ms: Annotated[int, Field(gt=0, le=31 * 86_400_000)] = 20 * 60_000
+
+
+class MallConfig(MallHeader):
+    """A mall with its roster: areas, gateways, merchants, meters (see docs/roster.md for tables)."""
+
+    areas: list[Area] = Field(min_length=1)
+    gateways: list[Gateway] = Field(default_factory=list)
+    merchants: list[Merchant] = Field(default_factory=list)
+    meters: list[Meter] = Field(default_factory=list)
 
 
 class Portfolio(_Model):
@@ -305,7 +312,12 @@ def parse_portfolio(data: Any, source: str = "<config>") -> Portfolio:
 
 
 def load_portfolio(path: str | Path) -> Portfolio:
+    """A YAML file, or a directory with portfolio.yaml plus roster tables (docs/roster.md)."""
     path = Path(path)
+    if path.is_dir():
+        from pipelines.roster import load_tables  # roster imports this module
+
+        return load_tables(path).portfolio()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -11,9 +11,9 @@ replay is harmless:
   ranges, so a retried block is dropped at insert time;
 * the readings rollup only uses duplicate-insensitive aggregates, and ledger entries that
   are already stored are dropped before insert (pipelines.sink_tables);
-* every --close-every seconds the sink closes the UTC days the readings watermark has
-  passed (hourly energies into circuit_hour_kwh, infra.warehouse_catalog.close_days),
-  again from the oldest day it inserted reads for since, so late reads are folded in.
+* every --close-every seconds the sink closes the UTC days the intervals watermark has
+  passed (billed hourly energies into billed_hour_kwh, infra.warehouse_catalog.close_days),
+  again from the oldest day it inserted interval facts for since, so late facts are folded in.
 
 Undecodable messages go to mallwatt.deadletter with the reason; the sink keeps going.
 In embedded mode the sink owns the chDB folder and serves the warehouse query endpoint
@@ -53,8 +53,8 @@ from infra.warehouse_catalog import close_days
 from pipelines.core.timeguard import DEFAULT_MAX_FUTURE_SKEW_S
 from pipelines.sink_tables import (
     DEADLETTER_TOPIC,
+    INTERVALS_TOPIC,
     LEDGER_TOPIC,
-    READINGS_TOPIC,
     TOPIC_TABLES,
     TopicTable,
     dead_letter_row,
@@ -297,7 +297,7 @@ class Sink:
             table = drop_known_ledger_rows(table, self.client)
         if table is not None and table.num_rows:
             insert_arrow(self.client, buf.spec.table, table, token)
-            if buf.spec.topic == READINGS_TOPIC:
+            if buf.spec.topic == INTERVALS_TOPIC:  # billed energy: its hours are closed by day
                 self._note_read_days(table)
         # Dead letters of this batch must be durable before its offsets are committed.
         if self.producer.flush(10) > 0:
@@ -324,14 +324,14 @@ class Sink:
         return 0 if table is None else table.num_rows
 
     def _note_read_days(self, table: pa.Table) -> None:
-        first = pc.min(table.column("ts")).as_py()
-        if first is not None:
-            day = first.astimezone(dt.UTC).date()
+        first = pc.min(table.column("end_ts")).as_py()
+        if first is not None:  # an interval belongs to the hour of its last millisecond
+            day = (first - dt.timedelta(milliseconds=1)).astimezone(dt.UTC).date()
             if self._oldest_read_day is None or day < self._oldest_read_day:
                 self._oldest_read_day = day
 
     def _close_days(self) -> None:
-        """Close the days the readings watermark has passed, recomputing from the oldest
+        """Close the days the intervals watermark has passed, recomputing from the oldest
         day read since the last run (late reads of a closed day). A failure is logged and
         tried again next time: queries derive unclosed days from circuit_daily anyway."""
         if self.close_every <= 0 or time.monotonic() - self._closed_at < self.close_every:
@@ -340,7 +340,7 @@ class Sink:
         oldest, self._oldest_read_day = self._oldest_read_day, None
         try:
             t0 = time.monotonic()
-            done = close_days(self.client, from_day=oldest, topic=self.prefix + READINGS_TOPIC)
+            done = close_days(self.client, from_day=oldest, topic=self.prefix + INTERVALS_TOPIC)
             if done is not None:
                 log.info("closed days %s..%s in %.1fs", done[0], done[1], time.monotonic() - t0)
         except Exception as exc:  # the engine's error, whatever its class

@@ -8,6 +8,7 @@ per-reading dicts.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +16,13 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from pipelines.core.timeguard import LATEST_MS
 from schemas import codec
+from schemas.intervals import interval_batch_to_frame
 from schemas.ledger import batch_entries
 from schemas.readings import RELAY_NAMES, batch_to_frame, reading_flags
+
+log = logging.getLogger("mallwatt.sink")
 
 DB = "mallwatt"
 TS = pa.timestamp("ms", tz="UTC")
@@ -25,6 +30,7 @@ STR = pa.string()
 
 READINGS_TOPIC = "mallwatt.readings"
 LEDGER_TOPIC = "mallwatt.ledger"
+INTERVALS_TOPIC = "mallwatt.intervals"
 ALERTS_TOPIC = "mallwatt.alerts"
 RELAY_COMMANDS_TOPIC = "mallwatt.relay-commands"
 RELAY_OUTCOMES_TOPIC = "mallwatt.relay-outcomes"
@@ -79,6 +85,17 @@ def decode_readings(value: bytes | None) -> Decoded:
     flags = reading_flags(record)
     if flags and (min(flags) < 0 or max(flags) >= n):
         raise ValueError(f"ReadingBatch {record['batch_id']}: flag index outside 0..{n - 1}")
+    # A reading the stream refuses as absurd (year 3000) is not stored either: the warehouse's
+    # rollups cannot hold it, and one such row made every insert of its batch fail for ever.
+    # The worker dead-letters its message with the reason, so it is not lost silently.
+    plausible = (pl.col("ts_ms") > 0) & (pl.col("ts_ms") < LATEST_MS)
+    if frame.height and not frame.select(plausible.all()).item():
+        keep = frame.select(plausible).to_series()
+        log.warning("ReadingBatch %s: %s reading(s) with an absurd timestamp not stored", record["batch_id"],
+                    frame.height - int(keep.sum()))
+        frame = frame.filter(keep)
+        flags = {new: flags[old] for new, old in enumerate(keep.arg_true().to_list()) if old in flags}
+        n = frame.height
     frame = frame.with_columns(
         pl.lit(record["mall_id"]).alias("mall_id"),
         pl.col("ts_ms").cast(pl.Datetime("ms", "UTC")).alias("ts"),
@@ -96,6 +113,26 @@ def readings_to_arrow(frames: list[pl.DataFrame]) -> pa.Table:
     # Oldest compat level: plain large_string instead of string_view, which ClickHouse's
     # Arrow reader does not take.
     return pl.concat(frames, how="vertical").to_arrow(compat_level=pl.CompatLevel.oldest())
+
+
+# --- interval facts ---------------------------------------------------------------------
+
+INTERVAL_FACT_COLUMNS = [
+    "mall_id", "circuit_id", "end_ts", "start_ts", "account_id", "meter_id", "energy_wh",
+    "billed_total_wh", "estimated", "flag",
+]  # fmt: skip
+
+
+def decode_intervals(value: bytes | None) -> Decoded:
+    """An IntervalBatch as a frame of interval_energy rows (column-wise, no dict per row)."""
+    frame = interval_batch_to_frame(codec.decode("IntervalBatch", value))
+    n = frame.height
+    max_ts = int(frame["end_ms"].max()) if n else 0  # type: ignore[arg-type]
+    frame = frame.with_columns(
+        pl.col("end_ms").cast(pl.Datetime("ms", "UTC")).alias("end_ts"),
+        pl.col("start_ms").cast(pl.Datetime("ms", "UTC")).alias("start_ts"),
+    ).select(INTERVAL_FACT_COLUMNS)
+    return frame, n, max_ts
 
 
 # --- inserting ------------------------------------------------------------------------
@@ -182,6 +219,7 @@ def _ledger_row(r: dict[str, Any]) -> dict[str, Any]:
         "circuit_id": r.get("circuit_id"), "interval_start": r.get("interval_start_ms"),
         "energy_wh": r.get("energy_wh"), "tou_period": r.get("tou_period"),
         "tier": r.get("tier"), "rate": r.get("rate"), "estimated": bool(r.get("estimated")),
+        "debt_change_minor": r.get("debt_change_minor"),
     }  # fmt: skip
 
 
@@ -196,7 +234,7 @@ LEDGER_SCHEMA = pa.schema([
     ("amount_minor", pa.int64()), ("balance_after_minor", pa.int64()), ("ts", TS),
     ("source_id", STR), ("meter_id", STR), ("circuit_id", STR), ("interval_start", TS),
     ("energy_wh", pa.int64()), ("tou_period", STR), ("tier", pa.int32()), ("rate", STR),
-    ("estimated", pa.bool_()),
+    ("estimated", pa.bool_()), ("debt_change_minor", pa.int64()),
 ])  # fmt: skip
 
 
@@ -281,6 +319,8 @@ TOPIC_TABLES: dict[str, TopicTable] = {
     for t in (
         TopicTable(READINGS_TOPIC, f"{DB}.readings", "ReadingBatch", decode_readings, readings_to_arrow),
         TopicTable(LEDGER_TOPIC, f"{DB}.ledger", "LedgerBatch", decode_ledger, _arrow_builder(LEDGER_SCHEMA)),
+        TopicTable(INTERVALS_TOPIC, f"{DB}.interval_energy", "IntervalBatch", decode_intervals,
+                   readings_to_arrow, ts_field="end_ts"),
         TopicTable(ALERTS_TOPIC, f"{DB}.alerts", "Alert",
                    _row_decoder("Alert", _alert_row, "ts_ms"), _arrow_builder(ALERT_SCHEMA)),
         TopicTable(RELAY_COMMANDS_TOPIC, f"{DB}.relay_commands", "RelayCommand",

@@ -28,7 +28,7 @@ from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
-from pipelines import batching, billing, claiming
+from pipelines import batching, billing, claiming, powerloop
 from pipelines.core.claims import CLAIM_HORIZON_DAYS, expired
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
@@ -36,6 +36,7 @@ from pipelines.envelope import Envelope
 from pipelines.faults import fault_point
 from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
+from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
 from pipelines.take import take_steps
 from schemas import codec
@@ -52,7 +53,21 @@ BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
 LOG_STEPS = bool(os.environ.get("MALLWATT_LOG_STEPS"))
 #: How often a worker forgets claims past the horizon (pipelines.core.claims).
 CLAIM_SWEEP_S = float(os.environ.get("MALLWATT_CLAIM_SWEEP_S", 3600))
+#: How often the timer runs engine.tick and the relay retries over the accounts due (seconds),
+#: and how often it re-scans the table for accounts with timer work (after a rebalance).
+TICK_S = float(os.environ.get("MALLWATT_TICK_S", 1.0))
+TICK_SCAN_S = float(os.environ.get("MALLWATT_TICK_SCAN_S", 30.0))
+#: Accounts one tick may update (the rest wait for the next tick).
+TICK_MAX_ACCOUNTS = int(os.environ.get("MALLWATT_TICK_MAX_ACCOUNTS", 2000))
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Partition:
+    """Stands in for the current event when the timer writes the table: faust takes a write's
+    changelog partition from the event (the account's partition)."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.message = type("M", (), {"topic": topic, "partition": partition})()
 
 
 def build_app(config_path: str, *, bootstrap: str | None = None, store: str | None = None,
@@ -96,6 +111,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                                           key_type=bytes, value_type=bytes,
                                           extra_topic_configs=T.claims_changelog_configs(CLAIM_HORIZON_DAYS)))
     readings_topic = app.topic(T.READINGS, key_type=bytes, value_type=bytes, partitions=partitions)
+    outcomes_topic = app.topic(T.RELAY_OUTCOMES, key_type=bytes, value_type=bytes, partitions=partitions)
     payments_topic = app.topic(T.PAYMENTS, key_type=bytes, value_type=bytes, partitions=partitions)
     accepted_payments_topic = app.topic(T.PAYMENTS_ACCEPTED, key_type=bytes, value_type=bytes,
                                         partitions=partitions)
@@ -120,11 +136,37 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     # holds: while the table still holds that object, parsing it again would give the same
     # envelope. A rebalance or recovery puts new objects in the table, so the cache misses.
     parsed: dict[str, tuple[bytes | None, Envelope]] = {}
+    # Accounts with timer work (a relay chain due, a trip waiting for a friendly period to end)
+    # -> when; kept as envelopes are stored or parsed, and by a periodic scan after a rebalance.
+    due: dict[str, int] = {}
+    # The stream's time for the timer: the newest Kafka message timestamp of any input seen,
+    # never ahead of this host's clock by more than the time guard's skew (a producer whose
+    # clock runs years ahead must not fire every retry and deferred trip at once).
+    clock_ms = [0]
+
+    def note_due(key: str, env: Envelope) -> None:
+        when = powerloop.next_due(env)
+        if when is None:
+            due.pop(key, None)
+        else:
+            due[key] = when
+
+    def advance_clock(timestamps: list[Any]) -> int | None:
+        """Move the stream clock to the newest message timestamp; returns the step's now."""
+        stamps = [t for t in (batching.message_ts_ms(ts) for ts in timestamps) if t is not None]
+        if not stamps:
+            return None
+        cap = int(time.time() * 1000) + holder.current().time_bounds.max_future_skew_ms
+        now = min(max(stamps), cap)
+        clock_ms[0] = max(clock_ms[0], now)
+        return now
+    collector = StepCollector()
 
     def store(key: str, env: Envelope) -> None:
         raw = env.to_bytes()
         states[key.encode()] = raw
         parsed[key] = (raw, env)
+        note_due(key, env)
 
     def load(key: str) -> Envelope:
         raw = states.get(key.encode())
@@ -133,6 +175,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             return hit[1]
         env = Envelope.from_bytes(raw)
         parsed[key] = (raw, env)
+        note_due(key, env)
         return env
 
     def store_all(changed: dict[str, Envelope], events: list[Any], ctx: Any) -> None:
@@ -162,7 +205,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             await asyncio.gather(*letters)
             return
         try:
-            refused = bill(decoded, holder.current())  # synchronous: no other agent interleaves
+            with collector.step():  # the cycle collector stays off the state (pipelines/gc_policy.py)
+                refused = bill(decoded, holder.current())  # synchronous: no other agent interleaves
         except Exception as exc:
             if len(decoded) > 1:
                 log.warning("billing step of %s messages failed (%s); retrying one by one", len(decoded), exc)
@@ -198,6 +242,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         return batch_to_frame(codec.decode("ReadingBatch", value))
 
     def bill_readings(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
+        advance_clock([e.message.timestamp for e, _ in decoded])
         frame = batching.messages_frame([(e.message.partition, e.message.offset, f,
                                           batching.message_ts_ms(e.message.timestamp)) for e, f in decoded])
         routed = batching.route_readings(frame, ctx)
@@ -228,7 +273,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 good.append((payment["claim_partition"], payment["claim_offset"], payment))
         keys = {ctx.bucket_of(p["account_id"]) for _, _, p in good}
         envs = {key: load(key) for key in keys}
-        for changed in batching.apply_payments_many(envs, good, ctx):
+        now = advance_clock([e.message.timestamp for e, _ in decoded])
+        for changed in batching.apply_payments_many(envs, good, ctx, now_ms=now):
             store_all(changed, [e for e, _ in decoded], ctx)
         return refused
 
@@ -325,6 +371,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                     token = _current_event.set(weakref.ref(event))  # the changelog partition of the write
                     try:
                         claims[key.encode()] = result.value
+                    except Exception as exc:  # the table itself is broken: restart, never drop input
+                        log.critical("claims table write failed (%s); stopping the worker", exc)
+                        await app.crash(exc)
+                        raise
                     finally:
                         _current_event.reset(token)
             await written()
@@ -366,8 +416,9 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             env = load(key)
             if env.applied(source, offset):
                 continue
+            now = advance_clock([msg.timestamp])
             try:
-                store(key, apply(env, record, ctx, source, offset))
+                store(key, apply(env, record, ctx, source, offset, now_ms=now))
             except Exception as exc:  # one bad message must not stop the agent
                 log.exception("%s at %s@%s failed", schema, source, msg.offset)
                 await to_dead_letter(event, "billing", f"{type(exc).__name__}: {exc}")
@@ -395,7 +446,99 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     @app.timer(interval=5.0)
     async def reload_config() -> None:
-        holder.reload_if_changed()
+        # re-read and rebuild in a thread; billing keeps the last context until the new one is ready
+        await holder.reload_in_background()
+
+    def outcome_account(outcome: dict[str, Any], ctx: Any) -> tuple[str, str | None]:
+        route = ctx.meter_route.get(outcome["meter_id"])
+        if route is None:
+            return "", f"relay outcome for meter {outcome['meter_id']!r}, not in the current config"
+        return route.account_id, None
+
+    def apply_outcomes(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
+        """Relay outcomes of a step, per account in topic order; each account's mark is the
+        outcome's own partition and offset (outcomes are produced to the account's shard)."""
+        refused: list[tuple[Any, str]] = []
+        per_account: dict[str, list[tuple[int, int, dict[str, Any]]]] = {}
+        now = advance_clock([e.message.timestamp for e, _ in decoded]) or clock_ms[0]
+        for event, outcome in decoded:
+            account, problem = outcome_account(outcome, ctx)
+            problem = owner_problem(event, account, problem, ctx)
+            if problem:
+                refused.append((event, problem))
+            else:
+                per_account.setdefault(account, []).append((event.message.partition, event.message.offset, outcome))
+        changed: dict[str, Envelope] = {}
+        for account, rows in per_account.items():
+            key = ctx.bucket_of(account)
+            env = load(key)
+            source = batching.source_of(T.RELAY_OUTCOMES, rows[0][0])
+            fresh = [o for _, offset, o in rows if not env.applied(source, offset)]
+            if fresh:
+                changed[key] = billing.apply_outcomes(env, account, fresh, ctx, source, rows[-1][1], now)
+        store_all(changed, [e for e, _ in decoded], ctx)
+        return refused
+
+    @app.agent(outcomes_topic)
+    async def on_relay_outcomes(stream: faust.Stream) -> None:
+        async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
+            await bill_batch(events, lambda value: codec.decode("RelayOutcome", value), apply_outcomes)
+
+    def active_partitions() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == T.READINGS}
+
+    @app.timer(interval=TICK_S)
+    async def power_timer() -> None:
+        """engine.tick and the relay retries of the accounts due, at the stream clock (explicit
+        time: the newest input timestamp seen, see clock_ms). Each account's change and its
+        outputs are one changelog record, as for any input."""
+        now = clock_ms[0]
+        if not now or not due:
+            return
+        ctx = holder.current()
+        mine = active_partitions()
+        todo = sorted((when, key) for key, when in due.items() if when <= now)[:TICK_MAX_ACCOUNTS]
+        wrote = False
+        for _, key in todo:
+            partition = ctx.partition_of_key(key)
+            if partition not in mine:
+                due.pop(key, None)  # moved to another worker with its partition
+                continue
+            try:
+                new = billing.tick(load(key), ctx, now)
+            except Exception:  # one account's failure must not stop the timer
+                log.exception("timer step of %s failed", key)
+                due.pop(key, None)
+                continue
+            if new is None:  # a trip still inside its friendly period: look again when it can end
+                env = load(key)
+                if powerloop.next_due(env) is not None:
+                    due[key] = billing.next_timer_ms(env, ctx, now)
+                continue
+            holder_event = _Partition(T.READINGS, partition)
+            token = _current_event.set(weakref.ref(holder_event))  # type: ignore[arg-type]
+            try:
+                store(key, new)
+            finally:
+                _current_event.reset(token)
+            wrote = True
+        if wrote:
+            await written()
+
+    @app.timer(interval=TICK_SCAN_S)
+    async def scan_due() -> None:
+        """Find accounts with timer work among the states this worker owns (after a start or a
+        rebalance they are in the table but not yet in `due`), in slices so billing never waits."""
+        ctx = holder.current()
+        mine = active_partitions()
+        keys = [k for k in list(states.data.keys()) if ctx.partition_of_key(k.decode()) in mine]
+        for start in range(0, len(keys), 5_000):
+            for raw_key in keys[start:start + 5_000]:
+                try:
+                    load(raw_key.decode())
+                except Exception as exc:  # an unreadable value is reported, not fatal for the timer
+                    log.error("state of %r unreadable for the timer: %s", raw_key, exc)
+            await asyncio.sleep(0)
 
     return app
 
@@ -407,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         "top-ups and emits ledger entries, alerts and relay commands. Run more than one to "
         "share the partitions; state moves with its partitions on a rebalance.")
     parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
-                        help="portfolio config (YAML); edits are picked up live (default %(default)s)")
+                        help="portfolio config: a YAML file or a roster directory (docs/roster.md); edits are "
+                        "picked up live, without stopping billing (default %(default)s)")
     parser.add_argument("--loglevel", default="warning", help="faust log level (default %(default)s)")
     parser.add_argument("--no-forwarder", action="store_true",
                         help="do not publish outputs from the changelog in this process")
@@ -420,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    # the changelogs exist (with their compaction settings) before faust's first table write
+    T.provision_topics(bootstrap_servers(), T.changelog_specs(APP_ID, CLAIM_HORIZON_DAYS))
+    T.wait_until_served(bootstrap_servers(), [t.name for t in T.changelog_specs(APP_ID, CLAIM_HORIZON_DAYS)])
     app = build_app(args.config, holder=holder)
     forwarder = None
     if not args.no_forwarder:

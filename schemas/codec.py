@@ -18,7 +18,9 @@ from typing import Any
 import fastavro
 
 SCHEMA_DIR = Path(__file__).parent
-WRITER_VERSION = 1
+#: Version 2: LedgerBatch and LedgerEntry carry debt_change_minor; IntervalBatch is new.
+WRITER_VERSION = 2
+HISTORY_DIR = SCHEMA_DIR / "history"
 
 # Order matters: later schemas refer to named types defined by earlier ones.
 SCHEMA_FILES: dict[str, str] = {
@@ -33,6 +35,7 @@ SCHEMA_FILES: dict[str, str] = {
     "DeadLetter": "dead_letter.avsc",
     "LedgerPosting": "ledger_posting.avsc",
     "LedgerBatch": "ledger_batch.avsc",
+    "IntervalBatch": "interval_batch.avsc",
 }
 
 
@@ -48,6 +51,27 @@ def _parsed() -> dict[str, Any]:
         raw = json.loads((SCHEMA_DIR / filename).read_text())
         parsed[name] = fastavro.parse_schema(raw, named_schemas=named)
     return parsed
+
+
+@cache
+def _writer_schema(name: str, version: int) -> Any:
+    """The schema `name` was written with at an older `version`: its history file
+    `schemas/history/<file>.v<N>.avsc` for the first version after N that changed it, else
+    (unchanged since) the current one. None when `name` did not exist yet at `version`."""
+    current = SCHEMA_FILES[name]
+    stem = current.removesuffix(".avsc")
+    for v in range(version, WRITER_VERSION):
+        path = HISTORY_DIR / f"{stem}.v{v}.avsc"
+        if path.exists():
+            raw = json.loads(path.read_text())
+            return fastavro.parse_schema(raw, named_schemas={})
+    if name in INTRODUCED and INTRODUCED[name] > version:
+        return None
+    return schema(name)
+
+
+#: Contracts added after version 1, and the version that introduced them.
+INTRODUCED: dict[str, int] = {"IntervalBatch": 2}
 
 
 def schema(name: str) -> Any:
@@ -71,10 +95,14 @@ def decode(name: str, data: bytes | None) -> dict[str, Any]:
     if not data:
         raise DecodeError(f"{name}: empty message")
     version = data[0]
-    if version != WRITER_VERSION:
+    if not 1 <= version <= WRITER_VERSION:
         raise DecodeError(f"{name}: unknown writer schema version {version}")
+    writer = schema(name) if version == WRITER_VERSION else _writer_schema(name, version)
+    if writer is None:
+        raise DecodeError(f"{name}: unknown writer schema version {version} (the contract is newer)")
+    reader = schema(name) if version != WRITER_VERSION else None
     try:
-        record = fastavro.schemaless_reader(io.BytesIO(data[1:]), schema(name), None)
+        record = fastavro.schemaless_reader(io.BytesIO(data[1:]), writer, reader)
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise DecodeError(f"{name}: undecodable Avro body ({type(exc).__name__}: {exc})") from exc
     if not isinstance(record, dict):

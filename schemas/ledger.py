@@ -19,13 +19,14 @@ LEDGER_COLUMNS: dict[str, Any] = {
     "amount_minor": pl.Int64, "balance_after_minor": pl.Int64, "ts_ms": pl.Int64, "source_id": pl.String,
     "meter_id": pl.String, "circuit_id": pl.String, "interval_start_ms": pl.Int64, "energy_wh": pl.Int64,
     "tou_period": pl.String, "tier": pl.Int32, "rate": pl.String, "estimated": pl.Boolean,
+    "debt_change_minor": pl.Int64,  # writer version 2; null: the entry does not move the debt register
 }  # fmt: skip
 REQUIRED_STRINGS = ("entry_id", "account_id", "mall_id", "kind", "source_id")
 OPTIONAL_STRINGS = ("meter_id", "circuit_id", "tou_period", "rate")
 INT64_COLUMNS = ("amount_minor", "balance_after_minor", "ts_ms")
 #: Optional numbers and their bit in null_mask.
-NULL_BITS: dict[str, int] = {"interval_start_ms": 1, "energy_wh": 2, "tier": 4}
-NUMPY_TYPES = {"interval_start_ms": "<i8", "energy_wh": "<i8", "tier": "<i4"}
+NULL_BITS: dict[str, int] = {"interval_start_ms": 1, "energy_wh": 2, "tier": 4, "debt_change_minor": 8}
+NUMPY_TYPES = {"interval_start_ms": "<i8", "energy_wh": "<i8", "tier": "<i4", "debt_change_minor": "<i8"}
 
 
 def frame_to_ledger_batch(frame: pl.DataFrame, batch_id: str) -> dict[str, Any]:
@@ -47,7 +48,8 @@ def ledger_batches(frame: pl.DataFrame, slices: list[tuple[str, int, int]]) -> l
         columns[name] = frame[name].cast(pl.Int64).to_numpy().astype("<i8")
     mask = np.zeros(frame.height, dtype="u1")
     for name, bit in NULL_BITS.items():
-        column = frame[name]
+        # a frame without debt_change_minor (made before the column existed): null
+        column = frame[name] if name in frame.columns else pl.repeat(None, frame.height, dtype=pl.Int64, eager=True)
         mask |= column.is_null().to_numpy().astype("u1") * np.uint8(bit)
         columns[name] = column.fill_null(0).to_numpy().astype(NUMPY_TYPES[name])
     columns["null_mask"] = mask
@@ -71,9 +73,13 @@ def ledger_batch_to_frame(record: dict[str, Any]) -> pl.DataFrame:
         columns[name] = record[name]
     for name in INT64_COLUMNS:
         columns[name] = np.frombuffer(record[name], dtype="<i8")
-    for name, dtype in NUMPY_TYPES.items():
-        columns[name] = np.frombuffer(record[name], dtype=dtype)
     mask = np.frombuffer(record["null_mask"], dtype="u1")
+    for name, dtype in NUMPY_TYPES.items():
+        raw = record.get(name) or b""
+        if name == "debt_change_minor" and not raw and n:  # a version-1 batch: no debt column
+            raw = bytes(8 * n)
+            mask = mask | np.uint8(NULL_BITS[name])
+        columns[name] = np.frombuffer(raw, dtype=dtype)
     estimated = np.frombuffer(record["estimated"], dtype="u1")
     for name, values in [*columns.items(), ("null_mask", mask), ("estimated", estimated)]:
         if len(values) != n:
@@ -123,8 +129,12 @@ def pack_ledger_rows(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
 
 
 def unpack_ledger_rows(value: bytes) -> list[tuple[Any, ...]]:
-    """The rows packed by `pack_ledger_rows` (tuples in LEDGER_COLUMNS order)."""
-    return [tuple(row) for row in msgpack.unpackb(value, raw=False)]
+    """The rows packed by `pack_ledger_rows` (tuples in LEDGER_COLUMNS order). Rows packed
+    before a column was added (a changelog record written by an older worker) are shorter:
+    the missing trailing columns are null."""
+    width = len(LEDGER_COLUMNS)
+    return [tuple(row) if len(row) == width else (*row, *([None] * (width - len(row))))
+            for row in msgpack.unpackb(value, raw=False)]
 
 
 def rows_to_frame(rows: list[tuple[Any, ...]]) -> pl.DataFrame:

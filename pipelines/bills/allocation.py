@@ -184,14 +184,33 @@ def tenant_consumption(entries: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return out
 
 
+def merchant_energy(mall: MallConfig, circuit_wh: Mapping[str, int]) -> dict[str, int]:
+    """Billed Wh per merchant account from billed Wh per circuit (the interval facts)."""
+    out: dict[str, int] = {}
+    for meter in mall.meters:
+        if meter.account is not None:
+            wh = sum(int(circuit_wh.get(c.id, 0)) for c in meter.circuits)
+            out[meter.account] = out.get(meter.account, 0) + wh
+    return out
+
+
 def allocate_mall(mall: MallConfig, period: str, entries: list[Mapping[str, Any]],
-                  consumption_wh: Mapping[str, int] | None = None) -> list[Allocation]:
-    """Every pool of a mall for one period from that period's ledger rows."""
-    usage = tenant_consumption(entries) if consumption_wh is None else consumption_wh
-    units = [Unit(m.id, m.leased_area_m2, m.vacant, usage.get(m.id, 0)) for m in mall.merchants]
+                  consumption_wh: Mapping[str, int] | None = None,
+                  circuit_wh: Mapping[str, int] | None = None) -> list[Allocation]:
+    """Every pool of a mall for one period from that period's ledger rows (the pool's cost).
+
+    `circuit_wh`: billed Wh per circuit in the period from the interval facts
+    (`warehouse_io.circuit_energy_wh`); when given, consumption shares and the pool's energy
+    come from it (every billed Wh, also of charges that posted 0 minor units), else from the
+    ledger's charge entries."""
+    if consumption_wh is None:
+        consumption_wh = merchant_energy(mall, circuit_wh) if circuit_wh is not None else tenant_consumption(entries)
+    units = [Unit(m.id, m.leased_area_m2, m.vacant, consumption_wh.get(m.id, 0)) for m in mall.merchants]
     out = []
     for pool in sorted(mall.pools, key=lambda p: p.id):
         cost, wh = pool_cost(entries, mall, pool)
+        if circuit_wh is not None:
+            wh = sum(int(circuit_wh.get(c, 0)) for c in sorted(pool_circuits(mall, pool)))
         out.append(allocate(mall.id, pool, period, cost, units, wh))
     return out
 

@@ -38,7 +38,10 @@ def _malls(portfolio: Portfolio, mall_id: str | None) -> list[MallConfig]:
 
 
 def bills_from_entries(portfolio: Portfolio, period: Period, entries: list[Mapping[str, Any]],
-                       openings: Mapping[str, Opening], mall_id: str | None = None) -> PeriodBills:
+                       openings: Mapping[str, Opening], mall_id: str | None = None,
+                       circuit_wh: Mapping[str, int] | None = None) -> PeriodBills:
+    """Statements, summaries and pool allocations of a period. `circuit_wh`: billed Wh per
+    circuit (interval facts) for consumption shares; None: from the ledger's charges."""
     statements: list[Statement] = []
     summaries, allocations = [], []
     for mall in _malls(portfolio, mall_id):
@@ -56,7 +59,7 @@ def bills_from_entries(portfolio: Portfolio, period: Period, entries: list[Mappi
                                                    merchant_name=names.get(account, ""), currency=portfolio.currency))
         statements += mall_statements
         summaries.append(mall_summary(mall.id, period.label, mall_statements))
-        allocations += allocate_mall(mall, period.label, rows)
+        allocations += allocate_mall(mall, period.label, rows, circuit_wh=circuit_wh)
     return PeriodBills(period, statements, summaries, allocations)
 
 
@@ -66,10 +69,12 @@ def load_bills(portfolio: Portfolio, period: Period, *, mall_id: str | None = No
     watermark = warehouse_io.complete_until_ms(warehouse_io.LEDGER_TOPIC, path) if check_closed else None
     entries: list[dict[str, Any]] = []
     openings: dict[str, Opening] = {}
+    circuit_wh: dict[str, int] = {}
     for mall in _malls(portfolio, mall_id):
         if check_closed:
             require_closed(period, mall.timezone, watermark)
         start, end = period.start_ms(mall.timezone), period.end_ms(mall.timezone)
         entries += warehouse_io.period_entries(start, end, mall.id, path)
         openings |= warehouse_io.openings_at(start, mall.id, path)
-    return bills_from_entries(portfolio, period, entries, openings, mall_id)
+        circuit_wh |= warehouse_io.circuit_energy_wh(start, end, mall.id, path)
+    return bills_from_entries(portfolio, period, entries, openings, mall_id, circuit_wh)

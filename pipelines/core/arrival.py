@@ -33,7 +33,13 @@ import polars as pl
 from pipelines.core import timeguard
 from pipelines.core.claims import ClaimBook, claim_payment_rows
 from pipelines.core.context import RatingContext
-from pipelines.core.engine import PAYMENT_REJECT_SCHEMA, CoreState, payments_frame, process_batch
+from pipelines.core.engine import (
+    PAYMENT_REJECT_SCHEMA,
+    CoreState,
+    payments_frame,
+    process_batch,
+    tick,
+)
 
 ARRIVAL_COLUMNS = ("partition", "offset", "msg_ts_ms")
 OUTPUTS = ("ledger", "alerts", "commands", "rejected_readings", "rejected_payments", "intervals")
@@ -259,10 +265,19 @@ class ArrivalReplay:
 
             readings = pl.DataFrame(schema=READING_SCHEMA)
         self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False)
+        outs = [out]
+        # the stream's timer: deferred trips whose friendly period ended by the newest input time
+        from pipelines.core.replay import replay_now
+
+        now = replay_now(readings, payments)
+        if now is not None and any(s.deferred or s.warn_pending for s in self.state.accounts.values()):
+            self.state, ticked = tick(self.state, now, self.ctx)
+            outs.append(ticked)
         for name in OUTPUTS:
-            frame = getattr(out, name)
-            if frame.height:
-                self.sink(name, frame)
+            for o in outs:
+                frame = getattr(o, name)
+                if frame.height:
+                    self.sink(name, frame)
         self.progress.add(readings.height, int(readings["ts_ms"].max()) if readings.height else None)
 
 

@@ -2,6 +2,7 @@
 
     python -m pipelines.core.bench [--json] [--circuits 1000] [--readings 100] [--batches 4]
                                    [--step-min 15] [--compare] [--low-share 0.02]
+                                   [--live-accounts 35000] [--live-calls 8] [--live-cadence-s 900]
     python -m pipelines.core.bench --small [--steps 100]   # per-message cost in the stream
 
 Batch shape: ``circuits`` circuits (one account each, one mall in Asia/Shanghai) x ``readings``
@@ -14,6 +15,12 @@ rest take the vectorised fast path. Times are best-of the batches after the firs
 ``--compare`` also runs the frozen pre-optimisation core (`pipelines.core.legacy`) on the same
 batches in the same process, checks that both give identical outputs and state, and reports
 the speed-up as a ratio (the machine is shared: compare within one run, not across runs).
+
+Two shapes in one JSON: the top-level figures are this batch shape (many readings per account
+per call: per-account work is amortised); ``live`` is the shape production input has, each of
+``live-accounts`` circuits exactly once per call with the state carried between calls (see
+`bench_live`), where the cost is per account touched (``us_per_account``). ``--live-accounts 0``
+skips it.
 
 ``--small`` measures the other regime, the stream's per-message cost: see `bench_small`.
 """
@@ -115,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true", help="also run the pre-optimisation core, same batches")
     ap.add_argument("--small", action="store_true", help="per-message cost of process_batch + process_load")
     ap.add_argument("--steps", type=int, default=100, help="--small: messages (time steps) timed")
+    ap.add_argument("--live-accounts", type=int, default=35_000, help="live shape: accounts (0: skip)")
+    ap.add_argument("--live-calls", type=int, default=8, help="live shape: calls (one reading per circuit each)")
+    ap.add_argument("--live-cadence-s", type=int, default=900, help="live shape: seconds between readings")
+    ap.add_argument("--live-pay-share", type=float, default=0.005, help="live shape: accounts topping up per call")
     a = ap.parse_args(argv)
     if a.small:
         from pipelines.core.bench_small import run_small
@@ -145,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         res["speedup"] = round(lbest / times[best], 2)
         res["identical_outputs"] = all(same(x, y) for x, y in zip(outs, louts, strict=True)) \
             and state.to_dict() == lstate.to_dict()
+    if a.live_accounts > 0:
+        from pipelines.core.bench_live import live_report
+        res["live"] = live_report(a.live_accounts, a.live_calls, a.live_cadence_s, a.low_share, a.live_pay_share)
+        res["shapes"] = {"batch_readings_per_s": res["readings_per_s"],
+                         "live_readings_per_s": res["live"]["readings_per_s"],
+                         "live_us_per_account": res["live"]["us_per_account"]}
     print(json.dumps(res))
     return 0
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import polars as pl
 
+from pipelines.core.cols import chunked_frame
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
 
 
@@ -48,17 +49,17 @@ class RatingContext:
     def circuit_frame(self) -> pl.DataFrame:
         ids = list(self.circuits)
         acc = [self.circuits[c].account_id for c in ids]
-        return pl.DataFrame({
-            "circuit_id": ids, "account_id": acc,
-            "mall_id": [self.accounts[a].mall_id for a in acc],
-        }, schema={"circuit_id": pl.String, "account_id": pl.String, "mall_id": pl.String})
+        return chunked_frame({"circuit_id": ids, "account_id": acc, "mall_id": [self.accounts[a].mall_id for a in acc]},
+                             {"circuit_id": pl.String, "account_id": pl.String, "mall_id": pl.String})
 
     @cached_property
     def account_frame(self) -> pl.DataFrame:
-        rows = []
-        for a in self.accounts.values():
-            num, den = a.price_multiplier.as_integer_ratio()
-            rows.append((a.account_id, a.mall_id, a.tariff_id, num, den, self.malls[a.mall_id].tz))
-        return pl.DataFrame(rows, orient="row", schema={
-            "account_id": pl.String, "mall_id": pl.String, "tariff_id": pl.String,
-            "m_num": pl.Int64, "m_den": pl.Int64, "tz": pl.String})
+        accounts = list(self.accounts.values())
+        ratios = {m: m.as_integer_ratio() for m in {a.price_multiplier for a in accounts}}
+        columns = {"account_id": [a.account_id for a in accounts], "mall_id": [a.mall_id for a in accounts],
+                   "tariff_id": [a.tariff_id for a in accounts],
+                   "m_num": [ratios[a.price_multiplier][0] for a in accounts],
+                   "m_den": [ratios[a.price_multiplier][1] for a in accounts],
+                   "tz": [self.malls[a.mall_id].tz for a in accounts]}
+        return chunked_frame(columns, {"account_id": pl.String, "mall_id": pl.String, "tariff_id": pl.String,
+                                       "m_num": pl.Int64, "m_den": pl.Int64, "tz": pl.String})

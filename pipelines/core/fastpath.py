@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -26,11 +26,14 @@ import polars as pl
 from pipelines.core import cols
 from pipelines.core.cols import take
 from pipelines.core.context import RatingContext
-from pipelines.core.localtime import EPOCH_ORDINAL, day_iso, iso_day
-from pipelines.core.lookup import PERIOD_NAMES, Lookup
+from pipelines.core.localtime import EPOCH_ORDINAL, day_iso
+from pipelines.core.lookup import NO_LIMIT, PERIOD_NAMES, Lookup
 from pipelines.core.models import AMOUNT_SCALE, PRICE_SCALE
 from pipelines.core.tariff import Rated, local_day_start_ms, version_at
 from pipelines.core.wallet import AccountState
+
+if TYPE_CHECKING:
+    from pipelines.core.accounts import AccountView
 
 CHARGE_KEYS = ["account_id", "circuit_id", "end_ms", "period", "tier", "price_u"]
 
@@ -65,8 +68,8 @@ class Charges:
 
 def charges(r: Rated, lk: Lookup) -> Charges:
     rated = r.frame
-    if r.src.size > 1 and (r.src[1:] == r.src[:-1]).any():
-        # Some interval has several rated rows: merge those with the same (period, tier, price).
+    if r.src.size > 1 and _mergeable(r):
+        # Some interval has several rated rows with the same (period, tier, price): merge them.
         g = cols.hstack(rated, [pl.Series("aidx", r.aidx), pl.Series("end_day", r.end_day),
                                 pl.Series("cidx", r.cidx), pl.Series("pcode", r.period)]).group_by(CHARGE_KEYS).agg(
             pl.col("meter_id").first(), pl.col("start_ms").first(), pl.col("piece_ms").min(),
@@ -97,6 +100,18 @@ def charges(r: Rated, lk: Lookup) -> Charges:
         row[idx] = idx[order]
         arrays = [x[row] for x in arrays]
     return Charges(frame, row, *arrays)
+
+
+def _mergeable(r: Rated) -> bool:
+    """Whether two rated rows of one interval share (period, tier, price). Rows of an interval
+    are adjacent; when none merge (one piece per interval, tier splits only), the rated rows
+    already are the charges in posting order."""
+    multi = r.src[1:] == r.src[:-1]
+    if not multi.any():
+        return False
+    i = np.flatnonzero(np.concatenate(([False], multi)) | np.concatenate((multi, [False])))
+    key = np.stack([r.src[i], r.period[i], r.tier[i], r.price_u[i]], axis=1)
+    return bool(np.unique(key, axis=0).shape[0] < i.size)
 
 
 def entry_ids(lk: Lookup, cidx: np.ndarray, end_ms: np.ndarray, period: np.ndarray, tier: np.ndarray,
@@ -158,58 +173,46 @@ def threshold(s: AccountState, ctx: RatingContext) -> int | None:
     return max(levels) if levels else NO_LIMIT
 
 
-NO_LIMIT = int(np.iinfo(np.int64).min)
+@dataclass
+class Fast:
+    """What the vectorised wallet posted: per account (row of the `AccountView`) the new balance,
+    residue and standing day (days since 1970-01-01, -1: unchanged); the ledger in (account_id,
+    ts_ms) order and the account rank of each ledger row."""
+
+    rows: np.ndarray
+    balance: np.ndarray
+    acc_n: np.ndarray
+    new_day: np.ndarray
+    ledger: pl.DataFrame | None
+    rank: np.ndarray
 
 
-def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str], ctx: RatingContext,
-              lk: Lookup, schema: dict[str, Any]) -> tuple[set[str], pl.DataFrame | None, np.ndarray]:
-    """Post the charges of every eligible account; returns (fast account ids, their ledger in
-    (account_id, ts_ms) order, the account rank of each ledger row)."""
+def fast_path(ch: Charges, view: AccountView, has_pay: np.ndarray, ctx: RatingContext, lk: Lookup,
+              schema: dict[str, Any]) -> Fast:
+    """Post the charges of every eligible account (``has_pay``: per view row, a payment in the
+    batch, which sends the account to the per-event wallet)."""
     a, end = ch.aidx, ch.end_ms
     n = a.size
     starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
     ends = np.append(starts[1:], n)
     seg = np.repeat(np.arange(starts.size), ends - starts)
-    d0, d1 = ch.end_day[starts].tolist(), ch.end_day[ends - 1].tolist()
+    seg_rank = a[starts]
+    vr = view.row[seg_rank]
+    eligible, limit_v = view.limits(ctx, lk)
+    ok = eligible[vr] & ~has_pay[vr]
+    acc0 = np.where(ok, view.acc_n[vr], 0)
+    bal0 = np.where(ok, view.balance[vr], 0)
+    limit = np.where(ok, limit_v[vr], np.iinfo(np.int64).max)  # balance must stay above this
+    sd, last = view.standing_day[vr], ch.end_day[ends - 1]
+    new_day = np.where(ok & (last > sd), last, -1)
+    st = _standing_rows(np.flatnonzero(new_day >= 0), seg_rank, sd, last, ctx, lk)
 
-    acc0 = np.zeros(starts.size, dtype=np.int64)
-    bal0 = np.zeros(starts.size, dtype=np.int64)
-    limit = np.full(starts.size, np.iinfo(np.int64).max)  # balance must stay above this
     fee_add = np.zeros(n, dtype=np.int64)
-    standing: list[tuple[int, int, int, str]] = []  # (segment, fee, day start, iso)
-    new_day: dict[int, int] = {}
-    fees: dict[tuple[str, str, int], tuple[int, int]] = {}
-    for i, (x, first, last) in enumerate(zip(a[starts].tolist(), d0, d1, strict=True)):
-        aid = lk.account_ids[x]
-        s = accounts.get(aid)
-        if s is None or aid in pay_accts or aid not in ctx.accounts:
-            continue
-        t = threshold(s, ctx)
-        if t is None:
-            continue
-        sd = iso_day(s.standing_day)  # type: ignore[arg-type]  # threshold() checked it
-        if not first == last == sd:  # a new local day: standing charges
-            rating = ctx.accounts[aid]
-            tz = ctx.malls[rating.mall_id].tz
-            for d in range(sd + 1, last + 1):
-                key = (rating.tariff_id, tz, d)
-                if key not in fees:
-                    day_start = local_day_start_ms(date.fromordinal(EPOCH_ORDINAL + d), tz)
-                    v = version_at(ctx.tariffs[rating.tariff_id], day_start)
-                    fees[key] = (v.standing_charge_per_day if v else 0, day_start)
-                fee, day_start = fees[key]
-                if fee:
-                    standing.append((i, fee, day_start, day_iso(d)))
-            if last > sd:
-                new_day[i] = last
-        acc0[i], bal0[i], limit[i] = s.acc_n, s.balance, t
-
     st_pos = np.zeros(0, dtype=np.int64)
-    if standing:  # each goes before the account's first charge ending at or after its day start
+    if st.seg.size:  # each goes before the account's first charge ending at or after its day start
         seg_key = (seg << 43) + end  # sorted: rows are in (account, end_ms) order
-        sk = np.array([(i << 43) + day_start for i, _, day_start, _ in standing], dtype=np.int64)
-        st_pos = np.searchsorted(seg_key, sk)
-        np.add.at(fee_add, st_pos, np.array([x[1] for x in standing], dtype=np.int64))
+        st_pos = np.searchsorted(seg_key, (st.seg << 43) + st.ts)
+        np.add.at(fee_add, st_pos, st.fee)
     cs = np.cumsum(ch.amount_n)  # may wrap on huge batches; per-account differences stay exact
     within = cs - (cs[starts] - ch.amount_n[starts])[seg]
     posted = (acc0[seg] + within) // AMOUNT_SCALE
@@ -220,46 +223,86 @@ def fast_path(ch: Charges, accounts: dict[str, AccountState], pay_accts: set[str
     fcs = np.cumsum(fee_add)
     fee_cum = fcs - (fcs[starts] - fee_add[starts])[seg]
     balance = bal0[seg] - posted - fee_cum
-    fast_seg = balance[ends - 1] > limit
+    fast_seg = ok & (balance[ends - 1] > limit)
 
-    fast: set[str] = set()
-    for i in np.flatnonzero(fast_seg).tolist():
-        s = accounts[lk.account_ids[a[starts[i]]]]
-        s.balance, s.acc_n = int(balance[ends[i] - 1]), int(accn[ends[i] - 1])
-        if i in new_day:
-            s.standing_day = day_iso(new_day[i])
-        fast.add(s.account_id)
-    if not fast:
-        return fast, None, np.zeros(0, dtype=np.int64)
+    fi = np.flatnonzero(fast_seg)
+    z = np.zeros(0, dtype=np.int64)
+    if fi.size == 0:
+        return Fast(z, z, z, z, None, z)
+    res = Fast(vr[fi], balance[ends[fi] - 1], accn[ends[fi] - 1], new_day[fi], None, z)
     keep = np.flatnonzero(fast_seg[seg] & (amount_minor != 0))
-    st = _standing(standing, st_pos, fast_seg, bal0, prev)
-    return fast, *_ledger(ch, keep, amount_minor[keep], balance[keep], st, a[starts], lk, schema)
+    st.pos = st_pos
+    res.ledger, res.rank = _ledger(ch, keep, amount_minor[keep], balance[keep], st.of(fast_seg, bal0, prev),
+                                   seg_rank, lk, schema)
+    return res
 
 
 @dataclass
 class _Standing:
     """Standing charges of fast accounts, in (account, day) order."""
 
-    seg: np.ndarray
+    seg: np.ndarray  # charge segment (account) of each
     pos: np.ndarray  # charge row each one goes before
     fee: np.ndarray
-    ts: np.ndarray
+    ts: np.ndarray  # local day start
     balance: np.ndarray
     iso: list[str]
 
+    def of(self, fast_seg: np.ndarray, bal0: np.ndarray, prev: np.ndarray) -> _Standing:
+        """The rows of the fast segments, with the balance after each."""
+        if self.seg.size == 0:
+            return self
+        cs = np.cumsum(self.fee)  # fees already inserted per segment, this one included
+        head = np.flatnonzero(np.concatenate(([True], self.seg[1:] != self.seg[:-1])))
+        run_of = np.repeat(head, np.diff(np.append(head, self.seg.size)))
+        run = cs - cs[run_of] + self.fee[run_of]
+        k = np.flatnonzero(fast_seg[self.seg])
+        balance = bal0[self.seg[k]] - prev[self.pos[k]] - run[k]
+        return _Standing(self.seg[k], self.pos[k], self.fee[k], self.ts[k], balance, [self.iso[i] for i in k.tolist()])
 
-def _standing(standing: list[tuple[int, int, int, str]], st_pos: np.ndarray, fast_seg: np.ndarray,
-              bal0: np.ndarray, prev: np.ndarray) -> _Standing:
-    rows: list[tuple[int, int, int, int, int]] = []
-    iso: list[str] = []
-    run: dict[int, int] = {}  # fees already inserted per segment
-    for (i, fee, day_start, d), p in zip(standing, st_pos.tolist(), strict=True):
-        run[i] = run.get(i, 0) + fee
-        if fast_seg[i]:
-            rows.append((i, p, fee, day_start, int(bal0[i] - prev[p] - run[i])))
-            iso.append(d)
-    arr = np.array(rows, dtype=np.int64).reshape(-1, 5)
-    return _Standing(*(arr[:, k] for k in range(5)), iso)
+
+def _standing_rows(need: np.ndarray, seg_rank: np.ndarray, sd: np.ndarray, last: np.ndarray,
+                   ctx: RatingContext, lk: Lookup) -> _Standing:
+    """Standing charges for the local days after each segment's standing day up to its last
+    charge's day (``need``: segments with such days). Accounts share (tariff, mall, days):
+    each combination is worked out once, then repeated."""
+    z = np.zeros(0, dtype=np.int64)
+    if need.size == 0:
+        return _Standing(z, z, z, z, z, [])
+    r = seg_rank[need]
+    key = np.stack([lk.acc_tariff[r], lk.acc_mall[r], sd[need], last[need]], axis=1)
+    combos, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    fee_l, ts_l, iso_l, count = [], [], [], []
+    for t, m, d0, d1 in combos.tolist():
+        k = 0
+        for d in range(d0 + 1, d1 + 1):
+            fee, start = _day_fee(t, m, d, ctx, lk)
+            if fee:
+                fee_l.append(fee)
+                ts_l.append(start)
+                iso_l.append(day_iso(d))
+                k += 1
+        count.append(k)
+    cnt = np.array(count, dtype=np.int64)
+    first = np.cumsum(cnt) - cnt
+    per = cnt[inv]
+    rep = np.repeat(np.arange(need.size), per)
+    idx = first[inv][rep] + np.arange(rep.size) - np.repeat(np.cumsum(per) - per, per)
+    fee_a, ts_a = np.array(fee_l, dtype=np.int64), np.array(ts_l, dtype=np.int64)
+    return _Standing(need[rep], z, fee_a[idx] if idx.size else z, ts_a[idx] if idx.size else z, z,
+                     [iso_l[i] for i in idx.tolist()])
+
+
+def _day_fee(t: int, m: int, d: int, ctx: RatingContext, lk: Lookup) -> tuple[int, int]:
+    """(standing charge, local day start ms) of tariff ``t`` on day ``d`` in mall ``m``'s zone."""
+    hit = lk.day_fees.get((t, m, d))
+    if hit is None:
+        tz = lk.mall_tz[m]
+        day_start = local_day_start_ms(date.fromordinal(EPOCH_ORDINAL + d), tz)
+        v = version_at(ctx.tariffs[lk.tariff_ids[t]], day_start)
+        hit = lk.day_fees[(t, m, d)] = (v.standing_charge_per_day if v else 0, day_start)
+    return hit
 
 
 def _ledger(ch: Charges, keep: np.ndarray, amount: np.ndarray, balance: np.ndarray, st: _Standing,

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import chain
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from pipelines.core import cols
-from pipelines.core.cols import take
+from pipelines.core.cols import chunked, take
 from pipelines.core.models import CircuitConfig
 
 SPIKE_REBASELINE = 3
@@ -113,7 +114,7 @@ class CircuitIndex:
         self.ids = sorted(circuits)
         self.rank = {c: i for i, c in enumerate(self.ids)}
         self.enum = pl.Enum(self.ids)
-        self.id_series = pl.Series("circuit_id", self.ids, dtype=pl.String)
+        self.id_series = chunked("circuit_id", self.ids, pl.String)
         self.limits = [_limits(circuits[c]) for c in self.ids]
         self.max_w = np.array([x.max_w for x in self.limits], dtype=np.int64)
         self.res = np.array([x.res_wh for x in self.limits], dtype=np.int64)
@@ -161,13 +162,6 @@ class _Meters:
         assert self.s is not None
         return _Meters(pl.concat([pl.Series("meter_id", head, dtype=pl.String), self.s]))
 
-    def codes(self) -> np.ndarray:
-        if self.v is not None:
-            seen: dict[str, int] = {}
-            return np.array([seen.setdefault(m, len(seen)) for m in self.v], dtype=np.int64)
-        assert self.s is not None
-        return self.s.cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
-
     def ranks(self) -> np.ndarray:
         if self.v is not None:
             rank = {m: i for i, m in enumerate(sorted(set(self.v)))}
@@ -175,13 +169,18 @@ class _Meters:
         assert self.s is not None
         return self.s.rank("dense").to_numpy().astype(np.int64)
 
-    def code_of(self, mcode: np.ndarray) -> dict[str, int]:
+    def codes_with(self, last: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """`codes`, and the codes of ``last`` (the states' last meters) in the same coding:
+        -2 for None, and a code no row has (-1 if there are few rows) for a meter not in the batch."""
         if self.v is not None:
-            return dict(zip(self.v, mcode.tolist(), strict=True))
-        first = np.full(int(mcode.max()) + 1 if mcode.size else 0, -1, dtype=np.int64)
-        first[mcode[::-1]] = np.arange(mcode.size - 1, -1, -1)  # first row of each code
-        rows = first[first >= 0]
-        return dict(zip(take(self.s, rows).to_list(), mcode[rows].tolist(), strict=True))
+            code: dict[str, int] = {}
+            mcode = np.array([code.setdefault(m, len(code)) for m in self.v], dtype=np.int64)
+            return mcode, np.array([code.get(m, -1) if m is not None else -2 for m in last], dtype=np.int64)
+        assert self.s is not None
+        n = self.s.len()  # one cast of both: equal ids get equal codes
+        both = pl.concat([self.s, pl.Series("meter_id", last, dtype=pl.String)]).cast(pl.Categorical).to_physical()
+        codes = both.cast(pl.Int64).fill_null(-2).to_numpy() if both.null_count() else both.to_numpy().astype(np.int64)
+        return codes[:n], codes[n:]
 
     def take(self, idx: np.ndarray) -> _Meters:
         if self.v is not None:
@@ -260,20 +259,20 @@ def interval_arrays(
         pend_c = {ix.rank[c] for c, s in states.items() if s.pending and c in ix.rank}
         present = np.union1d(present, np.array(sorted(pend_c), dtype=np.int64))
     touched = [ix.ids[i] for i in present.tolist()]
-    pend = [(ix_i, p) for ix_i, c in zip(present.tolist(), touched, strict=True) if c in states
-            for p in states[c].pending]
-    n_p = len(pend)
+    prior = _Gathered(list(map(states.get, touched)))
+    n_p = len(prior.pend)
     if n_p:
-        cidx = np.concatenate([np.array([x for x, _ in pend], dtype=np.int64), cidx])
-        p_reg = np.array([p[2] for _, p in pend], dtype=np.int64)
-        ts = np.concatenate([np.array([p[0] for _, p in pend], dtype=np.int64), ts])
-        reg = np.concatenate([p_reg, reg])
-        kwh = np.concatenate([p_reg / 1000, kwh])
-        meters = meters.prepend([p[1] for _, p in pend])
+        cidx = np.concatenate([np.repeat(present, prior.pend_counts), cidx])
+        p_ts, p_meter, p_reg = zip(*prior.pend, strict=True)
+        p_reg_a = np.array(p_reg, dtype=np.int64)
+        ts = np.concatenate([np.array(p_ts, dtype=np.int64), ts])
+        reg = np.concatenate([p_reg_a, reg])
+        kwh = np.concatenate([p_reg_a / 1000, kwh])
+        meters = meters.prepend(list(p_meter))
     if cidx.size == 0:
         return new_states, _empty(INTERVAL_SCHEMA), _concat_rejects(rejects), np.zeros(0, dtype=np.int64)
     src = (np.arange(cidx.size) >= n_p).astype(np.int64)  # 0: pending from state, 1: this batch
-    mcode = meters.codes()
+    mcode, lm_code = meters.codes_with(prior.meter)
 
     # Order by (circuit, ts); ties (duplicates) by every column, so the winner ignores arrival order.
     order = None if lex_sorted((cidx, ts)) else np.lexsort((ts, cidx))
@@ -297,17 +296,8 @@ def interval_arrays(
     k = len(touched)
     pos = np.full(len(ix.ids), -1, dtype=np.int64)
     pos[present] = np.arange(k)
-    sts = [states.get(c) for c in touched]
-    has_last = np.array([s is not None and s.last_ts_ms is not None for s in sts], dtype=bool)
-    last_ts = np.array([s.last_ts_ms if s is not None and s.last_ts_ms is not None else 0 for s in sts],
-                       dtype=np.int64)
-    last_reg = np.array([s.last_reg_wh if s is not None and s.last_reg_wh is not None else 0 for s in sts],
-                        dtype=np.int64)
-    last_meter = [s.meter_id if s is not None else None for s in sts]
-    seen0 = np.array([s.max_seen_ts_ms if s is not None and s.max_seen_ts_ms is not None else np.iinfo(np.int64).min
-                      for s in sts], dtype=np.int64)
-    streak = np.array([s.spike_streak if s is not None else 0 for s in sts], dtype=np.int64)
-    lm_code = _meter_codes(meters, mcode, last_meter)
+    has_last, last_ts, last_reg, last_meter = ~prior.ts_none, prior.last_ts, prior.last_reg, prior.meter
+    seen0, streak = prior.seen, prior.streak
 
     def rows(mask: np.ndarray, reason: str) -> None:
         if mask.any():
@@ -330,32 +320,87 @@ def interval_arrays(
                                                   last_reg, lm_code, streak, last_meter, ix, gap_ms, touched)
     rejects.extend(slow_rej)
 
-    held_by: dict[int, list[tuple[int, str, int]]] = {}
-    hi = row[held]
-    for ti, hts, hm, hr in zip(t[hi].tolist(), ts[hi].tolist(), meters.list(hi), reg[hi].tolist(),
-                               strict=True):
-        held_by.setdefault(ti, []).append((hts, hm, hr))
     alive_c = np.zeros(k, dtype=bool)
     alive_c[t[alive]] = True
     first = np.full(k, -1, dtype=np.int64)  # first released row of circuits without a baseline
     nb = rel[~has_last[t[rel]]]
     uc, fi = np.unique(t[nb], return_index=True)
     first[uc] = nb[fi]
-    for i, c in enumerate(touched):
-        s = _copy(sts[i]) if sts[i] is not None else CircuitState(c)
-        s.pending = held_by.get(i, [])
-        if alive_c[i]:
-            s.max_seen_ts_ms = int(seen[i])
-        if i in streaks:
-            s.spike_streak = streaks[i]
-        if i in ends:
-            s.last_ts_ms, s.billed_wh, s.last_reg_wh, s.meter_id = ends[i][0], s.billed_wh + ends[i][1], \
-                ends[i][2], ends[i][3]
-        elif first[i] >= 0 and s.last_ts_ms is None:
-            f = int(first[i])
-            s.last_ts_ms, s.last_reg_wh, s.meter_id = int(ts[f]), int(reg[f]), meters[f]
-        new_states[c] = s
+
+    # New states, built from columns: every touched circuit gets a new object (inputs are never mutated).
+    new_ts, new_reg, new_billed, new_streak = last_ts.copy(), last_reg.copy(), prior.billed.copy(), streak.copy()
+    ts_none, reg_none = prior.ts_none.copy(), prior.reg_none.copy()
+    meter = list(last_meter)
+    new_streak[ends.heads] = 0
+    for x, v in streaks.items():
+        new_streak[x] = v
+    fx = ends.fast_x
+    new_ts[fx], new_reg[fx] = ends.fast_ts, ends.fast_reg
+    new_billed[fx] += ends.fast_wh
+    ts_none[fx] = reg_none[fx] = False
+    moved = np.flatnonzero(mcode[ends.fast_row] != lm_code[fx])  # meter differs from the state's
+    for x, mm in zip(fx[moved].tolist(), meters.list(ends.fast_row[moved]), strict=True):
+        meter[x] = mm
+    for x, (e, wh, rg, mm) in ends.slow.items():
+        new_ts[x], new_billed[x], new_reg[x], meter[x] = e, new_billed[x] + wh, rg, mm
+        ts_none[x] = reg_none[x] = False
+    has_end = np.zeros(k, dtype=bool)
+    has_end[fx] = True
+    has_end[list(ends.slow)] = True
+    for x in np.flatnonzero((first >= 0) & prior.ts_none & ~has_end).tolist():
+        f = int(first[x])
+        new_ts[x], new_reg[x], meter[x] = ts[f], reg[f], meters[f]
+        ts_none[x] = reg_none[x] = False
+    seen_new = np.where(alive_c, seen, seen0)
+    hi = row[held]  # in (circuit, ts) order
+    held_rows = zip(ts[hi].tolist(), meters.list(hi), reg[hi].tolist(), strict=True)
+    if hi.size == k and (t[hi] == np.arange(k)).all():  # live input: one reading waits per circuit
+        pending = [[h] for h in held_rows]
+    else:
+        pending = [[] for _ in range(k)]
+        for x, h in zip(t[hi].tolist(), held_rows, strict=True):
+            pending[x].append(h)
+    new_states.update(zip(touched, map(
+        CircuitState, touched, meter, _nullable(new_ts, ts_none), _nullable(new_reg, reg_none),
+        _nullable(seen_new, prior.seen_none & ~alive_c), new_streak.tolist(), new_billed.tolist(), pending), strict=True))
     return new_states, iv, _concat_rejects(rejects), iv_c
+
+
+class _Gathered:
+    """The touched circuits' states as columns, each state object read once (``None``: no state;
+    ``*_none``: the field is None, its array value is a placeholder)."""
+
+    def __init__(self, sts: list[CircuitState | None]) -> None:
+        rows = [(s.last_ts_ms, s.last_reg_wh, s.max_seen_ts_ms, s.spike_streak, s.meter_id, s.billed_wh, s.pending)
+                if s is not None else _NO_STATE for s in sts]
+        lt, lr, ms, sk, mt, bw, pend = zip(*rows, strict=True) if rows else ((),) * 7
+        self.last_ts, self.ts_none = _ints(lt, 0)
+        self.last_reg, self.reg_none = _ints(lr, 0)
+        self.seen, self.seen_none = _ints(ms, int(np.iinfo(np.int64).min))
+        self.streak = np.array(sk, dtype=np.int64)
+        self.billed = np.array(bw, dtype=np.int64)
+        self.meter: list[str | None] = list(mt)
+        self.pend_counts = np.array(list(map(len, pend)), dtype=np.int64)
+        self.pend: list[tuple[int, str, int]] = list(chain.from_iterable(pend)) if self.pend_counts.any() else []
+
+
+_NO_STATE: tuple[Any, ...] = (None, None, None, 0, None, 0, ())
+
+
+def _ints(values: tuple[Any, ...], fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 array of ``values`` (None -> ``fill``) and the None mask."""
+    try:
+        return np.array(values, dtype=np.int64), np.zeros(len(values), dtype=bool)
+    except TypeError:  # some None
+        none = np.array([v is None for v in values], dtype=bool)
+        return np.array([fill if v is None else v for v in values], dtype=np.int64), none
+
+
+def _nullable(a: np.ndarray, none: np.ndarray) -> list[int | None]:
+    out: list[int | None] = a.tolist()
+    for x in np.flatnonzero(none).tolist():
+        out[x] = None
+    return out
 
 
 def _concat_rejects(rejects: list[pl.DataFrame]) -> pl.DataFrame:
@@ -364,23 +409,31 @@ def _concat_rejects(rejects: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat([r.select(list(REJECT_SCHEMA)).cast(REJECT_SCHEMA) for r in rejects])
 
 
-def _meter_codes(meters: _Meters, mcode: np.ndarray, last_meter: list[str | None]) -> np.ndarray:
-    """Codes of the state's last meters in the batch's meter coding (-1: not in the batch / None)."""
-    code = meters.code_of(mcode)
-    return np.array([code.get(m, -1) if m is not None else -2 for m in last_meter], dtype=np.int64)
+@dataclass
+class _Ends:
+    """What `_released` changes in the touched circuits' states (indices: touched positions)."""
+
+    heads: np.ndarray  # circuits with released rows (spike streak reset unless in ``streaks``)
+    fast_x: np.ndarray  # vectorised circuits whose last released row ends an interval ...
+    fast_ts: np.ndarray  # ... its time,
+    fast_wh: np.ndarray  # their energy in this batch,
+    fast_reg: np.ndarray  # the register value
+    fast_row: np.ndarray  # and row (its meter)
+    slow: dict[int, tuple[int, int, int, str]]  # sequential path: (end, energy, register, meter)
 
 
 def _released(
     rel: np.ndarray, cidx: np.ndarray, ts: np.ndarray, reg: np.ndarray, mcode: np.ndarray, meters: _Meters,
     t: np.ndarray, has_last: np.ndarray, last_ts: np.ndarray, last_reg: np.ndarray, lm_code: np.ndarray,
     streak: np.ndarray, last_meter: list[str | None], ix: CircuitIndex, gap_ms: int, touched: list[str],
-) -> tuple[pl.DataFrame, np.ndarray, list[pl.DataFrame], dict[int, int], dict[int, tuple[int, int, int, str]]]:
+) -> tuple[pl.DataFrame, np.ndarray, list[pl.DataFrame], dict[int, int], _Ends]:
     """Intervals for released rows (``rel``, in (circuit, ts) order): vectorised, with a
-    sequential path for circuits showing an anomaly. Also returns the new spike streak and the
-    (end, energy, register, meter) of the last interval per touched circuit."""
+    sequential path for circuits showing an anomaly. Also returns the new spike streak of the
+    circuits on the sequential path (the others with released rows reset theirs) and the (end,
+    energy, register, meter) of the last interval per touched circuit."""
     z = np.zeros(0, dtype=np.int64)
     if rel.size == 0:
-        return _empty(INTERVAL_SCHEMA), z, [], {}, {}
+        return _empty(INTERVAL_SCHEMA), z, [], {}, _Ends(z, z, z, z, z, z, {})
     c, tt, r, m, ti = cidx[rel], ts[rel], reg[rel], mcode[rel], t[rel]
     head = np.concatenate(([True], c[1:] != c[:-1]))
     prev_ts, prev_reg, prev_m = (np.concatenate(([0], x[:-1])) for x in (tt, r, m))
@@ -396,16 +449,13 @@ def _released(
     slow = slow_seg[seg]
     fast = ~slow & has_prev
     fi = np.flatnonzero(fast)
-    streaks = {int(x): 0 for x in ti[head].tolist()}
-    ends: dict[int, tuple[int, int, int, str]] = {}
+    streaks: dict[int, int] = {}
     # Fast circuits: the last released row ends the last interval.
     last_rows = np.flatnonzero(np.append(c[1:] != c[:-1], True) & ~slow & has_prev)
-    if last_rows.size:
-        wh = np.zeros(len(touched), dtype=np.int64)
-        np.add.at(wh, ti[fi], delta[fi])
-        for x, e, rg, mm in zip(ti[last_rows].tolist(), tt[last_rows].tolist(), r[last_rows].tolist(),
-                                meters.list(rel[last_rows]), strict=True):
-            ends[x] = (e, int(wh[x]), rg, mm)
+    fx = ti[last_rows]
+    wh = np.zeros(len(touched), dtype=np.int64)
+    np.add.at(wh, ti[fi], delta[fi])
+    ends = _Ends(ti[head], fx, tt[last_rows], wh[fx], r[last_rows], rel[last_rows], {})
     frame = cols.frame(INTERVAL_SCHEMA, {
         "circuit_id": take(ix.id_series, c[fi], ix.ids), "meter_id": meters.series(rel[fi]),
         "start_ms": prev_ts[fi], "end_ms": tt[fi], "energy_wh": delta[fi], "estimated": (tt[fi] - prev_ts[fi]) > gap_ms,
@@ -428,7 +478,7 @@ def _released(
             if mine:
                 end = mine[-1][3]
                 at = next(row for row in st_rows if row[0] == end)
-                ends[x] = (end, sum(o[4] for o in mine), at[2], at[1])
+                ends.slow[x] = (end, sum(o[4] for o in mine), at[2], at[1])
         if out_rows:
             sf = pl.DataFrame(out_rows, schema=INTERVAL_SCHEMA, orient="row")
             frame = pl.concat([frame, sf])

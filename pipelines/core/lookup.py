@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipelines.core.cols import as_list, chunked
 from pipelines.core.context import RatingContext
 from pipelines.core.interval import CircuitIndex
 from pipelines.core.localtime import EPOCH_ORDINAL, SlotFields, slot_fields
@@ -38,8 +39,8 @@ class Lookup:
 
         af = ctx.account_frame.sort("account_id")
         self.frames = (ctx.account_frame, ctx.circuit_frame)  # identity marks a stale Lookup
-        self.account_ids: list[str] = af["account_id"].to_list()
-        self.account_series = pl.Series("account_id", self.account_ids, dtype=pl.String)
+        self.account_ids: list[str] = as_list(af["account_id"])
+        self.account_series = chunked("account_id", self.account_ids, pl.String)
         rank = self.account_rank = {a: i for i, a in enumerate(self.account_ids)}
         self.tariff_ids = sorted(ctx.tariffs)
         self.mall_ids = sorted(ctx.malls)
@@ -49,8 +50,8 @@ class Lookup:
         self.acc_mall = np.array([m_of[m] for m in af["mall_id"]], dtype=np.int64)
         self.acc_m_num = af["m_num"].to_numpy().astype(np.int64)
         self.acc_m_den = af["m_den"].to_numpy().astype(np.int64)
-        self.acc_mall_id = af["mall_id"].to_list()
-        self.mall_series = pl.Series("mall_id", self.acc_mall_id, dtype=pl.String)
+        self.acc_mall_id = as_list(af["mall_id"])
+        self.mall_series = chunked("mall_id", self.acc_mall_id, pl.String)
         self.mall_tz = [ctx.malls[m].tz for m in self.mall_ids]
         self.holidays = np.array(sorted(
             (i << 32) + date.fromisoformat(d).toordinal() - EPOCH_ORDINAL
@@ -61,7 +62,7 @@ class Lookup:
         self.circuit_enum = self.cindex.enum
         self.circ_acc = np.array([rank[ctx.circuits[c].account_id] for c in self.circuit_ids], dtype=np.int64)
         self.charge_prefix = [f"{ctx.circuits[c].account_id}:chg:{c}:" for c in self.circuit_ids]  # entry ids
-        self.charge_prefix_series = pl.Series("p", self.charge_prefix, dtype=pl.String)
+        self.charge_prefix_series = chunked("p", self.charge_prefix, pl.String)
 
         # Global versions: all tariffs' versions in (tariff, effective_from) order.
         eff: list[int] = []
@@ -87,12 +88,19 @@ class Lookup:
         self.eff_key = np.array(eff, dtype=np.int64)
         self.wk_mask = np.array(wk, dtype=np.int64)
         self.tiers = tiers
+        # the same blocks flat: version g has rows tier_first[g]:tier_first[g + 1]
+        flat = [r for t in tiers for r in t.rows]
+        self.tier_first = np.cumsum([0] + [len(t.rows) for t in tiers]).astype(np.int64)
+        self.tier_lo, self.tier_hi, self.tier_num, self.tier_den, self.tier_add = (
+            np.array([r[k] for r in flat], dtype=np.int64) for k in range(5))
         self.tiered = np.array([len(t.rows) > 1 or t.rows[0][2:] != (1, 1, 0) for t in tiers], dtype=bool)
         self.period = np.concatenate(periods) if periods else np.zeros(0, dtype=np.int64)
         self.price = np.concatenate(prices) if prices else np.zeros(0, dtype=np.int64)
         self.period_names = pl.Series("period", PERIOD_NAMES, dtype=pl.String)
         self._slots: dict[str, SlotFields] = {}
         self.rate_strs: dict[int, str] = {}  # price_u -> ledger "rate" text (see fastpath)
+        self.day_fees: dict[tuple[int, int, int], tuple[int, int]] = {}  # (tariff, mall, day) -> (fee, start)
+        self.quiet_limit, self.never_fast = _policy_arrays(ctx, self.account_ids)
 
     def slot_fields(self, mall: int, lo_ms: int, hi_ms: int) -> SlotFields | None:
         """`localtime.slot_fields` of a mall's zone, cached per zone: the stream asks for a few
@@ -109,6 +117,30 @@ class Lookup:
         if f is not None:
             self._slots[tz] = f
         return f
+
+
+NO_LIMIT = int(np.iinfo(np.int64).min)
+
+
+def _policy_arrays(ctx: RatingContext, account_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per account rank: the lowest balance a *quiet* account (no level fired, relay connected,
+    nothing deferred or pending) may reach on the vectorised wallet without a rule firing, and
+    whether its policy keeps it off that path (debt recovery). See `fastpath.threshold`."""
+    limit = np.empty(len(account_ids), dtype=np.int64)
+    never = np.zeros(len(account_ids), dtype=bool)
+    by_policy: dict[int, tuple[int, bool]] = {}  # policies are shared between accounts
+    for i, a in enumerate(account_ids):
+        p = ctx.accounts[a].policy
+        hit = by_policy.get(id(p))
+        if hit is None:
+            levels = list(p.alert_levels)
+            if p.warning_trip_level is not None:
+                levels.append(p.warning_trip_level)
+            if not p.protected:
+                levels.append(p.cutoff)
+            hit = by_policy[id(p)] = (max(levels) if levels else NO_LIMIT, p.debt_recovery is not None)
+        limit[i], never[i] = hit
+    return limit, never
 
 
 def lookup(ctx: RatingContext) -> Lookup:

@@ -23,7 +23,13 @@ import yaml
 from pipelines.core import timeguard
 from pipelines.core.claims import claim_payment_rows
 from pipelines.core.context import RatingContext
-from pipelines.core.engine import PAYMENT_REJECT_SCHEMA, CoreState, payments_frame, process_batch
+from pipelines.core.engine import (
+    PAYMENT_REJECT_SCHEMA,
+    CoreState,
+    payments_frame,
+    process_batch,
+    tick,
+)
 from pipelines.core.interval import REJECT_SCHEMA
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
 from pipelines.core.replay_input import InputError, read_payments, read_readings
@@ -44,9 +50,15 @@ def context_from_values(tariffs: list[Any], malls: list[Any], accounts: list[Any
 
 def load_context(path: str) -> tuple[RatingContext, CoreState]:
     """A core-native YAML (top-level ``accounts`` and ``circuits``: see docs/billing.md), else a
-    portfolio, through the stream's own builder (`pipelines.context.build_context`): the same
-    circuits (common areas to the mall's LANDLORD account), register wraps, opening balances and
-    debts, lateness and gap as the stream."""
+    portfolio (a YAML file or a directory with roster tables, docs/roster.md), through the
+    stream's own builder (`pipelines.context.build_context`): the same circuits (common areas to
+    the mall's LANDLORD account), register wraps, opening balances and debts, lateness and gap as
+    the stream."""
+    if Path(path).is_dir():
+        from pipelines.context import build_context
+        from pipelines.portfolio import load_portfolio
+
+        return build_context(load_portfolio(path), partitions=1).rating, CoreState()
     try:
         # the C loader when there: a 50-mall portfolio loads in a fraction of the time, and once
         doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
@@ -151,6 +163,13 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
         state, out = process_batch(state, batch, p, ctx, flush=last)
         for k in acc:
             acc[k].append(getattr(out, k))
+        # the stream's timer (pipelines.worker.power_timer): trips deferred by a friendly period
+        # that ended before the newest input time are raised at the period's end, as in the stream
+        now = replay_now(batch, p)
+        if now is not None and any(s.deferred or s.warn_pending for s in state.accounts.values()):
+            state, out = tick(state, now, ctx)
+            for k in acc:
+                acc[k].append(getattr(out, k))
         if sink is not None:
             for k, frames in acc.items():
                 for frame in frames:
@@ -164,6 +183,14 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
     tables = {} if sink is not None else {k: pl.concat(v, how="vertical_relaxed") for k, v in acc.items()}
     tables["balances"] = balances(state)
     return state, tables
+
+
+def replay_now(batch: pl.DataFrame, payments: pl.DataFrame | None) -> int | None:
+    """The time the stream's clock had reached after a batch: the newest input (the recorded
+    Kafka timestamps `msg_ts_ms` when the input has them, else the readings' and payments' own)."""
+    stamps = [int(v) for f in (batch, payments) if f is not None and f.height
+              for c in ("ts_ms", "msg_ts_ms") if c in f.columns and (v := f[c].max()) is not None]
+    return max(stamps) if stamps else None
 
 
 def _load_tariff(path: str) -> Tariff:

@@ -101,11 +101,29 @@ def version_rows(tariff: Tariff) -> tuple[list[tuple[Any, ...]], list[tuple[Any,
 
 
 @dataclass
+class TierArrays:
+    """Tier counters as columns: ``month`` (yyyymm, 0 = none) and ``wh`` of the accounts ``acc``
+    (ranks). As an input to `rate_arrays`, ``acc`` is None and the columns are indexed by rank."""
+
+    month: np.ndarray
+    wh: np.ndarray
+    acc: np.ndarray | None = None
+
+    @classmethod
+    def dense(cls, lk: Lookup, acc: np.ndarray, month: np.ndarray, wh: np.ndarray) -> TierArrays:
+        """Input counters: the given accounts' values, zero elsewhere."""
+        n = len(lk.account_ids)
+        m, w = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        m[acc], w[acc] = month, wh
+        return cls(m, w)
+
+
+@dataclass
 class Rated:
     """`rate` output plus per-row arrays the engine reuses (aligned with ``frame`` rows)."""
 
     frame: pl.DataFrame  # RATED_SCHEMA
-    counters: dict[str, TierCounter]
+    tiers: TierArrays  # new counters of the accounts with rated rows (``acc`` sorted)
     aidx: np.ndarray  # account rank (Lookup.account_ids)
     end_day: np.ndarray  # local date of end_ms, days since 1970-01-01
     end_ms: np.ndarray
@@ -131,24 +149,32 @@ def rate(
     ValueError for a piece before its tariff's first version (a configuration error).
     """
     lk = lookup(ctx)
+    out = dict(counters)
     if intervals.is_empty():
-        return cols.empty(RATED_SCHEMA), dict(counters)
+        return cols.empty(RATED_SCHEMA), out
     aidx = intervals["account_id"].cast(pl.Enum(lk.account_ids)).to_physical().to_numpy().astype(np.int64)
     cidx = intervals["circuit_id"].cast(lk.circuit_enum).to_physical().to_numpy().astype(np.int64)
-    r = rate_arrays(intervals, aidx, cidx, ctx, counters)
-    return r.frame, r.counters
+    known = [(lk.account_rank[a], c) for a, c in counters.items() if a in lk.account_rank]
+    prev = TierArrays.dense(lk, np.array([x for x, _ in known], dtype=np.int64),
+                            np.array([c.month for _, c in known], dtype=np.int64),
+                            np.array([c.wh for _, c in known], dtype=np.int64))
+    r = rate_arrays(intervals, aidx, cidx, ctx, prev)
+    assert r.tiers.acc is not None
+    for x, m, wh in zip(r.tiers.acc.tolist(), r.tiers.month.tolist(), r.tiers.wh.tolist(), strict=True):
+        out[lk.account_ids[x]] = TierCounter(m, wh)
+    return r.frame, out
 
 
 def rate_arrays(
-    iv: pl.DataFrame, aidx: np.ndarray, cidx: np.ndarray, ctx: RatingContext, counters: dict[str, TierCounter],
+    iv: pl.DataFrame, aidx: np.ndarray, cidx: np.ndarray, ctx: RatingContext, tiers_in: TierArrays,
 ) -> Rated:
-    """`rate` on intervals whose account and circuit ranks (see `lookup`) are already known."""
+    """`rate` on intervals whose account and circuit ranks (see `lookup`) are already known;
+    ``tiers_in``: the tier counters by account rank (`TierArrays.dense`)."""
     lk = lookup(ctx)
-    out = dict(counters)
     e_all = iv["energy_wh"].to_numpy()
     pos = np.flatnonzero(e_all > 0)
     if pos.size == 0:
-        return _empty_rated(out)
+        return _empty_rated()
     start, end = iv["start_ms"].to_numpy()[pos], iv["end_ms"].to_numpy()[pos]
     energy = e_all[pos]
     # Pieces on the UTC grid; each interval's pieces are contiguous, in time order.
@@ -202,10 +228,9 @@ def rate_arrays(
         tier = np.zeros(sel.size, dtype=np.int64)
         e_sel = piece_wh[sel]
         price = _mul_round(base[sel], m_num[sel], m_den[sel])
-        _count_untiered(lk, out, counters, a, yyyymm, piece_wh)
+        tiers = _count_untiered(lk, tiers_in, a, yyyymm, piece_wh)
     else:
-        sel, tier, e_sel, price = _tiered(lk, out, counters, a, c, piece_ms, yyyymm, piece_wh, gv, base,
-                                          m_num, m_den)
+        sel, tier, e_sel, price, tiers = _tiered(lk, tiers_in, a, c, piece_ms, yyyymm, piece_wh, gv, base, m_num, m_den)
     amount = e_sel * price
     keys = (a[sel], end_p[sel], c[sel], piece_ms[sel], tier)
     order = None if lex_sorted(keys) else np.lexsort(keys[::-1])
@@ -220,7 +245,7 @@ def rate_arrays(
         "tier": tier.astype(np.int32), "price_u": price, "energy_wh": e_sel, "amount_n": amount,
         "estimated": iv["estimated"].to_numpy()[rows], "month": yyyymm[sel].astype(np.int32),
     })
-    return Rated(frame, out, a_s, end_day[sel], end_p[sel], amount, src[sel], c[sel], period[sel], tier, price)
+    return Rated(frame, tiers, a_s, end_day[sel], end_p[sel], amount, src[sel], c[sel], period[sel], tier, price)
 
 
 def _long_pieces(k: np.ndarray, k_end: np.ndarray, k0: np.ndarray, n_s: np.ndarray, n_p: np.ndarray,
@@ -240,9 +265,9 @@ def _long_pieces(k: np.ndarray, k_end: np.ndarray, k0: np.ndarray, n_s: np.ndarr
     return np.where(long, k0 + at, k), np.where(long, k0 + hi, k_end)
 
 
-def _empty_rated(out: dict[str, TierCounter]) -> Rated:
+def _empty_rated() -> Rated:
     z = np.zeros(0, dtype=np.int64)
-    return Rated(cols.empty(RATED_SCHEMA), out, z, z, z, z, z, z, z, z, z)
+    return Rated(cols.empty(RATED_SCHEMA), TierArrays(z, z, z), z, z, z, z, z, z, z, z, z)
 
 
 def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.ndarray
@@ -282,8 +307,8 @@ def _convert_rows(tz: str, p: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, ..
     return tuple(df[c].to_numpy().astype(np.int64) for c in df.columns)
 
 
-def _count_untiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str, TierCounter],
-                    a: np.ndarray, yyyymm: np.ndarray, piece_wh: np.ndarray) -> None:
+def _count_untiered(lk: Lookup, prev: TierArrays, a: np.ndarray, yyyymm: np.ndarray, piece_wh: np.ndarray
+                    ) -> TierArrays:
     """Tier counters without blocks: each account's Wh in the month of its latest piece."""
     na = len(lk.account_ids)
     ua = np.flatnonzero(np.bincount(a, minlength=na))  # accounts present, by rank (no sort)
@@ -296,40 +321,37 @@ def _count_untiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str,
         last, w = full[ua], np.where(yyyymm == full[a], piece_wh, 0)
     # exact: float64 sums of integer Wh below 2**53
     wh = np.bincount(a, weights=w, minlength=na)[ua].astype(np.int64)
-    for acc, m, x in zip(ua.tolist(), last.tolist(), wh.tolist(), strict=True):
-        aid = lk.account_ids[acc]
-        c = counters.get(aid)
-        out[aid] = TierCounter(m, x + (c.wh if c is not None and c.month == m else 0))
+    return TierArrays(last, wh + np.where(prev.month[ua] == last, prev.wh[ua], 0), ua)
 
 
-def _tiered(lk: Lookup, out: dict[str, TierCounter], counters: dict[str, TierCounter], a: np.ndarray,
-            c: np.ndarray, piece_ms: np.ndarray, yyyymm: np.ndarray, piece_wh: np.ndarray, gv: np.ndarray,
-            base: np.ndarray, m_num: np.ndarray, m_den: np.ndarray) -> tuple[np.ndarray, ...]:
+def _tiered(lk: Lookup, prev: TierArrays, a: np.ndarray, c: np.ndarray, piece_ms: np.ndarray, yyyymm: np.ndarray,
+            piece_wh: np.ndarray, gv: np.ndarray, base: np.ndarray, m_num: np.ndarray, m_den: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, TierArrays]:
     """Tiers: cumulative Wh per account and local month in (account, piece_ms, circuit) order,
-    continuing from the counters; a piece crossing a block boundary is split there."""
-    ua = np.unique(a)
-    cm = [counters.get(lk.account_ids[x], TierCounter()) for x in ua.tolist()]
-    base_df = pl.DataFrame({"a": ua, "c_month": [x.month for x in cm], "c_wh": [x.wh for x in cm]},
-                           schema={"a": pl.Int64, "c_month": pl.Int64, "c_wh": pl.Int64})
-    df = pl.DataFrame({"row": np.arange(a.size), "a": a, "c": c, "piece_ms": piece_ms, "yyyymm": yyyymm,
-                       "piece_wh": piece_wh, "gv": gv}).sort(["a", "piece_ms", "c"])
-    df = df.join(base_df, on="a", how="left").with_columns(
-        after=pl.col("piece_wh").cum_sum().over(["a", "yyyymm"])
-        + pl.when(pl.col("yyyymm") == pl.col("c_month")).then(pl.col("c_wh")).otherwise(0))
-    df = df.with_columns(before=pl.col("after") - pl.col("piece_wh"))
-    for x, m, wh in df.group_by("a").agg(pl.col("yyyymm").last(), pl.col("after").last()).iter_rows():
-        out[lk.account_ids[x]] = TierCounter(m, wh)
-    used = np.unique(gv).tolist()
-    blocks = pl.DataFrame([(g, ti, *row) for g in used for ti, row in enumerate(lk.tiers[g].rows)], orient="row",
-                          schema={"gv": pl.Int64, "tier": pl.Int64, "lo": pl.Int64, "hi": pl.Int64,
-                                  "t_num": pl.Int64, "t_den": pl.Int64, "adder_u": pl.Int64})
-    df = df.join(blocks, on="gv", how="left").with_columns(
-        energy=pl.col("after").clip(pl.col("lo"), pl.col("hi")) - pl.col("before").clip(pl.col("lo"), pl.col("hi")),
-    ).filter(pl.col("energy") > 0)
-    sel = df["row"].to_numpy()
-    t_num, t_den, adder = (df[x].to_numpy() for x in ("t_num", "t_den", "adder_u"))
-    price = _mul_round(_mul_round(base[sel], t_num, t_den) + adder, m_num[sel], m_den[sel])
-    return sel, df["tier"].to_numpy(), df["energy"].to_numpy(), price
+    continuing from the counters; a piece crossing a block boundary is split there. Returns
+    (piece row, tier, Wh, price) per (piece, block) with energy, and the new counters."""
+    o = np.arange(a.size) if lex_sorted((a, piece_ms, c)) else np.lexsort((c, piece_ms, a))
+    a_s, ym, wh = a[o], yyyymm[o], piece_wh[o]
+    # an account's months only grow with piece_ms, so each (account, month) is one run of rows
+    head = np.flatnonzero(np.concatenate(([True], (a_s[1:] != a_s[:-1]) | (ym[1:] != ym[:-1]))))
+    run = np.repeat(np.arange(head.size), np.diff(np.append(head, a_s.size)))
+    cs = np.cumsum(wh)
+    after = cs - (cs[head] - wh[head])[run] + np.where(ym == prev.month[a_s], prev.wh[a_s], 0)
+    before = after - wh
+    last = np.flatnonzero(np.append(a_s[1:] != a_s[:-1], True))
+    tiers = TierArrays(ym[last], after[last], a_s[last])
+    g = gv[o]
+    nb = lk.tier_first[g + 1] - lk.tier_first[g]  # blocks of each piece's version
+    rep = np.repeat(np.arange(a_s.size), nb)
+    ti = np.arange(rep.size) - np.repeat(np.cumsum(nb) - nb, nb)
+    blk = lk.tier_first[g][rep] + ti
+    lo, hi = lk.tier_lo[blk], lk.tier_hi[blk]
+    energy = np.clip(after[rep], lo, hi) - np.clip(before[rep], lo, hi)
+    keep = np.flatnonzero(energy > 0)
+    sel, blk = o[rep[keep]], blk[keep]
+    price = _mul_round(_mul_round(base[sel], lk.tier_num[blk], lk.tier_den[blk]) + lk.tier_add[blk],
+                       m_num[sel], m_den[sel])
+    return sel, ti[keep], energy[keep], price, tiers
 
 
 def version_at(tariff: Tariff, ts_ms: int) -> TariffVersion | None:

@@ -10,7 +10,7 @@ clock, so replay gives the same answer as the stream):
 - ``before_start``: ``ts_ms`` before the earliest time the portfolio can bill: the first
   version of the circuit's tariff (of any tariff, for payments and postings) or the configured
   ``earliest``, whichever is later;
-- ``absurd``: ``ts_ms`` <= 0 (not after 1970-01-01) or >= 2200-01-01 (``LATEST_MS``): no meter,
+- ``absurd``: ``ts_ms`` <= 0 (not after 1970-01-01) or >= 2106-01-01 (``LATEST_MS``; the warehouse's 32-bit epoch seconds end in 2106): no meter,
   collector or provider clock says that; also keeps ms arithmetic far from int64 limits.
 
 A missing reference time (null) skips only the ``future`` check. Null ``ts_ms`` values are left
@@ -30,7 +30,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pipelines.core.models import Tariff
 
 FUTURE, BEFORE_START, ABSURD = "future", "before_start", "absurd"
-LATEST_MS = int(datetime(2200, 1, 1, tzinfo=UTC).timestamp() * 1000)
+# the warehouse's day rollups use 32-bit epoch seconds, which end on 2106-02-07
+LATEST_MS = int(datetime(2106, 1, 1, tzinfo=UTC).timestamp() * 1000)
 DEFAULT_MAX_FUTURE_SKEW_S = 300
 REASON_COLUMN = "time_problem"
 

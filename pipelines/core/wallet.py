@@ -133,6 +133,33 @@ def in_friendly(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: frozen
     return any((s <= h < e) if s < e else (h >= s or h < e) for s, e in fc.weekday_hours)
 
 
+FRIENDLY_STEP_MS = 900_000  # friendly periods start and end on local hours: quarter hours in any zone
+FRIENDLY_LOOKBACK_STEPS = 7 * 96  # a week: longer than any friendly period plus the timer's delay
+
+
+def friendly_end(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: frozenset[str]) -> int:
+    """When the stretch outside friendly credit that contains `ts_ms` began: the end of the
+    friendly period before it. A deferred trip is stamped with it, so stream and replay raise
+    the same trip (same id, same time) whether a charge or the timer notices it, and however late."""
+    t = ts_ms - ts_ms % FRIENDLY_STEP_MS
+    for _ in range(FRIENDLY_LOOKBACK_STEPS):
+        if in_friendly(fc, t - FRIENDLY_STEP_MS, tz, holidays):
+            return t
+        t -= FRIENDLY_STEP_MS
+    return t
+
+
+def friendly_until(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: frozenset[str]) -> int:
+    """The first quarter hour after `ts_ms` outside friendly credit (at most a week ahead): when a
+    timer must look again at a trip deferred at `ts_ms`."""
+    t = ts_ms - ts_ms % FRIENDLY_STEP_MS
+    for _ in range(FRIENDLY_LOOKBACK_STEPS):
+        t += FRIENDLY_STEP_MS
+        if not in_friendly(fc, t, tz, holidays):
+            return t
+    return t
+
+
 def rate_str(price_u: int | None) -> str | None:
     return None if price_u is None else str(Decimal(price_u) / PRICE_SCALE)
 
@@ -324,6 +351,9 @@ class Wallet:
                 self._alert("trip_deferred", "INFO", ts, cause, f"{want} trip deferred by friendly credit")
             s.deferred = True
             return
+        if s.deferred:  # due when the friendly period ended, whoever notices (a charge or the timer)
+            ts = friendly_end(p.friendly, ts, self.tz, self.hol)
+            cause = f"friendly_end:{ts}"
         s.deferred = False
         if want == "credit" and p.emergency_credit and s.ec_owed == 0:
             s.ec_owed = p.emergency_credit
@@ -358,12 +388,26 @@ class Wallet:
 
 
 def evaluate_deferred(state: AccountState, now_ms: int, rating: AccountRating, tariff: Tariff, tz: str,
-                      holidays: frozenset[str]) -> tuple[AccountState, WalletOut]:
-    """Timer hook: raise a trip deferred by a friendly-credit period once the period is over."""
+                      holidays: frozenset[str], anchor_ms: int | None = None) -> tuple[AccountState, WalletOut]:
+    """Timer hook: raise a trip deferred by a friendly-credit period once the period is over.
+
+    `anchor_ms` is the account's own newest time (its latest reading): the period that matters
+    is the one around it, not the one around `now_ms` (a timer may run long after the account's
+    data, and a replay's clock stops at its last input). The trip is due at that period's end
+    and stamped with it; before then nothing happens."""
     s = state.copy()
     out = WalletOut()
     if s.deferred or s.warn_pending:
-        Wallet(s, rating, tariff, tz, holidays, out)._check_trip(now_ms, f"timer:{now_ms}")
+        fc = rating.policy.friendly
+        at = now_ms
+        if anchor_ms is not None:
+            if in_friendly(fc, anchor_ms, tz, holidays):
+                at = friendly_until(fc, anchor_ms, tz, holidays)
+            else:
+                at = friendly_end(fc, anchor_ms, tz, holidays)
+            if at > now_ms:
+                return s, out
+        Wallet(s, rating, tariff, tz, holidays, out)._check_trip(at, f"timer:{at}")
     return s, out
 
 

@@ -15,8 +15,8 @@
 -- Column: recent_kwh_day Float64 | mean daily energy in the recent window (kWh)
 -- Column: ratio Float64 | recent / baseline (inf when the baseline is 0)
 -- Column: direction String | up or down
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_accounts
+-- Watermark: mallwatt.intervals
 SELECT
     e.mall_id AS mall_id,
     e.account_id AS account_id,

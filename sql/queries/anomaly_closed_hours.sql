@@ -18,8 +18,8 @@
 -- Column: kwh_total Float64 | energy over the range (kWh)
 -- Column: closed_share Float64 | kwh_closed / kwh_total
 -- Column: avg_kw_closed Float64 | mean power over the closed hours of the range (kW)
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_accounts, dim_circuits
+-- Watermark: mallwatt.intervals
 SELECT
     e.mall_id AS mall_id,
     e.account_id AS account_id,

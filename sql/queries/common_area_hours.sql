@@ -15,8 +15,8 @@
 -- Column: avg_kw_open Float64 | mean power over the opening hours of the range
 -- Column: avg_kw_closed Float64 | mean power over the closed hours of the range
 -- Column: running_closed_hours UInt64 | closed hours (summed over circuits) above running_kw
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_circuits
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_circuits
+-- Watermark: mallwatt.intervals
 SELECT
     h.mall_id AS mall_id,
     c.purpose AS purpose,

@@ -1,5 +1,5 @@
 -- Purpose: metered energy per local day by mall, area, business type or circuit purpose.
---   Hourly energies of closed days (circuit_hour_kwh), later days from circuit_daily.
+--   Billed hourly energies (interval facts): closed days from billed_hour_kwh, later days from billed_daily.
 -- Param: tz String = Asia/Shanghai | zone of the local days (whole-hour offsets)
 -- Param: from_day Date | first local day
 -- Param: to_day Date | last local day (inclusive)
@@ -11,8 +11,8 @@
 -- Column: kwh Float64 | energy (kWh)
 -- Column: accounts UInt64 | accounts with consumption that day
 -- Column: circuits UInt64 | circuits with consumption that day
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_accounts, dim_circuits
+-- Watermark: mallwatt.intervals
 WITH keys AS
 (
     -- the group key per account (area, business type) or per circuit (purpose), from the

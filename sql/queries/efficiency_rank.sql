@@ -15,8 +15,8 @@
 -- Column: kwh Float64 | energy (kWh)
 -- Column: kwh_per_m2 Float64 | kwh / leased_m2
 -- Column: vs_median Float64 | kwh_per_m2 / the business type's median (1 = typical)
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_accounts
+-- Watermark: mallwatt.intervals
 SELECT
     business_type,
     rank() OVER (PARTITION BY business_type ORDER BY kwh_per_m2 ASC, account_id) AS rank,

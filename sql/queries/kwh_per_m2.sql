@@ -13,8 +13,8 @@
 -- Column: kwh Float64 | their energy (kWh)
 -- Column: kwh_per_m2 Float64 | kwh / leased_m2 over the range
 -- Column: kwh_per_m2_day Float64 | the same per local day of the range
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_accounts
+-- Watermark: mallwatt.intervals
 SELECT
     if({by:String} = 'business_type', '', a.mall_id) AS mall_id,
     multiIf({by:String} = 'mall', a.mall_id, {by:String} = 'area', a.area_id,

@@ -10,8 +10,8 @@
 -- Column: hour UInt8 | local hour of day (0-23)
 -- Column: avg_kw Float64 | mean power in that hour over the days of the range (kW)
 -- Column: share_of_day Float64 | the hour's share of the group's average daily energy
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_accounts, dim_circuits
+-- Watermark: mallwatt.intervals
 SELECT
     mall_id,
     key,

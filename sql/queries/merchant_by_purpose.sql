@@ -11,8 +11,8 @@
 -- Column: purpose String | circuit purpose ('(unassigned)' without dimensions)
 -- Column: kwh Float64 | energy (kWh)
 -- Column: share Float64 | share of the account's energy over the range (sums to 1 per account)
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts, dim_circuits
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_accounts, dim_circuits
+-- Watermark: mallwatt.intervals
 SELECT
     e.mall_id AS mall_id,
     e.account_id AS account_id,

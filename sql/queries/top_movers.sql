@@ -13,8 +13,8 @@
 -- Column: change_kwh Float64 | kwh - kwh_previous
 -- Column: change_pct Float64 | change relative to the previous period (NULL when it was 0)
 -- Column: rank_now UInt64 | rank by kwh this period (1 = largest consumer)
--- Source: circuit_hour_kwh (rollup), circuit_daily (rollup), dim_accounts
--- Watermark: mallwatt.readings
+-- Source: billed_hour_kwh (rollup of interval_energy), billed_daily (rollup), dim_accounts
+-- Watermark: mallwatt.intervals
 SELECT
     e.mall_id AS mall_id,
     e.account_id AS account_id,

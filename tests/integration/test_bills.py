@@ -134,16 +134,23 @@ def test_export_statement_reconcile_end_to_end(setup: tuple[Path, Path, object],
     assert '"check": "balance"' in capsys.readouterr().out
 
 
-def test_circuit_energy_from_readings(setup: tuple[Path, Path, object]) -> None:
+def test_circuit_energy_from_interval_facts(setup: tuple[Path, Path, object]) -> None:
     folder, _, client = setup
-    # CH: 100.000 -> 101.500 kWh in meter MH, then a swap to MH2 reading 0.200 -> 2.700 kWh:
-    # 1500 + 2500 = 4000 Wh (never 2.7 - 100). CA: one reading only -> 0 Wh.
-    rows = [("CH", "MH", START + H, 100.0), ("CH", "MH", START + 2 * H, 101.5),
-            ("CH", "MH2", START + 3 * H, 0.2), ("CH", "MH2", START + 4 * H, 2.7), ("CA", "MA", START + H, 5.0),
-            ("CH", "MH2", END + H, 9.9)]  # after the period: not counted
-    values = ", ".join(f"('M1', 'X', '{m}', '{c}', fromUnixTimestamp64Milli(toInt64({ts}), 'UTC'), {kwh}, "
-                       f"'CLOSED', [], 'b', 'c', fromUnixTimestamp64Milli(toInt64({ts}), 'UTC'))"
-                       for c, m, ts, kwh in rows)
-    client.command("INSERT INTO mallwatt.readings (mall_id, account_id, meter_id, circuit_id, ts, import_kwh, "  # type: ignore[attr-defined]
-                   f"relay, flags, batch_id, collector_id, collected_at) VALUES {values}")
-    assert warehouse_io.circuit_energy_wh(START, END, "M1", folder) == {"CA": 0, "CH": 4000}
+    # The facts the core publishes for CH: 100.000 -> 101.500 kWh on meter MH (1500 Wh), a swap
+    # to MH2 (replaced, 0 Wh), 0.200 -> 2.700 kWh (2500 Wh); a late reading (marker, 0 Wh); one
+    # interval ending at the period's end (inside) and one after it (not counted); the first
+    # again (a re-published fact counts once). CA has one reading only: no interval.
+    facts = [("CH", "MH", START + H, START + 2 * H, 1500, 1500, ""),
+             ("CH", "MH2", START + 2 * H, START + 3 * H, 0, 1500, "replaced"),
+             ("CH", "MH2", START + 3 * H, START + 4 * H, 2500, 4000, ""),
+             ("CH", "MH2", START + H + 1, START + H + 1, 0, 0, "late"),
+             ("CH", "MH2", END - H, END, 100, 4100, ""),
+             ("CH", "MH2", END, END + H, 7200, 11300, ""),
+             ("CH", "MH", START + H, START + 2 * H, 1500, 1500, "")]
+    for n, (c, m, start, end, energy, total, flag) in enumerate(facts):
+        client.command("INSERT INTO mallwatt.interval_energy (mall_id, circuit_id, end_ts, start_ts, account_id, "  # type: ignore[attr-defined]
+                       "meter_id, energy_wh, billed_total_wh, estimated, flag) VALUES "
+                       f"('M1', '{c}', fromUnixTimestamp64Milli(toInt64({end}), 'UTC'), "
+                       f"fromUnixTimestamp64Milli(toInt64({start}), 'UTC'), 'X', '{m}', {energy}, {total}, false, '{flag}')",
+                       settings={"insert_deduplication_token": f"fact-{n}"})
+    assert warehouse_io.circuit_energy_wh(START, END, "M1", folder) == {"CH": 4100}

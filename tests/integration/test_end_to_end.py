@@ -50,6 +50,7 @@ def test_meter_to_warehouse_with_trip_and_reconnect(kafka_bootstrap: str, tmp_pa
     data = generate(1, 3, seed=4, mall_prefix=prefix, base_port=random.randint(21000, 29000))
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
+        merchant["opening_balance_minor"] = 0  # the stream posts openings: balances here come from top-ups
         merchant["business_type"] = "restaurant"  # busy at 10:00-14:00, so credit runs out quickly
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(data, config)

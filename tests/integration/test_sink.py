@@ -148,9 +148,16 @@ def test_sink_writes_dedups_on_replay_and_serves_queries(
     kafka_bootstrap: str, prefix: str, folder: Path
 ) -> None:
     readings, ledger_topic = prefix + "mallwatt.readings", prefix + "mallwatt.ledger"
+    intervals = prefix + "mallwatt.intervals"
+    c1 = [("C1", T0 + k * 60_000, T0 + (k + 1) * 60_000, 250, 250 * (k + 1)) for k in range(3)]
+    c2 = [("C2", T0, T0 + 60_000, 1000, 1000), ("C2", T0 + 60_000, T0 + 120_000, 0, 1000),
+          ("C2", T0 + 120_000, T0 + 180_000, 1000, 2000)]
     produce(
         kafka_bootstrap,
         [
+            (intervals, 0, fact_batch("f1", c1, account="A1", mall="MALL1")),
+            (intervals, 1, fact_batch("f2", c2, account="A2", mall="MALL1")),
+            (intervals, 1, fact_batch("f1-again", c1[:2], account="A1", mall="MALL1")),  # re-published
             (readings, 0, reading_batch("COL1/0/1", T0, 100.0)),
             (readings, 1, reading_batch("COL1/0/2", T0 + 120_000, 100.5)),
             (ledger_topic, 0, ledger("E1", -21, 979, T0 + 60_000)),
@@ -158,7 +165,7 @@ def test_sink_writes_dedups_on_replay_and_serves_queries(
             (ledger_topic, 1, ledger("E1", -21, 979, T0 + 60_000)),  # upstream duplicate
         ],
     )
-    topics = [readings, ledger_topic]
+    topics = [readings, ledger_topic, intervals]
 
     first = RunningSink(kafka_bootstrap, folder, prefix, group=f"{prefix}g1")
     try:
@@ -175,7 +182,7 @@ def test_sink_writes_dedups_on_replay_and_serves_queries(
         assert out.stdout.strip() == "[(8,)]"
     finally:
         stats = first.close()
-    assert stats.rows == {"mallwatt.readings": 8, "mallwatt.ledger": 2}
+    assert stats.rows == {"mallwatt.readings": 8, "mallwatt.ledger": 2, "mallwatt.interval_energy": 8}
 
     def snapshot() -> dict[str, Any]:
         q = lambda sql: wh.query(sql, path=folder)[1]  # noqa: E731
@@ -208,7 +215,8 @@ def test_sink_writes_dedups_on_replay_and_serves_queries(
         path=folder,
     )
     assert [m[:3] for m in marks] == [
-        (ledger_topic, 0, 1), (ledger_topic, 1, 0), (readings, 0, 0), (readings, 1, 0),
+        (intervals, 0, 0), (intervals, 1, 1), (ledger_topic, 0, 1), (ledger_topic, 1, 0), (readings, 0, 0),
+        (readings, 1, 0),
     ]  # fmt: skip
 
     # Replay the whole range with a fresh group: nothing may change.
@@ -268,42 +276,48 @@ def test_undecodable_message_goes_to_dead_letter_and_sink_continues(
     assert all(d["source_topic"] == readings and "DecodeError" in d["reason"] for d in found)
 
 
-def test_sink_closes_finished_days_and_folds_late_reads_in(
+def fact_batch(batch_id: str, rows: list[tuple[str, int, int, int, int]], account: str = "A1",
+               mall: str = "M1") -> bytes:
+    """An IntervalBatch of (circuit, start ms, end ms, Wh, billed total Wh) facts."""
+    from schemas.intervals import rows_to_interval_batch
+
+    packed = [(c, f"M-{c}", account, mall, start, end, energy, total, False, "")
+              for c, start, end, energy, total in rows]
+    return codec.encode("IntervalBatch", rows_to_interval_batch(packed, batch_id))
+
+
+def test_sink_closes_finished_days_and_folds_late_facts_in(
     kafka_bootstrap: str, prefix: str, folder: Path
 ) -> None:
-    readings = prefix + "mallwatt.readings"
-    day = 86_400_000
-    # Day 1 (2026-01-01) in two hours, then reads of day 2 on both partitions: the
-    # watermark has passed day 1, so the sink's timer closes it.
+    intervals = prefix + "mallwatt.intervals"
+    day, hour = 86_400_000, 3_600_000
+    # Day 1 (2026-01-01): billed intervals of C1 and C2; then facts of day 2 on both
+    # partitions: the intervals watermark has passed day 1, so the sink's timer closes it.
     produce(
         kafka_bootstrap,
         [
-            (readings, 0, reading_batch("COL1/0/1", T0 + 3_600_000, 100.0)),
-            (readings, 0, reading_batch("COL1/0/2", T0 + 5 * 3_600_000, 103.0)),
-            (readings, 0, reading_batch("COL1/0/3", T0 + day + 3_600_000, 110.0)),
-            (readings, 1, reading_batch("COL1/1/1", T0 + day + 7_200_000, 111.0)),
+            (intervals, 0, fact_batch("p0@1", [("C1", T0 + hour, T0 + 5 * hour, 3250, 3250),
+                                               ("C2", T0 + hour, T0 + 5 * hour, 7000, 7000)])),
+            (intervals, 0, fact_batch("p0@2", [("C3", T0 + day, T0 + day + hour, 10, 10)])),
+            (intervals, 1, fact_batch("p1@1", [("C4", T0 + day, T0 + day + 2 * hour, 10, 10)])),
         ],
     )
     sink = RunningSink(kafka_bootstrap, folder, prefix, group=f"{prefix}g", close_every=0.5)
     energy = (
-        "SELECT circuit_id, round(arraySum(kwh), 3) FROM mallwatt.circuit_hour_kwh FINAL "
+        "SELECT circuit_id, round(arraySum(kwh), 3) FROM mallwatt.billed_hour_kwh FINAL "
         "WHERE day = '2026-01-01' ORDER BY circuit_id"
     )
     try:
         wait_until(
             lambda: (
-                scalar(
-                    folder, "SELECT toString(max(through)) FROM mallwatt.circuit_hour_kwh_closed"
-                )
+                scalar(folder, "SELECT toString(max(through)) FROM mallwatt.billed_hour_kwh_closed")
                 == "2026-01-01"
             )
         )
-        # C1: 100.0 .. 103.25 read on day 1; C2: 200.0 .. 207.0 (registers x2, +1 on the second read)
         assert wh.query(energy, path=folder)[1] == [("C1", 3.25), ("C2", 7.0)]
-        # A late read of day 1 (hour 20): the next run recomputes day 1 from it.
-        produce(
-            kafka_bootstrap, [(readings, 1, reading_batch("COL1/1/0", T0 + 20 * 3_600_000, 105.0))]
-        )
+        # Late facts of day 1 (hour 20): the next run recomputes day 1 with them.
+        produce(kafka_bootstrap, [(intervals, 1, fact_batch("p1@0", [
+            ("C1", T0 + 5 * hour, T0 + 20 * hour, 2000, 5250), ("C2", T0 + 5 * hour, T0 + 20 * hour, 4000, 11000)]))])
         wait_until(lambda: wh.query(energy, path=folder)[1] == [("C1", 5.25), ("C2", 11.0)])
     finally:
         sink.close()

@@ -41,6 +41,7 @@ def worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict, Path]]:
     data = generate(1, 4, seed=2, mall_prefix=prefix)
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
+        merchant["opening_balance_minor"] = 0  # the stream posts openings: balances here come from top-ups
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(data, config)
     env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": f"test-{prefix}"}

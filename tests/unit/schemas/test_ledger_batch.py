@@ -18,15 +18,23 @@ ENTRIES = [
     {"entry_id": "A:topup:p1", "account_id": "A", "mall_id": "M01", "kind": "topup", "amount_minor": 5000,
      "balance_after_minor": 5000, "ts_ms": 1_784_044_800_000, "source_id": "p1", "meter_id": None,
      "circuit_id": None, "interval_start_ms": None, "energy_wh": None, "tou_period": None, "tier": None,
-     "rate": None, "estimated": False},
+     "rate": None, "estimated": False, "debt_change_minor": None},
     {"entry_id": "A:c1:1784045700000", "account_id": "A", "mall_id": "M01", "kind": "charge", "amount_minor": -136,
      "balance_after_minor": 4864, "ts_ms": 1_784_045_700_000, "source_id": "c1@1784045700000", "meter_id": "m1",
      "circuit_id": "c1", "interval_start_ms": 1_784_044_800_000, "energy_wh": 1000, "tou_period": "peak",
-     "tier": 1, "rate": "1.36", "estimated": True},
+     "tier": 1, "rate": "1.36", "estimated": True, "debt_change_minor": None},
     {"entry_id": "B:std:2026-07-15", "account_id": "B", "mall_id": "M01", "kind": "standing_charge",
      "amount_minor": -2**40, "balance_after_minor": -(2**40) + 7, "ts_ms": 1_784_131_200_000, "source_id": "std",
      "meter_id": "m2", "circuit_id": None, "interval_start_ms": None, "energy_wh": 0, "tou_period": None,
-     "tier": None, "rate": "0", "estimated": False},
+     "tier": None, "rate": "0", "estimated": False, "debt_change_minor": None},
+    {"entry_id": "B:opening_debt", "account_id": "B", "mall_id": "M01", "kind": "debt_opening",
+     "amount_minor": 0, "balance_after_minor": -(2**40) + 7, "ts_ms": 1_784_131_200_001, "source_id": "config",
+     "meter_id": None, "circuit_id": None, "interval_start_ms": None, "energy_wh": None, "tou_period": None,
+     "tier": None, "rate": None, "estimated": False, "debt_change_minor": 153_900},
+    {"entry_id": "B:debtpct:p9", "account_id": "B", "mall_id": "M01", "kind": "debt_recovery",
+     "amount_minor": -500, "balance_after_minor": -(2**40) + 6, "ts_ms": 1_784_131_200_002, "source_id": "p9",
+     "meter_id": None, "circuit_id": None, "interval_start_ms": None, "energy_wh": None, "tou_period": None,
+     "tier": None, "rate": None, "estimated": False, "debt_change_minor": -500},
 ]  # fmt: skip
 
 
@@ -44,7 +52,7 @@ def test_round_trip_keeps_every_field_and_null() -> None:
 
 def test_slices_are_separate_batches_in_order() -> None:
     frame = pl.DataFrame(ENTRIES, schema=LEDGER_COLUMNS)
-    first, second = ledger_batches(frame, [("x", 0, 2), ("y", 2, 1)])
+    first, second = ledger_batches(frame, [("x", 0, 2), ("y", 2, 3)])
     assert [e["entry_id"] for e in batch_entries(first)] == [e["entry_id"] for e in ENTRIES[:2]]
     assert batch_entries(second) == ENTRIES[2:]
 
@@ -52,5 +60,44 @@ def test_slices_are_separate_batches_in_order() -> None:
 def test_ragged_batch_is_refused_with_its_column() -> None:
     record = frame_to_ledger_batch(pl.DataFrame(ENTRIES, schema=LEDGER_COLUMNS), "b")
     record["ts_ms"] = record["ts_ms"][:8]
-    with pytest.raises(ValueError, match="LedgerBatch b: column ts_ms has 1 values, expected 3"):
+    with pytest.raises(ValueError, match="LedgerBatch b: column ts_ms has 1 values, expected 5"):
         ledger_batch_to_frame(codec.decode("LedgerBatch", codec.encode("LedgerBatch", record)))
+
+
+def _v1(name: str, record: dict) -> bytes:
+    """A message as a version-1 writer (before debt_change_minor) produced it."""
+    import io
+    import json
+
+    import fastavro
+
+    old = fastavro.parse_schema(json.loads((codec.HISTORY_DIR / f"{name}.v1.avsc").read_text()))
+    buf = io.BytesIO()
+    buf.write(b"\x01")
+    fastavro.schemaless_writer(buf, old, record)
+    return buf.getvalue()
+
+
+def test_version_1_messages_still_read_with_null_debt() -> None:
+    assert codec.WRITER_VERSION == 2
+    frame = pl.DataFrame(ENTRIES[:3], schema=LEDGER_COLUMNS)
+    record = frame_to_ledger_batch(frame, "old")
+    del record["debt_change_minor"]
+    decoded = codec.decode("LedgerBatch", _v1("ledger_batch", record))
+    assert batch_entries(decoded) == ENTRIES[:3]
+    entry = {k: v for k, v in ENTRIES[1].items() if k != "debt_change_minor"}
+    assert codec.decode("LedgerEntry", _v1("ledger_entry", entry)) == ENTRIES[1]
+    with pytest.raises(codec.DecodeError, match="version 1"):
+        codec.decode("IntervalBatch", b"\x01" + b"\x00")
+    with pytest.raises(codec.DecodeError, match="unknown writer schema version 3"):
+        codec.decode("LedgerBatch", b"\x03" + _v1("ledger_batch", record)[1:])
+
+
+def test_outbox_rows_packed_before_the_debt_column_read_as_null() -> None:
+    import msgpack
+
+    from schemas.ledger import unpack_ledger_rows
+
+    old_row = tuple(ENTRIES[0][c] for c in list(LEDGER_COLUMNS)[:-1])
+    rows = unpack_ledger_rows(msgpack.packb([old_row], use_bin_type=True))
+    assert rows == [(*old_row, None)]

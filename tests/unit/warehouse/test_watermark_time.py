@@ -92,3 +92,20 @@ def test_sink_buffer_watermark_ignores_the_future_reading() -> None:
         assert buf is not None and buf.ranges[0][2] == Y2100  # no broker time: nothing to judge against
     finally:
         sink.consumer.close()
+
+
+def test_a_reading_from_the_year_3000_is_not_stored_and_the_rest_of_its_batch_is() -> None:
+    """One such row made every insert of its batch fail for ever (the day rollups hold 32-bit
+    epoch seconds): the sink stopped storing readings of that partition."""
+    import polars as pl
+
+    from pipelines.sink_tables import decode_readings
+    from schemas import codec, readings
+
+    ts = [1_784_080_800_000, 32_503_680_000_000, 1_784_081_700_000]  # 2026, 3000, 2026
+    frame = pl.DataFrame({"circuit_id": ["c1"] * 3, "meter_id": ["m1"] * 3, "account_id": ["a1"] * 3,
+                          "ts_ms": ts, "import_kwh": [1.0, 2.0, 3.0]})
+    batch = readings.frame_to_batch(frame, batch_id="b1", collector_id="c", mall_id="M01", shard=0, seq=1,
+                                    collected_at_ms=ts[0])
+    stored, n, max_ts = decode_readings(codec.encode("ReadingBatch", batch))
+    assert n == 2 and stored["import_kwh"].to_list() == [1.0, 3.0] and max_ts == ts[2]

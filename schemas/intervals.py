@@ -1,0 +1,87 @@
+"""Build and read the column-wise IntervalBatch contract (schemas/interval_batch.avsc).
+
+The billing step packs each account's interval facts as msgpack rows (INTERVAL_COLUMNS
+order) into the outbox of the account's own state record, under the INTERVAL_ROWS
+pseudo-topic; the forwarder gathers the rows of many records into one IntervalBatch per
+changelog partition and step (the ledger's pattern, schemas/ledger.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import polars as pl
+
+#: Columns (and types) of an interval-facts frame, in packed-row order.
+INTERVAL_COLUMNS: dict[str, Any] = {
+    "circuit_id": pl.String, "meter_id": pl.String, "account_id": pl.String, "mall_id": pl.String,
+    "start_ms": pl.Int64, "end_ms": pl.Int64, "energy_wh": pl.Int64, "billed_total_wh": pl.Int64,
+    "estimated": pl.Boolean, "flag": pl.String,
+}  # fmt: skip
+STRINGS = ("circuit_id", "meter_id", "account_id", "mall_id", "flag")
+INT64S = ("start_ms", "end_ms", "energy_wh", "billed_total_wh")
+#: Reasons of rejected readings that become marker rows (energy 0, start = end).
+MARKER_REASONS = ("late", "spike")
+
+#: Pseudo-topic of packed interval rows in the outbox; the forwarder publishes IntervalBatches.
+INTERVAL_ROWS = "mallwatt.intervals#rows"
+
+
+def pack_interval_rows(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
+    """(account id, msgpack rows) per run of equal account ids of a frame with
+    INTERVAL_COLUMNS ordered by account. Columns are converted once for the whole frame."""
+    if not frame.height:
+        return []
+    columns = [frame[name].to_list() for name in INTERVAL_COLUMNS]
+    rows = list(zip(*columns, strict=True))
+    runs = frame["account_id"].rle().struct.unnest()
+    out: list[tuple[str, bytes]] = []
+    start = 0
+    for account, length in zip(runs["value"].to_list(), runs["len"].to_list(), strict=True):
+        out.append((account, msgpack.packb(rows[start:start + length], use_bin_type=True)))
+        start += length
+    return out
+
+
+def unpack_interval_rows(value: bytes) -> list[tuple[Any, ...]]:
+    """The rows packed by `pack_interval_rows` (tuples in INTERVAL_COLUMNS order)."""
+    return [tuple(row) for row in msgpack.unpackb(value, raw=False)]
+
+
+def rows_to_frame(rows: list[tuple[Any, ...]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=INTERVAL_COLUMNS, orient="row")
+
+
+def rows_to_interval_batch(rows: list[tuple[Any, ...]], batch_id: str) -> dict[str, Any]:
+    """An IntervalBatch record from packed rows (INTERVAL_COLUMNS order)."""
+    names = list(INTERVAL_COLUMNS)
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(names)
+    record: dict[str, Any] = {"batch_id": batch_id}
+    for name, values in zip(names, columns, strict=True):
+        if name in STRINGS:
+            record[name] = list(values)
+        elif name == "estimated":
+            record[name] = np.asarray(values, dtype="u1").tobytes()
+        else:
+            record[name] = np.asarray(values, dtype="<i8").tobytes()
+    return record
+
+
+def interval_batch_to_frame(record: dict[str, Any]) -> pl.DataFrame:
+    """The rows of a decoded IntervalBatch as a frame with INTERVAL_COLUMNS; ValueError on
+    ragged columns (a corrupt or hand-made message)."""
+    n = len(record["circuit_id"])
+    columns: dict[str, Any] = {}
+    for name in INTERVAL_COLUMNS:
+        if name in STRINGS:
+            columns[name] = record[name]
+        elif name == "estimated":
+            columns[name] = np.frombuffer(record[name], dtype="u1").astype(bool)
+        else:
+            columns[name] = np.frombuffer(record[name], dtype="<i8")
+        if len(columns[name]) != n:
+            raise ValueError(f"IntervalBatch {record.get('batch_id')}: column {name} has {len(columns[name])} "
+                             f"values, expected {n}")
+    return pl.DataFrame(columns, schema=INTERVAL_COLUMNS)

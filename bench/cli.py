@@ -9,6 +9,7 @@ BENCHES = {
     "core": ("pipelines.core.bench", "billing core: readings/s for interval + tariff + wallet on one core"),
     "collect": ("collectors.bench", "collector: Modbus polls/s per core against simulated gateways"),
     "warehouse": ("bench.warehouse", "warehouse: sink rows/s and catalog query latencies on chDB"),
+    "replay": ("bench.replay", "offline replay in arrival order: readings/s and peak RSS (--merchants, --days)"),
     "pipeline": ("bench.pipeline", "stream: worker readings/s vs a bare consumer, trip latency p50/p99"),
     "roster": ("pipelines.roster_bench", "portfolio: table load + context build s, event-loop stall on a change"),
     "scale": ("bench.scale", "stream at portfolio scale: live-shaped input, lag, trips, recovery, catch-up"),

@@ -132,11 +132,15 @@ def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingC
         frame = frame.filter(pl.col("offset") > pl.col("bucket").replace_strict(marks, return_dtype=pl.Int64))
     if not frame.height:
         return []
-    if int(per_key["rows"].max()) <= limit:  # the live shape: one round
+    reordered = _reordered(frame)
+    if int(per_key["rows"].max()) <= limit and reordered is None:  # the live shape: one round
         return [_round(envs, frame, sources, ctx)]
     # whole messages per account and round: `before` counts the account's rows in earlier messages
-    sizes = (frame.group_by("bucket", "offset").len().sort("bucket", "offset")
-             .with_columns(round=((pl.col("len").cum_sum().over("bucket") - pl.col("len")) // limit)))
+    sizes = reordered if reordered is not None else (
+        frame.group_by("bucket", "offset").len().sort("bucket", "offset")
+        .with_columns(round=((pl.col("len").cum_sum().over("bucket") - pl.col("len")) // limit)))
+    if reordered is not None:
+        sizes = _arrival_rounds(reordered, limit)
     frame = frame.join(sizes.select("bucket", "offset", "round"), on=["bucket", "offset"], how="left",
                        maintain_order="left")
     rounds: list[dict[str, Envelope]] = []
@@ -146,6 +150,43 @@ def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingC
         current.update(changed)
         rounds.append(changed)
     return rounds
+
+
+def _reordered(frame: pl.DataFrame) -> pl.DataFrame | None:
+    """Per (account, message), its rows, min and max ts, when some message of an account is not
+    newer than an earlier message of that account in this step (a late or re-sent reading);
+    None otherwise (the common case).
+
+    Why: one core call orders an account's readings by time and judges late and duplicate
+    readings against the watermark of the whole call, so a straggler billed in the same call
+    as the message before it would be billed, and refused as late one step later: the result
+    would depend on how many messages a take brought. Such a message starts a new round, so a
+    step bills exactly as message by message would, and `mallwatt replay --arrival-order`
+    (pipelines.core.arrival.segments, the same rule) reproduces it."""
+    if frame["offset"].n_unique() < 2:
+        return None
+    per = (frame.group_by("bucket", "offset").agg(pl.len(), lo=pl.col("ts_ms").min(), hi=pl.col("ts_ms").max())
+           .sort("bucket", "offset"))
+    prior = per.select(pl.col("hi").cum_max().shift(1).over("bucket"))["hi"]
+    if not (per["lo"] <= prior).any():
+        return None
+    return per
+
+
+def _arrival_rounds(per: pl.DataFrame, limit: int) -> pl.DataFrame:
+    """Rounds of whole messages per account: a new one at `limit` rows or before a message
+    not newer than the round's readings of that account (see `_reordered`)."""
+    rounds: list[int] = []
+    bucket, r, rows, newest = None, 0, 0, 0
+    for b, length, lo, hi in per.select("bucket", "len", "lo", "hi").iter_rows():
+        if b != bucket:
+            bucket, r, rows, newest = b, 0, 0, hi
+        elif rows + length > limit or lo <= newest:
+            r, rows, newest = r + 1, 0, hi
+        rows += length
+        newest = max(newest, hi)
+        rounds.append(r)
+    return per.select("bucket", "offset").with_columns(round=pl.Series(rounds, dtype=pl.Int64))
 
 
 def _round(envs: dict[str, Envelope], frame: pl.DataFrame, sources: dict[str, str], ctx: BillingContext

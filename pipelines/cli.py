@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bills": ("pipelines.bills.export", "main", "ERP export, statements, reconciliation, common-area allocation"),
     "notify": ("pipelines.notify.service", "main", "deliver alerts to merchants/operators (SMS, voice, app push)"),
     "replay": ("pipelines.core.replay", "main", "offline replay / re-rating of readings and payments"),
+    "export-input": ("pipelines.export_input", "main", "readings and payments from Kafka with their positions, for replay"),
     "portal": ("pipelines.portal.main", "main", "merchant portal: live balance, usage, top-up webhooks (serve|token)"),
     "demo": ("pipelines.demo", "main", "run a simulated mall end to end for a bounded time"),
     "bench": ("bench.cli", "main", "benchmarks printing JSON figures (core|collect|pipeline|warehouse)"),

@@ -26,6 +26,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from infra import topics as T
 from pipelines.envelope import outbox_of
+from pipelines.faults import fault_point
 from schemas import codec
 from schemas.intervals import INTERVAL_ROWS, rows_to_interval_batch, unpack_interval_rows
 from schemas.ledger import LEDGER_ROWS, frame_to_ledger_batch, rows_to_frame, unpack_ledger_rows
@@ -168,6 +169,7 @@ class Forwarder:
             epoch, ready = self._closed.popleft()
             del self._undelivered[epoch]
         if ready:
+            fault_point("forwarder_after_publish_before_commit")  # chaos proof: delivered, not committed
             self._consumer.commit(offsets=ready, asynchronous=True)
 
     def _commit(self) -> None:

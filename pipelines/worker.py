@@ -33,6 +33,7 @@ from pipelines.core.claims import CLAIM_HORIZON_DAYS, expired
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
+from pipelines.faults import fault_point
 from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
@@ -190,6 +191,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 store(key, env)
             finally:
                 _current_event.reset(token)
+            fault_point("mid_step")  # chaos proof: part of the step written, part not
 
     async def bill_batch(events: list[Any], decode: Any, bill: Any, *, wait_written: bool = True) -> None:
         """Decode each message (a bad one goes to the dead letters) and bill the rest in one
@@ -233,6 +235,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         try:
             await states.written()
             await claims.written()
+            fault_point("after_state_write_before_commit")  # chaos proof: stored, offsets not committed
         except Exception as exc:
             log.critical("a state write was not stored (%s); stopping the worker", exc)
             await app.crash(exc)

@@ -131,9 +131,12 @@ def _reasons(bad: pl.DataFrame, bounds: timeguard.Bounds, schema: dict[str, Any]
 
 def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | None,
            batch_size: int = 100_000, state: CoreState | None = None,
-           bounds: timeguard.Bounds | None = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
-    """Bill recorded inputs. They pass the stream's time guard first (``bounds``, default
-    `time_bounds(ctx)`): what the stream would dead-letter is refused here with the same reason."""
+           bounds: timeguard.Bounds | None = None, sink: Any = None,
+           progress: Any = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
+    """Bill recorded inputs in time order. They pass the stream's time guard first (``bounds``,
+    default `time_bounds(ctx)`): what the stream would dead-letter is refused here with the
+    same reason. With ``sink(name, frame)`` the outputs go there batch by batch and only the
+    balances are returned (memory does not grow with the outputs)."""
     readings, payments, refused_r, refused_p = guard(readings, payments, bounds or time_bounds(ctx))
     readings = readings.sort("ts_ms", maintain_order=True)
     pays = payments.sort("ts_ms", maintain_order=True) if payments is not None else None
@@ -167,11 +170,18 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
             state, out = tick(state, now, ctx)
             for k in acc:
                 acc[k].append(getattr(out, k))
-    tables = {k: pl.concat(v, how="vertical_relaxed") for k, v in acc.items()}
-    tables["balances"] = pl.DataFrame(
-        [(a, s.balance, s.ec_owed, s.debt, s.relay) for a, s in sorted(state.accounts.items())], orient="row",
-        schema={"account_id": pl.String, "balance_minor": pl.Int64, "ec_owed_minor": pl.Int64,
-                "debt_minor": pl.Int64, "relay": pl.String})
+        if sink is not None:
+            for k, frames in acc.items():
+                for frame in frames:
+                    if frame.height:
+                        sink(k, frame)
+                frames.clear()
+        if progress is not None:
+            progress.add(batch.height, int(batch["ts_ms"].max()) if batch.height else None)
+    from pipelines.core.arrival import balances
+
+    tables = {} if sink is not None else {k: pl.concat(v, how="vertical_relaxed") for k, v in acc.items()}
+    tables["balances"] = balances(state)
     return state, tables
 
 
@@ -201,29 +211,71 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tariff", help="YAML/JSON file with one tariff: re-rate every account under it")
     ap.add_argument("--batch-size", type=int, default=100_000)
     ap.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    ap.add_argument("--arrival-order", action="store_true",
+                    help="replay in the order the stream received the input (rows need partition, offset and "
+                         "msg_ts_ms, as `mallwatt export-input` writes them); readings Parquet is read in chunks "
+                         "of --batch-size rows; pending readings are not flushed at the end, as in the stream")
+    ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     a = ap.parse_args(argv)
     if a.batch_size < 1:
         ap.error("--batch-size must be at least 1")
+    from pipelines.core.arrival import OrderError, Progress
+    from pipelines.core.replay_output import OutputWriter
     from pipelines.portfolio import ConfigError
 
+    progress = Progress(enabled=not a.quiet)
     try:
         ctx, state0 = load_context(a.config)
         if a.tariff:
             ctx = ctx.with_tariff(_load_tariff(a.tariff))
-        readings = read_table(a.readings)
         payments = read_table(a.payments, payments=True)
-    except (InputError, ConfigError) as exc:  # a bad input is the user's to fix: no traceback
+        writer = OutputWriter(Path(a.out), a.format)
+        if a.arrival_order:
+            from pipelines.core.arrival import replay_arrival
+
+            state = replay_arrival(ctx, read_chunks(a.readings, a.batch_size), payments, writer, state=state0,
+                                   progress=progress, where=a.readings)
+        else:
+            readings = read_table(a.readings)
+            assert readings is not None
+            state, _ = replay(ctx, readings, payments, a.batch_size, state0, sink=writer, progress=progress)
+            progress.done()
+    except (InputError, ConfigError, OrderError) as exc:  # a bad input is the user's to fix: no traceback
         print(f"mallwatt replay: {exc}", file=sys.stderr)
         return 2
-    assert readings is not None
-    state, tables = replay(ctx, readings, payments, a.batch_size, state0)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, df in tables.items():
-        write_table(df, out / name, a.format)
-    (out / "state.json").write_text(json.dumps(state.to_dict(), indent=1))
-    print(json.dumps({k: v.height for k, v in tables.items()}))
+    from pipelines.core.arrival import balances
+
+    writer.write_whole("balances", balances(state))
+    rows = writer.close()
+    (Path(a.out) / "state.json").write_text(json.dumps(state.to_dict(), indent=1))
+    print(json.dumps(rows))
     return 0
+
+
+def read_chunks(path: str, rows: int) -> Any:
+    """(first row, frame) chunks of a readings file: Parquet in row batches (never the whole
+    file in memory), JSON Lines whole; each chunk checked as `replay_input` checks a file."""
+    from pipelines.core.arrival import arrival_problem, chunks_of
+    from pipelines.core.replay_input import READING_FIELDS, _frame_problem
+
+    if not path.endswith(".parquet"):
+        yield from chunks_of(read_table(path), rows)  # type: ignore[arg-type]
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        source = pq.ParquetFile(path)
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    first = 0
+    for batch in source.iter_batches(batch_size=rows):
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        problem = _frame_problem(frame, READING_FIELDS) or arrival_problem(frame)
+        if problem is not None:
+            raise InputError(f"{path}: rows from {first + 1}: {problem}")
+        yield first, frame
+        first += frame.height
 
 
 if __name__ == "__main__":

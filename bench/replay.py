@@ -1,0 +1,110 @@
+"""`mallwatt bench replay --merchants N --days D --json`: offline replay speed and memory.
+
+Writes a synthetic portfolio of N merchants and D days of 15-minute readings (one per
+circuit, in arrival order: one message per shard and cadence, with partition, offset and
+msg_ts_ms as `mallwatt export-input` writes them) plus one top-up for a tenth of the
+merchants each day, then times `mallwatt replay --arrival-order` in a child process and
+reads that child's peak RSS. Input generation is not timed. Targets (35,000 merchants):
+peak RSS for 7 days within 1.2x of 1 day, and >= 300,000 readings/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipelines.generate import generate
+from pipelines.portfolio import dump_portfolio, parse_portfolio
+from schemas.keys import account_shard
+
+T0 = 1_784_044_800_000  # 2026-07-15 00:00 +08:00
+CADENCE_MS = 900_000
+PER_DAY = 96
+
+
+def write_input(merchants: int, days: int, out: Path, partitions: int = 8, seed: int = 7,
+                low_balance_share: float = 0.2) -> dict[str, int]:
+    stalls = min(merchants, 700)
+    malls = math.ceil(merchants / stalls)
+    data = generate(malls, stalls, seed=seed, low_balance_share=low_balance_share)
+    dump_portfolio(data, out / "portfolio.yaml")
+    portfolio = parse_portfolio(data)
+    meters = [(m.circuits[0].id, m.id, m.account or f"{mall.id}-LANDLORD") for mall, m in portfolio.meters()]
+    circuits = pl.DataFrame({"circuit_id": [c for c, _, _ in meters], "meter_id": [m for _, m, _ in meters],
+                             "partition": [account_shard(a, partitions) for _, _, a in meters]}
+                            ).sort("partition", "circuit_id")
+    n = circuits.height
+    rng = np.random.default_rng(seed)
+    register = rng.uniform(100, 5000, n)
+    writer: pq.ParquetWriter | None = None
+    for day in range(days):
+        steps = []
+        for k in range(PER_DAY):
+            step = day * PER_DAY + k
+            register = register + rng.uniform(0, 2.5, n)
+            ts = T0 + step * CADENCE_MS
+            steps.append(circuits.with_columns(ts_ms=pl.lit(ts, pl.Int64), import_kwh=pl.Series(np.round(register, 2)),
+                                               offset=pl.lit(step, pl.Int64),
+                                               msg_ts_ms=pl.lit(ts + 2_000, pl.Int64)))
+        frame = pl.concat(steps).select("circuit_id", "meter_id", "ts_ms", "import_kwh", "partition", "offset",
+                                        "msg_ts_ms")
+        table = frame.to_arrow()
+        writer = writer or pq.ParquetWriter(out / "readings.parquet", table.schema)
+        writer.write_table(table, row_group_size=200_000)
+    assert writer is not None
+    writer.close()
+    accounts = [m.id for mall in portfolio.malls for m in mall.merchants]
+    pays = []
+    for day in range(days):
+        for i, account in enumerate(rng.choice(accounts, max(1, len(accounts) // 10), replace=False).tolist()):
+            ts = T0 + day * 86_400_000 + int(rng.integers(0, 86_400_000))
+            pays.append({"payment_id": f"bench-{day}-{i}", "account_id": account, "kind": "topup",
+                         "amount_minor": int(rng.integers(5_000, 50_000)), "ts_ms": ts,
+                         "reverses_payment_id": None, "partition": i % partitions, "offset": day * 100_000 + i,
+                         "msg_ts_ms": ts + 1_000})
+    pl.DataFrame(pays).write_parquet(out / "payments.parquet")
+    return {"readings": n * PER_DAY * days, "payments": len(pays), "circuits": n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mallwatt bench replay", description=__doc__.splitlines()[0])
+    ap.add_argument("--merchants", type=int, default=35_000)
+    ap.add_argument("--days", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=100_000)
+    ap.add_argument("--low-balance-share", type=float, default=0.2,
+                    help="share of merchants opening with 5..20 yuan (generate's default 0.2): they run out of "
+                         "credit within hours and every charge of theirs then takes the wallet's per-event path")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", help="directory for the input and outputs (default: a temporary one)")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="mallwatt-bench-replay-") as tmp:
+        work = Path(a.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        sizes = write_input(a.merchants, a.days, work, low_balance_share=a.low_balance_share)
+        cmd = [sys.executable, "-m", "pipelines.cli", "replay", "--arrival-order", "--quiet", "--config",
+               str(work / "portfolio.yaml"), "--readings", str(work / "readings.parquet"), "--payments",
+               str(work / "payments.parquet"), "--out", str(work / "out"), "--batch-size", str(a.batch_size)]
+        began = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - began
+        out = child.stdout.read().decode() if child.stdout else ""
+        if status != 0:
+            print(f"mallwatt bench replay: replay failed ({status}): {out}", file=sys.stderr)
+            return 1
+    result = {"merchants": a.merchants, "days": a.days, "low_balance_share": a.low_balance_share, **sizes, "seconds": round(seconds, 2),
+              "readings_per_s": round(sizes["readings"] / seconds), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+              "outputs": json.loads(out.strip().splitlines()[-1]), "load_average": os.getloadavg()[0]}
+    print(json.dumps(result) if a.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0

@@ -1,0 +1,353 @@
+"""Replay in arrival order: the stream's own order of input, so a re-run reproduces it.
+
+Input rows carry the Kafka position of the message that brought them: ``partition``,
+``offset`` and ``msg_ts_ms`` (the message timestamp; `mallwatt export-input` writes them).
+The stream's order is, per account:
+- readings in the order their partition delivered them (offset order), message by message;
+  a late reading is late exactly as in the stream, because the watermark moved message by
+  message (see `segments` for the one case where the stream's grouping matters);
+- payments claimed in the order of their payments partition (claims are per id, and an id
+  lives on one partition), then applied to the wallet when they arrived: after every readings
+  message (in file order) whose message time is not after the payment's, before the first
+  one that is. A payment therefore lands between the same charges as in the stream when the
+  stream applied the inputs in the order they arrived (`docs/billing.md`, Arrival order).
+
+Billing message by message would be slow, so consecutive messages and payments are billed
+in one core call whenever that cannot change the result (`segments`): within a call the
+core orders each account's events by (ts, payments first), so a call may hold an account's
+events only when that order is their arrival order. Memory holds one input chunk and the
+core state, never the period: outputs go to an `OutputSink` call by call.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipelines.core import timeguard
+from pipelines.core.claims import ClaimBook, claim_payment_rows
+from pipelines.core.context import RatingContext
+from pipelines.core.engine import (
+    PAYMENT_REJECT_SCHEMA,
+    CoreState,
+    payments_frame,
+    process_batch,
+    tick,
+)
+
+ARRIVAL_COLUMNS = ("partition", "offset", "msg_ts_ms")
+OUTPUTS = ("ledger", "alerts", "commands", "rejected_readings", "rejected_payments", "intervals")
+
+
+class OrderError(ValueError):
+    """Input not in arrival order (names the file and row)."""
+
+
+@dataclass
+class Progress:
+    """A progress line on stderr at most once a second (and once at the end)."""
+
+    label: str = "replay"
+    every_s: float = 1.0
+    enabled: bool = True
+    readings: int = 0
+    calls: int = 0
+    started: float = 0.0
+    shown: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started = self.shown = time.monotonic()
+
+    def add(self, readings: int, last_ts_ms: int | None) -> None:
+        self.readings += readings
+        self.calls += 1
+        now = time.monotonic()
+        if self.enabled and now - self.shown >= self.every_s:
+            self.shown = now
+            self._show(now, last_ts_ms, "\r")
+
+    def done(self) -> None:
+        if self.enabled:
+            self._show(time.monotonic(), None, "\r")
+            sys.stderr.write("\n")
+
+    def _show(self, now: float, ts_ms: int | None, end: str) -> None:
+        rate = self.readings / max(now - self.started, 1e-9)
+        at = "" if ts_ms is None else f", at {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(ts_ms / 1000))}"
+        sys.stderr.write(f"{end}{self.label}: {self.readings:,} readings in {self.calls:,} core calls, "
+                         f"{rate:,.0f} readings/s{at}   ")
+        sys.stderr.flush()
+
+
+Sink = Callable[[str, pl.DataFrame], None]  # (output name, frame) -> write it
+
+
+def arrival_problem(frame: pl.DataFrame) -> str | None:
+    """Why a frame cannot be replayed in arrival order (column level), or None."""
+    for name in ARRIVAL_COLUMNS:
+        if name not in frame.columns:
+            return (f"missing column {name!r}: --arrival-order needs each row's Kafka partition, offset and "
+                    f"msg_ts_ms (mallwatt export-input writes them)")
+        col = frame[name]
+        if not (col.dtype.is_integer() or col.dtype == pl.Null):
+            return f"column {name!r}: expected integers, got {col.dtype}"
+        if name != "msg_ts_ms" and col.null_count():
+            return f"row {int(col.is_null().arg_max() or 0) + 1}: {name}: expected a value, got None"
+    return None
+
+
+def claim_in_order(payments: pl.DataFrame, ctx: RatingContext, bounds: timeguard.Bounds,
+                   book: ClaimBook | None = None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(accepted payments in wallet arrival order, refused by time, refused by claim).
+
+    Claims go in (partition, offset) order, as the claims agent reads them; the accepted ones
+    reach the wallet in (msg_ts_ms, partition, offset) order."""
+    frame = payments.sort("partition", "offset", maintain_order=True)
+    ok, bad = timeguard.split_frame(frame, bounds, circuit_col="")
+    keep = [c for c in ARRIVAL_COLUMNS if c in ok.columns]
+    rows = payments_frame(ok).hstack(ok.select(keep)).to_dicts() if ok.height else []
+    accepted, refused = claim_payment_rows(rows, {a: r.policy for a, r in ctx.accounts.items()}, book)
+    schema = {**payments_frame(None).schema, **{c: pl.Int64 for c in keep}}
+    acc = pl.DataFrame(accepted, schema=schema).sort("msg_ts_ms", "partition", "offset", maintain_order=True)
+    from pipelines.core.replay import _reasons  # the stream's wording for time refusals
+
+    refused_frame = pl.DataFrame([{k: r.get(k) for k in PAYMENT_REJECT_SCHEMA} for r in refused],
+                                 schema=PAYMENT_REJECT_SCHEMA)
+    return acc, (_reasons(bad, bounds, PAYMENT_REJECT_SCHEMA) if bad.height
+                 else pl.DataFrame(schema=PAYMENT_REJECT_SCHEMA)), refused_frame
+
+
+def segments(entries: pl.DataFrame) -> list[int]:
+    """Where to cut a sequence of items (readings messages and payments, column ``pos``) into
+    core calls, as the positions that start a new call.
+
+    Each entry is (pos, account, kmin, kmax): a readings message's rows of one account have
+    kmin = 2*min(ts), kmax = 2*max(ts)+1; a payment kmin = 2*ts-1, kmax = 2*ts. Within one core
+    call an account's events run in (ts, payments first) order; that equals arrival order iff
+    every item's kmin is at least the largest kmax of the account's earlier items in the call.
+    So: a reading not newer than one already in the call (a late reading, a re-sent one), a
+    payment older than a reading in the call, or a reading older than a payment in the call,
+    starts a new call. (A late reading then meets the watermark of the messages before it, as
+    in the stream when those were billed in an earlier step; see docs/billing.md.)"""
+    cuts: list[int] = []
+    rest = entries.sort("pos", maintain_order=True)
+    while rest.height:
+        flagged = rest.with_columns(
+            prior=pl.col("kmax").cum_max().shift(1).over("account_id")).filter(pl.col("kmin") < pl.col("prior"))
+        if not flagged.height:
+            break
+        cut = int(flagged["pos"][0])
+        cuts.append(cut)
+        rest = rest.filter(pl.col("pos") >= cut)
+    return cuts
+
+
+def _message_index(chunk: pl.DataFrame) -> pl.Series:
+    """0-based index of each row's message (rows of a message are consecutive)."""
+    new = (pl.col("partition") != pl.col("partition").shift(1)) | (pl.col("offset") != pl.col("offset").shift(1))
+    return chunk.select(new.fill_null(True).cast(pl.Int64).cum_sum().alias("msg") - 1)["msg"]
+
+
+class ArrivalReplay:
+    """Bill chunks of readings (in arrival order) with the accepted payments merged in."""
+
+    def __init__(self, ctx: RatingContext, accepted: pl.DataFrame, sink: Sink, *, state: CoreState | None = None,
+                 bounds: timeguard.Bounds | None = None, progress: Progress | None = None) -> None:
+        from pipelines.core.replay import _reasons, time_bounds
+
+        self.ctx, self.sink, self.state = ctx, sink, state or CoreState()
+        self.bounds = bounds or time_bounds(ctx)
+        self._reasons = _reasons
+        self.progress = progress or Progress(enabled=False)
+        self.accounts = pl.DataFrame({"circuit_id": list(ctx.circuits),
+                                      "account_id": [c.account_id for c in ctx.circuits.values()]},
+                                     schema={"circuit_id": pl.String, "account_id": pl.String})
+        self.pay = accepted
+        self.pay_ts = accepted["msg_ts_ms"].to_numpy() if accepted.height else np.zeros(0, dtype=np.int64)
+        self.next_pay = 0
+        self.last_offset: dict[int, int] = {}  # partition -> last offset seen (order check)
+
+    def feed(self, chunk: pl.DataFrame, where: str = "readings", first_row: int = 0) -> None:
+        """A chunk of whole messages in arrival order (rows carry partition, offset, msg_ts_ms)."""
+        if not chunk.height:
+            return
+        self._check_order(chunk, where, first_row)
+        chunk = chunk.with_columns(msg=_message_index(chunk))
+        ok, bad = timeguard.split_frame(chunk, self.bounds)
+        if bad.height:
+            from pipelines.core.interval import REJECT_SCHEMA
+
+            self.sink("rejected_readings", self._reasons(bad, self.bounds, REJECT_SCHEMA))
+        firsts = chunk.group_by("msg", maintain_order=True).agg(pl.col("msg_ts_ms").first())
+        msg_ts = firsts["msg_ts_ms"].fill_null(0).to_numpy()
+        # the payments that arrived before each message: before the first later message
+        pay_before: list[tuple[int, int, int]] = []  # (msg index, first payment, end payment)
+        for m, ts in enumerate(msg_ts.tolist()):
+            end = self.next_pay
+            while end < self.pay_ts.size and self.pay_ts[end] < ts:
+                end += 1
+            if end > self.next_pay:
+                pay_before.append((m, self.next_pay, end))
+                self.next_pay = end
+        self._bill(ok, len(msg_ts), pay_before)
+
+    def finish(self) -> CoreState:
+        """The payments that arrived after the last reading; returns the final state."""
+        if self.next_pay < self.pay_ts.size:
+            self._call(None, self.pay.slice(self.next_pay))
+            self.next_pay = int(self.pay_ts.size)
+        return self.state
+
+    def _check_order(self, chunk: pl.DataFrame, where: str, first_row: int) -> None:
+        problem = arrival_problem(chunk)
+        if problem is not None:
+            raise OrderError(f"{where}: {problem}")
+        prev = chunk.with_row_index("row").with_columns(
+            before=pl.col("offset").shift(1).over("partition"))
+        back = prev.filter(pl.col("offset") < pl.col("before"))
+        starts = chunk.group_by("partition", maintain_order=True).agg(pl.col("offset").first(),
+                                                                      pl.len().alias("n"))
+        for part, first, _ in starts.iter_rows():
+            if first < self.last_offset.get(part, -1):
+                back = pl.concat([back.select("row", "partition", "offset"),
+                                  prev.filter((pl.col("partition") == part) & (pl.col("offset") == first))
+                                  .select("row", "partition", "offset").head(1)])
+        if back.height:
+            row, part, offset = back.sort("row").select("row", "partition", "offset").row(0)
+            raise OrderError(f"{where}: row {first_row + row + 1}: partition {part} offset {offset} comes after a "
+                             f"later offset: not in arrival order")
+        for part, last in chunk.group_by("partition").agg(pl.col("offset").max()).iter_rows():
+            self.last_offset[part] = max(last, self.last_offset.get(part, -1))
+
+    def _bill(self, rows: pl.DataFrame, messages: int, pay_before: list[tuple[int, int, int]]) -> None:
+        # one position per item in arrival order: the payments that arrived before message m, then m
+        msg_pos = np.empty(messages, dtype=np.int64)
+        pay_idx: list[int] = []  # index into self.pay of the chunk's payments, in order
+        pay_pos: list[int] = []
+        pos, j = 0, 0
+        for m in range(messages):
+            if j < len(pay_before) and pay_before[j][0] == m:
+                for k in range(pay_before[j][1], pay_before[j][2]):
+                    pay_idx.append(k)
+                    pay_pos.append(pos)
+                    pos += 1
+                j += 1
+            msg_pos[m] = pos
+            pos += 1
+        rows = rows.join(self.accounts, on="circuit_id", how="left", maintain_order="left")
+        kinds = {"pos": pl.Int64, "account_id": pl.String, "kmin": pl.Int64, "kmax": pl.Int64}
+        entries = [rows.filter(pl.col("account_id").is_not_null()).group_by("msg", "account_id").agg(
+            kmin=pl.col("ts_ms").min() * 2, kmax=pl.col("ts_ms").max() * 2 + 1
+        ).with_columns(pos=pl.col("msg").replace_strict(list(range(messages)), msg_pos.tolist(),
+                                                        return_dtype=pl.Int64) if messages else pl.col("msg"))
+            .select(list(kinds)).cast(kinds)]
+        pays = self.pay[pay_idx] if pay_idx else self.pay.clear()
+        if pays.height:
+            entries.append(pl.DataFrame({"pos": pay_pos, "account_id": pays["account_id"],
+                                         "kmin": pays["ts_ms"] * 2 - 1, "kmax": pays["ts_ms"] * 2}, schema=kinds))
+        cuts = [0, *segments(pl.concat(entries)), pos]
+        pay_pos_arr = np.asarray(pay_pos, dtype=np.int64)
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            m0, m1 = (int(x) for x in np.searchsorted(msg_pos, [lo, hi]))
+            p0, p1 = (int(x) for x in np.searchsorted(pay_pos_arr, [lo, hi]))
+            readings = rows.filter(pl.col("msg").is_between(m0, m1 - 1)) if m1 > m0 else None
+            self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None)
+
+    def _call(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None) -> None:
+        if readings is None or not readings.height:
+            from pipelines.core.interval import READING_SCHEMA
+
+            readings = pl.DataFrame(schema=READING_SCHEMA)
+        self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False)
+        outs = [out]
+        # the stream's timer: deferred trips whose friendly period ended by the newest input time
+        from pipelines.core.replay import replay_now
+
+        now = replay_now(readings, payments)
+        if now is not None and any(s.deferred or s.warn_pending for s in self.state.accounts.values()):
+            self.state, ticked = tick(self.state, now, self.ctx)
+            outs.append(ticked)
+        for name in OUTPUTS:
+            for o in outs:
+                frame = getattr(o, name)
+                if frame.height:
+                    self.sink(name, frame)
+        self.progress.add(readings.height, int(readings["ts_ms"].max()) if readings.height else None)
+
+
+def chunks_of(frame: pl.DataFrame, rows: int) -> Iterator[tuple[int, pl.DataFrame]]:
+    """(first row, chunk) of whole messages of about `rows` rows (a message is never split)."""
+    yield from whole_messages((i, frame.slice(i, rows)) for i in range(0, frame.height, rows))
+
+
+def whole_messages(chunks: Iterable[tuple[int, pl.DataFrame]]) -> Iterator[tuple[int, pl.DataFrame]]:
+    """Re-cut chunks so that none ends inside a message (the last message waits for the next chunk)."""
+    carry: pl.DataFrame | None = None
+    carry_row = 0
+    for first, chunk in chunks:
+        if carry is not None:
+            chunk, first = pl.concat([carry, chunk], how="vertical_relaxed"), carry_row
+            carry = None
+        if not chunk.height:
+            continue
+        last_p, last_o = chunk["partition"][-1], chunk["offset"][-1]
+        tail = chunk.select(((pl.col("partition") == last_p) & (pl.col("offset") == last_o)).alias("t"))["t"]
+        # the trailing run of the last message
+        n_tail = int(tail.to_numpy()[::-1].argmin()) if not tail.all() else chunk.height
+        if n_tail == chunk.height:
+            carry, carry_row = chunk, first
+            continue
+        yield first, chunk.head(chunk.height - n_tail)
+        carry, carry_row = chunk.tail(n_tail), first + chunk.height - n_tail
+    if carry is not None and carry.height:
+        yield carry_row, carry
+
+
+def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFrame]], payments: pl.DataFrame | None,
+                   sink: Sink, *, state: CoreState | None = None, bounds: timeguard.Bounds | None = None,
+                   progress: Progress | None = None, where: str = "readings") -> CoreState:
+    """Bill readings chunks (first row, frame) in arrival order with the payments merged in."""
+    from pipelines.core.replay import time_bounds
+
+    bounds = bounds or time_bounds(ctx)
+    accepted = pl.DataFrame(schema={**payments_frame(None).schema, **{c: pl.Int64 for c in ARRIVAL_COLUMNS}})
+    if payments is not None and payments.height:
+        problem = arrival_problem(payments)
+        if problem is not None:
+            raise OrderError(f"payments: {problem}")
+        accepted, late, refused = claim_in_order(payments, ctx, bounds)
+        for frame in (late, refused):
+            if frame.height:
+                sink("rejected_payments", frame)
+    run = ArrivalReplay(ctx, accepted, sink, state=state, bounds=bounds, progress=progress)
+    for first, chunk in whole_messages(readings):
+        run.feed(chunk, where, first)
+    state = run.finish()
+    run.progress.done()
+    return state
+
+
+def balances(state: CoreState) -> pl.DataFrame:
+    return pl.DataFrame(
+        [(a, s.balance, s.ec_owed, s.debt, s.relay) for a, s in sorted(state.accounts.items())], orient="row",
+        schema={"account_id": pl.String, "balance_minor": pl.Int64, "ec_owed_minor": pl.Int64,
+                "debt_minor": pl.Int64, "relay": pl.String})
+
+
+def collect() -> tuple[dict[str, list[pl.DataFrame]], Sink]:
+    """An in-memory sink (tests): name -> frames written."""
+    store: dict[str, list[pl.DataFrame]] = {}
+
+    def sink(name: str, frame: pl.DataFrame) -> None:
+        store.setdefault(name, []).append(frame)
+    return store, sink
+
+
+def tables(store: dict[str, list[pl.DataFrame]]) -> dict[str, Any]:
+    return {k: pl.concat(v, how="vertical_relaxed") for k, v in store.items()}

@@ -163,7 +163,10 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
         route = ctx.circuit_meter.get(row["circuit_id"])
         if route is None:
             continue
-        alert = {"alert_id": f"{row['circuit_id']}:rej:{row['ts_ms']}", "kind": "meter_fault", "severity": "WARNING",
+        # the reason is part of the id: a late reading and a re-sent copy of one circuit and
+        # time are two refusals, and consumers deduplicate alerts by id
+        alert = {"alert_id": f"{row['circuit_id']}:rej:{row['ts_ms']}:{row['reason']}", "kind": "meter_fault",
+                 "severity": "WARNING",
                  "mall_id": route.mall_id, "account_id": route.account_id, "meter_id": row["meter_id"],
                  "ts_ms": row["ts_ms"], "message": f"reading not billed: {row['reason']}",
                  "details": {"circuit_id": row["circuit_id"], "import_kwh": str(row["import_kwh"]),

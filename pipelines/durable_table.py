@@ -111,6 +111,7 @@ class DurableTable(faust.Table):
         self._unacknowledged: list[Any] = []
         self._writer: ChangelogWriter | None = None
         self.generation = 0  # +1 on every rebalance: values cached by callers may be stale
+        self._stored_offsets: dict[TP, int] = {}  # newest changelog offset in the local store
 
     def __setitem__(self, key: Any, value: Any) -> None:
         # ManagedUserDict.__setitem__ is on_key_set, then the local store; with the writer the
@@ -144,9 +145,17 @@ class DurableTable(faust.Table):
     def _stored_at(self, topic: str, key: bytes, value: bytes) -> Any:
         def stored(partition: int, offset: int) -> None:
             store_locally(self.data, partition, key, value)
-            # what faust's own send callback does: RocksDB keeps it to resume after a restart
-            self.data.set_persisted_offset(TP(topic, partition), offset)
+            tp = TP(topic, partition)
+            self._stored_offsets[tp] = max(offset, self._stored_offsets.get(tp, -1))
         return stored
+
+    def _persist_offsets(self) -> None:
+        """What faust's own send callback does per write, once per partition and wait: RocksDB
+        keeps the newest offset it holds, to resume after a restart (an offset lagging its
+        values only means re-reading a few changelog records)."""
+        for tp, offset in self._stored_offsets.items():
+            self.data.set_persisted_offset(tp, offset)
+        self._stored_offsets.clear()
 
     async def written(self) -> None:
         """Wait until the broker has acknowledged every write made so far (raises if one failed)."""
@@ -163,6 +172,7 @@ class DurableTable(faust.Table):
                 await asyncio.gather(*others)
         finally:
             self._unacknowledged = [f for f in self._unacknowledged if not f.done()]
+            self._persist_offsets()
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP],
                            generation_id: int = 0) -> None:

@@ -37,11 +37,11 @@ log = logging.getLogger("mallwatt.forwarder")
 #: consume() returns after this long unless 500 records came: a relay trip waits up to this
 CONSUME_WAIT_S = 0.005
 COMMIT_INTERVAL_S = 0.5  # how often the forwarder commits (and so waits for its outputs)
-#: Ledger entries per LedgerBatch message at most: about 28 bytes each compressed columns,
-#: 57 kB at most, so every output message stays under 64 kB (far below Kafka's 1 MB).
-LEDGER_BATCH_ENTRIES = 2048
+#: Ledger entries per LedgerBatch message at most: about 56 bytes each (measured: 2,048
+#: entries made a 115 kB message), so a message stays under 64 kB (Kafka's limit is 1 MB).
+LEDGER_BATCH_ENTRIES = 1024
 #: Interval facts per IntervalBatch message at most (same bound).
-INTERVAL_BATCH_ROWS = 2048
+INTERVAL_BATCH_ROWS = 1024
 TABLE_NAME = "accounts"  # the worker's faust table: one state value per account
 
 

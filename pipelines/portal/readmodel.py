@@ -80,7 +80,9 @@ class ReadModel:
 
     def apply_entries(self, entries: list[dict[str, Any]], applied_ms: int) -> int:
         """LedgerEntry-shaped dicts in ledger order (schemas.ledger.batch_entries); returns how
-        many were new. An entry older than the balance already shown does not move it back."""
+        many were new. The newest entry consumed sets the balance: an account's entries reach
+        the ledger topic in the order the wallet posted them (one partition), and an entry
+        published again after a forwarder restart is dropped by its id."""
         new = 0
         for entry in entries:
             view = self.view(entry["account_id"], entry.get("mall_id") or "")
@@ -98,12 +100,12 @@ class ReadModel:
 
     def _apply_one(self, view: AccountView, entry: dict[str, Any], applied_ms: int) -> None:
         ts = int(entry["ts_ms"])
-        # entries of one account arrive in ledger order within a partition; the ts guard only
-        # keeps an out-of-order replay from showing an old balance
-        if view.balance_ts_ms is None or ts >= view.balance_ts_ms:
-            view.balance_minor = int(entry["balance_after_minor"])
-            view.balance_ts_ms = ts
-            view.applied_ms = applied_ms
+        # ledger order, not entry time: a top-up paid a second earlier than a charge already
+        # posted still comes after it, and its balance_after includes that charge (an entry
+        # time guard left such a top-up out of the balance shown)
+        view.balance_minor = int(entry["balance_after_minor"])
+        view.balance_ts_ms = ts
+        view.applied_ms = applied_ms
         kind = entry["kind"]
         slim = {name: entry.get(name) for name in ENTRY_FIELDS}
         (view.charges if kind in CHARGE_KINDS else view.activity).append(slim)

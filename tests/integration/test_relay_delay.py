@@ -11,6 +11,9 @@ restarted at once. The figures are printed (run with -s to see them).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from test_chaos import Workers
 
 from infra import topics as T
 from pipelines.envelope import outbox_of
@@ -31,6 +33,39 @@ from schemas.keys import account_shard
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Workers:
+    """Worker processes started and SIGKILLed by the test itself (no fault plan)."""
+
+    def __init__(self, config: Path, env: dict[str, str], logdir: Path) -> None:
+        self.config, self.env, self.logdir = config, env, logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.starts = 0
+
+    def start(self, name: str) -> None:
+        self.starts += 1
+        log = open(self.logdir / f"{name}-{self.starts}.log", "wb")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "worker", "--config", str(self.config)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill9(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.procs.clear()
 
 def _read_all(bootstrap: str, topic: str, start: dict[int, int] | None = None) -> list[tuple[int, bytes | None]]:
     """Every (timestamp ms, value) of a topic from `start` offsets (default: the beginning) to its end now."""

@@ -33,10 +33,11 @@ def test_balance_is_the_last_entry_and_replays_count_once() -> None:
     b = model.balance("M01-S0001", T0 + 12 * H)
     assert b is not None and b["balance_minor"] == 9_864 and b["as_of_ms"] == T0 + 11 * H
     assert model.duplicates == 2
-    # an older entry arriving late does not move the balance back
-    model.apply_entries([topup("p0", 1, 1, T0 - H)], T0 + 12 * H)
-    assert model.balance("M01-S0001", T0 + 12 * H)["balance_minor"] == 9_864
-    assert [e["entry_id"] for e in model.activity("M01-S0001", 2)] == ["c0-10-0", "p1"]
+    # ledger order decides, not entry time: a top-up paid an hour before the last charge but
+    # posted after it carries the balance after both (here 9,864 + 1)
+    model.apply_entries([topup("p0", 1, 9_865, T0 - H)], T0 + 12 * H)
+    assert model.balance("M01-S0001", T0 + 12 * H)["balance_minor"] == 9_865
+    assert [e["entry_id"] for e in model.activity("M01-S0001", 2)] == ["c0-10-0", "p1"]  # newest by time
 
 
 def test_usage_today_by_hour_and_tou_period_in_local_time() -> None:

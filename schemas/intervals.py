@@ -14,6 +14,8 @@ import msgpack
 import numpy as np
 import polars as pl
 
+from schemas.ledger import pack_account_rows
+
 #: Columns (and types) of an interval-facts frame, in packed-row order.
 INTERVAL_COLUMNS: dict[str, Any] = {
     "circuit_id": pl.String, "meter_id": pl.String, "account_id": pl.String, "mall_id": pl.String,
@@ -31,18 +33,8 @@ INTERVAL_ROWS = "mallwatt.intervals#rows"
 
 def pack_interval_rows(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
     """(account id, msgpack rows) per run of equal account ids of a frame with
-    INTERVAL_COLUMNS ordered by account. Columns are converted once for the whole frame."""
-    if not frame.height:
-        return []
-    columns = [frame[name].to_list() for name in INTERVAL_COLUMNS]
-    rows = list(zip(*columns, strict=True))
-    runs = frame["account_id"].rle().struct.unnest()
-    out: list[tuple[str, bytes]] = []
-    start = 0
-    for account, length in zip(runs["value"].to_list(), runs["len"].to_list(), strict=True):
-        out.append((account, msgpack.packb(rows[start:start + length], use_bin_type=True)))
-        start += length
-    return out
+    INTERVAL_COLUMNS ordered by account."""
+    return pack_account_rows(frame, INTERVAL_COLUMNS)
 
 
 def unpack_interval_rows(value: bytes) -> list[tuple[Any, ...]]:

@@ -113,12 +113,17 @@ LEDGER_ROWS = "mallwatt.ledger#rows"
 
 def pack_ledger_rows(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
     """(account id, msgpack rows) per run of equal account ids of a ledger frame ordered by
-    account: rows in LEDGER_COLUMNS order. Columns are converted once for the whole frame,
-    because this runs for every account a billing step touches."""
+    account: rows in LEDGER_COLUMNS order."""
+    return pack_account_rows(frame, LEDGER_COLUMNS)
+
+
+def pack_account_rows(frame: pl.DataFrame, columns: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """(account id, msgpack rows in `columns` order) per run of equal account ids of a frame
+    ordered by account. Columns are converted once for the whole frame, because this runs
+    for every account a billing step touches (ledger rows, interval facts)."""
     if not frame.height:
         return []
-    columns = [frame[name].to_list() for name in LEDGER_COLUMNS]
-    rows = list(zip(*columns, strict=True))
+    rows = list(zip(*[frame[name].to_list() for name in columns], strict=True))
     runs = frame["account_id"].rle().struct.unnest()
     out: list[tuple[str, bytes]] = []
     start = 0

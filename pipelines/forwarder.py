@@ -37,11 +37,11 @@ log = logging.getLogger("mallwatt.forwarder")
 #: consume() returns after this long unless 500 records came: a relay trip waits up to this
 CONSUME_WAIT_S = 0.005
 COMMIT_INTERVAL_S = 0.5  # how often the forwarder commits (and so waits for its outputs)
-#: Ledger entries per LedgerBatch message at most: about 56 bytes each (measured: 2,048
-#: entries made a 115 kB message), so a message stays under 64 kB (Kafka's limit is 1 MB).
+#: Ledger entries / interval facts per output message at most, and its size at most: a batch
+#: above MAX_OUTPUT_BYTES is split (1,024 ledger entries measured 121 kB at 350k merchants).
 LEDGER_BATCH_ENTRIES = 1024
-#: Interval facts per IntervalBatch message at most (same bound).
 INTERVAL_BATCH_ROWS = 1024
+MAX_OUTPUT_BYTES = 60_000
 TABLE_NAME = "accounts"  # the worker's faust table: one state value per account
 
 
@@ -229,10 +229,12 @@ class Forwarder:
         by that partition so that all entries of an account stay in one ledger partition."""
         first = next(m.offset() for m in messages
                      if not m.error() and m.topic() == topic and m.partition() == partition)
-        for start in range(0, len(rows), LEDGER_BATCH_ENTRIES):
-            frame = rows_to_frame(rows[start:start + LEDGER_BATCH_ENTRIES])
-            batch = frame_to_ledger_batch(frame, f"{topic}:{partition}@{first}+{start}")
-            self._produce(T.LEDGER, f"p{partition}".encode(), codec.encode("LedgerBatch", batch))
+        def encode(part: list[tuple[Any, ...]], start: int) -> bytes:
+            batch = frame_to_ledger_batch(rows_to_frame(part), f"{topic}:{partition}@{first}+{start}")
+            return codec.encode("LedgerBatch", batch)
+
+        for value in bounded_messages(rows, LEDGER_BATCH_ENTRIES, encode):
+            self._produce(T.LEDGER, f"p{partition}".encode(), value)
 
     def _publish_intervals(self, topic: str, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]
                            ) -> None:
@@ -240,9 +242,11 @@ class Forwarder:
         the ledger (a circuit's facts stay in one partition, in order)."""
         first = next(m.offset() for m in messages
                      if not m.error() and m.topic() == topic and m.partition() == partition)
-        for start in range(0, len(rows), INTERVAL_BATCH_ROWS):
-            batch = rows_to_interval_batch(rows[start:start + INTERVAL_BATCH_ROWS], f"{topic}:{partition}@{first}+{start}")
-            self._produce(T.INTERVALS, f"p{partition}".encode(), codec.encode("IntervalBatch", batch))
+        def encode(part: list[tuple[Any, ...]], start: int) -> bytes:
+            return codec.encode("IntervalBatch", rows_to_interval_batch(part, f"{topic}:{partition}@{first}+{start}"))
+
+        for value in bounded_messages(rows, INTERVAL_BATCH_ROWS, encode):
+            self._produce(T.INTERVALS, f"p{partition}".encode(), value)
 
     def _produce(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
         self._undelivered[self._epoch] += 1
@@ -255,6 +259,26 @@ class Forwarder:
             except BufferError:
                 self._producer.poll(0.05)
         self.forwarded += 1
+
+
+def bounded_messages(rows: list[Any], most: int, encode: Any, limit: int | None = None) -> list[bytes]:
+    """Rows in order as encoded messages of at most `most` rows and `limit` bytes: a message
+    over the limit is split in half and encoded again (entry sizes vary with ids and flags)."""
+    cap = MAX_OUTPUT_BYTES if limit is None else limit
+    out: list[bytes] = []
+
+    def add(start: int, part: list[Any]) -> None:
+        value = encode(part, start)
+        if len(value) > cap and len(part) > 1:
+            half = len(part) // 2
+            add(start, part[:half])
+            add(start + half, part[half:])
+        else:
+            out.append(value)
+
+    for start in range(0, len(rows), most):
+        add(start, rows[start:start + most])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

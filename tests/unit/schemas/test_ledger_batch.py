@@ -101,3 +101,17 @@ def test_outbox_rows_packed_before_the_debt_column_read_as_null() -> None:
     old_row = tuple(ENTRIES[0][c] for c in list(LEDGER_COLUMNS)[:-1])
     rows = unpack_ledger_rows(msgpack.packb([old_row], use_bin_type=True))
     assert rows == [(*old_row, None)]
+
+
+def test_forwarder_splits_a_batch_above_the_output_limit_and_keeps_the_order() -> None:
+    from pipelines.forwarder import bounded_messages
+
+    rows = [f"entry-{i:04d}-" + "x" * (i % 50) for i in range(1000)]
+
+    def encode(part: list[str], start: int) -> bytes:
+        return (f"{start}:" + "|".join(part)).encode()
+
+    messages = bounded_messages(rows, 400, encode, limit=5_000)
+    assert all(len(m) <= 5_000 for m in messages) and len(messages) > 3
+    back = [r for m in messages for r in m.decode().split(":", 1)[1].split("|")]
+    assert back == rows

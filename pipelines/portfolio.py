@@ -318,6 +318,11 @@ def load_portfolio(path: str | Path) -> Portfolio:
         from pipelines.roster import load_tables  # roster imports this module
 
         return load_tables(path).portfolio()
+    return parse_portfolio(read_yaml_mapping(path), str(path))
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name the file (ConfigError)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -329,7 +334,7 @@ def load_portfolio(path: str | Path) -> Portfolio:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return parse_portfolio(data, str(path))
+    return data
 
 
 def dump_portfolio(portfolio: Portfolio | dict[str, Any], path: str | Path) -> None:

@@ -33,6 +33,7 @@ from pipelines.portfolio import (
     _field_path,
     _Model,
     parse_portfolio,
+    read_yaml_mapping,
 )
 from pipelines.roster_check import DTYPES, SPECS, check_columns, empty_table
 from pipelines.roster_refs import reference_problems
@@ -110,7 +111,7 @@ def config_files(path: str | Path) -> list[Path]:
 
 
 def read_rules(path: Path) -> PortfolioRules:
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     if "malls" in data and isinstance(data["malls"], list):
         for i, mall in enumerate(data["malls"]):
             inline = [k for k in ("areas", "gateways", "merchants", "meters") if isinstance(mall, dict) and k in mall]
@@ -123,20 +124,6 @@ def read_rules(path: Path) -> PortfolioRules:
         lines = [f"{path}: invalid portfolio rules ({exc.error_count()} problem(s))"]
         lines += [f"  {_field_path(tuple(err['loc']))}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read portfolio config ({exc.strerror})") from None
-    try:
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 def read_table(path: Path) -> tuple[pl.DataFrame, str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pipelines.core.models import WalletPolicy
+from pipelines.core.models import MAX_MINOR, WalletPolicy
 from schemas.keys import account_shard
 
 #: How long a claim is kept. A provider re-send or a reversal older than this is not
@@ -45,6 +45,7 @@ class ClaimResult(StrEnum):
     BELOW_MINIMUM_TOPUP = "below_minimum_topup"
     ABOVE_MAXIMUM_TOPUP = "above_maximum_topup"
     NOT_POSITIVE = "amount_not_positive"
+    ABOVE_AMOUNT_LIMIT = "amount_above_limit"  # beyond MAX_MINOR: no real payment, and int64 columns overflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,8 @@ def decide_payment(existing: Claim | None, payment: dict[str, Any], policy: Wall
         return Decision(_compare(existing, account, kind, amount), existing, 0)
     if amount <= 0:
         return Decision(ClaimResult.NOT_POSITIVE, None, 0)
+    if amount > MAX_MINOR:
+        return Decision(ClaimResult.ABOVE_AMOUNT_LIMIT, None, 0)
     if kind == "topup" and policy is not None:
         if amount < policy.min_topup:
             return Decision(ClaimResult.BELOW_MINIMUM_TOPUP, None, 0)
@@ -122,6 +125,8 @@ def decide_payment(existing: Claim | None, payment: dict[str, Any], policy: Wall
 def decide_posting(existing: Claim | None, posting: dict[str, Any]) -> Decision:
     """A LedgerPosting (entry_id, account_id, kind, amount_minor, ts_ms) against its claim."""
     account, kind, amount = posting["account_id"], str(posting["kind"]), int(posting["amount_minor"])
+    if existing is None and abs(amount) > MAX_MINOR:
+        return Decision(ClaimResult.ABOVE_AMOUNT_LIMIT, None, 0)
     if existing is None:
         return Decision(ClaimResult.ACCEPTED, Claim(account, kind, amount, int(posting["ts_ms"])), amount)
     return Decision(_compare(existing, account, kind, amount), existing, 0)

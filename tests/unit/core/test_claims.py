@@ -68,3 +68,13 @@ def test_horizon_is_measured_from_the_newest_timestamp_not_the_clock() -> None:
     assert claim is not None
     assert not expired(claim, T0 + 399 * 86_400_000, 400)
     assert expired(claim, T0 + 401 * 86_400_000, 400)
+
+
+def test_an_amount_beyond_the_money_limit_is_refused_before_the_claim() -> None:
+    from pipelines.core.models import MAX_MINOR
+
+    book = ClaimBook()
+    assert book.payment(topup("p1", amount=MAX_MINOR + 1)).result is ClaimResult.ABOVE_AMOUNT_LIMIT
+    posting = {"entry_id": "e1", "account_id": "A", "kind": "adjustment", "amount_minor": -MAX_MINOR - 1,
+               "ts_ms": T0}
+    assert book.posting(posting).result is ClaimResult.ABOVE_AMOUNT_LIMIT and book.claims == {}

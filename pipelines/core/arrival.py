@@ -172,6 +172,7 @@ class ArrivalReplay:
         self.pay_ts = accepted["msg_ts_ms"].to_numpy() if accepted.height else np.zeros(0, dtype=np.int64)
         self.next_pay = 0
         self.last_offset: dict[int, int] = {}  # partition -> last offset seen (order check)
+        self.unopened = len(ctx.accounts)  # accounts without a state yet (recounted while > 0)
 
     def feed(self, chunk: pl.DataFrame, where: str = "readings", first_row: int = 0) -> None:
         """A chunk of whole messages in arrival order (rows carry partition, offset, msg_ts_ms)."""
@@ -254,10 +255,36 @@ class ArrivalReplay:
         cuts = [0, *segments(pl.concat(entries)), pos]
         pay_pos_arr = np.asarray(pay_pos, dtype=np.int64)
         for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
-            m0, m1 = (int(x) for x in np.searchsorted(msg_pos, [lo, hi]))
-            p0, p1 = (int(x) for x in np.searchsorted(pay_pos_arr, [lo, hi]))
-            readings = rows.filter(pl.col("msg").is_between(m0, m1 - 1)) if m1 > m0 else None
-            self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None)
+            while lo < hi:
+                m0, m1 = (int(x) for x in np.searchsorted(msg_pos, [lo, hi]))
+                cut = self._opening_cut(rows, m0, m1)
+                mid = int(msg_pos[cut]) if cut is not None else hi
+                m1 = cut if cut is not None else m1
+                p0, p1 = (int(x) for x in np.searchsorted(pay_pos_arr, [lo, mid]))
+                readings = rows.filter(pl.col("msg").is_between(m0, m1 - 1)) if m1 > m0 else None
+                self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None)
+                lo = mid
+
+    def _opening_cut(self, rows: pl.DataFrame, m0: int, m1: int) -> int | None:
+        """Where to end a call early (a message index in (m0, m1)) so that the accounts new to the
+        state open in a small call, or None. An account's first charged call takes the wallet's
+        per-event path (its opening entries come first), so without this cut the first call of a
+        replay would bill every reading it holds event by event; cutting after each new account's
+        second message (its first interval) keeps that call to about two readings per circuit.
+        Any message boundary is a valid cut: consecutive calls give what one call gives."""
+        if self.unopened == 0 or m1 - m0 < 3:
+            return None
+        self.unopened = len(set(self.ctx.accounts) - set(self.state.accounts))
+        if self.unopened == 0:
+            return None
+        seg = rows.filter(pl.col("msg").is_between(m0, m1 - 1) & pl.col("account_id").is_not_null()
+                          & ~pl.col("account_id").is_in(pl.Series(list(self.state.accounts), dtype=pl.String)))
+        if not seg.height:
+            return None
+        second = seg.group_by("account_id").agg(pl.col("msg").unique().sort().get(1, null_on_oob=True))["msg"].max()
+        if second is None or not m0 < int(second) + 1 < m1:  # type: ignore[arg-type]
+            return None
+        return int(second) + 1  # type: ignore[arg-type]
 
     def _call(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None) -> None:
         if readings is None or not readings.height:

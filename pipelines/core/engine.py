@@ -280,21 +280,24 @@ def _open(account_id: str, first_ts_ms: int, ctx: RatingContext, out: WalletOut)
 
 def _first_event_ts(new: list[str], ch: Charges | None, pay_rows: list[dict[str, Any]], lk: Lookup
                     ) -> dict[str, int]:
-    """Earliest charge or payment time of each account new to the state (rare: runs only then)."""
+    """Earliest charge or payment time of each account new to the state (one pass over the
+    charges: the first call of a replay opens every account of the portfolio at once)."""
     first: dict[str, int] = {}
     wanted = set(new)
     for p in pay_rows:
         a = p["account_id"]
         if a in wanted:
             first[a] = min(first.get(a, p["ts_ms"]), p["ts_ms"])
-    if ch is not None:
-        for a in new:
-            rank = lk.account_rank.get(a)
-            if rank is None:
-                continue
-            sel = ch.aidx == rank
-            if sel.any():
-                t = int(ch.end_ms[sel].min())
+    if ch is not None and ch.aidx.size:
+        ranks = np.array(sorted(lk.account_rank[a] for a in new if a in lk.account_rank), dtype=np.int64)
+        sel = np.isin(ch.aidx, ranks)
+        acc, end = ch.aidx[sel], ch.end_ms[sel]
+        if acc.size:
+            order = np.lexsort((end, acc))  # by account, then time: each account's first row is its minimum
+            acc, end = acc[order], end[order]
+            head = np.flatnonzero(np.r_[True, acc[1:] != acc[:-1]])
+            for rank, t in zip(acc[head].tolist(), end[head].tolist(), strict=True):
+                a = lk.account_ids[rank]
                 first[a] = min(first.get(a, t), t)
     return first
 

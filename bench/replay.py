@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mallwatt bench replay", description=__doc__.splitlines()[0])
     ap.add_argument("--merchants", type=int, default=35_000)
     ap.add_argument("--days", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=100_000)
+    ap.add_argument("--batch-size", type=int, help="rows per core call (default: mallwatt replay's)")
     ap.add_argument("--low-balance-share", type=float, default=0.2,
                     help="share of merchants opening with 5..20 yuan (generate's default 0.2): they run out of "
                          "credit within hours and every charge of theirs then takes the wallet's per-event path")
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = write_input(a.merchants, a.days, work, low_balance_share=a.low_balance_share)
         cmd = [sys.executable, "-m", "pipelines.cli", "replay", "--arrival-order", "--quiet", "--config",
                str(work / "portfolio.yaml"), "--readings", str(work / "readings.parquet"), "--payments",
-               str(work / "payments.parquet"), "--out", str(work / "out"), "--batch-size", str(a.batch_size)]
+               str(work / "payments.parquet"), "--out", str(work / "out")]
+        cmd += ["--batch-size", str(a.batch_size)] if a.batch_size else []
         began = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE)
         _, status, usage = os.wait4(child.pid, 0)
@@ -103,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         if status != 0:
             print(f"mallwatt bench replay: replay failed ({status}): {out}", file=sys.stderr)
             return 1
-    result = {"merchants": a.merchants, "days": a.days, "low_balance_share": a.low_balance_share, **sizes, "seconds": round(seconds, 2),
+    from pipelines.core.replay import BATCH_ROWS
+
+    result = {"merchants": a.merchants, "days": a.days, "batch_rows": a.batch_size or BATCH_ROWS,
+              "low_balance_share": a.low_balance_share, **sizes, "seconds": round(seconds, 2),
               "readings_per_s": round(sizes["readings"] / seconds), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
               "outputs": json.loads(out.strip().splitlines()[-1]), "load_average": os.getloadavg()[0]}
     print(json.dumps(result) if a.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

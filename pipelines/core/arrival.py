@@ -135,17 +135,46 @@ def segments(entries: pl.DataFrame) -> list[int]:
     payment older than a reading in the call, or a reading older than a payment in the call,
     starts a new call. (A late reading then meets the watermark of the messages before it, as
     in the stream when those were billed in an earlier step; see docs/billing.md.)"""
+    if not entries.height:
+        return []
+    codes = entries["account_id"].rank("dense").fill_null(0).cast(pl.Int64).to_numpy()
+    return segment_cuts(entries["pos"].to_numpy(), codes, entries["kmin"].to_numpy(), entries["kmax"].to_numpy())
+
+
+def segment_cuts(pos: np.ndarray, acc: np.ndarray, kmin: np.ndarray, kmax: np.ndarray) -> list[int]:
+    """`segments` over integer columns (``acc``: any integer code per account). Sorted once by
+    (account, pos); each pass finds the first item older than its account's newest earlier item
+    since the last cut (a cumulative maximum per account) and restarts there."""
+    order = np.lexsort((pos, acc))
+    pos, acc, kmin, kmax = pos[order], acc[order], kmin[order], kmax[order]
     cuts: list[int] = []
-    rest = entries.sort("pos", maintain_order=True)
-    while rest.height:
-        flagged = rest.with_columns(
-            prior=pl.col("kmax").cum_max().shift(1).over("account_id")).filter(pl.col("kmin") < pl.col("prior"))
-        if not flagged.height:
+    while pos.size > 1:
+        first = np.r_[True, acc[1:] != acc[:-1]]
+        prior = _grouped_cummax(kmax, first)
+        flagged = ~first
+        flagged[1:] &= kmin[1:] < prior[:-1]
+        if not flagged.any():
             break
-        cut = int(flagged["pos"][0])
+        cut = int(pos[flagged].min())
         cuts.append(cut)
-        rest = rest.filter(pl.col("pos") >= cut)
+        keep = pos >= cut
+        pos, acc, kmin, kmax = pos[keep], acc[keep], kmin[keep], kmax[keep]
     return cuts
+
+
+def _grouped_cummax(values: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Running maximum of ``values`` restarting where ``first`` is set."""
+    lo = int(values.min())
+    span = int(values.max()) - lo + 1
+    group = np.cumsum(first) - 1
+    if int(group[-1]) * span < 2**62:  # each group lifted above the previous ones: one accumulate
+        lift = group * span
+        return np.maximum.accumulate(values - lo + lift) - lift + lo
+    out = values.copy()
+    starts = np.flatnonzero(first).tolist() + [values.size]
+    for s, e in zip(starts[:-1], starts[1:], strict=True):
+        out[s:e] = np.maximum.accumulate(values[s:e])
+    return out
 
 
 def _message_index(chunk: pl.DataFrame) -> pl.Series:
@@ -165,14 +194,12 @@ class ArrivalReplay:
         self.bounds = bounds or time_bounds(ctx)
         self._reasons = _reasons
         self.progress = progress or Progress(enabled=False)
-        self.accounts = pl.DataFrame({"circuit_id": list(ctx.circuits),
-                                      "account_id": [c.account_id for c in ctx.circuits.values()]},
-                                     schema={"circuit_id": pl.String, "account_id": pl.String})
         self.pay = accepted
         self.pay_ts = accepted["msg_ts_ms"].to_numpy() if accepted.height else np.zeros(0, dtype=np.int64)
         self.next_pay = 0
         self.last_offset: dict[int, int] = {}  # partition -> last offset seen (order check)
         self.unopened = len(ctx.accounts)  # accounts without a state yet (recounted while > 0)
+        self._unknown: dict[str, int] = {}  # payment account ids the context does not know
 
     def feed(self, chunk: pl.DataFrame, where: str = "readings", first_row: int = 0) -> None:
         """A chunk of whole messages in arrival order (rows carry partition, offset, msg_ts_ms)."""
@@ -241,31 +268,65 @@ class ArrivalReplay:
                 j += 1
             msg_pos[m] = pos
             pos += 1
-        rows = rows.join(self.accounts, on="circuit_id", how="left", maintain_order="left")
-        kinds = {"pos": pl.Int64, "account_id": pl.String, "kmin": pl.Int64, "kmax": pl.Int64}
-        entries = [rows.filter(pl.col("account_id").is_not_null()).group_by("msg", "account_id").agg(
-            kmin=pl.col("ts_ms").min() * 2, kmax=pl.col("ts_ms").max() * 2 + 1
-        ).with_columns(pos=pl.col("msg").replace_strict(list(range(messages)), msg_pos.tolist(),
-                                                        return_dtype=pl.Int64) if messages else pl.col("msg"))
-            .select(list(kinds)).cast(kinds)]
+        # entries per (message, account) and per payment, on integer account codes
+        msg = rows.get_column("msg").to_numpy()
+        acc = self._account_codes(rows.get_column("circuit_id"))
+        ts = rows.get_column("ts_ms").to_numpy()
+        known = acc >= 0
+        m_k, a_k, t_k = msg[known], acc[known], ts[known]
+        order = np.lexsort((a_k, m_k))
+        m_k, a_k, t_k = m_k[order], a_k[order], t_k[order]
+        heads = np.flatnonzero(np.r_[True, (m_k[1:] != m_k[:-1]) | (a_k[1:] != a_k[:-1])]) if m_k.size else m_k
+        e_pos = [msg_pos[m_k[heads]]] if m_k.size else []
+        e_acc = [a_k[heads]] if m_k.size else []
+        e_min = [np.minimum.reduceat(t_k, heads) * 2] if m_k.size else []
+        e_max = [np.maximum.reduceat(t_k, heads) * 2 + 1] if m_k.size else []
         pays = self.pay[pay_idx] if pay_idx else self.pay.clear()
         if pays.height:
-            entries.append(pl.DataFrame({"pos": pay_pos, "account_id": pays["account_id"],
-                                         "kmin": pays["ts_ms"] * 2 - 1, "kmax": pays["ts_ms"] * 2}, schema=kinds))
-        cuts = [0, *segments(pl.concat(entries)), pos]
+            p_ts = pays.get_column("ts_ms").to_numpy()
+            e_pos.append(np.asarray(pay_pos, dtype=np.int64))
+            e_acc.append(np.array([self._pay_code(x) for x in pays.get_column("account_id").to_list()], dtype=np.int64))
+            e_min.append(p_ts * 2 - 1)
+            e_max.append(p_ts * 2)
+        found = segment_cuts(*(np.concatenate(x) for x in (e_pos, e_acc, e_min, e_max))) if e_pos else []
+        cuts = [0, *found, pos]
         pay_pos_arr = np.asarray(pay_pos, dtype=np.int64)
+        row_of_msg = np.searchsorted(msg, np.arange(messages + 1))  # rows are in message order
         for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
             while lo < hi:
                 m0, m1 = (int(x) for x in np.searchsorted(msg_pos, [lo, hi]))
-                cut = self._opening_cut(rows, m0, m1)
+                cut = self._opening_cut(msg, acc, row_of_msg, m0, m1)
                 mid = int(msg_pos[cut]) if cut is not None else hi
                 m1 = cut if cut is not None else m1
                 p0, p1 = (int(x) for x in np.searchsorted(pay_pos_arr, [lo, mid]))
-                readings = rows.filter(pl.col("msg").is_between(m0, m1 - 1)) if m1 > m0 else None
+                r0, r1 = int(row_of_msg[m0]), int(row_of_msg[m1])
+                readings = rows.slice(r0, r1 - r0) if r1 > r0 else None
                 self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None)
                 lo = mid
 
-    def _opening_cut(self, rows: pl.DataFrame, m0: int, m1: int) -> int | None:
+    def _account_codes(self, circuits: pl.Series) -> np.ndarray:
+        """Account rank of each reading's circuit (the core's lookup), -1 for an unknown circuit."""
+        from pipelines.core.interval import _circuit_codes
+        from pipelines.core.lookup import lookup
+
+        lk = lookup(self.ctx)
+        codes = _circuit_codes(circuits, lk.cindex)
+        out = np.full(codes.size, -1, dtype=np.int64)
+        known = codes >= 0
+        out[known] = lk.circ_acc[codes[known]]
+        return out
+
+    def _pay_code(self, account_id: str) -> int:
+        """A payment's account code: its rank, or a code of its own past the ranks (unknown id)."""
+        from pipelines.core.lookup import lookup
+
+        lk = lookup(self.ctx)
+        rank = lk.account_rank.get(account_id)
+        if rank is None:
+            rank = self._unknown.setdefault(account_id, len(lk.account_ids) + len(self._unknown))
+        return rank
+
+    def _opening_cut(self, msg: np.ndarray, acc: np.ndarray, row_of_msg: np.ndarray, m0: int, m1: int) -> int | None:
         """Where to end a call early (a message index in (m0, m1)) so that the accounts new to the
         state open in a small call, or None. An account's first charged call takes the wallet's
         per-event path (its opening entries come first), so without this cut the first call of a
@@ -274,17 +335,33 @@ class ArrivalReplay:
         Any message boundary is a valid cut: consecutive calls give what one call gives."""
         if self.unopened == 0 or m1 - m0 < 3:
             return None
-        self.unopened = len(set(self.ctx.accounts) - set(self.state.accounts))
+        from pipelines.core.lookup import lookup
+
+        lk = lookup(self.ctx)
+        opened = np.zeros(len(lk.account_ids) + 1, dtype=bool)  # the last slot: unknown circuits
+        opened[[lk.account_rank[a] for a in self.state.accounts if a in lk.account_rank]] = True
+        opened[-1] = True
+        self.unopened = int((~opened).sum())
         if self.unopened == 0:
             return None
-        seg = rows.filter(pl.col("msg").is_between(m0, m1 - 1) & pl.col("account_id").is_not_null()
-                          & ~pl.col("account_id").is_in(pl.Series(list(self.state.accounts), dtype=pl.String)))
-        if not seg.height:
+        r0, r1 = int(row_of_msg[m0]), int(row_of_msg[m1])
+        m, a = msg[r0:r1], acc[r0:r1]
+        new = ~opened[a]  # acc -1 reads the last slot
+        if not new.any():
             return None
-        second = seg.group_by("account_id").agg(pl.col("msg").unique().sort().get(1, null_on_oob=True))["msg"].max()
-        if second is None or not m0 < int(second) + 1 < m1:  # type: ignore[arg-type]
+        m, a = m[new], a[new]
+        order = np.lexsort((m, a))  # per account, its messages in order
+        m, a = m[order], a[order]
+        first = np.r_[True, a[1:] != a[:-1]]
+        distinct = np.r_[True, (a[1:] != a[:-1]) | (m[1:] != m[:-1])]
+        # the second distinct message of each account: the distinct row right after its first
+        seen = np.cumsum(distinct)
+        nth = seen - seen[np.flatnonzero(first)][np.cumsum(first) - 1]  # 0 on each account's first message
+        second = m[distinct & (nth == 1)]
+        if not second.size:
             return None
-        return int(second) + 1  # type: ignore[arg-type]
+        cut = int(second.max()) + 1
+        return cut if m0 < cut < m1 else None
 
     def _call(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None) -> None:
         if readings is None or not readings.height:

@@ -3,10 +3,18 @@
 One file per output (ledger, alerts, commands, rejected_readings, rejected_payments,
 intervals): Parquet through one pyarrow ParquetWriter each (a row group per write), or JSON
 Lines appended. A table that received no rows is still written, empty, with its schema.
+
+Parquet is encoded and written on a background thread (pyarrow releases the GIL), so the next
+core call runs meanwhile; the queue holds at most `QUEUE` frames, so memory stays bounded, and a
+write error is raised by the next write or by `close`. Columns are not dictionary-encoded: most
+output columns are unique per row (entry ids), where the dictionary attempt costs a third of the
+write for nothing.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +29,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ledger": LEDGER_SCHEMA, "alerts": ALERT_SCHEMA, "commands": COMMAND_SCHEMA,
     "rejected_readings": REJECT_SCHEMA, "rejected_payments": PAYMENT_REJECT_SCHEMA,
     "intervals": {**INTERVAL_SCHEMA, "account_id": pl.String}}
+QUEUE = 4  # frames waiting for the Parquet thread at most
 
 
 class OutputWriter:
@@ -33,21 +42,45 @@ class OutputWriter:
         self._arrow: dict[str, pa.Schema] = {}
         self._jsonl: dict[str, IO[bytes]] = {}
         self.rows: dict[str, int] = dict.fromkeys(SCHEMAS, 0)
+        self._queue: queue.Queue[tuple[str, pl.DataFrame] | None] = queue.Queue(QUEUE)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._started: set[str] = set()  # outputs written to (or queued for) at least once
 
     def __call__(self, name: str, frame: pl.DataFrame) -> None:
         schema = SCHEMAS[name]
         frame = frame.select(list(schema)).cast(schema)
         self.rows[name] += frame.height
-        if self.fmt == "parquet":
-            table = frame.to_arrow()
-            if name not in self._parquet:
-                self._arrow[name] = table.schema
-                self._parquet[name] = pq.ParquetWriter(self.out / f"{name}.parquet", table.schema)
-            self._parquet[name].write_table(table.cast(self._arrow[name]))
-        else:
+        self._started.add(name)
+        if self.fmt != "parquet":
             if name not in self._jsonl:
                 self._jsonl[name] = (self.out / f"{name}.jsonl").open("wb")
             frame.write_ndjson(self._jsonl[name])
+            return
+        self._raise()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="replay-parquet", daemon=True)
+            self._thread.start()
+        self._queue.put((name, frame))
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = exc
+
+    def _write(self, name: str, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if name not in self._parquet:
+            self._arrow[name] = table.schema
+            self._parquet[name] = pq.ParquetWriter(self.out / f"{name}.parquet", table.schema, use_dictionary=False)
+        self._parquet[name].write_table(table.cast(self._arrow[name]))
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def write_whole(self, name: str, frame: pl.DataFrame) -> None:
         """A small final table (balances) in one go."""
@@ -59,10 +92,15 @@ class OutputWriter:
 
     def close(self) -> dict[str, int]:
         for name, schema in SCHEMAS.items():  # empty outputs still get a file with their columns
-            if name not in self._parquet and name not in self._jsonl:
+            if name not in self._started:
                 self(name, pl.DataFrame(schema=schema))
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         for writer in self._parquet.values():
             writer.close()
         for handle in self._jsonl.values():
             handle.close()
+        self._raise()
         return self.rows

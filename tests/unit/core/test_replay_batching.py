@@ -2,7 +2,7 @@
 
 A generated portfolio (the replay bench's own input: one message per shard and 15 minutes, daily
 top-ups, a fifth of the merchants opening with little credit, so alerts, trips and the per-event
-wallet all happen) is replayed twice: through the CLI with its defaults (1M-row chunks, the
+wallet all happen) is replayed twice: through the CLI with its defaults (500k-row chunks, the
 opening cut, calls of many readings per account, Parquet written on a thread) and in memory in
 chunks of a few messages (calls of one or two readings per circuit, the shape before the large
 calls). Every ledger entry (all columns, each account's entries in order), alert, command,

@@ -38,7 +38,7 @@ from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import take_steps
+from pipelines.take import distinct, take_steps
 from schemas import codec
 from schemas.keys import account_shard
 from schemas.readings import batch_to_frame
@@ -199,7 +199,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         With `wait_written`, return only once the step's state writes are acknowledged."""
         decoded: list[tuple[Any, Any]] = []
         letters: list[Any] = []  # delivery futures, awaited together: one round trip per step
-        for event in events:
+        for event in distinct(events):  # faust may deliver a message twice in one step; acked all the same
             try:
                 decoded.append((event, decode(event.message.value)))
             except (codec.DecodeError, ValueError, KeyError) as exc:
@@ -353,7 +353,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         (through the claim's outbox) to the account's wallet."""
         async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
             letters: list[Any] = []
-            for event in events:
+            for event in distinct(events):  # a second copy of a message is acked with the step, not claimed
                 msg = event.message
                 try:
                     record = codec.decode(schema, msg.value)

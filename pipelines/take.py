@@ -17,12 +17,14 @@ after the step that consumed them); only the wait differs. It depends on faust-s
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, TypeVar
 
 from mode.utils.futures import notify
 
+log = logging.getLogger("mallwatt.take")
 E = TypeVar("E")
 
 
@@ -47,11 +49,16 @@ def distinct(events: list[E], position: Callable[[E], Hashable] = _position) -> 
     would be, which `mallwatt replay --arrival-order` reproduces."""
     seen: set[Hashable] = set()
     out: list[E] = []
+    again: list[Hashable] = []
     for event in events:
         key = position(event)
-        if key not in seen:
+        if key in seen:
+            again.append(key)
+        else:
             seen.add(key)
             out.append(event)
+    if again:  # after a rebalance or restart only; INFO: it changes nothing billed
+        log.info("%s message(s) delivered twice in one step, billed once: %s", len(again), again[:5])
     return out
 
 

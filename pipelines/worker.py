@@ -503,7 +503,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         time: the newest input timestamp seen, see clock_ms). Each account's change and its
         outputs are one changelog record, as for any input."""
         now = clock_ms[0]
-        if not now or not due:
+        if not now or not due or app.rebalancing:  # recovering: the table may hold older values
             return
         ctx = holder.current()
         mine = active_partitions()
@@ -538,7 +538,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     @app.timer(interval=TICK_SCAN_S)
     async def scan_due() -> None:
         """Find accounts with timer work among the states this worker owns (after a start or a
-        rebalance they are in the table but not yet in `due`), in slices so billing never waits."""
+        rebalance they are in the table but not yet in `due`), in slices so billing never waits.
+        Not while a rebalance's recovery replays the changelog (values go back in time meanwhile)."""
+        if app.rebalancing:
+            return
         ctx = holder.current()
         mine = active_partitions()
         keys = [k for k in list(states.data.keys()) if ctx.partition_of_key(k.decode()) in mine]

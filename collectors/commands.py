@@ -44,6 +44,7 @@ from collectors.poller import UNKNOWN
 from collectors.publish import ReadingPublisher
 from collectors.relay import FAILED, RelayController, RelayOutcome
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from schemas import codec
 from schemas.codec import DecodeError
 
@@ -145,10 +146,10 @@ class CommandExecutor:
     def _connect(self) -> Consumer:
         addr = self._bootstrap() if callable(self._bootstrap) else self._bootstrap
         reset = "earliest" if self.offset_reset == "lookback" else self.offset_reset
-        c = Consumer({"bootstrap.servers": addr, "group.id": self.group_id,
+        c = Consumer(kafka_config(addr, **{"group.id": self.group_id,
                       "enable.auto.commit": False, "auto.offset.reset": reset,
                       # a slow trip (timeouts, retries) must not look like a dead member
-                      "max.poll.interval.ms": 300_000})
+                      "max.poll.interval.ms": 300_000}))
         c.subscribe([T.RELAY_COMMANDS], on_assign=self._on_assign)
         return c
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -29,24 +30,34 @@ def migrate_warehouse() -> list[str]:
         return warehouse.apply_migrations(owner.client)
 
 
-def up(kafka_only: bool = False) -> dict[str, object]:
+def up(kafka_only: bool = False, secure: bool = False) -> dict[str, object]:
     t0 = time.monotonic()
-    config = broker.BrokerConfig.from_env()
+    config = broker.BrokerConfig.from_env(secure=secure)
     st = broker.start(config)
+    out: dict[str, object] = {}
+    if config.secure:
+        from infra.kafka_security import apply_acls, credentials_file
+
+        # This command acts as the admin principal for the rest of its own run only.
+        os.environ["MALLWATT_KAFKA_CREDENTIALS"] = str(credentials_file(config.data_dir, "admin"))
+        out["acl_bindings"] = apply_acls(config.admin_settings())
+        out["credentials"] = str(credentials_file(config.data_dir, "PRINCIPAL"))
+        out["client_env"] = (f"MALLWATT_KAFKA={config.bootstrap} "
+                             f"MALLWATT_KAFKA_CREDENTIALS={credentials_file(config.data_dir, 'PRINCIPAL')}")
     created = provision_topics(config.bootstrap)
     wait_until_served(config.bootstrap)
     applied: list[str] = [] if kafka_only else migrate_warehouse()
-    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "topics_created": created,
+    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "secure": config.secure, **out, "topics_created": created,
             "topics_declared": len(TOPICS), "migrations_applied": applied,
             "seconds": round(time.monotonic() - t0, 1)}
 
 
-def down() -> dict[str, object]:
-    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env())}
+def down(secure: bool = False) -> dict[str, object]:
+    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env(secure=secure))}
 
 
-def status() -> dict[str, object]:
-    st = broker.status(broker.BrokerConfig.from_env())
+def status(secure: bool = False) -> dict[str, object]:
+    st = broker.status(broker.BrokerConfig.from_env(secure=secure))
     out: dict[str, object] = {"kafka_running": st.running, "kafka": st.bootstrap, "kafka_pid": st.pid,
                               "topics": st.topics, "kafka_external": st.external}
     try:
@@ -69,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         "and MALLWATT_CLICKHOUSE to use existing services instead.")
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--kafka-only", action="store_true", help="up: skip warehouse migrations")
+    parser.add_argument("--secure", action="store_true",
+                        help="the secured broker (var/kafka-secure, port 19192): TLS with a local CA, SCRAM-SHA-512 "
+                        "users per component, ACLs; prints the client settings (docs/security.md)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
-        result = {"up": lambda: up(args.kafka_only), "down": down, "status": status}[args.action]()
+        result = {"up": lambda: up(args.kafka_only, args.secure), "down": lambda: down(args.secure),
+                  "status": lambda: status(args.secure)}[args.action]()
     except Exception as exc:
         print(f"mallwatt stack {args.action}: {exc}", file=sys.stderr)
         return 1

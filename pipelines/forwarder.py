@@ -25,6 +25,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from infra import topics as T
+from infra.kafka_security import secured
 from pipelines.envelope import outbox_of
 from pipelines.faults import fault_point
 from schemas import codec
@@ -78,7 +79,7 @@ def consumer_config(bootstrap: str, group: str, instance: str | None = None) -> 
     }
     if instance:
         config["group.instance.id"] = f"{group}-{instance}"
-    return config
+    return secured(config)
 
 
 class Forwarder:
@@ -87,10 +88,10 @@ class Forwarder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
         self._consumer = Consumer(consumer_config(bootstrap, group))
-        self._producer = Producer({
+        self._producer = Producer(secured({
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 2, "compression.type": "lz4",
-        })
+        }))
         self.forwarded = 0
         self._uncommitted = False
         self._committed_at = time.monotonic()

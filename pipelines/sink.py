@@ -49,6 +49,7 @@ from confluent_kafka import (
 )
 
 from infra import warehouse
+from infra.kafka_security import kafka_config
 from infra.warehouse_catalog import close_days
 from pipelines.core.timeguard import DEFAULT_MAX_FUTURE_SKEW_S
 from pipelines.sink_tables import (
@@ -168,16 +169,18 @@ class Sink:
         self.buffers = {t: _Buffer(TOPIC_TABLES[t]) for t in self.topics}
         self.stats = SinkStats()
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                **(consumer_config or {}),
-            }
+            kafka_config(
+                bootstrap,
+                **{
+                    "group.id": group_id,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "partition.assignment.strategy": "cooperative-sticky",
+                    **(consumer_config or {}),
+                },
+            )
         )
-        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        self.producer = Producer(kafka_config(bootstrap, **{"enable.idempotence": True}))
         self._last_report = time.monotonic()
         self._reported: dict[str, int] = {}
 

@@ -28,6 +28,7 @@ from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
+from infra.kafka_security import KafkaSettings
 from pipelines import batching, billing, claiming, powerloop
 from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
@@ -83,6 +84,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     app = faust.App(
         APP_ID,
         broker=f"kafka://{bootstrap or bootstrap_servers()}",
+        broker_credentials=KafkaSettings.from_env(bootstrap or bootstrap_servers()).faust_credentials(),
         store=store or os.environ.get("MALLWATT_STORE", "memory://"),
         topic_partitions=partitions,
         key_serializer="raw",

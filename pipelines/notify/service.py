@@ -21,6 +21,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
+from infra.kafka_security import kafka_config
 from pipelines.deadletter import dead_letter_record
 from pipelines.notify.config import NotifyConfig, NotifyConfigError, load_config
 from pipelines.notify.dispatch import Dispatcher, Outcome
@@ -38,13 +39,13 @@ class NotifyService:
         self.dlq_topic = config.kafka.deadletter_topic
         self.assigned = threading.Event()  # set once partitions are assigned (tests wait on it)
         self.stats: dict[str, int] = {}
-        self._consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": group or config.kafka.group,
+        self._consumer = Consumer(kafka_config(bootstrap, **{
+            "group.id": group or config.kafka.group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "topic.metadata.refresh.interval.ms": 5000,
-        })
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                                   "linger.ms": 5})
+        }))
+        self._producer = Producer(kafka_config(bootstrap, **{"enable.idempotence": True, "acks": "all",
+                                   "linger.ms": 5}))
 
     def run(self, stop: threading.Event) -> None:
         loop = asyncio.new_event_loop()

@@ -28,6 +28,7 @@ from infra import topics as T
 from infra.kafka_security import secured
 from pipelines.envelope import outbox_of
 from pipelines.faults import fault_point
+from pipelines.signing import relay_signer, sign_relay_value
 from schemas import codec
 from schemas.intervals import INTERVAL_ROWS, rows_to_interval_batch, unpack_interval_rows
 from schemas.ledger import LEDGER_ROWS, frame_to_ledger_batch, rows_to_frame, unpack_ledger_rows
@@ -99,6 +100,7 @@ class Forwarder:
         self._undelivered: dict[int, int] = {0: 0}  # epoch -> outputs not yet acknowledged
         self._closed: deque[tuple[int, list[TopicPartition]]] = deque()  # epoch, positions after it
         self._failure: str | None = None  # a delivery the broker refused
+        self._signer = relay_signer()  # relay commands leave signed; collectors refuse unsigned ones
 
     def start(self) -> None:
         self._thread.start()
@@ -220,6 +222,8 @@ class Forwarder:
             elif item.topic == INTERVAL_ROWS:
                 if interval_rows is not None:
                     interval_rows += unpack_interval_rows(item.value)
+            elif item.topic == T.RELAY_COMMANDS:
+                self._produce(item.topic, item.key, sign_relay_value(self._signer, item.value), item.partition)
             else:
                 self._produce(item.topic, item.key, item.value, item.partition)
         self._producer.poll(0)

@@ -54,6 +54,7 @@ VERSION = "2021-01-11"
 RETRY_HTTP = frozenset({429, 500, 502, 503, 504})
 # InternalError.Timeout: "timed out delivering the SMS" - it may have gone out; not retried.
 AMBIGUOUS_CODES = frozenset({"InternalError.Timeout"})
+DEFERRED_ROUNDS = 10  # tick() rounds (a minute apart) for a deferred message the API keeps refusing
 TemplateParam = Literal["account_id", "mall_id", "meter_id", "balance_yuan", "level_yuan", "time", "date"]
 
 
@@ -213,8 +214,14 @@ class TencentSmsNotifier:
         due = [r for r in self.journal.deferred() if r["due_ms"] <= now_ms]
         for record in due:
             result = await self._deliver(record["key"], record["request"], record["recipient"])
-            if not result.ok:
-                log.warning("deferred sms %s failed: %s", record["key"].split("|")[0], result.error)
+            rounds = record.get("rounds", 0) + 1
+            if not result.ok and not result.permanent and rounds < DEFERRED_ROUNDS:
+                # throttled at the end of the night (every merchant's reminder is due at once):
+                # keep it deferred a minute rather than drop it after one round of retries
+                self.journal.put(record["key"], "deferred", sync=True, due_ms=now_ms + 60_000, rounds=rounds,
+                                 request=record["request"], recipient=record["recipient"])
+            elif not result.ok:  # no Kafka message to dead-letter at this point: the log says it
+                log.warning("deferred sms %s failed for good: %s", record["key"].split("|")[0], result.error)
         return len(due)
 
     async def close(self) -> None:

@@ -334,3 +334,23 @@ def test_through_the_dispatcher_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     fake = run(scenario, script=["throttle"])
     assert [o.status for o in outcomes] == ["sent", "duplicate", "duplicate"]
     assert len(fake.accepted) == 1 and fake.requests == 2
+
+
+def test_a_deferred_message_throttled_at_its_due_time_stays_deferred() -> None:
+    prefs = {"M1": Preferences("M1", phone="+8613900000009", quiet_start=time(22, 0), quiet_end=time(7, 0))}
+    seen: dict[str, Any] = {}
+
+    async def scenario(fake: FakeTencentSms, clock: Clock) -> None:
+        sms = notifier(fake, clock, prefs=prefs, retries=1)
+        assert (await sms.send(low_balance(), Recipient("M1"))).extra["deferred_until_ms"]
+        clock.now = local_s("2026-07-16 07:00")
+        seen["first"] = await sms.tick()  # throttled twice: retries exhausted
+        seen["state"] = sms.journal.state("M1:low_balance:1000:e7|tencent|M1")
+        seen["same_minute"] = await sms.tick()
+        clock.now += 60
+        seen["a_minute_later"] = await sms.tick()
+        await sms.close()
+
+    fake = run(scenario, script=["throttle", "throttle"], at="2026-07-15 23:30")
+    assert (seen["first"], seen["state"], seen["same_minute"], seen["a_minute_later"]) == (1, "deferred", 0, 1)
+    assert len(fake.accepted) == 1 and fake.requests == 3

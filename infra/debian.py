@@ -65,6 +65,12 @@ def _apt(prefix: list[str], args: Sequence[str], timeout_s: float) -> subprocess
         raise DebianUnavailable(f"apt-get {' '.join(args)} did not finish in {timeout_s:.0f} s") from None
 
 
+def _update(prefix: list[str], timeout_s: float) -> None:
+    update = _apt(prefix, ["update"], timeout_s)
+    if update.returncode != 0:
+        raise DebianUnavailable(f"apt-get update failed: {update.stderr.strip()[-800:]}")
+
+
 def _unknown_to_apt(packages: Sequence[str]) -> list[str]:
     proc = subprocess.run(["apt-cache", "policy", *packages], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, check=False)
@@ -90,14 +96,17 @@ def ensure_packages(packages: Iterable[str], *, timeout_s: float = 1200.0) -> fl
         raise DebianUnavailable(f"{', '.join(missing)} missing and this machine has no apt-get (not Debian)")
     started = time.monotonic()
     prefix = _privilege()
+    updated = False
     if _unknown_to_apt(missing):  # lists never fetched, or too old to know the package
-        update = _apt(prefix, ["update"], timeout_s)
-        if update.returncode != 0:
-            raise DebianUnavailable(f"apt-get update failed: {update.stderr.strip()[-800:]}")
+        _update(prefix, timeout_s)
+        updated = True
         unknown = _unknown_to_apt(missing)
         if unknown:
             raise DebianUnavailable(f"no package source offers {', '.join(unknown)}")
     proc = _apt(prefix, ["install", *missing], timeout_s)
+    if proc.returncode != 0 and not updated:  # stale lists name files the mirror no longer has
+        _update(prefix, timeout_s)
+        proc = _apt(prefix, ["install", *missing], timeout_s)
     if proc.returncode != 0:
         raise DebianUnavailable(f"apt-get install {' '.join(missing)} failed: {proc.stderr.strip()[-800:]}")
     still = [p for p, ok in installed(missing).items() if not ok]

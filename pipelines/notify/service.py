@@ -50,8 +50,12 @@ class NotifyService:
     def run(self, stop: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         self._consumer.subscribe([self.topic], on_assign=lambda c, parts: self.assigned.set())
+        next_tick = 0.0
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_tick:  # deferred (quiet-hours) messages, once a second
+                    loop.run_until_complete(self.dispatcher.tick())
+                    next_tick = time.monotonic() + 1.0
                 messages = self._consumer.consume(num_messages=200, timeout=0.5)
                 if messages:
                     try:

@@ -51,6 +51,12 @@ def key_id_of(public: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
+def public_key_text(public: Ed25519PublicKey) -> str:
+    """The form the portfolio's `security.operators[].public_key` takes: ed25519:<base64 raw>."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + base64.b64encode(raw).decode()
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write a whole key file or nothing: written to a temporary name, then linked into place,
     which fails (FileExistsError) if the key exists, so a key is never overwritten and a
@@ -185,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError:
         print(f"mallwatt keys: {private} exists; a key is never overwritten", flush=True)
         return 2
+    public = load_private(private, "new key").public_key()
     print(json.dumps({"private_key": str(private), "public_key": str(private.with_suffix('.pub.pem')),
-                      "key_id": key_id}))
+                      "key_id": key_id, "config_public_key": public_key_text(public)}))
     return 0

@@ -448,7 +448,9 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         if route is None or route.account_id != command["account_id"]:
             return command["account_id"], (f"meter {command['meter_id']!r} is not a meter of account "
                                            f"{command['account_id']!r} in the current config")
-        return route.account_id, None
+        # signatures, permissions, approval, life-safety (pipelines.core.authority): a refusal
+        # goes to the dead letters with its reason
+        return route.account_id, ctx.operator_decision(command).problem()
 
     @app.agent(accepted_postings_topic)
     async def on_postings(stream: faust.Stream) -> None:

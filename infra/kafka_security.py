@@ -161,11 +161,11 @@ def acls(app_id: str = "mallwatt-billing") -> dict[str, list[tuple[str, str, str
         + _topic(T.COLLECTOR_EVENTS, _W, _D) + _topic(T.RELAY_COMMANDS, _R, _D)
         + _group("mallwatt-collector") + _group("mallwatt-spool-check", prefixed=False),
         "gateway": _topic(T.PAYMENTS, _W, _D),
-        "operator": _topic(T.OPERATOR_COMMANDS, _W, _D) + _topic(T.POSTINGS, _W, _D),
+        "operator": _topic(T.OPERATOR_COMMANDS, _W, _D) + _topic(T.POSTINGS, _W, _D) + _topic(T.AUDIT, _W, _D),
         "sink": _topic("mallwatt.", _R, _D, prefixed=True) + _group("mallwatt-sink"),
         "notifier": _topic(T.ALERTS, _R, _D) + _group("mallwatt-notify"),
         "portal": _topic(T.LEDGER, _R, _D) + _topic(T.ALERTS, _R, _D) + _topic(T.INTERVALS, _R, _D)
-        + _topic(T.PAYMENTS, _W, _D) + _group("mallwatt-portal"),
+        + _topic(T.PAYMENTS, _W, _D) + _topic(T.AUDIT, _W, _D) + _group("mallwatt-portal"),
         "analyst": [],
     }
 

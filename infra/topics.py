@@ -94,6 +94,7 @@ DEADLETTER = "mallwatt.deadletter"
 POSTINGS = "mallwatt.postings"
 PAYMENTS_ACCEPTED = "mallwatt.payments-accepted"
 POSTINGS_ACCEPTED = "mallwatt.postings-accepted"
+AUDIT = "mallwatt.audit"
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
@@ -122,6 +123,12 @@ TOPICS: tuple[TopicSpec, ...] = (
         "circuit is in one partition, in order; the warehouse deduplicates on (circuit, end)",
         value="interval_batch",
         retention_ms=INFINITE,  # billed energy facts: the warehouse can be rebuilt from them
+    ),
+    TopicSpec(
+        AUDIT,
+        key="principal: one principal's actions stay in order",
+        value="audit_event",
+        retention_ms=INFINITE,  # the audit trail is kept; the warehouse holds it for queries
     ),
     TopicSpec(
         ALERTS,

@@ -12,6 +12,7 @@ from typing import Any
 import polars as pl
 
 from infra import topics as T
+from pipelines.audit import audit_item, audit_record
 from pipelines.config_holder import ContextHolder  # noqa: F401
 from pipelines.context import BillingContext
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
@@ -149,6 +150,11 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
                          "target_id": command["target_id"], "holds": ",".join(still),
                          "principals": who, "order_id": command["order_id"]}}
     items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", audit)))
+    items.append(audit_item(audit_record(
+        command["ts_ms"], who, "power.order", f"meter:{meter}", "accepted", "worker",
+        f"{command['action']} order {command['order_id']} ({command['scope'].lower()} {command['target_id']}): "
+        f"{command['reason']}; relay {'command sent' if gated else 'unchanged'}",
+        event_id=f"{command['command_id']}:audit")))
     return Envelope(accounts=env.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
                     outbox=items, updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra,
                     relays=loop.relays_of("_"))

@@ -19,6 +19,7 @@ from typing import Any
 from infra import topics as T
 from infra.broker import bootstrap_servers
 from infra.kafka_security import kafka_config
+from pipelines.audit import audit_record
 from pipelines.context import landlord_account
 from pipelines.core.authority import LIFE_SAFETY, WIDE_SCOPES, sign_order
 from pipelines.portfolio import ConfigError, Portfolio, load_portfolio
@@ -89,6 +90,18 @@ def _produce(commands: list[dict]) -> bool:
                          partition=account_shard(command["account_id"], partitions),
                          value=codec.encode("OperatorCommand", command))
     return producer.flush(30) == 0
+
+
+def _audit(record: dict[str, Any]) -> None:
+    """The CLI's own audit events (proposals, approvals); the worker audits what it executes."""
+    from confluent_kafka import Producer
+
+    from pipelines.audit import produce_audit
+
+    producer = Producer(kafka_config(bootstrap_servers(), **{"enable.idempotence": True}))
+    produce_audit(producer, record)
+    if producer.flush(10):
+        print("mallwatt power: the audit event was not confirmed by Kafka", file=sys.stderr)
 
 
 def _key(path: str | None) -> Any:
@@ -162,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                         "meters": len(meters), "skipped_life_safety": [m for m, _ in skipped]}
             args.orders_dir.mkdir(parents=True, exist_ok=True)
             (args.orders_dir / f"{order['order_id']}.json").write_text(json.dumps(proposal, indent=1))
+            _audit(audit_record(order["ts_ms"], args.operator, "power.proposed", f"{scope.lower()}:{value}", "waiting",
+                                "cli", f"order {order['order_id']} {order['action']}: {order['reason']}; "
+                                f"{len(meters)} meters, life-safety left out: {len(skipped)}",
+                                event_id=f"{order['order_id']}:proposed"))
             print(f"{order['order_id']}: {scope.lower()}-wide power {args.action} of {len(meters)} meter(s) "
                   f"(life-safety left out: {len(skipped)}) waits for approval; a second operator runs:\n"
                   f"  mallwatt power approve {order['order_id']} --operator OTHER --key OTHER_KEY")
@@ -189,6 +206,10 @@ def _approve(portfolio: Portfolio, args: argparse.Namespace) -> int:
         print("mallwatt power: Kafka did not confirm every command; run the approval again", file=sys.stderr)
         return 1
     path.rename(path.with_suffix(".sent.json"))
+    _audit(audit_record(int(time.time() * 1000), args.operator, "power.approved",
+                        f"{order['scope'].lower()}:{order['target_id']}", "sent", "cli",
+                        f"order {order['order_id']} by {first['operator_id']}: {len(commands)} meters",
+                        event_id=f"{order['order_id']}:approved"))
     print(f"{order['order_id']}: approved by {args.operator}; power {order['action']} sent for {len(commands)} "
           f"meter(s) ({order['scope'].lower()} {order['target_id']}), proposed by {first['operator_id']}")
     return 0

@@ -30,6 +30,7 @@ from infra import topics as T
 from infra.broker import bootstrap_servers
 from infra.kafka_security import KafkaSettings
 from pipelines import batching, billing, claiming, powerloop
+from pipelines.audit import config_audit, refused_order_audit
 from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
@@ -125,6 +126,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     operator_topic = app.topic(T.OPERATOR_COMMANDS, key_type=bytes, value_type=bytes, partitions=partitions)
     postings_topic = app.topic(T.POSTINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     dlq_topic = app.topic(T.DEADLETTER, key_type=bytes, value_type=bytes)
+    audit_topic = app.topic(T.AUDIT, key_type=bytes, value_type=bytes)
+
+    async def send_audit(record: dict[str, Any]) -> None:
+        await audit_topic.send(key=record["principal"].encode(), value=codec.encode("AuditEvent", record))
 
     async def send_dead_letter(event: Any, stage: str, reason: str) -> Any:
         """Send a dead letter; returns its delivery future (await it before acking the event)."""
@@ -424,6 +429,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             elif problem is None:
                 problem = batching.time_problem(record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
             if problem is not None:
+                if schema == "OperatorCommand" and problem.startswith("unauthorized"):
+                    await send_audit(refused_order_audit(record, ctx, problem))
                 await to_dead_letter(event, "routing", problem)
                 continue
             key = ctx.bucket_of(account)
@@ -463,7 +470,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     @app.timer(interval=5.0)
     async def reload_config() -> None:
         # re-read and rebuild in a thread; billing keeps the last context until the new one is ready
-        await holder.reload_in_background()
+        error_before = holder.last_error
+        changed = await holder.reload_in_background()
+        if changed or (holder.last_error and holder.last_error != error_before):
+            await send_audit(config_audit(holder, changed, int(time.time() * 1000)))
 
     def outcome_account(outcome: dict[str, Any], ctx: Any) -> tuple[str, str | None]:
         route = ctx.meter_route.get(outcome["meter_id"])

@@ -38,6 +38,7 @@ SCHEMA_FILES: dict[str, str] = {
     "LedgerPosting": "ledger_posting.avsc",
     "LedgerBatch": "ledger_batch.avsc",
     "IntervalBatch": "interval_batch.avsc",
+    "AuditEvent": "audit_event.avsc",
 }
 
 
@@ -73,7 +74,7 @@ def _writer_schema(name: str, version: int) -> Any:
 
 
 #: Contracts added after version 1, and the version that introduced them.
-INTRODUCED: dict[str, int] = {"IntervalBatch": 2}
+INTRODUCED: dict[str, int] = {"IntervalBatch": 2, "AuditEvent": 3}
 
 
 def schema(name: str) -> Any:

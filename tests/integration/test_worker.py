@@ -163,6 +163,7 @@ def test_power_orders_are_authorised_by_the_worker(kafka_bootstrap: str, worker:
     commands = TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")
     dead = TopicTail(kafka_bootstrap, T.DEADLETTER, "DeadLetter")
     alerts = TopicTail(kafka_bootstrap, T.ALERTS, "Alert")
+    audit = TopicTail(kafka_bootstrap, T.AUDIT, "AuditEvent")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
 
     def send(cmds: list[dict]) -> None:
@@ -199,8 +200,16 @@ def test_power_orders_are_authorised_by_the_worker(kafka_bootstrap: str, worker:
         assert trip["requested_by"] == "operator:tester+approver"
     safety = dead.wait_for(lambda d: "life_safety" in d["reason"], timeout=60)
     assert elevator.id in safety["reason"]
-    audit = alerts.wait_for(lambda a: a["kind"] == "operator_power" and a["details"].get("order_id") == "mall-2")
-    assert audit["details"]["principals"] == "tester+approver"
+    alert = alerts.wait_for(lambda a: a["kind"] == "operator_power" and a["details"].get("order_id") == "mall-2")
+    assert alert["details"]["principals"] == "tester+approver"
+    # the audit trail: executed orders under the verified principals, refusals with their reason;
+    # the forged order is booked as unverified, never under the name it claims
+    executed = audit.wait_for(lambda e: e["action"] == "power.order" and "mall-2" in e["detail"])
+    assert executed["principal"] == "tester+approver" and executed["result"] == "accepted"
+    forged_audit = audit.wait_for(lambda e: e["action"] == "power.refused" and e["result"] == "bad_signature")
+    assert forged_audit["principal"] == "unverified:tester"
+    unapproved_audit = audit.wait_for(lambda e: e["action"] == "power.refused" and e["result"] == "needs_approval")
+    assert unapproved_audit["principal"] == "tester" and "mall-1" in unapproved_audit["detail"]
     assert not [c for c in commands.seen if c["meter_id"] == elevator.id]
 
 

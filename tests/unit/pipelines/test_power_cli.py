@@ -25,7 +25,9 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     dump_portfolio(data, config)
     sent: list[dict] = []
     monkeypatch.setattr(power_cli, "_produce", lambda cmds: sent.extend(cmds) or True)
-    return {"config": str(config), "dir": tmp_path, "sent": sent, "portfolio": parse_portfolio(data),
+    audits: list[dict] = []
+    monkeypatch.setattr(power_cli, "_audit", audits.append)
+    return {"config": str(config), "dir": tmp_path, "sent": sent, "audits": audits, "portfolio": parse_portfolio(data),
             "mall": data["malls"][0]["id"]}
 
 
@@ -60,6 +62,8 @@ def test_a_mall_order_waits_for_a_second_operator(setup: dict, capsys: pytest.Ca
     assert setup["sent"] and all(decide(c, setup["portfolio"].security, meter_purpose="sockets", in_scope=True)
                                  .principals == ("alice", "bob") for c in setup["sent"])
     assert (setup["dir"] / "orders" / f"{order_id}.sent.json").exists()
+    assert [(a["action"], a["principal"]) for a in setup["audits"]] == [("power.proposed", "alice"),
+                                                                        ("power.approved", "bob")]
 
 
 def test_errors_name_the_missing_key_and_reason(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:

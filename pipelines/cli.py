@@ -45,7 +45,9 @@ def usage() -> str:
              "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()]
     lines += ["", "Run `mallwatt COMMAND --help` for a command's options.",
-              "Environment: MALLWATT_KAFKA (external bootstrap servers), MALLWATT_CLICKHOUSE (server URL)."]
+              "Environment: MALLWATT_KAFKA (external bootstrap servers), MALLWATT_CLICKHOUSE (server URL).",
+              "Ops: --log-json (or MALLWATT_LOG_FORMAT=json) after any command writes JSON log lines;",
+              "services serve /metrics, /healthz, /readyz (ports: docs/operations.md)."]
     return "\n".join(lines)
 
 
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mallwatt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if "--log-json" in rest:  # any command: JSON log lines (pipelines/logsetup.py)
+        rest = [a for a in rest if a != "--log-json"]
+        os.environ["MALLWATT_LOG_FORMAT"] = "json"
     for key, value in COMMAND_ENV.get(name, {}).items():
         os.environ.setdefault(key, value)  # before the command's modules import polars
     module_name, func_name, _ = COMMANDS[name]

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "query": ("infra.sql_cli", "query_main", "run a named analytics query from sql/queries"),
     "bills": ("pipelines.bills.export", "main", "ERP export, statements, reconciliation, common-area allocation"),
     "notify": ("pipelines.notify.service", "main", "deliver alerts to merchants/operators (SMS, voice, app push)"),
+    "watch": ("pipelines.collector_watch", "main", "collector loss (gateway down, spool growing, silence) -> collector_offline alerts"),
     "replay": ("pipelines.core.replay", "main", "offline replay / re-rating of readings and payments"),
     "export-input": ("pipelines.export_input", "main", "readings and payments from Kafka with their positions, for replay"),
     "portal": ("pipelines.portal.main", "main", "merchant portal: live balance, usage, top-up webhooks (serve|token)"),

@@ -240,12 +240,14 @@ def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(port: int, *, ready: Readiness | None = None, host: str = "0.0.0.0",
+def serve(port: int, *, ready: Readiness | None = None, host: str | None = None,
           registry: CollectorRegistry = REGISTRY) -> MetricsServer | None:
     """Start serving; None when disabled (negative port) or the port is taken, which is
-    logged and never stops the process (Prometheus then reports the target down)."""
+    logged and never stops the process (Prometheus then reports the target down).
+    host: MALLWATT_METRICS_HOST, else every interface (Prometheus may scrape from afar)."""
     if port < 0:
         return None
+    host = host or os.environ.get("MALLWATT_METRICS_HOST") or "0.0.0.0"
     try:
         server = MetricsServer(port, host=host, ready=ready, registry=registry)
     except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -30,20 +31,30 @@ def migrate_warehouse() -> list[str]:
         return warehouse.apply_migrations(owner.client)
 
 
-def up(kafka_only: bool = False) -> dict[str, object]:
+def up(kafka_only: bool = False, secure: bool = False) -> dict[str, object]:
     t0 = time.monotonic()
-    config = broker.BrokerConfig.from_env()
+    config = broker.BrokerConfig.from_env(secure=secure)
     st = broker.start(config)
+    out: dict[str, object] = {}
+    if config.secure:
+        from infra.kafka_security import apply_acls, credentials_file
+
+        # This command acts as the admin principal for the rest of its own run only.
+        os.environ["MALLWATT_KAFKA_CREDENTIALS"] = str(credentials_file(config.data_dir, "admin"))
+        out["acl_bindings"] = apply_acls(config.admin_settings())
+        out["credentials"] = str(credentials_file(config.data_dir, "PRINCIPAL"))
+        out["client_env"] = (f"MALLWATT_KAFKA={config.bootstrap} "
+                             f"MALLWATT_KAFKA_CREDENTIALS={credentials_file(config.data_dir, 'PRINCIPAL')}")
     created = provision_topics(config.bootstrap)
     wait_until_served(config.bootstrap)
     applied: list[str] = [] if kafka_only else migrate_warehouse()
-    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "topics_created": created,
+    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "secure": config.secure, **out, "topics_created": created,
             "topics_declared": len(TOPICS), "migrations_applied": applied,
             "seconds": round(time.monotonic() - t0, 1)}
 
 
-def down() -> dict[str, object]:
-    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env())}
+def down(secure: bool = False) -> dict[str, object]:
+    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env(secure=secure))}
 
 
 def probe_health(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> str:
@@ -66,12 +77,12 @@ def probe_health(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> 
         return f"not ready: {exc}"
 
 
-def status(require: tuple[str, ...] = ()) -> dict[str, object]:
+def status(require: tuple[str, ...] = (), secure: bool = False) -> dict[str, object]:
     """The stack's state; `down` lists what is not working: Kafka and the warehouse always,
     services (sink, worker, ...: their /healthz and /readyz) when named in `require`."""
     from pipelines.metrics import metrics_port
 
-    st = broker.status(broker.BrokerConfig.from_env())
+    st = broker.status(broker.BrokerConfig.from_env(secure=secure))
     down: list[str] = []
     out: dict[str, object] = {"kafka_running": st.running, "kafka": st.bootstrap, "kafka_pid": st.pid,
                               "topics": st.topics, "kafka_external": st.external}
@@ -109,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         "and MALLWATT_CLICKHOUSE to use existing services instead.")
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--kafka-only", action="store_true", help="up: skip warehouse migrations")
+    parser.add_argument("--secure", action="store_true",
+                        help="the secured broker (var/kafka-secure, port 19192): TLS with a local CA, SCRAM-SHA-512 "
+                        "users per component, ACLs; prints the client settings (docs/security.md)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--require", default="", help="status: also check these services' "
                         "/healthz and /readyz, e.g. sink,worker,notify (ports: docs/operations.md)")
     args = parser.parse_args(argv)
     require = tuple(c.strip() for c in args.require.split(",") if c.strip())
     try:
-        result = {"up": lambda: up(args.kafka_only), "down": down,
-                  "status": lambda: status(require)}[args.action]()
+        result = {"up": lambda: up(args.kafka_only, args.secure), "down": lambda: down(args.secure),
+                  "status": lambda: status(require, args.secure)}[args.action]()
     except Exception as exc:
         print(f"mallwatt stack {args.action}: {exc}", file=sys.stderr)
         return 1

@@ -212,7 +212,9 @@ def provision_topics(
     from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
     specs = list(topics)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from infra.kafka_security import kafka_config
+
+    admin = AdminClient(kafka_config(bootstrap))
     existing = admin.list_topics(timeout=timeout).topics
 
     missing = [s for s in specs if s.name not in existing]
@@ -261,7 +263,9 @@ def wait_until_served(bootstrap: str, names: Iterable[str] | None = None, timeou
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     wanted = list(names) if names is not None else [t.name for t in TOPICS]
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mallwatt-readiness"})
+    from infra.kafka_security import kafka_config
+
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": "mallwatt-readiness"}))
     deadline = time.monotonic() + timeout
     try:
         for name in wanted:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "topup": ("pipelines.payments_cli", "main", "publish a merchant top-up (payment) to Kafka"),
     "post": ("pipelines.postings_cli", "main", "post ledger postings (shared costs, adjustments) to wallets"),
     "power": ("pipelines.power_cli", "main", "remote power off/on for a meter, area, account or mall"),
+    "keys": ("pipelines.signing", "main", "Ed25519 key pairs for signed relay and operator commands"),
     "sql": ("infra.sql_cli", "main", "run a SQL statement against the warehouse and print a table"),
     "query": ("infra.sql_cli", "query_main", "run a named analytics query from sql/queries"),
     "bills": ("pipelines.bills.export", "main", "ERP export, statements, reconciliation, common-area allocation"),

@@ -38,6 +38,7 @@ from confluent_kafka import (
 
 from collectors.spool import ID_HEADER
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from pipelines import metrics as M
 from pipelines.core.collector_watch import (
     WatchConfig,
@@ -71,12 +72,12 @@ class CollectorWatch:
         self.events_topic = topic_prefix + T.COLLECTOR_EVENTS
         self.readings_topic = topic_prefix + T.READINGS
         self.alerts_topic = topic_prefix + T.ALERTS
-        self.consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": "mallwatt-watch",  # never committed
+        self.consumer = Consumer(kafka_config(bootstrap, **{
+            "group.id": "mallwatt-watch",  # never committed: positions are chosen at start
             "enable.auto.commit": False, "enable.partition.eof": True,
-            "auto.offset.reset": "latest", **kafka_logger("watch")})
-        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                                  "acks": "all", "linger.ms": 5, **kafka_logger("watch")})
+            "auto.offset.reset": "latest", **kafka_logger("watch")}))
+        self.producer = Producer(kafka_config(bootstrap, **{
+            "enable.idempotence": True, "acks": "all", "linger.ms": 5, **kafka_logger("watch")}))
         self._behind: set[tuple[str, int]] = set()  # partitions still reading history
         self.assigned = False
         self.broker_error: str | None = None

@@ -15,6 +15,7 @@ import uuid
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
+from infra.kafka_security import kafka_config
 from pipelines.context import landlord_account
 from pipelines.portfolio import ConfigError, Portfolio, load_portfolio
 from schemas import codec
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap_servers(), "enable.idempotence": True})
+    producer = Producer(kafka_config(bootstrap_servers(), **{"enable.idempotence": True}))
     partitions = T.default_partitions()
     for command in commands:
         producer.produce(T.OPERATOR_COMMANDS, key=command["account_id"].encode(),

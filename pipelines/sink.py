@@ -49,6 +49,7 @@ from confluent_kafka import (
 )
 
 from infra import warehouse
+from infra.kafka_security import kafka_config
 from infra.warehouse_catalog import close_days
 from pipelines import metrics as M
 from pipelines.core.timeguard import DEFAULT_MAX_FUTURE_SKEW_S
@@ -174,19 +175,22 @@ class Sink:
         self.buffers = {t: _Buffer(TOPIC_TABLES[t]) for t in self.topics}
         self.stats = SinkStats()
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                **M.lag_stats_config("sink"),
-                **kafka_logger("sink"),
-                **(consumer_config or {}),
-            }
+            kafka_config(
+                bootstrap,
+                **{
+                    "group.id": group_id,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "partition.assignment.strategy": "cooperative-sticky",
+                    **M.lag_stats_config("sink"),
+                    **kafka_logger("sink"),
+                    **(consumer_config or {}),
+                },
+            )
         )
-        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                                  **kafka_logger("sink")})
+        self.producer = Producer(
+            kafka_config(bootstrap, **{"enable.idempotence": True, **kafka_logger("sink")})
+        )
         # readiness (/readyz): partitions assigned and the broker answering
         self.assigned = False
         self.broker_error: str | None = None

@@ -28,8 +28,9 @@ from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
+from infra.kafka_security import KafkaSettings
 from pipelines import batching, billing, claiming, powerloop
-from pipelines.core.claims import CLAIM_HORIZON_DAYS, expired
+from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
@@ -83,6 +84,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     app = faust.App(
         APP_ID,
         broker=f"kafka://{bootstrap or bootstrap_servers()}",
+        broker_credentials=KafkaSettings.from_env(bootstrap or bootstrap_servers()).faust_credentials(),
         store=store or os.environ.get("MALLWATT_STORE", "memory://"),
         topic_partitions=partitions,
         key_serializer="raw",
@@ -332,21 +334,23 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     newest_claim_ms = [0]  # the newest payment/posting time claimed here: the horizon's "now"
 
-    @app.timer(interval=CLAIM_SWEEP_S)
-    async def forget_expired_claims() -> None:
-        """Drop claims past the horizon from this worker's memory, in slices so that billing
-        never waits for a sweep. The changelog's retention (the same horizon) drops them for a
-        restart, so this only touches the local store, never the changelog."""
-        if not newest_claim_ms[0]:
-            return
+    def claim_keys() -> Any:
+        """The local store's keys for one sweep pass. RocksDB iterates a consistent view, so
+        deleting behind the iterator is safe; the in-memory store (small portfolios) is a dict,
+        which must not change under its iterator: its pass walks a copy of the keys."""
         store = claims.data  # faust's local store of the table
-        keys = list(store.keys())
-        for start in range(0, len(keys), 5_000):
-            for key in keys[start:start + 5_000]:
-                claim = claiming.decode_claim(store.get(key))
-                if claim is not None and expired(claim, newest_claim_ms[0]):
-                    del store[key]
-            await asyncio.sleep(0)
+        return iter(store.keys()) if store.__class__.__module__.endswith("rocksdb") else iter(list(store.keys()))
+
+    def forget_claim(key: Any) -> None:
+        claims.data.pop(key, None)
+
+    sweeper = claiming.ClaimSweeper(claim_keys, lambda key: claims.data.get(key), forget_claim,
+                                    pass_interval_s=CLAIM_SWEEP_S)
+
+    @app.timer(interval=1.0)
+    async def forget_expired_claims() -> None:
+        """Forget claims past the horizon, a bounded slice a second (claiming.ClaimSweeper)."""
+        sweeper.tick(newest_claim_ms[0], claims.generation, time.monotonic())
 
     async def claim_records(stream: faust.Stream, schema: str) -> None:
         """Payments or postings against their claims, in input order; an accepted one goes on

@@ -19,7 +19,8 @@ import fastavro
 
 SCHEMA_DIR = Path(__file__).parent
 #: Version 2: LedgerBatch and LedgerEntry carry debt_change_minor; IntervalBatch is new.
-WRITER_VERSION = 2
+#: Version 3: RelayCommand carries key_id and signature (signed by the worker, checked by collectors).
+WRITER_VERSION = 3
 HISTORY_DIR = SCHEMA_DIR / "history"
 
 # Order matters: later schemas refer to named types defined by earlier ones.

@@ -166,6 +166,19 @@ class Dispatcher:
         await asyncio.gather(*(run(ix) for ix in groups.values()))
         return [o for o in outcomes if o is not None]
 
+    async def tick(self) -> int:
+        """Let providers send what they held back (quiet hours); never raises."""
+        done = 0
+        for name, provider in self.providers.items():
+            tick = getattr(provider, "tick", None)
+            if tick is None:
+                continue
+            try:
+                done += await tick()
+            except Exception:  # a provider bug must not stop the service
+                log.exception("provider %s tick failed", name)
+        return done
+
     async def close(self) -> None:
         for provider in self.providers.values():
             close = getattr(provider, "close", None)

@@ -21,6 +21,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
+from infra.kafka_security import kafka_config
 from pipelines import metrics as M
 from pipelines.deadletter import dead_letter_record
 from pipelines.logsetup import kafka_logger
@@ -40,21 +41,25 @@ class NotifyService:
         self.dlq_topic = config.kafka.deadletter_topic
         self.assigned = threading.Event()  # set once partitions are assigned (tests wait on it)
         self.stats: dict[str, int] = {}
-        self._consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": group or config.kafka.group,
+        self._consumer = Consumer(kafka_config(bootstrap, **{
+            "group.id": group or config.kafka.group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "topic.metadata.refresh.interval.ms": 5000,
             **M.lag_stats_config("notify"), **kafka_logger("notify"),
-        })
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                                   "linger.ms": 5, **kafka_logger("notify")})
+        }))
+        self._producer = Producer(kafka_config(bootstrap, **{"enable.idempotence": True, "acks": "all",
+                                   "linger.ms": 5, **kafka_logger("notify")}))
         self.broker_error: str | None = None
 
     def run(self, stop: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         self._consumer.subscribe([self.topic], on_assign=lambda c, parts: self.assigned.set())
+        next_tick = 0.0
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_tick:  # deferred (quiet-hours) messages, once a second
+                    loop.run_until_complete(self.dispatcher.tick())
+                    next_tick = time.monotonic() + 1.0
                 messages = self._consumer.consume(num_messages=200, timeout=0.5)
                 if messages:
                     try:

@@ -169,6 +169,8 @@ def test_sink_counts_messages_rows_failures_dead_letters_and_watermark(
     sink._handle(Message(b"\x00garbage", 1, (TIMESTAMP_CREATE_TIME, NOW)))
     assert buf is not None
     sink._flush(buf)
+    assert buf.consumed == 2  # added to the metric once per consumed batch, in run()
+    buf.messages.inc(buf.consumed)
     assert value("mallwatt_sink_messages_total", topic="mallwatt.readings") == msgs0 + 2
     assert value("mallwatt_sink_rows_inserted_total", table="readings") == rows0 + 2
     assert value("mallwatt_sink_insert_failures_total", table="readings") == fail0 + 1

@@ -135,7 +135,7 @@ def kafka_config(bootstrap: str | None = None, **extra: Any) -> dict[str, Any]:
 # --- the local secured broker -------------------------------------------------------------
 
 #: SCRAM principals of the local secured stack, one per component (docs/security.md).
-PRINCIPALS = ("admin", "worker", "collector", "gateway", "operator", "sink", "notifier", "portal", "analyst")
+PRINCIPALS = ("admin", "worker", "collector", "gateway", "operator", "sink", "notifier", "portal", "watch", "analyst")
 
 _R, _W, _D, _ALL = "READ", "WRITE", "DESCRIBE", "ALL"
 
@@ -166,6 +166,8 @@ def acls(app_id: str = "mallwatt-billing") -> dict[str, list[tuple[str, str, str
         "notifier": _topic(T.ALERTS, _R, _D) + _group("mallwatt-notify"),
         "portal": _topic(T.LEDGER, _R, _D) + _topic(T.ALERTS, _R, _D) + _topic(T.INTERVALS, _R, _D)
         + _topic(T.PAYMENTS, _W, _D) + _topic(T.AUDIT, _W, _D) + _group("mallwatt-portal"),
+        "watch": _topic(T.COLLECTOR_EVENTS, _R, _D) + _topic(T.READINGS, _R, _D) + _topic(T.ALERTS, _R, _W, _D)
+        + _group("mallwatt-watch"),
         "analyst": [],
     }
 

@@ -35,6 +35,7 @@ import polars as pl
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from infra.home import data_dir
 from infra.warehouse_endpoint import (
     OwnerInfo,
     QueryEndpoint,
@@ -75,8 +76,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHDB_PATH = REPO_ROOT / "var" / "chdb"
+DEFAULT_CHDB_PATH = data_dir("chdb")
 LOCK_FILE = "owner.lock"
 
 

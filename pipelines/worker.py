@@ -28,6 +28,7 @@ from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
+from infra.home import data_dir
 from infra.kafka_security import KafkaSettings
 from pipelines import batching, billing, claiming, powerloop
 from pipelines.audit import config_audit, refused_order_audit
@@ -61,7 +62,6 @@ TICK_S = float(os.environ.get("MALLWATT_TICK_S", 1.0))
 TICK_SCAN_S = float(os.environ.get("MALLWATT_TICK_SCAN_S", 30.0))
 #: Accounts one tick may update (the rest wait for the next tick).
 TICK_MAX_ACCOUNTS = int(os.environ.get("MALLWATT_TICK_MAX_ACCOUNTS", 2000))
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Partition:
@@ -80,7 +80,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     # one directory per named worker: with MALLWATT_STORE=rocksdb:// a restarted worker finds
     # its own local state there (two workers of one host must not share it)
     name = os.environ.get("MALLWATT_WORKER_NAME", "")
-    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID / name)))
+    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(data_dir("faust", APP_ID, name))))
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         APP_ID,
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the billing stream worker: prices readings, deducts wallets, applies "
         "top-ups and emits ledger entries, alerts and relay commands. Run more than one to "
         "share the partitions; state moves with its partitions on a rebalance.")
-    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
+    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", str(data_dir("portfolio.yaml"))),
                         help="portfolio config: a YAML file or a roster directory (docs/roster.md); edits are "
                         "picked up live, without stopping billing (default %(default)s)")
     parser.add_argument("--loglevel", default=os.environ.get("MALLWATT_LOGLEVEL", "warning"),

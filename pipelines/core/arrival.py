@@ -38,7 +38,6 @@ from pipelines.core.engine import (
     CoreState,
     payments_frame,
     process_batch,
-    tick,
 )
 
 ARRIVAL_COLUMNS = ("partition", "offset", "msg_ts_ms")
@@ -266,12 +265,11 @@ class ArrivalReplay:
             readings = pl.DataFrame(schema=READING_SCHEMA)
         self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False)
         outs = [out]
-        # the stream's timer: deferred trips whose friendly period ended by the newest input time
-        from pipelines.core.replay import replay_now
+        # the stream's timer: day postings and deferred trips due by the newest input time
+        from pipelines.core.replay import replay_tick
 
-        now = replay_now(readings, payments)
-        if now is not None and any(s.deferred or s.warn_pending for s in self.state.accounts.values()):
-            self.state, ticked = tick(self.state, now, self.ctx)
+        self.state, ticked = replay_tick(self.state, self.ctx, readings, payments)
+        if ticked is not None:
             outs.append(ticked)
         for name in OUTPUTS:
             for o in outs:

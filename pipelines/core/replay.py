@@ -25,6 +25,7 @@ from pipelines.core.claims import claim_payment_rows
 from pipelines.core.context import RatingContext
 from pipelines.core.engine import (
     PAYMENT_REJECT_SCHEMA,
+    BatchOutputs,
     CoreState,
     payments_frame,
     process_batch,
@@ -163,13 +164,10 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
         state, out = process_batch(state, batch, p, ctx, flush=last)
         for k in acc:
             acc[k].append(getattr(out, k))
-        # the stream's timer (pipelines.worker.power_timer): trips deferred by a friendly period
-        # that ended before the newest input time are raised at the period's end, as in the stream
-        now = replay_now(batch, p)
-        if now is not None and any(s.deferred or s.warn_pending for s in state.accounts.values()):
-            state, out = tick(state, now, ctx)
+        state, ticked = replay_tick(state, ctx, batch, p)
+        if ticked is not None:
             for k in acc:
-                acc[k].append(getattr(out, k))
+                acc[k].append(getattr(ticked, k))
         if sink is not None:
             for k, frames in acc.items():
                 for frame in frames:
@@ -183,6 +181,27 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
     tables = {} if sink is not None else {k: pl.concat(v, how="vertical_relaxed") for k, v in acc.items()}
     tables["balances"] = balances(state)
     return state, tables
+
+
+def replay_tick(state: CoreState, ctx: RatingContext, readings: pl.DataFrame | None,
+                payments: pl.DataFrame | None) -> tuple[CoreState, BatchOutputs | None]:
+    """The stream's timer (pipelines.worker.power_timer) after a core call, at the newest input
+    time: the standing charges and debt schedule of the local days the call's accounts' readings
+    reached (0 Wh readings post nothing by themselves), and trips deferred by a friendly period
+    that has ended. engine.tick decides by each account's own time, so ticking after every call
+    gives what a timer ticking every second gives (same entries, ids and times)."""
+    now = replay_now(readings if readings is not None else pl.DataFrame(), payments)
+    if now is None:
+        return state, None
+    accounts = {a for a, s in state.accounts.items() if s.deferred or s.warn_pending}
+    if readings is not None and readings.height:
+        circuits = ctx.circuits
+        accounts.update(circuits[c].account_id for c in readings["circuit_id"].unique().to_list() if c in circuits)
+    if payments is not None and payments.height:
+        accounts.update(payments["account_id"].to_list())
+    if not accounts:
+        return state, None
+    return tick(state, now, ctx, accounts)
 
 
 def replay_now(batch: pl.DataFrame, payments: pl.DataFrame | None) -> int | None:

@@ -213,6 +213,10 @@ class Wallet:
         event of the account (a charge, a payment, a posting) or the timer (`timer`) reaches the
         day first: stream and replay agree however often the timer runs."""
         today = datetime.fromtimestamp(ts / 1000, ZoneInfo(self.tz)).date()
+        # an account's rules apply from its first event: its first day is charged, and the event
+        # itself runs the rules (a new account whose first event is a top-up is not tripped, nor
+        # given emergency credit, for that day's standing charge before the top-up)
+        rules = self.s.standing_day is not None
         days = [today] if self.s.standing_day is None else [
             date.fromordinal(o) for o in range(date.fromisoformat(self.s.standing_day).toordinal() + 1,
                                                today.toordinal() + 1)]
@@ -227,7 +231,7 @@ class Wallet:
                             d.isoformat())
             self.s.standing_day = d.isoformat()
             self._debt_period(d, start)
-            if len(self.o.ledger) > posted:
+            if rules and len(self.o.ledger) > posted:
                 self._after_debit(start, self.o.ledger[-1]["entry_id"])
         self._friendly_due(ts)
 

@@ -208,3 +208,71 @@ def test_friendly_period_ends_with_zero_wh_readings_and_the_trip_comes_at_its_en
         assert trip["reason"] == "credit"
     finally:
         worker.stop()
+
+
+def test_emergency_credit_runs_out_on_standing_charges_with_zero_wh_readings(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A merchant on emergency credit whose meter reports 0 Wh: the worker's timer posts each
+    day's standing charge, and the day that exhausts the emergency credit trips the meter at its
+    start. Replay of the same input gives the same ledger entries and the same TRIP."""
+    from pipelines.context import build_context
+    from pipelines.core.replay import replay
+
+    prefix = f"L{uuid.uuid4().hex[:6]}"
+    data, config = _portfolio(tmp_path, prefix, emergency_credit=3000)
+    for tariff in data["tariffs"]:
+        for version in tariff["versions"]:
+            version["standing_charge_per_day"] = 1000  # 10.00 a day
+    dump_portfolio(data, config)
+    portfolio = parse_portfolio(data)
+    mall = portfolio.malls[0]
+    merchant = mall.merchants[0]
+    meter = next(m for m in mall.meters if m.account == merchant.id)
+    circuit = meter.circuits[0].id
+    shard = account_shard(merchant.id, T.default_partitions())
+    wednesday = 1_784_080_800_000  # 2026-07-15 10:00 +08:00
+    sunday = wednesday - 10 * 60 * MINUTE + 4 * 24 * 60 * MINUTE  # 2026-07-19 00:00 +08:00
+    tails = {name: TopicTail(kafka_bootstrap, topic, schema) for name, topic, schema in (
+        ("commands", T.RELAY_COMMANDS, "RelayCommand"), ("ledger", T.LEDGER, "LedgerBatch"))}
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": f"loop-{prefix}", **LOOP_ENV}
+    worker = Worker(config, env, tmp_path)
+    stamps = [wednesday + i * 15 * MINUTE for i in range(15 * 4 + 3 * 96 + 8)]  # to Sunday 02:00
+    kwh = [100.0 + 0.1 * min(i, 2) for i in range(len(stamps))]  # 0.2 kWh, then 0 Wh
+    frame = pl.DataFrame({"circuit_id": [circuit] * len(stamps), "meter_id": [meter.id] * len(stamps),
+                          "account_id": [merchant.id] * len(stamps), "ts_ms": stamps, "import_kwh": kwh})
+    paid = wednesday - MINUTE
+
+    worker.start()
+    try:
+        _pay(producer, merchant.id, f"{prefix}-open", 1500, paid, timestamp=paid)
+        tails["ledger"].wait_for(lambda e: e["entry_id"] == f"{merchant.id}:topup:{prefix}-open", timeout=90)
+        for seq, start in enumerate(range(0, frame.height, 8)):  # a message every two hours of readings
+            part = frame.slice(start, 8)
+            batch = readings.frame_to_batch(part, batch_id=f"{prefix}/{seq}", collector_id="t", mall_id=mall.id,
+                                            shard=shard, seq=seq, collected_at_ms=int(part["ts_ms"][-1]))
+            producer.produce(T.READINGS, key=shard_key(shard), partition=shard, timestamp=int(part["ts_ms"][-1]),
+                             value=codec.encode("ReadingBatch", batch))
+        producer.flush(10)
+        trip = tails["commands"].wait_for(lambda c: c["meter_id"] == meter.id and c["action"] == "TRIP", timeout=120)
+        assert trip["command_id"] == f"{merchant.id}:trip:{merchant.id}:standing:2026-07-19:{meter.id}:trip"
+        assert trip["cause_ts_ms"] == sunday and trip["reason"] == "credit"
+        # issued at the stream clock (here the accepted top-up's message time, today), not before the cause
+        assert trip["issued_at_ms"] >= sunday
+        tails["ledger"].wait_for(lambda e: e["entry_id"] == f"{merchant.id}:standing:2026-07-19", timeout=60)
+    finally:
+        worker.stop()
+    stream = [(e["entry_id"], e["kind"], e["amount_minor"], e["ts_ms"], e["balance_after_minor"])
+              for e in tails["ledger"].seen if e["account_id"] == merchant.id]
+    kinds = [k for _, k, *_ in stream]
+    assert kinds.count("standing_charge") == 5 and kinds.count("emergency_credit_draw") == 1
+    assert stream[-1][4] <= 0  # exhausted: at or below the cut-off with the emergency credit owed
+
+    ctx = build_context(portfolio, T.default_partitions())
+    pays = pl.DataFrame([{"payment_id": f"{prefix}-open", "account_id": merchant.id, "ts_ms": paid,
+                          "amount_minor": 1500, "kind": "topup"}])
+    _, replayed = replay(ctx.rating, frame.with_columns(msg_ts_ms=pl.col("ts_ms")), pays)
+    assert [(e["entry_id"], e["kind"], e["amount_minor"], e["ts_ms"], e["balance_after_minor"])
+            for e in replayed["ledger"].iter_rows(named=True)] == stream
+    assert [f"{c['command_id']}:{meter.id}:trip" for c in replayed["commands"].iter_rows(named=True)] == [
+        trip["command_id"]]

@@ -234,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="replay in the order the stream received the input (rows need partition, offset and "
                          "msg_ts_ms, as `mallwatt export-input` writes them); readings Parquet is read in chunks "
                          "of --batch-size rows; pending readings are not flushed at the end, as in the stream")
+    ap.add_argument("--outcomes", help="with --arrival-order: the relay outcomes as `mallwatt export-input` writes "
+                                       "them (outcomes.parquet); runs the stream's power loop too and writes "
+                                       "relay_commands (retries included) and relay_alerts. Needs a portfolio config")
     ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     a = ap.parse_args(argv)
+    if a.outcomes and not a.arrival_order:
+        ap.error("--outcomes needs --arrival-order (outcomes are placed by their arrival)")
     if a.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     from pipelines.core.arrival import OrderError, Progress
@@ -252,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.arrival_order:
             from pipelines.core.arrival import replay_arrival
 
+            relay = _relay_replay(a.config, a.outcomes, writer) if a.outcomes else None
+            if relay is not None and not a.tariff:
+                ctx = relay.ctx.rating  # the same context the power loop routes by
             state = replay_arrival(ctx, read_chunks(a.readings, a.batch_size), payments, writer, state=state0,
-                                   progress=progress, where=a.readings)
+                                   progress=progress, where=a.readings, relay=relay)
         else:
             readings = read_table(a.readings)
             assert readings is not None
@@ -269,6 +277,32 @@ def main(argv: list[str] | None = None) -> int:
     (Path(a.out) / "state.json").write_text(json.dumps(state.to_dict(), indent=1))
     print(json.dumps(rows))
     return 0
+
+
+def _relay_replay(config: str, outcomes_path: str, sink: Any) -> Any:
+    """The stream's power loop for replay (`pipelines.replay_relay`): needs the portfolio's
+    meters and gateways, so a portfolio config (not the core-native YAML)."""
+    from pipelines.context import build_context
+    from pipelines.portfolio import load_portfolio, parse_portfolio
+    from pipelines.replay_relay import RelayReplay
+
+    if Path(config).is_dir():
+        portfolio = load_portfolio(config)
+    else:
+        doc = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+        if isinstance(doc, dict) and "accounts" in doc and "circuits" in doc:
+            raise InputError(f"{config}: --outcomes needs a portfolio config (meters and gateways), "
+                             f"not the core-native YAML")
+        portfolio = parse_portfolio(doc, config)
+    try:
+        outcomes = pl.read_parquet(outcomes_path) if outcomes_path.endswith(".parquet") else pl.read_ndjson(
+            outcomes_path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise InputError(f"{outcomes_path}: cannot read outcomes ({exc})") from None
+    try:
+        return RelayReplay(build_context(portfolio, partitions=1), outcomes, sink)
+    except ValueError as exc:
+        raise InputError(f"{outcomes_path}: {exc}") from None
 
 
 def read_chunks(path: str, rows: int) -> Any:

@@ -144,7 +144,9 @@ class RelayReplay:
 
     def flush(self) -> None:
         if self.commands:
-            self.sink("relay_commands", pl.DataFrame(self.commands, schema=RELAY_COMMAND_SCHEMA))
+            # every field of the record (a newer RelayCommand version's too), the known ones typed
+            self.sink("relay_commands", pl.DataFrame(self.commands, schema_overrides=RELAY_COMMAND_SCHEMA,
+                                                     infer_schema_length=None))
         if self.alerts:
             self.sink("relay_alerts", pl.DataFrame(
                 [{**a, "details": json.dumps(a["details"], sort_keys=True)} for a in self.alerts],

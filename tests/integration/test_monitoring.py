@@ -92,7 +92,7 @@ def test_prometheus_sees_the_worker_and_alertmanager_a_lost_gateway(stack: dict[
     prom = mon.MonitoringConfig.from_env()
 
     async def body() -> tuple[str, list[dict[str, Any]]]:
-        sim = mall_simulator(p, mall_id, speed=60, start_ms=int(time.time() * 1000))
+        sim = mall_simulator(p, mall_id, speed=1, start_ms=int(time.time() * 1000))  # real time: no time-guard refusals
         await sim.start()
         col = Collector(p, mall_id, bootstrap=stack["MALLWATT_KAFKA"], collector_id=f"mon-{uuid.uuid4().hex[:6]}",
                         spool_dir=tmp_path / "spool", clock=sim.now_ms, poll_interval_s=0.5,

@@ -30,7 +30,7 @@ from infra import topics as T
 from infra.broker import bootstrap_servers
 from infra.home import data_dir
 from infra.kafka_security import KafkaSettings
-from pipelines import batching, billing, claiming, powerloop
+from pipelines import batching, billing, claiming, powerloop, worker_metrics
 from pipelines.audit import config_audit, refused_order_audit
 from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
@@ -41,7 +41,7 @@ from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import take_steps
+from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
 from schemas.readings import batch_to_frame
@@ -135,6 +135,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         """Send a dead letter; returns its delivery future (await it before acking the event)."""
         msg = event.message
         log.warning("dead letter %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, reason)
+        worker_metrics.dead_letter(stage, reason)
         record = dead_letter_record(msg.topic, msg.partition, msg.offset, stage, reason,
                                     msg.key, msg.value, int(time.time() * 1000))
         return await dlq_topic.send(key=msg.topic.encode(), value=codec.encode("DeadLetter", record))
@@ -171,6 +172,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         clock_ms[0] = max(clock_ms[0], now)
         return now
     collector = StepCollector()
+    worker_metrics.install(app, states, parsed, holder)  # lag, state size, relay backlog; readiness
 
     def store(key: str, env: Envelope) -> None:
         states[key.encode()] = env.to_bytes()
@@ -487,6 +489,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         refused: list[tuple[Any, str]] = []
         per_account: dict[str, list[tuple[int, int, dict[str, Any]]]] = {}
         now = advance_clock([e.message.timestamp for e, _ in decoded]) or clock_ms[0]
+        worker_metrics.relay_outcomes(decoded)
         for event, outcome in decoded:
             account, problem = outcome_account(outcome, ctx)
             problem = owner_problem(event, account, problem, ctx)
@@ -582,8 +585,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="faust log level (default %(default)s; MALLWATT_LOGLEVEL)")
     parser.add_argument("--no-forwarder", action="store_true",
                         help="do not publish outputs from the changelog in this process")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (default "
+                        "MALLWATT_WORKER_METRICS_PORT or 9464; negative: off; docs/operations.md)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipelines.logsetup import configure, quiet_spinner
+
+    # one handler for every line (JSON with --log-json / MALLWATT_LOG_FORMAT=json); faust keeps it
+    configure("worker", level=args.loglevel.upper())
     # aiokafka builds a debug record for every message it sends unless told otherwise
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
@@ -599,12 +607,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_forwarder:
         forwarder = Forwarder(bootstrap_servers(), changelog_topics(APP_ID), group=f"{APP_ID}-forwarder")
         forwarder.start()
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, override_logging=False)
+    quiet_spinner(worker)
+    server = worker_metrics.serve_worker(app, args.metrics_port)
     try:
         worker.execute_from_commandline()
     finally:
         if forwarder:
             forwarder.stop()
+        if server:
+            server.close()
     return 0
 
 

@@ -36,6 +36,7 @@ import pyarrow as pa
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from infra.home import data_dir
+from infra.redact import install_log_redaction, redact
 from infra.sql_guard import caller_role, require_write_role
 from infra.warehouse_endpoint import (
     OwnerInfo,
@@ -438,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    install_log_redaction()
     params = dict(p.split("=", 1) for p in getattr(args, "param", []))
     try:
         if args.cmd == "serve":
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = chdb_path(args.path)
             owner = live_owner(folder)
             print(
-                f"server {server_url()}"
+                f"server {redact(server_url())}"
                 if server_url()
                 else f"{folder}: "
                 + (
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "run":
             _print_table(query_arrow(named_query_text(args.name), params or None, path=args.path))
     except (WarehouseError, DatabaseError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 1
     return 0
 

@@ -11,8 +11,9 @@ Refused for reads (besides "not a read statement"):
 * a `SETTINGS` clause (readonly=1 refuses it anyway; this says why in plain words);
 * any call of a function that reaches files, URLs, other servers or programs: every table
   function except the few synthetic ones in SAFE_TABLE_FUNCTIONS (the engine's own list is
-  passed in, so a new engine's table functions are refused until reviewed), and the scalar
-  `file()`, which readonly=1 does not stop (measured on chDB 26.9).
+  passed in, so a new engine's table functions are refused until reviewed), the scalar
+  `file()`, which readonly=1 does not stop (measured on chDB 26.9), and the scalar
+  functions that call other servers (ai*() LLM calls, hasColumnInTable on a remote host).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ OUTSIDE_FUNCTIONS = frozenset(name.lower() for name in (
     "remote", "remoteSecure", "cluster", "clusterAllReplicas", "mysql", "postgresql",
     "sqlite", "mongodb", "redis", "jdbc", "odbc", "bigquery", "ytsaurus",
     "prometheusQuery", "prometheusQueryRange",
+    # scalar functions that reach other servers: LLM providers, a remote server's tables
+    "aiClassify", "aiEmbed", "aiExtract", "aiFilter", "aiGenerate", "aiRedact", "aiSimilarity",
+    "aiTranslate", "hasColumnInTable",
     # local but not for analysts (directory listings, fuzzers, endless loops, internals)
     "dictionary", "loop", "fuzzJSON", "fuzzQuery", "viewIfPermitted", "viewExplain",
     "mergeTreeIndex", "mergeTreeProjection", "mergeTreeTextIndex", "mergeTreeAnalyzeIndexes",

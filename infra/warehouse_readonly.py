@@ -15,7 +15,9 @@ Two layers, because neither is enough alone (both measured on chDB 26.9):
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import clickhouse_connect
@@ -26,7 +28,11 @@ from infra.sql_guard import READ_KEYWORDS, QueryRefused, check_statement, first_
 READONLY_SETTINGS = {"readonly": 1}
 MAX_SQL_BYTES = 256 * 1024  # ClickHouse's default max_query_size
 
+CANONICAL_CACHE = 1024  # statements; small ones, so well under a few MB
+
 _table_functions: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+_canonical: OrderedDict[tuple[str, str], str] = OrderedDict()
+_canonical_lock = threading.Lock()
 
 
 class SqlSyntaxError(ValueError):
@@ -64,15 +70,31 @@ def table_functions(client: Any) -> frozenset[str]:
 
 def canonical_statement(client: Any, sql: str) -> str:
     """ClickHouse's own formatting of `sql` (comments gone, heredocs and quoted names
-    normalised); SqlSyntaxError unless it is exactly one statement."""
-    if len(sql.encode()) > MAX_SQL_BYTES:
-        raise QueryRefused(f"statement of {len(sql.encode())} bytes is over the {MAX_SQL_BYTES}-byte limit")
+    normalised); SqlSyntaxError unless it is exactly one statement.
+
+    Cached by text (the form depends only on the parser): reports and dashboards repeat
+    their statements, and the round trip is most of the guard's cost on a small query.
+    """
+    size = len(sql.encode())
+    if size > MAX_SQL_BYTES:
+        raise QueryRefused(f"statement of {size} bytes is over the {MAX_SQL_BYTES}-byte limit")
+    key = (type(client).__name__, sql)
+    with _canonical_lock:
+        cached = _canonical.get(key)
+        if cached is not None:
+            _canonical.move_to_end(key)
+            return cached
     try:
         rows = client.query("SELECT formatQuery({q:String})", parameters={"q": sql}).result_rows
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SqlSyntaxError(f"ClickHouse cannot parse it as one statement: {message}") from None
-    return str(rows[0][0])
+    canonical = str(rows[0][0])
+    with _canonical_lock:
+        _canonical[key] = canonical
+        while len(_canonical) > CANONICAL_CACHE:
+            _canonical.popitem(last=False)
+    return canonical
 
 
 def run_guarded(

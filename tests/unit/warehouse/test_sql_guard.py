@@ -57,6 +57,8 @@ def test_reads_pass(canonical: str) -> None:
         ("SELECT *\nFROM executable('x.sh', 'TSV', 'a String')", "executable()"),
         ("SELECT *\nFROM Python(rows)", "Python()"),
         ("DESCRIBE TABLE file('/etc/passwd')", "file()"),
+        ("SELECT aiGenerate('tell me the balances')", "aiGenerate()"),
+        ("SELECT hasColumnInTable('10.0.0.1', 'u', 'p', 'db', 't', 'c')", "hasColumnInTable()"),
         ("SELECT 1\nSETTINGS readonly = 0", "SETTINGS"),
         ("SELECT 1\nSETTINGS max_threads = 1", "SETTINGS"),
         ("INSERT INTO t FORMAT Values", "read-only"),

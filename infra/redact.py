@@ -21,7 +21,9 @@ MASK = "***"
 # scheme://user:password@host -> scheme://user:***@host. The password runs to the last
 # '@' before the host (a password may itself contain '@').
 _URL_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<pw>[^\s/]*)@")
-_SECRET_WORDS = r"password|passwd|pwd|secret|token|access_token|api_key|apikey|private_key|credentials?|sasl_password|sasl\.password|sasl\.jaas\.config"
+# Not "credentials": `stack up --secure` prints the *path* of each principal's credentials
+# file on purpose; a credentials mapping is walked and its password masked by name.
+_SECRET_WORDS = r"password|passwd|pwd|secret|secret_key|token|access_token|api_key|apikey|private_key|sasl_password|sasl\.password|sasl\.jaas\.config"
 # ?password=...&token=... in URLs
 _QUERY_SECRET = re.compile(rf"(?P<head>[?&;](?:{_SECRET_WORDS}|key|sig|signature)=)[^&\s#]*", re.IGNORECASE)
 # password=..., "secret": "...", token: ... in free text and dumps. Not secret_env /

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 MIN_SECRET_BYTES = 32
@@ -156,6 +157,16 @@ class CheckedResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
+
+
+def checked_session(timeout: aiohttp.ClientTimeout, *, allow_loopback: bool = False,
+                    lookup: Lookup = system_lookup) -> aiohttp.ClientSession:
+    """The session every outbound provider uses: connections only to checked addresses
+    (our resolver), no proxies from the environment (they would resolve for us). Callers
+    pass allow_redirects=False on each request."""
+    connector = aiohttp.TCPConnector(resolver=CheckedResolver(allow_loopback=allow_loopback, lookup=lookup),
+                                     use_dns_cache=False)
+    return aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False)
 
 
 def describe(target: Any) -> str:

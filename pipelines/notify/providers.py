@@ -23,11 +23,11 @@ import aiohttp
 
 from pipelines.notify.base import Channel, DeliveryResult, Recipient
 from pipelines.notify.outbound import (
-    CheckedResolver,
     Lookup,
     OutboundRefused,
     check_secret,
     check_url,
+    checked_session,
     describe,
     system_lookup,
 )
@@ -142,12 +142,7 @@ class WebhookNotifier:
 
     async def send(self, alert: dict[str, Any], recipient: Recipient) -> DeliveryResult:
         if self._session is None or self._session.closed:
-            # Our resolver: connections go only to addresses that passed the checks. No
-            # proxies from the environment (trust_env=False): they would resolve for us.
-            connector = aiohttp.TCPConnector(
-                resolver=CheckedResolver(allow_loopback=self._allow_loopback, lookup=self._lookup),
-                use_dns_cache=False)
-            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector, trust_env=False)
+            self._session = checked_session(self.timeout, allow_loopback=self._allow_loopback, lookup=self._lookup)
         body = self._body(alert, recipient)
         error, status = "", None
         for attempt in range(1, self.retries + 2):

@@ -40,6 +40,11 @@ def test_redact_mapping_masks_secret_keys_and_urls_inside_values() -> None:
     assert out["password_file"] == "/etc/mallwatt/pw" and out["hook"]["secret_env"] is None
     assert is_secret_key("sasl.password") and is_secret_key("MALLWATT_HMAC_SECRET")
     assert not is_secret_key("secret_env") and not is_secret_key("tokenizer")
+    # stack up --secure prints where each principal's credentials file is, not what it holds
+    printed = redact_mapping({"credentials": "var/kafka-secure/secure/PRINCIPAL.json",
+                              "client": {"username": "worker", "password": PW}})
+    assert printed == {"credentials": "var/kafka-secure/secure/PRINCIPAL.json",
+                       "client": {"username": "worker", "password": MASK}}
 
 
 def test_log_records_are_redacted_for_every_handler(caplog: pytest.LogCaptureFixture) -> None:

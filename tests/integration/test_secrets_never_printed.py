@@ -1,8 +1,8 @@
 """Secrets never appear in what the CLI prints or logs (issue 16, "Done when").
 
 Every command that prints settings or may echo them in an error runs with a known
-ClickHouse password (in MALLWATT_CLICKHOUSE) and known webhook HMAC secrets (one in the
-environment, one inline in notify.yaml); none of them may appear in stdout, stderr or
+ClickHouse password (in MALLWATT_CLICKHOUSE), a known Kafka SCRAM password and known
+webhook HMAC secrets (one in the environment, one inline in notify.yaml); none of them may appear in stdout, stderr or
 a log file. The server URL points at a closed port, so the error paths run too. No
 broker is needed: a private, unused Kafka port is set so nothing touches the shared one.
 """
@@ -25,7 +25,8 @@ CH_PASSWORD = "Canary-CH-pass-7d41c0"
 ENV_SECRET = "canary-env-hmac-secret-0123456789abcdef"
 INLINE_SECRET = "canary-inline-hmac-secret-0123456789abcdef"
 SHORT_SECRET = "canary-short"
-CANARIES = (CH_PASSWORD, ENV_SECRET, INLINE_SECRET, SHORT_SECRET)
+KAFKA_PASSWORD = "canary-kafka-scram-pw-93e1"
+CANARIES = (CH_PASSWORD, ENV_SECRET, INLINE_SECRET, SHORT_SECRET, KAFKA_PASSWORD)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -34,6 +35,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "PYTHONPATH": str(REPO),
         "MALLWATT_CLICKHOUSE": f"http://analyst:{CH_PASSWORD}@127.0.0.1:1/mallwatt",
         "MALLWATT_SMS_SECRET": ENV_SECRET,
+        "MALLWATT_KAFKA_SECURITY": "SASL_SSL", "MALLWATT_KAFKA_USER": "notifier",
+        "MALLWATT_KAFKA_PASSWORD": KAFKA_PASSWORD,
         "MALLWATT_KAFKA_PORT": "29491", "MALLWATT_KAFKA_CONTROLLER_PORT": "29492",
         "MALLWATT_KAFKA_DATA_DIR": str(tmp_path / "kafka"),
         "MALLWATT_CHDB_PATH": str(tmp_path / "chdb"),

@@ -316,8 +316,9 @@ def query_arrow(
     while True:
         with _held_guard:
             held = _held.get(folder)
-        if held is not None and held.clients:
-            return execute_arrow(_reader_of(held, folder), sql, params, allow_write, held.clients[0])
+        if held is not None and (held.clients or held.reader is not None):
+            writer = held.clients[0] if held.clients else None
+            return execute_arrow(_reader_of(held, folder), sql, params, allow_write, writer)
         owner = live_owner(folder)
         if owner is not None:
             return remote_query(owner, sql, params, allow_write)

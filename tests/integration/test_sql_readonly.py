@@ -170,3 +170,11 @@ def test_attacks_fail_through_mallwatt_sql_and_the_endpoint(
         assert cli.returncode == 0 and "│ 0" in cli.stdout, cli.stdout + cli.stderr
         assert owner.port is not None
     assert_no_effect(out, hits)
+
+
+def test_a_process_holding_only_a_reader_reads_and_cannot_write(folder: Path) -> None:
+    reader = wh.get_reader(folder)
+    assert reader.query("SELECT toString(getSetting('readonly'))").result_rows == [("1",)]
+    assert wh.query("SELECT count() FROM mallwatt.ledger", path=folder)[1] == [(0,)]
+    with pytest.raises(wh.ReadOnlyError, match="cannot write"):
+        wh.query("OPTIMIZE TABLE mallwatt.ledger FINAL", path=folder, allow_write=True)

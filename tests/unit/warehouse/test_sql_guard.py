@@ -109,3 +109,19 @@ def test_write_role() -> None:
     require_write_role("admin")
     with pytest.raises(QueryRefused, match="admin role"):
         require_write_role("analyst")
+
+
+def test_a_connection_not_reporting_readonly_1_is_refused() -> None:
+    from infra.warehouse_readonly import assert_read_only
+
+    class Fake:
+        def __init__(self, value: str) -> None:
+            self.value = value
+
+        def query(self, sql: str) -> object:
+            return type("R", (), {"result_rows": [(self.value,)]})()
+
+    assert_read_only(Fake("1"))
+    for value in ("0", "2"):  # readonly=2 still lets file() and url() run
+        with pytest.raises(RuntimeError, match=f"readonly={value}"):
+            assert_read_only(Fake(value))

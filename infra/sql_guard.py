@@ -218,7 +218,21 @@ def caller_role(env: dict[str, str] | None = None) -> str:
     return (source.get(ROLE_ENV) or DEFAULT_ROLE).strip().lower()
 
 
+WRITE_PERMISSION = "sql.write"
+
+
+def role_may_write(role: str) -> bool:
+    """Whether `role` holds the sql.write permission of the roles table
+    (pipelines.security_config.DEFAULT_ROLES: admin only by default)."""
+    try:
+        from pipelines.security_config import DEFAULT_ROLES
+    except ImportError:  # infra used without the pipelines package
+        return role == ADMIN_ROLE
+    return WRITE_PERMISSION in DEFAULT_ROLES.get(role, {}).get("permissions", [])
+
+
 def require_write_role(role: str) -> None:
-    if role != ADMIN_ROLE:
+    if not role_may_write(role):
         raise QueryRefused(
-            f"--write needs the {ADMIN_ROLE} role ({ROLE_ENV}={ADMIN_ROLE}); the caller's role is {role!r}")
+            f"--write needs the {ADMIN_ROLE} role ({WRITE_PERMISSION} permission; {ROLE_ENV}={ADMIN_ROLE}); "
+            f"the caller's role is {role!r}")

@@ -107,8 +107,9 @@ def test_write_role() -> None:
     assert caller_role({}) == "analyst"
     assert caller_role({"MALLWATT_ROLE": " Admin "}) == "admin"
     require_write_role("admin")
-    with pytest.raises(QueryRefused, match="admin role"):
-        require_write_role("analyst")
+    for role in ("analyst", "operator", "finance", "merchant", "nobody"):
+        with pytest.raises(QueryRefused, match="admin role"):
+            require_write_role(role)
 
 
 def test_a_connection_not_reporting_readonly_1_is_refused() -> None:

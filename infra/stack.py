@@ -16,6 +16,7 @@ import sys
 import time
 
 from infra import broker
+from infra.redact import redact, redact_mapping
 from infra.topics import TOPICS, provision_topics, wait_until_served
 
 
@@ -109,7 +110,7 @@ def status(require: tuple[str, ...] = (), secure: bool = False) -> dict[str, obj
             out["warehouse"] = (f"{warehouse.chdb_path()} (owned by pid {owner.pid})" if owner
                                 else f"{warehouse.chdb_path()} (idle)")
     except Exception as exc:  # status must report, not fail
-        out["warehouse"] = f"unavailable: {exc}"
+        out["warehouse"] = redact(f"unavailable: {exc}")
         down.append("warehouse")
     from infra import monitoring as mon
 
@@ -152,13 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         result = {"up": lambda: up(args.kafka_only, args.secure, args.monitoring, scrape), "down": lambda: down(args.secure),
                   "status": lambda: status(require, args.secure)}[args.action]()
     except Exception as exc:
-        print(f"mallwatt stack {args.action}: {exc}", file=sys.stderr)
+        print(redact(f"mallwatt stack {args.action}: {exc}"), file=sys.stderr)
         return 1
+    # Settings may carry credentials (MALLWATT_CLICKHOUSE=https://user:pass@host): never printed.
+    result = redact_mapping(result)
     if args.json:
         print(json.dumps(result, default=str))
     else:
         for key, value in result.items():
-            print(f"{key:>20}: {value}")
+            print(f"{key:>20}: {redact(value)}")
     if result.get("down"):  # status: 3 is the LSB code for "not running"
         print(f"mallwatt stack status: down: {', '.join(result['down'])}", file=sys.stderr)  # type: ignore[arg-type]
         return 3

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in COMMAND_ENV.get(name, {}).items():
         os.environ.setdefault(key, value)  # before the command's modules import polars
     module_name, func_name, _ = COMMANDS[name]
+    from infra.redact import install_log_redaction
+
+    install_log_redaction()  # no command logs a credential (docs/security.md)
     func = getattr(importlib.import_module(module_name), func_name)
     try:
         result = func(rest)

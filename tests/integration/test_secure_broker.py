@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
+from ports import free_ports
 
 from infra import broker
 from infra import topics as T
@@ -35,19 +35,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _ports() -> tuple[int, int]:
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = tuple(s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
-    return ports  # type: ignore[return-value]
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[broker.BrokerConfig]:
-    port, ctrl = _ports()
+    port, ctrl = free_ports(2)
     config = broker.BrokerConfig(data_dir=tmp_path_factory.mktemp("kafka-secure"), port=port,
                                  controller_port=ctrl, secure=True)
     broker.start(config)

@@ -124,8 +124,9 @@ def test_worker_bills_a_topup_with_its_own_credentials(secure: broker.BrokerConf
                            "auto.offset.reset": "earliest", "log_level": 0})
         ledger.subscribe([T.LEDGER])
         gateway = Producer(_as(secure, "gateway"))
+        # the gateway's path: a provider's payment (checked by its HMAC at the portal), not operator-signed
         produce_payment(gateway, {"payment_id": f"{prefix}-p1", "account_id": account, "kind": "TOPUP",
-                                  "amount_minor": 1234, "ts_ms": 1_784_080_800_000})
+                                  "amount_minor": 1234, "ts_ms": 1_784_080_800_000, "provider": "sim"})
         assert gateway.flush(15) == 0
         found: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120

@@ -93,6 +93,9 @@ def test_each_principal_gets_only_its_acls(secure: broker.BrokerConfig) -> None:
     assert _produce(_as(secure, "gateway"), T.PAYMENTS) == "OK"
     assert _produce(_as(secure, "gateway"), T.READINGS) == denied
     assert _produce(_as(secure, "operator"), T.OPERATOR_COMMANDS) == "OK"
+    assert _produce(_as(secure, "finance"), T.PAYMENTS) == "OK"  # manual top-ups (operator-signed)
+    assert _produce(_as(secure, "finance"), T.RELAY_COMMANDS) == denied
+    assert _produce(_as(secure, "finance"), T.OPERATOR_COMMANDS) == denied
     assert _produce(_as(secure, "operator"), T.RELAY_COMMANDS) == denied
     assert _produce(_as(secure, "analyst"), T.READINGS) == denied
     consumer = Consumer({**_as(secure, "analyst"), "group.id": "analyst-try", "log_level": 0})

@@ -113,8 +113,9 @@ def _permission_and_limit(record: dict[str, Any]) -> tuple[str, str]:
 
 
 def role_limit(security: SecurityConfig, operator_id: str, permission: str, limit: str) -> int | None:
-    """The largest `limit` among the operator's roles that grant `permission` (None: unbounded,
-    some such role sets no limit); ValueError-free: an operator without it gets 0."""
+    """The largest `limit` among the operator's roles that grant `permission`: None when one of
+    them sets no limit (unbounded), 0 when none grants it (or the operator is unknown or disabled;
+    a role's limit is always positive, so 0 means "not permitted")."""
     op = next((o for o in security.operators if o.id == operator_id), None)
     if op is None or op.disabled:
         return 0

@@ -17,7 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-DEFAULT_TOKENS = Path("var/portal/tokens.json")
+from infra.home import data_dir
+
+DEFAULT_TOKENS = data_dir("portal", "tokens.json")
 
 
 def _tokens_path(arg: str | None) -> Path:

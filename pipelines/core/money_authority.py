@@ -172,3 +172,34 @@ def decide_money(record: dict[str, Any], security: SecurityConfig, *, known_acco
         return MoneyDecision(MoneyVerdict.ABOVE_ACCOUNT_LIMIT, op.id,
                              f"{what}: amount_minor {amount} is above account {account!r}'s limit {bound}")
     return MoneyDecision(MoneyVerdict.ACCEPTED, op.id, "")
+
+
+#: The exported column (pipelines/export_input.py) that carries a payment's whole record as JSON
+#: when it needs an operator signature, so replay checks it as the stream's claim step did.
+MONEY_RECORD = "money_record"
+
+
+def refuse_unauthorised(rows: list[dict[str, Any]], security: SecurityConfig | None,
+                        policies: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replay's copy of the stream's money check: rows whose `money_record` the stream would
+    have refused (unsigned, forged, above a limit) go to the refused list with the verdict as
+    their reason, before any claim. Rows without the column are provider payments."""
+    if security is None:
+        return rows, []
+    import json
+
+    kept: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
+    for row in rows:
+        raw = row.get(MONEY_RECORD)
+        if not raw:
+            kept.append(row)
+            continue
+        account = row["account_id"]
+        decision = decide_money(json.loads(raw), security, known_account=account in policies,
+                                policy=policies.get(account))
+        if decision.verdict in (MoneyVerdict.ACCEPTED, MoneyVerdict.PROVIDER):
+            kept.append(row)
+        else:
+            refused.append({**row, "reason": decision.verdict.value})
+    return kept, refused

@@ -36,6 +36,7 @@ SCHEMA_FILES: dict[str, str] = {
     "LedgerPosting": "ledger_posting.avsc",
     "LedgerBatch": "ledger_batch.avsc",
     "IntervalBatch": "interval_batch.avsc",
+    "AlertPreferences": "alert_preferences.avsc",
 }
 
 

@@ -69,6 +69,7 @@ def serve_main(argv: list[str]) -> int:
     from pipelines.portal.payments import KafkaPaymentSink
     from pipelines.portal.providers import providers_from_env
     from pipelines.portal.readmodel import ReadModel
+    from pipelines.portal.statements import Statements, WarehouseSource
 
     parser = argparse.ArgumentParser(prog="mallwatt portal serve", description="serve the merchant portal")
     parser.add_argument("--config", required=True, help="portfolio YAML or directory (accounts, policies, zones)")
@@ -76,6 +77,9 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8780)
     parser.add_argument("--store", help=f"token store (env MALLWATT_PORTAL_TOKENS, default {DEFAULT_TOKENS})")
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second per token (burst 3x)")
+    parser.add_argument("--warehouse", help="chDB folder the statements are read from (default MALLWATT_CHDB_PATH "
+                                            "or var/chdb; MALLWATT_CLICKHOUSE for a server)")
+    parser.add_argument("--no-statements", action="store_true", help="serve no statements (no warehouse here)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     bootstrap, partitions = bootstrap_servers(), T.default_partitions()
@@ -86,7 +90,8 @@ def serve_main(argv: list[str]) -> int:
     portal = Portal(model, lock, directory, TokenStore(_tokens_path(args.store)),
                     KafkaPaymentSink(bootstrap, partitions), providers_from_env(dict(os.environ)),
                     limiter=RateLimiter(args.rate, args.rate * 3), feed=feed,
-                    base_url=f"http://{args.host}:{args.port}")
+                    base_url=f"http://{args.host}:{args.port}",
+                    statements=None if args.no_statements else Statements(WarehouseSource(args.warehouse)))
     print(f"mallwatt portal on http://{args.host}:{args.port}/m  ({len(directory.mall_of)} accounts; "
           f"providers {sorted(portal.providers)})", file=sys.stderr)
     try:

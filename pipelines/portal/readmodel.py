@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from pipelines.portal.preferences import Preferences
+
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 ACTIVITY = 30  # money movements other than interval charges (top-ups, postings, fees)
@@ -64,6 +66,8 @@ class ReadModel:
         self.accounts: dict[str, AccountView] = {}
         self.entries_applied = 0
         self.duplicates = 0
+        # alert preferences of the accounts that saved some (mallwatt.alert-preferences)
+        self.preferences: dict[str, Preferences] = {}
 
     def tz(self, mall_id: str) -> ZoneInfo:
         return self.mall_tz.get(mall_id, self.default_tz)
@@ -146,6 +150,15 @@ class ReadModel:
         if any(a["alert_id"] == alert["alert_id"] for a in view.alerts):
             return
         view.alerts.append({k: alert.get(k) for k in ("alert_id", "kind", "severity", "ts_ms", "message")})
+
+    def apply_preferences(self, prefs: Preferences) -> bool:
+        """Keep the newest record per account (the compacted topic replays them in any age order
+        after a restart, and the portal applies its own write before the feed brings it back)."""
+        current = self.preferences.get(prefs.account_id)
+        if current is not None and current.updated_ms > prefs.updated_ms:
+            return False
+        self.preferences[prefs.account_id] = prefs
+        return True
 
     def apply_relay_command(self, command: dict[str, Any]) -> None:
         account = command.get("account_id")

@@ -62,7 +62,7 @@ class Preferences:
 
 
 def threshold_limits(policy: WalletPolicy | None) -> tuple[int, int]:
-    """The low-balance threshold a merchant may choose: above the trip point (an alert at or
+    """The low-balance threshold a merchant may choose: positive and above the trip point (an alert at or
     below it would come after the power is off), at most the largest top-up the policy allows
     (or DEFAULT_THRESHOLD_CAP)."""
     policy = policy or WalletPolicy()

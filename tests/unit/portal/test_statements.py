@@ -133,3 +133,19 @@ def test_closed_statements_are_cached_and_bounded() -> None:
     statements.statement("M01-S0001", "M01", TZ, "2026-09")
     statements.statement("M01-S0001", "M01", TZ, "2026-10")  # evicted by September: built again
     assert len(calls) == 3
+
+
+def test_every_api_route_is_in_the_openapi_document() -> None:
+    import tempfile
+
+    from pipelines.portal.app import build_app
+    from pipelines.portal.openapi import openapi
+    from tests.unit.portal.test_app import make_portal
+    with tempfile.TemporaryDirectory() as tmp:
+        app = build_app(make_portal(Path(tmp))[0])
+    paths = openapi()["paths"]
+    routes = {(r.resource.canonical, r.method.lower()) for r in app.router.routes()
+              if r.resource is not None and r.resource.canonical.startswith("/api/v1/")
+              and r.method not in ("HEAD",) and not r.resource.canonical.endswith("openapi.json")}
+    missing = {(p, m) for p, m in routes if m not in paths.get(p, {})}
+    assert routes and not missing

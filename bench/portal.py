@@ -94,10 +94,11 @@ def history_frames(accounts: list[str], malls: list[str], circuits: list[str], h
         wh = rng.integers(200, 6000, n)
         amount = -(wh * rng.integers(30, 170, n) // 1000) - 1
         balance = balance + amount
+        ids = acc + ":chg:" + circ + f":{ts}"  # as the wallet names a charge, whose source is its own id
         frames.append(pl.DataFrame({
-            "entry_id": acc + ":chg:" + circ + f":{ts}", "account_id": acc, "mall_id": mall, "kind": "charge",
+            "entry_id": ids, "account_id": acc, "mall_id": mall, "kind": "charge",
             "amount_minor": amount, "balance_after_minor": balance, "ts_ms": np.full(n, ts, dtype=np.int64),
-            "source_id": circ, "meter_id": None, "circuit_id": circ,
+            "source_id": ids, "meter_id": None, "circuit_id": circ,
             "interval_start_ms": np.full(n, ts - HOUR_MS, dtype=np.int64), "energy_wh": wh,
             "tou_period": periods[(ts // HOUR_MS) % 4], "tier": 1, "rate": "0.95"}))
     out = []

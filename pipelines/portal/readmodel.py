@@ -60,7 +60,8 @@ class AccountView:
 
 ENTRY_FIELDS = ("entry_id", "kind", "amount_minor", "balance_after_minor", "ts_ms", "source_id",
                 "tou_period", "energy_wh", "interval_start_ms")
-_TS = ENTRY_FIELDS.index("ts_ms")
+_TS, _SOURCE = ENTRY_FIELDS.index("ts_ms"), ENTRY_FIELDS.index("source_id")
+_SAME = object()  # marks a source_id equal to the entry id
 HOUR_ROW = DAY_ROW = 4  # flat int64 rows: a dict of lists per hour cost ~400 bytes, a row 32
 
 
@@ -153,7 +154,10 @@ class ReadModel:
         view.balance_ts_ms = ts
         view.applied_ms = applied_ms
         kind = entry["kind"]
-        (view.charges if kind in CHARGE_KINDS else view.activity).append(tuple(map(entry.get, ENTRY_FIELDS)))
+        slim = list(map(entry.get, ENTRY_FIELDS))
+        if slim[_SOURCE] == slim[0]:  # a charge's source is its own entry id: keep one string, not two
+            slim[_SOURCE] = _SAME
+        (view.charges if kind in CHARGE_KINDS else view.activity).append(tuple(slim))
         amount = int(entry["amount_minor"])
         if kind in SPEND_KINDS and amount < 0:
             view.first_spend_ms = ts if view.first_spend_ms is None else min(view.first_spend_ms, ts)
@@ -233,7 +237,11 @@ class ReadModel:
         if view is None:
             return []
         merged = sorted([*view.activity, *view.charges], key=lambda e: e[_TS], reverse=True)
-        return [dict(zip(ENTRY_FIELDS, e, strict=True)) for e in merged[:limit]]
+        out = [dict(zip(ENTRY_FIELDS, e, strict=True)) for e in merged[:limit]]
+        for e in out:
+            if e["source_id"] is _SAME:
+                e["source_id"] = e["entry_id"]
+        return out
 
     def alerts(self, account_id: str) -> list[dict[str, Any]]:
         view = self.accounts.get(account_id)

@@ -90,3 +90,11 @@ def test_relay_state_and_alerts() -> None:
     model.apply_alert(alert)
     model.apply_alert({**alert, "alert_id": "a2", "account_id": None})
     assert [a["alert_id"] for a in model.alerts("M01-S0001")] == ["a1"]
+
+
+def test_a_charge_whose_source_is_its_own_id_reads_back_unchanged() -> None:
+    model = ReadModel()
+    entry = {**charge(0, 10, 100, 5, "peak", 995), "source_id": None}
+    entry["source_id"] = str(entry["entry_id"])
+    model.apply_entries([entry], T0)
+    assert model.activity("M01-S0001")[0]["source_id"] == entry["entry_id"]

@@ -14,11 +14,6 @@ from pipelines.notify.base import DeliveryResult, Notifier, Recipient
 from pipelines.notify.config import NotifyConfig, build_providers
 from pipelines.notify.dedup import Dedup
 from pipelines.notify.ratelimit import RateLimiter
-from pipelines.portal.preferences import Preferences, may_send
-
-#: A merchant's alert preferences by account id (pipelines.portal.preferences; the portal
-#: writes them to mallwatt.alert-preferences), and the mall's time zone by mall id.
-PreferenceLookup = Callable[[str], Preferences | None]
 
 log = logging.getLogger("mallwatt.notify")
 
@@ -33,24 +28,17 @@ class Target:
 
 
 class Router:
-    """Which providers and recipients an alert goes to: the union of every matching route.
-    A merchant's saved preferences (phone, language) override its contact in the config, and
-    a merchant with a saved phone is a recipient even when the config does not list it."""
+    """Which providers and recipients an alert goes to: the union of every matching route."""
 
-    def __init__(self, config: NotifyConfig, preferences: PreferenceLookup | None = None) -> None:
+    def __init__(self, config: NotifyConfig) -> None:
         self.config = config
-        self.preferences = preferences
 
     def recipients(self, alert: dict[str, Any], to: str) -> list[Recipient]:
         r = self.config.recipients
         out: list[Recipient] = []
         account = alert.get("account_id")
-        prefs = self.preferences(account) if self.preferences is not None and account else None
-        if to in ("merchant", "both") and account and (account in r.merchants or (prefs and prefs.phone)):
-            base = r.merchants[account].recipient(account) if account in r.merchants else Recipient(account)
-            if prefs is not None:
-                base = Recipient(account, base.name, prefs.phone or base.phone, base.push_tokens, prefs.language)
-            out.append(base)
+        if to in ("merchant", "both") and account and account in r.merchants:
+            out.append(r.merchants[account].recipient(account))
         if to in ("mall_ops", "both"):
             contact = r.mall_ops.get(alert["mall_id"], r.default_ops)
             if contact is not None:
@@ -71,11 +59,10 @@ class Router:
 @dataclass
 class Outcome:
     alert_id: str
-    status: str  # sent | partial | failed | duplicate | rate_limited | no_route | held | error
+    status: str  # sent | partial | failed | duplicate | rate_limited | no_route | error
     results: list[DeliveryResult] = field(default_factory=list)
     already_delivered: int = 0
     rate_limited: list[str] = field(default_factory=list)  # recipient keys
-    held: list[str] = field(default_factory=list)  # "provider>recipient: why" (merchant preferences)
     error: str | None = None
 
     @property
@@ -85,10 +72,8 @@ class Outcome:
 
 class Dispatcher:
     def __init__(self, router: Router, providers: Mapping[str, Notifier], dedup: Dedup, limiter: RateLimiter,
-                 *, concurrency: int = 16, mall_tz: Mapping[str, str] | None = None,
-                 default_tz: str = "Asia/Shanghai") -> None:
+                 *, concurrency: int = 16) -> None:
         self.router = router
-        self.mall_tz, self.default_tz = dict(mall_tz or {}), default_tz
         self.providers = dict(providers)
         self.dedup = dedup
         self.limiter = limiter
@@ -96,23 +81,22 @@ class Dispatcher:
 
     @classmethod
     def from_config(cls, config: NotifyConfig, *, clock: Callable[[], float] = time.monotonic,
-                    providers: Mapping[str, Notifier] | None = None, preferences: PreferenceLookup | None = None,
-                    mall_tz: Mapping[str, str] | None = None) -> Dispatcher:
+                    providers: Mapping[str, Notifier] | None = None) -> Dispatcher:
         rl = config.rate_limit
         crit = None if rl.critical == "bypass" else rl.critical
         limiter = RateLimiter(rl.per_hour, rl.burst, critical_per_hour=crit.per_hour if crit else None,
                               critical_burst=crit.burst if crit else None, clock=clock)
-        return cls(Router(config, preferences), providers if providers is not None else build_providers(config),
-                   Dedup(config.dedup.capacity, config.dedup.path), limiter, mall_tz=mall_tz)
+        return cls(Router(config), providers if providers is not None else build_providers(config),
+                   Dedup(config.dedup.capacity, config.dedup.path), limiter)
 
     async def handle(self, alert: dict[str, Any]) -> Outcome:
         """Deliver one alert; never raises (a bug in a provider becomes a failed result)."""
         alert_id = alert["alert_id"]
-        targets, held = self._wanted(alert, self.router.targets(alert))
+        targets = self.router.targets(alert)
         if not targets:
-            return self._log(Outcome(alert_id, "held" if held else "no_route", held=held))
+            return self._log(Outcome(alert_id, "no_route"))
         pending = [t for t in targets if t.key(alert_id) not in self.dedup]
-        outcome = Outcome(alert_id, "sent", already_delivered=len(targets) - len(pending), held=held)
+        outcome = Outcome(alert_id, "sent", already_delivered=len(targets) - len(pending))
         if not pending:
             outcome.status = "duplicate"
             return self._log(outcome)
@@ -133,27 +117,6 @@ class Dispatcher:
         elif outcome.failures:
             outcome.status = "partial" if ok else "failed"
         return self._log(outcome)
-
-    def _wanted(self, alert: dict[str, Any], targets: list[Target]) -> tuple[list[Target], list[str]]:
-        """The merchant's channels and quiet hours (in the mall's zone) decide its targets;
-        CRITICAL passes quiet hours. Without a preferences lookup nothing changes."""
-        lookup, account = self.router.preferences, alert.get("account_id")
-        if lookup is None or not account:
-            return targets, []
-        prefs = lookup(account)
-        tz = self.mall_tz.get(alert.get("mall_id") or "", self.default_tz)
-        kept, held = [], []
-        for t in targets:
-            provider = self.providers.get(t.provider)
-            if t.recipient.key != account or provider is None:
-                kept.append(t)
-                continue
-            ok, why = may_send(prefs, str(provider.channel), alert["severity"], int(alert["ts_ms"]), tz)
-            if ok:
-                kept.append(t)
-            else:
-                held.append(f"{t.provider}>{t.recipient.key}: {why}")
-        return kept, held
 
     async def _send(self, alert: dict[str, Any], target: Target) -> DeliveryResult:
         provider = self.providers.get(target.provider)
@@ -201,8 +164,7 @@ class Dispatcher:
         line = {"event": "notify_outcome", "alert_id": outcome.alert_id, "status": outcome.status,
                 "delivered": [r.provider + ">" + r.recipient for r in outcome.results if r.ok],
                 "failed": [f"{r.provider}>{r.recipient}: {r.error}" for r in outcome.failures],
-                "already_delivered": outcome.already_delivered, "rate_limited": outcome.rate_limited,
-                "held": outcome.held}
+                "already_delivered": outcome.already_delivered, "rate_limited": outcome.rate_limited}
         level = logging.WARNING if outcome.failures else logging.INFO
         log.log(level, json.dumps(line, ensure_ascii=False))
         return outcome

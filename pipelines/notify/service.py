@@ -109,23 +109,6 @@ class NotifyService:
             log.warning("notify: rewind failed (%s); the next rebalance resets positions", exc)
 
 
-def follow_preferences(bootstrap: str, portfolio: str | None) -> dict[str, Any]:
-    """The merchants' alert preferences from the compacted topic the portal writes, followed by
-    the portal's own feed thread (newest record per account), and the malls' zones."""
-    from infra import topics as T
-    from pipelines.portal.feed import KafkaFeed
-    from pipelines.portal.readmodel import ReadModel
-
-    model = ReadModel()
-    KafkaFeed(bootstrap, model, threading.Lock(), topics=(T.ALERT_PREFERENCES,)).start()
-    zones: dict[str, str] = {}
-    if portfolio:
-        from pipelines.portal.directory import load_directory
-
-        zones = load_directory(portfolio, T.default_partitions()).mall_tz
-    return {"preferences": model.preferences.get, "mall_tz": zones}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mallwatt notify", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.environ.get("MALLWATT_NOTIFY_CONFIG", "notify.yaml"),
@@ -134,11 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", help="consumer group (default: kafka.group in the config)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--no-preferences", action="store_true",
-                        help="ignore the merchants' saved alert preferences (mallwatt.alert-preferences)")
-    parser.add_argument("--portfolio", help="portfolio (YAML or folder) for the malls' time zones of quiet hours "
-                                            "(default: every mall in --timezone)")
-    parser.add_argument("--timezone", default="Asia/Shanghai", help="zone of malls not in --portfolio")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -158,9 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    if not args.no_preferences:
-        dispatcher = Dispatcher.from_config(config, **follow_preferences(args.bootstrap, args.portfolio))
-        dispatcher.default_tz = args.timezone
     service = NotifyService(config, args.bootstrap, dispatcher=dispatcher, group=args.group)
     log.info("notify: consuming %s as %s", service.topic, args.group or config.kafka.group)
     service.run(stop)

@@ -1,7 +1,8 @@
 """`mallwatt stack up | down | status`: the local real components in one command.
 
 up: resolve Kafka jars (cached outside git), start the KRaft broker, provision topics,
-apply warehouse migrations. down: stop the broker. With MALLWATT_KAFKA / MALLWATT_CLICKHOUSE
+apply warehouse migrations. down: stop the broker. status: exits 3 when a component is down
+(Kafka not answering, warehouse unreachable, or a service named by --require unhealthy). With MALLWATT_KAFKA / MALLWATT_CLICKHOUSE
 set, the external services are used and nothing is started or stopped.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -29,35 +31,84 @@ def migrate_warehouse() -> list[str]:
         return warehouse.apply_migrations(owner.client)
 
 
-def up(kafka_only: bool = False) -> dict[str, object]:
+def up(kafka_only: bool = False, secure: bool = False) -> dict[str, object]:
     t0 = time.monotonic()
-    config = broker.BrokerConfig.from_env()
+    config = broker.BrokerConfig.from_env(secure=secure)
     st = broker.start(config)
+    out: dict[str, object] = {}
+    if config.secure:
+        from infra.kafka_security import apply_acls, credentials_file
+
+        # This command acts as the admin principal for the rest of its own run only.
+        os.environ["MALLWATT_KAFKA_CREDENTIALS"] = str(credentials_file(config.data_dir, "admin"))
+        out["acl_bindings"] = apply_acls(config.admin_settings())
+        out["credentials"] = str(credentials_file(config.data_dir, "PRINCIPAL"))
+        out["client_env"] = (f"MALLWATT_KAFKA={config.bootstrap} "
+                             f"MALLWATT_KAFKA_CREDENTIALS={credentials_file(config.data_dir, 'PRINCIPAL')}")
     created = provision_topics(config.bootstrap)
     wait_until_served(config.bootstrap)
     applied: list[str] = [] if kafka_only else migrate_warehouse()
-    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "topics_created": created,
+    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "secure": config.secure, **out, "topics_created": created,
             "topics_declared": len(TOPICS), "migrations_applied": applied,
             "seconds": round(time.monotonic() - t0, 1)}
 
 
-def down() -> dict[str, object]:
-    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env())}
+def down(secure: bool = False) -> dict[str, object]:
+    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env(secure=secure))}
 
 
-def status() -> dict[str, object]:
-    st = broker.status(broker.BrokerConfig.from_env())
+def probe_health(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> str:
+    """'up', 'not ready: <why>' or 'not running' from a service's /healthz and /readyz."""
+    import urllib.error
+    import urllib.request
+
+    base = f"http://{host}:{port}"
+    try:
+        with urllib.request.urlopen(base + "/healthz", timeout=timeout_s):
+            pass
+    except (OSError, urllib.error.URLError):
+        return "not running"
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=timeout_s):
+            return "up"
+    except urllib.error.HTTPError as exc:
+        return f"not ready: {exc.read().decode(errors='replace').strip()[:200]}"
+    except (OSError, urllib.error.URLError) as exc:
+        return f"not ready: {exc}"
+
+
+def status(require: tuple[str, ...] = (), secure: bool = False) -> dict[str, object]:
+    """The stack's state; `down` lists what is not working: Kafka and the warehouse always,
+    services (sink, worker, ...: their /healthz and /readyz) when named in `require`."""
+    from pipelines.metrics import metrics_port
+
+    st = broker.status(broker.BrokerConfig.from_env(secure=secure))
+    down: list[str] = []
     out: dict[str, object] = {"kafka_running": st.running, "kafka": st.bootstrap, "kafka_pid": st.pid,
                               "topics": st.topics, "kafka_external": st.external}
+    if not st.running or st.topics is None:  # a live pid whose broker does not answer is down
+        down.append("kafka")
     try:
         from infra import warehouse
         from infra.warehouse_endpoint import live_owner
 
-        owner = live_owner(warehouse.chdb_path())
-        out["warehouse"] = warehouse.server_url() or (
-            f"{warehouse.chdb_path()} (owned by pid {owner.pid})" if owner else f"{warehouse.chdb_path()} (idle)")
+        url = warehouse.server_url()
+        if url:
+            warehouse.get_client().query("SELECT 1")
+            out["warehouse"] = url
+        else:
+            owner = live_owner(warehouse.chdb_path())
+            out["warehouse"] = (f"{warehouse.chdb_path()} (owned by pid {owner.pid})" if owner
+                                else f"{warehouse.chdb_path()} (idle)")
     except Exception as exc:  # status must report, not fail
         out["warehouse"] = f"unavailable: {exc}"
+        down.append("warehouse")
+    for component in require:
+        state = probe_health(metrics_port(component))
+        out[component] = state
+        if state != "up":
+            down.append(component)
+    out["down"] = down
     return out
 
 
@@ -69,10 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         "and MALLWATT_CLICKHOUSE to use existing services instead.")
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--kafka-only", action="store_true", help="up: skip warehouse migrations")
+    parser.add_argument("--secure", action="store_true",
+                        help="the secured broker (var/kafka-secure, port 19192): TLS with a local CA, SCRAM-SHA-512 "
+                        "users per component, ACLs; prints the client settings (docs/security.md)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--require", default="", help="status: also check these services' "
+                        "/healthz and /readyz, e.g. sink,worker,notify (ports: docs/operations.md)")
     args = parser.parse_args(argv)
+    require = tuple(c.strip() for c in args.require.split(",") if c.strip())
     try:
-        result = {"up": lambda: up(args.kafka_only), "down": down, "status": status}[args.action]()
+        result = {"up": lambda: up(args.kafka_only, args.secure), "down": lambda: down(args.secure),
+                  "status": lambda: status(require, args.secure)}[args.action]()
     except Exception as exc:
         print(f"mallwatt stack {args.action}: {exc}", file=sys.stderr)
         return 1
@@ -81,4 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for key, value in result.items():
             print(f"{key:>20}: {value}")
+    if result.get("down"):  # status: 3 is the LSB code for "not running"
+        print(f"mallwatt stack status: down: {', '.join(result['down'])}", file=sys.stderr)  # type: ignore[arg-type]
+        return 3
     return 0

@@ -95,6 +95,7 @@ POSTINGS = "mallwatt.postings"
 PAYMENTS_ACCEPTED = "mallwatt.payments-accepted"
 POSTINGS_ACCEPTED = "mallwatt.postings-accepted"
 ALERT_PREFERENCES = "mallwatt.alert-preferences"
+AUDIT = "mallwatt.audit"
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
@@ -123,6 +124,12 @@ TOPICS: tuple[TopicSpec, ...] = (
         "circuit is in one partition, in order; the warehouse deduplicates on (circuit, end)",
         value="interval_batch",
         retention_ms=INFINITE,  # billed energy facts: the warehouse can be rebuilt from them
+    ),
+    TopicSpec(
+        AUDIT,
+        key="principal: one principal's actions stay in order",
+        value="audit_event",
+        retention_ms=INFINITE,  # the audit trail is kept; the warehouse holds it for queries
     ),
     TopicSpec(
         ALERTS,
@@ -220,7 +227,9 @@ def provision_topics(
     from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
     specs = list(topics)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from infra.kafka_security import kafka_config
+
+    admin = AdminClient(kafka_config(bootstrap))
     existing = admin.list_topics(timeout=timeout).topics
 
     missing = [s for s in specs if s.name not in existing]
@@ -269,7 +278,9 @@ def wait_until_served(bootstrap: str, names: Iterable[str] | None = None, timeou
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     wanted = list(names) if names is not None else [t.name for t in TOPICS]
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mallwatt-readiness"})
+    from infra.kafka_security import kafka_config
+
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": "mallwatt-readiness"}))
     deadline = time.monotonic() + timeout
     try:
         for name in wanted:

@@ -12,6 +12,7 @@ from typing import Any
 import polars as pl
 
 from infra import topics as T
+from pipelines.audit import audit_item, audit_record
 from pipelines.config_holder import ContextHolder  # noqa: F401
 from pipelines.context import BillingContext
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
@@ -130,20 +131,30 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
     """An operator's power off/on for one meter: sets or clears the operator hold, audited as an alert."""
     meter = command["meter_id"]
     route = ctx.meter_route[meter]
+    decision = ctx.operator_decision(command)
+    if not decision.accepted:  # the worker dead-letters these before; any other caller is refused here
+        raise PermissionError(decision.problem())
+    who = "+".join(decision.principals)  # verified signers, never the free-text operator field
     loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
     on = command["action"] == "POWER_OFF"
     gated = loop.gate(route.account_id, [meter], "operator", on, command["command_id"], None, command["ts_ms"],
-                      f"operator:{command['operator']}")
+                      f"operator:{who}")
     items = [item for _, item in gated]
     still = held_by(loop.holds_of("_"), meter)
     audit = {"alert_id": f"{command['command_id']}:audit", "kind": "operator_power", "severity": "INFO",
              "mall_id": route.mall_id, "account_id": route.account_id, "meter_id": meter,
              "ts_ms": command["ts_ms"],
-             "message": f"operator {command['operator']} {command['action'].lower()} ({command['reason']}); "
+             "message": f"operator {who} {command['action'].lower()} ({command['reason']}); "
                         f"relay {'command sent' if gated else 'unchanged'}; holds now {still or 'none'}",
              "details": {"command_id": command["command_id"], "scope": command["scope"],
-                         "target_id": command["target_id"], "holds": ",".join(still)}}
+                         "target_id": command["target_id"], "holds": ",".join(still),
+                         "principals": who, "order_id": command["order_id"]}}
     items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", audit)))
+    items.append(audit_item(audit_record(
+        command["ts_ms"], who, "power.order", f"meter:{meter}", "accepted", "worker",
+        f"{command['action']} order {command['order_id']} ({command['scope'].lower()} {command['target_id']}): "
+        f"{command['reason']}; relay {'command sent' if gated else 'unchanged'}",
+        event_id=f"{command['command_id']}:audit")))
     return Envelope(accounts=env.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
                     outbox=items, updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra,
                     relays=loop.relays_of("_"))

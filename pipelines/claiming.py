@@ -26,6 +26,7 @@ from pipelines.core.claims import (
     claim_key,
     decide_payment,
     decide_posting,
+    expired,
 )
 from pipelines.envelope import OutboxItem, frame_value, unframe_value
 from schemas import codec
@@ -104,3 +105,57 @@ def accepted_position(record: dict[str, Any], topic: str) -> tuple[str, int] | N
         return None
     origin = T.PAYMENTS if topic == T.PAYMENTS_ACCEPTED else T.POSTINGS
     return f"{origin}:{record['claim_partition']}", int(record["claim_offset"])
+
+
+#: Claims looked at per sweep tick. A tick costs about 2 us per claim on the event loop, so a
+#: slice of 2,000 pauses billing for a few ms; 20M claims (350,000 merchants with weekly
+#: top-ups over the horizon) take a pass of under 3 hours at one tick a second.
+SWEEP_KEYS_PER_TICK = 2_000
+
+
+class ClaimSweeper:
+    """Forgets claims past the horizon from the worker's local store, a bounded slice per tick.
+
+    It used to list every key once an hour (20M keys: gigabytes and seconds of event loop in
+    one call). Now one pass walks the store with a live iterator, `budget` keys per tick, and
+    a new pass starts at most every `pass_interval_s`. The changelog's retention (the same
+    horizon) forgets them for a restart, so only the local store is touched, never the
+    changelog. A rebalance (a new `generation`) ends the pass: its iterator may belong to
+    partitions this worker no longer holds. Expiry compares claim times with the newest
+    claimed timestamp (`core.claims.expired`), never the wall clock; `now_s` only paces passes.
+    """
+
+    def __init__(self, iter_keys: Any, get: Any, delete: Any, *, budget: int = SWEEP_KEYS_PER_TICK,
+                 pass_interval_s: float = 3600.0) -> None:
+        self._iter_keys, self._get, self._delete = iter_keys, get, delete
+        self.budget = budget
+        self.pass_interval_s = pass_interval_s
+        self._keys: Any = None  # the current pass's iterator, None between passes
+        self._generation: int | None = None
+        self._pass_started_s: float | None = None
+        self.passes_done = 0
+        self.forgotten = 0
+
+    def tick(self, newest_ts_ms: int, generation: int, now_s: float) -> int:
+        """Look at up to `budget` claims; returns how many were forgotten."""
+        if not newest_ts_ms:
+            return 0
+        if generation != self._generation:
+            self._keys, self._generation = None, generation
+        if self._keys is None:
+            if self._pass_started_s is not None and now_s - self._pass_started_s < self.pass_interval_s:
+                return 0
+            self._keys, self._pass_started_s = iter(self._iter_keys()), now_s
+        gone = 0
+        for _ in range(self.budget):
+            key = next(self._keys, None)
+            if key is None:
+                self._keys = None
+                self.passes_done += 1
+                break
+            claim = decode_claim(self._get(key))
+            if claim is not None and expired(claim, newest_ts_ms):
+                self._delete(key)
+                gone += 1
+        self.forgotten += gone
+        return gone

@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, Producer
 
 from infra import broker
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from pipelines.generate import generate
 from pipelines.money_input import produce_payment
 from pipelines.portfolio import Portfolio, dump_portfolio, parse_portfolio
@@ -91,8 +92,8 @@ class CommandWatch(threading.Thread):
 
     def __init__(self, bootstrap: str) -> None:
         super().__init__(daemon=True)
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-watch-{time.time()}",
-                                  "auto.offset.reset": "earliest"})
+        self.consumer = Consumer(kafka_config(bootstrap, **{"group.id": f"demo-watch-{time.time()}",
+                                  "auto.offset.reset": "earliest"}))
         self.tripped: set[str] = set()
         self.reconnected: set[str] = set()
         self.trips = self.reconnects = self.confirmed = 0
@@ -137,7 +138,7 @@ class CommandWatch(threading.Thread):
 
 def publish_topups(bootstrap: str, portfolio: Portfolio, amounts: dict[str, int], ts_ms: int, tag: str,
                    partitions: int) -> int:
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer = Producer(kafka_config(bootstrap, **{"enable.idempotence": True}))
     for account, amount in amounts.items():
         payment = {"payment_id": f"{tag}-{account}", "account_id": account, "kind": "TOPUP",
                    "amount_minor": amount, "currency": portfolio.currency, "ts_ms": ts_ms,

@@ -57,10 +57,12 @@ class ChangelogWriter:
     def __init__(self, bootstrap: str, extra: dict[str, Any] | None = None) -> None:
         from confluent_kafka import Producer
 
-        self._producer = Producer({
+        from infra.kafka_security import secured
+
+        self._producer = Producer(secured({
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 5, "compression.type": "lz4", "batch.size": 1_048_576,
-            "queue.buffering.max.kbytes": 262_144, **(extra or {})})
+            "queue.buffering.max.kbytes": 262_144, **(extra or {})}))
 
     def produce(self, topic: str, partition: int, key: bytes, value: bytes | None,
                 on_stored: Any = None) -> asyncio.Future[Any]:

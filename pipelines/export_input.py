@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from confluent_kafka import Consumer, TopicPartition
 
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from schemas import codec
 from schemas.readings import batch_to_frame
 
@@ -36,8 +37,8 @@ def _messages(bootstrap: str, topic: str, partition: int, start: int, end: int) 
     """Messages of one partition from `start` up to (not including) `end`, in offset order."""
     if start >= end:
         return
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mallwatt-export-input",
-                         "enable.auto.commit": False})
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": "mallwatt-export-input",
+                         "enable.auto.commit": False}))
     consumer.assign([TopicPartition(topic, partition, start)])
     try:
         while True:
@@ -57,7 +58,7 @@ def ranges(bootstrap: str, topic: str, start: dict[int, int] | None = None, from
            ) -> dict[int, tuple[int, int]]:
     """partition -> (first offset, end offset) to export: from `start` (or the first message at
     or after `from_ms`, or the beginning) to the end offsets of now."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mallwatt-export-input"})
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": "mallwatt-export-input"}))
     try:
         parts = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         out = {}

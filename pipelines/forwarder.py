@@ -25,8 +25,10 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from infra import topics as T
+from infra.kafka_security import secured
 from pipelines.envelope import outbox_of
 from pipelines.faults import fault_point
+from pipelines.signing import relay_signer, sign_relay_value
 from schemas import codec
 from schemas.intervals import INTERVAL_ROWS, rows_to_interval_batch, unpack_interval_rows
 from schemas.ledger import LEDGER_ROWS, frame_to_ledger_batch, rows_to_frame, unpack_ledger_rows
@@ -78,7 +80,7 @@ def consumer_config(bootstrap: str, group: str, instance: str | None = None) -> 
     }
     if instance:
         config["group.instance.id"] = f"{group}-{instance}"
-    return config
+    return secured(config)
 
 
 class Forwarder:
@@ -87,10 +89,10 @@ class Forwarder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
         self._consumer = Consumer(consumer_config(bootstrap, group))
-        self._producer = Producer({
+        self._producer = Producer(secured({
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 2, "compression.type": "lz4",
-        })
+        }))
         self.forwarded = 0
         self._uncommitted = False
         self._committed_at = time.monotonic()
@@ -98,6 +100,7 @@ class Forwarder:
         self._undelivered: dict[int, int] = {0: 0}  # epoch -> outputs not yet acknowledged
         self._closed: deque[tuple[int, list[TopicPartition]]] = deque()  # epoch, positions after it
         self._failure: str | None = None  # a delivery the broker refused
+        self._signer = relay_signer()  # relay commands leave signed; collectors refuse unsigned ones
 
     def start(self) -> None:
         self._thread.start()
@@ -219,6 +222,8 @@ class Forwarder:
             elif item.topic == INTERVAL_ROWS:
                 if interval_rows is not None:
                     interval_rows += unpack_interval_rows(item.value)
+            elif item.topic == T.RELAY_COMMANDS:
+                self._produce(item.topic, item.key, sign_relay_value(self._signer, item.value), item.partition)
             else:
                 self._produce(item.topic, item.key, item.value, item.partition)
         self._producer.poll(0)

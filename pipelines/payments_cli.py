@@ -10,6 +10,7 @@ import uuid
 from decimal import Decimal
 
 from infra.broker import bootstrap_servers
+from infra.kafka_security import kafka_config
 from pipelines.money_input import produce_payment
 
 #: The largest amount one command may move, in currency units: a typo guard far above any real
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"payment id {payment['payment_id']} (retry with --payment-id {payment['payment_id']})", file=sys.stderr)
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap_servers(), "enable.idempotence": True})
+    producer = Producer(kafka_config(bootstrap_servers(), **{"enable.idempotence": True}))
     produce_payment(producer, payment)
     if producer.flush(30):
         print(f"mallwatt topup: Kafka did not confirm the payment; retry with --payment-id {payment['payment_id']}",

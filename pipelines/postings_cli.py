@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from infra.broker import bootstrap_servers
+from infra.kafka_security import kafka_config
 from pipelines.core.wallet import DEBT_POSTING_KINDS, POSTING_KINDS
 from pipelines.money_input import produce_posting
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap_servers(), "enable.idempotence": True})
+    producer = Producer(kafka_config(bootstrap_servers(), **{"enable.idempotence": True}))
     for p in postings:
         produce_posting(producer, p)
     if producer.flush(30):

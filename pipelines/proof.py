@@ -95,6 +95,7 @@ def compare(published: Published, replayed: Replayed, ctx: Any = None) -> list[s
     _ledger(published.ledger, replayed.ledger, problems)
     _balances(published, replayed, problems)
     if ctx is not None:
+        _signatures(published.commands, problems)
         _keyed("command", published.commands, expected_commands(replayed.commands, ctx), "command_id",
                COMMAND_FIELDS, problems)
         expected = expected_alerts(replayed.alerts, replayed.rejected_readings, ctx)
@@ -103,6 +104,18 @@ def compare(published: Published, replayed: Replayed, ctx: Any = None) -> list[s
     for note in problems.notes:
         log.warning("proof note: %s", note)
     return problems.summary()
+
+
+def _signatures(commands: list[dict[str, Any]], problems: _Problems) -> None:
+    """Every published relay command carries a valid signature of the worker's key (the
+    replay has none: signing happens at publish time, so it is checked here, not compared)."""
+    from pipelines.signing import relay_verifier
+
+    verifier = relay_verifier()
+    for cmd in commands:
+        problem = verifier.problem(cmd)
+        if problem is not None:
+            problems.add("command", f"command {cmd['command_id']} published with {problem}")
 
 
 def _ledger(records: list[dict[str, Any]], expected: pl.DataFrame, problems: _Problems) -> None:

@@ -28,8 +28,10 @@ from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
+from infra.kafka_security import KafkaSettings
 from pipelines import batching, billing, claiming, powerloop
-from pipelines.core.claims import CLAIM_HORIZON_DAYS, expired
+from pipelines.audit import config_audit, refused_order_audit
+from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
@@ -83,6 +85,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     app = faust.App(
         APP_ID,
         broker=f"kafka://{bootstrap or bootstrap_servers()}",
+        broker_credentials=KafkaSettings.from_env(bootstrap or bootstrap_servers()).faust_credentials(),
         store=store or os.environ.get("MALLWATT_STORE", "memory://"),
         topic_partitions=partitions,
         key_serializer="raw",
@@ -123,6 +126,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     operator_topic = app.topic(T.OPERATOR_COMMANDS, key_type=bytes, value_type=bytes, partitions=partitions)
     postings_topic = app.topic(T.POSTINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     dlq_topic = app.topic(T.DEADLETTER, key_type=bytes, value_type=bytes)
+    audit_topic = app.topic(T.AUDIT, key_type=bytes, value_type=bytes)
+
+    async def send_audit(record: dict[str, Any]) -> None:
+        await audit_topic.send(key=record["principal"].encode(), value=codec.encode("AuditEvent", record))
 
     async def send_dead_letter(event: Any, stage: str, reason: str) -> Any:
         """Send a dead letter; returns its delivery future (await it before acking the event)."""
@@ -332,21 +339,23 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     newest_claim_ms = [0]  # the newest payment/posting time claimed here: the horizon's "now"
 
-    @app.timer(interval=CLAIM_SWEEP_S)
-    async def forget_expired_claims() -> None:
-        """Drop claims past the horizon from this worker's memory, in slices so that billing
-        never waits for a sweep. The changelog's retention (the same horizon) drops them for a
-        restart, so this only touches the local store, never the changelog."""
-        if not newest_claim_ms[0]:
-            return
+    def claim_keys() -> Any:
+        """The local store's keys for one sweep pass. RocksDB iterates a consistent view, so
+        deleting behind the iterator is safe; the in-memory store (small portfolios) is a dict,
+        which must not change under its iterator: its pass walks a copy of the keys."""
         store = claims.data  # faust's local store of the table
-        keys = list(store.keys())
-        for start in range(0, len(keys), 5_000):
-            for key in keys[start:start + 5_000]:
-                claim = claiming.decode_claim(store.get(key))
-                if claim is not None and expired(claim, newest_claim_ms[0]):
-                    del store[key]
-            await asyncio.sleep(0)
+        return iter(store.keys()) if store.__class__.__module__.endswith("rocksdb") else iter(list(store.keys()))
+
+    def forget_claim(key: Any) -> None:
+        claims.data.pop(key, None)
+
+    sweeper = claiming.ClaimSweeper(claim_keys, lambda key: claims.data.get(key), forget_claim,
+                                    pass_interval_s=CLAIM_SWEEP_S)
+
+    @app.timer(interval=1.0)
+    async def forget_expired_claims() -> None:
+        """Forget claims past the horizon, a bounded slice a second (claiming.ClaimSweeper)."""
+        sweeper.tick(newest_claim_ms[0], claims.generation, time.monotonic())
 
     async def claim_records(stream: faust.Stream, schema: str) -> None:
         """Payments or postings against their claims, in input order; an accepted one goes on
@@ -420,6 +429,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             elif problem is None:
                 problem = batching.time_problem(record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
             if problem is not None:
+                if schema == "OperatorCommand" and problem.startswith("unauthorized"):
+                    await send_audit(refused_order_audit(record, ctx, problem))
                 await to_dead_letter(event, "routing", problem)
                 continue
             key = ctx.bucket_of(account)
@@ -444,7 +455,9 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         if route is None or route.account_id != command["account_id"]:
             return command["account_id"], (f"meter {command['meter_id']!r} is not a meter of account "
                                            f"{command['account_id']!r} in the current config")
-        return route.account_id, None
+        # signatures, permissions, approval, life-safety (pipelines.core.authority): a refusal
+        # goes to the dead letters with its reason
+        return route.account_id, ctx.operator_decision(command).problem()
 
     @app.agent(accepted_postings_topic)
     async def on_postings(stream: faust.Stream) -> None:
@@ -457,7 +470,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     @app.timer(interval=5.0)
     async def reload_config() -> None:
         # re-read and rebuild in a thread; billing keeps the last context until the new one is ready
-        await holder.reload_in_background()
+        error_before = holder.last_error
+        changed = await holder.reload_in_background()
+        if changed or (holder.last_error and holder.last_error != error_before):
+            await send_audit(config_audit(holder, changed, int(time.time() * 1000)))
 
     def outcome_account(outcome: dict[str, Any], ctx: Any) -> tuple[str, str | None]:
         route = ctx.meter_route.get(outcome["meter_id"])

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from pipelines.portal.preferences import Preferences
 from pipelines.portal.readmodel import ReadModel
 from schemas import codec
@@ -45,9 +46,9 @@ class KafkaFeed:
     def _run(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "mallwatt-portal",
+        consumer = Consumer(kafka_config(self.bootstrap, **{"group.id": "mallwatt-portal",
                              "enable.auto.commit": False, "fetch.wait.max.ms": 50,
-                             "fetch.min.bytes": 1})
+                             "fetch.min.bytes": 1}))
         parts, ends = [], {}
         for topic in self.topics:
             meta = consumer.list_topics(topic, timeout=30).topics[topic]

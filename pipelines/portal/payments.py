@@ -11,6 +11,7 @@ import asyncio
 import threading
 from typing import Any, Protocol
 
+from infra.kafka_security import kafka_config
 from pipelines.money_input import produce_payment
 
 ACK_TIMEOUT_S = 10.0
@@ -34,8 +35,8 @@ class KafkaPaymentSink:
         from confluent_kafka import Producer
 
         self.partitions, self.timeout_s = partitions, timeout_s
-        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 0,
-                                  "message.timeout.ms": int(timeout_s * 1000)})
+        self.producer = Producer(kafka_config(bootstrap, **{"enable.idempotence": True, "linger.ms": 0,
+                                  "message.timeout.ms": int(timeout_s * 1000)}))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="portal-producer", daemon=True)
         self._thread.start()

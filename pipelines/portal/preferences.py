@@ -1,22 +1,21 @@
 """A merchant's alert preferences: channels, phone, quiet hours, low-balance threshold, language.
 
-Pure: validation (every error names its field), the record kept on the compacted topic
-`mallwatt.alert-preferences` (key: account id, schema AlertPreferences), and the questions a
-notifier asks (`may_send`: is this channel wanted, is it quiet there now). The portal writes
-a record and answers only after Kafka acknowledged it; the portal's feed and the notify
-service rebuild the latest record per account from the topic (docs/portal.md).
+Pure: validation (every error names its field) and the record kept on the compacted topic
+`mallwatt.alert-preferences` (key: account id, schema AlertPreferences). The portal writes a
+record and answers only after Kafka acknowledged it; the portal's feed rebuilds the latest
+record per account from the topic, and so does the notifier's lookup
+(pipelines.portal.notify_lookup), which hands them to the SMS adapter as
+pipelines.notify.preferences.Preferences: quiet hours are decided there, once.
 
 Quiet hours are local wall-clock times in the mall's zone, "HH:MM" to "HH:MM", and may span
-midnight (22:00-07:00). CRITICAL alerts (a trip, tamper) are never held by quiet hours.
+midnight (22:00-07:00).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from pipelines.core.models import WalletPolicy
 
@@ -124,29 +123,3 @@ def _quiet(value: Any) -> tuple[str | None, str | None]:
     if value["start"] == value["end"]:
         raise PreferenceError("quiet_hours.end", "must differ from start (null for no quiet hours)")
     return value["start"], value["end"]
-
-
-def _minutes(hhmm: str) -> int:
-    hours, minutes = hhmm.split(":")
-    return int(hours) * 60 + int(minutes)
-
-
-def in_quiet_hours(prefs: Preferences, ts_ms: int, tz: str) -> bool:
-    """Whether `ts_ms` falls in the quiet hours, read in the mall's zone (start inclusive)."""
-    if prefs.quiet_start is None or prefs.quiet_end is None:
-        return False
-    local = datetime.fromtimestamp(ts_ms / 1000, ZoneInfo(tz))
-    now, start, end = local.hour * 60 + local.minute, _minutes(prefs.quiet_start), _minutes(prefs.quiet_end)
-    return start <= now < end if start < end else (now >= start or now < end)
-
-
-def may_send(prefs: Preferences | None, channel: str, severity: str, ts_ms: int, tz: str) -> tuple[bool, str]:
-    """(send now?, why not). No preferences: the notify config decides alone. The log channel
-    is the operators' and always passes. CRITICAL passes quiet hours, not an unwanted channel."""
-    if prefs is None or channel == "log":
-        return True, ""
-    if channel not in prefs.channels:
-        return False, f"channel {channel} not chosen by the merchant"
-    if severity != "CRITICAL" and in_quiet_hours(prefs, ts_ms, tz):
-        return False, f"quiet hours {prefs.quiet_start}-{prefs.quiet_end}"
-    return True, ""

@@ -29,10 +29,13 @@ from pipelines.envelope import Envelope, OutboxItem
 from pipelines.portfolio import parse_portfolio
 from pipelines.proof import Published, Replayed, compare
 from pipelines.proof_input import ProofInput, make_input
+from pipelines.signing import relay_signer, sign_relay_value
 from schemas import codec
 from schemas.ledger import LEDGER_ROWS, row_entries
 
 PARTITIONS = 4
+
+SIGNER = relay_signer()
 
 
 class StreamModel:
@@ -58,7 +61,8 @@ class StreamModel:
             elif item.topic == T.ALERTS:
                 self.published.alerts.append(codec.decode("Alert", item.value))
             elif item.topic == T.RELAY_COMMANDS:
-                self.published.commands.append(codec.decode("RelayCommand", item.value))
+                # signed at publish time, as the forwarder does
+                self.published.commands.append(codec.decode("RelayCommand", sign_relay_value(SIGNER, item.value)))
             elif item.topic == T.PAYMENTS_ACCEPTED:
                 self._accepted.append(codec.decode("Payment", item.value))
 
@@ -190,10 +194,13 @@ def _doctored(published: Published, how: str) -> Published:
         ledger = [e for e in ledger if e["entry_id"] != gone]
     elif how == "exact_duplicate":
         ledger.insert(topup + 1, dict(ledger[topup]))
-    return Published(ledger, published.alerts, published.commands, published.worker_balances)
+    commands = [dict(c) for c in published.commands]
+    if how == "unsigned_command":  # every field as the replay's, but published without a signature
+        commands[0]["signature"] = None
+    return Published(ledger, published.alerts, commands, published.worker_balances)
 
 
-@pytest.mark.parametrize("how", ["double_topup", "balance_after", "missing"])
+@pytest.mark.parametrize("how", ["double_topup", "balance_after", "missing", "unsigned_command"])
 def test_comparison_fails_on_a_doctored_stream(world: tuple[ProofInput, BillingContext], how: str) -> None:
     inp, ctx = world
     published, readings, payments = run(inp, ctx, 1)

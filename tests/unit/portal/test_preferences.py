@@ -1,12 +1,10 @@
 """Alert preferences: validation with the field named, the API (scoping, body limit, Kafka
-ack before 2xx), the compacted-topic record surviving a restart, and the notifier's rule."""
+ack before 2xx), the compacted-topic record surviving a restart."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -18,8 +16,6 @@ from pipelines.portal.payments import PaymentNotAcknowledged
 from pipelines.portal.preferences import (
     PreferenceError,
     Preferences,
-    in_quiet_hours,
-    may_send,
     threshold_limits,
     validate,
 )
@@ -57,25 +53,6 @@ def test_policy_limits_and_partial_update() -> None:
     assert second.language == "zh-CN" and second.phone == first.phone and second.updated_ms == NOW + 1
     cleared = validate({"quiet_hours": None, "low_balance_minor": None}, "A", POLICY, NOW, second)
     assert cleared.quiet_start is None and cleared.low_balance_minor is None
-
-
-def test_quiet_hours_in_the_malls_zone_and_the_notifier_rule() -> None:
-    prefs = validate(GOOD, "A", POLICY, NOW)
-
-    def at(local: str, tz: str = "Asia/Shanghai") -> int:
-        return int(datetime.fromisoformat(local).replace(tzinfo=ZoneInfo(tz)).timestamp() * 1000)
-
-    assert in_quiet_hours(prefs, at("2026-07-15T23:10"), "Asia/Shanghai")
-    assert in_quiet_hours(prefs, at("2026-07-16T07:29"), "Asia/Shanghai")
-    assert not in_quiet_hours(prefs, at("2026-07-16T07:30"), "Asia/Shanghai")
-    # 23:10 in Shanghai is 16:10 in Paris: the mall's zone decides, not UTC
-    assert not in_quiet_hours(prefs, at("2026-07-15T23:10"), "Europe/Paris")
-    night = at("2026-07-15T23:10")
-    assert may_send(prefs, "sms", "WARNING", night, "Asia/Shanghai")[0] is False
-    assert may_send(prefs, "sms", "CRITICAL", night, "Asia/Shanghai") == (True, "")
-    assert may_send(prefs, "voice", "CRITICAL", night, "Asia/Shanghai")[0] is False  # not chosen
-    assert may_send(prefs, "log", "INFO", night, "Asia/Shanghai") == (True, "")
-    assert may_send(None, "sms", "INFO", night, "Asia/Shanghai") == (True, "")
 
 
 class RecordingSink:

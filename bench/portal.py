@@ -59,7 +59,8 @@ KEYS = ("merchants", "accounts_in_read_model", "hours_of_history", "history_entr
         "readmodel_bytes_per_account_full", "readmodel_projected_mb_full", "offered_rps", "achieved_rps",
         "balance_requests", "balance_errors", "balance_p50_ms", "balance_p99_ms", "balance_max_ms",
         "topup_samples", "topup_failures", "topup_to_balance_ms_p50", "topup_to_balance_ms_p99",
-        "topup_to_balance_ms_max", "webhook_ms_p50", "webhook_ms_p99", "failure", "notes")
+        "topup_to_balance_ms_max", "webhook_ms_p50", "webhook_ms_p99", "health_p50_ms", "health_p99_ms",
+        "portal_cpu_ms_per_request", "load_average", "failure", "notes")
 
 
 def log(text: str) -> None:
@@ -196,6 +197,35 @@ def rss_bytes(pid: int) -> int:
 
 # --- load ----------------------------------------------------------------------------------
 
+async def baseline_phase(args: argparse.Namespace, base: str, result: dict[str, Any]) -> None:
+    """The same open loop on GET /health (no token, no read model): what this machine and
+    aiohttp give at this rate, so the balance figures read as a ratio within one run."""
+    import aiohttp
+
+    latencies: list[float] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async def one(scheduled: float) -> None:
+            try:
+                async with http.get(f"{base}/api/v1/health") as r:
+                    await r.read()
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            latencies.append((time.perf_counter() - scheduled) * 1000)
+
+        tasks = []
+        n = int(args.rate * args.baseline_s)
+        t0 = time.perf_counter()
+        for i in range(n):
+            scheduled = t0 + i / args.rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(scheduled)))
+        await asyncio.gather(*tasks)
+    result.update(health_p50_ms=percentile(latencies, 0.5), health_p99_ms=percentile(latencies, 0.99))
+
+
 async def load_phase(args: argparse.Namespace, base: str, tokens: dict[str, str], sample: list[str],
                      provider: Any, result: dict[str, Any]) -> None:
     import aiohttp
@@ -322,6 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hours", type=int, default=6, help="hourly charges per account in the history (default 6)")
     p.add_argument("--rate", type=float, default=500.0, help="balance requests per second (default 500)")
     p.add_argument("--duration-s", type=float, default=30.0, help="load duration (default 30)")
+    p.add_argument("--baseline-s", type=float, default=10.0, help="GET /health at --rate before (default 10)")
     p.add_argument("--topups", type=int, default=40, help="webhook top-ups during the load (default 40)")
     p.add_argument("--tokens", type=int, default=1000, help="merchant tokens the load spreads over (default 1000)")
     p.add_argument("--port", type=int, default=29420, help="private broker port (+1 for its controller)")
@@ -340,7 +371,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     from confluent_kafka import Producer
 
     from bench.scale_input import payment, write_portfolio
-    from bench.scale_kafka import Processes
+    from bench.scale_kafka import Processes, cpu_seconds
     from infra import broker
     from infra import topics as T
     from pipelines.money_input import produce_payment
@@ -393,6 +424,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         for account in sample:  # the sample's history comes from the worker itself
             produce_payment(producer, payment(f"open-{account}", account, OPENING, now), partitions)
         producer.flush(30)
+        del producer  # before the broker stops, or librdkafka keeps reconnecting until exit
 
         log(f"creating {args.tokens} merchant tokens")
         store = TokenStore(args.dir / "tokens.json")
@@ -419,8 +451,14 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         health = asyncio.run(wait_health(base, 30, portal))
         result.update(accounts_in_read_model=health["accounts_seen"], portal_rss_mb=round(rss / 2**20, 1),
                       portal_rss_bytes_per_account=round(rss / args.merchants))
+        log(f"baseline: {args.rate:g} GET /health per second for {args.baseline_s:g} s")
+        asyncio.run(baseline_phase(args, base, result))
         log(f"load: {args.rate:g} balance requests/s for {args.duration_s:g} s, {args.topups} webhook top-ups")
+        cpu0 = cpu_seconds(portal.pid)
         asyncio.run(load_phase(args, base, tokens, sample, HmacProvider("bench", secret.encode()), result))
+        result["portal_cpu_ms_per_request"] = round((cpu_seconds(portal.pid) - cpu0) * 1000
+                                                    / max(1, result["balance_requests"]), 2)
+        result["load_average"] = round(os.getloadavg()[0], 1)
         log(f"balance p50/p99 {result['balance_p50_ms']}/{result['balance_p99_ms']} ms at {result['achieved_rps']} "
             f"req/s; top-up to balance p50/p99 {result['topup_to_balance_ms_p50']}/"
             f"{result['topup_to_balance_ms_p99']} ms ({result['topup_samples']} samples)")

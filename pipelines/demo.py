@@ -95,7 +95,7 @@ class CommandWatch(threading.Thread):
         self.consumer = Consumer(kafka_config(bootstrap, **{"group.id": f"demo-watch-{time.time()}",
                                   "auto.offset.reset": "earliest"}))
         self.tripped: set[str] = set()
-        self.reconnected: set[str] = set()
+        self.reconnected: dict[str, int] = {}  # account -> RECONNECT commands seen
         self.trips = self.reconnects = self.confirmed = 0
         self.retries: list[str] = []  # re-issued commands (the power loop: pipelines/core/relay.py)
         self.retry_outcomes: dict[str, str] = {}
@@ -128,7 +128,7 @@ class CommandWatch(threading.Thread):
             elif cmd["action"] == "RECONNECT":
                 self.reconnects += 1
                 if cmd["account_id"]:
-                    self.reconnected.add(cmd["account_id"])
+                    self.reconnected[cmd["account_id"]] = self.reconnected.get(cmd["account_id"], 0) + 1
         self.consumer.close()
 
     def stop(self) -> None:
@@ -157,6 +157,21 @@ class PortalMerchant:
     def link(self) -> str:
         return f"{self.base}/m#t={self.token}"
 
+    async def statement(self, period: str) -> None:
+        """The closed day's statement as the merchant's page fetches it (the bills' own document)."""
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, http.get(
+                f"{self.base}/api/v1/accounts/{self.account}/statements/{period}",
+                headers={"Authorization": f"Bearer {self.token}"}) as r:
+            doc = await r.json()
+        if r.status != 200:
+            print(f"  portal statement of {self.account} for {period}: {r.status} {doc.get('message')}", flush=True)
+            return
+        print(f"  the portal serves {self.account}'s statement {doc['doc_id']} too (GET /api/v1/accounts/"
+              f"{self.account}/statements/{period}): opening {doc['opening_minor'] / 100:.2f}, "
+              f"{len(doc['lines'])} lines, closing {doc['closing_minor'] / 100:.2f}", flush=True)
+
     async def topup(self, amount_minor: int, watch: CommandWatch, timeout_s: float = 40.0) -> None:
         """As the page does it: checkout, the simulated provider takes the payment and posts its
         signed notification to the webhook; then the balance API shows the credit and the relay."""
@@ -167,6 +182,7 @@ class PortalMerchant:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
             async with http.get(f"{url}/balance", headers=auth) as r:
                 before = await r.json()
+            reconnects = watch.reconnected.get(self.account, 0)  # a RECONNECT after this one is the top-up's
             async with http.post(f"{url}/checkout", json={"amount_minor": amount_minor}, headers=auth) as r:
                 session = await r.json()
                 if r.status != 200:
@@ -192,7 +208,7 @@ class PortalMerchant:
                         now = await r.json()
                     say(f"portal: the balance API shows the credit {credited:.1f} s after the 2xx: "
                         f"{(before['balance_minor'] or 0) / 100:.2f} -> {now['balance_minor'] / 100:.2f}")
-                if reconnected is None and self.account in watch.reconnected:
+                if reconnected is None and watch.reconnected.get(self.account, 0) > reconnects:
                     async with http.get(f"{url}/balance", headers=auth) as r:
                         relay = (await r.json())["relay"]
                     if relay["state"] == "connected":
@@ -260,7 +276,8 @@ async def run_meters(portfolio_path: Path, portfolio: Portfolio, opening: dict[s
         await asyncio.wait_for(collector, 30)
         await sim.stop()
     retried = [f"{c} -> {watch.retry_outcomes.get(c, 'no outcome yet')}" for c in watch.retries]
-    return {**stats, "topups_opening": len(opening), "topups_rescue": len(topped_up), "retried": retried}
+    return {**stats, "topups_opening": len(opening), "topups_rescue": len(topped_up), "retried": retried,
+            "portal_merchant": merchant}
 
 
 def summary_queries() -> dict[str, str]:
@@ -418,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_sink(int(stats.get("readings", 0)))
         print_summary(stats)
         export_bills(portfolio_path, portfolio.malls[0].merchants[0].id)
+        asyncio.run(stats["portal_merchant"].statement(BILL_DAY))
         return 0
     except Exception as exc:
         say(f"failed: {exc}")

@@ -35,6 +35,9 @@ import polars as pl
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from infra.home import data_dir
+from infra.redact import install_log_redaction, redact
+from infra.sql_guard import caller_role, require_write_role
 from infra.warehouse_endpoint import (
     OwnerInfo,
     QueryEndpoint,
@@ -46,6 +49,7 @@ from infra.warehouse_endpoint import (
     remove_owner,
     write_owner,
 )
+from infra.warehouse_readonly import open_reader
 from infra.warehouse_sql import (
     DATABASE,
     apply_migrations,
@@ -62,6 +66,7 @@ __all__ = [
     "apply_migrations",
     "chdb_path",
     "get_client",
+    "get_reader",
     "load_dimensions_here",
     "open_owner",
     "query",
@@ -75,8 +80,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHDB_PATH = REPO_ROOT / "var" / "chdb"
+DEFAULT_CHDB_PATH = data_dir("chdb")
 LOCK_FILE = "owner.lock"
 
 
@@ -102,7 +106,8 @@ class _Held:
     """A folder this process holds: the lock fd and the clients opened on it."""
 
     fd: int
-    clients: list[Any] = field(default_factory=list)
+    clients: list[Any] = field(default_factory=list)  # [0] is the first writer
+    reader: Any | None = None  # the readonly=1 connection for reads (warehouse_readonly)
 
 
 _held: dict[Path, _Held] = {}
@@ -155,7 +160,7 @@ def release_folder(path: str | os.PathLike[str] | None = None) -> None:
         held = _held.pop(folder, None)
     if held is None:
         return
-    for client in held.clients:
+    for client in [*held.clients, *([held.reader] if held.reader is not None else [])]:
         with contextlib.suppress(Exception):
             client.close()
     os.close(held.fd)  # closing the fd releases the flock
@@ -163,6 +168,18 @@ def release_folder(path: str | os.PathLike[str] | None = None) -> None:
 
 def _open_chdb(folder: Path) -> Any:
     return clickhouse_connect.get_client(dsn=f"chdb://{folder}")
+
+
+def _open_chdb_reader(folder: Path) -> Any:
+    """A second handle on the same engine whose session is readonly=1 for good."""
+    return open_reader(f"chdb://{folder}")
+
+
+def _reader_of(held: _Held, folder: Path) -> Any:
+    with _held_guard:
+        if held.reader is None:
+            held.reader = _open_chdb_reader(folder)
+        return held.reader
 
 
 def get_client(path: str | os.PathLike[str] | None = None, *, wait: float = 0.0) -> Any:
@@ -180,6 +197,16 @@ def get_client(path: str | os.PathLike[str] | None = None, *, wait: float = 0.0)
     client = _open_chdb(folder)
     held.clients.append(client)
     return client
+
+
+def get_reader(path: str | os.PathLike[str] | None = None, *, wait: float = 0.0) -> Any:
+    """A read-only (readonly=1, verified) client: the server of MALLWATT_CLICKHOUSE, else
+    the embedded folder, held by this process as for `get_client` (one shared reader)."""
+    url = server_url()
+    if url and path is None:
+        return open_reader(url, autogenerate_session_id=False)
+    folder = chdb_path(path)
+    return _reader_of(_acquire(folder, wait), folder)
 
 
 # --- the owner ------------------------------------------------------------------------
@@ -202,7 +229,8 @@ class WarehouseOwner:
                     log.info("warehouse migrations applied: %s", ", ".join(applied))
             if serve and self.folder is not None:
                 # Its own client: a long report must not queue behind the sink's inserts.
-                self.endpoint = QueryEndpoint(get_client(self.folder)).start()
+                self.endpoint = QueryEndpoint(
+                    get_client(self.folder), reader=get_reader(self.folder)).start()
                 write_owner(
                     self.folder,
                     OwnerInfo(
@@ -269,22 +297,28 @@ def query_arrow(
 ) -> pa.Table:
     """Run one statement wherever the warehouse is; see the module doc for the routing.
 
-    Statements other than SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS raise ReadOnlyError
-    unless `allow_write`. Parameters bind server-side: `{name:Type}` in the SQL.
+    Reads run on a readonly=1 connection after the guard of `infra.sql_guard`; statements
+    other than SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS raise ReadOnlyError unless
+    `allow_write`. Parameters bind server-side: `{name:Type}` in the SQL.
     """
     if path is None and server_url():
-        client = get_client()
+        reader = get_reader()
+        writer = None
         try:
-            return execute_arrow(client, sql, params, allow_write)
+            writer = get_client() if allow_write else None
+            return execute_arrow(reader, sql, params, allow_write, writer)
         finally:
-            client.close()
+            reader.close()
+            if writer is not None:
+                writer.close()
     folder = chdb_path(path)
     deadline = time.monotonic() + wait
     while True:
         with _held_guard:
             held = _held.get(folder)
-        if held is not None and held.clients:
-            return execute_arrow(held.clients[0], sql, params, allow_write)
+        if held is not None and (held.clients or held.reader is not None):
+            writer = held.clients[0] if held.clients else None
+            return execute_arrow(_reader_of(held, folder), sql, params, allow_write, writer)
         owner = live_owner(folder)
         if owner is not None:
             return remote_query(owner, sql, params, allow_write)
@@ -300,11 +334,15 @@ def query_arrow(
             time.sleep(0.2)
             continue
         try:
-            client = _open_chdb(folder)
+            reader = _open_chdb_reader(folder)
+            writer = None
             try:
-                return execute_arrow(client, sql, params, allow_write)
+                writer = _open_chdb(folder) if allow_write else None
+                return execute_arrow(reader, sql, params, allow_write, writer)
             finally:
-                client.close()
+                reader.close()
+                if writer is not None:
+                    writer.close()
         finally:
             os.close(fd)
 
@@ -392,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     dims.add_argument("--config", required=True, help="portfolio YAML (pipelines.portfolio)")
     sql = sub.add_parser("sql", help="run one statement and print the result")
     sql.add_argument("statement")
-    sql.add_argument("--write", action="store_true", help="allow a non-SELECT statement")
+    sql.add_argument("--write", action="store_true",
+                     help="allow a non-SELECT statement (needs MALLWATT_ROLE=admin)")
     sql.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     named = sub.add_parser("run", help="run a named query from sql/queries/")
     named.add_argument("name")
@@ -401,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    install_log_redaction()
     params = dict(p.split("=", 1) for p in getattr(args, "param", []))
     try:
         if args.cmd == "serve":
@@ -423,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = chdb_path(args.path)
             owner = live_owner(folder)
             print(
-                f"server {server_url()}"
+                f"server {redact(server_url())}"
                 if server_url()
                 else f"{folder}: "
                 + (
@@ -440,13 +480,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "queries":
             print("\n".join(list_named_queries()))
         elif args.cmd == "sql":
+            if args.write:
+                require_write_role(caller_role())
             _print_table(
                 query_arrow(args.statement, params or None, allow_write=args.write, path=args.path)
             )
         elif args.cmd == "run":
             _print_table(query_arrow(named_query_text(args.name), params or None, path=args.path))
     except (WarehouseError, DatabaseError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 1
     return 0
 

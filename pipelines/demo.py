@@ -377,6 +377,23 @@ def start_portal(services: Services, portfolio_path: Path, opening: dict[str, in
     return merchant
 
 
+def monitoring_up() -> bool:
+    """Prometheus and Alertmanager scraping the sink and the worker (infra/monitoring.py);
+    the demo goes on without them where Debian's packages cannot be installed."""
+    from infra import monitoring as mon
+
+    os.environ.setdefault("MALLWATT_MONITORING_DIR", str(DEMO_DIR / "monitoring"))
+    os.environ.setdefault("MALLWATT_SCRAPE_INTERVAL", "5s")
+    os.environ.setdefault("MALLWATT_ALERT_FOR", "30s")  # the demo's 2 minutes: alerts within seconds
+    try:
+        started = mon.up(scrape=("sink", "worker"))
+    except Exception as exc:  # monitoring is a bonus here, never the demo's failure
+        say(f"monitoring not started: {exc}")
+        return False
+    say(f"Prometheus at {started['prometheus']} (alerts: {started['alertmanager']}), scraping sink and worker")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mallwatt demo",
@@ -415,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MALLWATT_CHDB_PATH"] = env["MALLWATT_CHDB_PATH"]
     services = Services(env)
     watch: CommandWatch | None = None
+    monitored = False
     try:
         say("starting Kafka (first run downloads the jars from Maven Central)...")
         bootstrap = broker.start(kafka).bootstrap
@@ -424,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"kafka at {bootstrap}; the sink owns the warehouse in {env['MALLWATT_CHDB_PATH']} and migrates it")
         services.start("sink", "sink")
         services.start("worker", "worker", "--config", str(portfolio_path))
+        monitored = monitoring_up()
         watch = CommandWatch(bootstrap)
         watch.start()
         time.sleep(3.0)
@@ -441,9 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"failed: {exc}")
         return 1
     finally:
+        from infra import monitoring as mon
+
+        alerts = mon.alert_line() if monitored else None  # the alert state, before stopping
         # each step on its own: one failing must not leave the others running
         for step in (watch.stop if watch is not None else None, services.stop,
-                     None if external else lambda: broker.stop(kafka)):
+                     None if external else lambda: broker.stop(kafka), mon.down if monitored else None):
             if step is None:
                 continue
             try:
@@ -451,3 +473,5 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 say(f"cleanup step failed: {exc}")
         say("stopped everything the demo started")
+        if alerts:
+            say(f"Alertmanager at the end: {alerts}")

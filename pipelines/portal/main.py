@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_TOKENS = Path("var/portal/tokens.json")
+from infra.home import data_dir
+
+DEFAULT_TOKENS = data_dir("portal", "tokens.json")
 
 
 def _tokens_path(arg: str | None) -> Path:

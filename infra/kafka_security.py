@@ -166,8 +166,9 @@ def acls(app_id: str = "mallwatt-billing") -> dict[str, list[tuple[str, str, str
         # manual top-ups and postings, operator-signed (pipelines.core.money_authority)
         "finance": _topic(T.PAYMENTS, _W, _D) + _topic(T.POSTINGS, _W, _D) + _topic(T.AUDIT, _W, _D),
         "sink": _topic("mallwatt.", _R, _D, prefixed=True) + _group("mallwatt-sink"),
-        "notifier": _topic(T.ALERTS, _R, _D) + _group("mallwatt-notify"),
+        "notifier": _topic(T.ALERTS, _R, _D) + _topic(T.ALERT_PREFERENCES, _R, _D) + _group("mallwatt-notify"),
         "portal": _topic(T.LEDGER, _R, _D) + _topic(T.ALERTS, _R, _D) + _topic(T.INTERVALS, _R, _D)
+        + _topic(T.RELAY_COMMANDS, _R, _D) + _topic(T.ALERT_PREFERENCES, _R, _W, _D)
         + _topic(T.PAYMENTS, _W, _D) + _topic(T.AUDIT, _W, _D) + _group("mallwatt-portal"),
         "watch": _topic(T.COLLECTOR_EVENTS, _R, _D) + _topic(T.READINGS, _R, _D) + _topic(T.ALERTS, _R, _W, _D)
         + _group("mallwatt-watch"),

@@ -39,6 +39,7 @@ SCHEMA_FILES: dict[str, str] = {
     "LedgerPosting": "ledger_posting.avsc",
     "LedgerBatch": "ledger_batch.avsc",
     "IntervalBatch": "interval_batch.avsc",
+    "AlertPreferences": "alert_preferences.avsc",
     "AuditEvent": "audit_event.avsc",
 }
 

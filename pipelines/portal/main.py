@@ -27,6 +27,30 @@ def _tokens_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("MALLWATT_PORTAL_TOKENS") or DEFAULT_TOKENS)
 
 
+def _audit_token(action: str, token_id: str, target: str, now_ms: int) -> None:
+    """A token issue or revocation on the audit trail (best effort: the token store is the
+    authority; a broker that does not answer in 3 s gets a warning, not a failed command).
+    The principal is the local OS account that ran the command."""
+    import getpass
+
+    from confluent_kafka import Producer
+
+    from infra.broker import bootstrap_servers
+    from infra.kafka_security import kafka_config
+    from pipelines.audit import audit_record, produce_audit
+
+    record = audit_record(now_ms, f"local:{getpass.getuser()}", action, target, "done", "portal",
+                          f"token {token_id}", event_id=f"{action}:{token_id}")
+    try:
+        producer = Producer(kafka_config(bootstrap_servers(), **{"message.timeout.ms": 3000, "log_level": 0}))
+        produce_audit(producer, record)
+        unconfirmed = producer.flush(3.5)
+    except Exception:  # noqa: BLE001 - a bad Kafka setting must not lose the token just made
+        unconfirmed = 1
+    if unconfirmed:
+        print(f"mallwatt portal token: the audit event for {token_id} was not confirmed by Kafka", file=sys.stderr)
+
+
 def token_main(argv: list[str]) -> int:
     from pipelines.portal.auth import TokenStore
 
@@ -47,12 +71,14 @@ def token_main(argv: list[str]) -> int:
         token_id, token = store.create(role, subject, now)
         print(f"token id {token_id} ({role} {subject}); the token is shown only now:", file=sys.stderr)
         print(token)
+        _audit_token("token.issue", token_id, f"{role}:{subject}", now)
         return 0
     if args.action == "revoke":
         if not store.revoke(args.token_id, now):
             print(f"mallwatt portal token: no live token {args.token_id}", file=sys.stderr)
             return 1
         print(f"revoked {args.token_id}")
+        _audit_token("token.revoke", args.token_id, args.token_id, now)
         return 0
     for row in store.list():
         print(f"{row['token_id']}  {row['role']:<8}  {row['subject']:<20}  "

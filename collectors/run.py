@@ -26,12 +26,12 @@ from collectors.poller import Poller, PollerConfig, PollEvent, wall_clock_ms
 from collectors.publish import ReadingPublisher, kafka_find_written, kafka_producer_factory
 from collectors.relay import RelayController
 from collectors.spool import Drainer, Spool, SpoolError
+from infra.home import data_dir
 from pipelines import metrics as M
 from pipelines.portfolio import Portfolio
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SPOOL_ROOT = REPO_ROOT / "var" / "spool"
+SPOOL_ROOT = data_dir("spool")
 
 
 def default_collector_id(mall_id: str, gateways: Sequence[str] | None = None,

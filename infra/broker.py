@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from infra import kafka_runtime
+from infra.home import data_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_DIR = REPO_ROOT / "var" / "kafka"
+DEFAULT_DATA_DIR = data_dir("kafka")
 DEFAULT_PORT = 19092
 # The secured broker (`stack up --secure`) keeps its own files and ports: its storage is
 # formatted with the SCRAM users, and both brokers can run side by side.
-SECURE_DATA_DIR = REPO_ROOT / "var" / "kafka-secure"
+SECURE_DATA_DIR = data_dir("kafka-secure")
 SECURE_PORT = 19192
 HOST = "127.0.0.1"
 HEAP_OPTS = ("-Xmx512m", "-Xms256m")

@@ -1,7 +1,8 @@
 """`mallwatt stack up | down | status`: the local real components in one command.
 
 up: resolve Kafka jars (cached outside git), start the KRaft broker, provision topics,
-apply warehouse migrations. down: stop the broker. status: exits 3 when a component is down
+apply warehouse migrations; with --monitoring also Prometheus and Alertmanager
+(infra/monitoring.py). down: stop the broker (and the monitoring it started). status: exits 3 when a component is down
 (Kafka not answering, warehouse unreachable, or a service named by --require unhealthy). With MALLWATT_KAFKA / MALLWATT_CLICKHOUSE
 set, the external services are used and nothing is started or stopped.
 """
@@ -15,6 +16,7 @@ import sys
 import time
 
 from infra import broker
+from infra.redact import redact, redact_mapping
 from infra.topics import TOPICS, provision_topics, wait_until_served
 
 
@@ -24,14 +26,15 @@ def migrate_warehouse() -> list[str]:
     from infra.warehouse_endpoint import live_owner
 
     if warehouse.server_url():
-        return warehouse.apply_migrations(warehouse.get_client())
+        return warehouse.apply_migrations(warehouse.get_client(), cluster=warehouse.cluster_name())
     if live_owner(warehouse.chdb_path()):
         return []
     with warehouse.open_owner(serve=False, migrate=False) as owner:
         return warehouse.apply_migrations(owner.client)
 
 
-def up(kafka_only: bool = False, secure: bool = False) -> dict[str, object]:
+def up(kafka_only: bool = False, secure: bool = False, monitoring: bool = False,
+       scrape: tuple[str, ...] = ()) -> dict[str, object]:
     t0 = time.monotonic()
     config = broker.BrokerConfig.from_env(secure=secure)
     st = broker.start(config)
@@ -48,13 +51,19 @@ def up(kafka_only: bool = False, secure: bool = False) -> dict[str, object]:
     created = provision_topics(config.bootstrap)
     wait_until_served(config.bootstrap)
     applied: list[str] = [] if kafka_only else migrate_warehouse()
+    if monitoring:  # Prometheus and Alertmanager on loopback (infra/monitoring.py)
+        from infra import monitoring as mon
+
+        out.update(mon.up(scrape))
     return {"kafka": st.bootstrap, "kafka_pid": st.pid, "secure": config.secure, **out, "topics_created": created,
             "topics_declared": len(TOPICS), "migrations_applied": applied,
             "seconds": round(time.monotonic() - t0, 1)}
 
 
 def down(secure: bool = False) -> dict[str, object]:
-    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env(secure=secure))}
+    from infra import monitoring as mon
+
+    return {"kafka_stopped": broker.stop(broker.BrokerConfig.from_env(secure=secure)), **mon.down()}
 
 
 def probe_health(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> str:
@@ -101,8 +110,14 @@ def status(require: tuple[str, ...] = (), secure: bool = False) -> dict[str, obj
             out["warehouse"] = (f"{warehouse.chdb_path()} (owned by pid {owner.pid})" if owner
                                 else f"{warehouse.chdb_path()} (idle)")
     except Exception as exc:  # status must report, not fail
-        out["warehouse"] = f"unavailable: {exc}"
+        out["warehouse"] = redact(f"unavailable: {exc}")
         down.append("warehouse")
+    from infra import monitoring as mon
+
+    for name, state in mon.status().items():  # only when `up --monitoring` started them here
+        out[name] = state
+        if state == "not running":
+            down.append(name)
     for component in require:
         state = probe_health(metrics_port(component))
         out[component] = state
@@ -123,22 +138,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secure", action="store_true",
                         help="the secured broker (var/kafka-secure, port 19192): TLS with a local CA, SCRAM-SHA-512 "
                         "users per component, ACLs; prints the client settings (docs/security.md)")
+    parser.add_argument("--monitoring", action="store_true",
+                        help="up: also start Prometheus and Alertmanager (Debian's packages, installed when missing) "
+                        "on loopback under var/monitoring, scraping every running component (docs/operations.md)")
+    parser.add_argument("--scrape", default="", help="up --monitoring: scrape these components too even if not "
+                        "running yet, e.g. collector,worker,sink")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--require", default="", help="status: also check these services' "
                         "/healthz and /readyz, e.g. sink,worker,notify (ports: docs/operations.md)")
     args = parser.parse_args(argv)
     require = tuple(c.strip() for c in args.require.split(",") if c.strip())
+    scrape = tuple(c.strip() for c in args.scrape.split(",") if c.strip())
     try:
-        result = {"up": lambda: up(args.kafka_only, args.secure), "down": lambda: down(args.secure),
+        result = {"up": lambda: up(args.kafka_only, args.secure, args.monitoring, scrape), "down": lambda: down(args.secure),
                   "status": lambda: status(require, args.secure)}[args.action]()
     except Exception as exc:
-        print(f"mallwatt stack {args.action}: {exc}", file=sys.stderr)
+        print(redact(f"mallwatt stack {args.action}: {exc}"), file=sys.stderr)
         return 1
+    # Settings may carry credentials (MALLWATT_CLICKHOUSE=https://user:pass@host): never printed.
+    result = redact_mapping(result)
     if args.json:
         print(json.dumps(result, default=str))
     else:
         for key, value in result.items():
-            print(f"{key:>20}: {value}")
+            print(f"{key:>20}: {redact(value)}")
     if result.get("down"):  # status: 3 is the LSB code for "not running"
         print(f"mallwatt stack status: down: {', '.join(result['down'])}", file=sys.stderr)  # type: ignore[arg-type]
         return 3

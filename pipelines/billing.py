@@ -22,7 +22,7 @@ from pipelines.core.wallet import friendly_until
 from pipelines.envelope import Envelope, OutboxItem
 from pipelines.facts import interval_facts
 from pipelines.loadcontrol import LoadOutputs, process_load
-from pipelines.powerloop import PowerLoop
+from pipelines.powerloop import PowerLoop, day_due, wallet_due
 from pipelines.relaygate import held_by
 from schemas import codec
 from schemas.intervals import INTERVAL_ROWS, pack_interval_rows
@@ -253,13 +253,14 @@ def apply_outcomes(env: Envelope, account: str, outcomes: list[dict[str, Any]], 
 
 
 def tick(env: Envelope, ctx: BillingContext, now_ms: int) -> Envelope | None:
-    """Timer step of one account at `now_ms` (explicit): trips deferred by a friendly period
-    whose period has ended (engine.tick), then relay chains that are due. None when nothing
+    """Timer step of one account at `now_ms` (explicit): the standing charges and debt schedule
+    of days its readings reached, trips deferred by a friendly period whose period has ended
+    (engine.tick), then relay chains that are due. None when nothing
     changed (nothing to write). The high-water marks stay: a tick consumes no input."""
     loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
     tagged: list[tuple[str, OutboxItem]] = []
     accounts = env.accounts
-    if any(s.deferred or s.warn_pending for s in env.accounts.values()):
+    if wallet_due(env, ctx.rating, now_ms):  # standing charges, debt schedule, deferred trips
         state, out = core_tick(CoreState(dict(env.circuits), dict(env.accounts)), now_ms, ctx.rating)
         accounts = state.accounts
         tagged += outbox_items(out, ctx, lambda _a: "_", {})
@@ -281,6 +282,10 @@ def next_timer_ms(env: Envelope, ctx: BillingContext, now_ms: int) -> int:
         if (s.deferred or s.warn_pending) and rating is not None:
             mall = ctx.rating.malls[rating.mall_id]
             anchor = max(seen if seen else [now_ms])
-            dues.append(max(now_ms + 1, friendly_until(rating.policy.friendly, anchor, mall.tz,
+            since = s.deferred_at if s.deferred_at >= 0 else anchor
+            dues.append(max(now_ms + 1, friendly_until(rating.policy.friendly, since, mall.tz,
                                                        frozenset(mall.holidays))))
+    day = day_due(env, ctx.rating)  # a day the readings reached: due at its start
+    if day is not None and day > now_ms:
+        dues.append(day)
     return min(dues) if dues else now_ms + 60_000

@@ -54,10 +54,28 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def version() -> str:
+    """The installed distribution's version (a source checkout reads pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("mallwatt")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in {"-h", "--help", "help"}:
         print(usage())
+        return 0
+    if args[0] in {"--version", "-V", "version"}:
+        print(f"mallwatt {version()}")
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
@@ -69,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in COMMAND_ENV.get(name, {}).items():
         os.environ.setdefault(key, value)  # before the command's modules import polars
     module_name, func_name, _ = COMMANDS[name]
+    from infra.redact import install_log_redaction
+
+    install_log_redaction()  # no command logs a credential (docs/security.md)
     func = getattr(importlib.import_module(module_name), func_name)
     try:
         result = func(rest)

@@ -124,7 +124,7 @@ WATCH_ALERTS = Counter("mallwatt_watch_alerts_total",
                        "collector_offline alerts published, by cause and state (open, resolved).",
                        ["cause", "state"])
 
-# --- worker and forwarder: declared here, wired by their modules --------------------------------
+# --- worker and forwarder (pipelines/worker_metrics.py) --------------------------------------
 WORKER_INPUT = Counter("mallwatt_worker_input_messages_total", "Messages taken by the worker.",
                        ["topic"])
 WORKER_OUTPUT = Counter("mallwatt_worker_output_messages_total",
@@ -139,6 +139,8 @@ WORKER_STATE_KEYS = Gauge("mallwatt_worker_state_keys", "Keys in the worker's ta
 WORKER_READING_TO_COMMAND = Histogram("mallwatt_worker_reading_to_command_seconds",
                                       "Reading time to relay command issue time.",
                                       buckets=LATENCY_BUCKETS)
+WORKER_ALERTS = Counter("mallwatt_worker_alerts_total",
+                        "Alerts the worker raised (published by the forwarder), by kind.", ["kind"])
 FORWARDER_OUTPUT = Counter("mallwatt_forwarder_messages_total",
                            "Outbox messages published by the forwarder.", ["topic"])
 RELAY_COMMANDS = Counter("mallwatt_relay_commands_total",

@@ -18,6 +18,7 @@ from typing import Any
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
+from infra.home import data_dir
 from infra.kafka_security import kafka_config
 from pipelines.audit import audit_record
 from pipelines.context import landlord_account
@@ -145,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default=os.environ.get("MALLWATT_OPERATOR_KEY"),
                         help="your private key file (default $MALLWATT_OPERATOR_KEY)")
     parser.add_argument("--dry-run", action="store_true", help="show the meters the order would switch; send nothing")
-    parser.add_argument("--orders-dir", type=Path, default=Path(os.environ.get("MALLWATT_ORDERS_DIR", "var/orders")),
+    parser.add_argument("--orders-dir", type=Path, default=Path(os.environ.get("MALLWATT_ORDERS_DIR", str(data_dir("orders")))),
                         help="where proposals wait for approval (default %(default)s)")
-    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
+    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", str(data_dir("portfolio.yaml"))),
                         help="portfolio config (default %(default)s)")
     args = parser.parse_args(argv)
     try:

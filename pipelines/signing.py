@@ -31,8 +31,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-KEY_DIR = REPO_ROOT / "var" / "keys"
+from infra.home import data_dir
+
+KEY_DIR = data_dir("keys")  # infra.home: MALLWATT_HOME, the checkout's var/, or the user data folder
 SIGNATURE_FIELDS = ("key_id", "signature")
 
 

@@ -28,8 +28,9 @@ from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
+from infra.home import data_dir
 from infra.kafka_security import KafkaSettings
-from pipelines import batching, billing, claiming, powerloop
+from pipelines import batching, billing, claiming, powerloop, worker_metrics
 from pipelines.audit import config_audit, refused_order_audit
 from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
@@ -40,7 +41,8 @@ from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import distinct, take_steps
+from pipelines.take import distinct
+from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
 from schemas.readings import batch_to_frame
@@ -61,7 +63,6 @@ TICK_S = float(os.environ.get("MALLWATT_TICK_S", 1.0))
 TICK_SCAN_S = float(os.environ.get("MALLWATT_TICK_SCAN_S", 30.0))
 #: Accounts one tick may update (the rest wait for the next tick).
 TICK_MAX_ACCOUNTS = int(os.environ.get("MALLWATT_TICK_MAX_ACCOUNTS", 2000))
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Partition:
@@ -80,7 +81,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     # one directory per named worker: with MALLWATT_STORE=rocksdb:// a restarted worker finds
     # its own local state there (two workers of one host must not share it)
     name = os.environ.get("MALLWATT_WORKER_NAME", "")
-    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID / name)))
+    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(data_dir("faust", APP_ID, name))))
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         APP_ID,
@@ -135,6 +136,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         """Send a dead letter; returns its delivery future (await it before acking the event)."""
         msg = event.message
         log.warning("dead letter %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, reason)
+        worker_metrics.dead_letter(stage, reason)
         record = dead_letter_record(msg.topic, msg.partition, msg.offset, stage, reason,
                                     msg.key, msg.value, int(time.time() * 1000))
         return await dlq_topic.send(key=msg.topic.encode(), value=codec.encode("DeadLetter", record))
@@ -155,7 +157,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     clock_ms = [0]
 
     def note_due(key: str, env: Envelope) -> None:
-        when = powerloop.next_due(env)
+        when = powerloop.next_due(env, holder.current())
         if when is None:
             due.pop(key, None)
         else:
@@ -171,6 +173,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         clock_ms[0] = max(clock_ms[0], now)
         return now
     collector = StepCollector()
+    worker_metrics.install(app, states, parsed, holder)  # lag, state size, relay backlog; readiness
 
     def store(key: str, env: Envelope) -> None:
         states[key.encode()] = env.to_bytes()
@@ -373,6 +376,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 problem = claiming.record_problem(record, msg.topic, msg.partition, ctx) or batching.time_problem(
                     record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
                 if problem is not None:
+                    if problem.startswith("unauthorized"):  # a refused money command is audited too
+                        await send_audit(claiming.refused_money_audit(record, ctx, problem))
                     letters.append(await send_dead_letter(event, "routing", problem))
                     continue
                 try:
@@ -487,6 +492,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         refused: list[tuple[Any, str]] = []
         per_account: dict[str, list[tuple[int, int, dict[str, Any]]]] = {}
         now = advance_clock([e.message.timestamp for e, _ in decoded]) or clock_ms[0]
+        worker_metrics.relay_outcomes(decoded)
         for event, outcome in decoded:
             account, problem = outcome_account(outcome, ctx)
             problem = owner_problem(event, account, problem, ctx)
@@ -538,7 +544,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 continue
             if new is None:  # a trip still inside its friendly period: look again when it can end
                 env = load(key)
-                if powerloop.next_due(env) is not None:
+                if powerloop.next_due(env, ctx) is not None:
                     due[key] = billing.next_timer_ms(env, ctx, now)
                 continue
             holder_event = _Partition(T.READINGS, partition)
@@ -578,15 +584,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the billing stream worker: prices readings, deducts wallets, applies "
         "top-ups and emits ledger entries, alerts and relay commands. Run more than one to "
         "share the partitions; state moves with its partitions on a rebalance.")
-    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
+    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", str(data_dir("portfolio.yaml"))),
                         help="portfolio config: a YAML file or a roster directory (docs/roster.md); edits are "
                         "picked up live, without stopping billing (default %(default)s)")
     parser.add_argument("--loglevel", default=os.environ.get("MALLWATT_LOGLEVEL", "warning"),
                         help="faust log level (default %(default)s; MALLWATT_LOGLEVEL)")
     parser.add_argument("--no-forwarder", action="store_true",
                         help="do not publish outputs from the changelog in this process")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (default "
+                        "MALLWATT_WORKER_METRICS_PORT or 9464; negative: off; docs/operations.md)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipelines.logsetup import configure, quiet_spinner
+
+    # one handler for every line (JSON with --log-json / MALLWATT_LOG_FORMAT=json); faust keeps it
+    configure("worker", level=args.loglevel.upper())
     # aiokafka builds a debug record for every message it sends unless told otherwise
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
@@ -602,12 +613,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_forwarder:
         forwarder = Forwarder(bootstrap_servers(), changelog_topics(APP_ID), group=f"{APP_ID}-forwarder")
         forwarder.start()
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, override_logging=False)
+    quiet_spinner(worker)
+    server = worker_metrics.serve_worker(app, args.metrics_port)
     try:
         worker.execute_from_commandline()
     finally:
         if forwarder:
             forwarder.stop()
+        if server:
+            server.close()
     return 0
 
 

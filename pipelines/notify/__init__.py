@@ -19,11 +19,11 @@ from pipelines.notify.config import (
 from pipelines.notify.dedup import Dedup
 from pipelines.notify.dispatch import Dispatcher, Outcome, Router, Target
 from pipelines.notify.preferences import Preferences, PreferencesLookup
-from pipelines.notify.providers import LogNotifier, WebhookNotifier, sign, verify
+from pipelines.notify.providers import LogNotifier, NonceCache, WebhookNotifier, sign, verify
 from pipelines.notify.ratelimit import RateLimiter
 from pipelines.notify.sms_tencent import TencentSmsNotifier  # registers provider type "tencent_sms"
 
 __all__ = ["Channel", "DeliveryResult", "Notifier", "Recipient", "NotifyConfig", "NotifyConfigError",
            "ProviderSettings", "load_config", "parse_config", "register_provider_type", "Dedup", "Dispatcher",
-           "Outcome", "Router", "Target", "LogNotifier", "WebhookNotifier", "sign", "verify", "RateLimiter",
-           "Preferences", "PreferencesLookup", "TencentSmsNotifier"]
+           "Outcome", "Router", "Target", "LogNotifier", "WebhookNotifier", "sign", "verify", "NonceCache",
+           "RateLimiter", "Preferences", "PreferencesLookup", "TencentSmsNotifier"]

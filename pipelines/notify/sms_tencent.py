@@ -38,12 +38,13 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.notify import tc3
 from pipelines.notify.base import Channel, DeliveryResult, Recipient
 from pipelines.notify.config import NotifyConfigError, ProviderSettings, register_provider_type
 from pipelines.notify.journal import SendJournal
+from pipelines.notify.outbound import OutboundRefused, check_url, checked_session
 from pipelines.notify.preferences import Preferences, PreferencesLookup, quiet_until_ms
 
 log = logging.getLogger("mallwatt.notify.sms")
@@ -87,6 +88,15 @@ class TencentSmsSettings(ProviderSettings):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     backoff_s: Annotated[float, Field(ge=0)] = 0.5
     max_backoff_s: Annotated[float, Field(ge=0)] = 30.0
+    allow_loopback_http: bool = False  # tests only: an http endpoint on a loopback host (outbound.py)
+
+    @model_validator(mode="after")
+    def _outbound(self) -> TencentSmsSettings:
+        try:
+            check_url(self.endpoint, allow_loopback_http=self.allow_loopback_http)
+        except OutboundRefused as exc:
+            raise ValueError(f"endpoint: {exc}") from None
+        return self
 
     def credentials(self) -> tuple[str, str]:
         values = []
@@ -263,8 +273,9 @@ class TencentSmsNotifier:
 
     async def _deliver(self, key: str, request: dict[str, Any], recipient_key: str) -> DeliveryResult:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=self.settings.timeout_s, connect=min(self.settings.timeout_s, 3.0)))
+            self._session = checked_session(aiohttp.ClientTimeout(
+                total=self.settings.timeout_s, connect=min(self.settings.timeout_s, 3.0)),
+                allow_loopback=self.settings.allow_loopback_http)
         body = self._body(request)
         phone = mask_phone(request["phone"])
         error, status, attempt = "", None, 0
@@ -305,9 +316,11 @@ class TencentSmsNotifier:
         """(verdict, HTTP status, error, serial): verdict ok | retry | permanent | unknown."""
         assert self._session is not None
         try:
-            async with self._session.post(self._url, data=body, headers=headers) as resp:
+            async with self._session.post(self._url, data=body, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
                 raw = await resp.read()
+        except OutboundRefused as exc:  # refused before connecting: nothing was sent
+            return "permanent", None, str(exc), None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             return "retry", None, f"cannot connect: {type(exc).__name__}", None  # nothing was sent
         except (aiohttp.ClientError, TimeoutError) as exc:

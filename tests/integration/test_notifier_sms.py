@@ -75,7 +75,7 @@ def test_service_sends_each_alert_once_through_tencent_sms(
                               "sign_name": "万达广场", "secret_id_env": "MW_IT_SMS_ID", "secret_key_env": "MW_IT_SMS_KEY",
                               "templates": {"low_balance": {"zh-CN": {"id": "2001", "params": ["account_id"]}}},
                               "preferences": "test_notifier_sms:lookup", "journal_path": str(journal_path),
-                              "backoff_s": 0.05}},
+                              "backoff_s": 0.05, "allow_loopback_http": True}},
         "routes": [{"kinds": ["low_balance"], "providers": ["sms"]}],
         "recipients": {"merchants": {"M1": {"phone": "+8613800000001"}, "M2": {"phone": "+8613800000002"}}},
         "rate_limit": {"per_hour": 100, "burst": 100},

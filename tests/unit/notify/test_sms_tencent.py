@@ -44,6 +44,7 @@ def settings(url: str, **over: Any) -> TencentSmsSettings:
             "credit_trip": {"zh-CN": {"id": "2011", "params": ["balance_yuan", "time"]}},
         },
         "backoff_s": 0.01, "retries": 3, "timeout_s": 1.0,
+        "allow_loopback_http": True,  # the local fake API (outbound rules: docs/security.md)
     }
     data.update(over)
     return TencentSmsSettings.model_validate(data)
@@ -354,3 +355,46 @@ def test_a_deferred_message_throttled_at_its_due_time_stays_deferred() -> None:
     fake = run(scenario, script=["throttle", "throttle"], at="2026-07-15 23:30")
     assert (seen["first"], seen["state"], seen["same_minute"], seen["a_minute_later"]) == (1, "deferred", 0, 1)
     assert len(fake.accepted) == 1 and fake.requests == 3
+
+
+@pytest.mark.parametrize(("endpoint", "flag", "words"), [
+    ("http://sms.tencentcloudapi.com", False, "plain http is refused"),
+    ("http://127.0.0.1:9", False, "plain http is refused"),
+    ("https://169.254.169.254", False, "link-local"),
+    ("https://10.0.0.8", False, "private"),
+    ("http://sms.tencentcloudapi.com", True, "only to a loopback host"),
+])
+def test_endpoint_follows_the_outbound_rules(endpoint: str, flag: bool, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        settings(endpoint, allow_loopback_http=flag)
+    assert settings("https://sms.tencentcloudapi.com", allow_loopback_http=False).endpoint.startswith("https://")
+
+
+def test_a_redirect_is_not_followed() -> None:
+    from aiohttp import web
+
+    seen: list[str] = []
+    results = []
+
+    async def main() -> None:
+        async def handler(request: web.Request) -> web.Response:
+            seen.append(request.path)
+            return web.Response(status=302, headers={"Location": "/elsewhere"})
+
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        sms = TencentSmsNotifier("tencent", settings(url), secret_id=SECRET_ID, secret_key=SECRET_KEY,
+                                 clock=Clock())
+        results.append(await sms.send(low_balance(), Recipient("M1", phone="+8613800000001")))
+        await sms.close()
+        await runner.cleanup()
+
+    asyncio.run(main())
+    (result,) = results
+    assert not result.ok and result.permanent and result.status == 302
+    assert seen == ["/"]  # /elsewhere was never requested

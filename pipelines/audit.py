@@ -35,9 +35,10 @@ def audit_item(record: dict[str, Any]) -> OutboxItem:
     return OutboxItem(T.AUDIT, record["principal"].encode(), codec.encode("AuditEvent", record))
 
 
-def produce_audit(producer: Any, record: dict[str, Any]) -> None:
-    """Produce one event with a confluent-kafka producer (the caller flushes)."""
-    producer.produce(T.AUDIT, key=record["principal"].encode(), value=codec.encode("AuditEvent", record))
+def produce_audit(producer: Any, record: dict[str, Any], **kwargs: Any) -> None:
+    """Produce one event with a confluent-kafka producer (the caller flushes; kwargs such as
+    on_delivery go to produce)."""
+    producer.produce(T.AUDIT, key=record["principal"].encode(), value=codec.encode("AuditEvent", record), **kwargs)
 
 
 def refused_order_audit(command: dict[str, Any], ctx: Any, problem: str) -> dict[str, Any]:

@@ -41,13 +41,15 @@ def _audit_token(action: str, token_id: str, target: str, now_ms: int) -> None:
 
     record = audit_record(now_ms, f"local:{getpass.getuser()}", action, target, "done", "portal",
                           f"token {token_id}", event_id=f"{action}:{token_id}")
+    delivered: list[bool] = []
     try:
-        producer = Producer(kafka_config(bootstrap_servers(), **{"message.timeout.ms": 3000, "log_level": 0}))
-        produce_audit(producer, record)
-        unconfirmed = producer.flush(3.5)
+        producer = Producer(kafka_config(bootstrap_servers(), **{"message.timeout.ms": 3000, "log_level": 0,
+                                                                 "enable.idempotence": True}))
+        produce_audit(producer, record, on_delivery=lambda err, _msg: delivered.append(err is None))
+        producer.flush(4.0)  # a failed delivery also empties the queue: the callback says which
     except Exception:  # noqa: BLE001 - a bad Kafka setting must not lose the token just made
-        unconfirmed = 1
-    if unconfirmed:
+        pass
+    if delivered != [True]:
         print(f"mallwatt portal token: the audit event for {token_id} was not confirmed by Kafka", file=sys.stderr)
 
 

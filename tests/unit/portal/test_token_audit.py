@@ -12,7 +12,11 @@ from pipelines.portal import main as portal_main
 def test_token_issue_and_revoke_are_audited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     sent: list[dict] = []
-    monkeypatch.setattr("pipelines.audit.produce_audit", lambda _producer, record: sent.append(record))
+    def fake(_producer: object, record: dict, on_delivery: object = None) -> None:
+        sent.append(record)
+        on_delivery(None, None)  # delivered
+
+    monkeypatch.setattr("pipelines.audit.produce_audit", fake)
     store = str(tmp_path / "tokens.json")
     assert portal_main.token_main(["--store", store, "create", "--account", "M01-S0001"]) == 0
     token_id = capsys.readouterr().err.split()[2]

@@ -103,12 +103,16 @@ class Stalls:
     gaps: dict[str, float] = field(default_factory=dict)  # phase -> longest no-progress time with a backlog
     _moved_at: float = field(default_factory=time.monotonic)
     _last: int = -1
+    _idle: bool = True  # everything committed at the last look
 
     def observe(self, committed: int, end: int) -> None:
+        """One look at the worker's committed readings offsets: a pause runs from the last time
+        they moved (or input appeared) while input is waiting."""
         now = time.monotonic()
-        if committed != self._last or committed >= end:
-            self._moved_at, self._last = now, committed
-        else:
+        if self._idle or committed != self._last or committed >= end:
+            self._moved_at = now
+        self._idle, self._last = committed >= end, committed
+        if not self._idle:
             self.gaps[self.phase] = max(self.gaps.get(self.phase, 0.0), now - self._moved_at)
 
     def report(self) -> list[str]:

@@ -52,6 +52,7 @@ def replication_of(bootstrap: str, timeout: float = 30.0, admin: Any = None) -> 
     """cluster_replication() for the cluster at `bootstrap`. Its size is the brokers that answer,
     or the cluster's default.replication.factor if larger: with a broker down, a topic created
     meanwhile (a worker restarting) must still get the cluster's replication, not one less."""
+    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     from infra.kafka_security import kafka_config
@@ -61,7 +62,11 @@ def replication_of(bootstrap: str, timeout: float = 30.0, admin: Any = None) -> 
     default_rf = 1
     if brokers:
         resource = ConfigResource(ConfigResource.Type.BROKER, str(min(brokers)))
-        configs = admin.describe_configs([resource], request_timeout=timeout)[resource].result()
+        try:
+            configs = admin.describe_configs([resource], request_timeout=timeout)[resource].result()
+        except KafkaException as exc:  # a principal without DescribeConfigs on the cluster (the worker's)
+            log.info("broker settings not readable (%s); counting the brokers that answer", exc)
+            configs = {}
         entry = configs.get("default.replication.factor")
         default_rf = int(entry.value) if entry is not None and entry.value else 1
     return cluster_replication(max(len(brokers), default_rf))

@@ -100,6 +100,7 @@ class Stalls:
 
     phase: str = "startup (worker joins)"
     windows: list[tuple[str, int, float]] = field(default_factory=list)  # phase, window, seconds
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> step of a window -> longest
     gaps: dict[str, float] = field(default_factory=dict)  # phase -> longest no-progress time with a backlog
     _moved_at: float = field(default_factory=time.monotonic)
     _last: int = -1
@@ -115,13 +116,21 @@ class Stalls:
         if not self._idle:
             self.gaps[self.phase] = max(self.gaps.get(self.phase, 0.0), now - self._moved_at)
 
+    def step(self, name: str, since: float) -> float:
+        """Note how long a step of the current window took (its longest per phase)."""
+        now = time.monotonic()
+        steps = self.steps.setdefault(self.phase, {})
+        steps[name] = max(steps.get(name, 0.0), now - since)
+        return now
+
     def report(self) -> list[str]:
         out = []
         for phase in dict.fromkeys(p for p, _, _ in self.windows):
             delays = [d for p, _, d in self.windows if p == phase]
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in self.steps.get(phase, {}).items())
             out.append(f"{phase}: {len(delays)} windows, window delay max {max(delays):.1f} s, "
-                       f"median {sorted(delays)[len(delays) // 2]:.1f} s; longest billing pause with input "
-                       f"waiting {self.gaps.get(phase, 0.0):.1f} s")
+                       f"median {sorted(delays)[len(delays) // 2]:.1f} s (longest steps, s: {steps}); longest "
+                       f"billing pause with input waiting {self.gaps.get(phase, 0.0):.1f} s")
         return out
 
 
@@ -239,15 +248,21 @@ def test_broker_loss_matches_arrival_order_replay(cluster: broker.BrokerConfig, 
                 broker.kill_node(cluster, victim, signal.SIGKILL)
                 killed.append((victim, i))
                 down = victim
-            t0 = time.monotonic()
+            t0 = t = time.monotonic()
             resent += _deliver(producer, _reading_sends(producer, window, mall_of, seq))
+            t = stalls.step("readings sent", t)
             _wait(f"window {i} readings committed", _caught_up(bootstrap, app_id, T.READINGS, stalls), workers)
+            t = stalls.step("billed", t)
             resent += _deliver(producer, [lambda p=p, **kw: produce_payment(producer, p, partitions, **kw)
                                           for p in window.payments])
+            t = stalls.step("payments sent", t)
             _wait(f"window {i} payments claimed", _caught_up(bootstrap, app_id, T.PAYMENTS), workers)
+            t = stalls.step("claimed", t)
             _wait(f"window {i} accepted payments forwarded",
                   _caught_up(bootstrap, f"{app_id}-forwarder", changelog_topic(app_id, CLAIMS_TABLE)), workers)
+            t = stalls.step("forwarded", t)
             _wait(f"window {i} payments applied", _caught_up(bootstrap, app_id, T.PAYMENTS_ACCEPTED), workers)
+            stalls.step("credited", t)
             stalls.windows.append((stalls.phase, i, time.monotonic() - t0))
         if down is not None:
             broker.start_node(cluster, down, wait=False)

@@ -133,3 +133,38 @@ def test_every_producer_is_idempotent_with_acks_all() -> None:
         app = type("App", (), {"in_transaction": False})()
 
     assert _idempotent_extra(FakeProducer()) == {"acks": "all", "enable_idempotence": True}
+
+
+class _Future:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def result(self) -> object:
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
+class _Admin:
+    """list_topics and describe_configs of a cluster with `live` brokers answering."""
+
+    def __init__(self, live: int, configs: object) -> None:
+        self.live, self.configs = live, configs
+
+    def list_topics(self, timeout: float) -> object:
+        return type("Md", (), {"brokers": {i: object() for i in range(1, self.live + 1)}, "topics": {}})()
+
+    def describe_configs(self, resources: list[object], request_timeout: float) -> dict[object, _Future]:
+        return {resources[0]: _Future(self.configs)}
+
+
+def test_replication_counts_a_broker_that_is_down() -> None:
+    from confluent_kafka import KafkaException
+
+    from infra.topics import replication_of
+
+    entry = type("Entry", (), {"value": "3"})()
+    assert replication_of("x:1", admin=_Admin(2, {"default.replication.factor": entry})) == (3, 2)
+    assert replication_of("x:1", admin=_Admin(3, {})) == (3, 2)
+    # a principal that may not read the broker's settings: the brokers that answer
+    assert replication_of("x:1", admin=_Admin(1, KafkaException("denied"))) == (1, 1)

@@ -74,7 +74,8 @@ def build_input(stalls: int, steps: int, *, low_balance: set[str] | None = None
                                              collected_at_ms=T0 + step * STEP)
             messages.append((int(shard), codec.encode("ReadingBatch", record), group.height, step))
     low = low_balance or set()
-    payments = [{"payment_id": f"open-{m.id}", "account_id": m.id, "kind": "TOPUP",
+    # provider payments (as the portal's webhook sends them): not operator-signed (docs/security.md)
+    payments = [{"payment_id": f"open-{m.id}", "account_id": m.id, "kind": "TOPUP", "provider": "bench",
                  "amount_minor": 300 if m.id in low else 10_000_000, "ts_ms": T0 - 1}
                 for m in portfolio.malls[0].merchants]
     return data, messages, payments
@@ -230,7 +231,7 @@ def latency(bootstrap: str, config: Path, data: dict[str, Any], messages: list[t
     try:
         time.sleep(12)  # the worker joins the group (at the end of each partition)
         for account in merchants:
-            p = {"payment_id": f"{app_id}-{account}", "account_id": account, "kind": "TOPUP",
+            p = {"payment_id": f"{app_id}-{account}", "account_id": account, "kind": "TOPUP", "provider": "bench",
                  "amount_minor": rng.randint(100, 20_000), "ts_ms": T0 - 1}
             produce_payment(producer, p, partitions)
         producer.flush()

@@ -135,7 +135,8 @@ def kafka_config(bootstrap: str | None = None, **extra: Any) -> dict[str, Any]:
 # --- the local secured broker -------------------------------------------------------------
 
 #: SCRAM principals of the local secured stack, one per component (docs/security.md).
-PRINCIPALS = ("admin", "worker", "collector", "gateway", "operator", "sink", "notifier", "portal", "watch", "analyst")
+PRINCIPALS = ("admin", "worker", "collector", "gateway", "operator", "finance", "sink", "notifier", "portal", "watch",
+              "analyst")
 
 _R, _W, _D, _ALL = "READ", "WRITE", "DESCRIBE", "ALL"
 
@@ -162,9 +163,12 @@ def acls(app_id: str = "mallwatt-billing") -> dict[str, list[tuple[str, str, str
         + _group("mallwatt-collector") + _group("mallwatt-spool-check", prefixed=False),
         "gateway": _topic(T.PAYMENTS, _W, _D),
         "operator": _topic(T.OPERATOR_COMMANDS, _W, _D) + _topic(T.POSTINGS, _W, _D) + _topic(T.AUDIT, _W, _D),
+        # manual top-ups and postings, operator-signed (pipelines.core.money_authority)
+        "finance": _topic(T.PAYMENTS, _W, _D) + _topic(T.POSTINGS, _W, _D) + _topic(T.AUDIT, _W, _D),
         "sink": _topic("mallwatt.", _R, _D, prefixed=True) + _group("mallwatt-sink"),
-        "notifier": _topic(T.ALERTS, _R, _D) + _group("mallwatt-notify"),
+        "notifier": _topic(T.ALERTS, _R, _D) + _topic(T.ALERT_PREFERENCES, _R, _D) + _group("mallwatt-notify"),
         "portal": _topic(T.LEDGER, _R, _D) + _topic(T.ALERTS, _R, _D) + _topic(T.INTERVALS, _R, _D)
+        + _topic(T.RELAY_COMMANDS, _R, _D) + _topic(T.ALERT_PREFERENCES, _R, _W, _D)
         + _topic(T.PAYMENTS, _W, _D) + _topic(T.AUDIT, _W, _D) + _group("mallwatt-portal"),
         "watch": _topic(T.COLLECTOR_EVENTS, _R, _D) + _topic(T.READINGS, _R, _D) + _topic(T.ALERTS, _R, _W, _D)
         + _group("mallwatt-watch"),

@@ -26,7 +26,7 @@ def migrate_warehouse() -> list[str]:
     from infra.warehouse_endpoint import live_owner
 
     if warehouse.server_url():
-        return warehouse.apply_migrations(warehouse.get_client())
+        return warehouse.apply_migrations(warehouse.get_client(), cluster=warehouse.cluster_name())
     if live_owner(warehouse.chdb_path()):
         return []
     with warehouse.open_owner(serve=False, migrate=False) as owner:

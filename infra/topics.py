@@ -140,6 +140,7 @@ DEADLETTER = "mallwatt.deadletter"
 POSTINGS = "mallwatt.postings"
 PAYMENTS_ACCEPTED = "mallwatt.payments-accepted"
 POSTINGS_ACCEPTED = "mallwatt.postings-accepted"
+ALERT_PREFERENCES = "mallwatt.alert-preferences"
 AUDIT = "mallwatt.audit"
 
 TOPICS: tuple[TopicSpec, ...] = (
@@ -228,6 +229,13 @@ TOPICS: tuple[TopicSpec, ...] = (
         key="account id, partition account_shard(account): postings that won their claim",
         value="ledger_posting",
         retention_ms=INFINITE,
+    ),
+    TopicSpec(
+        ALERT_PREFERENCES,
+        key="account id: the newest record per account is the merchant's choice (written by the portal)",
+        value="alert_preferences",
+        retention_ms=INFINITE,
+        cleanup_policy="compact",  # one live record per account, kept as long as the account
     ),
 )
 

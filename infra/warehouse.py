@@ -10,9 +10,12 @@ chDB lets ONE process open a folder, so access is arbitrated by a lock file:
   never collide and a folder held by a process that does not answer gives a clear error.
 
 Server: set MALLWATT_CLICKHOUSE=http(s)://user:pass@host:8123/db and every call goes to
-that server; there is no lock and no endpoint.
+that server; there is no lock and no endpoint. A server that is one node of a ClickHouse
+cluster also gets MALLWATT_CLICKHOUSE_CLUSTER=<cluster name>: migrations then run as
+rendered by infra.warehouse_cluster (ON CLUSTER, Replicated and Distributed tables).
 
     python -m infra.warehouse serve | migrate | status | queries | sql "SELECT 1"
+    python -m infra.warehouse render-cluster --cluster mallwatt   # the cluster DDL, printed
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ __all__ = [
     "WarehouseOwner",
     "apply_migrations",
     "chdb_path",
+    "cluster_name",
     "get_client",
     "get_reader",
     "load_dimensions_here",
@@ -90,6 +94,18 @@ class WarehouseLocked(WarehouseError):
 
 def server_url() -> str | None:
     return os.environ.get("MALLWATT_CLICKHOUSE") or None
+
+
+def cluster_name() -> str | None:
+    """The ClickHouse cluster the server belongs to (MALLWATT_CLICKHOUSE_CLUSTER), if any.
+
+    Only meaningful with MALLWATT_CLICKHOUSE: the embedded engine is never a cluster.
+    """
+    name = os.environ.get("MALLWATT_CLICKHOUSE_CLUSTER") or None
+    if name and not server_url():
+        log.warning("MALLWATT_CLICKHOUSE_CLUSTER is ignored without MALLWATT_CLICKHOUSE")
+        return None
+    return name
 
 
 def chdb_path(path: str | os.PathLike[str] | None = None) -> Path:
@@ -224,7 +240,8 @@ class WarehouseOwner:
         self.endpoint: QueryEndpoint | None = None
         try:
             if migrate:
-                applied = apply_migrations(self.client)
+                applied = apply_migrations(
+                    self.client, cluster=None if self.embedded else cluster_name())
                 if applied:
                     log.info("warehouse migrations applied: %s", ", ".join(applied))
             if serve and self.folder is not None:
@@ -397,13 +414,20 @@ def load_dimensions_here(portfolio: Any, path: str | os.PathLike[str] | None = N
         return load_dimensions(owner.client, portfolio)
 
 
-def set_raw_retention(client: Any, days: int) -> None:
+def set_raw_retention(client: Any, days: int, cluster: str | None = None) -> None:
     """Keep raw readings `days` days (whole monthly parts are dropped after that)."""
     if days <= 0:
         raise ValueError("days must be positive")
-    client.command(
+    statement = (
         f"ALTER TABLE {DATABASE}.readings MODIFY TTL toDateTime(ts) + INTERVAL {int(days)} DAY DELETE"
     )
+    if cluster is not None:  # readings_local on every node
+        from infra.warehouse_cluster import all_tables, render_statement
+
+        for rendered in render_statement(statement, cluster=cluster, tables=all_tables()):
+            client.command(rendered)
+        return
+    client.command(statement)
 
 
 # --- command line ---------------------------------------------------------------------
@@ -426,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply missing migrations")
     sub.add_parser("status", help="who owns the folder")
     sub.add_parser("queries", help="list named queries")
+    render = sub.add_parser(
+        "render-cluster", help="print the migrations as rendered for a ClickHouse cluster")
+    render.add_argument("--cluster", default=os.environ.get("MALLWATT_CLICKHOUSE_CLUSTER"),
+                        help="cluster name of the servers' remote_servers (default "
+                        "MALLWATT_CLICKHOUSE_CLUSTER)")
+    render.add_argument("--shard-key", action="append", default=[], metavar="TABLE=EXPR",
+                        help="sharding expression of one table's Distributed table")
     dims = sub.add_parser("dims", help="load the dimension tables from a portfolio config")
     dims.add_argument("--config", required=True, help="portfolio YAML (pipelines.portfolio)")
     sql = sub.add_parser("sql", help="run one statement and print the result")
@@ -455,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "migrate":
             if args.path is None and server_url():
                 client = get_client()
-                print("applied:", apply_migrations(client) or "nothing")
+                print("applied:", apply_migrations(client, cluster=cluster_name()) or "nothing")
             else:
                 with open_owner(args.path, serve=False, migrate=False) as owner:
                     print("applied:", apply_migrations(owner.client) or "nothing")
@@ -477,6 +508,13 @@ def main(argv: list[str] | None = None) -> int:
 
             written = load_dimensions_here(load_portfolio(args.config), args.path)
             print(", ".join(f"{table} {rows}" for table, rows in written.items()))
+        elif args.cmd == "render-cluster":
+            from infra.warehouse_cluster import render_all
+
+            if not args.cluster:
+                raise ValueError("render-cluster needs --cluster (or MALLWATT_CLICKHOUSE_CLUSTER)")
+            keys = dict(k.split("=", 1) for k in args.shard_key)
+            sys.stdout.write(render_all(args.cluster, sharding_keys=keys or None))
         elif args.cmd == "queries":
             print("\n".join(list_named_queries()))
         elif args.cmd == "sql":

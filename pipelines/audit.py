@@ -3,8 +3,10 @@ the warehouse's audit_events table (migration 008) and read with `mallwatt audit
 
 What is audited, and by whom (docs/security.md): the worker audits every operator power
 command it executes (with the verified principals) or refuses (with the reason) and every
-config reload or rejected change; `mallwatt power` audits proposals and approvals. Money
-movements are the ledger itself (every entry names its source), so they are not copied here.
+config reload or rejected change; `mallwatt power` audits proposals and approvals. The
+claim step audits every operator-signed money command (postings, manual top-ups) it accepts
+or refuses, under the verified signer (pipelines.claiming); provider payments are the ledger
+itself (every entry names its source), so they are not copied here.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "config was loaded, which tokens were issued (newest first).")
     parser.add_argument("--since-hours", type=float, default=24.0, help="how far back (default %(default)s h)")
     parser.add_argument("--principal", default="", help="one operator id or token id")
-    parser.add_argument("--action", default="", help="one action, e.g. power.order, power.refused, config.reload")
+    parser.add_argument("--action", default="", help="one action, e.g. power.order, power.refused, money.post, money.topup.refused, config.reload")
     parser.add_argument("--limit", type=int, default=200, help="at most this many rows (default %(default)s)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     args = parser.parse_args(argv)

@@ -133,6 +133,6 @@ def build_context(portfolio: Portfolio | PortfolioConfig, partitions: int, *,
                            lateness_ms=rules.billing.lateness_ms if lateness_ms is None else lateness_ms,
                            gap_ms=rules.billing.gap_ms,
                            # replay's time guard reads the same limits (pipelines.core.replay.time_bounds)
-                           extra={"time_limits": rules.time})
+                           extra={"time_limits": rules.time, "security": rules.security})
     return BillingContext(config, rating, partitions, circuit_meter, meter_route,
                           {a.account_id: a.mall_id for a in accounts.values()}, limits)

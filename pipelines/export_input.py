@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from infra import topics as T
 from infra.kafka_security import kafka_config
+from pipelines.core.money_authority import MONEY_RECORD, needs_signature
 from schemas import codec
 from schemas.readings import batch_to_frame
 
@@ -136,10 +137,13 @@ def export_payments(bootstrap: str, path: Path, spans: dict[int, tuple[int, int]
         records.append({"payment_id": p["payment_id"], "account_id": p["account_id"], "kind": str(p["kind"]).lower(),
                         "amount_minor": p["amount_minor"], "ts_ms": p["ts_ms"],
                         "reverses_payment_id": p.get("reverses_payment_id"), "partition": msg.partition(),
-                        "offset": msg.offset(), "msg_ts_ms": ts if ts > 0 else None})
+                        "offset": msg.offset(), "msg_ts_ms": ts if ts > 0 else None,
+                        # a manual top-up's whole record: replay repeats the stream's signature check
+                        MONEY_RECORD: json.dumps(p, sort_keys=True) if needs_signature(p) else None})
     pl.DataFrame(records, schema={"payment_id": pl.String, "account_id": pl.String, "kind": pl.String,
                                   "amount_minor": pl.Int64, "ts_ms": pl.Int64, "reverses_payment_id": pl.String,
-                                  "partition": pl.Int64, "offset": pl.Int64, "msg_ts_ms": pl.Int64}
+                                  "partition": pl.Int64, "offset": pl.Int64, "msg_ts_ms": pl.Int64,
+                                  MONEY_RECORD: pl.String}
                  ).write_parquet(path)
     return len(records), bad
 

@@ -378,6 +378,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 problem = claiming.record_problem(record, msg.topic, msg.partition, ctx) or batching.time_problem(
                     record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
                 if problem is not None:
+                    if problem.startswith("unauthorized"):  # a refused money command is audited too
+                        await send_audit(claiming.refused_money_audit(record, ctx, problem))
                     letters.append(await send_dead_letter(event, "routing", problem))
                     continue
                 try:

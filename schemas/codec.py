@@ -20,7 +20,8 @@ import fastavro
 SCHEMA_DIR = Path(__file__).parent
 #: Version 2: LedgerBatch and LedgerEntry carry debt_change_minor; IntervalBatch is new.
 #: Version 3: RelayCommand carries key_id and signature (signed by the worker, checked by collectors);
-#: OperatorCommand carries the order's operator signatures (checked by the worker).
+#: OperatorCommand carries the order's operator signatures (checked by the worker); Payment and
+#: LedgerPosting carry operator_id, key_id and signature (manual money, checked by the claim step).
 WRITER_VERSION = 3
 HISTORY_DIR = SCHEMA_DIR / "history"
 
@@ -38,6 +39,7 @@ SCHEMA_FILES: dict[str, str] = {
     "LedgerPosting": "ledger_posting.avsc",
     "LedgerBatch": "ledger_batch.avsc",
     "IntervalBatch": "interval_batch.avsc",
+    "AlertPreferences": "alert_preferences.avsc",
     "AuditEvent": "audit_event.avsc",
 }
 

@@ -39,6 +39,7 @@ from pipelines.core.engine import (
     payments_frame,
     process_batch,
 )
+from pipelines.core.money_authority import MONEY_RECORD, refuse_unauthorised
 
 ARRIVAL_COLUMNS = ("partition", "offset", "msg_ts_ms")
 OUTPUTS = ("ledger", "alerts", "commands", "rejected_readings", "rejected_payments", "intervals")
@@ -111,7 +112,13 @@ def claim_in_order(payments: pl.DataFrame, ctx: RatingContext, bounds: timeguard
     ok, bad = timeguard.split_frame(frame, bounds, circuit_col="")
     keep = [c for c in ARRIVAL_COLUMNS if c in ok.columns]
     rows = payments_frame(ok).hstack(ok.select(keep)).to_dicts() if ok.height else []
-    accepted, refused = claim_payment_rows(rows, {a: r.policy for a, r in ctx.accounts.items()}, book)
+    if MONEY_RECORD in ok.columns:  # manual top-ups: the stream's operator-signature check first
+        for row, raw in zip(rows, ok[MONEY_RECORD].to_list(), strict=True):
+            row[MONEY_RECORD] = raw
+    policies = {a: r.policy for a, r in ctx.accounts.items()}
+    rows, unauthorised = refuse_unauthorised(rows, ctx.extra.get("security"), policies)
+    accepted, refused = claim_payment_rows(rows, policies, book)
+    refused = unauthorised + refused
     schema = {**payments_frame(None).schema, **{c: pl.Int64 for c in keep}}
     acc = pl.DataFrame(accepted, schema=schema).sort("msg_ts_ms", "partition", "offset", maintain_order=True)
     from pipelines.core.replay import _reasons  # the stream's wording for time refusals

@@ -33,6 +33,7 @@ from pipelines.core.engine import (
 )
 from pipelines.core.interval import REJECT_SCHEMA
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
+from pipelines.core.money_authority import MONEY_RECORD, refuse_unauthorised
 from pipelines.core.replay_input import InputError, read_payments, read_readings
 
 TIME_LIMITS = "time_limits"  # RatingContext.extra key: the config's `time:` section (set by build_context)
@@ -147,7 +148,14 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
     acc["rejected_payments"].append(refused_p)
     if pays is not None and pays.height:  # every id claimed once, as the stream's claim step does
         frame = payments_frame(pays)
-        accepted, refused = claim_payment_rows(frame.to_dicts(), {a: r.policy for a, r in ctx.accounts.items()})
+        rows = frame.to_dicts()
+        if MONEY_RECORD in pays.columns:  # manual top-ups: the stream's operator-signature check first
+            for row, raw in zip(rows, pays[MONEY_RECORD].to_list(), strict=True):
+                row[MONEY_RECORD] = raw
+        policies = {a: r.policy for a, r in ctx.accounts.items()}
+        rows, unauthorised = refuse_unauthorised(rows, ctx.extra.get("security"), policies)
+        accepted, refused = claim_payment_rows(rows, policies)
+        refused = unauthorised + refused
         pays = pl.DataFrame(accepted, schema=frame.schema)
         acc["rejected_payments"].append(pl.DataFrame(
             [{k: r[k] for k in PAYMENT_REJECT_SCHEMA} for r in refused], schema=PAYMENT_REJECT_SCHEMA))

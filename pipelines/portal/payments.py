@@ -46,6 +46,14 @@ class KafkaPaymentSink:
             self.producer.poll(0.05)
 
     async def send(self, payment: dict[str, Any]) -> int:
+        return await self._acked(lambda cb: produce_payment(self.producer, payment, self.partitions, on_delivery=cb))
+
+    async def send_record(self, topic: str, key: str, value: bytes) -> int:
+        """Any record (the alert preferences), acknowledged like a payment."""
+        return await self._acked(lambda cb: self.producer.produce(topic, key=key.encode(), value=value,
+                                                                  on_delivery=cb))
+
+    async def _acked(self, produce: Any) -> int:
         import time
 
         loop = asyncio.get_running_loop()
@@ -62,7 +70,7 @@ class KafkaPaymentSink:
             loop.call_soon_threadsafe(settle)
 
         try:
-            produce_payment(self.producer, payment, self.partitions, on_delivery=on_delivery)
+            produce(on_delivery)
         except BufferError as exc:  # local queue full: the broker is away for long
             raise PaymentNotAcknowledged(f"producer queue full: {exc}") from exc
         try:

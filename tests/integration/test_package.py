@@ -12,7 +12,6 @@ statement and `stack down`.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -20,19 +19,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from ports import free_ports
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_ports() -> tuple[int, int]:
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = tuple(s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
-    return ports  # type: ignore[return-value]
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> str:
@@ -63,7 +53,7 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path: Path) -> None
 
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
-    port, ctrl = _free_ports()
+    port, ctrl = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLWATT_", "PYTHONPATH"))}
     env.update({"MALLWATT_HOME": str(home), "MALLWATT_KAFKA_PORT": str(port),
                 "MALLWATT_KAFKA_CONTROLLER_PORT": str(ctrl), "PATH": f"{venv / 'bin'}:{env.get('PATH', '')}"})

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from cdp import Chromium
 from confluent_kafka import Producer
+from operators import signed
 from test_portal import worker  # noqa: F401  (the fixture: a worker on a 3-merchant portfolio)
 
 from infra.debian import DebianUnavailable, chromium_executable
@@ -73,10 +74,10 @@ def test_page_tops_up_a_tripped_account_in_chromium(
         # a shared-cost posting takes the new account (opening balance 0) below its cutoff:
         # the worker trips it, so the page starts with the power off
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
-        produce_posting(producer, {"entry_id": f"{account}:shr:browser", "account_id": account, "mall_id": mall,
-                                   "kind": "shared_cost", "amount_minor": -2_000,
-                                   "ts_ms": int(time.time() * 1000) - 1000, "source_id": "P1|area|test|2000",
-                                   "rate": "1.000000"})
+        produce_posting(producer, signed({"entry_id": f"{account}:shr:browser", "account_id": account,
+                                          "mall_id": mall, "kind": "shared_cost", "amount_minor": -2_000,
+                                          "ts_ms": int(time.time() * 1000) - 1000, "source_id": "P1|area|test|2000",
+                                          "rate": "1.000000"}))
         assert producer.flush(10) == 0
 
         async def scenario() -> dict[str, float]:

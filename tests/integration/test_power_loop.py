@@ -26,6 +26,7 @@ import pytest
 import yaml
 from confluent_kafka import Producer
 from kafka_tail import TopicTail, _end_offsets
+from operators import register, signed
 
 from collectors.run import run_collector
 from collectors.sim_portfolio import mall_simulator
@@ -78,14 +79,15 @@ def _portfolio(tmp_path: Path, prefix: str, **policy: object) -> tuple[dict, Pat
         merchant["level"], merchant["protected"] = "standard", False
         merchant["business_type"] = "restaurant"
         merchant.pop("opening_balance_minor", None)
+    register(data)  # the finance operator who signs the top-ups
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(data, config)
     return data, config
 
 
 def _pay(producer: Producer, account: str, payment_id: str, amount: int, ts_ms: int, **kw: object) -> None:
-    produce_payment(producer, {"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
-                               "amount_minor": amount, "ts_ms": ts_ms}, T.default_partitions(), **kw)
+    produce_payment(producer, signed({"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
+                                      "amount_minor": amount, "ts_ms": ts_ms}), T.default_partitions(), **kw)
     producer.flush(10)
 
 

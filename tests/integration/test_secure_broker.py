@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
+from ports import free_ports
 
 from infra import broker
 from infra import topics as T
@@ -35,19 +35,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _ports() -> tuple[int, int]:
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = tuple(s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
-    return ports  # type: ignore[return-value]
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[broker.BrokerConfig]:
-    port, ctrl = _ports()
+    port, ctrl = free_ports(2)
     config = broker.BrokerConfig(data_dir=tmp_path_factory.mktemp("kafka-secure"), port=port,
                                  controller_port=ctrl, secure=True)
     broker.start(config)
@@ -93,6 +83,9 @@ def test_each_principal_gets_only_its_acls(secure: broker.BrokerConfig) -> None:
     assert _produce(_as(secure, "gateway"), T.PAYMENTS) == "OK"
     assert _produce(_as(secure, "gateway"), T.READINGS) == denied
     assert _produce(_as(secure, "operator"), T.OPERATOR_COMMANDS) == "OK"
+    assert _produce(_as(secure, "finance"), T.PAYMENTS) == "OK"  # manual top-ups (operator-signed)
+    assert _produce(_as(secure, "finance"), T.RELAY_COMMANDS) == denied
+    assert _produce(_as(secure, "finance"), T.OPERATOR_COMMANDS) == denied
     assert _produce(_as(secure, "operator"), T.RELAY_COMMANDS) == denied
     assert _produce(_as(secure, "analyst"), T.READINGS) == denied
     consumer = Consumer({**_as(secure, "analyst"), "group.id": "analyst-try", "log_level": 0})
@@ -124,8 +117,9 @@ def test_worker_bills_a_topup_with_its_own_credentials(secure: broker.BrokerConf
                            "auto.offset.reset": "earliest", "log_level": 0})
         ledger.subscribe([T.LEDGER])
         gateway = Producer(_as(secure, "gateway"))
+        # the gateway's path: a provider's payment (checked by its HMAC at the portal), not operator-signed
         produce_payment(gateway, {"payment_id": f"{prefix}-p1", "account_id": account, "kind": "TOPUP",
-                                  "amount_minor": 1234, "ts_ms": 1_784_080_800_000})
+                                  "amount_minor": 1234, "ts_ms": 1_784_080_800_000, "provider": "sim"})
         assert gateway.flush(15) == 0
         found: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from confluent_kafka import Producer
 from kafka_tail import TopicTail
-from operators import power_commands, register
+from operators import power_commands, register, signed
 
 from infra import topics as T
 from pipelines.generate import generate
@@ -31,8 +31,8 @@ T0 = 1_784_080_800_000  # 2026-07-15 10:00 +08:00: peak hour, 136 fen/kWh
 
 def topup(producer: Producer, account: str, shard: int, payment_id: str, amount: int, ts: int) -> None:
     # `shard` is the account's; the payment goes to its claim's partition (money_input)
-    produce_payment(producer, {"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
-                               "amount_minor": amount, "ts_ms": ts})
+    produce_payment(producer, signed({"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
+                                      "amount_minor": amount, "ts_ms": ts}))
     producer.flush(10)
 
 
@@ -43,7 +43,7 @@ def worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict, Path]]:
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
         merchant["opening_balance_minor"] = 0  # the stream posts openings: balances here come from top-ups
-    register(data)  # the operator whose signed power orders the worker accepts
+    register(data)  # the operators whose signed power orders and money the worker accepts
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(data, config)
     env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": f"test-{prefix}"}
@@ -147,7 +147,7 @@ def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict
                "kind": "shared_cost", "amount_minor": -123, "ts_ms": T0 + 2, "source_id": "P1|area|2026-07|999",
                "rate": "0.123123"}
     for _ in range(2):
-        produce_posting(producer, posting)
+        produce_posting(producer, signed(posting))
     producer.flush(10)
     entry = ledger.wait_for(lambda e: e["entry_id"] == posting["entry_id"])
     assert entry["kind"] == "shared_cost" and entry["balance_after_minor"] == 9000 - 123
@@ -260,7 +260,7 @@ def test_overload_trips_after_the_debounce_and_a_spike_does_not(kafka_bootstrap:
     alerts = TopicTail(kafka_bootstrap, T.ALERTS, "Alert")
     ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
-    topup(producer, merchant.id, shard, f"{merchant.id}-big", 10**7, T0 - 1)
+    topup(producer, merchant.id, shard, f"{merchant.id}-big", 10**6, T0 - 1)  # the finance role's most
     ledger.wait_for(lambda e: e["source_id"] == f"{merchant.id}-big", timeout=90)
 
     def power(seq: int, start: int, watts: list[float]) -> None:
@@ -286,3 +286,52 @@ def test_overload_trips_after_the_debounce_and_a_spike_does_not(kafka_bootstrap:
     assert trip["cause_ts_ms"] >= T0 + 60_000
     alarm = alerts.wait_for(lambda a: a["account_id"] == merchant.id and a["kind"] == "overload")
     assert alarm["severity"] == "CRITICAL"  # the alarm of an overload that tripped
+
+
+def test_money_commands_are_authorised_by_the_claim_step(kafka_bootstrap: str, worker: tuple[dict, Path]) -> None:
+    """An unsigned posting, a posting above the finance role's limit and an unsigned manual
+    top-up go to the dead letters with their reason and an audit event, and move no money; a
+    signed posting sent twice credits once, audited under its verified signer."""
+    data, _ = worker
+    mall = parse_portfolio(data).malls[0]
+    account = mall.merchants[2].id
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
+    dead = TopicTail(kafka_bootstrap, T.DEADLETTER, "DeadLetter")
+    audit = TopicTail(kafka_bootstrap, T.AUDIT, "AuditEvent")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+
+    def posting(entry: str, amount: int) -> dict:
+        return {"entry_id": f"{account}:{entry}", "account_id": account, "mall_id": mall.id, "kind": "adjustment",
+                "amount_minor": amount, "ts_ms": T0 + 10, "source_id": "ticket-16", "rate": None}
+
+    produce_posting(producer, posting("unsigned", 5_000))
+    produce_posting(producer, signed(posting("too-big", 150_000)))  # finance: max_adjustment_minor 100,000
+    produce_payment(producer, {"payment_id": f"{account}-manual", "account_id": account, "kind": "TOPUP",
+                               "amount_minor": 7_000, "ts_ms": T0 + 10, "provider": "cli"})
+    assert producer.flush(10) == 0
+    unsigned = dead.wait_for(lambda d: f"{account}:unsigned" in d["reason"], timeout=90)
+    assert unsigned["reason"].startswith("unauthorized (unsigned)") and unsigned["source_topic"] == T.POSTINGS
+    too_big = dead.wait_for(lambda d: f"{account}:too-big" in d["reason"])
+    assert too_big["reason"].startswith("unauthorized (above_role_limit)") and "max_adjustment_minor" in too_big["reason"]
+    manual = dead.wait_for(lambda d: f"{account}-manual" in d["reason"])
+    assert manual["reason"].startswith("unauthorized (unsigned)") and manual["source_topic"] == T.PAYMENTS
+    refused = audit.wait_for(lambda e: e["event_id"] == f"{account}:too-big:money:refused")
+    assert (refused["principal"], refused["action"], refused["result"]) == ("finance-tester", "money.post.refused",
+                                                                             "above_role_limit")
+    assert audit.wait_for(lambda e: e["event_id"] == f"{account}:unsigned:money:refused")["principal"] == "anonymous"
+
+    good = signed(posting("good", 2_500))
+    for _ in range(2):
+        produce_posting(producer, good)
+    assert producer.flush(10) == 0
+    entry = ledger.wait_for(lambda e: e["entry_id"] == good["entry_id"], timeout=90)
+    assert entry["balance_after_minor"] == 2_500  # opening 0: nothing else moved this account
+    accepted = audit.wait_for(lambda e: e["event_id"] == f"{good['entry_id']}:money:accepted")
+    assert (accepted["principal"], accepted["action"]) == ("finance-tester", "money.post")
+    # a marker after the re-send: the balance shows the signed posting once, the refused ones never
+    marker = signed(posting("marker", 1))
+    produce_posting(producer, marker)
+    assert producer.flush(10) == 0
+    assert ledger.wait_for(lambda e: e["entry_id"] == marker["entry_id"])["balance_after_minor"] == 2_501
+    assert not [e for e in ledger.seen if e["account_id"] == account and e["entry_id"] != good["entry_id"]
+                and e["entry_id"] != marker["entry_id"] and e["kind"] in ("adjustment", "topup")]

@@ -42,7 +42,8 @@ def _audit_token(action: str, token_id: str, target: str, now_ms: int) -> None:
     record = audit_record(now_ms, f"local:{getpass.getuser()}", action, target, "done", "portal",
                           f"token {token_id}", event_id=f"{action}:{token_id}")
     try:
-        producer = Producer(kafka_config(bootstrap_servers(), **{"message.timeout.ms": 3000, "log_level": 0}))
+        producer = Producer(kafka_config(bootstrap_servers(), **{"enable.idempotence": True, "message.timeout.ms": 3000,
+                                                                  "log_level": 0}))
         produce_audit(producer, record)
         unconfirmed = producer.flush(3.5)
     except Exception:  # noqa: BLE001 - a bad Kafka setting must not lose the token just made

@@ -34,11 +34,13 @@ def migrate_warehouse() -> list[str]:
 
 
 def up(kafka_only: bool = False, secure: bool = False, monitoring: bool = False,
-       scrape: tuple[str, ...] = ()) -> dict[str, object]:
+       scrape: tuple[str, ...] = (), brokers: int | None = None) -> dict[str, object]:
     t0 = time.monotonic()
-    config = broker.BrokerConfig.from_env(secure=secure)
+    config = broker.BrokerConfig.from_env(secure=secure, brokers=brokers)
     st = broker.start(config)
     out: dict[str, object] = {}
+    if config.brokers > 1 and not config.external:  # what every component must be given
+        out["client_env"] = f"MALLWATT_KAFKA={config.bootstrap}"
     if config.secure:
         from infra.kafka_security import apply_acls, credentials_file
 
@@ -55,7 +57,8 @@ def up(kafka_only: bool = False, secure: bool = False, monitoring: bool = False,
         from infra import monitoring as mon
 
         out.update(mon.up(scrape))
-    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "secure": config.secure, **out, "topics_created": created,
+    return {"kafka": st.bootstrap, "kafka_pid": st.pid, "kafka_brokers": config.brokers, "secure": config.secure,
+            **out, "topics_created": created,
             "topics_declared": len(TOPICS), "migrations_applied": applied,
             "seconds": round(time.monotonic() - t0, 1)}
 
@@ -95,7 +98,12 @@ def status(require: tuple[str, ...] = (), secure: bool = False) -> dict[str, obj
     down: list[str] = []
     out: dict[str, object] = {"kafka_running": st.running, "kafka": st.bootstrap, "kafka_pid": st.pid,
                               "topics": st.topics, "kafka_external": st.external}
-    if not st.running or st.topics is None:  # a live pid whose broker does not answer is down
+    for node in st.nodes:  # a local cluster: each node, and which are down
+        out[f"kafka_node_{node['node']}"] = f"pid {node['pid']}" if node["running"] else "not running"
+        if not node["running"]:
+            down.append(f"kafka node {node['node']}")
+    # a live pid whose broker does not answer is down; a cluster missing a node is degraded (listed above)
+    if st.topics is None or (not st.nodes and not st.running):
         down.append("kafka")
     try:
         from infra import warehouse
@@ -131,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mallwatt stack",
         description="Start, stop or inspect the local stack: a single-node Kafka broker (KRaft, "
-        "data in var/kafka) and the embedded ClickHouse warehouse (var/chdb). Set MALLWATT_KAFKA "
+        "data in var/kafka; or a cluster, --brokers 3) and the embedded ClickHouse warehouse (var/chdb). Set MALLWATT_KAFKA "
         "and MALLWATT_CLICKHOUSE to use existing services instead.")
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--kafka-only", action="store_true", help="up: skip warehouse migrations")
+    parser.add_argument("--brokers", type=int, help="up: a local KRaft cluster of this many nodes (3: replication "
+                        "factor 3, min.insync.replicas 2), each in <data dir>/node-<id>, ports from "
+                        "MALLWATT_KAFKA_PORT up (docs/kafka.md); down/status find the nodes of the last up")
     parser.add_argument("--secure", action="store_true",
                         help="the secured broker (var/kafka-secure, port 19192): TLS with a local CA, SCRAM-SHA-512 "
                         "users per component, ACLs; prints the client settings (docs/security.md)")
@@ -150,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     require = tuple(c.strip() for c in args.require.split(",") if c.strip())
     scrape = tuple(c.strip() for c in args.scrape.split(",") if c.strip())
     try:
-        result = {"up": lambda: up(args.kafka_only, args.secure, args.monitoring, scrape), "down": lambda: down(args.secure),
+        result = {"up": lambda: up(args.kafka_only, args.secure, args.monitoring, scrape, args.brokers),
+                  "down": lambda: down(args.secure),
                   "status": lambda: status(require, args.secure)}[args.action]()
     except Exception as exc:
         print(redact(f"mallwatt stack {args.action}: {exc}"), file=sys.stderr)

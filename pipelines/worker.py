@@ -37,7 +37,7 @@ from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
 from pipelines.faults import fault_point
-from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
+from pipelines.faust_tuning import faster_compression, idempotent_producer, shorten_fetch_wait
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
@@ -77,6 +77,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
               holder: billing.ContextHolder | None = None) -> faust.App:
     shorten_fetch_wait()
     faster_compression()
+    idempotent_producer()
     partitions = T.default_partitions()
     # one directory per named worker: with MALLWATT_STORE=rocksdb:// a restarted worker finds
     # its own local state there (two workers of one host must not share it)
@@ -107,6 +108,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         # a worker killed without goodbye holds its partitions until this expires
         broker_session_timeout=float(os.environ.get("MALLWATT_SESSION_TIMEOUT_S", 10)),
         broker_heartbeat_interval=1.0,
+        # the topics faust creates itself (its leader topic) replicate like every other one
+        topic_replication_factor=T.replication_of(bootstrap or bootstrap_servers())[0],
     )
     holder = holder or billing.ContextHolder(config_path, partitions)
     # one key per account (pipelines/envelope.py); compacted after the forwarding window

@@ -272,7 +272,9 @@ def test_broker_loss_matches_arrival_order_replay(cluster: broker.BrokerConfig, 
     finally:
         workers.stop_all()
     assert len(killed) == 2 and killed[0][0] != killed[1][0], f"two different brokers must die: {killed}"
-    published.worker_balances = _worker_balances(bootstrap, app_id)
+    went_back: list[str] = []
+    published.worker_balances = _worker_balances(bootstrap, app_id, went_back)
+    assert not went_back, f"{len(went_back)} state records built on an older state: {went_back[:5]}"
 
     exported = tmp_path / "input"
     counts = export_input(bootstrap, exported, start)

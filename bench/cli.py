@@ -13,6 +13,7 @@ BENCHES = {
     "pipeline": ("bench.pipeline", "stream: worker readings/s vs a bare consumer, trip latency p50/p99"),
     "roster": ("pipelines.roster_bench", "portfolio: table load + context build s, event-loop stall on a change"),
     "scale": ("bench.scale", "stream at portfolio scale: live-shaped input, lag, trips, recovery, catch-up"),
+    "portal": ("bench.portal", "merchant portal at scale: balance p99 under load, webhook top-up to balance, memory"),
 }
 
 

@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from infra import broker
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from pipelines.forwarder import changelog_topic
 from pipelines.generate import generate
 from pipelines.money_input import produce_payment
@@ -73,7 +74,8 @@ def build_input(stalls: int, steps: int, *, low_balance: set[str] | None = None
                                              collected_at_ms=T0 + step * STEP)
             messages.append((int(shard), codec.encode("ReadingBatch", record), group.height, step))
     low = low_balance or set()
-    payments = [{"payment_id": f"open-{m.id}", "account_id": m.id, "kind": "TOPUP",
+    # provider payments (as the portal's webhook sends them): not operator-signed (docs/security.md)
+    payments = [{"payment_id": f"open-{m.id}", "account_id": m.id, "kind": "TOPUP", "provider": "bench",
                  "amount_minor": 300 if m.id in low else 10_000_000, "ts_ms": T0 - 1}
                 for m in portfolio.malls[0].merchants]
     return data, messages, payments
@@ -85,8 +87,8 @@ def end_offsets(consumer: Consumer, topic: str) -> dict[int, int]:
 
 
 def ceiling(bootstrap: str, expected: int) -> float:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ceiling-{time.time()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": f"ceiling-{time.time()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False}))
     consumer.subscribe([T.READINGS])
     count, start = 0, None
     while count < expected:
@@ -127,8 +129,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def write_span_ms(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[int, int] | None:
     """Create times of the earliest and the latest record of a topic (the worker's first and
     last state write)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"span-{time.time()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": f"span-{time.time()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False}))
     consumer.subscribe([topic])
     first: int | None = None
     last: int | None = None
@@ -146,7 +148,7 @@ def write_span_ms(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[in
 
 
 def produce(bootstrap: str, payments: list[dict[str, Any]], messages: list[tuple[int, bytes, int, int]]) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4"})
+    producer = Producer(kafka_config(bootstrap, **{"linger.ms": 20, "compression.type": "lz4"}))
     partitions = T.default_partitions()
     for p in payments:
         produce_payment(producer, p, partitions)
@@ -158,7 +160,7 @@ def produce(bootstrap: str, payments: list[dict[str, Any]], messages: list[tuple
 
 def wait_quiet(bootstrap: str, topic: str, quiet_s: float = 2.0, timeout: float = 120.0) -> None:
     """Until `topic` has records and none arrived for `quiet_s`."""
-    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
+    probe = Consumer(kafka_config(bootstrap, **{"group.id": "probe"}))
     try:
         deadline = time.monotonic() + timeout
         last_total, last_change = -1, time.monotonic()
@@ -185,8 +187,8 @@ def throughput(bootstrap: str, config: Path, payments: list[dict[str, Any]],
     state write (its changelog's create time), once its committed offsets show it consumed all
     the input. Returns (readings/s, seconds the burst took to produce)."""
     app_id = f"bench-tp-{int(time.time())}"
-    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
-    group = Consumer({"bootstrap.servers": bootstrap, "group.id": app_id})
+    probe = Consumer(kafka_config(bootstrap, **{"group.id": "probe"}))
+    group = Consumer(kafka_config(bootstrap, **{"group.id": app_id}))
     proc = run_worker(config, bootstrap, app_id, worker_env)
     try:
         produce(bootstrap, payments, [])
@@ -223,13 +225,13 @@ def latency(bootstrap: str, config: Path, data: dict[str, Any], messages: list[t
     partitions = T.default_partitions()
     env_extra = {**(worker_env or {}), "MALLWATT_OFFSET_RESET": "latest"}
     proc = run_worker(config, bootstrap, app_id, env_extra)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
-    tail = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{app_id}", "enable.auto.commit": False})
+    producer = Producer(kafka_config(bootstrap, **{"linger.ms": 0}))
+    tail = Consumer(kafka_config(bootstrap, **{"group.id": f"tail-{app_id}", "enable.auto.commit": False}))
     tail.assign([TopicPartition(T.RELAY_COMMANDS, p, o) for p, o in end_offsets(tail, T.RELAY_COMMANDS).items()])
     try:
         time.sleep(12)  # the worker joins the group (at the end of each partition)
         for account in merchants:
-            p = {"payment_id": f"{app_id}-{account}", "account_id": account, "kind": "TOPUP",
+            p = {"payment_id": f"{app_id}-{account}", "account_id": account, "kind": "TOPUP", "provider": "bench",
                  "amount_minor": rng.randint(100, 20_000), "ts_ms": T0 - 1}
             produce_payment(producer, p, partitions)
         producer.flush()

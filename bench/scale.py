@@ -58,6 +58,7 @@ from bench.scale_kafka import Monitor, Offsets, Processes, RelayTail, WorkerFail
 from collectors.publish import PRODUCER_DEFAULTS
 from infra import broker
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from pipelines.core.claims import claim_key, claim_partition
 from pipelines.forwarder import changelog_topic
 from schemas import codec
@@ -108,7 +109,7 @@ class Run:
     _checked_at: float = 0.0
 
     def __post_init__(self) -> None:
-        self.producer = Producer({"bootstrap.servers": self.bootstrap, **PRODUCER_DEFAULTS})
+        self.producer = Producer(kafka_config(self.bootstrap, **{**PRODUCER_DEFAULTS}))
         self.offsets = Offsets(self.bootstrap, APP_ID)
         self.rng = random.Random(13)
         self.tripping = set(self.live.trip_accounts)

@@ -22,6 +22,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from infra.kafka_security import kafka_config
 from schemas import codec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,8 +143,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _consumer(bootstrap: str, group: str, **extra: Any) -> Consumer:
-    return Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                     "auto.offset.reset": "earliest", **extra})
+    return Consumer(kafka_config(bootstrap, **{"group.id": group, "enable.auto.commit": False,
+                     "auto.offset.reset": "earliest", **extra}))
 
 
 def end_offsets(consumer: Consumer, topic: str) -> dict[int, int]:

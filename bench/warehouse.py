@@ -358,6 +358,8 @@ def bench_params(syn: Synthetic) -> dict[str, dict[str, Any]]:
         "account_balances": {},
         "alerts_daily": month,
         "relay_trips": month,
+        "audit_trail": {"from_ts": (last_day_start - dt.timedelta(days=30)).strftime("%Y-%m-%d %H:%M:%S"),
+                        "to_ts": (last_day_start + dt.timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")},
     }  # fmt: skip
 
 

@@ -44,6 +44,8 @@ from collectors.poller import UNKNOWN
 from collectors.publish import ReadingPublisher
 from collectors.relay import FAILED, RelayController, RelayOutcome
 from infra import topics as T
+from infra.kafka_security import kafka_config
+from pipelines.signing import Verifier, relay_verifier
 from schemas import codec
 from schemas.codec import DecodeError
 
@@ -119,7 +121,11 @@ class CommandExecutor:
                  collector_id: str, group_id: str | None = None,
                  offset_reset: str = "lookback", lookback_s: float = 300.0,
                  max_age_s: float | None = 300.0, log: CommandLog | None = None,
-                 batch: int = 100) -> None:
+                 batch: int = 100, verifier: Verifier | None | str = "env") -> None:
+        """`verifier`: the keys a command must be signed by ("env": pipelines.signing's
+        MALLWATT_RELAY_VERIFY_KEYS or the local key; None only for tests of other parts)."""
+        self.verifier = relay_verifier() if verifier == "env" else verifier
+        self.refused = 0
         self.relay = relay
         self.publisher = publisher
         self.plan = plan
@@ -138,6 +144,7 @@ class CommandExecutor:
         self.batch = batch
         self.consumer: Consumer | None = None
         self.executed = self.ignored = self.invalid = self.repeated = self.expired = 0
+        assert self.verifier is None or isinstance(self.verifier, Verifier), "verifier: a Verifier, None or 'env'"
         self.assigned = 0  # partitions of the command topic this member reads
         self.start_offsets: dict[int, int] = {}  # partition -> first offset read
         self.by_status: dict[str, int] = {}
@@ -145,10 +152,10 @@ class CommandExecutor:
     def _connect(self) -> Consumer:
         addr = self._bootstrap() if callable(self._bootstrap) else self._bootstrap
         reset = "earliest" if self.offset_reset == "lookback" else self.offset_reset
-        c = Consumer({"bootstrap.servers": addr, "group.id": self.group_id,
+        c = Consumer(kafka_config(addr, **{"group.id": self.group_id,
                       "enable.auto.commit": False, "auto.offset.reset": reset,
                       # a slow trip (timeouts, retries) must not look like a dead member
-                      "max.poll.interval.ms": 300_000})
+                      "max.poll.interval.ms": 300_000}))
         c.subscribe([T.RELAY_COMMANDS], on_assign=self._on_assign)
         return c
 
@@ -175,6 +182,22 @@ class CommandExecutor:
     def _mine(self, cmd: dict[str, Any]) -> bool:
         return cmd["mall_id"] == self.plan.mall_id and self.plan.owns(cmd["meter_id"])
 
+    def _refused(self, cmd: dict[str, Any]) -> RelayOutcome | None:
+        """A command not signed by a key this collector trusts is never executed: it is
+        answered FAILED with the reason (recorded in the spool and the command log like any
+        outcome) and reported as a `command_refused` event, which ops see as an alert."""
+        if self.verifier is None:
+            return None
+        problem = self.verifier.problem(cmd)
+        if problem is None:
+            return None
+        self.refused += 1
+        self.publisher.event("command_refused", gateway_id=self.plan.gateway_of(cmd["meter_id"]),
+                             meter_id=cmd["meter_id"], detail=f"{problem}: {cmd['action']} {cmd['command_id']} "
+                             f"(requested by {cmd.get('requested_by')!r})")
+        return RelayOutcome(cmd["command_id"], cmd["meter_id"], cmd["action"], FAILED, UNKNOWN, 0,
+                            self.relay.poller.clock(), f"refused: {problem}, not executed")
+
     def _expired(self, cmd: dict[str, Any]) -> RelayOutcome | None:
         if self.max_age_s is None:
             return None
@@ -189,10 +212,13 @@ class CommandExecutor:
     async def _execute_gateway(self, gateway_id: str, cmds: list[dict[str, Any]]) -> None:
         for cmd in cmds:  # in topic order: a TRIP then a RECONNECT must not swap
             known = self.relay.outcome_of(cmd["command_id"])
-            o = None if known else self._expired(cmd)
+            o = None if known else self._refused(cmd)
+            if o is None and not known:
+                o = self._expired(cmd)
+                if o is not None:
+                    self.expired += 1
             if o is not None:
                 self.relay.remember_outcome(o)
-                self.expired += 1
             else:
                 o = await self.relay.execute(cmd["command_id"], cmd["meter_id"],
                                              cmd["action"])
@@ -248,7 +274,7 @@ class CommandExecutor:
                 await asyncio.to_thread(c.close)
 
     def stats(self) -> dict[str, Any]:
-        return {"executed": self.executed, "ignored": self.ignored, "invalid": self.invalid,
+        return {"executed": self.executed, "ignored": self.ignored, "invalid": self.invalid, "refused": self.refused,
                 "repeated": self.repeated, "expired": self.expired,
                 **{f"outcome_{k.lower()}": v for k, v in self.by_status.items()}}
 

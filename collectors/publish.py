@@ -22,6 +22,7 @@ from collectors.mapping import CollectorPlan
 from collectors.poller import PollEvent, PollResult, wall_clock_ms
 from collectors.spool import ID_HEADER, Drainer, Spool, SpoolRecord
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from schemas import codec
 from schemas.keys import account_shard, shard_key
 from schemas.readings import FLOAT_COLUMNS, FRAME_SCHEMA, RELAY_CODES, frame_to_batch
@@ -47,8 +48,8 @@ def _resolve(bootstrap: Address) -> str:
 
 def kafka_producer_factory(bootstrap: Address, **overrides: Any) -> Callable[[], Producer]:
     """Each call builds a producer for the address as it is now (a callable may change)."""
-    return lambda: Producer({"bootstrap.servers": _resolve(bootstrap), **PRODUCER_DEFAULTS,
-                             **overrides})
+    return lambda: Producer(kafka_config(_resolve(bootstrap), **{**PRODUCER_DEFAULTS,
+                             **overrides}))
 
 
 def kafka_find_written(bootstrap: Address, *, timeout_s: float = 5.0, tail: int = 10_000,
@@ -60,9 +61,9 @@ def kafka_find_written(bootstrap: Address, *, timeout_s: float = 5.0, tail: int 
     last `tail` messages. Raises KafkaException when the broker does not answer.
     """
     def find(topic: str, partition: int, after: int | None, idents: set[str]) -> set[str]:
-        c = Consumer({"bootstrap.servers": _resolve(bootstrap), "group.id": "mallwatt-spool-check",
+        c = Consumer(kafka_config(_resolve(bootstrap), **{"group.id": "mallwatt-spool-check",
                       "enable.auto.commit": False, "enable.partition.eof": True,
-                      "socket.timeout.ms": int(timeout_s * 1000)})
+                      "socket.timeout.ms": int(timeout_s * 1000)}))
         try:
             lo, hi = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
             start = max(lo, after + 1 if after is not None else hi - tail, hi - max_scan)

@@ -16,9 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mallwatt sql",
         description="Run one SQL statement against the warehouse (embedded chDB in var/chdb, or "
-        "MALLWATT_CLICKHOUSE) and print the result as a table. Read-only unless --write.")
+        "MALLWATT_CLICKHOUSE) and print the result as a table. Read-only (readonly=1, no INTO OUTFILE, "
+        "no functions reaching files, URLs or other servers) unless --write.")
     parser.add_argument("statement", help='e.g. "SELECT kind, count() FROM mallwatt.alerts GROUP BY kind"')
-    parser.add_argument("--write", action="store_true", help="allow a statement that changes data")
+    parser.add_argument("--write", action="store_true",
+                        help="allow a statement that changes data (needs the admin role: MALLWATT_ROLE=admin)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="bind {NAME:Type} placeholders")
     parser.add_argument("--path", help="chDB folder (default MALLWATT_CHDB_PATH or var/chdb)")

@@ -1,7 +1,9 @@
-"""Every mallwatt Kafka topic, declared once.
+"""Every mallwatt Kafka topic, declared once, and the settings every topic gets.
 
-faust creates its own internal topics (table changelogs, repartition topics) itself;
-only the topics that cross process boundaries are declared here.
+Partitions, retention and compaction per topic (TOPICS, changelog_specs); replication
+factor and min.insync.replicas per cluster size (cluster_replication), for these topics,
+the worker's changelogs, faust's own topics (pipelines/worker.py) and Kafka's internal
+ones (infra/broker.py).
 
     python -m infra.topics            # provision on bootstrap_servers()
 """
@@ -14,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,49 @@ INFINITE = -1
 def default_partitions() -> int:
     """MALLWATT_PARTITIONS or 8. Must match the `partitions` given to account_shard()."""
     return int(os.environ.get("MALLWATT_PARTITIONS") or 8)
+
+
+def cluster_replication(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of every topic on a cluster of `brokers`.
+
+    Three replicas from three brokers up, and writes (acks=all) need two in sync: one broker
+    can fail, or be restarted, without stopping writes or losing an acknowledged record. On
+    fewer brokers every broker holds every partition, and one less than that must be in sync
+    (a single broker: 1 and 1). MALLWATT_REPLICATION_FACTOR / MALLWATT_MIN_INSYNC_REPLICAS
+    override (an external cluster with its own policy)."""
+    if brokers < 1:
+        raise ValueError(f"cluster_replication: a cluster has at least one broker, got {brokers}")
+    rf = int(os.environ.get("MALLWATT_REPLICATION_FACTOR") or min(3, brokers))
+    min_isr = int(os.environ.get("MALLWATT_MIN_INSYNC_REPLICAS") or max(1, rf - 1))
+    if not 1 <= rf <= brokers:
+        raise ValueError(f"MALLWATT_REPLICATION_FACTOR={rf}: must be 1..{brokers} (brokers in the cluster)")
+    if not 1 <= min_isr <= rf:
+        raise ValueError(f"MALLWATT_MIN_INSYNC_REPLICAS={min_isr}: must be 1..{rf} (the replication factor)")
+    return rf, min_isr
+
+
+def replication_of(bootstrap: str, timeout: float = 30.0, admin: Any = None) -> tuple[int, int]:
+    """cluster_replication() for the cluster at `bootstrap`. Its size is the brokers that answer,
+    or the cluster's default.replication.factor if larger: with a broker down, a topic created
+    meanwhile (a worker restarting) must still get the cluster's replication, not one less."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    from infra.kafka_security import kafka_config
+
+    admin = admin or AdminClient(kafka_config(bootstrap))
+    brokers = admin.list_topics(timeout=timeout).brokers
+    default_rf = 1
+    if brokers:
+        resource = ConfigResource(ConfigResource.Type.BROKER, str(min(brokers)))
+        try:
+            configs = admin.describe_configs([resource], request_timeout=timeout)[resource].result()
+        except KafkaException as exc:  # a principal without DescribeConfigs on the cluster (the worker's)
+            log.info("broker settings not readable (%s); counting the brokers that answer", exc)
+            configs = {}
+        entry = configs.get("default.replication.factor")
+        default_rf = int(entry.value) if entry is not None and entry.value else 1
+    return cluster_replication(max(len(brokers), default_rf))
 
 
 @dataclass(frozen=True)
@@ -94,6 +140,8 @@ DEADLETTER = "mallwatt.deadletter"
 POSTINGS = "mallwatt.postings"
 PAYMENTS_ACCEPTED = "mallwatt.payments-accepted"
 POSTINGS_ACCEPTED = "mallwatt.postings-accepted"
+ALERT_PREFERENCES = "mallwatt.alert-preferences"
+AUDIT = "mallwatt.audit"
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
@@ -122,6 +170,12 @@ TOPICS: tuple[TopicSpec, ...] = (
         "circuit is in one partition, in order; the warehouse deduplicates on (circuit, end)",
         value="interval_batch",
         retention_ms=INFINITE,  # billed energy facts: the warehouse can be rebuilt from them
+    ),
+    TopicSpec(
+        AUDIT,
+        key="principal: one principal's actions stay in order",
+        value="audit_event",
+        retention_ms=INFINITE,  # the audit trail is kept; the warehouse holds it for queries
     ),
     TopicSpec(
         ALERTS,
@@ -176,6 +230,13 @@ TOPICS: tuple[TopicSpec, ...] = (
         value="ledger_posting",
         retention_ms=INFINITE,
     ),
+    TopicSpec(
+        ALERT_PREFERENCES,
+        key="account id: the newest record per account is the merchant's choice (written by the portal)",
+        value="alert_preferences",
+        retention_ms=INFINITE,
+        cleanup_policy="compact",  # one live record per account, kept as long as the account
+    ),
 )
 
 
@@ -199,28 +260,38 @@ def provision_topics(
     bootstrap: str,
     topics: Iterable[TopicSpec] = TOPICS,
     *,
-    replication_factor: int = -1,  # -1: the broker's default.replication.factor
+    replication_factor: int | None = None,  # None: replication_of() the cluster
     timeout: float = 30.0,
 ) -> list[str]:
     """Create the missing topics; return the names created (empty when all exist).
 
-    Existing topics are left alone. A partition-count or config difference is reported
-    as a TopicMismatchWarning: adding partitions would move accounts to other
-    partitions, so it has to be a deliberate migration, not a side effect.
+    Each topic gets its spec's configs plus the cluster's replication factor and
+    min.insync.replicas (cluster_replication). Existing topics are left alone. A
+    partition-count, replication or config difference is reported as a
+    TopicMismatchWarning: adding partitions would move accounts to other partitions, so it
+    has to be a deliberate migration, not a side effect.
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
     specs = list(topics)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from infra.kafka_security import kafka_config
+
+    admin = AdminClient(kafka_config(bootstrap))
     existing = admin.list_topics(timeout=timeout).topics
+    rf, min_isr = replication_of(bootstrap, timeout, admin)
+    if replication_factor is not None:  # a caller's own choice (-1: the broker's default)
+        rf, min_isr = replication_factor, max(1, replication_factor - 1) if replication_factor > 0 else min_isr
+
+    def configs(spec: TopicSpec) -> dict[str, str]:
+        return {"min.insync.replicas": str(min_isr), **spec.configs()}
 
     missing = [s for s in specs if s.name not in existing]
     created: list[str] = []
     if missing:
         futures = admin.create_topics(
             [
-                NewTopic(s.name, s.partitions, replication_factor, config=s.configs())
+                NewTopic(s.name, s.partitions, rf, config=configs(s))
                 for s in missing
             ],
             operation_timeout=timeout,
@@ -240,13 +311,16 @@ def provision_topics(
         actual = len(existing[spec.name].partitions)
         if actual != spec.partitions:
             _warn(f"topic {spec.name} has {actual} partitions, declared {spec.partitions}")
+        replicas = {len(p.replicas) for p in existing[spec.name].partitions.values()}
+        if rf > 0 and replicas != {rf}:
+            _warn(f"topic {spec.name} has {sorted(replicas)} replicas per partition, the cluster's policy is {rf}")
     if present:
         resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in present]
         results = admin.describe_configs(resources, request_timeout=timeout)
         by_name = {s.name: s for s in present}
         for res, fut in results.items():
             actual_cfg = fut.result()
-            for key, want in by_name[res.name].configs().items():
+            for key, want in configs(by_name[res.name]).items():
                 got = actual_cfg[key].value if key in actual_cfg else None
                 if got != want:
                     _warn(f"topic {res.name} has {key}={got}, declared {want}")
@@ -261,7 +335,9 @@ def wait_until_served(bootstrap: str, names: Iterable[str] | None = None, timeou
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     wanted = list(names) if names is not None else [t.name for t in TOPICS]
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mallwatt-readiness"})
+    from infra.kafka_security import kafka_config
+
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": "mallwatt-readiness"}))
     deadline = time.monotonic() + timeout
     try:
         for name in wanted:

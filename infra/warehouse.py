@@ -10,9 +10,12 @@ chDB lets ONE process open a folder, so access is arbitrated by a lock file:
   never collide and a folder held by a process that does not answer gives a clear error.
 
 Server: set MALLWATT_CLICKHOUSE=http(s)://user:pass@host:8123/db and every call goes to
-that server; there is no lock and no endpoint.
+that server; there is no lock and no endpoint. A server that is one node of a ClickHouse
+cluster also gets MALLWATT_CLICKHOUSE_CLUSTER=<cluster name>: migrations then run as
+rendered by infra.warehouse_cluster (ON CLUSTER, Replicated and Distributed tables).
 
     python -m infra.warehouse serve | migrate | status | queries | sql "SELECT 1"
+    python -m infra.warehouse render-cluster --cluster mallwatt   # the cluster DDL, printed
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ import polars as pl
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from infra.home import data_dir
+from infra.redact import install_log_redaction, redact
+from infra.sql_guard import caller_role, require_write_role
 from infra.warehouse_endpoint import (
     OwnerInfo,
     QueryEndpoint,
@@ -46,6 +52,7 @@ from infra.warehouse_endpoint import (
     remove_owner,
     write_owner,
 )
+from infra.warehouse_readonly import open_reader
 from infra.warehouse_sql import (
     DATABASE,
     apply_migrations,
@@ -61,7 +68,9 @@ __all__ = [
     "WarehouseOwner",
     "apply_migrations",
     "chdb_path",
+    "cluster_name",
     "get_client",
+    "get_reader",
     "load_dimensions_here",
     "open_owner",
     "query",
@@ -75,8 +84,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHDB_PATH = REPO_ROOT / "var" / "chdb"
+DEFAULT_CHDB_PATH = data_dir("chdb")
 LOCK_FILE = "owner.lock"
 
 
@@ -86,6 +94,18 @@ class WarehouseLocked(WarehouseError):
 
 def server_url() -> str | None:
     return os.environ.get("MALLWATT_CLICKHOUSE") or None
+
+
+def cluster_name() -> str | None:
+    """The ClickHouse cluster the server belongs to (MALLWATT_CLICKHOUSE_CLUSTER), if any.
+
+    Only meaningful with MALLWATT_CLICKHOUSE: the embedded engine is never a cluster.
+    """
+    name = os.environ.get("MALLWATT_CLICKHOUSE_CLUSTER") or None
+    if name and not server_url():
+        log.warning("MALLWATT_CLICKHOUSE_CLUSTER is ignored without MALLWATT_CLICKHOUSE")
+        return None
+    return name
 
 
 def chdb_path(path: str | os.PathLike[str] | None = None) -> Path:
@@ -102,7 +122,8 @@ class _Held:
     """A folder this process holds: the lock fd and the clients opened on it."""
 
     fd: int
-    clients: list[Any] = field(default_factory=list)
+    clients: list[Any] = field(default_factory=list)  # [0] is the first writer
+    reader: Any | None = None  # the readonly=1 connection for reads (warehouse_readonly)
 
 
 _held: dict[Path, _Held] = {}
@@ -155,7 +176,7 @@ def release_folder(path: str | os.PathLike[str] | None = None) -> None:
         held = _held.pop(folder, None)
     if held is None:
         return
-    for client in held.clients:
+    for client in [*held.clients, *([held.reader] if held.reader is not None else [])]:
         with contextlib.suppress(Exception):
             client.close()
     os.close(held.fd)  # closing the fd releases the flock
@@ -163,6 +184,18 @@ def release_folder(path: str | os.PathLike[str] | None = None) -> None:
 
 def _open_chdb(folder: Path) -> Any:
     return clickhouse_connect.get_client(dsn=f"chdb://{folder}")
+
+
+def _open_chdb_reader(folder: Path) -> Any:
+    """A second handle on the same engine whose session is readonly=1 for good."""
+    return open_reader(f"chdb://{folder}")
+
+
+def _reader_of(held: _Held, folder: Path) -> Any:
+    with _held_guard:
+        if held.reader is None:
+            held.reader = _open_chdb_reader(folder)
+        return held.reader
 
 
 def get_client(path: str | os.PathLike[str] | None = None, *, wait: float = 0.0) -> Any:
@@ -182,6 +215,16 @@ def get_client(path: str | os.PathLike[str] | None = None, *, wait: float = 0.0)
     return client
 
 
+def get_reader(path: str | os.PathLike[str] | None = None, *, wait: float = 0.0) -> Any:
+    """A read-only (readonly=1, verified) client: the server of MALLWATT_CLICKHOUSE, else
+    the embedded folder, held by this process as for `get_client` (one shared reader)."""
+    url = server_url()
+    if url and path is None:
+        return open_reader(url, autogenerate_session_id=False)
+    folder = chdb_path(path)
+    return _reader_of(_acquire(folder, wait), folder)
+
+
 # --- the owner ------------------------------------------------------------------------
 
 
@@ -197,12 +240,14 @@ class WarehouseOwner:
         self.endpoint: QueryEndpoint | None = None
         try:
             if migrate:
-                applied = apply_migrations(self.client)
+                applied = apply_migrations(
+                    self.client, cluster=None if self.embedded else cluster_name())
                 if applied:
                     log.info("warehouse migrations applied: %s", ", ".join(applied))
             if serve and self.folder is not None:
                 # Its own client: a long report must not queue behind the sink's inserts.
-                self.endpoint = QueryEndpoint(get_client(self.folder)).start()
+                self.endpoint = QueryEndpoint(
+                    get_client(self.folder), reader=get_reader(self.folder)).start()
                 write_owner(
                     self.folder,
                     OwnerInfo(
@@ -269,22 +314,28 @@ def query_arrow(
 ) -> pa.Table:
     """Run one statement wherever the warehouse is; see the module doc for the routing.
 
-    Statements other than SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS raise ReadOnlyError
-    unless `allow_write`. Parameters bind server-side: `{name:Type}` in the SQL.
+    Reads run on a readonly=1 connection after the guard of `infra.sql_guard`; statements
+    other than SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS raise ReadOnlyError unless
+    `allow_write`. Parameters bind server-side: `{name:Type}` in the SQL.
     """
     if path is None and server_url():
-        client = get_client()
+        reader = get_reader()
+        writer = None
         try:
-            return execute_arrow(client, sql, params, allow_write)
+            writer = get_client() if allow_write else None
+            return execute_arrow(reader, sql, params, allow_write, writer)
         finally:
-            client.close()
+            reader.close()
+            if writer is not None:
+                writer.close()
     folder = chdb_path(path)
     deadline = time.monotonic() + wait
     while True:
         with _held_guard:
             held = _held.get(folder)
-        if held is not None and held.clients:
-            return execute_arrow(held.clients[0], sql, params, allow_write)
+        if held is not None and (held.clients or held.reader is not None):
+            writer = held.clients[0] if held.clients else None
+            return execute_arrow(_reader_of(held, folder), sql, params, allow_write, writer)
         owner = live_owner(folder)
         if owner is not None:
             return remote_query(owner, sql, params, allow_write)
@@ -300,11 +351,15 @@ def query_arrow(
             time.sleep(0.2)
             continue
         try:
-            client = _open_chdb(folder)
+            reader = _open_chdb_reader(folder)
+            writer = None
             try:
-                return execute_arrow(client, sql, params, allow_write)
+                writer = _open_chdb(folder) if allow_write else None
+                return execute_arrow(reader, sql, params, allow_write, writer)
             finally:
-                client.close()
+                reader.close()
+                if writer is not None:
+                    writer.close()
         finally:
             os.close(fd)
 
@@ -359,13 +414,20 @@ def load_dimensions_here(portfolio: Any, path: str | os.PathLike[str] | None = N
         return load_dimensions(owner.client, portfolio)
 
 
-def set_raw_retention(client: Any, days: int) -> None:
+def set_raw_retention(client: Any, days: int, cluster: str | None = None) -> None:
     """Keep raw readings `days` days (whole monthly parts are dropped after that)."""
     if days <= 0:
         raise ValueError("days must be positive")
-    client.command(
+    statement = (
         f"ALTER TABLE {DATABASE}.readings MODIFY TTL toDateTime(ts) + INTERVAL {int(days)} DAY DELETE"
     )
+    if cluster is not None:  # readings_local on every node
+        from infra.warehouse_cluster import all_tables, render_statement
+
+        for rendered in render_statement(statement, cluster=cluster, tables=all_tables()):
+            client.command(rendered)
+        return
+    client.command(statement)
 
 
 # --- command line ---------------------------------------------------------------------
@@ -388,11 +450,19 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply missing migrations")
     sub.add_parser("status", help="who owns the folder")
     sub.add_parser("queries", help="list named queries")
+    render = sub.add_parser(
+        "render-cluster", help="print the migrations as rendered for a ClickHouse cluster")
+    render.add_argument("--cluster", default=os.environ.get("MALLWATT_CLICKHOUSE_CLUSTER"),
+                        help="cluster name of the servers' remote_servers (default "
+                        "MALLWATT_CLICKHOUSE_CLUSTER)")
+    render.add_argument("--shard-key", action="append", default=[], metavar="TABLE=EXPR",
+                        help="sharding expression of one table's Distributed table")
     dims = sub.add_parser("dims", help="load the dimension tables from a portfolio config")
     dims.add_argument("--config", required=True, help="portfolio YAML (pipelines.portfolio)")
     sql = sub.add_parser("sql", help="run one statement and print the result")
     sql.add_argument("statement")
-    sql.add_argument("--write", action="store_true", help="allow a non-SELECT statement")
+    sql.add_argument("--write", action="store_true",
+                     help="allow a non-SELECT statement (needs MALLWATT_ROLE=admin)")
     sql.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     named = sub.add_parser("run", help="run a named query from sql/queries/")
     named.add_argument("name")
@@ -401,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    install_log_redaction()
     params = dict(p.split("=", 1) for p in getattr(args, "param", []))
     try:
         if args.cmd == "serve":
@@ -415,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "migrate":
             if args.path is None and server_url():
                 client = get_client()
-                print("applied:", apply_migrations(client) or "nothing")
+                print("applied:", apply_migrations(client, cluster=cluster_name()) or "nothing")
             else:
                 with open_owner(args.path, serve=False, migrate=False) as owner:
                     print("applied:", apply_migrations(owner.client) or "nothing")
@@ -423,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = chdb_path(args.path)
             owner = live_owner(folder)
             print(
-                f"server {server_url()}"
+                f"server {redact(server_url())}"
                 if server_url()
                 else f"{folder}: "
                 + (
@@ -437,16 +508,25 @@ def main(argv: list[str] | None = None) -> int:
 
             written = load_dimensions_here(load_portfolio(args.config), args.path)
             print(", ".join(f"{table} {rows}" for table, rows in written.items()))
+        elif args.cmd == "render-cluster":
+            from infra.warehouse_cluster import render_all
+
+            if not args.cluster:
+                raise ValueError("render-cluster needs --cluster (or MALLWATT_CLICKHOUSE_CLUSTER)")
+            keys = dict(k.split("=", 1) for k in args.shard_key)
+            sys.stdout.write(render_all(args.cluster, sharding_keys=keys or None))
         elif args.cmd == "queries":
             print("\n".join(list_named_queries()))
         elif args.cmd == "sql":
+            if args.write:
+                require_write_role(caller_role())
             _print_table(
                 query_arrow(args.statement, params or None, allow_write=args.write, path=args.path)
             )
         elif args.cmd == "run":
             _print_table(query_arrow(named_query_text(args.name), params or None, path=args.path))
     except (WarehouseError, DatabaseError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 1
     return 0
 

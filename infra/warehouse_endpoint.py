@@ -31,7 +31,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from infra.warehouse_sql import is_read_only
+from infra.sql_guard import QueryRefused
+from infra.warehouse_readonly import SqlSyntaxError, run_guarded
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class WarehouseError(RuntimeError):
 
 
 class ReadOnlyError(WarehouseError):
-    """A write statement was sent without the explicit write flag."""
+    """The read-only guard refused the statement (a write without the write flag, INTO
+    OUTFILE, a function reaching outside the warehouse, a SETTINGS clause)."""
 
 
 @dataclass(frozen=True)
@@ -99,15 +101,19 @@ def pid_alive(pid: int) -> bool:
 
 
 def execute_arrow(
-    client: Any, sql: str, params: dict[str, Any] | None, allow_write: bool
+    reader: Any, sql: str, params: dict[str, Any] | None, allow_write: bool, writer: Any | None = None
 ) -> pa.Table:
-    """Run one statement; reads return their rows, writes an empty table."""
-    if is_read_only(sql):
-        return client.query_arrow(sql, parameters=params or None)
-    if not allow_write:
-        raise ReadOnlyError("only SELECT/WITH/SHOW/DESCRIBE/EXPLAIN/EXISTS unless write is allowed")
-    client.command(sql, parameters=params or None)
-    return pa.table({})
+    """Run one statement; reads return their rows, writes an empty table.
+
+    Reads run on `reader`, a readonly=1 connection (`warehouse_readonly.open_reader`);
+    writes need `allow_write` and run on `writer`. Refusals raise ReadOnlyError.
+    """
+    try:
+        return run_guarded(reader, sql, params, allow_write, writer)
+    except QueryRefused as exc:
+        raise ReadOnlyError(f"refused: {exc}") from None
+    except SqlSyntaxError as exc:
+        raise WarehouseError(str(exc)) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -140,8 +146,9 @@ def table_to_ipc(table: pa.Table) -> bytes:
 class QueryEndpoint:
     """A threaded HTTP server on 127.0.0.1 answering /ping and /query for one client."""
 
-    def __init__(self, client: Any, token: str | None = None, port: int = 0) -> None:
-        self.client = client
+    def __init__(self, client: Any, token: str | None = None, port: int = 0, *, reader: Any) -> None:
+        self.client = client  # writes (with the write flag)
+        self.reader = reader  # everything else: a readonly=1 connection
         self.token = token or secrets.token_hex(16)
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
@@ -213,7 +220,7 @@ class QueryEndpoint:
                     self._error(400, f"bad request: {exc}")
                     return
                 try:
-                    table = execute_arrow(endpoint.client, sql, params, allow_write)
+                    table = execute_arrow(endpoint.reader, sql, params, allow_write, endpoint.client)
                 except ReadOnlyError as exc:
                     self._error(403, str(exc), "read_only")
                     return

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from infra.grafana_common import field_config
 from infra.warehouse_catalog import query_spec
 
 DASHBOARD = Path(__file__).resolve().parent / "grafana" / "dashboards" / "mallwatt.json"
@@ -33,17 +34,32 @@ MACROS = {
     "topic_like": "'%'",
 }
 
-# (title, query, panel type, grid w, h, overrides for parameters, wrapper for time series)
+TOU_ORDER = "indexOf(['sharp', 'peak', 'flat', 'valley', 'deep_valley'], tou_period)"
+
+# title, catalog query, panel type; optional: parameter overrides, "wrap" (SQL around the
+# query: charts get exactly the columns they draw), "unit" (default unit), "options".
 PANELS: list[dict[str, Any]] = [
     {"title": "Portfolio energy per day (kWh)", "query": "consumption_daily", "type": "timeseries",
-     "params": {"by": "mall"}, "wrap": "SELECT toDateTime(day, '${tz}') AS time, key, kwh FROM ({sql}) ORDER BY time"},
-    {"title": "Time-of-use shares", "query": "tou_shares", "type": "piechart"},
+     "params": {"by": "mall"}, "unit": "kwatth",
+     "wrap": "SELECT toDateTime(day, '${tz}') AS time, key, kwh FROM ({sql}) ORDER BY time"},
+    # one slice per TOU period: a single numeric column, every row a value
+    {"title": "Time-of-use shares (kWh)", "query": "tou_shares", "type": "piechart", "unit": "kwatth",
+     "wrap": f"SELECT tou_period, round(sum(kwh), 3) AS kwh FROM ({{sql}}) GROUP BY tou_period "
+             f"ORDER BY {TOU_ORDER} = 0, {TOU_ORDER}, tou_period",
+     "options": {"reduceOptions": {"values": True, "calcs": [], "fields": "/^kwh$/"},
+                 "pieType": "donut", "displayLabels": ["name", "percent"],
+                 "legend": {"displayMode": "table", "placement": "right", "values": ["value", "percent"]}}},
     {"title": "Top consumers and movers (vs previous period)", "query": "top_movers", "type": "table",
      "params": {"limit": "20"}},
     {"title": "Energy per business type (kWh)", "query": "consumption_daily", "type": "barchart",
-     "params": {"by": "business_type"}},
-    {"title": "Average day (kW by local hour)", "query": "load_profile", "type": "barchart",
-     "params": {"by": "business_type"}},
+     "params": {"by": "business_type"}, "unit": "kwatth",
+     "wrap": "SELECT key AS business_type, round(sum(kwh), 3) AS kwh FROM ({sql}) GROUP BY key ORDER BY kwh DESC",
+     "options": {"xField": "business_type", "orientation": "horizontal"}},
+    {"title": "Average day (kW by local hour, all business types)", "query": "load_profile",
+     "type": "barchart", "params": {"by": "business_type"}, "unit": "kwatt",
+     "wrap": "SELECT leftPad(toString(hour), 2, '0') AS hour, round(sum(avg_kw), 3) AS avg_kw FROM ({sql}) "
+             "GROUP BY hour ORDER BY hour",
+     "options": {"xField": "hour"}},
     {"title": "Efficiency within business type (kWh/m2)", "query": "efficiency_rank", "type": "table"},
     {"title": "Common areas inside and outside opening hours", "query": "common_area_hours", "type": "table"},
     {"title": "Alerts per day", "query": "alerts_daily", "type": "table"},
@@ -88,6 +104,8 @@ def build_dashboard() -> dict[str, Any]:
             "id": i + 1, "title": panel["title"], "type": panel["type"], "datasource": DATASOURCE,
             "description": f"catalog query {panel['query']} (sql/queries/{panel['query']}.sql)",
             "gridPos": {"x": (i % 2) * 12, "y": (i // 2) * 8, "w": 12, "h": 8},
+            "fieldConfig": field_config(panel.get("unit", "short")),
+            "options": panel.get("options", {}),
             "targets": [{"refId": "A", "datasource": DATASOURCE, "editorType": "sql",
                          "queryType": "timeseries" if series else "table",
                          "format": TIME_SERIES if series else TABLE, "rawSql": sql}],

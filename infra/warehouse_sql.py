@@ -136,14 +136,28 @@ def applied_versions(client: Any) -> dict[str, str]:
     return {version: checksum for version, checksum in rows}
 
 
-def apply_migrations(client: Any, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def apply_migrations(
+    client: Any, directory: Path = MIGRATIONS_DIR, *, cluster: str | None = None
+) -> list[str]:
     """Apply the migrations not yet recorded; returns the versions applied now.
 
     Each statement is idempotent (IF NOT EXISTS), so a run that died half-way through a
     file is finished by simply running the file again: the version is recorded only after
-    its last statement succeeded.
+    its last statement succeeded. With `cluster` (a ClickHouse server's cluster name) the
+    same files run as rendered by infra.warehouse_cluster: ON CLUSTER, Replicated tables
+    and Distributed tables under the usual names.
     """
-    for statement in BOOTSTRAP:
+    if cluster is None:
+        bootstrap: list[str] = list(BOOTSTRAP)
+        insert_settings: dict[str, Any] = {}
+    else:
+        from infra.warehouse_cluster import all_tables, render, render_bootstrap
+
+        tables = all_tables(directory)
+        bootstrap = render_bootstrap(cluster, tables)
+        # The version row goes through the Distributed table: written before the call returns.
+        insert_settings = {"insert_distributed_sync": 1}
+    for statement in bootstrap:
         client.command(statement)
     done = applied_versions(client)
     applied: list[str] = []
@@ -156,12 +170,22 @@ def apply_migrations(client: Any, directory: Path = MIGRATIONS_DIR) -> list[str]
                     migration.name,
                 )
             continue
-        for statement in migration.statements:
-            client.command(statement)
+        statements = (
+            migration.statements
+            if cluster is None
+            else [s for r in render(migration.text, cluster=cluster, tables=tables)
+                  for s in r.statements]
+        )
+        for statement in statements:
+            if insert_settings:  # the data migrations' INSERT ... SELECT, like the version row
+                client.command(statement, settings=insert_settings)
+            else:
+                client.command(statement)
         client.insert(
             f"{DATABASE}.schema_migrations",
             [[migration.version, migration.name, migration.checksum]],
             column_names=["version", "name", "checksum"],
+            **({"settings": insert_settings} if insert_settings else {}),
         )
         log.info("applied migration %s_%s", migration.version, migration.name)
         applied.append(migration.version)

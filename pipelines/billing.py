@@ -12,6 +12,7 @@ from typing import Any
 import polars as pl
 
 from infra import topics as T
+from pipelines.audit import audit_item, audit_record
 from pipelines.config_holder import ContextHolder  # noqa: F401
 from pipelines.context import BillingContext
 from pipelines.core.engine import BatchOutputs, CoreState, process_batch
@@ -21,7 +22,7 @@ from pipelines.core.wallet import friendly_until
 from pipelines.envelope import Envelope, OutboxItem
 from pipelines.facts import interval_facts
 from pipelines.loadcontrol import LoadOutputs, process_load
-from pipelines.powerloop import PowerLoop
+from pipelines.powerloop import PowerLoop, day_due, wallet_due
 from pipelines.relaygate import held_by
 from schemas import codec
 from schemas.intervals import INTERVAL_ROWS, pack_interval_rows
@@ -130,20 +131,30 @@ def apply_operator(env: Envelope, command: dict[str, Any], ctx: BillingContext, 
     """An operator's power off/on for one meter: sets or clears the operator hold, audited as an alert."""
     meter = command["meter_id"]
     route = ctx.meter_route[meter]
+    decision = ctx.operator_decision(command)
+    if not decision.accepted:  # the worker dead-letters these before; any other caller is refused here
+        raise PermissionError(decision.problem())
+    who = "+".join(decision.principals)  # verified signers, never the free-text operator field
     loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
     on = command["action"] == "POWER_OFF"
     gated = loop.gate(route.account_id, [meter], "operator", on, command["command_id"], None, command["ts_ms"],
-                      f"operator:{command['operator']}")
+                      f"operator:{who}")
     items = [item for _, item in gated]
     still = held_by(loop.holds_of("_"), meter)
     audit = {"alert_id": f"{command['command_id']}:audit", "kind": "operator_power", "severity": "INFO",
              "mall_id": route.mall_id, "account_id": route.account_id, "meter_id": meter,
              "ts_ms": command["ts_ms"],
-             "message": f"operator {command['operator']} {command['action'].lower()} ({command['reason']}); "
+             "message": f"operator {who} {command['action'].lower()} ({command['reason']}); "
                         f"relay {'command sent' if gated else 'unchanged'}; holds now {still or 'none'}",
              "details": {"command_id": command["command_id"], "scope": command["scope"],
-                         "target_id": command["target_id"], "holds": ",".join(still)}}
+                         "target_id": command["target_id"], "holds": ",".join(still),
+                         "principals": who, "order_id": command["order_id"]}}
     items.append(OutboxItem(T.ALERTS, route.account_id.encode(), codec.encode("Alert", audit)))
+    items.append(audit_item(audit_record(
+        command["ts_ms"], who, "power.order", f"meter:{meter}", "accepted", "worker",
+        f"{command['action']} order {command['order_id']} ({command['scope'].lower()} {command['target_id']}): "
+        f"{command['reason']}; relay {'command sent' if gated else 'unchanged'}",
+        event_id=f"{command['command_id']}:audit")))
     return Envelope(accounts=env.accounts, circuits=env.circuits, hwm={**env.hwm, source: offset},
                     outbox=items, updates=env.updates + 1, holds=loop.holds_of("_"), extra=env.extra,
                     relays=loop.relays_of("_"))
@@ -242,13 +253,14 @@ def apply_outcomes(env: Envelope, account: str, outcomes: list[dict[str, Any]], 
 
 
 def tick(env: Envelope, ctx: BillingContext, now_ms: int) -> Envelope | None:
-    """Timer step of one account at `now_ms` (explicit): trips deferred by a friendly period
-    whose period has ended (engine.tick), then relay chains that are due. None when nothing
+    """Timer step of one account at `now_ms` (explicit): the standing charges and debt schedule
+    of days its readings reached, trips deferred by a friendly period whose period has ended
+    (engine.tick), then relay chains that are due. None when nothing
     changed (nothing to write). The high-water marks stay: a tick consumes no input."""
     loop = PowerLoop({"_": env}, ctx, now_ms, lambda _a: "_")
     tagged: list[tuple[str, OutboxItem]] = []
     accounts = env.accounts
-    if any(s.deferred or s.warn_pending for s in env.accounts.values()):
+    if wallet_due(env, ctx.rating, now_ms):  # standing charges, debt schedule, deferred trips
         state, out = core_tick(CoreState(dict(env.circuits), dict(env.accounts)), now_ms, ctx.rating)
         accounts = state.accounts
         tagged += outbox_items(out, ctx, lambda _a: "_", {})
@@ -270,6 +282,10 @@ def next_timer_ms(env: Envelope, ctx: BillingContext, now_ms: int) -> int:
         if (s.deferred or s.warn_pending) and rating is not None:
             mall = ctx.rating.malls[rating.mall_id]
             anchor = max(seen if seen else [now_ms])
-            dues.append(max(now_ms + 1, friendly_until(rating.policy.friendly, anchor, mall.tz,
+            since = s.deferred_at if s.deferred_at >= 0 else anchor
+            dues.append(max(now_ms + 1, friendly_until(rating.policy.friendly, since, mall.tz,
                                                        frozenset(mall.holidays))))
+    day = day_due(env, ctx.rating)  # a day the readings reached: due at its start
+    if day is not None and day > now_ms:
+        dues.append(day)
     return min(dues) if dues else now_ms + 60_000

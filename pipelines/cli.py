@@ -22,10 +22,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "topup": ("pipelines.payments_cli", "main", "publish a merchant top-up (payment) to Kafka"),
     "post": ("pipelines.postings_cli", "main", "post ledger postings (shared costs, adjustments) to wallets"),
     "power": ("pipelines.power_cli", "main", "remote power off/on for a meter, area, account or mall"),
+    "keys": ("pipelines.signing", "main", "Ed25519 key pairs for signed relay and operator commands"),
+    "audit": ("pipelines.audit", "main", "the audit trail: power orders, approvals, refusals, config reloads"),
     "sql": ("infra.sql_cli", "main", "run a SQL statement against the warehouse and print a table"),
     "query": ("infra.sql_cli", "query_main", "run a named analytics query from sql/queries"),
     "bills": ("pipelines.bills.export", "main", "ERP export, statements, reconciliation, common-area allocation"),
     "notify": ("pipelines.notify.service", "main", "deliver alerts to merchants/operators (SMS, voice, app push)"),
+    "watch": ("pipelines.collector_watch", "main", "collector loss (gateway down, spool growing, silence) -> collector_offline alerts"),
     "replay": ("pipelines.core.replay", "main", "offline replay / re-rating of readings and payments"),
     "export-input": ("pipelines.export_input", "main", "readings and payments from Kafka with their positions, for replay"),
     "portal": ("pipelines.portal.main", "main", "merchant portal: live balance, usage, top-up webhooks (serve|token)"),
@@ -45,8 +48,25 @@ def usage() -> str:
              "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()]
     lines += ["", "Run `mallwatt COMMAND --help` for a command's options.",
-              "Environment: MALLWATT_KAFKA (external bootstrap servers), MALLWATT_CLICKHOUSE (server URL)."]
+              "Environment: MALLWATT_KAFKA (external bootstrap servers), MALLWATT_CLICKHOUSE (server URL).",
+              "Ops: --log-json (or MALLWATT_LOG_FORMAT=json) after any command writes JSON log lines;",
+              "services serve /metrics, /healthz, /readyz (ports: docs/operations.md)."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """The installed distribution's version (a source checkout reads pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("mallwatt")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in {"-h", "--help", "help"}:
         print(usage())
         return 0
+    if args[0] in {"--version", "-V", "version"}:
+        print(f"mallwatt {version()}")
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"mallwatt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if "--log-json" in rest:  # any command: JSON log lines (pipelines/logsetup.py)
+        rest = [a for a in rest if a != "--log-json"]
+        os.environ["MALLWATT_LOG_FORMAT"] = "json"
     for key, value in COMMAND_ENV.get(name, {}).items():
         os.environ.setdefault(key, value)  # before the command's modules import polars
     module_name, func_name, _ = COMMANDS[name]
+    from infra.redact import install_log_redaction
+
+    install_log_redaction()  # no command logs a credential (docs/security.md)
     func = getattr(importlib.import_module(module_name), func_name)
     try:
         result = func(rest)

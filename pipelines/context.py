@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 
 from collectors.profile import register_limits
-from pipelines.core.cols import chunked_frame
+from pipelines.core.cols import as_list, chunked_frame
 from pipelines.core.context import RatingContext
 from pipelines.core.models import AccountRating, Mall
 from pipelines.core.timeguard import Bounds, bounds_for
@@ -61,6 +61,31 @@ class BillingContext:
             out.setdefault(route.account_id, []).append(route.meter_id)
         return out
 
+    @cached_property
+    def meter_purpose(self) -> dict[str, str]:
+        """Meter id -> its circuit's purpose (life-safety circuits: pipelines.core.authority)."""
+        meters = self.config.roster.meters
+        return dict(zip(as_list(meters["id"]), as_list(meters["purpose"]), strict=True))
+
+    @cached_property
+    def account_area(self) -> dict[str, str]:
+        """Merchant account id -> its area (an area-wide order's scope)."""
+        merchants = self.config.roster.merchants
+        return dict(zip(as_list(merchants["id"]), as_list(merchants["area"]), strict=True))
+
+    def operator_decision(self, command: dict[str, Any]) -> Any:
+        """pipelines.core.authority.decide for a per-meter operator command, against this config."""
+        from pipelines.core.authority import decide
+
+        route = self.meter_route.get(command["meter_id"])
+        scope, target = command["scope"], command["target_id"]
+        in_scope = route is not None and (
+            (scope == "METER" and route.meter_id == target) or (scope == "ACCOUNT" and route.account_id == target)
+            or (scope == "MALL" and route.mall_id == target)
+            or (scope == "AREA" and self.account_area.get(route.account_id) == target))
+        return decide(command, self.config.rules.security, meter_purpose=self.meter_purpose.get(command["meter_id"]),
+                      in_scope=in_scope)
+
     def bucket_of(self, account_id: str) -> str:
         """The state key of an account (one key per account; any id works)."""
         return state_key(account_id)
@@ -108,6 +133,6 @@ def build_context(portfolio: Portfolio | PortfolioConfig, partitions: int, *,
                            lateness_ms=rules.billing.lateness_ms if lateness_ms is None else lateness_ms,
                            gap_ms=rules.billing.gap_ms,
                            # replay's time guard reads the same limits (pipelines.core.replay.time_bounds)
-                           extra={"time_limits": rules.time})
+                           extra={"time_limits": rules.time, "security": rules.security})
     return BillingContext(config, rating, partitions, circuit_meter, meter_route,
                           {a.account_id: a.mall_id for a in accounts.values()}, limits)

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.core.cols import as_list
+from pipelines.core.cols import as_list, chunked_dict
 from pipelines.core.models import AccountRating, CircuitConfig, WalletPolicy
 from pipelines.loadcontrol import LoadLimits
 
@@ -84,9 +84,9 @@ def accounts_from_roster(rules: Any, merchants: pl.DataFrame, landlord_of: Calla
         accounts[landlord] = AccountRating(account_id=landlord, mall_id=mall.id, tariff_id=mall.tariff,
                                            policy=WalletPolicy(alert_levels=[], protected=True))
         end = start + count.get(mall.id, 0)
-        accounts.update(zip(ids[start:end], merchant_models[start:end], strict=True))
+        accounts.update(chunked_dict(ids[start:end], merchant_models[start:end]))
         start = end
-    limits = dict(zip(ids, map(shared_limits.__getitem__, as_list(m["_limit"])), strict=True))
+    limits = chunked_dict(ids, [shared_limits[x] for x in as_list(m["_limit"])])
     return accounts, limits
 
 
@@ -119,8 +119,7 @@ def circuits_from_roster(rules: Any, meters: pl.DataFrame, landlord_of: Callable
                                        "register_resolution_kwh"),
                        zip(circuit_ids, accounts, map(decimals.__getitem__, as_list(m["max_kw"])),
                            [x[0] for x in limits], [x[1] for x in limits], strict=True))
-    return (dict(zip(circuit_ids, configs, strict=True)), dict(zip(circuit_ids, routes, strict=True)),
-            dict(zip(meter_ids, routes, strict=True)))
+    return chunked_dict(circuit_ids, configs), chunked_dict(circuit_ids, routes), chunked_dict(meter_ids, routes)
 
 
 def _route(cls: type[Any], mall: str, gateway: str, meter: str, account: str) -> Any:

@@ -4,7 +4,9 @@ Everything runs on this machine and is stopped at the end: a private Kafka broke
 (var/demo/kafka), the billing worker and the warehouse sink as subprocesses, and in this
 process the Modbus meter simulator (accelerated time) with the real collector polling it
 over Modbus TCP on loopback. Opening balances are paid in as top-ups; merchants whose
-credit runs out are tripped, and half-way through they top up and are reconnected.
+credit runs out are tripped, and half-way through they top up and are reconnected. The
+merchant portal runs beside them (a link with one merchant's token is printed); that
+merchant's rescue top-up goes through the page's API and the simulated payment provider.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from confluent_kafka import Consumer, Producer
 
 from infra import broker
 from infra import topics as T
+from infra.kafka_security import kafka_config
 from pipelines.generate import generate
 from pipelines.money_input import produce_payment
 from pipelines.portfolio import Portfolio, dump_portfolio, parse_portfolio
@@ -43,6 +46,7 @@ NEXT_QUERIES = (
 )
 DEMO_DIR = ROOT / "var" / "demo"
 DEMO_PORT = 19192
+PORTAL_PORT = 18790
 SIM_START = "2026-07-14T12:00:00+08:00"  # a summer weekday: peak and critical-peak hours, then night
 BILL_DAY = "2026-07-14"  # closed once simulated time passes midnight
 
@@ -88,9 +92,10 @@ class CommandWatch(threading.Thread):
 
     def __init__(self, bootstrap: str) -> None:
         super().__init__(daemon=True)
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-watch-{time.time()}",
-                                  "auto.offset.reset": "earliest"})
+        self.consumer = Consumer(kafka_config(bootstrap, **{"group.id": f"demo-watch-{time.time()}",
+                                  "auto.offset.reset": "earliest"}))
         self.tripped: set[str] = set()
+        self.reconnected: dict[str, int] = {}  # account -> RECONNECT commands seen
         self.trips = self.reconnects = self.confirmed = 0
         self.retries: list[str] = []  # re-issued commands (the power loop: pipelines/core/relay.py)
         self.retry_outcomes: dict[str, str] = {}
@@ -122,6 +127,8 @@ class CommandWatch(threading.Thread):
                 self.tripped.add(cmd["account_id"])
             elif cmd["action"] == "RECONNECT":
                 self.reconnects += 1
+                if cmd["account_id"]:
+                    self.reconnected[cmd["account_id"]] = self.reconnected.get(cmd["account_id"], 0) + 1
         self.consumer.close()
 
     def stop(self) -> None:
@@ -131,7 +138,7 @@ class CommandWatch(threading.Thread):
 
 def publish_topups(bootstrap: str, portfolio: Portfolio, amounts: dict[str, int], ts_ms: int, tag: str,
                    partitions: int) -> int:
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer = Producer(kafka_config(bootstrap, **{"enable.idempotence": True}))
     for account, amount in amounts.items():
         payment = {"payment_id": f"{tag}-{account}", "account_id": account, "kind": "TOPUP",
                    "amount_minor": amount, "currency": portfolio.currency, "ts_ms": ts_ms,
@@ -139,6 +146,79 @@ def publish_topups(bootstrap: str, portfolio: Portfolio, amounts: dict[str, int]
         produce_payment(producer, payment, partitions)
     producer.flush(30)
     return len(amounts)
+
+
+class PortalMerchant:
+    """The merchant whose link the demo prints: its rescue top-up goes through the portal."""
+
+    def __init__(self, account: str, token: str, base: str = f"http://127.0.0.1:{PORTAL_PORT}") -> None:
+        self.account, self.token, self.base = account, token, base
+
+    def link(self) -> str:
+        return f"{self.base}/m#t={self.token}"
+
+    async def statement(self, period: str) -> None:
+        """The closed day's statement as the merchant's page fetches it (the bills' own document)."""
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, http.get(
+                f"{self.base}/api/v1/accounts/{self.account}/statements/{period}",
+                headers={"Authorization": f"Bearer {self.token}"}) as r:
+            doc = await r.json()
+        if r.status != 200:
+            print(f"  portal statement of {self.account} for {period}: {r.status} {doc.get('message')}", flush=True)
+            return
+        print(f"  the portal serves {self.account}'s statement {doc['doc_id']} too (GET /api/v1/accounts/"
+              f"{self.account}/statements/{period}): opening {doc['opening_minor'] / 100:.2f}, "
+              f"{len(doc['lines'])} lines, closing {doc['closing_minor'] / 100:.2f}", flush=True)
+
+    async def topup(self, amount_minor: int, watch: CommandWatch, timeout_s: float = 40.0) -> None:
+        """As the page does it: checkout, the simulated provider takes the payment and posts its
+        signed notification to the webhook; then the balance API shows the credit and the relay."""
+        import aiohttp
+
+        url = f"{self.base}/api/v1/accounts/{self.account}"
+        auth = {"Authorization": f"Bearer {self.token}"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+            async with http.get(f"{url}/balance", headers=auth) as r:
+                before = await r.json()
+            reconnects = watch.reconnected.get(self.account, 0)  # a RECONNECT after this one is the top-up's
+            async with http.post(f"{url}/checkout", json={"amount_minor": amount_minor}, headers=auth) as r:
+                session = await r.json()
+                if r.status != 200:
+                    say(f"portal: checkout refused ({r.status}): {session.get('message')}")
+                    return
+            async with http.post(self.base + session["pay_url"]) as r:
+                paid = await r.json()
+                if r.status != 200:
+                    say(f"portal: the webhook answered {r.status}: {paid.get('message')}")
+                    return
+            acked = time.monotonic()
+            say(f"portal: {self.account} paid {amount_minor / 100:.2f} through the simulated provider; webhook 2xx "
+                f"after Kafka's ack (payment {paid['payment_id']}); balance was "
+                f"{(before['balance_minor'] or 0) / 100:.2f}, relay {before['relay']['state']}")
+            credited = reconnected = None
+            while time.monotonic() - acked < timeout_s and (credited is None or reconnected is None):
+                await asyncio.sleep(0.2)
+                async with http.get(f"{url}/activity?limit=30", headers=auth) as r:
+                    entries = (await r.json())["entries"]
+                if credited is None and any(e["source_id"] == paid["payment_id"] for e in entries):
+                    credited = time.monotonic() - acked
+                    async with http.get(f"{url}/balance", headers=auth) as r:
+                        now = await r.json()
+                    say(f"portal: the balance API shows the credit {credited:.1f} s after the 2xx: "
+                        f"{(before['balance_minor'] or 0) / 100:.2f} -> {now['balance_minor'] / 100:.2f}")
+                if reconnected is None and watch.reconnected.get(self.account, 0) > reconnects:
+                    async with http.get(f"{url}/balance", headers=auth) as r:
+                        relay = (await r.json())["relay"]
+                    if relay["state"] == "connected":
+                        reconnected = time.monotonic() - acked
+                        say(f"portal: RECONNECT for {self.account}; the page shows the power on "
+                            f"{reconnected:.1f} s after the 2xx (reason {relay['reason']})")
+                if reconnected is None and before["relay"]["state"] != "disconnected" and credited is not None:
+                    reconnected = 0.0  # it was not tripped: nothing to reconnect
+            if credited is None:
+                say(f"portal: the credit did not show within {timeout_s:.0f} s (see {DEMO_DIR / 'portal.log'})")
 
 
 async def run_meters(portfolio_path: Path, portfolio: Portfolio, opening: dict[str, int], bootstrap: str,
@@ -152,6 +232,8 @@ async def run_meters(portfolio_path: Path, portfolio: Portfolio, opening: dict[s
     start_ms = int(datetime.fromisoformat(SIM_START).timestamp() * 1000)
     sim = mall_simulator(portfolio, mall_id, speed=speed, start_ms=start_ms)
     await sim.start()
+    # the portal's clock follows the simulator's, so its payments carry the mall's simulated time
+    merchant = start_portal(services, portfolio_path, opening, (sim.now_ms(), int(time.time() * 1000), speed))
     # one merchant's contactor sticks for the first command: the stream's retry trips it
     stuck = min(opening, key=lambda a: (opening[a], a))
     stuck_meter = next(m.id for m in portfolio.malls[0].meters if m.account == stuck)
@@ -167,6 +249,7 @@ async def run_meters(portfolio_path: Path, portfolio: Portfolio, opening: dict[s
     say(f"paid in opening balances for {len(opening)} merchants; simulating at {speed:g}x real time")
     t0 = time.monotonic()
     topped_up: set[str] = set()
+    through_portal: asyncio.Task[None] | None = None
     try:
         while (elapsed := time.monotonic() - t0) < seconds:
             await asyncio.sleep(min(10.0, seconds - elapsed))
@@ -176,6 +259,10 @@ async def run_meters(portfolio_path: Path, portfolio: Portfolio, opening: dict[s
             sim_time = datetime.fromtimestamp(sim.now_ms() / 1000, mall_tz).strftime("%H:%M")
             say(f"t={time.monotonic() - t0:4.0f}s sim {sim_time}  readings={stats.get('readings', 0)}  "
                 f"trips={watch.trips} reconnects={watch.reconnects} confirmed={watch.confirmed}")
+            if merchant is not None and through_portal is None and time.monotonic() - t0 >= seconds / 2:
+                # in the background: the meters keep running while the money goes round
+                through_portal = asyncio.create_task(merchant.topup(50_000, watch))
+                topped_up.add(merchant.account)
             if time.monotonic() - t0 >= seconds / 2 and watch.tripped - topped_up:
                 due = {a: 50_000 for a in watch.tripped - topped_up}
                 publish_topups(bootstrap, portfolio, due, sim.now_ms(), f"rescue{len(topped_up)}", partitions)
@@ -183,10 +270,14 @@ async def run_meters(portfolio_path: Path, portfolio: Portfolio, opening: dict[s
                 say(f"{len(due)} tripped merchant(s) topped up 500.00 {portfolio.currency}: expect reconnects")
     finally:
         stop.set()
+        if through_portal is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(through_portal, 5)
         await asyncio.wait_for(collector, 30)
         await sim.stop()
     retried = [f"{c} -> {watch.retry_outcomes.get(c, 'no outcome yet')}" for c in watch.retries]
-    return {**stats, "topups_opening": len(opening), "topups_rescue": len(topped_up), "retried": retried}
+    return {**stats, "topups_opening": len(opening), "topups_rescue": len(topped_up), "retried": retried,
+            "portal_merchant": merchant}
 
 
 def summary_queries() -> dict[str, str]:
@@ -266,6 +357,43 @@ def wait_for_sink(published: int, timeout: float = 60.0) -> None:
         "(re-sent duplicates collapse on circuit and timestamp)")
 
 
+def start_portal(services: Services, portfolio_path: Path, opening: dict[str, int],
+                 sim_clock: tuple[int, int, float]) -> PortalMerchant:
+    """The portal beside the worker, a token for the merchant most likely to run out of credit
+    (the lowest opening balance but the one whose contactor sticks), and its link."""
+    from pipelines.portal.auth import TokenStore
+
+    store = DEMO_DIR / "portal-tokens.json"
+    ranked = sorted(opening, key=lambda a: (opening[a], a))
+    account = ranked[1] if len(ranked) > 1 else ranked[0]  # ranked[0] is the stuck-contactor merchant
+    token = TokenStore(store).create("merchant", account, int(time.time() * 1000))[1]
+    services.start("portal", "portal", "serve", "--config", str(portfolio_path), "--port", str(PORTAL_PORT),
+                   "--store", str(store), "--warehouse", str(DEMO_DIR / "chdb"),
+                   "--sim-clock", ",".join(str(x) for x in sim_clock))
+    merchant = PortalMerchant(account, token)
+    say(f"merchant portal for {account} (opening {opening[account] / 100:.2f}); open on a phone or browser:\n"
+        f"    {merchant.link()}\n  (more links: MALLWATT_PORTAL_TOKENS={store} mallwatt portal token create "
+        f"--account <id>; halfway through, {account} tops up 500.00 through this page's API)")
+    return merchant
+
+
+def monitoring_up() -> bool:
+    """Prometheus and Alertmanager scraping the sink and the worker (infra/monitoring.py);
+    the demo goes on without them where Debian's packages cannot be installed."""
+    from infra import monitoring as mon
+
+    os.environ.setdefault("MALLWATT_MONITORING_DIR", str(DEMO_DIR / "monitoring"))
+    os.environ.setdefault("MALLWATT_SCRAPE_INTERVAL", "5s")
+    os.environ.setdefault("MALLWATT_ALERT_FOR", "30s")  # the demo's 2 minutes: alerts within seconds
+    try:
+        started = mon.up(scrape=("sink", "worker"))
+    except Exception as exc:  # monitoring is a bonus here, never the demo's failure
+        say(f"monitoring not started: {exc}")
+        return False
+    say(f"Prometheus at {started['prometheus']} (alerts: {started['alertmanager']}), scraping sink and worker")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mallwatt demo",
@@ -304,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MALLWATT_CHDB_PATH"] = env["MALLWATT_CHDB_PATH"]
     services = Services(env)
     watch: CommandWatch | None = None
+    monitored = False
     try:
         say("starting Kafka (first run downloads the jars from Maven Central)...")
         bootstrap = broker.start(kafka).bootstrap
@@ -313,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"kafka at {bootstrap}; the sink owns the warehouse in {env['MALLWATT_CHDB_PATH']} and migrates it")
         services.start("sink", "sink")
         services.start("worker", "worker", "--config", str(portfolio_path))
+        monitored = monitoring_up()
         watch = CommandWatch(bootstrap)
         watch.start()
         time.sleep(3.0)
@@ -324,14 +454,18 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_sink(int(stats.get("readings", 0)))
         print_summary(stats)
         export_bills(portfolio_path, portfolio.malls[0].merchants[0].id)
+        asyncio.run(stats["portal_merchant"].statement(BILL_DAY))
         return 0
     except Exception as exc:
         say(f"failed: {exc}")
         return 1
     finally:
+        from infra import monitoring as mon
+
+        alerts = mon.alert_line() if monitored else None  # the alert state, before stopping
         # each step on its own: one failing must not leave the others running
         for step in (watch.stop if watch is not None else None, services.stop,
-                     None if external else lambda: broker.stop(kafka)):
+                     None if external else lambda: broker.stop(kafka), mon.down if monitored else None):
             if step is None:
                 continue
             try:
@@ -339,3 +473,5 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 say(f"cleanup step failed: {exc}")
         say("stopped everything the demo started")
+        if alerts:
+            say(f"Alertmanager at the end: {alerts}")

@@ -23,13 +23,14 @@ left a local value the changelog never got: the restarted worker skipped the inp
 applied (its mark is in that value), and the change and its outputs were never published.
 Here a value reaches the local store only once it is in the changelog. Until then the
 caller reads its own newest values from its own cache (`generation` says when a rebalance
-made that cache stale).
+or the end of its recovery made that cache stale: see on_recovery_completed).
 
 faust internals used here (faust-streaming 0.15.x, checked by FAUST_VERSIONS and tested in
 tests/unit/pipelines/test_durable_table.py): Table.__setitem__/on_key_set (the write hook),
 Collection.partition_for_key (the current event's partition), _maybe_set_key_ttl,
-_sensor_on_set, on_rebalance, data.set_persisted_offset (RocksDB's restart offsets), and the
-RocksDB store's _db_for_partition/_key_index (a write outside a stream event).
+_sensor_on_set, on_rebalance, on_recovery_completed, data.set_persisted_offset (RocksDB's
+restart offsets), and the RocksDB store's _db_for_partition/_key_index (a write outside a
+stream event).
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ class ChangelogWriter:
     def __init__(self, bootstrap: str, extra: dict[str, Any] | None = None) -> None:
         from confluent_kafka import Producer
 
-        self._producer = Producer({
+        from infra.kafka_security import secured
+
+        self._producer = Producer(secured({
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 5, "compression.type": "lz4", "batch.size": 1_048_576,
-            "queue.buffering.max.kbytes": 262_144, **(extra or {})})
+            "queue.buffering.max.kbytes": 262_144, **(extra or {})}))
 
     def produce(self, topic: str, partition: int, key: bytes, value: bytes | None,
                 on_stored: Any = None) -> asyncio.Future[Any]:
@@ -110,8 +113,10 @@ class DurableTable(faust.Table):
         super().__post_init__()
         self._unacknowledged: list[Any] = []
         self._writer: ChangelogWriter | None = None
-        self.generation = 0  # +1 on every rebalance: values cached by callers may be stale
+        self.generation = 0  # +1 on every rebalance and recovery: values cached by callers may be stale
         self._stored_offsets: dict[TP, int] = {}  # newest changelog offset in the local store
+        self._recovering = False  # from a rebalance until its recovery completed
+        self._acked_in_recovery: dict[Any, tuple[int, Any]] = {}  # key -> (partition, value) acked meanwhile
 
     def __setitem__(self, key: Any, value: Any) -> None:
         # ManagedUserDict.__setitem__ is on_key_set, then the local store; with the writer the
@@ -145,6 +150,8 @@ class DurableTable(faust.Table):
     def _stored_at(self, topic: str, key: bytes, value: bytes) -> Any:
         def stored(partition: int, offset: int) -> None:
             store_locally(self.data, partition, key, value)
+            if self._recovering:  # the replay may put an older record of this key over it
+                self._acked_in_recovery[key] = (partition, value)
             tp = TP(topic, partition)
             self._stored_offsets[tp] = max(offset, self._stored_offsets.get(tp, -1))
         return stored
@@ -182,7 +189,27 @@ class DurableTable(faust.Table):
             if remaining:
                 raise RuntimeError(f"{remaining} changelog write(s) not stored before a rebalance")
         self.generation += 1
+        self._recovering = True
+        self._acked_in_recovery.clear()
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        """faust replays a partition this worker kept over a rebalance from where its last
+        recovery ended (with the memory store: its own writes since then), and a newly assigned
+        one from its start: until the replay ends, a key's value in the local store goes back
+        in time and forward again. Whatever a caller read meanwhile may be old, so `generation`
+        moves (read again); a value the broker acknowledged meanwhile may have been overwritten
+        by an older record of the replay, so it is put back."""
+        if self._writer is not None:
+            await self._writer.flush(30.0)  # every write made so far is acknowledged and stored
+        await super().on_recovery_completed(active_tps, standby_tps)
+        mine = {tp.partition for tp in active_tps}
+        for key, (partition, value) in self._acked_in_recovery.items():
+            if partition in mine:
+                store_locally(self.data, partition, key, value)
+        self._acked_in_recovery.clear()
+        self._recovering = False
+        self.generation += 1
 
 
 def store_locally(store: Any, partition: int, key: bytes, value: bytes) -> None:

@@ -2,7 +2,8 @@
 
     mallwatt export-input --out DIR [--from-ms EPOCH_MS]
 
-Writes DIR/readings.parquet and DIR/payments.parquet: every reading and payment with the
+Writes DIR/readings.parquet, DIR/payments.parquet and DIR/outcomes.parquet (relay outcomes,
+for `replay --outcomes`): every reading, payment and outcome with the
 Kafka position of the message that brought it (``partition``, ``offset``) and its message
 timestamp (``msg_ts_ms``), which `mallwatt replay --arrival-order` needs to bill them in the
 stream's order. Each partition keeps its offset order; partitions are merged by message time
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 from confluent_kafka import Consumer, TopicPartition
 
 from infra import topics as T
+from infra.kafka_security import kafka_config
+from pipelines.core.money_authority import MONEY_RECORD, needs_signature
 from schemas import codec
 from schemas.readings import batch_to_frame
 
@@ -36,8 +39,8 @@ def _messages(bootstrap: str, topic: str, partition: int, start: int, end: int) 
     """Messages of one partition from `start` up to (not including) `end`, in offset order."""
     if start >= end:
         return
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mallwatt-export-input",
-                         "enable.auto.commit": False})
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": "mallwatt-export-input",
+                         "enable.auto.commit": False}))
     consumer.assign([TopicPartition(topic, partition, start)])
     try:
         while True:
@@ -57,7 +60,7 @@ def ranges(bootstrap: str, topic: str, start: dict[int, int] | None = None, from
            ) -> dict[int, tuple[int, int]]:
     """partition -> (first offset, end offset) to export: from `start` (or the first message at
     or after `from_ms`, or the beginning) to the end offsets of now."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mallwatt-export-input"})
+    consumer = Consumer(kafka_config(bootstrap, **{"group.id": "mallwatt-export-input"}))
     try:
         parts = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         out = {}
@@ -134,29 +137,58 @@ def export_payments(bootstrap: str, path: Path, spans: dict[int, tuple[int, int]
         records.append({"payment_id": p["payment_id"], "account_id": p["account_id"], "kind": str(p["kind"]).lower(),
                         "amount_minor": p["amount_minor"], "ts_ms": p["ts_ms"],
                         "reverses_payment_id": p.get("reverses_payment_id"), "partition": msg.partition(),
-                        "offset": msg.offset(), "msg_ts_ms": ts if ts > 0 else None})
+                        "offset": msg.offset(), "msg_ts_ms": ts if ts > 0 else None,
+                        # a manual top-up's whole record: replay repeats the stream's signature check
+                        MONEY_RECORD: json.dumps(p, sort_keys=True) if needs_signature(p) else None})
     pl.DataFrame(records, schema={"payment_id": pl.String, "account_id": pl.String, "kind": pl.String,
                                   "amount_minor": pl.Int64, "ts_ms": pl.Int64, "reverses_payment_id": pl.String,
-                                  "partition": pl.Int64, "offset": pl.Int64, "msg_ts_ms": pl.Int64}
+                                  "partition": pl.Int64, "offset": pl.Int64, "msg_ts_ms": pl.Int64,
+                                  MONEY_RECORD: pl.String}
                  ).write_parquet(path)
+    return len(records), bad
+
+
+def export_outcomes(bootstrap: str, path: Path, spans: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """The relay outcomes with their positions and message times: replay's power loop places
+    them by arrival (`mallwatt replay --arrival-order --outcomes`)."""
+    from pipelines.replay_relay import OUTCOME_SCHEMA
+
+    records: list[dict[str, Any]] = []
+    bad = 0
+    for msg in _merged(bootstrap, T.RELAY_OUTCOMES, spans):
+        try:
+            o = codec.decode("RelayOutcome", msg.value())
+        except (codec.DecodeError, ValueError, KeyError):
+            bad += 1
+            continue
+        ts = msg.timestamp()[1]
+        records.append({**{k: o.get(k) for k in OUTCOME_SCHEMA if k in o}, "action": str(o["action"]),
+                        "status": str(o["status"]), "relay_after": str(o["relay_after"]),
+                        "partition": msg.partition(), "offset": msg.offset(), "msg_ts_ms": ts if ts > 0 else None})
+    pl.DataFrame(records, schema=OUTCOME_SCHEMA).write_parquet(path)
     return len(records), bad
 
 
 def export_input(bootstrap: str, out: Path, start: dict[str, dict[int, int]] | None = None,
                  from_ms: int | None = None) -> dict[str, Any]:
-    """Export readings and payments (from `start[topic][partition]` offsets, or `from_ms`)."""
+    """Export readings, payments and relay outcomes (from `start[topic][partition]` offsets, or
+    `from_ms`)."""
     out.mkdir(parents=True, exist_ok=True)
     start = start or {}
     r_spans = ranges(bootstrap, T.READINGS, start.get(T.READINGS), from_ms)
     p_spans = ranges(bootstrap, T.PAYMENTS, start.get(T.PAYMENTS), from_ms)
+    o_spans = ranges(bootstrap, T.RELAY_OUTCOMES, start.get(T.RELAY_OUTCOMES), from_ms)
     readings, bad_r = export_readings(bootstrap, out / "readings.parquet", r_spans)
     payments, bad_p = export_payments(bootstrap, out / "payments.parquet", p_spans)
-    return {"readings": readings, "payments": payments, "undecodable_messages": bad_r + bad_p}
+    outcomes, bad_o = export_outcomes(bootstrap, out / "outcomes.parquet", o_spans)
+    return {"readings": readings, "payments": payments, "outcomes": outcomes,
+            "undecodable_messages": bad_r + bad_p + bad_o}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mallwatt export-input", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="directory for readings.parquet and payments.parquet")
+    ap.add_argument("--out", required=True, help="directory for readings.parquet, payments.parquet and "
+                                                 "outcomes.parquet")
     ap.add_argument("--from-ms", type=int, help="start at the first message at or after this broker time "
                                                 "(epoch ms; default: the beginning of each partition)")
     a = ap.parse_args(argv)

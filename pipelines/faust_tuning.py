@@ -1,4 +1,4 @@
-"""Two settings that faust does not expose.
+"""Three settings that faust does not expose (the third: idempotence of its producer, at the end).
 
 How long a fetch may wait at the broker.
 
@@ -60,3 +60,17 @@ def faster_compression() -> None:
     for module in (aiokafka.codec, _py_records, _c_records):
         if module is not None:
             module.lz4_encode = _lz4_encode  # type: ignore[attr-defined]
+
+
+_original_extra = faust_aiokafka.Producer._settings_extra
+
+
+def _idempotent_extra(self: Any) -> Any:
+    return {"acks": "all", "enable_idempotence": True, **_original_extra(self)}
+
+
+def idempotent_producer() -> None:
+    """faust's own producer (dead letters, audit events) with acks=all and idempotence, like
+    every other mallwatt producer: faust turns idempotence on only inside transactions, so a
+    retried send after a broker loss could otherwise be written twice or out of order."""
+    faust_aiokafka.Producer._settings_extra = _idempotent_extra  # type: ignore[method-assign]

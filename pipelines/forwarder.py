@@ -25,8 +25,11 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from infra import topics as T
+from infra.kafka_security import secured
+from pipelines import metrics as M
 from pipelines.envelope import outbox_of
 from pipelines.faults import fault_point
+from pipelines.signing import relay_signer, sign_relay_value
 from schemas import codec
 from schemas.intervals import INTERVAL_ROWS, rows_to_interval_batch, unpack_interval_rows
 from schemas.ledger import LEDGER_ROWS, frame_to_ledger_batch, rows_to_frame, unpack_ledger_rows
@@ -78,7 +81,8 @@ def consumer_config(bootstrap: str, group: str, instance: str | None = None) -> 
     }
     if instance:
         config["group.instance.id"] = f"{group}-{instance}"
-    return config
+    config.update(M.lag_stats_config("forwarder"))  # consumer lag per changelog partition
+    return secured(config)
 
 
 class Forwarder:
@@ -87,10 +91,10 @@ class Forwarder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
         self._consumer = Consumer(consumer_config(bootstrap, group))
-        self._producer = Producer({
+        self._producer = Producer(secured({
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 2, "compression.type": "lz4",
-        })
+        }))
         self.forwarded = 0
         self._uncommitted = False
         self._committed_at = time.monotonic()
@@ -98,9 +102,23 @@ class Forwarder:
         self._undelivered: dict[int, int] = {0: 0}  # epoch -> outputs not yet acknowledged
         self._closed: deque[tuple[int, list[TopicPartition]]] = deque()  # epoch, positions after it
         self._failure: str | None = None  # a delivery the broker refused
+        self._signer = relay_signer()  # relay commands leave signed; collectors refuse unsigned ones
+        from pipelines.worker_metrics import ForwarderMetrics
+
+        self.metrics = ForwarderMetrics()  # plain ints per output, counters once a second
 
     def start(self) -> None:
         self._thread.start()
+
+    def readiness(self) -> tuple[bool, str]:
+        """For /readyz: partitions assigned (which needs the broker), the thread alive."""
+        if not self._thread.is_alive():
+            return False, "forwarder thread stopped"
+        try:
+            assigned = self._consumer.assignment()
+        except Exception as exc:  # closed or not yet subscribed
+            return False, f"no assignment: {exc}"
+        return (True, "ok") if assigned else (False, "waiting for partition assignment")
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -152,6 +170,7 @@ class Forwarder:
         if self._uncommitted and time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
             self._close_epoch()
         self._commit_delivered()
+        self.metrics.flush()
 
     def _close_epoch(self) -> None:
         """Set aside the positions consumed so far; they commit once this epoch's outputs are in."""
@@ -219,8 +238,12 @@ class Forwarder:
             elif item.topic == INTERVAL_ROWS:
                 if interval_rows is not None:
                     interval_rows += unpack_interval_rows(item.value)
+            elif item.topic == T.RELAY_COMMANDS:
+                self._produce(item.topic, item.key, sign_relay_value(self._signer, item.value), item.partition)
+                self.metrics.output(item.topic, item.value)
             else:
                 self._produce(item.topic, item.key, item.value, item.partition)
+                self.metrics.output(item.topic, item.value)
         self._producer.poll(0)
 
     def _publish_ledger(self, topic: str, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]
@@ -235,6 +258,7 @@ class Forwarder:
 
         for value in bounded_messages(rows, LEDGER_BATCH_ENTRIES, encode):
             self._produce(T.LEDGER, f"p{partition}".encode(), value)
+        self.metrics.batch(T.LEDGER, len(rows))
 
     def _publish_intervals(self, topic: str, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]
                            ) -> None:
@@ -247,6 +271,7 @@ class Forwarder:
 
         for value in bounded_messages(rows, INTERVAL_BATCH_ROWS, encode):
             self._produce(T.INTERVALS, f"p{partition}".encode(), value)
+        self.metrics.batch(T.INTERVALS, len(rows))
 
     def _produce(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
         self._undelivered[self._epoch] += 1
@@ -296,13 +321,20 @@ def main(argv: list[str] | None = None) -> int:
         "several forwarders share the changelog partitions.")
     parser.add_argument("--app-id", default=os.environ.get("MALLWATT_APP_ID", "mallwatt-billing"),
                         help="the worker's app id (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (default "
+                        "MALLWATT_FORWARDER_METRICS_PORT or 9465; negative: off)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipelines.logsetup import configure
+
+    configure("forwarder", level=logging.INFO)
     forwarder = Forwarder(bootstrap_servers(), changelog_topics(args.app_id), group=f"{args.app_id}-forwarder")
+    server = M.serve(M.metrics_port("forwarder", args.metrics_port), ready=forwarder.readiness)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     forwarder.start()
     stop.wait()
     forwarder.stop()
+    if server:
+        server.close()
     return 0

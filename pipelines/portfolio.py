@@ -21,6 +21,7 @@ from collectors.profile import known_models
 from pipelines.core.models import MAX_MINOR, Tariff, WalletPolicy
 from pipelines.core.timeguard import TimeLimits
 from pipelines.loadcontrol import LoadPolicy
+from pipelines.security_config import SecurityConfig
 
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
 MAX_CONFIG_MINOR = MAX_MINOR  # the core's limit on any configured amount (core/models.py)
@@ -45,6 +46,8 @@ class Purpose(StrEnum):
     HVAC = "hvac"
     ELEVATOR = "elevator"
     PUBLIC_LIGHTING = "public_lighting"
+    FIRE = "fire"  # fire pumps, smoke extraction, alarm panels
+    EMERGENCY_LIGHTING = "emergency_lighting"
     MAIN = "main"
     OTHER = "other"
 
@@ -188,6 +191,7 @@ class Portfolio(_Model):
     # bounded time: how far input timestamps may run ahead of their Kafka message (docs/stream.md)
     time: TimeLimits = Field(default_factory=TimeLimits)
     billing: BillingSettings = Field(default_factory=BillingSettings)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)  # operators, roles (docs/security.md)
 
     @model_validator(mode="after")
     def _references(self) -> Portfolio:

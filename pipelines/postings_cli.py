@@ -8,18 +8,28 @@ source_id, rate. amount_minor is signed (credits positive) for money kinds; for 
 debt_writeoff it is the positive size of the debt movement (the balance does not change; the
 ledger entry has amount 0 and debt_change_minor +/- the size; docs/billing.md).
 The entry id is final: posting the same file twice moves money once.
+
+Every posting is signed with the operator's key (--operator, --key; a role with money.adjust)
+and checked against the portfolio (--config) before anything is produced: an unknown account
+or an amount above the role's max_adjustment_minor or the account's limit refuses the whole
+file, naming the line; the worker checks the signature and limits again
+(pipelines.core.money_authority, docs/security.md "Money commands").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from infra.broker import bootstrap_servers
+from infra.kafka_security import kafka_config
 from pipelines.core.wallet import DEBT_POSTING_KINDS, POSTING_KINDS
-from pipelines.money_input import produce_posting
+from pipelines.money_input import edge_context, operator_key, produce_posting, signed_and_checked
+from pipelines.portfolio import ConfigError
+from pipelines.signing import SigningKeyError
 
 REQUIRED = ("entry_id", "account_id", "mall_id", "kind", "amount_minor", "ts_ms", "source_id")
 
@@ -53,20 +63,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mallwatt post", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", help="JSON lines file, or - for standard input")
-    parser.add_argument("--dry-run", action="store_true", help="validate only, publish nothing")
+    parser.add_argument("--dry-run", action="store_true", help="validate, sign and check only, publish nothing")
+    parser.add_argument("--operator", default=os.environ.get("MALLWATT_OPERATOR", os.environ.get("USER", "")),
+                        help="your operator id in the portfolio's security.operators (default $MALLWATT_OPERATOR)")
+    parser.add_argument("--key", default=os.environ.get("MALLWATT_OPERATOR_KEY"),
+                        help="your private key file (default $MALLWATT_OPERATOR_KEY)")
+    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
+                        help="portfolio config (default %(default)s)")
     args = parser.parse_args(argv)
+    source = "<stdin>" if args.file == "-" else args.file
     try:
         text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()  # noqa: SIM115
-        postings = parse_lines(text.splitlines(), "<stdin>" if args.file == "-" else args.file)
-    except (OSError, ValueError) as exc:
+        lines = text.splitlines()
+        postings = parse_lines(lines, source)
+        postings, problems = signed_and_checked(postings, args.operator, operator_key(args.key),
+                                                edge_context(args.config))
+    except (ConfigError, SigningKeyError, OSError, ValueError) as exc:
         print(f"mallwatt post: {exc}", file=sys.stderr)
+        return 2
+    if problems:
+        numbers = [n for n, line in enumerate(lines, 1) if line.strip()]  # a posting's line in the file
+        for index, problem in problems[:20]:
+            print(f"mallwatt post: {source}:{numbers[index]}: {problem}", file=sys.stderr)
+        print(f"mallwatt post: {len(problems)} posting(s) refused; nothing published", file=sys.stderr)
         return 2
     if args.dry_run:
         print(f"{len(postings)} posting(s) valid; nothing published")
         return 0
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap_servers(), "enable.idempotence": True})
+    producer = Producer(kafka_config(bootstrap_servers(), **{"enable.idempotence": True}))
     for p in postings:
         produce_posting(producer, p)
     if producer.flush(30):

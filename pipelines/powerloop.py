@@ -18,6 +18,7 @@ import polars as pl
 
 from infra import topics as T
 from pipelines.core import relay
+from pipelines.core.engine import timer_due_ms
 from pipelines.envelope import Envelope, OutboxItem
 from pipelines.relaygate import Holds, set_hold
 from schemas import codec
@@ -188,10 +189,35 @@ class PowerLoop:
         return OutboxItem(T.ALERTS, account.encode(), codec.encode("Alert", record))
 
 
-def next_due(env: Envelope) -> int | None:
-    """The earliest time the timer has work for this account: a relay chain's due time, or
-    0 (every tick) while a trip waits for a friendly period to end."""
+def next_due(env: Envelope, ctx: Any = None) -> int | None:
+    """The earliest time the timer has work for this account: a relay chain's due time, 0 (every
+    tick) while a trip waits for a friendly period to end, or (with the BillingContext `ctx`) the
+    start of a local day the account's readings have reached but its wallet has not posted yet
+    (standing charge, debt schedule: `day_due`)."""
     dues = [row[9] for row in env.relays.values() if row[9] >= 0]
     if any(s.deferred or s.warn_pending for s in env.accounts.values()):
         dues.append(0)
+    if ctx is not None:
+        day = day_due(env, ctx.rating)
+        if day is not None:
+            dues.append(day)
     return min(dues) if dues else None
+
+
+def day_due(env: Envelope, rating: Any) -> int | None:
+    """The start of the earliest local day an account of `env` has to post by the timer: one
+    its billed readings have reached (0 Wh readings move no wallet) and its wallet has not.
+    None while the readings are still before it: their next state write looks again."""
+    billed = max((c.last_ts_ms for c in env.circuits.values() if c.last_ts_ms is not None), default=None)
+    if billed is None:
+        return None
+    days = [d for d in (timer_due_ms(s, rating) for s in env.accounts.values()) if d is not None and d <= billed]
+    return min(days) if days else None
+
+
+def wallet_due(env: Envelope, rating: Any, now_ms: int) -> bool:
+    """Whether engine.tick has anything to do for `env` at `now_ms`."""
+    if any(s.deferred or s.warn_pending for s in env.accounts.values()):
+        return True
+    day = day_due(env, rating)
+    return day is not None and day <= now_ms

@@ -86,7 +86,7 @@ def make_input(malls: int, stalls: int, cadences: int, *, per_window: int = 2, p
         for merchant in rng.sample(merchants, max(1, len(merchants) // 8)):
             payment = {"payment_id": f"{merchant.id}-w{start}", "account_id": merchant.id, "kind": "TOPUP",
                        "amount_minor": rng.randint(500, 6000), "ts_ms": rng.randint(T0 + start * CADENCE_MS, end),
-                       "reverses_payment_id": None}
+                       "provider": "sim", "reverses_payment_id": None}  # as the portal's webhook sends it
             window.payments.append(payment)
             if rng.random() < 0.3:  # the provider's webhook retried
                 window.payments.append(dict(payment))

@@ -37,6 +37,7 @@ from pipelines.portfolio import (
 )
 from pipelines.roster_check import DTYPES, SPECS, check_columns, empty_table
 from pipelines.roster_refs import reference_problems
+from pipelines.security_config import SecurityConfig
 
 RULES_FILE = "portfolio.yaml"
 TABLES = ("areas", "gateways", "merchants", "meters")
@@ -54,6 +55,7 @@ class PortfolioRules(_Model):
     malls: list[MallHeader] = Field(min_length=1)
     time: TimeLimits = Field(default_factory=TimeLimits)  # bounded time (docs/stream.md)
     billing: BillingSettings = Field(default_factory=BillingSettings)  # lateness, gap (docs/billing.md)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)  # operators, roles (docs/security.md)
 
     @model_validator(mode="after")
     def _references(self) -> PortfolioRules:

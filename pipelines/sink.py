@@ -49,8 +49,11 @@ from confluent_kafka import (
 )
 
 from infra import warehouse
+from infra.kafka_security import kafka_config
 from infra.warehouse_catalog import close_days
+from pipelines import metrics as M
 from pipelines.core.timeguard import DEFAULT_MAX_FUTURE_SKEW_S
+from pipelines.logsetup import kafka_logger
 from pipelines.sink_tables import (
     DEADLETTER_TOPIC,
     INTERVALS_TOPIC,
@@ -95,6 +98,11 @@ class _Buffer:
     opened_at: float | None = None
     # partition -> [first offset, last offset, max event ts ms]
     ranges: dict[int, list[int]] = field(default_factory=dict)
+    messages: Any = None  # this topic's mallwatt_sink_messages_total child
+    consumed: int = 0  # messages not yet added to it (a counter inc costs ~10 int adds)
+
+    def __post_init__(self) -> None:
+        self.messages = M.SINK_MESSAGES.labels(self.spec.topic)
 
     def add(self, partition: int, offset: int, chunk: Any, rows: int, event_ms: int | None) -> None:
         if self.opened_at is None:
@@ -168,23 +176,34 @@ class Sink:
         self.buffers = {t: _Buffer(TOPIC_TABLES[t]) for t in self.topics}
         self.stats = SinkStats()
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                **(consumer_config or {}),
-            }
+            kafka_config(
+                bootstrap,
+                **{
+                    "group.id": group_id,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "partition.assignment.strategy": "cooperative-sticky",
+                    **M.lag_stats_config("sink"),
+                    **kafka_logger("sink"),
+                    **(consumer_config or {}),
+                },
+            )
         )
-        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        self.producer = Producer(
+            kafka_config(bootstrap, **{"enable.idempotence": True, **kafka_logger("sink")})
+        )
+        # readiness (/readyz): partitions assigned and the broker answering
+        self.assigned = False
+        self.broker_error: str | None = None
+        self._watermarks: dict[str, dict[int, int]] = {}  # topic -> partition -> event ms
         self._last_report = time.monotonic()
         self._reported: dict[str, int] = {}
 
     # --- loop -------------------------------------------------------------------------
 
     def run(self) -> SinkStats:
-        self.consumer.subscribe([self.prefix + t for t in self.topics], on_revoke=self._on_revoke)
+        self.consumer.subscribe([self.prefix + t for t in self.topics], on_revoke=self._on_revoke,
+                                on_assign=self._on_assign)
         try:
             while not self.stop_event.is_set():
                 for msg in self.consumer.consume(num_messages=2000, timeout=0.2):
@@ -192,6 +211,9 @@ class Sink:
                     if buf is not None and buf.rows >= self.max_rows:
                         self._flush(buf)
                 for buf in self.buffers.values():
+                    if buf.consumed:  # metrics once per consumed batch, not per message
+                        buf.messages.inc(buf.consumed)
+                        buf.consumed = 0
                     if buf.due(self.max_rows, self.max_delay):
                         self._flush(buf)
                 self._close_days()
@@ -206,6 +228,16 @@ class Sink:
             self.consumer.close()
         return self.stats
 
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = True  # the client assigns them itself after this callback
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.broker_error:
+            return False, f"broker unreachable: {self.broker_error}"
+        if not self.assigned:
+            return False, "waiting for partition assignment"
+        return True, "ok"
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Write and commit before another member takes over, or it replays our buffer.
         topics = {tp.topic.removeprefix(self.prefix) for tp in partitions}
@@ -219,12 +251,16 @@ class Sink:
     def _handle(self, msg: Message) -> _Buffer | None:
         err = msg.error()
         if err is not None:
+            if err.code() == KafkaError._ALL_BROKERS_DOWN:
+                self.broker_error = str(err)
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error: %s", err)
             return None
+        self.broker_error = None
         self.stats.messages += 1
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         buf = self.buffers[topic.removeprefix(self.prefix)]
+        buf.consumed += 1
         try:
             chunk, rows, event_ms = buf.spec.decode(msg.value())
         except (codec.DecodeError, ValueError, KeyError, TypeError) as exc:
@@ -250,7 +286,10 @@ class Sink:
             "value": (msg.value() or b"")[: 512 * 1024] or None,
             "ts_ms": int(time.time() * 1000),
         }
-        log.warning("dead letter %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+        M.DEAD_LETTERS.labels("sink", STAGE, M.reason_class(reason)).inc()
+        log.warning("dead letter %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason,
+                    extra={"topic": msg.topic(), "partition": msg.partition(),
+                           "offset": msg.offset(), "stage": STAGE})
         if msg.topic() == self.deadletter_topic:
             # Never loop on the dead-letter topic: store the raw message directly.
             buf.chunks.append([dead_letter_row(record)])
@@ -269,13 +308,17 @@ class Sink:
         table = buf.spec.to_arrow(buf.chunks) if buf.chunks else None
         token = buf.token()
         delay = 0.5
+        t0 = time.perf_counter()
         while True:
             try:
                 inserted = self._write(buf, table, token)
                 break
             except Exception as exc:  # any failure: retry, never commit
                 self.stats.insert_failures += 1
-                log.error("insert into %s failed (retry in %.1fs): %s", buf.spec.table, delay, exc)
+                M.SINK_INSERT_FAILURES.labels(_short(buf.spec.table)).inc()
+                log.error("insert into %s failed (retry in %.1fs): %s", buf.spec.table, delay, exc,
+                          extra={"table": buf.spec.table, "token": token,
+                                 "offsets": {p: r[:2] for p, r in buf.ranges.items()}})
                 if self.stop_event.wait(delay):
                     raise _Stopped from exc
                 delay = min(delay * 2, 10.0)
@@ -287,8 +330,11 @@ class Sink:
             asynchronous=False,
         )
         self.stats.flushes += 1
+        M.SINK_INSERT_SECONDS.labels(_short(buf.spec.table)).observe(time.perf_counter() - t0)
         if table is not None:
             self.stats.rows[buf.spec.table] = self.stats.rows.get(buf.spec.table, 0) + inserted
+            M.SINK_ROWS.labels(_short(buf.spec.table)).inc(inserted)
+        self._note_watermark(buf)
         buf.chunks, buf.rows, buf.opened_at, buf.ranges = [], 0, None, {}
 
     def _write(self, buf: _Buffer, table: Any, token: str) -> int:
@@ -322,6 +368,20 @@ class Sink:
             ),
         )
         return 0 if table is None else table.num_rows
+
+    def _note_watermark(self, buf: _Buffer) -> None:
+        """mallwatt_sink_watermark_*: the oldest of the partitions' newest event times."""
+        topic = self.prefix + buf.spec.topic
+        known = self._watermarks.get(topic)
+        if known is None:
+            known = self._watermarks[topic] = {}
+            M.SINK_WATERMARK_AGE.labels(topic).set_function(lambda k=known: (
+                time.time() - min(k.values()) / 1000 if k else 0.0))
+        for p, r in buf.ranges.items():
+            if r[2] >= 0:
+                known[p] = max(known.get(p, 0), r[2])
+        if known:
+            M.SINK_WATERMARK.labels(topic).set(min(known.values()) / 1000)
 
     def _note_read_days(self, table: pa.Table) -> None:
         first = pc.min(table.column("end_ts")).as_py()
@@ -366,6 +426,10 @@ class Sink:
             log.info("%s; dead letters %d", ", ".join(parts) or "idle", self.stats.dead_letters)
 
 
+def _short(table: str) -> str:
+    return table.rsplit(".", 1)[-1]  # metrics label: the table without its database
+
+
 def run_sink(
     stop_event: threading.Event,
     bootstrap: str | None = None,
@@ -380,8 +444,11 @@ def run_sink(
     topic_prefix: str = "",
     portfolio: Any = None,
     close_every: float = DEFAULT_CLOSE_EVERY,
+    metrics_port: int = -1,
 ) -> SinkStats:
     """Run until `stop_event` is set; owns the warehouse (and its endpoint) meanwhile.
+
+    `metrics_port` >= 0: serve /metrics, /healthz and /readyz there (pipelines.metrics).
 
     `portfolio` (pipelines.portfolio.Portfolio): load the analytics dimension tables from
     it first (idempotent; infra.warehouse_dims).
@@ -406,7 +473,12 @@ def run_sink(
                                 else DEFAULT_MAX_FUTURE_SKEW_S) * 1000,
         )
         log.info("sink started: topics %s, group %s", ", ".join(sink.topics), group_id)
-        stats = sink.run()
+        server = M.serve(metrics_port, ready=sink.readiness)
+        try:
+            stats = sink.run()
+        finally:
+            if server is not None:
+                server.close()
     log.info("sink stopped: %s", stats)
     return stats
 
@@ -439,10 +511,16 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds between closing the finished days' hourly energies (0: never)",
     )
     parser.add_argument("--config", help="portfolio YAML: load the analytics dimensions at start")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /healthz, /readyz (default MALLWATT_SINK_METRICS_PORT or 9462; "
+        "negative: off)",
     )
+    args = parser.parse_args(argv)
+    from pipelines.logsetup import configure
+
+    configure("sink", level=logging.INFO)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -457,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         serve=not args.no_serve,
         close_every=args.close_every,
         portfolio=_load_config(args.config) if args.config else None,
+        metrics_port=M.metrics_port("sink", args.metrics_port),
     )
     return 0
 

@@ -36,6 +36,7 @@ RELAY_COMMANDS_TOPIC = "mallwatt.relay-commands"
 RELAY_OUTCOMES_TOPIC = "mallwatt.relay-outcomes"
 COLLECTOR_EVENTS_TOPIC = "mallwatt.collector-events"
 DEADLETTER_TOPIC = "mallwatt.deadletter"
+AUDIT_TOPIC = "mallwatt.audit"
 
 Decoded = tuple[Any, int, int]  # (rows: frame or list of dicts, row count, max event ts ms)
 
@@ -314,6 +315,17 @@ DEAD_LETTER_SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
+def audit_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {"event_id": r["event_id"], "ts": r["ts_ms"], "principal": r["principal"], "action": r["action"],
+            "target": r["target"], "result": r["result"], "component": r["component"], "detail": r.get("detail") or ""}
+
+
+AUDIT_SCHEMA = pa.schema([
+    ("event_id", STR), ("ts", TS), ("principal", STR), ("action", STR), ("target", STR), ("result", STR),
+    ("component", STR), ("detail", STR),
+])  # fmt: skip
+
+
 TOPIC_TABLES: dict[str, TopicTable] = {
     t.topic: t
     for t in (
@@ -335,6 +347,8 @@ TOPIC_TABLES: dict[str, TopicTable] = {
         TopicTable(DEADLETTER_TOPIC, f"{DB}.dead_letters", "DeadLetter",
                    _row_decoder("DeadLetter", dead_letter_row, "ts_ms"),
                    _arrow_builder(DEAD_LETTER_SCHEMA)),
+        TopicTable(AUDIT_TOPIC, f"{DB}.audit_events", "AuditEvent",
+                   _row_decoder("AuditEvent", audit_row, "ts_ms"), _arrow_builder(AUDIT_SCHEMA)),
     )
 }  # fmt: skip
 

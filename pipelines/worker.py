@@ -28,17 +28,21 @@ from faust.streams import _current_event
 
 from infra import topics as T
 from infra.broker import bootstrap_servers
-from pipelines import batching, billing, claiming, powerloop
-from pipelines.core.claims import CLAIM_HORIZON_DAYS, expired
+from infra.home import data_dir
+from infra.kafka_security import KafkaSettings
+from pipelines import batching, billing, claiming, powerloop, worker_metrics
+from pipelines.audit import config_audit, refused_order_audit
+from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
 from pipelines.faults import fault_point
-from pipelines.faust_tuning import faster_compression, shorten_fetch_wait
+from pipelines.faust_tuning import faster_compression, idempotent_producer, shorten_fetch_wait
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import take_steps
+from pipelines.take import distinct
+from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
 from schemas.readings import batch_to_frame
@@ -59,7 +63,6 @@ TICK_S = float(os.environ.get("MALLWATT_TICK_S", 1.0))
 TICK_SCAN_S = float(os.environ.get("MALLWATT_TICK_SCAN_S", 30.0))
 #: Accounts one tick may update (the rest wait for the next tick).
 TICK_MAX_ACCOUNTS = int(os.environ.get("MALLWATT_TICK_MAX_ACCOUNTS", 2000))
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Partition:
@@ -74,15 +77,17 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
               holder: billing.ContextHolder | None = None) -> faust.App:
     shorten_fetch_wait()
     faster_compression()
+    idempotent_producer()
     partitions = T.default_partitions()
     # one directory per named worker: with MALLWATT_STORE=rocksdb:// a restarted worker finds
     # its own local state there (two workers of one host must not share it)
     name = os.environ.get("MALLWATT_WORKER_NAME", "")
-    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(REPO_ROOT / "var" / "faust" / APP_ID / name)))
+    datadir = Path(os.environ.get("MALLWATT_FAUST_DIR", str(data_dir("faust", APP_ID, name))))
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         APP_ID,
         broker=f"kafka://{bootstrap or bootstrap_servers()}",
+        broker_credentials=KafkaSettings.from_env(bootstrap or bootstrap_servers()).faust_credentials(),
         store=store or os.environ.get("MALLWATT_STORE", "memory://"),
         topic_partitions=partitions,
         key_serializer="raw",
@@ -103,6 +108,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         # a worker killed without goodbye holds its partitions until this expires
         broker_session_timeout=float(os.environ.get("MALLWATT_SESSION_TIMEOUT_S", 10)),
         broker_heartbeat_interval=1.0,
+        # the topics faust creates itself (its leader topic) replicate like every other one
+        topic_replication_factor=T.replication_of(bootstrap or bootstrap_servers())[0],
     )
     holder = holder or billing.ContextHolder(config_path, partitions)
     # one key per account (pipelines/envelope.py); compacted after the forwarding window
@@ -123,11 +130,16 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     operator_topic = app.topic(T.OPERATOR_COMMANDS, key_type=bytes, value_type=bytes, partitions=partitions)
     postings_topic = app.topic(T.POSTINGS, key_type=bytes, value_type=bytes, partitions=partitions)
     dlq_topic = app.topic(T.DEADLETTER, key_type=bytes, value_type=bytes)
+    audit_topic = app.topic(T.AUDIT, key_type=bytes, value_type=bytes)
+
+    async def send_audit(record: dict[str, Any]) -> None:
+        await audit_topic.send(key=record["principal"].encode(), value=codec.encode("AuditEvent", record))
 
     async def send_dead_letter(event: Any, stage: str, reason: str) -> Any:
         """Send a dead letter; returns its delivery future (await it before acking the event)."""
         msg = event.message
         log.warning("dead letter %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, reason)
+        worker_metrics.dead_letter(stage, reason)
         record = dead_letter_record(msg.topic, msg.partition, msg.offset, stage, reason,
                                     msg.key, msg.value, int(time.time() * 1000))
         return await dlq_topic.send(key=msg.topic.encode(), value=codec.encode("DeadLetter", record))
@@ -148,7 +160,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     clock_ms = [0]
 
     def note_due(key: str, env: Envelope) -> None:
-        when = powerloop.next_due(env)
+        when = powerloop.next_due(env, holder.current())
         if when is None:
             due.pop(key, None)
         else:
@@ -164,6 +176,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         clock_ms[0] = max(clock_ms[0], now)
         return now
     collector = StepCollector()
+    worker_metrics.install(app, states, parsed, holder)  # lag, state size, relay backlog; readiness
 
     def store(key: str, env: Envelope) -> None:
         states[key.encode()] = env.to_bytes()
@@ -199,7 +212,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         With `wait_written`, return only once the step's state writes are acknowledged."""
         decoded: list[tuple[Any, Any]] = []
         letters: list[Any] = []  # delivery futures, awaited together: one round trip per step
-        for event in events:
+        for event in distinct(events):  # faust may deliver a message twice in one step; acked all the same
             try:
                 decoded.append((event, decode(event.message.value)))
             except (codec.DecodeError, ValueError, KeyError) as exc:
@@ -332,28 +345,30 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     newest_claim_ms = [0]  # the newest payment/posting time claimed here: the horizon's "now"
 
-    @app.timer(interval=CLAIM_SWEEP_S)
-    async def forget_expired_claims() -> None:
-        """Drop claims past the horizon from this worker's memory, in slices so that billing
-        never waits for a sweep. The changelog's retention (the same horizon) drops them for a
-        restart, so this only touches the local store, never the changelog."""
-        if not newest_claim_ms[0]:
-            return
+    def claim_keys() -> Any:
+        """The local store's keys for one sweep pass. RocksDB iterates a consistent view, so
+        deleting behind the iterator is safe; the in-memory store (small portfolios) is a dict,
+        which must not change under its iterator: its pass walks a copy of the keys."""
         store = claims.data  # faust's local store of the table
-        keys = list(store.keys())
-        for start in range(0, len(keys), 5_000):
-            for key in keys[start:start + 5_000]:
-                claim = claiming.decode_claim(store.get(key))
-                if claim is not None and expired(claim, newest_claim_ms[0]):
-                    del store[key]
-            await asyncio.sleep(0)
+        return iter(store.keys()) if store.__class__.__module__.endswith("rocksdb") else iter(list(store.keys()))
+
+    def forget_claim(key: Any) -> None:
+        claims.data.pop(key, None)
+
+    sweeper = claiming.ClaimSweeper(claim_keys, lambda key: claims.data.get(key), forget_claim,
+                                    pass_interval_s=CLAIM_SWEEP_S)
+
+    @app.timer(interval=1.0)
+    async def forget_expired_claims() -> None:
+        """Forget claims past the horizon, a bounded slice a second (claiming.ClaimSweeper)."""
+        sweeper.tick(newest_claim_ms[0], claims.generation, time.monotonic())
 
     async def claim_records(stream: faust.Stream, schema: str) -> None:
         """Payments or postings against their claims, in input order; an accepted one goes on
         (through the claim's outbox) to the account's wallet."""
         async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
             letters: list[Any] = []
-            for event in events:
+            for event in distinct(events):  # a second copy of a message is acked with the step, not claimed
                 msg = event.message
                 try:
                     record = codec.decode(schema, msg.value)
@@ -364,6 +379,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 problem = claiming.record_problem(record, msg.topic, msg.partition, ctx) or batching.time_problem(
                     record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
                 if problem is not None:
+                    if problem.startswith("unauthorized"):  # a refused money command is audited too
+                        await send_audit(claiming.refused_money_audit(record, ctx, problem))
                     letters.append(await send_dead_letter(event, "routing", problem))
                     continue
                 try:
@@ -420,6 +437,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             elif problem is None:
                 problem = batching.time_problem(record.get("ts_ms"), batching.message_ts_ms(msg.timestamp), ctx)
             if problem is not None:
+                if schema == "OperatorCommand" and problem.startswith("unauthorized"):
+                    await send_audit(refused_order_audit(record, ctx, problem))
                 await to_dead_letter(event, "routing", problem)
                 continue
             key = ctx.bucket_of(account)
@@ -444,7 +463,9 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         if route is None or route.account_id != command["account_id"]:
             return command["account_id"], (f"meter {command['meter_id']!r} is not a meter of account "
                                            f"{command['account_id']!r} in the current config")
-        return route.account_id, None
+        # signatures, permissions, approval, life-safety (pipelines.core.authority): a refusal
+        # goes to the dead letters with its reason
+        return route.account_id, ctx.operator_decision(command).problem()
 
     @app.agent(accepted_postings_topic)
     async def on_postings(stream: faust.Stream) -> None:
@@ -457,7 +478,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     @app.timer(interval=5.0)
     async def reload_config() -> None:
         # re-read and rebuild in a thread; billing keeps the last context until the new one is ready
-        await holder.reload_in_background()
+        error_before = holder.last_error
+        changed = await holder.reload_in_background()
+        if changed or (holder.last_error and holder.last_error != error_before):
+            await send_audit(config_audit(holder, changed, int(time.time() * 1000)))
 
     def outcome_account(outcome: dict[str, Any], ctx: Any) -> tuple[str, str | None]:
         route = ctx.meter_route.get(outcome["meter_id"])
@@ -471,6 +495,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         refused: list[tuple[Any, str]] = []
         per_account: dict[str, list[tuple[int, int, dict[str, Any]]]] = {}
         now = advance_clock([e.message.timestamp for e, _ in decoded]) or clock_ms[0]
+        worker_metrics.relay_outcomes(decoded)
         for event, outcome in decoded:
             account, problem = outcome_account(outcome, ctx)
             problem = owner_problem(event, account, problem, ctx)
@@ -503,7 +528,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         time: the newest input timestamp seen, see clock_ms). Each account's change and its
         outputs are one changelog record, as for any input."""
         now = clock_ms[0]
-        if not now or not due:
+        if not now or not due or app.rebalancing:  # recovering: the table may hold older values
             return
         ctx = holder.current()
         mine = active_partitions()
@@ -522,7 +547,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 continue
             if new is None:  # a trip still inside its friendly period: look again when it can end
                 env = load(key)
-                if powerloop.next_due(env) is not None:
+                if powerloop.next_due(env, ctx) is not None:
                     due[key] = billing.next_timer_ms(env, ctx, now)
                 continue
             holder_event = _Partition(T.READINGS, partition)
@@ -538,7 +563,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     @app.timer(interval=TICK_SCAN_S)
     async def scan_due() -> None:
         """Find accounts with timer work among the states this worker owns (after a start or a
-        rebalance they are in the table but not yet in `due`), in slices so billing never waits."""
+        rebalance they are in the table but not yet in `due`), in slices so billing never waits.
+        Not while a rebalance's recovery replays the changelog (values go back in time meanwhile)."""
+        if app.rebalancing:
+            return
         ctx = holder.current()
         mine = active_partitions()
         keys = [k for k in list(states.data.keys()) if ctx.partition_of_key(k.decode()) in mine]
@@ -559,15 +587,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the billing stream worker: prices readings, deducts wallets, applies "
         "top-ups and emits ledger entries, alerts and relay commands. Run more than one to "
         "share the partitions; state moves with its partitions on a rebalance.")
-    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
+    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", str(data_dir("portfolio.yaml"))),
                         help="portfolio config: a YAML file or a roster directory (docs/roster.md); edits are "
                         "picked up live, without stopping billing (default %(default)s)")
     parser.add_argument("--loglevel", default=os.environ.get("MALLWATT_LOGLEVEL", "warning"),
                         help="faust log level (default %(default)s; MALLWATT_LOGLEVEL)")
     parser.add_argument("--no-forwarder", action="store_true",
                         help="do not publish outputs from the changelog in this process")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (default "
+                        "MALLWATT_WORKER_METRICS_PORT or 9464; negative: off; docs/operations.md)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipelines.logsetup import configure, quiet_spinner
+
+    # one handler for every line (JSON with --log-json / MALLWATT_LOG_FORMAT=json); faust keeps it
+    configure("worker", level=args.loglevel.upper())
     # aiokafka builds a debug record for every message it sends unless told otherwise
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
@@ -583,12 +616,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_forwarder:
         forwarder = Forwarder(bootstrap_servers(), changelog_topics(APP_ID), group=f"{APP_ID}-forwarder")
         forwarder.start()
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, override_logging=False)
+    quiet_spinner(worker)
+    server = worker_metrics.serve_worker(app, args.metrics_port)
     try:
         worker.execute_from_commandline()
     finally:
         if forwarder:
             forwarder.stop()
+        if server:
+            server.close()
     return 0
 
 

@@ -19,7 +19,10 @@ import fastavro
 
 SCHEMA_DIR = Path(__file__).parent
 #: Version 2: LedgerBatch and LedgerEntry carry debt_change_minor; IntervalBatch is new.
-WRITER_VERSION = 2
+#: Version 3: RelayCommand carries key_id and signature (signed by the worker, checked by collectors);
+#: OperatorCommand carries the order's operator signatures (checked by the worker); Payment and
+#: LedgerPosting carry operator_id, key_id and signature (manual money, checked by the claim step).
+WRITER_VERSION = 3
 HISTORY_DIR = SCHEMA_DIR / "history"
 
 # Order matters: later schemas refer to named types defined by earlier ones.
@@ -36,6 +39,8 @@ SCHEMA_FILES: dict[str, str] = {
     "LedgerPosting": "ledger_posting.avsc",
     "LedgerBatch": "ledger_batch.avsc",
     "IntervalBatch": "interval_batch.avsc",
+    "AlertPreferences": "alert_preferences.avsc",
+    "AuditEvent": "audit_event.avsc",
 }
 
 
@@ -71,7 +76,7 @@ def _writer_schema(name: str, version: int) -> Any:
 
 
 #: Contracts added after version 1, and the version that introduced them.
-INTRODUCED: dict[str, int] = {"IntervalBatch": 2}
+INTRODUCED: dict[str, int] = {"IntervalBatch": 2, "AuditEvent": 3}
 
 
 def schema(name: str) -> Any:

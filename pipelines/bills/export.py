@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from infra.home import data_dir
 from infra.warehouse import WarehouseError
 from pipelines.bills.allocation import Allocation, allocation_postings
 from pipelines.bills.build import PeriodBills, load_bills
@@ -74,7 +75,7 @@ def allocation_report(a: Allocation) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mallwatt bills", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
+    p.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", str(data_dir("portfolio.yaml"))),
                    help="portfolio config (default %(default)s)")
     p.add_argument("--path", help="chDB folder (default MALLWATT_CHDB_PATH or var/chdb)")
     p.add_argument("--mall", help="one mall only")

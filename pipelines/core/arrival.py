@@ -38,8 +38,8 @@ from pipelines.core.engine import (
     CoreState,
     payments_frame,
     process_batch,
-    tick,
 )
+from pipelines.core.money_authority import MONEY_RECORD, refuse_unauthorised
 
 ARRIVAL_COLUMNS = ("partition", "offset", "msg_ts_ms")
 OUTPUTS = ("ledger", "alerts", "commands", "rejected_readings", "rejected_payments", "intervals")
@@ -112,7 +112,13 @@ def claim_in_order(payments: pl.DataFrame, ctx: RatingContext, bounds: timeguard
     ok, bad = timeguard.split_frame(frame, bounds, circuit_col="")
     keep = [c for c in ARRIVAL_COLUMNS if c in ok.columns]
     rows = payments_frame(ok).hstack(ok.select(keep)).to_dicts() if ok.height else []
-    accepted, refused = claim_payment_rows(rows, {a: r.policy for a, r in ctx.accounts.items()}, book)
+    if MONEY_RECORD in ok.columns:  # manual top-ups: the stream's operator-signature check first
+        for row, raw in zip(rows, ok[MONEY_RECORD].to_list(), strict=True):
+            row[MONEY_RECORD] = raw
+    policies = {a: r.policy for a, r in ctx.accounts.items()}
+    rows, unauthorised = refuse_unauthorised(rows, ctx.extra.get("security"), policies)
+    accepted, refused = claim_payment_rows(rows, policies, book)
+    refused = unauthorised + refused
     schema = {**payments_frame(None).schema, **{c: pl.Int64 for c in keep}}
     acc = pl.DataFrame(accepted, schema=schema).sort("msg_ts_ms", "partition", "offset", maintain_order=True)
     from pipelines.core.replay import _reasons  # the stream's wording for time refusals
@@ -187,10 +193,11 @@ class ArrivalReplay:
     """Bill chunks of readings (in arrival order) with the accepted payments merged in."""
 
     def __init__(self, ctx: RatingContext, accepted: pl.DataFrame, sink: Sink, *, state: CoreState | None = None,
-                 bounds: timeguard.Bounds | None = None, progress: Progress | None = None) -> None:
+                 bounds: timeguard.Bounds | None = None, progress: Progress | None = None, relay: Any = None) -> None:
         from pipelines.core.replay import _reasons, time_bounds
 
         self.ctx, self.sink, self.state = ctx, sink, state or CoreState()
+        self.relay = relay  # pipelines.replay_relay.RelayReplay: the stream's power loop, or None
         self.bounds = bounds or time_bounds(ctx)
         self._reasons = _reasons
         self.progress = progress or Progress(enabled=False)
@@ -370,13 +377,19 @@ class ArrivalReplay:
             readings = pl.DataFrame(schema=READING_SCHEMA)
         self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False)
         outs = [out]
-        # the stream's timer: deferred trips whose friendly period ended by the newest input time
-        from pipelines.core.replay import replay_now
+        # the stream's timer: day postings and deferred trips due by the newest input time
+        from pipelines.core.replay import replay_tick
 
-        now = replay_now(readings, payments)
-        if now is not None and any(s.deferred or s.warn_pending for s in self.state.accounts.values()):
-            self.state, ticked = tick(self.state, now, self.ctx)
+        self.state, ticked = replay_tick(self.state, self.ctx, readings, payments)
+        if ticked is not None:
             outs.append(ticked)
+        if self.relay is not None:  # the relay commands, retries and ops alerts of this call's inputs
+            from pipelines.core.replay import replay_now
+
+            now = replay_now(readings, payments)
+            self.relay.call(readings, payments, [o.commands for o in outs if o.commands.height],
+                            now if now is not None else self.relay.clock)
+            self.relay.flush()
         for name in OUTPUTS:
             for o in outs:
                 frame = getattr(o, name)
@@ -415,8 +428,10 @@ def whole_messages(chunks: Iterable[tuple[int, pl.DataFrame]]) -> Iterator[tuple
 
 def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFrame]], payments: pl.DataFrame | None,
                    sink: Sink, *, state: CoreState | None = None, bounds: timeguard.Bounds | None = None,
-                   progress: Progress | None = None, where: str = "readings") -> CoreState:
-    """Bill readings chunks (first row, frame) in arrival order with the payments merged in."""
+                   progress: Progress | None = None, where: str = "readings", relay: Any = None) -> CoreState:
+    """Bill readings chunks (first row, frame) in arrival order with the payments merged in.
+    With `relay` (a `pipelines.replay_relay.RelayReplay` over the recorded relay outcomes) the
+    stream's power loop runs beside: relay commands with their retries, and ops alerts."""
     from pipelines.core.replay import time_bounds
 
     bounds = bounds or time_bounds(ctx)
@@ -429,10 +444,12 @@ def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFram
         for frame in (late, refused):
             if frame.height:
                 sink("rejected_payments", frame)
-    run = ArrivalReplay(ctx, accepted, sink, state=state, bounds=bounds, progress=progress)
+    run = ArrivalReplay(ctx, accepted, sink, state=state, bounds=bounds, progress=progress, relay=relay)
     for first, chunk in whole_messages(readings):
         run.feed(chunk, where, first)
     state = run.finish()
+    if relay is not None:
+        relay.finish()  # the outcomes that arrived after the last input
     run.progress.done()
     return state
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import gc
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date, timedelta
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -41,7 +43,7 @@ from pipelines.core.interval import (
 )
 from pipelines.core.localtime import day_iso
 from pipelines.core.lookup import Lookup, lookup
-from pipelines.core.tariff import RATED_SCHEMA, TierArrays, rate_arrays
+from pipelines.core.tariff import RATED_SCHEMA, TierArrays, local_day_start_ms, rate_arrays
 from pipelines.core.wallet import (
     AccountState,
     Charge,
@@ -364,31 +366,105 @@ def _slow_path(s: AccountState, chs: list[Charge], pay: list[dict[str, Any]], ct
             w.payment(ev)
 
 
-def tick(state: CoreState, now_ms: int, ctx: RatingContext) -> tuple[CoreState, BatchOutputs]:
-    """Timer step at `now_ms`: raise trips deferred by a friendly-credit period whose period
-    (the one around the account's newest reading) has ended, stamped with its end
-    (see wallet.evaluate_deferred). Same result for any `now_ms` after that end."""
-    accounts = dict(state.accounts)
+def tick(state: CoreState, now_ms: int, ctx: RatingContext, accounts: Iterable[str] | None = None
+         ) -> tuple[CoreState, BatchOutputs]:
+    """Timer step at `now_ms` (explicit; the stream clock or replay's message time), per account
+    in order:
+
+    1. time-driven postings (`Wallet.timer`): standing charges and fixed debt recovery of every
+       local day that began by the account's own newest time (its newest billed reading, capped
+       at `now_ms`), each followed by the alert and trip rules, so emergency credit runs out, and
+       the meter trips, with 0 Wh readings. Entry ids are per day / period (`A:standing:<date>`,
+       `A:debtfix:<period>`): re-running the timer or re-delivering its input posts nothing twice,
+       and an account's next charge would have posted exactly the same entries;
+    2. trips deferred by a friendly-credit period whose period (the one around the account's
+       newest reading) has ended, stamped with its end (wallet.evaluate_deferred).
+
+    Because both steps depend on the account's own time, not on when the timer runs, the result
+    is the same for any `now_ms` after the account's newest reading (and, for a deferred trip,
+    after the period's end). `accounts` limits the step to those accounts (replay: the ones its
+    last call touched, plus the deferred ones); default every account of the state."""
+    new_accounts = dict(state.accounts)
     out = WalletOut()
-    waiting = {a for a, s in state.accounts.items() if (s.deferred or s.warn_pending) and a in ctx.accounts}
-    anchors: dict[str, int] = {}  # each waiting account's newest reading: its own time
-    for c, cs in state.circuits.items():
-        cfg = ctx.circuits.get(c)
-        seen = max((t for t in (cs.last_ts_ms, cs.max_seen_ts_ms) if t is not None), default=None)
-        if cfg is not None and cfg.account_id in waiting and seen is not None:
-            anchors[cfg.account_id] = max(anchors.get(cfg.account_id, seen), seen)
-    for a in sorted(waiting):
+    names = state.accounts.keys() if accounts is None else [a for a in accounts if a in state.accounts]
+    candidates = {a for a in names if a in ctx.accounts and _timer_work(state.accounts[a], now_ms, ctx)}
+    anchors = _anchors(state, candidates, ctx)
+    for a in sorted(candidates):
         s = state.accounts[a]
-        if a in ctx.accounts:
-            r = ctx.accounts[a]
-            m = ctx.malls[r.mall_id]
-            accounts[a], o = evaluate_deferred(s, now_ms, r, ctx.tariffs[r.tariff_id], m.tz, frozenset(m.holidays),
-                                               anchors.get(a))
+        r = ctx.accounts[a]
+        m = ctx.malls[r.mall_id]
+        tariff, hol = ctx.tariffs[r.tariff_id], frozenset(m.holidays)
+        billed, seen = anchors.get(a, (-1, None))
+        upto = min(billed, now_ms)
+        if s.standing_day is not None and next_day_start_ms(s.standing_day, m.tz) <= upto:
+            s = s.copy()
+            Wallet(s, r, tariff, m.tz, hol, out).timer(upto)
+        if s.deferred or s.warn_pending:
+            s, o = evaluate_deferred(s, now_ms, r, tariff, m.tz, hol, seen)
             out.ledger += o.ledger
             out.alerts += o.alerts
             out.commands += o.commands
-    return CoreState(dict(state.circuits), accounts), BatchOutputs(
+        new_accounts[a] = s
+    return CoreState(dict(state.circuits), new_accounts), BatchOutputs(
         pl.DataFrame(schema={**INTERVAL_SCHEMA, "account_id": pl.String}), pl.DataFrame(schema=RATED_SCHEMA),
         pl.DataFrame(out.ledger, schema=LEDGER_SCHEMA), _alerts(out.alerts),
         pl.DataFrame(out.commands, schema=COMMAND_SCHEMA), pl.DataFrame(schema=REJECT_SCHEMA),
         pl.DataFrame(schema=PAYMENT_REJECT_SCHEMA))
+
+
+@lru_cache(maxsize=65_536)
+def next_day_start_ms(standing_day: str, tz: str) -> int:
+    """When the local day after `standing_day` (ISO date) begins: the account's next
+    time-driven posting (its standing charge, a new debt-recovery period)."""
+    return local_day_start_ms(date.fromisoformat(standing_day) + timedelta(days=1), tz)
+
+
+def timer_due_ms(s: AccountState, ctx: RatingContext) -> int | None:
+    """When the account's next day begins (None: no day known yet, or not in the context)."""
+    r = ctx.accounts.get(s.account_id)
+    if r is None or s.standing_day is None:
+        return None
+    return next_day_start_ms(s.standing_day, ctx.malls[r.mall_id].tz)
+
+
+def _timer_work(s: AccountState, now_ms: int, ctx: RatingContext) -> bool:
+    if s.deferred or s.warn_pending:
+        return True
+    due = timer_due_ms(s, ctx)
+    return due is not None and due <= now_ms
+
+
+def _anchors(state: CoreState, accounts: set[str], ctx: RatingContext) -> dict[str, tuple[int, int]]:
+    """Each account's own times: (newest billed reading, newest reading seen) over its circuits.
+    Day postings wait for the billed one (a reading still inside the lateness window may yet
+    post a charge before the day's standing charge); deferred trips use the seen one."""
+    anchors: dict[str, tuple[int, int]] = {}
+    if not accounts:
+        return anchors
+    by_account = _account_circuits(ctx)
+    for a in accounts:
+        billed = seen = None
+        for c in by_account.get(a, ()):
+            cs = state.circuits.get(c)
+            if cs is None:
+                continue
+            if cs.last_ts_ms is not None:
+                billed = cs.last_ts_ms if billed is None else max(billed, cs.last_ts_ms)
+            for t in (cs.last_ts_ms, cs.max_seen_ts_ms):
+                if t is not None:
+                    seen = t if seen is None else max(seen, t)
+        if seen is not None:
+            anchors[a] = (billed if billed is not None else -1, seen)
+    return anchors
+
+
+def _account_circuits(ctx: RatingContext) -> dict[str, list[str]]:
+    """account -> its circuits, built once per context (kept on its Lookup)."""
+    lk = lookup(ctx)
+    found: dict[str, list[str]] | None = getattr(lk, "account_circuits", None)
+    if found is None:
+        found = {}
+        for c, cfg in ctx.circuits.items():
+            found.setdefault(cfg.account_id, []).append(c)
+        lk.account_circuits = found  # type: ignore[attr-defined]
+    return found

@@ -210,6 +210,8 @@ class WalletPolicy(_Model):
     debt_recovery: DebtRecovery | None = None
     min_topup: Annotated[int, Field(ge=1, le=MAX_MINOR)] = 1
     max_topup: Annotated[int, Field(ge=1, le=MAX_MINOR)] | None = None
+    # one signed posting or reversal on this account (pipelines.core.money_authority; None: its default)
+    max_adjustment: Annotated[int, Field(ge=1, le=MAX_MINOR)] | None = None
 
     @model_validator(mode="after")
     def _levels(self) -> WalletPolicy:

@@ -25,6 +25,7 @@ from pipelines.core.claims import claim_payment_rows
 from pipelines.core.context import RatingContext
 from pipelines.core.engine import (
     PAYMENT_REJECT_SCHEMA,
+    BatchOutputs,
     CoreState,
     payments_frame,
     process_batch,
@@ -32,6 +33,7 @@ from pipelines.core.engine import (
 )
 from pipelines.core.interval import REJECT_SCHEMA
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
+from pipelines.core.money_authority import MONEY_RECORD, refuse_unauthorised
 from pipelines.core.replay_input import InputError, read_payments, read_readings
 
 # Rows per core call (at most): the core's cost per call is mostly per account touched, so a
@@ -152,7 +154,14 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
     acc["rejected_payments"].append(refused_p)
     if pays is not None and pays.height:  # every id claimed once, as the stream's claim step does
         frame = payments_frame(pays)
-        accepted, refused = claim_payment_rows(frame.to_dicts(), {a: r.policy for a, r in ctx.accounts.items()})
+        rows = frame.to_dicts()
+        if MONEY_RECORD in pays.columns:  # manual top-ups: the stream's operator-signature check first
+            for row, raw in zip(rows, pays[MONEY_RECORD].to_list(), strict=True):
+                row[MONEY_RECORD] = raw
+        policies = {a: r.policy for a, r in ctx.accounts.items()}
+        rows, unauthorised = refuse_unauthorised(rows, ctx.extra.get("security"), policies)
+        accepted, refused = claim_payment_rows(rows, policies)
+        refused = unauthorised + refused
         pays = pl.DataFrame(accepted, schema=frame.schema)
         acc["rejected_payments"].append(pl.DataFrame(
             [{k: r[k] for k in PAYMENT_REJECT_SCHEMA} for r in refused], schema=PAYMENT_REJECT_SCHEMA))
@@ -169,13 +178,10 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
         state, out = process_batch(state, batch, p, ctx, flush=last)
         for k in acc:
             acc[k].append(getattr(out, k))
-        # the stream's timer (pipelines.worker.power_timer): trips deferred by a friendly period
-        # that ended before the newest input time are raised at the period's end, as in the stream
-        now = replay_now(batch, p)
-        if now is not None and any(s.deferred or s.warn_pending for s in state.accounts.values()):
-            state, out = tick(state, now, ctx)
+        state, ticked = replay_tick(state, ctx, batch, p)
+        if ticked is not None:
             for k in acc:
-                acc[k].append(getattr(out, k))
+                acc[k].append(getattr(ticked, k))
         if sink is not None:
             for k, frames in acc.items():
                 for frame in frames:
@@ -189,6 +195,27 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
     tables = {} if sink is not None else {k: pl.concat(v, how="vertical_relaxed") for k, v in acc.items()}
     tables["balances"] = balances(state)
     return state, tables
+
+
+def replay_tick(state: CoreState, ctx: RatingContext, readings: pl.DataFrame | None,
+                payments: pl.DataFrame | None) -> tuple[CoreState, BatchOutputs | None]:
+    """The stream's timer (pipelines.worker.power_timer) after a core call, at the newest input
+    time: the standing charges and debt schedule of the local days the call's accounts' readings
+    reached (0 Wh readings post nothing by themselves), and trips deferred by a friendly period
+    that has ended. engine.tick decides by each account's own time, so ticking after every call
+    gives what a timer ticking every second gives (same entries, ids and times)."""
+    now = replay_now(readings if readings is not None else pl.DataFrame(), payments)
+    if now is None:
+        return state, None
+    accounts = {a for a, s in state.accounts.items() if s.deferred or s.warn_pending}
+    if readings is not None and readings.height:
+        circuits = ctx.circuits
+        accounts.update(circuits[c].account_id for c in readings["circuit_id"].unique().to_list() if c in circuits)
+    if payments is not None and payments.height:
+        accounts.update(payments["account_id"].to_list())
+    if not accounts:
+        return state, None
+    return tick(state, now, ctx, accounts)
 
 
 def replay_now(batch: pl.DataFrame, payments: pl.DataFrame | None) -> int | None:
@@ -222,8 +249,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="replay in the order the stream received the input (rows need partition, offset and "
                          "msg_ts_ms, as `mallwatt export-input` writes them); readings Parquet is read in chunks "
                          "of --batch-size rows; pending readings are not flushed at the end, as in the stream")
+    ap.add_argument("--outcomes", help="with --arrival-order: the relay outcomes as `mallwatt export-input` writes "
+                                       "them (outcomes.parquet); runs the stream's power loop too and writes "
+                                       "relay_commands (retries included) and relay_alerts. Needs a portfolio config")
     ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     a = ap.parse_args(argv)
+    if a.outcomes and not a.arrival_order:
+        ap.error("--outcomes needs --arrival-order (outcomes are placed by their arrival)")
     if a.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     from pipelines.core.arrival import OrderError, Progress
@@ -240,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.arrival_order:
             from pipelines.core.arrival import replay_arrival
 
+            relay = _relay_replay(a.config, a.outcomes, writer) if a.outcomes else None
+            if relay is not None and not a.tariff:
+                ctx = relay.ctx.rating  # the same context the power loop routes by
             state = replay_arrival(ctx, read_chunks(a.readings, a.batch_size), payments, writer, state=state0,
-                                   progress=progress, where=a.readings)
+                                   progress=progress, where=a.readings, relay=relay)
         else:
             readings = read_table(a.readings)
             assert readings is not None
@@ -258,6 +293,32 @@ def main(argv: list[str] | None = None) -> int:
     (Path(a.out) / "state.json").write_text(json.dumps(state.to_dict()))
     print(json.dumps(rows))
     return 0
+
+
+def _relay_replay(config: str, outcomes_path: str, sink: Any) -> Any:
+    """The stream's power loop for replay (`pipelines.replay_relay`): needs the portfolio's
+    meters and gateways, so a portfolio config (not the core-native YAML)."""
+    from pipelines.context import build_context
+    from pipelines.portfolio import load_portfolio, parse_portfolio
+    from pipelines.replay_relay import RelayReplay
+
+    if Path(config).is_dir():
+        portfolio = load_portfolio(config)
+    else:
+        doc = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+        if isinstance(doc, dict) and "accounts" in doc and "circuits" in doc:
+            raise InputError(f"{config}: --outcomes needs a portfolio config (meters and gateways), "
+                             f"not the core-native YAML")
+        portfolio = parse_portfolio(doc, config)
+    try:
+        outcomes = pl.read_parquet(outcomes_path) if outcomes_path.endswith(".parquet") else pl.read_ndjson(
+            outcomes_path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise InputError(f"{outcomes_path}: cannot read outcomes ({exc})") from None
+    try:
+        return RelayReplay(build_context(portfolio, partitions=1), outcomes, sink)
+    except ValueError as exc:
+        raise InputError(f"{outcomes_path}: {exc}") from None
 
 
 def read_chunks(path: str, rows: int) -> Any:

@@ -51,6 +51,9 @@ class AccountState:
     # before they reach the wallet (pipelines.core.claims), so this state stays O(1) over years.
     tier_month: int = 0
     tier_wh: int = 0
+    # when the waiting trip was deferred (-1: none, or a state from before this field): its
+    # friendly period's end is when it is due, whoever reaches that time (a charge, the timer)
+    deferred_at: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__} | {  # type: ignore[attr-defined]
@@ -65,7 +68,7 @@ class AccountState:
         return AccountState(
             self.account_id, self.balance, self.acc_n, self.debt, self.ec_owed, list(self.fired_levels),
             self.warning_fired, self.warn_pending, self.relay, self.trip_reason, self.deferred, self.standing_day,
-            self.recovery_period, self.recovered_in_period, self.tier_month, self.tier_wh)
+            self.recovery_period, self.recovered_in_period, self.tier_month, self.tier_wh, self.deferred_at)
 
     @property
     def tiers(self) -> TierCounter:
@@ -203,29 +206,64 @@ class Wallet:
 
     # -- periodic ---------------------------------------------------------------------------
     def _periodic(self, ts: int) -> None:
-        """Standing charges for each local day up to ts; fixed debt recovery per period."""
+        """The time-driven postings due by `ts`, day by day in time order: each local day's
+        standing charge and, when a debt-recovery period starts, its fixed recovery, both dated at
+        the day's local start, each day followed by the alert and trip rules at that time (caused
+        by its own entry). So the day's postings and what they trigger are the same whether an
+        event of the account (a charge, a payment, a posting) or the timer (`timer`) reaches the
+        day first: stream and replay agree however often the timer runs."""
         today = datetime.fromtimestamp(ts / 1000, ZoneInfo(self.tz)).date()
+        # an account's rules apply from its first event: its first day is charged, and the event
+        # itself runs the rules (a new account whose first event is a top-up is not tripped, nor
+        # given emergency credit, for that day's standing charge before the top-up)
+        rules = self.s.standing_day is not None
         days = [today] if self.s.standing_day is None else [
             date.fromordinal(o) for o in range(date.fromisoformat(self.s.standing_day).toordinal() + 1,
                                                today.toordinal() + 1)]
         for d in days:
             start = local_day_start_ms(d, self.tz)
+            self._friendly_due(start)  # a deferred trip due before this day began comes first
             v = version_at(self.t, start)
             fee = v.standing_charge_per_day if v else 0
+            posted = len(self.o.ledger)
             if fee:
                 self._entry(f"{self.s.account_id}:standing:{d.isoformat()}", "standing_charge", -fee, start,
                             d.isoformat())
             self.s.standing_day = d.isoformat()
+            self._debt_period(d, start)
+            if rules and len(self.o.ledger) > posted:
+                self._after_debit(start, self.o.ledger[-1]["entry_id"])
+        self._friendly_due(ts)
+
+    def _friendly_due(self, ts: int) -> None:
+        """Raise a deferred trip if the friendly period it was deferred in ended by `ts`: at that
+        end and named by it, so stream and replay agree however many periods passed since."""
+        s = self.s
+        if (s.deferred or s.warn_pending) and s.deferred_at >= 0:
+            end = friendly_until(self.p.friendly, s.deferred_at, self.tz, self.hol)
+            if end <= ts:
+                self._check_trip(end, f"friendly_end:{end}")
+
+    def _debt_period(self, day: date, start: int) -> None:
+        """A new debt-recovery period (day, ISO week or month) starting with `day`: its fixed
+        amount, dated at the local start of the period's first day seen (the cap counts per period)."""
         dr = self.p.debt_recovery
         if dr is None:
             return
-        key = {"day": today.isoformat(), "month": today.strftime("%Y-%m"),
-               "week": "{}-W{:02d}".format(*today.isocalendar()[:2])}[dr.period]
+        key = {"day": day.isoformat(), "month": day.strftime("%Y-%m"),
+               "week": "{}-W{:02d}".format(*day.isocalendar()[:2])}[dr.period]
         if key != self.s.recovery_period:
             self.s.recovery_period, self.s.recovered_in_period = key, 0
             x = self._recoverable(dr.fixed_per_period)
             if x:
-                self._recover(x, f"{self.s.account_id}:debtfix:{key}", ts, key)
+                self._recover(x, f"{self.s.account_id}:debtfix:{key}", start, key)
+
+    def timer(self, upto_ms: int) -> None:
+        """Timer input: the postings of the local days that began by `upto_ms` (the account's own
+        newest time, see engine.tick), and the trips they cause. Nothing for an account whose
+        first day is not known yet (no event so far)."""
+        if self.s.standing_day is not None:
+            self._periodic(upto_ms)
 
     def _recoverable(self, want: int) -> int:
         dr = self.p.debt_recovery
@@ -341,6 +379,7 @@ class Wallet:
         s, p = self.s, self.p
         if p.protected:
             s.warn_pending = s.deferred = False
+            s.deferred_at = -1
             return
         want = "credit" if s.balance <= p.cutoff else ("warning" if s.warn_pending else None)
         if want is None or (s.relay == "tripped" and (s.trip_reason == "credit" or want == "warning")):
@@ -349,12 +388,13 @@ class Wallet:
         if in_friendly(p.friendly, ts, self.tz, self.hol):
             if not s.deferred:
                 self._alert("trip_deferred", "INFO", ts, cause, f"{want} trip deferred by friendly credit")
+                s.deferred_at = ts
             s.deferred = True
             return
         if s.deferred:  # due when the friendly period ended, whoever notices (a charge or the timer)
             ts = friendly_end(p.friendly, ts, self.tz, self.hol)
             cause = f"friendly_end:{ts}"
-        s.deferred = False
+        s.deferred, s.deferred_at = False, -1
         if want == "credit" and p.emergency_credit and s.ec_owed == 0:
             s.ec_owed = p.emergency_credit
             self._entry(f"{s.account_id}:ecdraw:{cause}", "emergency_credit_draw", p.emergency_credit, ts, cause)
@@ -376,7 +416,7 @@ class Wallet:
         if p.warning_trip_level is not None and s.balance > p.warning_trip_level:
             s.warning_fired = s.warn_pending = False
         if s.balance > p.cutoff:
-            s.deferred = False
+            s.deferred, s.deferred_at = False, -1
         if s.relay == "tripped":
             ok = s.balance > p.cutoff if s.trip_reason == "credit" else (
                 p.warning_trip_level is None or s.balance > p.warning_trip_level)
@@ -391,16 +431,21 @@ def evaluate_deferred(state: AccountState, now_ms: int, rating: AccountRating, t
                       holidays: frozenset[str], anchor_ms: int | None = None) -> tuple[AccountState, WalletOut]:
     """Timer hook: raise a trip deferred by a friendly-credit period once the period is over.
 
-    `anchor_ms` is the account's own newest time (its latest reading): the period that matters
-    is the one around it, not the one around `now_ms` (a timer may run long after the account's
-    data, and a replay's clock stops at its last input). The trip is due at that period's end
-    and stamped with it; before then nothing happens."""
+    The period that matters is the one the trip was deferred in (`deferred_at`), not the one
+    around `now_ms` (a timer may run long after the account's data, and a replay's clock stops at
+    its last input). The trip is due at that period's end and stamped with it; before then nothing
+    happens. A state from before `deferred_at` uses the period around `anchor_ms`, the account's
+    own newest time (its latest reading)."""
     s = state.copy()
     out = WalletOut()
     if s.deferred or s.warn_pending:
         fc = rating.policy.friendly
         at = now_ms
-        if anchor_ms is not None:
+        if s.deferred_at >= 0:  # the end of the period it was deferred in
+            at = friendly_until(fc, s.deferred_at, tz, holidays)
+            if at > now_ms:
+                return s, out
+        elif anchor_ms is not None:  # a state from before `deferred_at`: the period around the anchor
             if in_friendly(fc, anchor_ms, tz, holidays):
                 at = friendly_until(fc, anchor_ms, tz, holidays)
             else:

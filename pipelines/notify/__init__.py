@@ -1,4 +1,4 @@
-"""Alert notifications: providers (sms / voice / app push kinds), routing, dedup, rate limits.
+"""Alert notifications: providers (log, webhook, Tencent Cloud SMS), routing, dedup, rate limits.
 
     from pipelines.notify import Dispatcher, load_config
     dispatcher = Dispatcher.from_config(load_config("notify.yaml"))
@@ -18,9 +18,12 @@ from pipelines.notify.config import (
 )
 from pipelines.notify.dedup import Dedup
 from pipelines.notify.dispatch import Dispatcher, Outcome, Router, Target
-from pipelines.notify.providers import LogNotifier, WebhookNotifier, sign, verify
+from pipelines.notify.preferences import Preferences, PreferencesLookup
+from pipelines.notify.providers import LogNotifier, NonceCache, WebhookNotifier, sign, verify
 from pipelines.notify.ratelimit import RateLimiter
+from pipelines.notify.sms_tencent import TencentSmsNotifier  # registers provider type "tencent_sms"
 
 __all__ = ["Channel", "DeliveryResult", "Notifier", "Recipient", "NotifyConfig", "NotifyConfigError",
            "ProviderSettings", "load_config", "parse_config", "register_provider_type", "Dedup", "Dispatcher",
-           "Outcome", "Router", "Target", "LogNotifier", "WebhookNotifier", "sign", "verify", "RateLimiter"]
+           "Outcome", "Router", "Target", "LogNotifier", "WebhookNotifier", "sign", "verify", "NonceCache",
+           "RateLimiter", "Preferences", "PreferencesLookup", "TencentSmsNotifier"]

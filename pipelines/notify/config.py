@@ -13,9 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from infra.redact import redact_mapping
 from pipelines.notify.base import SEVERITY_RANK, Channel, Notifier, Recipient
+from pipelines.notify.outbound import MIN_SECRET_BYTES, OutboundRefused, check_secret, check_url
 from pipelines.notify.providers import LogNotifier, WebhookNotifier
 
 
@@ -45,26 +55,42 @@ class WebhookSettings(ProviderSettings):
     type: Literal["webhook"] = "webhook"
     channel: Channel = Channel.SMS
     url: Annotated[str, Field(pattern=r"^https?://")]
-    secret: str | None = None
+    # SecretStr: a printed or logged settings object shows '**********', never the secret.
+    secret: SecretStr | None = None
     secret_env: str | None = None  # name of an environment variable holding the secret
+    allow_loopback_http: bool = False  # tests only: http:// to a loopback host
     timeout_s: Annotated[float, Field(gt=0)] = 5.0
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     backoff_s: Annotated[float, Field(ge=0)] = 0.5
     headers: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"the secret must have at least {MIN_SECRET_BYTES} bytes")
+        return value
+
     @model_validator(mode="after")
     def _one_secret(self) -> WebhookSettings:
         if (self.secret is None) == (self.secret_env is None):
             raise ValueError("give exactly one of secret / secret_env")
+        try:
+            check_url(self.url, allow_loopback_http=self.allow_loopback_http)
+        except OutboundRefused as exc:
+            raise ValueError(f"url: {exc}") from None
         return self
 
     def secret_bytes(self) -> bytes:
         if self.secret is not None:
-            return self.secret.encode()
+            return self.secret.get_secret_value().encode()
         value = os.environ.get(self.secret_env or "")
         if not value:
             raise NotifyConfigError(f"environment variable {self.secret_env} (webhook secret) is not set")
-        return value.encode()
+        try:
+            return check_secret(value.encode(), f"environment variable {self.secret_env} (webhook secret)")
+        except OutboundRefused as exc:
+            raise NotifyConfigError(str(exc)) from None
 
 
 Factory = Callable[[str, Any], Notifier]
@@ -72,7 +98,7 @@ PROVIDER_TYPES: dict[str, tuple[type[ProviderSettings], Factory]] = {
     "log": (LogSettings, lambda name, s: LogNotifier(name, s.channel)),
     "webhook": (WebhookSettings, lambda name, s: WebhookNotifier(
         name, s.url, s.secret_bytes(), channel=s.channel, timeout_s=s.timeout_s, retries=s.retries,
-        backoff_s=s.backoff_s, headers=s.headers)),
+        backoff_s=s.backoff_s, headers=s.headers, allow_loopback_http=s.allow_loopback_http)),
 }
 
 
@@ -147,6 +173,11 @@ class NotifyConfig(_Model):
 
     def provider_settings(self) -> dict[str, ProviderSettings]:
         return _provider_settings(self.providers)
+
+    def __repr_args__(self) -> Any:
+        # providers hold raw entries (secrets of plug-ins too): printed redacted
+        for name, value in super().__repr_args__():
+            yield name, (redact_mapping(value) if name == "providers" else value)
 
 
 def _provider_settings(raw: dict[str, dict[str, Any]]) -> dict[str, ProviderSettings]:

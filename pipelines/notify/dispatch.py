@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines import metrics as M
 from pipelines.notify.base import DeliveryResult, Notifier, Recipient
 from pipelines.notify.config import NotifyConfig, build_providers
 from pipelines.notify.dedup import Dedup
@@ -97,6 +98,9 @@ class Dispatcher:
             return self._log(Outcome(alert_id, "no_route"))
         pending = [t for t in targets if t.key(alert_id) not in self.dedup]
         outcome = Outcome(alert_id, "sent", already_delivered=len(targets) - len(pending))
+        for t in targets:
+            if t not in pending:
+                self._delivery_metric(t, "deduplicated")
         if not pending:
             outcome.status = "duplicate"
             return self._log(outcome)
@@ -107,8 +111,11 @@ class Dispatcher:
                 allowed += group
             else:
                 outcome.rate_limited.append(key)
+                for t in group:
+                    self._delivery_metric(t, "rate_limited")
         outcome.results = list(await asyncio.gather(*(self._send(alert, t) for t in allowed)))
         for target, result in zip(allowed, outcome.results, strict=True):
+            self._delivery_metric(target, "sent" if result.ok else "failed")
             if result.ok:
                 self.dedup.add(target.key(alert_id))
         ok = sum(r.ok for r in outcome.results)
@@ -118,13 +125,20 @@ class Dispatcher:
             outcome.status = "partial" if ok else "failed"
         return self._log(outcome)
 
+    def _channel(self, provider: str) -> str:
+        return str(getattr(self.providers.get(provider), "channel", "unknown"))
+
+    def _delivery_metric(self, target: Target, result: str) -> None:
+        M.NOTIFY_DELIVERIES.labels(self._channel(target.provider), target.provider, result).inc()
+
     async def _send(self, alert: dict[str, Any], target: Target) -> DeliveryResult:
         provider = self.providers.get(target.provider)
         if provider is None:
             return DeliveryResult(target.provider, target.recipient.key, ok=False, error="provider not configured",
                                   permanent=True)
         try:
-            return await provider.send(alert, target.recipient)
+            with M.NOTIFY_SEND_SECONDS.labels(self._channel(target.provider)).time():
+                return await provider.send(alert, target.recipient)
         except Exception as exc:  # a provider bug must not stop the others
             log.exception("provider %s raised", target.provider)
             return DeliveryResult(target.provider, target.recipient.key, ok=False,
@@ -152,6 +166,19 @@ class Dispatcher:
         await asyncio.gather(*(run(ix) for ix in groups.values()))
         return [o for o in outcomes if o is not None]
 
+    async def tick(self) -> int:
+        """Let providers send what they held back (quiet hours); never raises."""
+        done = 0
+        for name, provider in self.providers.items():
+            tick = getattr(provider, "tick", None)
+            if tick is None:
+                continue
+            try:
+                done += await tick()
+            except Exception:  # a provider bug must not stop the service
+                log.exception("provider %s tick failed", name)
+        return done
+
     async def close(self) -> None:
         for provider in self.providers.values():
             close = getattr(provider, "close", None)
@@ -166,5 +193,7 @@ class Dispatcher:
                 "failed": [f"{r.provider}>{r.recipient}: {r.error}" for r in outcome.failures],
                 "already_delivered": outcome.already_delivered, "rate_limited": outcome.rate_limited}
         level = logging.WARNING if outcome.failures else logging.INFO
-        log.log(level, json.dumps(line, ensure_ascii=False))
+        # the text log keeps its one-JSON-object message; JSON logs get the fields as fields
+        log.log(level, json.dumps(line, ensure_ascii=False), extra={"alert_id": outcome.alert_id,
+                                                                   "status": outcome.status})
         return outcome

@@ -21,7 +21,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
+from infra.kafka_security import kafka_config
+from pipelines import metrics as M
 from pipelines.deadletter import dead_letter_record
+from pipelines.logsetup import kafka_logger
 from pipelines.notify.config import NotifyConfig, NotifyConfigError, load_config
 from pipelines.notify.dispatch import Dispatcher, Outcome
 from schemas import codec
@@ -38,19 +41,25 @@ class NotifyService:
         self.dlq_topic = config.kafka.deadletter_topic
         self.assigned = threading.Event()  # set once partitions are assigned (tests wait on it)
         self.stats: dict[str, int] = {}
-        self._consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": group or config.kafka.group,
+        self._consumer = Consumer(kafka_config(bootstrap, **{
+            "group.id": group or config.kafka.group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "topic.metadata.refresh.interval.ms": 5000,
-        })
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                                   "linger.ms": 5})
+            **M.lag_stats_config("notify"), **kafka_logger("notify"),
+        }))
+        self._producer = Producer(kafka_config(bootstrap, **{"enable.idempotence": True, "acks": "all",
+                                   "linger.ms": 5, **kafka_logger("notify")}))
+        self.broker_error: str | None = None
 
     def run(self, stop: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         self._consumer.subscribe([self.topic], on_assign=lambda c, parts: self.assigned.set())
+        next_tick = 0.0
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_tick:  # deferred (quiet-hours) messages, once a second
+                    loop.run_until_complete(self.dispatcher.tick())
+                    next_tick = time.monotonic() + 1.0
                 messages = self._consumer.consume(num_messages=200, timeout=0.5)
                 if messages:
                     try:
@@ -65,20 +74,32 @@ class NotifyService:
             self._producer.flush(10)
             self._consumer.close()
 
+    def readiness(self) -> tuple[bool, str]:
+        """/readyz: partitions assigned and the broker answering."""
+        if self.broker_error:
+            return False, f"broker unreachable: {self.broker_error}"
+        if not self.assigned.is_set():
+            return False, "waiting for partition assignment"
+        return True, "ok"
+
     def _batch(self, messages: list[Any], loop: asyncio.AbstractEventLoop) -> None:
         good: list[tuple[Any, dict[str, Any]]] = []
         for msg in messages:
             if msg.error():
+                if msg.error().code() == KafkaError._ALL_BROKERS_DOWN:
+                    self.broker_error = str(msg.error())
                 if msg.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.warning("notify: %s", msg.error())
                 continue
+            self.broker_error = None
             try:
                 good.append((msg, codec.decode("Alert", msg.value())))
             except codec.DecodeError as exc:
                 self._dead_letter(msg, "notify.decode", str(exc))
         outcomes = loop.run_until_complete(self.dispatcher.handle_many([a for _, a in good])) if good else []
-        for (msg, _), outcome in zip(good, outcomes, strict=True):
+        for (msg, alert), outcome in zip(good, outcomes, strict=True):
             self._count(outcome)
+            M.NOTIFY_ALERTS.labels(outcome.status, str(alert.get("kind", ""))[:40]).inc()
             if outcome.status == "error":
                 self._dead_letter(msg, "notify.dispatch", outcome.error or "error")
             elif outcome.failures:
@@ -94,7 +115,10 @@ class NotifyService:
         self.stats[outcome.status] = self.stats.get(outcome.status, 0) + 1
 
     def _dead_letter(self, msg: Any, stage: str, reason: str) -> None:
-        log.warning("dead letter %s[%s]@%s (%s): %s", msg.topic(), msg.partition(), msg.offset(), stage, reason)
+        M.DEAD_LETTERS.labels("notify", stage, M.reason_class(reason)).inc()
+        log.warning("dead letter %s[%s]@%s (%s): %s", msg.topic(), msg.partition(), msg.offset(), stage, reason,
+                    extra={"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
+                           "stage": stage})
         record = dead_letter_record(msg.topic(), msg.partition(), msg.offset(), stage, reason,
                                     msg.key(), msg.value(), int(time.time() * 1000))
         self._producer.produce(self.dlq_topic, key=msg.topic().encode(), value=codec.encode("DeadLetter", record))
@@ -117,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", help="consumer group (default: kafka.group in the config)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (default "
+                        "MALLWATT_NOTIFY_METRICS_PORT or 9463; negative: off)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from pipelines.logsetup import configure
+    configure("notify", level=args.log_level)
     try:
         config = load_config(args.config)
         dispatcher = Dispatcher.from_config(config)
@@ -138,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     service = NotifyService(config, args.bootstrap, dispatcher=dispatcher, group=args.group)
     log.info("notify: consuming %s as %s", service.topic, args.group or config.kafka.group)
-    service.run(stop)
+    server = M.serve(M.metrics_port("notify", args.metrics_port), ready=service.readiness)
+    try:
+        service.run(stop)
+    finally:
+        if server is not None:
+            server.close()
     log.info("notify: stopped; outcomes %s", service.stats)
     return 0
 

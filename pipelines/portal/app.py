@@ -7,6 +7,7 @@ Logs carry method, path (no query string), status and the token id, never a toke
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -21,12 +22,28 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
+from infra import topics as T
+from infra.warehouse_endpoint import WarehouseError
+from pipelines.bills.periods import PeriodOpen, parse_period
+from pipelines.bills.render import render_html
+from pipelines.bills.statements import StatementError
 from pipelines.portal.auth import Principal, RateLimiter, TokenStore, bearer_token
 from pipelines.portal.directory import Directory
 from pipelines.portal.openapi import openapi
 from pipelines.portal.payments import PaymentNotAcknowledged, PaymentSink
+from pipelines.portal.preferences import (
+    CHANNELS,
+    LANGUAGES,
+    PreferenceError,
+    Preferences,
+    threshold_limits,
+    validate,
+)
+from pipelines.portal.preferences import MAX_BODY as PREFERENCES_MAX_BODY
 from pipelines.portal.providers import HmacProvider, SimulatedProvider, WebhookError
 from pipelines.portal.readmodel import ReadModel
+from pipelines.portal.statements import Statements
+from schemas import codec
 
 log = logging.getLogger("mallwatt.portal")
 STATIC = Path(__file__).parent / "static"
@@ -53,6 +70,7 @@ class Portal:
     feed: Any = None  # pipelines.portal.feed.KafkaFeed, for /health
     checkouts: OrderedDict[str, tuple[str, int, int]] = field(default_factory=OrderedDict)
     base_url: str = ""  # where the simulated provider posts its notifications (set when serving)
+    statements: Statements | None = None  # closed periods' statements (the warehouse); None: 501
 
 
 KEY: web.AppKey[Portal] = web.AppKey("portal", Portal)
@@ -259,6 +277,117 @@ async def sim_pay(request: web.Request) -> web.Response:
         return web.json_response(await answer.json(), status=answer.status)
 
 
+def _preferences_body(portal: Portal, account: str) -> dict[str, Any]:
+    stored = portal.model.preferences.get(account)
+    low, high = threshold_limits(portal.directory.policy_of.get(account))
+    return {"account_id": account, "stored": stored is not None,
+            "preferences": (stored or Preferences(account)).to_json(),
+            "timezone": portal.directory.tz_of(account),
+            "limits": {"channels": list(CHANNELS), "languages": list(LANGUAGES),
+                       "low_balance_minor": {"min": low, "max": high}, "max_body_bytes": PREFERENCES_MAX_BODY}}
+
+
+async def preferences_get(request: web.Request) -> web.Response:
+    access = account_access(request)
+    if isinstance(access, web.Response):
+        return access
+    portal = request.app[KEY]
+    with portal.lock:
+        return web.json_response(_preferences_body(portal, access[0]))
+
+
+async def preferences_put(request: web.Request) -> web.Response:
+    """Validate, write to mallwatt.alert-preferences and answer after Kafka's ack (the record
+    is what survives a restart), then show it at once from the read model."""
+    access = account_access(request)
+    if isinstance(access, web.Response):
+        return access
+    portal, account = request.app[KEY], access[0]
+    if (request.content_length or 0) > PREFERENCES_MAX_BODY:
+        return error(413, "body_too_large", f"preferences are at most {PREFERENCES_MAX_BODY} bytes", "body")
+    raw = await request.read()
+    if len(raw) > PREFERENCES_MAX_BODY:
+        return error(413, "body_too_large", f"preferences are at most {PREFERENCES_MAX_BODY} bytes", "body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return error(400, "bad_json", "body must be a JSON object", "body")
+    with portal.lock:
+        current = portal.model.preferences.get(account)
+    try:
+        prefs = validate(data, account, portal.directory.policy_of.get(account), portal.clock(), current)
+    except PreferenceError as exc:
+        return error(422, "invalid_field", exc.message, exc.field)
+    send_record = getattr(portal.sink, "send_record", None)
+    if send_record is None:
+        return error(501, "no_preferences_store", "this portal cannot store preferences")
+    try:
+        await send_record(T.ALERT_PREFERENCES, account, codec.encode("AlertPreferences", prefs.to_record()))
+    except PaymentNotAcknowledged as exc:
+        log.warning("preferences of %s not acknowledged by Kafka: %s", account, exc)
+        return error(503, "not_recorded", "the preferences were not saved; retry")
+    with portal.lock:
+        portal.model.apply_preferences(prefs)
+        return web.json_response(_preferences_body(portal, account))
+
+
+def _no_statements() -> web.Response:
+    return error(501, "no_statements", "this portal serves no statements (no warehouse configured)")
+
+
+async def statements_list(request: web.Request) -> web.Response:
+    access = account_access(request)
+    if isinstance(access, web.Response):
+        return access
+    portal, account = request.app[KEY], access[0]
+    if portal.statements is None:
+        return _no_statements()
+    tz, now = portal.directory.tz_of(account), portal.clock()
+    return await _blocking(lambda: web.json_response(portal.statements.periods(account, tz, now)))  # type: ignore[union-attr]
+
+
+async def statement_one(request: web.Request) -> web.Response:
+    """One closed period's statement, as `mallwatt bills statement` makes it (json or html)."""
+    access = account_access(request)
+    if isinstance(access, web.Response):
+        return access
+    portal, account, label = request.app[KEY], access[0], request.match_info["period"]
+    source = portal.statements
+    if source is None:
+        return _no_statements()
+    try:
+        parse_period(label)
+    except ValueError as exc:
+        return error(422, "invalid_field", str(exc), "period")
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "html"):
+        return error(422, "invalid_field", "format must be json or html", "format")
+    directory = portal.directory
+
+    def build() -> web.Response:
+        doc = source.statement(account, directory.mall_of[account], directory.tz_of(account), label,
+                               merchant_name=directory.name_of.get(account, ""), currency=directory.currency)
+        if fmt == "html":
+            return web.Response(text=render_html(doc), content_type="text/html")
+        return web.json_response(doc)
+    return await _blocking(build)
+
+
+async def _blocking(fn: Callable[[], web.Response]) -> web.Response:
+    """A warehouse call on a worker thread (the event loop keeps serving balances), with the
+    bills' errors as answers."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+    except PeriodOpen as exc:
+        return error(409, "period_open", str(exc), "period")
+    except StatementError as exc:
+        log.error("statement does not add up: %s", exc)
+        return error(500, "statement_does_not_add_up", str(exc), "period")
+    except WarehouseError as exc:
+        log.warning("statements: warehouse unavailable: %s", exc)
+        return error(503, "warehouse_unavailable", "statements are unavailable; retry later")
+
+
 async def health(request: web.Request) -> web.Response:
     portal = request.app[KEY]
     feed = portal.feed
@@ -290,6 +419,10 @@ def build_app(portal: Portal) -> web.Application:
     app.router.add_get(f"{base}/usage", _guarded(_usage))
     app.router.add_get(f"{base}/overview", _guarded(_overview))
     app.router.add_post(f"{base}/checkout", checkout)
+    app.router.add_get(f"{base}/preferences", preferences_get)
+    app.router.add_put(f"{base}/preferences", preferences_put)
+    app.router.add_get(f"{base}/statements", statements_list)
+    app.router.add_get(f"{base}/statements/{{period}}", statement_one)
     app.router.add_post("/api/v1/webhooks/{provider}", webhook)
     app.router.add_get("/sim/checkout/{session}", sim_checkout_page)
     app.router.add_post("/sim/pay/{session}", sim_pay)

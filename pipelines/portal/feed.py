@@ -1,6 +1,7 @@
-"""Feeding the read model from Kafka: ledger batches, alerts and relay commands.
+"""Feeding the read model from Kafka: ledger batches, alerts, relay commands and the
+merchants' alert preferences (a compacted topic: the newest record per account survives).
 
-One consumer thread, assigned (no consumer group) to every partition of the three topics
+One consumer thread, assigned (no consumer group) to every partition of the four topics
 from their beginning (the topics' retention bounds the replay), applies each message to the
 read model under its lock. A message that does not decode is counted and skipped: the portal
 only reads, and the producers' dead letters already hold bad input.
@@ -14,12 +15,15 @@ import time
 from typing import Any
 
 from infra import topics as T
+from infra.kafka_security import kafka_config
+from pipelines.portal.preferences import Preferences
 from pipelines.portal.readmodel import ReadModel
 from schemas import codec
 from schemas.ledger import batch_entries
 
 log = logging.getLogger(__name__)
-SCHEMAS = {T.LEDGER: "LedgerBatch", T.ALERTS: "Alert", T.RELAY_COMMANDS: "RelayCommand"}
+SCHEMAS = {T.LEDGER: "LedgerBatch", T.ALERTS: "Alert", T.RELAY_COMMANDS: "RelayCommand",
+           T.ALERT_PREFERENCES: "AlertPreferences"}
 
 
 class KafkaFeed:
@@ -42,9 +46,9 @@ class KafkaFeed:
     def _run(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "mallwatt-portal",
+        consumer = Consumer(kafka_config(self.bootstrap, **{"group.id": "mallwatt-portal",
                              "enable.auto.commit": False, "fetch.wait.max.ms": 50,
-                             "fetch.min.bytes": 1})
+                             "fetch.min.bytes": 1}))
         parts, ends = [], {}
         for topic in self.topics:
             meta = consumer.list_topics(topic, timeout=30).topics[topic]
@@ -85,5 +89,7 @@ class KafkaFeed:
                 self.model.apply_entries(entries, now_ms)
             elif topic == T.ALERTS:
                 self.model.apply_alert(record)
+            elif topic == T.ALERT_PREFERENCES:
+                self.model.apply_preferences(Preferences.from_record(record))
             else:
                 self.model.apply_relay_command(record)

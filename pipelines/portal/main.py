@@ -15,13 +15,42 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_TOKENS = Path("var/portal/tokens.json")
+from infra.home import data_dir
+
+DEFAULT_TOKENS = data_dir("portal", "tokens.json")
 
 
 def _tokens_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("MALLWATT_PORTAL_TOKENS") or DEFAULT_TOKENS)
+
+
+def _audit_token(action: str, token_id: str, target: str, now_ms: int) -> None:
+    """A token issue or revocation on the audit trail (best effort: the token store is the
+    authority; a broker that does not answer in 3 s gets a warning, not a failed command).
+    The principal is the local OS account that ran the command."""
+    import getpass
+
+    from confluent_kafka import Producer
+
+    from infra.broker import bootstrap_servers
+    from infra.kafka_security import kafka_config
+    from pipelines.audit import audit_record, produce_audit
+
+    record = audit_record(now_ms, f"local:{getpass.getuser()}", action, target, "done", "portal",
+                          f"token {token_id}", event_id=f"{action}:{token_id}")
+    delivered: list[bool] = []
+    try:
+        producer = Producer(kafka_config(bootstrap_servers(), **{"message.timeout.ms": 3000, "log_level": 0,
+                                                                 "enable.idempotence": True}))
+        produce_audit(producer, record, on_delivery=lambda err, _msg: delivered.append(err is None))
+        producer.flush(4.0)  # a failed delivery also empties the queue: the callback says which
+    except Exception:  # noqa: BLE001 - a bad Kafka setting must not lose the token just made
+        pass
+    if delivered != [True]:
+        print(f"mallwatt portal token: the audit event for {token_id} was not confirmed by Kafka", file=sys.stderr)
 
 
 def token_main(argv: list[str]) -> int:
@@ -44,12 +73,14 @@ def token_main(argv: list[str]) -> int:
         token_id, token = store.create(role, subject, now)
         print(f"token id {token_id} ({role} {subject}); the token is shown only now:", file=sys.stderr)
         print(token)
+        _audit_token("token.issue", token_id, f"{role}:{subject}", now)
         return 0
     if args.action == "revoke":
         if not store.revoke(args.token_id, now):
             print(f"mallwatt portal token: no live token {args.token_id}", file=sys.stderr)
             return 1
         print(f"revoked {args.token_id}")
+        _audit_token("token.revoke", args.token_id, args.token_id, now)
         return 0
     for row in store.list():
         print(f"{row['token_id']}  {row['role']:<8}  {row['subject']:<20}  "
@@ -69,6 +100,7 @@ def serve_main(argv: list[str]) -> int:
     from pipelines.portal.payments import KafkaPaymentSink
     from pipelines.portal.providers import providers_from_env
     from pipelines.portal.readmodel import ReadModel
+    from pipelines.portal.statements import Statements, WarehouseSource
 
     parser = argparse.ArgumentParser(prog="mallwatt portal serve", description="serve the merchant portal")
     parser.add_argument("--config", required=True, help="portfolio YAML or directory (accounts, policies, zones)")
@@ -76,6 +108,13 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8780)
     parser.add_argument("--store", help=f"token store (env MALLWATT_PORTAL_TOKENS, default {DEFAULT_TOKENS})")
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second per token (burst 3x)")
+    parser.add_argument("--warehouse", help="chDB folder the statements are read from (default MALLWATT_CHDB_PATH "
+                                            "or var/chdb; MALLWATT_CLICKHOUSE for a server)")
+    parser.add_argument("--no-statements", action="store_true", help="serve no statements (no warehouse here)")
+    parser.add_argument("--sim-clock", metavar="SIM_MS,WALL_MS,SPEED",
+                        help="simulations only (mallwatt demo): the portal's clock reads SIM_MS at wall time WALL_MS "
+                             "and runs SPEED times faster, like the meters' simulator, so a simulated payment's "
+                             "time is the mall's simulated time")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     bootstrap, partitions = bootstrap_servers(), T.default_partitions()
@@ -83,10 +122,18 @@ def serve_main(argv: list[str]) -> int:
     model, lock = ReadModel(directory.mall_tz), threading.Lock()
     feed = KafkaFeed(bootstrap, model, lock)
     feed.start()
+    clock = _sim_clock(args.sim_clock) if args.sim_clock else None
     portal = Portal(model, lock, directory, TokenStore(_tokens_path(args.store)),
                     KafkaPaymentSink(bootstrap, partitions), providers_from_env(dict(os.environ)),
                     limiter=RateLimiter(args.rate, args.rate * 3), feed=feed,
-                    base_url=f"http://{args.host}:{args.port}")
+                    base_url=f"http://{args.host}:{args.port}",
+                    statements=None if args.no_statements else Statements(WarehouseSource(args.warehouse)))
+    if clock is not None:
+        portal.clock = clock
+        speed = float(args.sim_clock.split(",")[2])
+        for provider in portal.providers.values():  # the signature window is wall time, not simulated
+            provider.window_ms = int(provider.window_ms * speed)
+            provider.nonces.window_ms = provider.window_ms
     print(f"mallwatt portal on http://{args.host}:{args.port}/m  ({len(directory.mall_of)} accounts; "
           f"providers {sorted(portal.providers)})", file=sys.stderr)
     try:
@@ -95,6 +142,14 @@ def serve_main(argv: list[str]) -> int:
         feed.stop()
         portal.sink.close()  # type: ignore[attr-defined]
     return 0
+
+
+def _sim_clock(text: str) -> Callable[[], int]:
+    try:
+        sim_ms, wall_ms, speed = (float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"mallwatt portal serve: --sim-clock {text!r}: expected SIM_MS,WALL_MS,SPEED") from None
+    return lambda: int(sim_ms + (time.time() * 1000 - wall_ms) * speed)
 
 
 def main(argv: list[str] | None = None) -> int:

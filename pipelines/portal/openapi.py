@@ -24,7 +24,20 @@ def openapi() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "merchant or mall-operator token (mallwatt portal token)"}},
             "schemas": {"Error": {"type": "object", "required": ["error", "message"], "properties": {
-                "error": {"type": "string"}, "field": {"type": ["string", "null"]}, "message": {"type": "string"}}}},
+                "error": {"type": "string"}, "field": {"type": ["string", "null"]}, "message": {"type": "string"}}},
+                "PreferencesInput": {"type": "object", "additionalProperties": False,
+                                     "description": "at most 2 KiB; sms and voice need a phone",
+                                     "properties": {
+                    "channels": {"type": "array", "maxItems": 3,
+                                 "items": {"enum": ["sms", "voice", "app_push"]}},
+                    "phone": {"type": ["string", "null"], "pattern": "^\\+[1-9][0-9]{6,14}$"},
+                    "quiet_hours": {"type": ["object", "null"], "required": ["start", "end"],
+                                    "description": "local time of the mall; may span midnight",
+                                    "properties": {"start": {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"},
+                                                   "end": {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"}}},
+                    "low_balance_minor": {"type": ["integer", "null"],
+                                          "description": "within limits.low_balance_minor of GET (policy)"},
+                    "language": {"enum": ["zh-CN", "en"]}}}},
         },
         "paths": {
             "/api/v1/health": {"get": {"summary": "service and feed state", "responses": {"200": {"description": "ok"}}}},
@@ -37,6 +50,28 @@ def openapi() -> dict[str, Any]:
             f"{base}/usage": _get("usage by hour and TOU period (today) or by day (month)",
                                   [{"name": "period", "in": "query", "schema": {"enum": ["today", "month"]}}]),
             f"{base}/overview": _get("everything the mobile page shows, in one call"),
+            f"{base}/statements": _get("closed months with a statement, newest first (at most 24), and the ledger "
+                                       "watermark (complete_until_ms) that closes them"),
+            f"{base}/statements/{{period}}": {"get": {
+                **_get("the statement of one closed period, as `mallwatt bills statement` makes it: opening, "
+                       "lines (each with its ledger entry ids), closing")["get"],
+                "parameters": _ACCOUNT + [
+                    {"name": "period", "in": "path", "required": True,
+                     "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}(-[0-9]{2})?$"},
+                     "description": "YYYY-MM (month) or YYYY-MM-DD (day), in the mall's time zone"},
+                    {"name": "format", "in": "query", "schema": {"enum": ["json", "html"], "default": "json"}}],
+                "responses": {"200": {"description": "the statement document"}, "401": _ERR, "403": _ERR,
+                              "404": _ERR, "409": {**_ERR, "description": "period_open: not closed yet"},
+                              "422": _ERR, "429": _ERR, "501": _ERR, "503": _ERR}}},
+            f"{base}/preferences": {
+                "get": {**_get("alert preferences (defaults when none saved) and the limits they must respect")["get"]},
+                "put": {"summary": "save alert preferences; answered after Kafka acknowledged the record "
+                                   "(mallwatt.alert-preferences, compacted); fields left out keep their value",
+                        "security": [{"bearer": []}], "parameters": _ACCOUNT,
+                        "requestBody": {"content": {"application/json": {"schema": {
+                            "$ref": "#/components/schemas/PreferencesInput"}}}},
+                        "responses": {"200": {"description": "saved"}, "400": _ERR, "401": _ERR, "403": _ERR,
+                                      "413": _ERR, "422": _ERR, "429": _ERR, "503": _ERR}}},
             f"{base}/checkout": {"post": {
                 "summary": "start a top-up with the (simulated) provider", "security": [{"bearer": []}],
                 "parameters": _ACCOUNT,

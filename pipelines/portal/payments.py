@@ -11,6 +11,7 @@ import asyncio
 import threading
 from typing import Any, Protocol
 
+from infra.kafka_security import kafka_config
 from pipelines.money_input import produce_payment
 
 ACK_TIMEOUT_S = 10.0
@@ -34,8 +35,8 @@ class KafkaPaymentSink:
         from confluent_kafka import Producer
 
         self.partitions, self.timeout_s = partitions, timeout_s
-        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 0,
-                                  "message.timeout.ms": int(timeout_s * 1000)})
+        self.producer = Producer(kafka_config(bootstrap, **{"enable.idempotence": True, "linger.ms": 0,
+                                  "message.timeout.ms": int(timeout_s * 1000)}))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="portal-producer", daemon=True)
         self._thread.start()
@@ -45,6 +46,14 @@ class KafkaPaymentSink:
             self.producer.poll(0.05)
 
     async def send(self, payment: dict[str, Any]) -> int:
+        return await self._acked(lambda cb: produce_payment(self.producer, payment, self.partitions, on_delivery=cb))
+
+    async def send_record(self, topic: str, key: str, value: bytes) -> int:
+        """Any record (the alert preferences), acknowledged like a payment."""
+        return await self._acked(lambda cb: self.producer.produce(topic, key=key.encode(), value=value,
+                                                                  on_delivery=cb))
+
+    async def _acked(self, produce: Any) -> int:
         import time
 
         loop = asyncio.get_running_loop()
@@ -61,7 +70,7 @@ class KafkaPaymentSink:
             loop.call_soon_threadsafe(settle)
 
         try:
-            produce_payment(self.producer, payment, self.partitions, on_delivery=on_delivery)
+            produce(on_delivery)
         except BufferError as exc:  # local queue full: the broker is away for long
             raise PaymentNotAcknowledged(f"producer queue full: {exc}") from exc
         try:

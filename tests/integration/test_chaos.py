@@ -153,14 +153,17 @@ def _produce_window(producer: Producer, window: object, mall_of: dict[str, str],
     producer.flush(30)
 
 
-def _worker_balances(bootstrap: str, app_id: str) -> dict[str, int]:
-    """The last stored state of every account, read from the worker's changelog."""
+def _worker_balances(bootstrap: str, app_id: str, went_back: list[str]) -> dict[str, int]:
+    """The last stored state of every account, read from the worker's changelog. Every record
+    of an account must build on its previous one (`updates` one more): `went_back` gets the
+    records that were computed from an older state (a stale cache after a recovery did that)."""
     topic = changelog_topic(app_id)
     ends = _ends(bootstrap, topic)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}",
                          "enable.auto.commit": False})
     consumer.assign([TopicPartition(topic, p, 0) for p in ends])
     last: dict[bytes, bytes] = {}
+    updates: dict[bytes, int] = {}
     left = {p for p, e in ends.items() if e > 0}
     while left:
         msg = consumer.poll(5.0)
@@ -168,6 +171,11 @@ def _worker_balances(bootstrap: str, app_id: str) -> dict[str, int]:
         if msg.error():
             continue
         last[msg.key()] = msg.value()
+        n = Envelope.from_bytes(msg.value()).updates
+        if n <= updates.get(msg.key(), -1):
+            went_back.append(f"{msg.key().decode()}@{msg.partition()}:{msg.offset()} updates {n} after "
+                             f"{updates[msg.key()]}")
+        updates[msg.key()] = n
         if msg.offset() >= ends[msg.partition()] - 1:
             left.discard(msg.partition())
     consumer.close()
@@ -212,9 +220,14 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     tails = {"ledger": TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch"),
              "alerts": TopicTail(kafka_bootstrap, T.ALERTS, "Alert"),
              "commands": TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")}
+    # The input carries no relay observations and no collector answers, so the power loop would
+    # re-issue every trip and reconnect 60 s of stream time later (MALLWATT_RELAY_ACK_TIMEOUT_MS);
+    # the stream clock is the producer's wall clock, so whether a retry fell inside the test
+    # depended on how loaded the machine was, and replay does not model retries
+    # (tests/integration/test_power_loop.py does): an hour keeps them out of this proof.
     env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": app_id,
            "MALLWATT_SESSION_TIMEOUT_S": "6", "MALLWATT_ROWS_PER_ACCOUNT": "1",
-           "MALLWATT_FAUST_DIR": str(tmp_path / "faust")}
+           "MALLWATT_RELAY_ACK_TIMEOUT_MS": "3600000", "MALLWATT_FAUST_DIR": str(tmp_path / "faust")}
     workers = Workers(config, env, tmp_path)
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5})
     seq = [0]
@@ -242,7 +255,9 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     assert sorted(f for _, f in fired) == sorted([f for f in LIVES_A if f] + [LIFE_B]), \
         f"not every fault point was reached: {workers.deaths}"
     assert all(code == -signal.SIGKILL for _, _, code in workers.deaths), workers.deaths
-    published.worker_balances = _worker_balances(kafka_bootstrap, app_id)
+    went_back: list[str] = []
+    published.worker_balances = _worker_balances(kafka_bootstrap, app_id, went_back)
+    assert not went_back, f"{len(went_back)} state(s) computed from an older state: {went_back[:10]}"
 
     # the same input, as read back from Kafka, through `mallwatt replay --arrival-order`
     exported = tmp_path / "input"

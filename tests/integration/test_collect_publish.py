@@ -21,6 +21,7 @@ from infra.topics import provision_topics
 from pipelines.context import landlord_account
 from pipelines.generate import generate
 from pipelines.portfolio import Portfolio, parse_portfolio
+from pipelines.signing import relay_signer
 from schemas import codec
 from schemas.keys import account_shard, shard_key
 from schemas.readings import batch_to_frame, reading_flags
@@ -274,17 +275,21 @@ def test_trip_command_opens_the_relay_and_is_confirmed(kafka_bootstrap: str,
     cid = f"test-{uuid.uuid4().hex[:8]}"
     mall = p.malls[0]
     relays = [m for m in mall.meters if m.account and m.model == "acrel_ddsy1352"]
-    meter, old_meter = relays[0], relays[1]
+    meter, old_meter, forged_meter = relays[0], relays[1], relays[2]
     other_mall_cmd = f"other-{uuid.uuid4()}"
     command_id = f"cmd-{uuid.uuid4()}"
     expired_id = f"old-{uuid.uuid4()}"
-    ids = (command_id, other_mall_cmd, expired_id)
+    unsigned_id, forged_id = f"unsigned-{uuid.uuid4()}", f"forged-{uuid.uuid4()}"
+    ids = (command_id, other_mall_cmd, expired_id, unsigned_id, forged_id)
+    signer = relay_signer()  # the worker's key (var/keys), which the collector trusts by default
+
+    def record(cmd_id: str, mall: str, m: Any, issued_at_ms: int) -> dict[str, Any]:
+        return {"command_id": cmd_id, "action": "TRIP", "reason": "credit", "mall_id": mall,
+                "gateway_id": m.gateway, "meter_id": m.id, "account_id": m.account,
+                "issued_at_ms": issued_at_ms, "cause_ts_ms": None, "requested_by": "test"}
 
     def command(cmd_id: str, mall: str, m: Any, issued_at_ms: int) -> bytes:
-        return codec.encode("RelayCommand", {
-            "command_id": cmd_id, "action": "TRIP", "reason": "credit", "mall_id": mall,
-            "gateway_id": m.gateway, "meter_id": m.id, "account_id": m.account,
-            "issued_at_ms": issued_at_ms, "cause_ts_ms": None, "requested_by": "test"})
+        return codec.encode("RelayCommand", signer.sign(record(cmd_id, mall, m, issued_at_ms)))
 
     def produce(*msgs: tuple[str, bytes]) -> None:
         prod = Producer({"bootstrap.servers": kafka_bootstrap})
@@ -306,10 +311,16 @@ def test_trip_command_opens_the_relay_and_is_confirmed(kafka_bootstrap: str,
         try:
             now = sim.now_ms()
             # produced BEFORE the collector (a new collector id) exists
+            # a forged command: signed for another meter, then pointed at this one
+            forged = {**signer.sign(record(forged_id, mall_id, meter, now)), "meter_id": forged_meter.id,
+                      "gateway_id": forged_meter.gateway}
             produce((meter.gateway, command(other_mall_cmd, "ELSEWHERE", meter, now)),
                     (meter.gateway, command(command_id, mall_id, meter, now)),
                     (old_meter.gateway, command(expired_id, mall_id, old_meter,
-                                                now - 3_600_000)))
+                                                now - 3_600_000)),
+                    (forged_meter.gateway, codec.encode("RelayCommand", record(unsigned_id, mall_id, forged_meter,
+                                                                                now))),
+                    (forged_meter.gateway, codec.encode("RelayCommand", forged)))
 
             def collector() -> Collector:
                 return Collector(p, mall_id, bootstrap=kafka_bootstrap, collector_id=cid,
@@ -320,12 +331,13 @@ def test_trip_command_opens_the_relay_and_is_confirmed(kafka_bootstrap: str,
             stats: dict[str, Any] = {}
             stop = asyncio.Event()
             task = asyncio.create_task(collector().run(stop, stats=stats))
-            await wait_for(stats, "commands_executed", 2)
+            await wait_for(stats, "commands_executed", 4)
             kwh = sim.meters[meter.id].import_kwh
             await asyncio.sleep(1.0)  # a simulated minute at full load
             out["closed"] = sim.meters[meter.id].relay_closed
             out["kwh_delta"] = sim.meters[meter.id].import_kwh - kwh
             out["old_closed"] = sim.meters[old_meter.id].relay_closed
+            out["forged_closed"] = sim.meters[forged_meter.id].relay_closed
             stop.set()
             out["first"] = await task
             # restart; the relay was closed by hand meanwhile; the same command id comes
@@ -346,22 +358,25 @@ def test_trip_command_opens_the_relay_and_is_confirmed(kafka_bootstrap: str,
     out = asyncio.run(body())
     assert out["closed"] is False and out["kwh_delta"] == 0.0  # open relay: counter stops
     assert out["old_closed"] is True  # the expired command never touched its relay
+    assert out["forged_closed"] is True  # neither the unsigned nor the forged command touched it
     first, second = out["first"], out["second"]
-    assert first["commands_executed"] == 2 and first["commands_expired"] == 1
+    assert first["commands_executed"] == 4 and first["commands_expired"] == 1 and first["commands_refused"] == 2
     assert first["commands_ignored"] >= 1
     assert second["commands_executed"] == 0 and second["commands_repeated"] == 1
     assert out["closed_after_repeat"] is True
     msgs = outcomes.read(until=lambda ms: {codec.decode("RelayOutcome", m.value())[
-        "command_id"] for m in ms} >= {command_id, expired_id}, seconds=15)
+        "command_id"] for m in ms} >= {command_id, expired_id, unsigned_id, forged_id}, seconds=15)
     msgs += outcomes.read(seconds=3)  # a second outcome for the same id would show here
     outcomes.close()
     mine = [(m, codec.decode("RelayOutcome", m.value())) for m in msgs]
     mine = [(m, o) for m, o in mine if o["command_id"] in ids]
     by_id = {o["command_id"]: (m, o) for m, o in mine}
-    assert len(mine) == 2 and set(by_id) == {command_id, expired_id}
+    assert len(mine) == 4 and set(by_id) == {command_id, expired_id, unsigned_id, forged_id}
     m, o = by_id[command_id]
     assert (o["status"], o["relay_after"], o["meter_id"], o["gateway_id"]) == (
         "CONFIRMED", "OPEN", meter.id, meter.gateway)
     assert m.key() == meter.gateway.encode()
     _, e = by_id[expired_id]
     assert (e["status"], e["attempts"]) == ("FAILED", 0) and "expired" in e["detail"]
+    assert by_id[unsigned_id][1]["status"] == "FAILED" and "refused: unsigned" in by_id[unsigned_id][1]["detail"]
+    assert by_id[forged_id][1]["status"] == "FAILED" and "refused: bad_signature" in by_id[forged_id][1]["detail"]

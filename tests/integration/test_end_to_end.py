@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 from kafka_tail import TopicTail
+from operators import register, signed
 
 from collectors.run import run_collector
 from collectors.sim_portfolio import mall_simulator
@@ -52,6 +53,7 @@ def test_meter_to_warehouse_with_trip_and_reconnect(kafka_bootstrap: str, tmp_pa
         merchant["level"], merchant["protected"] = "standard", False
         merchant["opening_balance_minor"] = 0  # the stream posts openings: balances here come from top-ups
         merchant["business_type"] = "restaurant"  # busy at 10:00-14:00, so credit runs out quickly
+    register(data)  # the finance operator who signs the top-ups below
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(data, config)
     portfolio = parse_portfolio(data)
@@ -68,8 +70,8 @@ def test_meter_to_warehouse_with_trip_and_reconnect(kafka_bootstrap: str, tmp_pa
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
 
     def pay(account: str, amount: int, payment_id: str, ts_ms: int) -> None:
-        produce_payment(producer, {"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
-                                   "amount_minor": amount, "ts_ms": ts_ms}, partitions)
+        produce_payment(producer, signed({"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
+                                          "amount_minor": amount, "ts_ms": ts_ms}), partitions)
         producer.flush(10)
 
     async def scenario() -> None:

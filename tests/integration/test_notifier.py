@@ -18,12 +18,12 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipelines.notify import parse_config, verify
-from pipelines.notify.providers import SIGNATURE_HEADER, TIMESTAMP_HEADER
+from pipelines.notify.providers import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 from pipelines.notify.service import NotifyService
 from schemas import codec
 
 pytestmark = pytest.mark.integration
-SECRET = "integration-secret"
+SECRET = "integration-secret-of-32-bytes-or-more"
 
 
 class Receiver:
@@ -111,7 +111,7 @@ def test_each_alert_reaches_the_webhook_once_signed(kafka_bootstrap: str, topics
     receiver = Receiver().start()
     config = parse_config({
         "providers": {"hook": {"type": "webhook", "channel": "sms", "url": receiver.url, "secret": SECRET,
-                               "retries": 2, "backoff_s": 0.05}},
+                               "retries": 2, "backoff_s": 0.05, "allow_loopback_http": True}},
         "routes": [{"kinds": ["*"], "providers": ["hook"]}],
         "recipients": {"merchants": {"M1": {"phone": "+8613800000001"}, "M2": {"phone": "+8613800000002"}}},
         "rate_limit": {"per_hour": 100, "burst": 100},
@@ -138,7 +138,7 @@ def test_each_alert_reaches_the_webhook_once_signed(kafka_bootstrap: str, topics
         assert service.stats == {"sent": 4, "duplicate": 1}
         for req in receiver.requests:
             h = req["headers"]
-            assert verify(SECRET.encode(), h[TIMESTAMP_HEADER], req["body"], h[SIGNATURE_HEADER])
+            assert verify(SECRET.encode(), h[TIMESTAMP_HEADER], h[NONCE_HEADER], req["body"], h[SIGNATURE_HEADER])
         stop.set()
         thread.join(30)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import Producer
+from operators import register, signed
 
 from pipelines.generate import generate
 from pipelines.money_input import produce_payment
@@ -42,6 +43,7 @@ def worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict, Path]]:
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
         merchant["opening_balance_minor"] = 0
+    register(data)  # the finance operator who signs the opening top-up and postings
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(data, config)
     env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": f"test-{prefix}"}
@@ -78,8 +80,8 @@ def test_webhook_topup_shows_in_the_read_model_within_2s(
     try:
         # the worker starts (faust) while an opening top-up waits for it
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
-        produce_payment(producer, {"payment_id": f"{account}-open", "account_id": account, "kind": "TOPUP",
-                                   "amount_minor": 10_000, "ts_ms": int(time.time() * 1000) - 1000})
+        produce_payment(producer, signed({"payment_id": f"{account}-open", "account_id": account, "kind": "TOPUP",
+                                          "amount_minor": 10_000, "ts_ms": int(time.time() * 1000) - 1000}))
         assert producer.flush(10) == 0
 
         async def scenario() -> dict[str, float]:

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from operators import power_commands, register
 
 from infra import topics as T
 from pipelines.envelope import outbox_of
 from pipelines.forwarder import changelog_topic
 from pipelines.generate import generate
 from pipelines.portfolio import dump_portfolio, parse_portfolio
-from pipelines.power_cli import build_commands
 from schemas import codec
 from schemas.keys import account_shard
 
@@ -102,6 +102,7 @@ def test_command_delay_across_sigkill_and_restart(kafka_bootstrap: str, tmp_path
     data = generate(1, 40, seed=3, mall_prefix=prefix)
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
+    register(data)
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(data, config)
     portfolio = parse_portfolio(data)
@@ -120,8 +121,8 @@ def test_command_delay_across_sigkill_and_restart(kafka_bootstrap: str, tmp_path
         while not stop.is_set():
             account = merchants[i % len(merchants)]
             action = "POWER_OFF" if (i // len(merchants)) % 2 == 0 else "POWER_ON"
-            for cmd in build_commands(portfolio, action, "ACCOUNT", account, "drill", "tester",
-                                      int(time.time() * 1000), f"{prefix}-{i}"):
+            for cmd in power_commands(portfolio, action, "ACCOUNT", account, "drill", int(time.time() * 1000),
+                                      f"{prefix}-{i}"):
                 producer.produce(T.OPERATOR_COMMANDS, key=account.encode(),
                                  partition=account_shard(account, T.default_partitions()),
                                  value=codec.encode("OperatorCommand", cmd))

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 from confluent_kafka import Producer
 from kafka_tail import TopicTail
+from operators import power_commands, register, signed
 
 from infra import topics as T
 from pipelines.generate import generate
@@ -30,8 +31,8 @@ T0 = 1_784_080_800_000  # 2026-07-15 10:00 +08:00: peak hour, 136 fen/kWh
 
 def topup(producer: Producer, account: str, shard: int, payment_id: str, amount: int, ts: int) -> None:
     # `shard` is the account's; the payment goes to its claim's partition (money_input)
-    produce_payment(producer, {"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
-                               "amount_minor": amount, "ts_ms": ts})
+    produce_payment(producer, signed({"payment_id": payment_id, "account_id": account, "kind": "TOPUP",
+                                      "amount_minor": amount, "ts_ms": ts}))
     producer.flush(10)
 
 
@@ -42,6 +43,7 @@ def worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict, Path]]:
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
         merchant["opening_balance_minor"] = 0  # the stream posts openings: balances here come from top-ups
+    register(data)  # the operators whose signed power orders and money the worker accepts
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(data, config)
     env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": f"test-{prefix}"}
@@ -110,8 +112,6 @@ def test_trip_then_topup_reconnects_and_bad_input_goes_to_dead_letter(
 
 
 def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict, Path]) -> None:
-    from pipelines.power_cli import build_commands
-
     data, _ = worker
     portfolio = parse_portfolio(data)
     mall = portfolio.malls[0]
@@ -124,7 +124,7 @@ def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
 
     def operator(action: str, order: str) -> None:
-        for cmd in build_commands(portfolio, action, "ACCOUNT", merchant.id, "inspection", "tester", T0, order):
+        for cmd in power_commands(portfolio, action, "ACCOUNT", merchant.id, "inspection", T0, order):
             producer.produce(T.OPERATOR_COMMANDS, key=cmd["account_id"].encode(), partition=shard,
                              value=codec.encode("OperatorCommand", cmd))
         producer.flush(10)
@@ -147,10 +147,70 @@ def test_operator_trip_survives_a_topup(kafka_bootstrap: str, worker: tuple[dict
                "kind": "shared_cost", "amount_minor": -123, "ts_ms": T0 + 2, "source_id": "P1|area|2026-07|999",
                "rate": "0.123123"}
     for _ in range(2):
-        produce_posting(producer, posting)
+        produce_posting(producer, signed(posting))
     producer.flush(10)
     entry = ledger.wait_for(lambda e: e["entry_id"] == posting["entry_id"])
     assert entry["kind"] == "shared_cost" and entry["balance_after_minor"] == 9000 - 123
+
+
+def test_power_orders_are_authorised_by_the_worker(kafka_bootstrap: str, worker: tuple[dict, Path]) -> None:
+    """A forged order goes to the dead letters with its reason; a mall-wide power off without a
+    second operator's approval switches nothing; with it, every merchant meter trips and the
+    life-safety circuits (here the elevators) are never switched, even by a hand-made command."""
+    data, _ = worker
+    portfolio = parse_portfolio(data)
+    mall = portfolio.malls[0]
+    commands = TopicTail(kafka_bootstrap, T.RELAY_COMMANDS, "RelayCommand")
+    dead = TopicTail(kafka_bootstrap, T.DEADLETTER, "DeadLetter")
+    alerts = TopicTail(kafka_bootstrap, T.ALERTS, "Alert")
+    audit = TopicTail(kafka_bootstrap, T.AUDIT, "AuditEvent")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+
+    def send(cmds: list[dict]) -> None:
+        for cmd in cmds:
+            producer.produce(T.OPERATOR_COMMANDS, key=cmd["account_id"].encode(),
+                             partition=account_shard(cmd["account_id"], T.default_partitions()),
+                             value=codec.encode("OperatorCommand", cmd))
+        assert producer.flush(10) == 0
+
+    merchant = mall.merchants[3]
+    forged = power_commands(portfolio, "POWER_OFF", "ACCOUNT", merchant.id, "inspection", T0, "forged-1")
+    for cmd in forged:
+        cmd["reason"] = "changed after signing"
+    send(forged)
+    letter = dead.wait_for(lambda d: "bad_signature" in d["reason"], timeout=90)
+    assert "unauthorized (bad_signature)" in letter["reason"], letter
+
+    unapproved = power_commands(portfolio, "POWER_OFF", "MALL", mall.id, "fire drill", T0, "mall-1")
+    send(unapproved)
+    refused = dead.wait_for(lambda d: "needs_approval" in d["reason"], timeout=60)
+    assert "unauthorized (needs_approval)" in refused["reason"]
+    with pytest.raises(AssertionError):  # nothing was switched by the forged or the unapproved order
+        commands.wait_for(lambda c: c["reason"] == "operator", timeout=5)
+    approved = power_commands(portfolio, "POWER_OFF", "MALL", mall.id, "fire drill", T0, "mall-2", approved=True)
+    elevator = next(m for m in mall.meters if m.circuits[0].purpose.value == "elevator")
+    assert elevator.id not in {c["meter_id"] for c in approved}  # the CLI leaves life-safety out
+    hand_made = {**approved[0], "command_id": f"mall-2:{elevator.id}", "meter_id": elevator.id,
+                 "account_id": f"{mall.id}-LANDLORD"}
+    send(approved + [hand_made])
+    merchant_meters = {m.id for m in mall.meters if m.account}
+    for meter in merchant_meters:
+        trip = commands.wait_for(lambda c, m=meter: c["meter_id"] == m and c["action"] == "TRIP"
+                                 and c["reason"] == "operator", timeout=90)
+        assert trip["requested_by"] == "operator:tester+approver"
+    safety = dead.wait_for(lambda d: "life_safety" in d["reason"], timeout=60)
+    assert elevator.id in safety["reason"]
+    alert = alerts.wait_for(lambda a: a["kind"] == "operator_power" and a["details"].get("order_id") == "mall-2")
+    assert alert["details"]["principals"] == "tester+approver"
+    # the audit trail: executed orders under the verified principals, refusals with their reason;
+    # the forged order is booked as unverified, never under the name it claims
+    executed = audit.wait_for(lambda e: e["action"] == "power.order" and "mall-2" in e["detail"])
+    assert executed["principal"] == "tester+approver" and executed["result"] == "accepted"
+    forged_audit = audit.wait_for(lambda e: e["action"] == "power.refused" and e["result"] == "bad_signature")
+    assert forged_audit["principal"] == "unverified:tester"
+    unapproved_audit = audit.wait_for(lambda e: e["action"] == "power.refused" and e["result"] == "needs_approval")
+    assert unapproved_audit["principal"] == "tester" and "mall-1" in unapproved_audit["detail"]
+    assert not [c for c in commands.seen if c["meter_id"] == elevator.id]
 
 
 def test_config_change_applies_live(kafka_bootstrap: str, worker: tuple[dict, Path]) -> None:
@@ -200,7 +260,7 @@ def test_overload_trips_after_the_debounce_and_a_spike_does_not(kafka_bootstrap:
     alerts = TopicTail(kafka_bootstrap, T.ALERTS, "Alert")
     ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
-    topup(producer, merchant.id, shard, f"{merchant.id}-big", 10**7, T0 - 1)
+    topup(producer, merchant.id, shard, f"{merchant.id}-big", 10**6, T0 - 1)  # the finance role's most
     ledger.wait_for(lambda e: e["source_id"] == f"{merchant.id}-big", timeout=90)
 
     def power(seq: int, start: int, watts: list[float]) -> None:
@@ -226,3 +286,52 @@ def test_overload_trips_after_the_debounce_and_a_spike_does_not(kafka_bootstrap:
     assert trip["cause_ts_ms"] >= T0 + 60_000
     alarm = alerts.wait_for(lambda a: a["account_id"] == merchant.id and a["kind"] == "overload")
     assert alarm["severity"] == "CRITICAL"  # the alarm of an overload that tripped
+
+
+def test_money_commands_are_authorised_by_the_claim_step(kafka_bootstrap: str, worker: tuple[dict, Path]) -> None:
+    """An unsigned posting, a posting above the finance role's limit and an unsigned manual
+    top-up go to the dead letters with their reason and an audit event, and move no money; a
+    signed posting sent twice credits once, audited under its verified signer."""
+    data, _ = worker
+    mall = parse_portfolio(data).malls[0]
+    account = mall.merchants[2].id
+    ledger = TopicTail(kafka_bootstrap, T.LEDGER, "LedgerBatch")
+    dead = TopicTail(kafka_bootstrap, T.DEADLETTER, "DeadLetter")
+    audit = TopicTail(kafka_bootstrap, T.AUDIT, "AuditEvent")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+
+    def posting(entry: str, amount: int) -> dict:
+        return {"entry_id": f"{account}:{entry}", "account_id": account, "mall_id": mall.id, "kind": "adjustment",
+                "amount_minor": amount, "ts_ms": T0 + 10, "source_id": "ticket-16", "rate": None}
+
+    produce_posting(producer, posting("unsigned", 5_000))
+    produce_posting(producer, signed(posting("too-big", 150_000)))  # finance: max_adjustment_minor 100,000
+    produce_payment(producer, {"payment_id": f"{account}-manual", "account_id": account, "kind": "TOPUP",
+                               "amount_minor": 7_000, "ts_ms": T0 + 10, "provider": "cli"})
+    assert producer.flush(10) == 0
+    unsigned = dead.wait_for(lambda d: f"{account}:unsigned" in d["reason"], timeout=90)
+    assert unsigned["reason"].startswith("unauthorized (unsigned)") and unsigned["source_topic"] == T.POSTINGS
+    too_big = dead.wait_for(lambda d: f"{account}:too-big" in d["reason"])
+    assert too_big["reason"].startswith("unauthorized (above_role_limit)") and "max_adjustment_minor" in too_big["reason"]
+    manual = dead.wait_for(lambda d: f"{account}-manual" in d["reason"])
+    assert manual["reason"].startswith("unauthorized (unsigned)") and manual["source_topic"] == T.PAYMENTS
+    refused = audit.wait_for(lambda e: e["event_id"] == f"{account}:too-big:money:refused")
+    assert (refused["principal"], refused["action"], refused["result"]) == ("finance-tester", "money.post.refused",
+                                                                             "above_role_limit")
+    assert audit.wait_for(lambda e: e["event_id"] == f"{account}:unsigned:money:refused")["principal"] == "anonymous"
+
+    good = signed(posting("good", 2_500))
+    for _ in range(2):
+        produce_posting(producer, good)
+    assert producer.flush(10) == 0
+    entry = ledger.wait_for(lambda e: e["entry_id"] == good["entry_id"], timeout=90)
+    assert entry["balance_after_minor"] == 2_500  # opening 0: nothing else moved this account
+    accepted = audit.wait_for(lambda e: e["event_id"] == f"{good['entry_id']}:money:accepted")
+    assert (accepted["principal"], accepted["action"]) == ("finance-tester", "money.post")
+    # a marker after the re-send: the balance shows the signed posting once, the refused ones never
+    marker = signed(posting("marker", 1))
+    produce_posting(producer, marker)
+    assert producer.flush(10) == 0
+    assert ledger.wait_for(lambda e: e["entry_id"] == marker["entry_id"])["balance_after_minor"] == 2_501
+    assert not [e for e in ledger.seen if e["account_id"] == account and e["entry_id"] != good["entry_id"]
+                and e["entry_id"] != marker["entry_id"] and e["kind"] in ("adjustment", "topup")]

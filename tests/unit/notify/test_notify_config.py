@@ -40,7 +40,7 @@ def test_errors_name_the_field() -> None:
     bad["routes"][0]["providers"] = ["nope"]
     assert "routes[0].providers: unknown provider 'nope'" in error(bad)
     bad = config_data()
-    bad["providers"]["hook"] = {"type": "webhook", "url": "ftp://x", "secret": "s"}
+    bad["providers"]["hook"] = {"type": "webhook", "url": "ftp://x", "secret": "s" * 32}
     assert "providers.hook.url" in error(bad)
     bad["providers"]["hook"] = {"type": "webhook", "url": "http://x"}
     assert "providers.hook: Value error, give exactly one of secret / secret_env" in error(bad)
@@ -52,11 +52,47 @@ def test_errors_name_the_field() -> None:
 
 def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     data = config_data()
-    data["providers"]["hook"] = {"type": "webhook", "url": "http://127.0.0.1:1/x", "secret_env": "NOTIFY_TEST_SECRET"}
+    data["providers"]["hook"] = {"type": "webhook", "url": "https://hooks.example.com/x",
+                                 "secret_env": "NOTIFY_TEST_SECRET"}
     config = parse_config(data)
     with pytest.raises(NotifyConfigError, match="NOTIFY_TEST_SECRET"):
         build_providers(config)
     monkeypatch.setenv("NOTIFY_TEST_SECRET", "abc")
+    with pytest.raises(NotifyConfigError, match="NOTIFY_TEST_SECRET.*has 3 bytes; at least 32"):
+        build_providers(config)
+    monkeypatch.setenv("NOTIFY_TEST_SECRET", "k" * 32)
+    assert isinstance(build_providers(config)["hook"], WebhookNotifier)
+
+
+LONG = "0123456789abcdef" * 2  # 32 bytes
+
+
+@pytest.mark.parametrize(("entry", "words"), [
+    ({"url": "http://hooks.example.com/x", "secret": LONG}, "plain http is refused"),
+    ({"url": "http://hooks.example.com/x", "secret": LONG, "allow_loopback_http": True},
+     "only to a loopback host"),
+    ({"url": "https://169.254.169.254/latest/meta-data", "secret": LONG}, "link-local"),
+    ({"url": "https://10.1.2.3/x", "secret": LONG}, "private"),
+    ({"url": "https://[fd00::1]/x", "secret": LONG}, "private"),
+    ({"url": "https://[::1]/x", "secret": LONG}, "loopback"),
+    ({"url": "https://localhost/x", "secret": LONG}, "loopback"),
+    ({"url": "https://user:pw@hooks.example.com/x", "secret": LONG}, "credentials in the URL"),
+    ({"url": "https://hooks.example.com/x", "secret": "short"}, "providers.hook.secret"),
+    ({"url": "https://hooks.example.com/x", "secret": ""}, "at least 32 bytes"),
+])
+def test_webhook_destinations_and_secrets_are_checked_at_load(entry: dict, words: str) -> None:
+    data = config_data()
+    data["providers"]["hook"] = {"type": "webhook", **entry}
+    assert words in error(data)
+
+
+def test_loopback_http_only_with_the_test_flag_and_secret_never_printed() -> None:
+    data = config_data()
+    data["providers"]["hook"] = {"type": "webhook", "url": "http://127.0.0.1:9/x", "secret": LONG,
+                                 "allow_loopback_http": True}
+    config = parse_config(data)
+    settings = config.provider_settings()["hook"]
+    assert LONG not in repr(settings) and LONG not in str(config) and LONG not in repr(config)
     assert isinstance(build_providers(config)["hook"], WebhookNotifier)
 
 
@@ -106,8 +142,8 @@ def test_the_documented_example_config_is_valid(tmp_path: Path, monkeypatch: pyt
     assert block is not None
     config = parse_config(yaml.safe_load(block.group(1)), "doc example")
     assert {"sms-gateway", "voice-gateway", "app-push", "ops-log"} == set(config.providers)
-    monkeypatch.setenv("MALLWATT_SMS_SECRET", "x")
-    monkeypatch.setenv("MALLWATT_VOICE_SECRET", "y")
+    monkeypatch.setenv("MALLWATT_SMS_SECRET", "x" * 32)
+    monkeypatch.setenv("MALLWATT_VOICE_SECRET", "y" * 32)
     assert len(build_providers(config)) == 4
 
 

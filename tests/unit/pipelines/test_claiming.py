@@ -4,19 +4,23 @@ record carrying the claimed position, and the wallet crediting an accepted payme
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from infra import topics as T
 from pipelines import batching, billing, claiming
 from pipelines.context import build_context
 from pipelines.core.claims import ClaimResult, claim_key, claim_partition
+from pipelines.core.money_authority import sign_money
 from pipelines.envelope import Envelope, unframe_value
 from pipelines.generate import generate
 from pipelines.portfolio import parse_portfolio
+from pipelines.signing import public_key_text
 from schemas import codec
 from schemas.keys import account_shard
 
 T0 = 1_784_080_800_000
 PARTITIONS = 8
+FIN = Ed25519PrivateKey.generate()  # the finance operator the portfolio below registers
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +29,8 @@ def ctx() -> billing.BillingContext:
     for merchant in data["malls"][0]["merchants"]:
         merchant["level"], merchant["protected"] = "standard", False
         merchant["opening_balance_minor"] = 0  # balances below are the payments' alone
+    data["security"] = {"operators": [{"id": "fin", "public_key": public_key_text(FIN.public_key()),
+                                       "roles": ["finance"]}]}
     return build_context(parse_portfolio(data), PARTITIONS)
 
 
@@ -33,8 +39,9 @@ def _merchants(ctx: billing.BillingContext) -> list[str]:
 
 
 def _topup(pid: str, account: str, amount: int = 500) -> dict:
+    """A provider's payment (the portal's webhook path): not operator-signed."""
     return {"payment_id": pid, "account_id": account, "kind": "TOPUP", "amount_minor": amount, "ts_ms": T0,
-            "reverses_payment_id": None}
+            "provider": "sim", "reverses_payment_id": None}
 
 
 def _claim(ctx, existing, record, offset: int, topic: str = T.PAYMENTS) -> claiming.ClaimStep:
@@ -101,3 +108,36 @@ def test_wallet_credits_an_accepted_payment_once_even_when_republished(ctx) -> N
     assert table[account].accounts[account].balance == 500
     # the forwarder published it again after a crash: same claimed position, nothing moves
     assert batching.apply_payments_many(table, [message], ctx, T.PAYMENTS) == []
+
+
+def _posting(entry: str, account: str, amount: int) -> dict:
+    return {"entry_id": entry, "account_id": account, "mall_id": "M01", "kind": "adjustment",
+            "amount_minor": amount, "ts_ms": T0, "source_id": "ticket-1", "rate": None}
+
+
+def test_a_signed_posting_is_claimed_and_audited_under_its_verified_signer(ctx) -> None:
+    account = _merchants(ctx)[0]
+    signed = sign_money(_posting("adj-1", account, 2_500), "fin", FIN)
+    step = _claim(ctx, None, signed, 3, T.POSTINGS)
+    accepted, audit = unframe_value(step.value)[0]
+    assert accepted.topic == T.POSTINGS_ACCEPTED and codec.decode("LedgerPosting", accepted.value)["operator_id"] == "fin"
+    event = codec.decode("AuditEvent", audit.value)
+    assert audit.topic == T.AUDIT and (event["principal"], event["action"], event["result"]) == (
+        "fin", "money.post", "accepted")
+
+
+def test_unsigned_forged_and_over_limit_money_is_a_routing_problem_with_an_audit_record(ctx) -> None:
+    account = _merchants(ctx)[0]
+    unsigned = _posting("adj-2", account, 2_500)
+    part = claim_partition(unsigned, PARTITIONS, "post")
+    assert claiming.record_problem(unsigned, T.POSTINGS, part, ctx).startswith("unauthorized (unsigned)")
+    manual = {**_topup("cli-2", account), "provider": "cli"}
+    assert "unsigned" in claiming.record_problem(manual, T.PAYMENTS, claim_partition(manual, PARTITIONS), ctx)
+    over = sign_money(_posting("adj-3", account, -100_001), "fin", FIN)  # finance: max_adjustment_minor 100,000
+    problem = claiming.record_problem(over, T.POSTINGS, claim_partition(over, PARTITIONS, "post"), ctx)
+    assert problem.startswith("unauthorized (above_role_limit)") and "max_adjustment_minor" in problem
+    event = claiming.refused_money_audit(over, ctx, problem)
+    assert (event["principal"], event["action"], event["result"]) == ("fin", "money.post.refused", "above_role_limit")
+    forged = {**sign_money(_posting("adj-4", account, 100), "fin", FIN), "amount_minor": 90_000}
+    problem = claiming.record_problem(forged, T.POSTINGS, claim_partition(forged, PARTITIONS, "post"), ctx)
+    assert claiming.refused_money_audit(forged, ctx, problem)["principal"] == "unverified:fin"

@@ -116,6 +116,39 @@ def test_a_rebalance_flushes_the_writer_first_and_marks_cached_values_stale() ->
     assert out["flushed"] == 1 and out["generations"] == (0, 1)
 
 
+def test_values_read_while_recovery_replays_the_changelog_are_stale_after_it() -> None:
+    """The chaos proof's money finding: faust replays a partition the worker kept over a
+    rebalance from where its last recovery ended, so an account's value in the local store went
+    back to an old state (hwm 2) while the replay ran. A timer of the worker (scan_due, which
+    loads every account it owns) read it then and cached it under the rebalance's generation;
+    after recovery the readings step billed 2,000 accounts from such old states (entries with
+    another interval_start, balances off). A read during the
+    replay must be stale once recovery completes, and a value the broker acknowledged during
+    the replay must win over the replay's older records."""
+    from faust.types import TP
+
+    async def body(table: Any, writer: FakeWriter, event: Any) -> dict[str, Any]:
+        table[b"acct"] = b"hwm7"
+        writer.deliver()
+        await table.written()
+        await table.on_rebalance(set(), set(), set())
+        table.data[b"acct"] = b"hwm2"  # the replay reached an old record of the account
+        read = (table.generation, table.data[b"acct"])  # what a timer's load cached then
+        table[b"other"] = b"new"  # a write during the replay, acknowledged ...
+        writer.deliver()
+        await table.written()
+        table.data[b"other"] = b"old"  # ... then the replay applied an older record of it
+        table.data[b"acct"] = b"hwm7"  # the replay caught up
+        active = {TP(table.changelog_topic.get_topic_name(), 3)}
+        await table.on_recovery_completed(active, set())
+        return {"read": read, "generation": table.generation, "acct": table.data[b"acct"],
+                "other": table.data.get(b"other")}
+
+    out = run(body)
+    assert out["read"] == (1, b"hwm2") and out["generation"] != 1  # the cached hwm2 is stale now
+    assert out["acct"] == b"hwm7" and out["other"] == b"new"
+
+
 def test_the_local_store_gets_a_value_only_once_the_broker_has_it() -> None:
     """A restart from a RocksDB store must never find a value the changelog lacks."""
     async def body(table: Any, writer: FakeWriter, event: Any) -> dict[str, Any]:

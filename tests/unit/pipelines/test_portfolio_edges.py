@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -80,10 +81,14 @@ def test_topup_amount_accepted() -> None:
 
 
 def test_topup_prints_the_payment_id_before_sending(capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import confluent_kafka
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from pipelines import payments_cli
+    from pipelines.portfolio import dump_portfolio
+    from pipelines.signing import public_key_text
 
     class Down:  # a broker that never confirms
         def __init__(self, *_a: object) -> None: ...
@@ -92,7 +97,15 @@ def test_topup_prints_the_payment_id_before_sending(capsys: pytest.CaptureFixtur
             return 1
 
     monkeypatch.setattr(confluent_kafka, "Producer", Down)
-    assert payments_cli.main(["M01-S0001", "500"]) == 1
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "fin.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    data = generate(1, 3, seed=1)
+    data["security"] = {"operators": [{"id": "fin", "public_key": public_key_text(key.public_key()),
+                                       "roles": ["finance"]}]}
+    dump_portfolio(data, tmp_path / "p.yaml")
+    assert payments_cli.main(["M01-S0001", "500", "--operator", "fin", "--key", str(tmp_path / "fin.pem"),
+                              "--config", str(tmp_path / "p.yaml")]) == 1
     err = capsys.readouterr().err
     pid = err.split("payment id ", 1)[1].split()[0]
     assert pid.startswith("cli-") and f"retry with --payment-id {pid}" in err

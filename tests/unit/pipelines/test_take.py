@@ -76,3 +76,21 @@ def test_behind_a_backlog_steps_fill_up() -> None:
     puts = [(i * 0.01, i) for i in range(12)]
     _, steps = run_agent(puts, 12, age=5.0)
     assert [values for _, values in steps] == [list(range(12))]
+
+
+def test_distinct_bills_a_message_once_per_step() -> None:
+    """faust re-delivers the uncommitted tail after a rebalance (resume, then seek): a copy of
+    a message in the same step is dropped, first copies keep their order, and messages that
+    only share an offset (another partition or topic) are all kept."""
+    from types import SimpleNamespace
+
+    from pipelines.take import distinct
+
+    def event(topic: str, partition: int, offset: int) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(topic=topic, partition=partition, offset=offset))
+
+    a, b, c, d = event("r", 2, 53), event("r", 2, 54), event("r", 3, 53), event("p", 2, 53)
+    step = [a, b, c, d, event("r", 2, 53), event("r", 2, 54)]
+    assert distinct(step) == [a, b, c, d]
+    assert distinct([a, b]) == [a, b]
+    assert distinct([(0, 1), (0, 1), (1, 1)], lambda m: m) == [(0, 1), (1, 1)]

@@ -79,7 +79,7 @@ def _v1(name: str, record: dict) -> bytes:
 
 
 def test_version_1_messages_still_read_with_null_debt() -> None:
-    assert codec.WRITER_VERSION == 2
+    assert codec.WRITER_VERSION == 3
     frame = pl.DataFrame(ENTRIES[:3], schema=LEDGER_COLUMNS)
     record = frame_to_ledger_batch(frame, "old")
     del record["debt_change_minor"]
@@ -89,8 +89,8 @@ def test_version_1_messages_still_read_with_null_debt() -> None:
     assert codec.decode("LedgerEntry", _v1("ledger_entry", entry)) == ENTRIES[1]
     with pytest.raises(codec.DecodeError, match="version 1"):
         codec.decode("IntervalBatch", b"\x01" + b"\x00")
-    with pytest.raises(codec.DecodeError, match="unknown writer schema version 3"):
-        codec.decode("LedgerBatch", b"\x03" + _v1("ledger_batch", record)[1:])
+    with pytest.raises(codec.DecodeError, match="unknown writer schema version 4"):
+        codec.decode("LedgerBatch", b"\x04" + _v1("ledger_batch", record)[1:])
 
 
 def test_outbox_rows_packed_before_the_debt_column_read_as_null() -> None:

@@ -1,0 +1,1 @@
+"""SQL as package data: warehouse migrations (migrations/) and the analytics catalog (queries/)."""

@@ -91,25 +91,39 @@ _CIRCUIT_SCHEMA = {"circuit_id": pl.String, "prev_ts": pl.Int64, "prev_p": pl.Fl
 
 
 def _circuit_frame(circuit_ids: list[str], accounts: list[str], state: Mapping[str, dict]) -> pl.DataFrame:
-    rows = []
-    for cid, acc in zip(circuit_ids, accounts, strict=True):
-        c = state.get(acc, {}).get("circuits", {}).get(cid)
-        if c is not None:
-            rows.append((cid, c["ts"], c["p"], c["pf"], c["mw"], c["mm"]))
-    return pl.DataFrame(rows, schema=_CIRCUIT_SCHEMA, orient="row")
+    # column-wise: this runs per circuit of a step (tens of thousands at portfolio scale)
+    empty: dict[str, Any] = {}
+    found = [(cid, c) for cid, acc in zip(circuit_ids, accounts, strict=True)
+             if (c := state.get(acc, empty).get("circuits", empty).get(cid)) is not None]
+    cs = [c for _, c in found]
+    return pl.DataFrame({"circuit_id": [cid for cid, _ in found], "prev_ts": [c["ts"] for c in cs],
+                         "prev_p": [c["p"] for c in cs], "prev_pf": [c["pf"] for c in cs],
+                         "prev_mw": [c["mw"] for c in cs], "prev_mm": [c["mm"] for c in cs]}, schema=_CIRCUIT_SCHEMA)
+
+
+_ACCOUNT_SCHEMA = {"account_id": pl.String, "base_mw": pl.Int64, "base_ts": pl.Int64, "max_mw": pl.Int64,
+                   "mismatch_w": pl.Float64, "max_gap_ms": pl.Int64}
 
 
 def _account_frame(accounts: list[str], state: Mapping[str, dict], limits: Mapping[str, LoadLimits]
                    ) -> pl.DataFrame:
-    rows = []
+    # column-wise, and each distinct LoadLimits converted once (a portfolio has a few levels)
+    empty: dict[str, Any] = {}
+    states = [state.get(acc, empty) for acc in accounts]
+    converted: dict[int, tuple[int, float, int]] = {}
+    lims = []
     for acc in accounts:
-        s, lim = state.get(acc, {}), limits[acc]
-        base_mw = sum(c["mw"] for c in s.get("circuits", {}).values())
-        rows.append((acc, base_mw, s.get("last_ts"), round(lim.max_power_w * 1000),
-                     lim.policy.mismatch_w, round(lim.policy.max_step_gap_s * 1000)))
-    return pl.DataFrame(rows, orient="row", schema={
-        "account_id": pl.String, "base_mw": pl.Int64, "base_ts": pl.Int64, "max_mw": pl.Int64,
-        "mismatch_w": pl.Float64, "max_gap_ms": pl.Int64})
+        lim = limits[acc]
+        row = converted.get(id(lim))
+        if row is None:
+            row = converted[id(lim)] = (round(lim.max_power_w * 1000), lim.policy.mismatch_w,
+                                        round(lim.policy.max_step_gap_s * 1000))
+        lims.append(row)
+    return pl.DataFrame({"account_id": accounts,
+                         "base_mw": [sum(c["mw"] for c in s.get("circuits", empty).values()) for s in states],
+                         "base_ts": [s.get("last_ts") for s in states], "max_mw": [r[0] for r in lims],
+                         "mismatch_w": [r[1] for r in lims], "max_gap_ms": [r[2] for r in lims]},
+                        schema=_ACCOUNT_SCHEMA)
 
 
 def _bands_frame(accounts: list[str], limits: Mapping[str, LoadLimits]) -> pl.DataFrame:
@@ -144,9 +158,14 @@ def _evaluate(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapping
              .with_row_index("row"))
     late = n_in - frame.height
     first = pl.int_range(pl.len()).over("circuit_id", order_by="row") == 0
+    # live input brings one reading per circuit: its previous one is the state's (no windows,
+    # which cost more than the rest of the pass over tens of thousands of circuits)
+    once = frame["circuit_id"].n_unique() == frame.height
 
     def last(value: pl.Expr, prev: str) -> pl.Expr:
         # the circuit's previous reading: earlier in this batch, else from the state
+        if once:
+            return pl.col(prev)
         return pl.when(first).then(pl.col(prev)).otherwise(value.shift(1).over("circuit_id", order_by="row"))
 
     mw = (pl.col("power_w") * 1000).round(0).cast(pl.Int64)
@@ -434,9 +453,10 @@ def process_load(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapp
     for r in frame.filter(pl.col("account_id").is_in(sorted(busy))).select(cols).iter_rows(named=True):
         rows_by_account.setdefault(r["account_id"], []).append(r)
 
-    lasts = frame.group_by("circuit_id").agg(pl.all().sort_by("row").last())
+    once = frame["circuit_id"].n_unique() == frame.height  # one reading per circuit (live input)
+    lasts = frame if once else frame.group_by("circuit_id").agg(pl.all().sort_by("row").last())
     acc_last = frame.group_by("account_id").agg(pl.col("eval_ts").max())
-    for account, last_ts in acc_last.iter_rows():
+    for account, last_ts in zip(acc_last["account_id"].to_list(), acc_last["eval_ts"].to_list(), strict=True):
         acc = _copy_account(state[account]) if account in state else _empty_account()
         acc["last_ts"] = last_ts
         if account in rows_by_account:
@@ -444,9 +464,9 @@ def process_load(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapp
         else:
             acc["over_since"], acc["over_alerted"] = None, False
         new_state[account] = acc
-    for r in lasts.iter_rows(named=True):
-        new_state[r["account_id"]]["circuits"][r["circuit_id"]] = {
-            "ts": r["ts_ms"], "p": r["power_w"], "pf": r["power_factor"], "mw": r["mw"], "mm": r["mm"]}
+    columns = ("account_id", "circuit_id", "ts_ms", "power_w", "power_factor", "mw", "mm")
+    for account, circuit, ts, p, pf, mw, mm in zip(*(lasts[c].to_list() for c in columns), strict=True):
+        new_state[account]["circuits"][circuit] = {"ts": ts, "p": p, "pf": pf, "mw": mw, "mm": mm}
 
     for r in frame.filter(pl.col("mm") & ~pl.col("lmm")).iter_rows(named=True):
         _mismatch(r, limits[r["account_id"]], out)

@@ -154,6 +154,12 @@ RELAY_UNCONFIRMED = Gauge("mallwatt_relay_commands_unconfirmed",
 PAID_STILL_TRIPPED = Gauge("mallwatt_relay_paid_tripped_accounts",
                            "Accounts in credit whose meter still reads open.", ["mall"])
 
+PORTAL_REQUESTS = Counter("mallwatt_portal_requests_total", "Portal HTTP requests, by route and status.",
+                          ["route", "status"])
+PORTAL_REQUEST_SECONDS = Histogram("mallwatt_portal_request_duration_seconds",
+                                   "Portal request handling time, by route.", ["route"],
+                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
 
 def reason_class(reason: str) -> str:
     """A bounded label from a free-text reason: the exception name or the first word."""

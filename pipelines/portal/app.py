@@ -24,6 +24,7 @@ from aiohttp import ClientSession, web
 
 from infra import topics as T
 from infra.warehouse_endpoint import WarehouseError
+from pipelines import metrics as M
 from pipelines.bills.periods import PeriodOpen, parse_period
 from pipelines.bills.render import render_html
 from pipelines.bills.statements import StatementError
@@ -90,8 +91,14 @@ async def middleware(request: web.Request, handler: Callable[[web.Request], Awai
     except web.HTTPException as exc:  # aiohttp's own (404 route, 413 body too large, ...) as JSON
         response = error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
     who = request.get(PRINCIPAL)
-    log.info("%s %s %s %.1fms token=%s", request.method, request.path, response.status,
-             (time.perf_counter() - started) * 1000, who.token_id if who else "-")
+    elapsed = time.perf_counter() - started
+    log.info("%s %s %s %.1fms token=%s", request.method, request.path, response.status, elapsed * 1000,
+             who.token_id if who else "-")
+    # the route's pattern, never the path: account ids must not become label values
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    M.PORTAL_REQUESTS.labels(route, str(response.status)).inc()
+    M.PORTAL_REQUEST_SECONDS.labels(route).observe(elapsed)
     return response
 
 

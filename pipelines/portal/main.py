@@ -106,6 +106,8 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="portfolio YAML or directory (accounts, policies, zones)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8780)
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus /metrics, /healthz, /readyz (env MALLWATT_PORTAL_METRICS_PORT, default 9466)")
     parser.add_argument("--store", help=f"token store (env MALLWATT_PORTAL_TOKENS, default {DEFAULT_TOKENS})")
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second per token (burst 3x)")
     parser.add_argument("--warehouse", help="chDB folder the statements are read from (default MALLWATT_CHDB_PATH "
@@ -136,9 +138,17 @@ def serve_main(argv: list[str]) -> int:
             provider.nonces.window_ms = provider.window_ms
     print(f"mallwatt portal on http://{args.host}:{args.port}/m  ({len(directory.mall_of)} accounts; "
           f"providers {sorted(portal.providers)})", file=sys.stderr)
+    from pipelines import metrics as M
+
+    # /metrics, /healthz, /readyz (ready: the read model has caught up with the topics' ends)
+    metrics = M.serve(M.metrics_port("portal", args.metrics_port),
+                      ready=lambda: (feed.caught_up.is_set(), "read model caught up" if feed.caught_up.is_set()
+                                     else "read model still replaying the topics"))
     try:
         web.run_app(build_app(portal), host=args.host, port=args.port, access_log=None, print=None)
     finally:
+        if metrics is not None:
+            metrics.close()
         feed.stop()
         portal.sink.close()  # type: ignore[attr-defined]
     return 0

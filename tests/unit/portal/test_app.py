@@ -168,3 +168,22 @@ def test_openapi_and_page(tmp_path: Path) -> None:
             'http-equiv', '')
         assert (await client.get("/api/v1/nothing")).status == 404
     run(tmp_path, scenario)
+
+
+def test_requests_are_counted_by_route_pattern_never_by_account(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    pattern = "/api/v1/accounts/{account}/balance"
+
+    def count(status: str) -> float:
+        return REGISTRY.get_sample_value("mallwatt_portal_requests_total", {"route": pattern, "status": status}) or 0.0
+
+    async def scenario(client: TestClient, _portal: Portal, tok: dict[str, str]) -> None:
+        ok_before, refused_before = count("200"), count("401")
+        await client.get("/api/v1/accounts/M01-S0001/balance", headers=auth(tok["s1"]))
+        await client.get("/api/v1/accounts/M01-S0002/balance")
+        assert count("200") == ok_before + 1 and count("401") == refused_before + 1
+        labels = {s.labels.get("route") for m in REGISTRY.collect() if m.name == "mallwatt_portal_requests"
+                  for s in m.samples}
+        assert not any("M01-S000" in (r or "") for r in labels)
+    run(tmp_path, scenario)

@@ -71,8 +71,8 @@ def run_watch(bootstrap: str, prefix: str, silent_after_s: float) -> tuple[Colle
 def test_gateway_loss_and_silence_reach_ops_once(kafka_bootstrap: str, prefix: str, tmp_path: Path) -> None:
     receiver = Receiver().start()
     config = parse_config({
-        "providers": {"hook": {"type": "webhook", "channel": "sms", "url": receiver.url, "secret": "s",
-                               "retries": 1, "backoff_s": 0.05}},
+        "providers": {"hook": {"type": "webhook", "channel": "sms", "url": receiver.url, "secret": "s" * 32,
+                               "retries": 1, "backoff_s": 0.05, "allow_loopback_http": True}},
         "routes": [{"kinds": ["collector_offline"], "to": "mall_ops", "providers": ["hook"]}],
         "recipients": {"mall_ops": {"MALL1": {"name": "Ops desk", "phone": "+862000000000"}}},
         "rate_limit": {"per_hour": 100, "burst": 100},

@@ -21,7 +21,7 @@ demo: setup  ## simulated mall end to end for DEMO_SECONDS, then a summary
 
 test: setup  ## starts the broker, runs every test, stops the broker; fails if anything fails
 	@$(BIN)/mallwatt stack up --kafka-only || exit 1; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20; rc=$$?; \
 	$(BIN)/mallwatt stack down; exit $$rc
 
 test-unit: setup

@@ -10,7 +10,6 @@ produced, and again by the worker's claim step (pipelines.core.money_authority).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -21,7 +20,7 @@ from infra.broker import bootstrap_servers
 from infra.kafka_security import kafka_config
 from pipelines.money_input import edge_context, operator_key, produce_payment, signed_and_checked
 from pipelines.portfolio import ConfigError
-from pipelines.signing import SigningKeyError
+from pipelines.signing import SigningKeyError, add_operator_arguments
 
 #: The largest amount one command may move, in currency units: a typo guard far above any real
 #: top-up (a month of a large restaurant's electricity is a few ten thousand CNY).
@@ -56,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("TOPUP", "REVERSAL", "REFUND"), default="TOPUP")
     parser.add_argument("--reverses", help="REVERSAL/REFUND: the payment id it reverses")
     parser.add_argument("--ts-ms", type=int, help="payment time, epoch ms (default now)")
-    parser.add_argument("--operator", default=os.environ.get("MALLWATT_OPERATOR", os.environ.get("USER", "")),
-                        help="your operator id in the portfolio's security.operators (default $MALLWATT_OPERATOR)")
-    parser.add_argument("--key", default=os.environ.get("MALLWATT_OPERATOR_KEY"),
-                        help="your private key file (default $MALLWATT_OPERATOR_KEY)")
-    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
-                        help="portfolio config (default %(default)s)")
+    add_operator_arguments(parser)
     args = parser.parse_args(argv)
     try:
         amount = to_minor(args.amount)

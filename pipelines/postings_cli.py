@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -29,7 +28,7 @@ from infra.kafka_security import kafka_config
 from pipelines.core.wallet import DEBT_POSTING_KINDS, POSTING_KINDS
 from pipelines.money_input import edge_context, operator_key, produce_posting, signed_and_checked
 from pipelines.portfolio import ConfigError
-from pipelines.signing import SigningKeyError
+from pipelines.signing import SigningKeyError, add_operator_arguments
 
 REQUIRED = ("entry_id", "account_id", "mall_id", "kind", "amount_minor", "ts_ms", "source_id")
 
@@ -64,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", help="JSON lines file, or - for standard input")
     parser.add_argument("--dry-run", action="store_true", help="validate, sign and check only, publish nothing")
-    parser.add_argument("--operator", default=os.environ.get("MALLWATT_OPERATOR", os.environ.get("USER", "")),
-                        help="your operator id in the portfolio's security.operators (default $MALLWATT_OPERATOR)")
-    parser.add_argument("--key", default=os.environ.get("MALLWATT_OPERATOR_KEY"),
-                        help="your private key file (default $MALLWATT_OPERATOR_KEY)")
-    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", "var/portfolio.yaml"),
-                        help="portfolio config (default %(default)s)")
+    add_operator_arguments(parser)
     args = parser.parse_args(argv)
     source = "<stdin>" if args.file == "-" else args.file
     try:

@@ -24,7 +24,7 @@ from pipelines.audit import audit_record
 from pipelines.context import landlord_account
 from pipelines.core.authority import LIFE_SAFETY, WIDE_SCOPES, sign_order
 from pipelines.portfolio import ConfigError, Portfolio, load_portfolio
-from pipelines.signing import SigningKeyError, load_private
+from pipelines.signing import SigningKeyError, add_operator_arguments, load_private
 from schemas import codec
 from schemas.keys import account_shard
 
@@ -141,15 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--account", help="every meter of a merchant (or <mall>-LANDLORD)")
     target.add_argument("--mall", help="every meter of a mall")
     parser.add_argument("--reason", help="why (required for off/on; kept in the audit trail)")
-    parser.add_argument("--operator", default=os.environ.get("MALLWATT_OPERATOR", os.environ.get("USER", "")),
-                        help="your operator id in the portfolio's security.operators (default $MALLWATT_OPERATOR)")
-    parser.add_argument("--key", default=os.environ.get("MALLWATT_OPERATOR_KEY"),
-                        help="your private key file (default $MALLWATT_OPERATOR_KEY)")
+    add_operator_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="show the meters the order would switch; send nothing")
     parser.add_argument("--orders-dir", type=Path, default=Path(os.environ.get("MALLWATT_ORDERS_DIR", str(data_dir("orders")))),
                         help="where proposals wait for approval (default %(default)s)")
-    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", str(data_dir("portfolio.yaml"))),
-                        help="portfolio config (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         portfolio = load_portfolio(args.config)

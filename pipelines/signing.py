@@ -176,6 +176,18 @@ def sign_relay_value(signer: Signer, value: bytes) -> bytes:
     return codec.encode("RelayCommand", signer.sign(codec.decode("RelayCommand", value)))
 
 
+def add_operator_arguments(parser: Any) -> None:
+    """--operator, --key and --config, as every signed operator command (power, topup, post) takes them."""
+    from infra.home import data_dir
+
+    parser.add_argument("--operator", default=os.environ.get("MALLWATT_OPERATOR", os.environ.get("USER", "")),
+                        help="your operator id in the portfolio's security.operators (default $MALLWATT_OPERATOR)")
+    parser.add_argument("--key", default=os.environ.get("MALLWATT_OPERATOR_KEY"),
+                        help="your private key file (default $MALLWATT_OPERATOR_KEY)")
+    parser.add_argument("--config", default=os.environ.get("MALLWATT_CONFIG", str(data_dir("portfolio.yaml"))),
+                        help="portfolio config (default %(default)s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,12 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from kafka_tail import TopicTail
-from test_chaos import Workers, _committed, _drain, _ends, _worker_balances
+from test_chaos import Workers, _committed, _drain, _ends, _worker_balances, replay_exported
 
 from collectors.publish import PRODUCER_DEFAULTS
 from infra import broker
@@ -46,7 +43,7 @@ from pipelines.export_input import export_input
 from pipelines.forwarder import CLAIMS_TABLE, changelog_topic
 from pipelines.money_input import produce_payment
 from pipelines.portfolio import dump_portfolio, parse_portfolio
-from pipelines.proof import Published, Replayed, compare
+from pipelines.proof import Published, compare
 from pipelines.proof_input import make_input
 from schemas import codec, readings
 from schemas.keys import shard_key
@@ -280,16 +277,7 @@ def test_broker_loss_matches_arrival_order_replay(cluster: broker.BrokerConfig, 
     counts = export_input(bootstrap, exported, start)
     assert counts["readings"] >= inp.readings_count  # a re-sent message may be there twice
     assert counts["payments"] >= sum(len(w.payments) for w in inp.windows)
-    out = tmp_path / "replay"
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "replay", "--arrival-order", "--quiet",
-                           "--config", str(config), "--readings", str(exported / "readings.parquet"),
-                           "--payments", str(exported / "payments.parquet"), "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    table = {name: pl.read_parquet(out / f"{name}.parquet") for name in
-             ("ledger", "balances", "alerts", "commands", "rejected_readings")}
-    replayed = Replayed(table["ledger"], table["balances"], table["alerts"], table["commands"],
-                        table["rejected_readings"])
+    replayed = replay_exported(config, exported, tmp_path / "replay", env)
     report = stalls.report()
     print(f"broker loss: {len(ctx.accounts)} accounts, {inp.readings_count} readings, killed {killed}, "
           f"{resent} message(s) sent again, worker deaths {workers.deaths}, ISR complete within "
@@ -304,4 +292,4 @@ def test_broker_loss_matches_arrival_order_replay(cluster: broker.BrokerConfig, 
 
     topups = {e["entry_id"] for e in published.ledger if e["kind"] == "topup"}
     assert len(topups) == len(inp.payment_ids)
-    assert published.commands and table["ledger"].height > 5_000
+    assert published.commands and replayed.ledger.height > 5_000

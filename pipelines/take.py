@@ -147,14 +147,21 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
                 await stream.wait_for_stopped(full, timeout=remaining)
             consuming = asyncio.get_running_loop().create_future()
             step = list(events)
+            stepped = False
             try:
                 yield step
+                stepped = True
             finally:
                 events.clear()
                 oldest, newest_stamp = float("inf"), None
                 has_events.clear()
-                for event in step:
-                    await stream.ack(event)
+                # Acked only after a step the agent finished: a step that raised (or an agent
+                # cancelled in it) leaves its events unacked, so their offsets are never
+                # committed and a restart delivers them again. Acking them here let a failed
+                # step's input be committed as done.
+                if stepped:
+                    for event in step:
+                        await stream.ack(event)
                 notify(consuming)
                 full.clear()
                 consumed.set()

@@ -30,7 +30,7 @@ from infra import topics as T
 from infra.broker import bootstrap_servers
 from infra.home import data_dir
 from infra.kafka_security import KafkaSettings
-from pipelines import batching, billing, claiming, powerloop, worker_metrics
+from pipelines import batching, billing, claiming, faust_consumer, powerloop, worker_metrics
 from pipelines.audit import config_audit, refused_order_audit
 from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
@@ -50,6 +50,10 @@ from schemas.readings import batch_to_frame
 log = logging.getLogger("mallwatt.worker")
 
 APP_ID = os.environ.get("MALLWATT_APP_ID", "mallwatt-billing")
+#: The agents' input topics: plain, non-compacted topics written by idempotent producers
+#: without transactions, so their offsets have no gaps (pipelines/faust_consumer.py).
+INPUT_TOPICS = (T.READINGS, T.RELAY_OUTCOMES, T.PAYMENTS, T.POSTINGS, T.PAYMENTS_ACCEPTED, T.POSTINGS_ACCEPTED,
+                T.OPERATOR_COMMANDS)
 #: Reading messages per billing step at most, and how long a step waits to fill up.
 BATCH_MESSAGES = int(os.environ.get("MALLWATT_BATCH_MESSAGES", 256))
 BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
@@ -111,6 +115,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         # the topics faust creates itself (its leader topic) replicate like every other one
         topic_replication_factor=T.replication_of(bootstrap or bootstrap_servers())[0],
     )
+    # the agents' input topics: delivered strictly in offset order, committed without gaps
+    faust_consumer.install(app, INPUT_TOPICS)
     holder = holder or billing.ContextHolder(config_path, partitions)
     # one key per account (pipelines/envelope.py); compacted after the forwarding window
     states = cast(DurableTable, app.Table(TABLE_NAME, default=None, partitions=partitions,

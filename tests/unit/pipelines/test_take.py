@@ -94,3 +94,44 @@ def test_distinct_bills_a_message_once_per_step() -> None:
     assert distinct(step) == [a, b, c, d]
     assert distinct([a, b]) == [a, b]
     assert distinct([(0, 1), (0, 1), (1, 1)], lambda m: m) == [(0, 1), (1, 1)]
+
+
+def _acked_after(body_raises: bool) -> list[bool]:
+    """Put three values (one full step); the agent's step raises, or it goes on to wait for the
+    next step; whether each event of the step was acked."""
+    app = faust.App(f"take-test-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
+                    web_enabled=False)
+    taken: list[Any] = []
+
+    @app.agent()
+    async def agent(stream: Any) -> None:
+        steps = take_steps(stream, 3, WITHIN)
+        try:
+            async for events in steps:
+                taken.extend(events)
+                if body_raises:
+                    raise RuntimeError("the step failed")
+        except RuntimeError:
+            await steps.aclose()
+
+    async def main() -> list[bool]:
+        async with agent.test_context() as context:
+            for value in range(3):
+                await context.put(value)
+            await asyncio.sleep(0.3)
+            return [event.message.acked for event in taken]
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_a_step_that_raised_leaves_its_events_unacked() -> None:
+    # acked events are committed: a failed step's input must be delivered again after a restart
+    assert _acked_after(body_raises=True) == [False, False, False]
+
+
+def test_a_finished_step_is_acked_when_the_agent_asks_for_the_next() -> None:
+    assert _acked_after(body_raises=False) == [True, True, True]

@@ -1,0 +1,287 @@
+"""faust's Kafka consumer with input offsets that never skip a message.
+
+The chaos proof (tests/integration/test_chaos.py) lost 81 paid top-ups in one run: a
+contiguous range of 16-17 offsets on five payment partitions was committed, yet never
+claimed, credited or dead-lettered. It also met a "commit stall": a partition whose
+committed offset stopped moving until the worker was restarted. Both come from how
+faust-streaming 0.15.x follows offsets in `Consumer._drain_messages`:
+
+1. **Undelivered messages move the read offset.** While a rebalance suspends the flow,
+   `wait_first(callback(message), suspend_flow.wait())` returns without delivering the
+   message, and the loop records its offset as read all the same.
+2. **The streams resume before they seek.** Recovery resumes the input partitions, so the
+   fetcher delivers from wherever aiokafka stood, and only then seeks them to the committed
+   offsets (`Recovery._resume_streams`). Messages fetched before the seek still arrive after
+   it, out of order.
+3. **A jump in offsets is acked.** faust takes any message whose offset is more than one
+   past the read offset as the end of a gap (meant for compacted topics and transaction
+   markers) and acks the gap's offsets: they are committed though no agent ever saw them.
+   A message below the read offset is dropped.
+
+Together: after a rebalance, a stale message can land ahead of the read offset that the
+seek set, so the offsets between are acked unseen (the lost payments); or a skipped message
+is never delivered again and never acked (the stall). `_new_offset` also commits past one
+unacked message at the head (it treats the committed offset as the last one processed).
+
+On the worker's input topics (plain topics, idempotent non-transactional producers: their
+offsets have no gaps) this consumer delivers a partition's messages strictly in offset
+order, from the offset it sought to, each once: a copy below the expected offset is
+dropped (it was delivered), a message before the partition's seek is dropped (the seek
+fetches it again), and a jump makes it seek back to the expected offset. Only if the jump
+persists (the broker no longer has those offsets: retention) does it go on, with an error
+naming the lost range. An offset is committed only when every offset from the committed
+one up to it was acked; nothing is ever acked for a message no agent was given.
+
+faust internals used (faust-streaming 0.15.x, checked by FAUST_VERSIONS, tested in
+tests/unit/pipelines/test_faust_consumer.py): Consumer._drain_messages (rewritten here),
+_new_offset, perform_seek, seek, on_partitions_revoked, _acked/_acked_index/_read_offset,
+suspend_flow, wait_first, and Transport.Consumer (`install`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Iterable
+from typing import Any, cast
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
+
+#: faust versions whose consumer internals this module was written against.
+FAUST_VERSIONS = ("0.15.",)
+if not faust.__version__.startswith(FAUST_VERSIONS):  # pragma: no cover - a pin bump must re-check
+    raise ImportError(f"pipelines.faust_consumer adapts faust {FAUST_VERSIONS}, not {faust.__version__}: "
+                      "re-check Consumer._drain_messages/_new_offset/perform_seek and update FAUST_VERSIONS")
+
+log = logging.getLogger("mallwatt.consumer")
+
+#: Fetched batches in a row that may show the same jump before it is taken as offsets the
+#: broker no longer has (each one seeks back to the expected offset first).
+MAX_GAP_RESEEKS = 5
+
+
+class Verdict(enum.Enum):
+    DELIVER = "deliver"
+    COPY = "copy"  # below the expected offset: delivered before
+    UNPOSITIONED = "unpositioned"  # before the partition's seek: the seek fetches it again
+    GAP = "gap"  # above the expected offset: seek back
+    STALE = "stale"  # above it again in a batch that already sought back: drop
+    GONE = "gone"  # the jump persisted: those offsets are gone from the broker; deliver
+
+
+class StrictOffsets:
+    """Per partition: the next offset its stream must get, and the floor of its commits.
+
+    Pure bookkeeping (no Kafka), so each rule is unit-tested on its own."""
+
+    def __init__(self, max_gap_reseeks: int = MAX_GAP_RESEEKS) -> None:
+        self.expected: dict[TP, int | None] = {}  # None: positioned, committed offset unknown
+        self.floor: dict[TP, int | None] = {}  # the committed offset; commits start exactly here
+        self.max_gap_reseeks = max_gap_reseeks
+        self._gap_batches: dict[TP, tuple[int, int]] = {}  # tp -> (expected offset, batches seen)
+        self._gap_this_batch: set[TP] = set()
+        self.lost: list[tuple[TP, int, int]] = []  # (tp, first, last) offsets gone from the broker
+
+    def positioned(self, tp: TP, offset: int | None) -> None:
+        """The partition was sought to `offset` (None: no committed offset, from its start)."""
+        self.expected[tp] = offset
+        self.floor[tp] = offset
+        self._gap_batches.pop(tp, None)
+
+    def revoked(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self.expected.pop(tp, None)
+            self.floor.pop(tp, None)
+            self._gap_batches.pop(tp, None)
+
+    def new_batch(self) -> None:
+        self._gap_this_batch.clear()
+
+    def verdict(self, tp: TP, offset: int) -> Verdict:
+        if tp not in self.expected:
+            return Verdict.UNPOSITIONED
+        want = self.expected[tp]
+        if want is None or offset == want:
+            return Verdict.DELIVER
+        if offset < want:
+            return Verdict.COPY
+        if tp in self._gap_this_batch:  # already sought back in this batch
+            return Verdict.STALE
+        self._gap_this_batch.add(tp)
+        seen_for, batches = self._gap_batches.get(tp, (want, 0))
+        batches = batches + 1 if seen_for == want else 1
+        self._gap_batches[tp] = (want, batches)
+        if batches > self.max_gap_reseeks:
+            self.lost.append((tp, want, offset - 1))
+            return Verdict.GONE
+        return Verdict.GAP
+
+    def delivered(self, tp: TP, offset: int) -> None:
+        self.expected[tp] = offset + 1
+        if self.floor.get(tp, 0) is None:  # no committed offset: commits start at the first one
+            self.floor[tp] = offset
+        if tp in self._gap_batches and self._gap_batches[tp][0] <= offset:
+            del self._gap_batches[tp]
+
+    def skip_lost(self, tp: TP, offset: int) -> None:
+        """The offsets below `offset` are gone: commits may start at `offset`."""
+        floor = self.floor.get(tp)
+        if floor is not None and floor < offset:
+            self.floor[tp] = offset
+
+    def commit_offset(self, tp: TP, acked: list[int], index: set[int]) -> int | None:
+        """The offset to commit for `tp` from its acked offsets (sorted in place and trimmed,
+        as faust keeps them): the end of the run of acked offsets that starts exactly at the
+        floor; None while the floor's own message is unacked."""
+        floor = self.floor.get(tp)
+        if floor is None:
+            return None
+        acked.sort()
+        stale = 0
+        while stale < len(acked) and acked[stale] < floor:  # acks of copies below the floor
+            index.discard(acked[stale])
+            stale += 1
+        del acked[:stale]
+        end = floor
+        for offset in acked:
+            if offset != end:
+                break
+            end += 1
+        if end == floor:
+            return None
+        index.difference_update(acked[: end - floor])
+        del acked[: end - floor]
+        self.floor[tp] = end
+        return end
+
+
+class StrictConsumer(AIOKafkaConsumer):
+    """The aiokafka driver's Consumer; the topics in `strict_topics` follow StrictOffsets."""
+
+    strict_topics: frozenset[str] = frozenset()
+
+    def on_init(self) -> None:
+        super().on_init()
+        self._strict_offsets = StrictOffsets()
+
+    def _strict(self, tp: TP) -> bool:
+        return tp.topic in self.strict_topics
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        mine = [tp for tp in self.assignment() if self._strict(tp)]
+        # aiokafka's seek_to_committed does not seek a partition without a committed offset
+        # (or one of 0): it stays wherever the fetches before the seek left it. Seek those to
+        # where the reset policy starts them, so every partition starts at a known offset.
+        fresh = [tp for tp in mine if not self._committed_offset.get(tp)]
+        starts: dict[TP, int] = {}
+        if fresh:
+            latest = str(self.app.conf.consumer_auto_offset_reset) == "latest"
+            found = await (self.highwaters(*fresh) if latest else self.earliest_offsets(*fresh))
+            for tp in fresh:
+                starts[tp] = int(found[tp] or 0)
+                await self._seek(tp, starts[tp])
+        for tp in mine:
+            committed = self._committed_offset.get(tp)
+            self._strict_offsets.positioned(tp, committed if committed else starts[tp])
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        await super().seek(partition, offset)
+        if self._strict(partition):
+            self._strict_offsets.positioned(partition, offset)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._strict_offsets.revoked(revoked)
+        await super().on_partitions_revoked(revoked)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        if not self._strict(tp):
+            return cast(int | None, super()._new_offset(tp))
+        return self._strict_offsets.commit_offset(tp, self._acked[tp], self._acked_index[tp])
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - driven by the broker tests
+        # faust's loop (faust/transport/consumer.py), with StrictOffsets for strict topics;
+        # other topics keep faust's read offset and gap handling unchanged.
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        offsets = self._strict_offsets
+        num_since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                ait = getmany(timeout=1.0)
+                await self.sleep(0)
+                offsets.new_batch()
+                if self.should_stop:
+                    continue
+                async for tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > 100:
+                        await asyncio.sleep(0)
+                        num_since_yield = 0
+                    offset = message.offset
+                    if self._strict(tp):
+                        verdict = offsets.verdict(tp, offset)
+                        if verdict is Verdict.GAP:
+                            want = offsets.expected[tp]
+                            log.warning("%s[%s]: got offset %s, expected %s; seeking back", tp.topic,
+                                        tp.partition, offset, want)
+                            await self._seek(tp, cast(int, want))
+                            continue
+                        if verdict is Verdict.GONE:
+                            log.error("%s[%s]: offsets %s-%s are gone from the broker (retention); they "
+                                      "were never processed", tp.topic, tp.partition, offsets.expected[tp],
+                                      offset - 1)
+                            offsets.skip_lost(tp, offset)
+                        elif verdict is not Verdict.DELIVER:
+                            continue
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        delivery = callback(message)
+                        results = await self.wait_first(delivery, self.suspend_flow.wait())
+                        if delivery in results.done:  # not when the flow was suspended first
+                            offsets.delivered(tp, offset)
+                            set_read_offset(tp, offset)
+                        continue
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
+                unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
+
+
+def install(app: faust.App, strict_topics: Iterable[str]) -> None:
+    """Make `app` consume with StrictConsumer; call before the app starts (its consumer is
+    created on first use)."""
+    if app._consumer is not None:
+        raise RuntimeError("install the strict consumer before the app's consumer exists")
+    consumer_class = type("MallwattConsumer", (StrictConsumer,), {"strict_topics": frozenset(strict_topics)})
+    app.transport.Consumer = consumer_class  # type: ignore[misc]

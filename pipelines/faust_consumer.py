@@ -182,12 +182,19 @@ class StrictConsumer(AIOKafkaConsumer):
         if fresh:
             latest = str(self.app.conf.consumer_auto_offset_reset) == "latest"
             found = await (self.highwaters(*fresh) if latest else self.earliest_offsets(*fresh))
-            for tp in fresh:
-                starts[tp] = int(found[tp] or 0)
-                await self._seek(tp, starts[tp])
+            starts = {tp: int(found[tp] or 0) for tp in fresh}
+            await self._seek_in_thread(starts)
         for tp in mine:
             committed = self._committed_offset.get(tp)
             self._strict_offsets.positioned(tp, committed if committed else starts[tp])
+        log.info("input partitions positioned: %s", {f"{tp.topic}[{tp.partition}]": self._strict_offsets.expected[tp]
+                                                     for tp in mine})
+
+    async def _seek_in_thread(self, offsets: dict[TP, int]) -> None:
+        """Seek on the aiokafka consumer's own thread and wait for the new positions. faust's
+        `_seek` calls the consumer from the event loop's thread; a seek made that way while
+        the consumer thread fetched was seen to fetch nothing more for the partition."""
+        await self._thread.seek_wait(offsets)
 
     async def seek(self, partition: TP, offset: int) -> None:
         await super().seek(partition, offset)
@@ -225,6 +232,7 @@ class StrictConsumer(AIOKafkaConsumer):
                 offsets.new_batch()
                 if self.should_stop:
                     continue
+                early: dict[TP, int] = {}  # messages fetched before their partition's seek, dropped
                 async for tp, message in ait:
                     num_since_yield += 1
                     if num_since_yield > 100:
@@ -237,7 +245,7 @@ class StrictConsumer(AIOKafkaConsumer):
                             want = offsets.expected[tp]
                             log.warning("%s[%s]: got offset %s, expected %s; seeking back", tp.topic,
                                         tp.partition, offset, want)
-                            await self._seek(tp, cast(int, want))
+                            await self._seek_in_thread({tp: cast(int, want)})
                             continue
                         if verdict is Verdict.GONE:
                             log.error("%s[%s]: offsets %s-%s are gone from the broker (retention); they "
@@ -245,6 +253,8 @@ class StrictConsumer(AIOKafkaConsumer):
                                       offset - 1)
                             offsets.skip_lost(tp, offset)
                         elif verdict is not Verdict.DELIVER:
+                            if verdict is Verdict.UNPOSITIONED:
+                                early[tp] = early.get(tp, 0) + 1
                             continue
                         if commit_every is not None and self._n_acked >= commit_every:
                             self._n_acked = 0
@@ -265,6 +275,9 @@ class StrictConsumer(AIOKafkaConsumer):
                             await self.commit()
                         await self.wait_first(callback(message), self.suspend_flow.wait())
                         set_read_offset(tp, offset)
+                if early:  # fetched again after the seek
+                    log.info("dropped messages fetched before their partition's seek: %s",
+                             {f"{tp.topic}[{tp.partition}]": n for tp, n in early.items()})
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:

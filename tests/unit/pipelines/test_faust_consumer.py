@@ -130,12 +130,12 @@ def _drain(consumer: Any, batches: list[list[int]], *, suspended_at: int | None 
             await asyncio.sleep(10)
         delivered.append(message.offset)
 
-    async def seek(tp: TP, offset: int) -> None:
-        sought.append(offset)
+    async def seek(offsets: dict[TP, int]) -> None:
+        sought.extend(offsets.values())
 
     consumer.getmany = getmany
     consumer.callback = callback
-    consumer._seek = seek
+    consumer._seek_in_thread = seek
     consumer.loop.run_until_complete(asyncio.wait_for(consumer._drain_messages(fetcher), 10))  # its own loop
     return delivered, sought
 

@@ -36,17 +36,24 @@ stream event).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from typing import Any
 
 import faust
 from faust.types import TP
+
+log = logging.getLogger("mallwatt.changelog")
 
 #: faust versions whose Table internals this module was written against.
 FAUST_VERSIONS = ("0.15.",)
 if not faust.__version__.startswith(FAUST_VERSIONS):  # pragma: no cover - a pin bump must re-check
     raise ImportError(f"pipelines.durable_table adapts faust {FAUST_VERSIONS}, not {faust.__version__}: "
                       "re-check Table.on_key_set/partition_for_key/on_rebalance and update FAUST_VERSIONS")
+
+#: A wait for changelog acknowledgements longer than this is logged (once per wait).
+SLOW_WRITE_S = 10.0
 
 #: "faust" keeps faust's own changelog producer (slower; for comparison runs).
 WRITER = os.environ.get("MALLWATT_CHANGELOG_WRITER", "librdkafka")
@@ -90,10 +97,17 @@ class ChangelogWriter:
 
     async def wait(self, futures: list[asyncio.Future[Any]]) -> None:
         """Until every future is resolved (delivery reports are served while waiting)."""
+        started = time.monotonic()
+        warned = False
         while not all(f.done() for f in futures):
             self._producer.poll(0)
             if not all(f.done() for f in futures):
                 await asyncio.sleep(0.001)
+                if not warned and time.monotonic() - started > SLOW_WRITE_S:
+                    warned = True  # the agent (and its input's commits) waits meanwhile
+                    log.warning("changelog writes unacknowledged for %.0f s: %s of %s pending, %s queued",
+                                time.monotonic() - started, sum(not f.done() for f in futures), len(futures),
+                                len(self._producer))
         for f in futures:
             f.result()  # raises a failed write
 

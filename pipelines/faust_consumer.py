@@ -27,9 +27,10 @@ On the worker's input topics (plain topics, idempotent non-transactional produce
 offsets have no gaps) this consumer delivers a partition's messages strictly in offset
 order, from the offset it sought to, each once: a copy below the expected offset is
 dropped (it was delivered), a message before the partition's seek is dropped (the seek
-fetches it again), and a jump makes it seek back to the expected offset. Only if the jump
-persists (the broker no longer has those offsets: retention) does it go on, with an error
-naming the lost range. An offset is committed only when every offset from the committed
+fetches it again), and a jump makes it seek back to the expected offset (not while a
+rebalance runs; a seek that fails is tried again and never ends the fetch loop). Only if
+the jump persists and the broker's first offset is past the expected one (retention
+deleted them) does it go on, with an error naming the lost range. An offset is committed only when every offset from the committed
 one up to it was acked; nothing is ever acked for a message no agent was given.
 
 faust internals used (faust-streaming 0.15.x, checked by FAUST_VERSIONS, tested in
@@ -43,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -116,9 +118,13 @@ class StrictOffsets:
         batches = batches + 1 if seen_for == want else 1
         self._gap_batches[tp] = (want, batches)
         if batches > self.max_gap_reseeks:
-            self.lost.append((tp, want, offset - 1))
             return Verdict.GONE
         return Verdict.GAP
+
+    def seek_failed(self, tp: TP) -> None:
+        """A seek back did not happen: the jump's count starts again (only jumps seen after
+        seeks that took place may declare offsets gone)."""
+        self._gap_batches.pop(tp, None)
 
     def delivered(self, tp: TP, offset: int) -> None:
         self.expected[tp] = offset + 1
@@ -128,7 +134,11 @@ class StrictOffsets:
             del self._gap_batches[tp]
 
     def skip_lost(self, tp: TP, offset: int) -> None:
-        """The offsets below `offset` are gone: commits may start at `offset`."""
+        """The offsets from the expected one to below `offset` are gone from the broker:
+        recorded, and commits may start at `offset`."""
+        want = self.expected.get(tp)
+        if want is not None:
+            self.lost.append((tp, want, offset - 1))
         floor = self.floor.get(tp)
         if floor is not None and floor < offset:
             self.floor[tp] = offset
@@ -167,6 +177,18 @@ class StrictConsumer(AIOKafkaConsumer):
     def on_init(self) -> None:
         super().on_init()
         self._strict_offsets = StrictOffsets()
+        self.delivering: tuple[TP, int, float] | None = None  # (tp, offset, since): a stream's queue is full
+
+    def stall_report(self, now: float, after_s: float = 10.0) -> str | None:
+        """What holds the fetch loop, when it has waited `after_s` to hand one message to the
+        streams (an agent that stopped taking its input), else None."""
+        if self.delivering is None or now - self.delivering[2] < after_s:
+            return None
+        tp, offset, since = self.delivering
+        queues = {name: agent.channel.queue.qsize() for name, agent in self.app.agents.items()
+                  if hasattr(getattr(agent, "channel", None), "queue")}
+        return (f"fetch loop waiting {now - since:.0f} s to deliver {tp.topic}[{tp.partition}]@{offset}; "
+                f"agent queues {queues}; expected {self._strict_offsets.expected.get(tp)}")
 
     def _strict(self, tp: TP) -> bool:
         return tp.topic in self.strict_topics
@@ -242,10 +264,11 @@ class StrictConsumer(AIOKafkaConsumer):
                     if self._strict(tp):
                         verdict = offsets.verdict(tp, offset)
                         if verdict is Verdict.GAP:
-                            want = offsets.expected[tp]
-                            log.warning("%s[%s]: got offset %s, expected %s; seeking back", tp.topic,
-                                        tp.partition, offset, want)
-                            await self._seek_in_thread({tp: cast(int, want)})
+                            await self._seek_back(tp, offset, cast(int, offsets.expected[tp]))
+                            continue
+                        if verdict is Verdict.GONE and not await self._below_log_start(tp, offsets):
+                            offsets.seek_failed(tp)  # the broker still has them: keep seeking back
+                            await self._seek_back(tp, offset, cast(int, offsets.expected[tp]))
                             continue
                         if verdict is Verdict.GONE:
                             log.error("%s[%s]: offsets %s-%s are gone from the broker (retention); they "
@@ -260,7 +283,9 @@ class StrictConsumer(AIOKafkaConsumer):
                             self._n_acked = 0
                             await self.commit()
                         delivery = callback(message)
+                        self.delivering = (tp, offset, time.monotonic())
                         results = await self.wait_first(delivery, self.suspend_flow.wait())
+                        self.delivering = None
                         if delivery in results.done:  # not when the flow was suspended first
                             offsets.delivered(tp, offset)
                             set_read_offset(tp, offset)
@@ -287,8 +312,38 @@ class StrictConsumer(AIOKafkaConsumer):
             if self.transport.app.should_stop:
                 return
             raise
+        except Exception as exc:  # as faust's loop: never die silently
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
         finally:
             unset_flag(CONSUMER_FETCHING)
+
+    async def _seek_back(self, tp: TP, got: int, want: int) -> None:
+        """Seek `tp` back to the offset its stream expects. While a rebalance runs (the flow
+        is stopped) nothing is sought: the partition may be leaving, and the new assignment
+        seeks it anyway. A seek that fails (the partition was revoked meanwhile: aiokafka's
+        IllegalStateError) leaves the partition unpositioned until its next seek, instead of
+        ending the fetch loop, which stopped every input of the worker."""
+        if not self.flow_active or self.suspend_flow.is_set():
+            return
+        log.warning("%s[%s]: got offset %s, expected %s; seeking back", tp.topic, tp.partition, got, want)
+        try:
+            await self._seek_in_thread({tp: want})
+        except Exception as exc:
+            log.warning("%s[%s]: seek back to %s failed (%s: %s); trying again at its next message", tp.topic,
+                        tp.partition, want, type(exc).__name__, exc)
+            self._strict_offsets.seek_failed(tp)
+
+    async def _below_log_start(self, tp: TP, offsets: StrictOffsets) -> bool:
+        """Whether the expected offset is below the partition's first offset (deleted by
+        retention): only then may the partition go on past it."""
+        want = offsets.expected.get(tp)
+        try:
+            first = (await self.earliest_offsets(tp))[tp]
+        except Exception as exc:
+            log.warning("%s[%s]: cannot read its first offset (%s)", tp.topic, tp.partition, exc)
+            return False
+        return want is not None and first is not None and first > want
 
 
 def install(app: faust.App, strict_topics: Iterable[str]) -> None:

@@ -364,6 +364,13 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     sweeper = claiming.ClaimSweeper(claim_keys, lambda key: claims.data.get(key), forget_claim,
                                     pass_interval_s=CLAIM_SWEEP_S)
 
+    @app.timer(interval=5.0)
+    async def report_stalled_input() -> None:
+        """An agent that stops taking its input stops every input's commits: say which."""
+        report = getattr(app.consumer, "stall_report", lambda now: None)(time.monotonic())
+        if report:
+            log.warning("input stalled: %s", report)
+
     @app.timer(interval=1.0)
     async def forget_expired_claims() -> None:
         """Forget claims past the horizon, a bounded slice a second (claiming.ClaimSweeper)."""

@@ -323,3 +323,6 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     assert replayed.ledger.height > 60_000 and published.commands and published.alerts
     print(f"chaos: {inp.readings_count} readings, {len(published.ledger)} ledger records published, "
           f"deaths {workers.deaths}, restarted when stuck {workers.unstuck}, {time.monotonic() - started:.0f} s")
+    # liveness: a worker that stopped consuming an input (the commit stall, docs/stream.md
+    # Proof, fix 3) fails the test after the money was proven across the restart
+    assert not workers.unstuck, f"workers had to be restarted to make progress: {workers.unstuck}"

@@ -45,7 +45,8 @@ def test_a_jump_seeks_back_once_per_batch_and_only_a_lasting_one_is_taken_as_gon
         assert book.verdict(TP0, 970) is Verdict.GAP
         assert book.verdict(TP0, 971) is Verdict.STALE  # same batch: sought back once, counted once
     book.new_batch()
-    assert book.verdict(TP0, 970) is Verdict.GONE
+    assert book.verdict(TP0, 970) is Verdict.GONE  # the consumer asks the broker before it skips
+    book.skip_lost(TP0, 970)
     assert book.lost == [(TP0, 953, 969)]
 
 
@@ -109,7 +110,8 @@ def test_install_refuses_an_app_whose_consumer_exists() -> None:
         fc.install(app, ["in"])
 
 
-def _drain(consumer: Any, batches: list[list[int]], *, suspended_at: int | None = None) -> tuple[list[int], list[int]]:
+def _drain(consumer: Any, batches: list[list[int]], *, suspended_at: int | None = None,
+           seek_fails: bool = False, first_offset: int = 0) -> tuple[list[int], list[int]]:
     """Run the fetch loop over scripted batches of TP0 offsets; returns the offsets given to
     the stream and the offsets the loop sought back to."""
     delivered: list[int] = []
@@ -131,11 +133,17 @@ def _drain(consumer: Any, batches: list[list[int]], *, suspended_at: int | None 
         delivered.append(message.offset)
 
     async def seek(offsets: dict[TP, int]) -> None:
+        if seek_fails:  # aiokafka's answer for a partition revoked meanwhile
+            raise RuntimeError("IllegalStateError: No current assignment for partition")
         sought.extend(offsets.values())
+
+    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
+        return {tp: first_offset for tp in tps}
 
     consumer.getmany = getmany
     consumer.callback = callback
     consumer._seek_in_thread = seek
+    consumer.earliest_offsets = earliest_offsets
     consumer.loop.run_until_complete(asyncio.wait_for(consumer._drain_messages(fetcher), 10))  # its own loop
     return delivered, sought
 
@@ -157,6 +165,34 @@ def test_a_message_the_suspended_flow_did_not_deliver_comes_again() -> None:
     assert 1 not in delivered
     # faust's loop records 1 as read here, and a later 2 as the end of a gap (acked unseen)
     assert consumer._strict_offsets.expected[TP0] == 1
+
+
+def test_a_failed_seek_back_never_ends_the_fetch_loop() -> None:
+    consumer = _consumer()
+    consumer._strict_offsets.positioned(TP0, 10)
+    delivered, _ = _drain(consumer, [[20, 21], [10, 11]], seek_fails=True)
+    assert delivered == [10, 11]  # the loop went on and took the partition's next fetch
+
+
+def test_offsets_are_given_up_only_when_the_broker_deleted_them() -> None:
+    consumer = _consumer()
+    consumer._strict_offsets = StrictOffsets(max_gap_reseeks=1)
+    consumer._strict_offsets.positioned(TP0, 10)
+    # the broker still has offset 10 (first offset 0): the jump is sought back, never skipped
+    delivered, sought = _drain(consumer, [[20], [20], [20], [20]], first_offset=0)
+    assert delivered == [] and sought == [10, 10, 10, 10] and consumer._strict_offsets.lost == []
+    # retention deleted 10..14: after the reseeks the partition goes on, the range named
+    consumer._strict_offsets.positioned(TP0, 10)
+    delivered, _ = _drain(consumer, [[15], [15, 16]], first_offset=15)
+    assert delivered == [15, 16] and consumer._strict_offsets.lost == [(TP0, 10, 14)]
+
+
+def test_no_seek_while_a_rebalance_stops_the_flow() -> None:
+    consumer = _consumer()
+    consumer._strict_offsets.positioned(TP0, 10)
+    consumer.stop_flow()
+    _, sought = _drain(consumer, [[20]])
+    assert sought == []
 
 
 def test_other_topics_keep_fausts_rules() -> None:

@@ -196,21 +196,22 @@ class StrictConsumer(AIOKafkaConsumer):
     async def perform_seek(self) -> None:
         await super().perform_seek()
         mine = [tp for tp in self.assignment() if self._strict(tp)]
-        # aiokafka's seek_to_committed does not seek a partition without a committed offset
-        # (or one of 0): it stays wherever the fetches before the seek left it. Seek those to
-        # where the reset policy starts them, so every partition starts at a known offset.
-        fresh = [tp for tp in mine if not self._committed_offset.get(tp)]
-        starts: dict[TP, int] = {}
+        # the committed offset of each input partition; aiokafka's seek_to_committed does not
+        # seek one without a committed offset (or of 0): it starts where the reset policy says
+        starts = {tp: self._committed_offset[tp] for tp in mine if self._committed_offset.get(tp)}
+        fresh = [tp for tp in mine if tp not in starts]
         if fresh:
             latest = str(self.app.conf.consumer_auto_offset_reset) == "latest"
             found = await (self.highwaters(*fresh) if latest else self.earliest_offsets(*fresh))
-            starts = {tp: int(found[tp] or 0) for tp in fresh}
-            await self._seek_in_thread(starts)
-        for tp in mine:
-            committed = self._committed_offset.get(tp)
-            self._strict_offsets.positioned(tp, committed if committed else starts[tp])
-        log.info("input partitions positioned: %s", {f"{tp.topic}[{tp.partition}]": self._strict_offsets.expected[tp]
-                                                     for tp in mine})
+            starts.update({tp: int(found[tp] or 0) for tp in fresh})
+        for tp, offset in starts.items():
+            self._strict_offsets.positioned(tp, offset)
+        # Messages that arrived while this ran were dropped as fetched before the seek, and the
+        # consumer's fetch position moved past them: seek every input partition again to where
+        # its stream stands, so they come again (one that was delivered meanwhile comes as a copy).
+        await self._seek_in_thread({tp: cast(int, self._strict_offsets.expected[tp]) for tp in starts})
+        log.info("input partitions positioned: %s", {f"{tp.topic}[{tp.partition}]": offset
+                                                     for tp, offset in starts.items()})
 
     async def _seek_in_thread(self, offsets: dict[TP, int]) -> None:
         """Seek on the aiokafka consumer's own thread and wait for the new positions. faust's

@@ -167,6 +167,33 @@ def test_a_message_the_suspended_flow_did_not_deliver_comes_again() -> None:
     assert consumer._strict_offsets.expected[TP0] == 1
 
 
+def test_perform_seek_positions_every_input_partition_then_seeks_it_again() -> None:
+    # messages fetched while the seek ran were dropped as early and the fetch position moved
+    # past them: the partition is sought again to where its stream stands (chaos run 9 stalled
+    # on "window 1 readings committed" without this)
+    consumer = _consumer()
+    tp1 = TP("in", 1)
+    sought: list[dict[TP, int]] = []
+
+    async def seek_to_committed() -> dict[TP, int | None]:
+        return {TP0: 10, tp1: None}
+
+    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
+        return {tp: 3 for tp in tps}
+
+    async def seek(offsets: dict[TP, int]) -> None:
+        sought.append(dict(offsets))
+
+    consumer.seek_to_committed = seek_to_committed
+    consumer.earliest_offsets = earliest_offsets
+    consumer._seek_in_thread = seek
+    consumer.assignment = lambda: {TP0, tp1, TP("not-an-input", 0)}
+    consumer.loop.run_until_complete(consumer.perform_seek())
+    assert consumer._strict_offsets.expected == {TP0: 10, tp1: 3}
+    assert consumer._strict_offsets.floor == {TP0: 10, tp1: 3}
+    assert sought == [{TP0: 10, tp1: 3}]
+
+
 def test_a_failed_seek_back_never_ends_the_fetch_loop() -> None:
     consumer = _consumer()
     consumer._strict_offsets.positioned(TP0, 10)

@@ -178,17 +178,37 @@ class StrictConsumer(AIOKafkaConsumer):
         super().on_init()
         self._strict_offsets = StrictOffsets()
         self.delivering: tuple[TP, int, float] | None = None  # (tp, offset, since): a stream's queue is full
+        self.last_delivered: dict[TP, float] = {}  # monotonic time of each input's last delivery
+        self.positioned_at = time.monotonic()
+        self.last_fetch_at = time.monotonic()
+        self.last_fetch_note = "none yet"
 
     def stall_report(self, now: float, after_s: float = 10.0) -> str | None:
-        """What holds the fetch loop, when it has waited `after_s` to hand one message to the
-        streams (an agent that stopped taking its input), else None."""
-        if self.delivering is None or now - self.delivering[2] < after_s:
-            return None
-        tp, offset, since = self.delivering
+        """What holds an input, else None: the fetch loop waiting `after_s` to hand a message
+        to the streams (an agent stopped taking its input), or partitions with messages on the
+        broker and none delivered for `after_s` (with what the loop last did)."""
         queues = {name: agent.channel.queue.qsize() for name, agent in self.app.agents.items()
                   if hasattr(getattr(agent, "channel", None), "queue")}
-        return (f"fetch loop waiting {now - since:.0f} s to deliver {tp.topic}[{tp.partition}]@{offset}; "
-                f"agent queues {queues}; expected {self._strict_offsets.expected.get(tp)}")
+        if self.delivering is not None and now - self.delivering[2] >= after_s:
+            tp, offset, since = self.delivering
+            return (f"fetch loop waiting {now - since:.0f} s to deliver {tp.topic}[{tp.partition}]@{offset}; "
+                    f"agent queues {queues}; expected {self._strict_offsets.expected.get(tp)}")
+        book = self._strict_offsets
+        stuck = []
+        for tp, want in list(book.expected.items()):
+            try:
+                highwater = self.highwater(tp)
+            except Exception:  # not assigned any more
+                continue
+            quiet_s = now - self.last_delivered.get(tp, self.positioned_at)
+            if want is not None and highwater is not None and highwater > want and quiet_s >= after_s:
+                acked = sorted(self._acked.get(tp, []))[:3]
+                stuck.append(f"{tp.topic}[{tp.partition}] expected {want} highwater {highwater} floor "
+                             f"{book.floor.get(tp)} acked {acked} quiet {quiet_s:.0f} s")
+        if not stuck:
+            return None
+        return (f"inputs not delivered: {'; '.join(stuck[:8])}; last fetch {now - self.last_fetch_at:.0f} s ago "
+                f"({self.last_fetch_note}); flow {'on' if self.flow_active else 'off'}; agent queues {queues}")
 
     def _strict(self, tp: TP) -> bool:
         return tp.topic in self.strict_topics
@@ -206,6 +226,7 @@ class StrictConsumer(AIOKafkaConsumer):
             starts.update({tp: int(found[tp] or 0) for tp in fresh})
         for tp, offset in starts.items():
             self._strict_offsets.positioned(tp, offset)
+        self.positioned_at = time.monotonic()
         # Messages that arrived while this ran were dropped as fetched before the seek, and the
         # consumer's fetch position moved past them: seek every input partition again to where
         # its stream stands, so they come again (one that was delivered meanwhile comes as a copy).
@@ -256,7 +277,9 @@ class StrictConsumer(AIOKafkaConsumer):
                 if self.should_stop:
                     continue
                 early: dict[TP, int] = {}  # messages fetched before their partition's seek, dropped
+                batch_size = 0
                 async for tp, message in ait:
+                    batch_size += 1
                     num_since_yield += 1
                     if num_since_yield > 100:
                         await asyncio.sleep(0)
@@ -289,6 +312,7 @@ class StrictConsumer(AIOKafkaConsumer):
                         self.delivering = None
                         if delivery in results.done:  # not when the flow was suspended first
                             offsets.delivered(tp, offset)
+                            self.last_delivered[tp] = time.monotonic()
                             set_read_offset(tp, offset)
                         continue
                     r_offset = get_read_offset(tp)
@@ -301,6 +325,8 @@ class StrictConsumer(AIOKafkaConsumer):
                             await self.commit()
                         await self.wait_first(callback(message), self.suspend_flow.wait())
                         set_read_offset(tp, offset)
+                self.last_fetch_at = time.monotonic()
+                self.last_fetch_note = f"{batch_size} message(s), {len(early)} partition(s) early"
                 if early:  # fetched again after the seek
                     log.info("dropped messages fetched before their partition's seek: %s",
                              {f"{tp.topic}[{tp.partition}]": n for tp, n in early.items()})

@@ -244,3 +244,17 @@ def test_faust_fetch_loop_is_the_one_the_rewrite_follows() -> None:
 
 
 FAUST_DRAIN_DIGEST = "44a2500309e83c63"  # faust-streaming 0.15.x
+
+
+def test_a_partition_with_messages_and_no_delivery_is_reported() -> None:
+    consumer = _consumer()
+    consumer._strict_offsets.positioned(TP0, 10)
+    consumer.highwater = lambda tp: 25
+    now = consumer.positioned_at + 30
+    report = consumer.stall_report(now)
+    assert report is not None and "in[0] expected 10 highwater 25" in report
+    consumer.last_delivered[TP0] = now - 1  # delivering again: quiet
+    assert consumer.stall_report(now) is None
+    consumer.highwater = lambda tp: 10  # caught up: nothing to say
+    consumer.last_delivered.clear()
+    assert consumer.stall_report(now) is None

@@ -182,6 +182,7 @@ class StrictConsumer(AIOKafkaConsumer):
         self.positioned_at = time.monotonic()
         self.last_fetch_at = time.monotonic()
         self.last_fetch_note = "none yet"
+        self.loop_stage = "not started"  # what the fetch loop awaits now (for stall reports)
 
     def stall_report(self, now: float, after_s: float = 10.0) -> str | None:
         """What holds an input, else None: the fetch loop waiting `after_s` to hand a message
@@ -208,7 +209,13 @@ class StrictConsumer(AIOKafkaConsumer):
         if not stuck:
             return None
         return (f"inputs not delivered: {'; '.join(stuck[:8])}; last fetch {now - self.last_fetch_at:.0f} s ago "
-                f"({self.last_fetch_note}); flow {'on' if self.flow_active else 'off'}; agent queues {queues}")
+                f"({self.last_fetch_note}); fetch loop {self.loop_stage}; flow {'on' if self.flow_active else 'off'}; "
+                f"agent queues {queues}")
+
+    async def _wait_next_records(self, timeout: float) -> Any:
+        self.loop_stage = ("waiting for the consumer thread's fetch" if self.flow_active
+                           else "waiting for the flow to resume")
+        return await super()._wait_next_records(timeout)
 
     def _strict(self, tp: TP) -> bool:
         return tp.topic in self.strict_topics
@@ -271,6 +278,7 @@ class StrictConsumer(AIOKafkaConsumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
+                self.loop_stage = "fetching"
                 ait = getmany(timeout=1.0)
                 await self.sleep(0)
                 offsets.new_batch()
@@ -286,6 +294,7 @@ class StrictConsumer(AIOKafkaConsumer):
                         num_since_yield = 0
                     offset = message.offset
                     if self._strict(tp):
+                        self.loop_stage = "sorting a batch"
                         verdict = offsets.verdict(tp, offset)
                         if verdict is Verdict.GAP:
                             await self._seek_back(tp, offset, cast(int, offsets.expected[tp]))
@@ -305,7 +314,9 @@ class StrictConsumer(AIOKafkaConsumer):
                             continue
                         if commit_every is not None and self._n_acked >= commit_every:
                             self._n_acked = 0
+                            self.loop_stage = "committing"
                             await self.commit()
+                        self.loop_stage = "delivering"
                         delivery = callback(message)
                         self.delivering = (tp, offset, time.monotonic())
                         results = await self.wait_first(delivery, self.suspend_flow.wait())
@@ -353,6 +364,7 @@ class StrictConsumer(AIOKafkaConsumer):
         ending the fetch loop, which stopped every input of the worker."""
         if not self.flow_active or self.suspend_flow.is_set():
             return
+        self.loop_stage = f"seeking {tp.topic}[{tp.partition}] back"
         log.warning("%s[%s]: got offset %s, expected %s; seeking back", tp.topic, tp.partition, got, want)
         try:
             await self._seek_in_thread({tp: want})

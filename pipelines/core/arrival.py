@@ -455,10 +455,15 @@ def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFram
 
 
 def balances(state: CoreState) -> pl.DataFrame:
-    return pl.DataFrame(
-        [(a, s.balance, s.ec_owed, s.debt, s.relay) for a, s in sorted(state.accounts.items())], orient="row",
-        schema={"account_id": pl.String, "balance_minor": pl.Int64, "ec_owed_minor": pl.Int64,
-                "debt_minor": pl.Int64, "relay": pl.String})
+    ids = sorted(state.accounts)
+    got = [state.accounts[a] for a in ids]
+    # column by column (a frame from row tuples converts every value on its own: ~0.4 s at 35,000)
+    return pl.DataFrame({
+        "account_id": pl.Series(ids, dtype=pl.String),
+        "balance_minor": pl.Series([s.balance for s in got], dtype=pl.Int64),
+        "ec_owed_minor": pl.Series([s.ec_owed for s in got], dtype=pl.Int64),
+        "debt_minor": pl.Series([s.debt for s in got], dtype=pl.Int64),
+        "relay": pl.Series([s.relay for s in got], dtype=pl.String)})
 
 
 def collect() -> tuple[dict[str, list[pl.DataFrame]], Sink]:

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -193,7 +194,8 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
     pay_accts = {p["account_id"] for p in pay_rows}
     pay_rank = np.array(sorted(lk.account_rank[a] for a in pay_accts if a in lk.account_rank), dtype=np.int64)
     energy = intervals.get_column("energy_wh").to_numpy()
-    view = AccountView(state.accounts, np.union1d(aidx[energy > 0], pay_rank), lk)
+    view = AccountView(state.accounts, cols.distinct(np.concatenate([aidx[energy > 0], pay_rank]),
+                                                    len(lk.account_ids)), lk)
     t1 = time.perf_counter()
     r = rate_arrays(intervals, aidx, cidx, ctx, TierArrays.dense(lk, view.rank, view.tier_month, view.tier_wh))
     rated = r.frame
@@ -207,7 +209,7 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
     tier_month[tr], tier_wh[tr] = r.tiers.month, r.tiers.wh
     touched = np.zeros(view.rank.size, dtype=bool)
     touched[view.row[pay_rank]] = True
-    touched[view.row[np.unique(r.aidx)]] = True
+    touched[view.row[cols.distinct(r.aidx, len(lk.account_ids))]] = True
     has_pay = np.zeros(view.rank.size, dtype=bool)
     has_pay[view.row[pay_rank]] = True
     accounts = dict(state.accounts)
@@ -327,7 +329,9 @@ def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow_rows:
         pieces += [fast[f0:cut], slow[s0:s0 + k]]
         f0, s0 = cut, s0 + k
     pieces.append(fast[f0:])
-    return cols.vconcat([p for p in pieces if p.height])
+    # one chunk per column: spliced blocks would leave a chunk per block (thousands per call),
+    # and every consumer (Parquet, Arrow, Kafka encoding) then pays per chunk, holding the GIL
+    return cols.vconcat([p for p in pieces if p.height]).rechunk()
 
 
 def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -386,8 +390,7 @@ def tick(state: CoreState, now_ms: int, ctx: RatingContext, accounts: Iterable[s
     last call touched, plus the deferred ones); default every account of the state."""
     new_accounts = dict(state.accounts)
     out = WalletOut()
-    names = state.accounts.keys() if accounts is None else [a for a in accounts if a in state.accounts]
-    candidates = {a for a in names if a in ctx.accounts and _timer_work(state.accounts[a], now_ms, ctx)}
+    candidates = _timer_candidates(state, state.accounts.keys() if accounts is None else accounts, now_ms, ctx)
     anchors = _anchors(state, candidates, ctx)
     for a in sorted(candidates):
         s = state.accounts[a]
@@ -427,11 +430,39 @@ def timer_due_ms(s: AccountState, ctx: RatingContext) -> int | None:
     return next_day_start_ms(s.standing_day, ctx.malls[r.mall_id].tz)
 
 
-def _timer_work(s: AccountState, now_ms: int, ctx: RatingContext) -> bool:
-    if s.deferred or s.warn_pending:
-        return True
-    due = timer_due_ms(s, ctx)
-    return due is not None and due <= now_ms
+def _timer_candidates(state: CoreState, names: Iterable[str], now_ms: int, ctx: RatingContext) -> set[str]:
+    """The accounts of ``names`` in the state with timer work at ``now_ms``: a deferred trip or a
+    pending warning, or a next day (`timer_due_ms`) begun by then. Replay ticks every account of
+    a call (35,000 per call at portfolio size), and most share one or two standing days: a day
+    whose next day begins after ``now_ms`` in every zone of the context rules its accounts out
+    at once, and only accounts of a day due somewhere are checked in their own zone."""
+    tz_of, zones = _account_tz(ctx)
+    names = list(names)
+    sts = list(map(state.accounts.get, names))  # None: not in the state
+    out = {a for a, s in zip(names, sts, strict=True) if s is not None and (s.deferred or s.warn_pending)}
+    days = set(map(_standing_day, filter(None, sts)))
+    days.discard(None)
+    due = {d for d in days if min(next_day_start_ms(d, z) for z in zones) <= now_ms}
+    if due:
+        for a, s in zip(names, sts, strict=True):
+            if s is not None and (d := s.standing_day) in due and (tz := tz_of.get(s.account_id)) is not None \
+                    and next_day_start_ms(d, tz) <= now_ms:
+                out.add(a)
+    return {a for a in out if a in tz_of}
+
+
+_standing_day = attrgetter("standing_day")
+
+
+def _account_tz(ctx: RatingContext) -> tuple[dict[str, str], frozenset[str]]:
+    """(account -> its mall's zone, every such zone), built once per context (kept on its Lookup)."""
+    lk = lookup(ctx)
+    found: tuple[dict[str, str], frozenset[str]] | None = getattr(lk, "account_tz", None)
+    if found is None:
+        zone = {m: x.tz for m, x in ctx.malls.items()}
+        tz_of = {a: zone[r.mall_id] for a, r in ctx.accounts.items()}
+        found = lk.account_tz = (tz_of, frozenset(tz_of.values()))  # type: ignore[attr-defined]
+    return found
 
 
 def _anchors(state: CoreState, accounts: set[str], ctx: RatingContext) -> dict[str, tuple[int, int]]:

@@ -36,6 +36,7 @@ from pipelines.core.context import RatingContext
 from pipelines.core.engine import (
     PAYMENT_REJECT_SCHEMA,
     CoreState,
+    gc_paused,
     payments_frame,
     process_batch,
 )
@@ -371,6 +372,13 @@ class ArrivalReplay:
         return cut if m0 < cut < m1 else None
 
     def _call(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None) -> None:
+        # the collector held for the whole call, as process_batch holds it for its own part: the
+        # timer step and the outputs allocate per account too, and a collection they trigger walks
+        # the whole state (about 2 s of a 35,000-merchant day)
+        with gc_paused():
+            self._call_held(readings, payments)
+
+    def _call_held(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None) -> None:
         if readings is None or not readings.height:
             from pipelines.core.interval import READING_SCHEMA
 

@@ -23,10 +23,11 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from functools import lru_cache
 from operator import attrgetter
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
@@ -42,7 +43,7 @@ from pipelines.core.interval import (
     CircuitState,
     interval_arrays,
 )
-from pipelines.core.localtime import day_iso
+from pipelines.core.localtime import EPOCH_ORDINAL, day_iso
 from pipelines.core.lookup import Lookup, lookup
 from pipelines.core.tariff import RATED_SCHEMA, TierArrays, local_day_start_ms, rate_arrays
 from pipelines.core.wallet import (
@@ -215,8 +216,11 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
     accounts = dict(state.accounts)
     out = WalletOut()
     # An account new to the state opens first: its opening balance and debt entries
-    # (wallet.open_account). It takes the per-event path (like an account with a payment), so
-    # its entries stay in order after the opening ones.
+    # (wallet.open_account), dated at the start of its first event's local day, so before all of
+    # its events. Then it is billed like any account whose standing day is the day before: the
+    # vectorised wallet when no rule can fire (its first day's standing charge comes first, as
+    # the per-event wallet posts it), else the per-event one. Its opening entries are per-event
+    # rows, which `_ordered_ledger` puts before its other entries.
     new_rows = [i for i in np.flatnonzero(touched).tolist()
                 if view.states[i] is None and view.ids[i] in ctx.accounts]
     opened: dict[str, AccountState] = {}
@@ -224,8 +228,10 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
         first_ts = _first_event_ts([view.ids[i] for i in new_rows], ch, pay_rows, lk)
         fallback = int(readings["ts_ms"].min()) if readings.height else 0
         for i in new_rows:
-            opened[view.ids[i]] = _open(view.ids[i], first_ts.get(view.ids[i], fallback), ctx, out)
-        has_pay[new_rows] = True
+            a = view.ids[i]
+            t = first_ts.get(a, fallback)
+            opened[a] = s = _open(a, t, ctx, out)
+            view.show(i, s, _local_day(t, ctx.malls[ctx.accounts[a].mall_id].tz) - 1)
     fast_ledger, fast_rank = None, np.zeros(0, dtype=np.int64)
     is_fast = np.zeros(view.rank.size, dtype=bool)
     if ch is not None:
@@ -282,6 +288,11 @@ def _open(account_id: str, first_ts_ms: int, ctx: RatingContext, out: WalletOut)
     return open_account(rating, ctx.tariffs[rating.tariff_id], mall.tz, frozenset(mall.holidays), first_ts_ms, out)
 
 
+def _local_day(ts_ms: int, tz: str) -> int:
+    """The local date of ``ts_ms`` in ``tz`` (days since 1970-01-01), as `open_account` dates it."""
+    return datetime.fromtimestamp(ts_ms / 1000, ZoneInfo(tz)).date().toordinal() - EPOCH_ORDINAL
+
+
 def _first_event_ts(new: list[str], ch: Charges | None, pay_rows: list[dict[str, Any]], lk: Lookup
                     ) -> dict[str, int]:
     """Earliest charge or payment time of each account new to the state (one pass over the
@@ -311,8 +322,9 @@ SPLICE_MAX = 32  # slow accounts up to which `_ordered_ledger` splices blocks ra
 
 def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow_rows: list[dict[str, Any]], lk: Lookup
                    ) -> pl.DataFrame:
-    """Ledger ordered by (account_id, ts_ms), stable. ``fast`` is already in that order and shares
-    no account with the slow rows, so slow accounts' blocks are spliced in whole (no row gather)."""
+    """Ledger ordered by (account_id, ts_ms), stable. ``fast`` is already in that order; an
+    account in both has its slow rows (opening entries) first. Few slow accounts: their blocks
+    are spliced in whole (no row gather)."""
     slow_rows = sorted(slow_rows, key=lambda r: (r["account_id"], r["ts_ms"]))  # stable, like polars
     slow = cols.frame_from_rows(LEDGER_SCHEMA, slow_rows)
     if fast is None or fast.is_empty():
@@ -329,7 +341,9 @@ def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow_rows:
         slow_rank = np.repeat(np.array(ranks, dtype=np.int64), list(counts.values()))
         nf, ns = fast_rank.size, slow_rank.size
         order = np.empty(nf + ns, dtype=np.int64)
-        order[np.arange(nf) + np.searchsorted(slow_rank, fast_rank)] = np.arange(nf)
+        # an account in both (one opened in this call) has its per-event rows, the opening
+        # entries, first: they are dated at the start of its first event's day
+        order[np.arange(nf) + np.searchsorted(slow_rank, fast_rank, side="right")] = np.arange(nf)
         order[np.arange(ns) + np.searchsorted(fast_rank, slow_rank)] = np.arange(nf, nf + ns)
         return cols.vconcat([fast, slow])[order]
     pieces, f0, s0 = [], 0, 0

@@ -11,7 +11,15 @@ from billing_helpers import ms, readings
 from pipelines.core import engine
 from pipelines.core.context import RatingContext
 from pipelines.core.engine import CoreState, process_batch
-from pipelines.core.models import AccountRating, CircuitConfig, DebtRecovery, Mall, Tariff, TariffVersion, WalletPolicy
+from pipelines.core.models import (
+    AccountRating,
+    CircuitConfig,
+    DebtRecovery,
+    Mall,
+    Tariff,
+    TariffVersion,
+    WalletPolicy,
+)
 
 T0 = ms(2024, 5, 6, 20)  # Shanghai evening: the batch crosses a local midnight
 OPENING = {"rich": 1_000_000, "poor": 3_000, "none": 0, "land": 0}

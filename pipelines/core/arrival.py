@@ -309,7 +309,7 @@ class ArrivalReplay:
                 p0, p1 = (int(x) for x in np.searchsorted(pay_pos_arr, [lo, mid]))
                 r0, r1 = int(row_of_msg[m0]), int(row_of_msg[m1])
                 readings = rows.slice(r0, r1 - r0) if r1 > r0 else None
-                self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None)
+                self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None, acc[r0:r1])
                 lo = mid
 
     def _account_codes(self, circuits: pl.Series) -> np.ndarray:
@@ -371,14 +371,16 @@ class ArrivalReplay:
         cut = int(second.max()) + 1
         return cut if m0 < cut < m1 else None
 
-    def _call(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None) -> None:
+    def _call(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None,
+              accounts: np.ndarray | None = None) -> None:
         # the collector held for the whole call, as process_batch holds it for its own part: the
         # timer step and the outputs allocate per account too, and a collection they trigger walks
         # the whole state (about 2 s of a 35,000-merchant day)
         with gc_paused():
-            self._call_held(readings, payments)
+            self._call_held(readings, payments, accounts)
 
-    def _call_held(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None) -> None:
+    def _call_held(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None,
+                   accounts: np.ndarray | None) -> None:
         if readings is None or not readings.height:
             from pipelines.core.interval import READING_SCHEMA
 
@@ -388,7 +390,7 @@ class ArrivalReplay:
         # the stream's timer: day postings and deferred trips due by the newest input time
         from pipelines.core.replay import replay_tick
 
-        self.state, ticked = replay_tick(self.state, self.ctx, readings, payments)
+        self.state, ticked = replay_tick(self.state, self.ctx, readings, payments, accounts)
         if ticked is not None:
             outs.append(ticked)
         if self.relay is not None:  # the relay commands, retries and ops alerts of this call's inputs

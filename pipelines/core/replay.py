@@ -27,6 +27,7 @@ from pipelines.core.engine import (
     PAYMENT_REJECT_SCHEMA,
     BatchOutputs,
     CoreState,
+    gc_paused,
     payments_frame,
     process_batch,
     tick,
@@ -200,12 +201,14 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
 
 
 def replay_tick(state: CoreState, ctx: RatingContext, readings: pl.DataFrame | None,
-                payments: pl.DataFrame | None) -> tuple[CoreState, BatchOutputs | None]:
+                payments: pl.DataFrame | None, reading_accounts: Any = None) -> tuple[CoreState, BatchOutputs | None]:
     """The stream's timer (pipelines.worker.power_timer) after a core call, at the newest input
     time: the standing charges and debt schedule of the local days the call's accounts' readings
     reached (0 Wh readings post nothing by themselves), and trips deferred by a friendly period
     that has ended. engine.tick decides by each account's own time, so ticking after every call
-    gives what a timer ticking every second gives (same entries, ids and times)."""
+    gives what a timer ticking every second gives (same entries, ids and times).
+    ``reading_accounts``: the account rank of each reading (-1: unknown circuit), when the
+    caller has them (arrival replay), so the readings' circuits are not looked up again."""
     now = replay_now(readings if readings is not None else pl.DataFrame(), payments)
     if now is None:
         return state, None
@@ -215,9 +218,12 @@ def replay_tick(state: CoreState, ctx: RatingContext, readings: pl.DataFrame | N
         from pipelines.core.lookup import lookup
 
         lk = lookup(ctx)  # circuit ranks -> account ranks in numpy: one Python step per account, not per row
-        codes = _circuit_codes(readings.get_column("circuit_id"), lk.cindex)
+        acc = reading_accounts
+        if acc is None:
+            codes = _circuit_codes(readings.get_column("circuit_id"), lk.cindex)
+            acc = lk.circ_acc[codes[codes >= 0]]
         ids = lk.account_ids
-        accounts.update(ids[i] for i in cols.distinct(lk.circ_acc[codes[codes >= 0]], len(ids)).tolist())
+        accounts.update(ids[i] for i in cols.distinct(acc[acc >= 0], len(ids)).tolist())
     if payments is not None and payments.height:
         accounts.update(payments["account_id"].to_list())
     if not accounts:
@@ -271,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = Progress(enabled=not a.quiet)
     try:
-        ctx, state0 = load_context(a.config)
+        with gc_paused():  # builds an object per account and circuit; nothing there to collect
+            ctx, state0 = load_context(a.config)
         if a.tariff:
             ctx = ctx.with_tariff(_load_tariff(a.tariff))
         payments = read_table(a.payments, payments=True)
@@ -294,10 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipelines.core.arrival import balances
 
+    # before the Parquet thread is joined, so both run; no indent: json's C encoder (indented
+    # output takes the pure-Python one, ~5 s at 35,000 merchants); the collector held while the
+    # state's dicts are built (it would walk them all again and again: half of this step)
+    with gc_paused():
+        text = json.dumps(state.to_dict())
     writer.write_whole("balances", balances(state))
     rows = writer.close()
-    # no indent: json's C encoder (indented output takes the pure-Python one, ~5 s at 35,000 merchants)
-    (Path(a.out) / "state.json").write_text(json.dumps(state.to_dict()))
+    (Path(a.out) / "state.json").write_text(text)
     print(json.dumps(rows))
     return 0
 

@@ -36,7 +36,7 @@ from pipelines.core import cols
 from pipelines.core.accounts import AccountView, advanced
 from pipelines.core.cols import take
 from pipelines.core.context import RatingContext
-from pipelines.core.fastpath import Charges, charges, fast_path
+from pipelines.core.fastpath import NO_PAYMENT, Charges, charges, fast_path
 from pipelines.core.interval import (
     INTERVAL_SCHEMA,
     REJECT_SCHEMA,
@@ -211,8 +211,13 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
     touched = np.zeros(view.rank.size, dtype=bool)
     touched[view.row[pay_rank]] = True
     touched[view.row[cols.distinct(r.aidx, len(lk.account_ids))]] = True
-    has_pay = np.zeros(view.rank.size, dtype=bool)
-    has_pay[view.row[pay_rank]] = True
+    pay_first = np.full(view.rank.size, NO_PAYMENT, dtype=np.int64)  # first payment time per account
+    if pay_rows:
+        first_pay: dict[str, int] = {}
+        for p in pay_rows:
+            first_pay[p["account_id"]] = min(first_pay.get(p["account_id"], NO_PAYMENT), p["ts_ms"])
+        known = [(lk.account_rank[a], t) for a, t in first_pay.items() if a in lk.account_rank]
+        pay_first[view.row[[r for r, _ in known]]] = [t for _, t in known]
     accounts = dict(state.accounts)
     out = WalletOut()
     # An account new to the state opens first: its opening balance and debt entries
@@ -232,12 +237,17 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
             t = first_ts.get(a, fallback)
             opened[a] = s = _open(a, t, ctx, out)
             view.show(i, s, _local_day(t, ctx.malls[ctx.accounts[a].mall_id].tz) - 1)
+    n_open = len(out.ledger)  # the opening entries: first in their accounts' ledger
     fast_ledger, fast_rank = None, np.zeros(0, dtype=np.int64)
     is_fast = np.zeros(view.rank.size, dtype=bool)
+    posted: np.ndarray | None = None  # charges the vectorised wallet posted
+    part: dict[int, tuple[int, int, int]] = {}  # view row -> (balance, residue, new day) it reached
     if ch is not None:
-        f = fast_path(ch, view, has_pay, ctx, lk, LEDGER_SCHEMA)
-        fast_ledger, fast_rank = f.ledger, f.rank
+        f = fast_path(ch, view, pay_first, ctx, lk, LEDGER_SCHEMA)
+        fast_ledger, fast_rank, posted = f.ledger, f.rank, f.pre
         is_fast[f.rows] = True
+        part = dict(zip(f.part_rows.tolist(), zip(f.part_balance.tolist(), f.part_acc_n.tolist(),
+                                                      f.part_new_day.tolist(), strict=True), strict=True))
         timings["fast"] = time.perf_counter() - t2
         rows = f.rows.tolist()
         iso = {d: day_iso(d) for d in np.unique(f.new_day[f.new_day >= 0]).tolist()}
@@ -248,7 +258,7 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
             tier_month[f.rows].tolist(), tier_wh[f.rows].tolist()), strict=True))
     slow_rows = np.flatnonzero(touched & ~is_fast).tolist()
     slow_ids = sorted([view.ids[i] for i in slow_rows] + [a for a in pay_accts if a not in lk.account_rank])
-    ch_by = _charges_by_account(ch, slow_ids, lk) if ch is not None and slow_ids else {}
+    ch_by = _charges_by_account(ch, slow_ids, lk, posted) if ch is not None and slow_ids else {}
     pay_by: dict[str, list[dict[str, Any]]] = {}
     for p in pay_rows:
         pay_by.setdefault(p["account_id"], []).append(p)
@@ -258,6 +268,10 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
             s = opened[view.ids[i]]
         else:
             s = old.copy() if old is not None else AccountState(view.ids[i])
+        if i in part:  # the vectorised wallet posted its first charges: the state after them
+            s.balance, s.acc_n, day = part[i]
+            if day >= 0:
+                s.standing_day = day_iso(day)
         s.tier_month, s.tier_wh = int(tier_month[i]), int(tier_wh[i])
         accounts[s.account_id] = s
     t3 = time.perf_counter()
@@ -269,7 +283,7 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
         _slow_path(accounts[a], ch_by.get(a, []), pay_by.get(a, []), ctx, out)
 
     t4 = time.perf_counter()
-    ledger = _ordered_ledger(fast_ledger, fast_rank, out.ledger, lk)
+    ledger = _ordered_ledger(fast_ledger, fast_rank, out.ledger[:n_open], out.ledger[n_open:], lk)
     outputs = BatchOutputs(
         intervals=intervals, rated=rated, ledger=ledger, alerts=_alerts(out.alerts),
         commands=cols.frame_from_rows(COMMAND_SCHEMA, out.commands),
@@ -317,48 +331,27 @@ def _first_event_ts(new: list[str], ch: Charges | None, pay_rows: list[dict[str,
     return first
 
 
-SPLICE_MAX = 32  # slow accounts up to which `_ordered_ledger` splices blocks rather than gathers rows
-
-
-def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow_rows: list[dict[str, Any]], lk: Lookup
-                   ) -> pl.DataFrame:
-    """Ledger ordered by (account_id, ts_ms), stable. ``fast`` is already in that order; an
-    account in both has its slow rows (opening entries) first. Few slow accounts: their blocks
-    are spliced in whole (no row gather)."""
-    slow_rows = sorted(slow_rows, key=lambda r: (r["account_id"], r["ts_ms"]))  # stable, like polars
-    slow = cols.frame_from_rows(LEDGER_SCHEMA, slow_rows)
+def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, opening: list[dict[str, Any]],
+                    later: list[dict[str, Any]], lk: Lookup) -> pl.DataFrame:
+    """Ledger ordered by (account_id, ts_ms), stable: per account, its opening entries (dated at
+    the start of its first event's day), then what the vectorised wallet posted (``fast``, in that
+    order already), then what the per-event wallet posted (``later``: from the account's first
+    event the vectorised wallet left to it). With rows on both paths, one gather in that order."""
+    key = lambda r: (r["account_id"], r["ts_ms"])  # noqa: E731
     if fast is None or fast.is_empty():
-        return slow
-    if slow.is_empty():
+        return cols.frame_from_rows(LEDGER_SCHEMA, sorted(opening + later, key=key))  # stable, like polars
+    if not opening and not later:
         return fast
-    counts: dict[str, int] = {}
-    for r in slow_rows:
-        counts[r["account_id"]] = counts.get(r["account_id"], 0) + 1
-    ranks = [lk.account_rank.get(a) for a in counts]
-    if len(counts) > SPLICE_MAX and None not in ranks:
-        # many blocks: one gather in merge order (a slice per block costs ~15 us, and the result
-        # would need a rechunk); the result is contiguous
-        slow_rank = np.repeat(np.array(ranks, dtype=np.int64), list(counts.values()))
-        nf, ns = fast_rank.size, slow_rank.size
-        order = np.empty(nf + ns, dtype=np.int64)
-        # an account in both (one opened in this call) has its per-event rows, the opening
-        # entries, first: they are dated at the start of its first event's day
-        order[np.arange(nf) + np.searchsorted(slow_rank, fast_rank, side="right")] = np.arange(nf)
-        order[np.arange(ns) + np.searchsorted(fast_rank, slow_rank)] = np.arange(nf, nf + ns)
-        return cols.vconcat([fast, slow])[order]
-    pieces, f0, s0 = [], 0, 0
-    fast_ids: np.ndarray | None = None
-    for aid, k in counts.items():  # sorted, like the frame
-        r = lk.account_rank.get(aid)
-        if r is None and fast_ids is None:
-            fast_ids = fast["account_id"].to_numpy()
-        cut = int(np.searchsorted(fast_rank, r)) if r is not None else int(np.searchsorted(fast_ids, aid))
-        pieces += [fast[f0:cut], slow[s0:s0 + k]]
-        f0, s0 = cut, s0 + k
-    pieces.append(fast[f0:])
-    # one chunk per column: spliced blocks would leave a chunk per block (thousands per call),
-    # and every consumer (Parquet, Arrow, Kafka encoding) then pays per chunk, holding the GIL
-    return cols.vconcat([p for p in pieces if p.height]).rechunk()
+    head, tail = sorted(opening, key=key), sorted(later, key=key)
+    slow = cols.frame_from_rows(LEDGER_SCHEMA, head + tail)
+    ranks = [lk.account_rank.get(r["account_id"], -1) for r in head + tail]
+    if min(ranks) < 0:  # not a context account (not expected): order by the ids themselves
+        both = cols.vconcat([slow.with_columns(g=pl.Series([0] * len(head) + [2] * len(tail), dtype=pl.Int8)),
+                             fast.with_columns(g=pl.lit(1, pl.Int8))])
+        return both.sort("account_id", "g", maintain_order=True).drop("g")
+    group = np.concatenate([np.zeros(len(head), dtype=np.int64), np.full(len(tail), 2, dtype=np.int64)])
+    order_key = np.concatenate([np.array(ranks, dtype=np.int64) * 4 + group, fast_rank * 4 + 1])
+    return cols.vconcat([slow, fast])[np.argsort(order_key, kind="stable")]
 
 
 def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -366,10 +359,13 @@ def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
                                                for r in rows])
 
 
-def _charges_by_account(ch: Charges, slow_ids: list[str], lk: Lookup) -> dict[str, list[Charge]]:
-    """The charges of the per-event accounts, in posting order, as Charge objects."""
+def _charges_by_account(ch: Charges, slow_ids: list[str], lk: Lookup, posted: np.ndarray | None = None
+                        ) -> dict[str, list[Charge]]:
+    """The charges of the per-event accounts, in posting order, as Charge objects (without those
+    the vectorised wallet ``posted``)."""
     ranks = np.array([lk.account_rank[a] for a in slow_ids if a in lk.account_rank], dtype=np.int64)
-    rows = np.flatnonzero(np.isin(ch.aidx, ranks))
+    sel = np.isin(ch.aidx, ranks)
+    rows = np.flatnonzero(sel if posted is None else sel & ~posted)
     if rows.size == 0:
         return {}
     values = [ch.end_ms[rows].tolist(), ch.amount_n[rows].tolist(), ch.entry_ids(rows, lk).to_list(),

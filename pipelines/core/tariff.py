@@ -274,12 +274,13 @@ def _empty_rated() -> Rated:
 def _local_fields(lk: Lookup, a: np.ndarray, piece_ms: np.ndarray, end_ms: np.ndarray
                   ) -> tuple[np.ndarray, ...]:
     """Local month, hour, weekday, day of each piece and local day of its interval end."""
-    tz_of_row = lk.acc_mall[a]
+    tz_of_row = lk.mall_zone[lk.acc_mall[a]]  # by zone, not by mall: the fields depend on the zone only
     zones = tz_of_row[:1] if (tz_of_row == tz_of_row[0]).all() else np.unique(tz_of_row)
     res = [np.empty(a.size, dtype=np.int64) for _ in range(6)]
-    for z in zones:
-        m = slice(None) if zones.size == 1 else tz_of_row == z
+    for zone in zones.tolist():
+        m = slice(None) if zones.size == 1 else tz_of_row == zone
         p, e = piece_ms[m], end_ms[m]
+        z = lk.zone_mall[zone]
         tz = lk.mall_tz[z]
         lo, hi = int(p.min()), int(e.max())
         # a span far wider than the rows (a long gap) is converted row by row, not slot by slot

@@ -9,10 +9,12 @@ Input ``payments``: a DataFrame or a list of dicts with
     payment_id: str, account_id: str, ts_ms: int64, amount_minor: int64 (> 0),
     kind: "topup" | "reversal" | "refund" (case-insensitive), reverses_payment_id: str | None.
 
-Events of an account are applied in (ts_ms, payments before charges, entry id) order. Accounts
-without a payment in the batch whose charges (and standing charges) can fire no rule take the
-vectorised path (`fastpath`); all others run through `wallet.Wallet` one event at a time. Both
-paths implement the same rules and order (tests compare them).
+Events of an account are applied in (ts_ms, payments before charges, entry id) order. An
+eligible account's charges (and standing charges) up to the first one after which a rule could
+fire, and before its first payment of the batch, take the vectorised path (`fastpath`); its
+remaining events, and all events of the other accounts, run through `wallet.Wallet` one event
+at a time. An account new to the state is opened first (its opening entries). Both paths
+implement the same rules and order (tests compare them).
 """
 
 from __future__ import annotations

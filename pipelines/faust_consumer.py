@@ -202,15 +202,22 @@ class StrictConsumer(AIOKafkaConsumer):
             except Exception:  # not assigned any more
                 continue
             quiet_s = now - self.last_delivered.get(tp, self.positioned_at)
-            if want is not None and highwater is not None and highwater > want and quiet_s >= after_s:
+            # a highwater of None: no fetch answer for the partition yet (aiokafka learns it from
+            # every answer, an empty one too), so the partition is not being fetched at all
+            if want is not None and (highwater is None or highwater > want) and quiet_s >= after_s:
                 acked = sorted(self._acked.get(tp, []))[:3]
                 stuck.append(f"{tp.topic}[{tp.partition}] expected {want} highwater {highwater} floor "
                              f"{book.floor.get(tp)} acked {acked} quiet {quiet_s:.0f} s")
         if not stuck:
             return None
-        return (f"inputs not delivered: {'; '.join(stuck[:8])}; last fetch {now - self.last_fetch_at:.0f} s ago "
-                f"({self.last_fetch_note}); fetch loop {self.loop_stage}; flow {'on' if self.flow_active else 'off'}; "
-                f"agent queues {queues}")
+        try:
+            paused = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._thread._ensure_consumer().paused()
+                            if self._strict(tp))
+        except Exception:  # no consumer yet
+            paused = []
+        return (f"inputs not delivered: {'; '.join(stuck[:8])}; paused input partitions {paused[:8]}; "
+                f"last fetch {now - self.last_fetch_at:.0f} s ago ({self.last_fetch_note}); fetch loop "
+                f"{self.loop_stage}; flow {'on' if self.flow_active else 'off'}; agent queues {queues}")
 
     async def _wait_next_records(self, timeout: float) -> Any:
         self.loop_stage = ("waiting for the consumer thread's fetch" if self.flow_active

@@ -62,6 +62,17 @@ def distinct(events: list[E], position: Callable[[E], Hashable] = _position) -> 
     return out
 
 
+def withhold(step: list[E], keep: Callable[[E], bool]) -> list[E]:
+    """Take out of a step (in place) the events `keep` refuses and return them: take_steps acks
+    only what is left in the list it yielded, so a withheld event is never acked and its
+    offset never committed (its partition's next owner, or this worker after its seek, gets
+    it again)."""
+    withheld = [event for event in step if not keep(event)]
+    if withheld:
+        step[:] = [event for event in step if keep(event)]
+    return withheld
+
+
 def _arrival(message: Any) -> float:
     """When a message arrived, on the monotonic clock: the earlier of its receipt by this
     worker and its Kafka timestamp. faust notes the receipt only when its event loop is free,

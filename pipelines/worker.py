@@ -41,7 +41,7 @@ from pipelines.faust_tuning import faster_compression, idempotent_producer, shor
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import distinct
+from pipelines.take import distinct, withhold
 from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
@@ -212,6 +212,18 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 _current_event.reset(token)
             fault_point("mid_step")  # chaos proof: part of the step written, part not
 
+    def withhold_unowned(events: list[Any]) -> None:
+        """Take out of a step the events of partitions this worker does not own now. A step's
+        events may have been buffered before a rebalance: billing them while it runs, or after
+        it moved their partition away, writes from a state the new owner also bills from (the
+        chaos proof saw 19 account records written twice from one state). Withheld events are
+        never acked: the owner gets them again (pipelines.take.withhold)."""
+        mine = set() if app.rebalancing else app.consumer.assignment()
+        gone = withhold(events, lambda event: event.message.tp in mine)
+        if gone:
+            log.info("%s message(s) of partitions not owned now left to their owner: %s", len(gone),
+                     sorted({(e.message.topic, e.message.partition) for e in gone})[:8])
+
     async def bill_batch(events: list[Any], decode: Any, bill: Any, *, wait_written: bool = True) -> None:
         """Decode each message (a bad one goes to the dead letters) and bill the rest in one
         step. If the step fails, bill the messages one by one so only the bad one is refused.
@@ -223,6 +235,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 decoded.append((event, decode(event.message.value)))
             except (codec.DecodeError, ValueError, KeyError) as exc:
                 letters.append(await send_dead_letter(event, "decode", str(exc)))
+        # ownership is checked after the last await before the synchronous bill below
+        withhold_unowned(events)
+        kept = {id(event) for event in events}
+        decoded = [(event, value) for event, value in decoded if id(event) in kept]
         if not decoded:
             await asyncio.gather(*letters)
             return
@@ -233,7 +249,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             if len(decoded) > 1:
                 log.warning("billing step of %s messages failed (%s); retrying one by one", len(decoded), exc)
                 for event, _ in decoded:
-                    await bill_batch([event], decode, bill, wait_written=wait_written)
+                    alone = [event]
+                    await bill_batch(alone, decode, bill, wait_written=wait_written)
+                    if not alone:  # withheld (its partition moved meanwhile): not acked either
+                        events.remove(event)
                 await asyncio.gather(*letters)
                 return
             msg = decoded[0][0].message
@@ -380,8 +399,15 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         """Payments or postings against their claims, in input order; an accepted one goes on
         (through the claim's outbox) to the account's wallet."""
         async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
+            withhold_unowned(events)
             letters: list[Any] = []
-            for event in distinct(events):  # a second copy of a message is acked with the step, not claimed
+            todo = distinct(events)  # a second copy of a message is acked with the step, not claimed
+            for index, event in enumerate(todo):
+                if app.rebalancing:  # began at a dead letter's await: the rest waits for the owner
+                    # by position: a copy of a withheld message must not be acked either
+                    rest = {(e.message.tp, e.message.offset) for e in todo[index:]}
+                    withhold(events, lambda e, rest=rest: (e.message.tp, e.message.offset) not in rest)  # type: ignore[misc]
+                    break
                 msg = event.message
                 try:
                     record = codec.decode(schema, msg.value)

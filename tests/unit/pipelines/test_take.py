@@ -10,7 +10,7 @@ from typing import Any
 
 import faust
 
-from pipelines.take import take_steps
+from pipelines.take import take_steps, withhold
 
 WITHIN = 0.4
 SLOW_STEP = 0.3
@@ -135,3 +135,30 @@ def test_a_step_that_raised_leaves_its_events_unacked() -> None:
 
 def test_a_finished_step_is_acked_when_the_agent_asks_for_the_next() -> None:
     assert _acked_after(body_raises=False) == [True, True, True]
+
+
+def test_withheld_events_are_not_acked_the_rest_are() -> None:
+    app = faust.App(f"take-test-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
+                    web_enabled=False)
+    taken: list[Any] = []
+
+    @app.agent()
+    async def agent(stream: Any) -> None:
+        async for events in take_steps(stream, 4, WITHIN):
+            taken.extend(events)
+            # e.g. events of a partition that moved to another worker during a rebalance
+            gone = withhold(events, lambda event: event.value % 2 == 0)
+            assert [event.value for event in gone] == [1, 3]
+
+    async def main() -> list[tuple[int, bool]]:
+        async with agent.test_context() as context:
+            for value in range(4):
+                await context.put(value)
+            await asyncio.sleep(0.3)
+            return [(event.value, event.message.acked) for event in taken]
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) == [(0, True), (1, False), (2, True), (3, False)]
+    finally:
+        loop.close()

@@ -183,6 +183,7 @@ class StrictConsumer(AIOKafkaConsumer):
         self.last_fetch_at = time.monotonic()
         self.last_fetch_note = "none yet"
         self.loop_stage = "not started"  # what the fetch loop awaits now (for stall reports)
+        self.stuck: dict[TP, float] = {}  # input partitions stall_report found quiet -> seconds
 
     def stall_report(self, now: float, after_s: float = 10.0) -> str | None:
         """What holds an input, else None: the fetch loop waiting `after_s` to hand a message
@@ -196,6 +197,7 @@ class StrictConsumer(AIOKafkaConsumer):
                     f"agent queues {queues}; expected {self._strict_offsets.expected.get(tp)}")
         book = self._strict_offsets
         stuck = []
+        self.stuck = {}
         for tp, want in list(book.expected.items()):
             try:
                 highwater = self.highwater(tp)
@@ -206,18 +208,39 @@ class StrictConsumer(AIOKafkaConsumer):
             # every answer, an empty one too), so the partition is not being fetched at all
             if want is not None and (highwater is None or highwater > want) and quiet_s >= after_s:
                 acked = sorted(self._acked.get(tp, []))[:3]
+                active = self._active_partitions is None or tp in self._active_partitions
+                self.stuck[tp] = quiet_s
                 stuck.append(f"{tp.topic}[{tp.partition}] expected {want} highwater {highwater} floor "
-                             f"{book.floor.get(tp)} acked {acked} quiet {quiet_s:.0f} s")
+                             f"{book.floor.get(tp)} acked {acked} quiet {quiet_s:.0f} s"
+                             f"{'' if active else ' not fetched (faust: inactive)'}"
+                             f"{' buffered' if tp in self._buffered_partitions else ''}")
         if not stuck:
             return None
-        try:
-            paused = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._thread._ensure_consumer().paused()
-                            if self._strict(tp))
-        except Exception:  # no consumer yet
-            paused = []
+        paused = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._paused_partitions if self._strict(tp))
         return (f"inputs not delivered: {'; '.join(stuck[:8])}; paused input partitions {paused[:8]}; "
                 f"last fetch {now - self.last_fetch_at:.0f} s ago ({self.last_fetch_note}); fetch loop "
                 f"{self.loop_stage}; flow {'on' if self.flow_active else 'off'}; agent queues {queues}")
+
+    async def unstick(self, after_s: float = 30.0) -> list[TP]:
+        """Make the input partitions that stall_report found quiet for `after_s` fetchable
+        again and seek them to where their streams stand. faust takes a partition out of its
+        fetches while an agent's queue is full and puts it back when the agent next reads an
+        emptied queue; a rebalance that clears the queues can leave it out. Not while a
+        rebalance runs (its own seek follows)."""
+        tps = [tp for tp, quiet_s in getattr(self, "stuck", {}).items()
+               if quiet_s >= after_s and self._strict_offsets.expected.get(tp) is not None]
+        if not tps or not self.flow_active or self.app.rebalancing:
+            return []
+        if self._active_partitions is not None:
+            self._active_partitions.update(tps)
+        self._buffered_partitions.difference_update(tps)
+        self.resume_partitions(tps)
+        await self._seek_in_thread({tp: cast(int, self._strict_offsets.expected[tp]) for tp in tps})
+        for tp in tps:
+            self.last_delivered[tp] = time.monotonic()  # give it another after_s before the next kick
+        log.warning("input partitions made fetchable again and sought to their streams' offsets: %s",
+                    [f"{tp.topic}[{tp.partition}]" for tp in tps])
+        return tps
 
     async def _wait_next_records(self, timeout: float) -> Any:
         self.loop_stage = ("waiting for the consumer thread's fetch" if self.flow_active

@@ -389,6 +389,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         report = getattr(app.consumer, "stall_report", lambda now: None)(time.monotonic())
         if report:
             log.warning("input stalled: %s", report)
+            await app.consumer.unstick()
 
     @app.timer(interval=1.0)
     async def forget_expired_claims() -> None:

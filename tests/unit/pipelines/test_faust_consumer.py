@@ -258,3 +258,24 @@ def test_a_partition_with_messages_and_no_delivery_is_reported() -> None:
     consumer.highwater = lambda tp: 10  # caught up: nothing to say
     consumer.last_delivered.clear()
     assert consumer.stall_report(now) is None
+
+
+def test_unstick_makes_a_quiet_partition_fetchable_and_seeks_it_to_its_stream() -> None:
+    consumer = _consumer()
+    consumer._strict_offsets.positioned(TP0, 10)
+    consumer.highwater = lambda tp: 25
+    consumer._active_partitions = set()  # faust took it out of its fetches (a full queue) ...
+    consumer._buffered_partitions.add(TP0)  # ... and a rebalance cleared the queue
+    sought: list[dict[TP, int]] = []
+
+    async def seek(offsets: dict[TP, int]) -> None:
+        sought.append(dict(offsets))
+
+    consumer._seek_in_thread = seek
+    report = consumer.stall_report(consumer.positioned_at + 40)
+    assert report is not None and "not fetched (faust: inactive) buffered" in report
+    assert consumer.loop.run_until_complete(consumer.unstick()) == [TP0]
+    assert TP0 in consumer._active_partitions and TP0 not in consumer._buffered_partitions
+    assert sought == [{TP0: 10}]
+    assert consumer.stall_report(time.monotonic() + 5) is None  # the kick gives it another 10 s
+    assert consumer.loop.run_until_complete(consumer.unstick()) == []

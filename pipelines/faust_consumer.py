@@ -127,6 +127,8 @@ class StrictOffsets:
         self._gap_batches.pop(tp, None)
 
     def delivered(self, tp: TP, offset: int) -> None:
+        if tp not in self.expected:  # revoked while it was being delivered: its next owner seeks it
+            return
         self.expected[tp] = offset + 1
         if self.floor.get(tp, 0) is None:  # no committed offset: commits start at the first one
             self.floor[tp] = offset
@@ -227,15 +229,22 @@ class StrictConsumer(AIOKafkaConsumer):
         fetches while an agent's queue is full and puts it back when the agent next reads an
         emptied queue; a rebalance that clears the queues can leave it out. Not while a
         rebalance runs (its own seek follows)."""
+        if not self.flow_active or self.app.rebalancing:
+            return []
+        mine = self.assignment()
         tps = [tp for tp, quiet_s in getattr(self, "stuck", {}).items()
-               if quiet_s >= after_s and self._strict_offsets.expected.get(tp) is not None]
-        if not tps or not self.flow_active or self.app.rebalancing:
+               if quiet_s >= after_s and tp in mine and self._strict_offsets.expected.get(tp) is not None]
+        if not tps:
             return []
         if self._active_partitions is not None:
             self._active_partitions.update(tps)
         self._buffered_partitions.difference_update(tps)
         self.resume_partitions(tps)
-        await self._seek_in_thread({tp: cast(int, self._strict_offsets.expected[tp]) for tp in tps})
+        try:
+            await self._seek_in_thread({tp: cast(int, self._strict_offsets.expected[tp]) for tp in tps})
+        except Exception as exc:  # revoked meanwhile: the rebalance seeks them
+            log.warning("input partitions %s could not be sought (%s)", tps, exc)
+            return []
         for tp in tps:
             self.last_delivered[tp] = time.monotonic()  # give it another after_s before the next kick
         log.warning("input partitions made fetchable again and sought to their streams' offsets: %s",

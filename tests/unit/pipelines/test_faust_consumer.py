@@ -35,6 +35,8 @@ def test_delivers_in_order_from_the_sought_offset_and_drops_copies_and_early_mes
     assert book.verdict(TP0, 11) is Verdict.DELIVER
     book.revoked([TP0])
     assert book.verdict(TP0, 11) is Verdict.UNPOSITIONED
+    book.delivered(TP0, 11)  # its delivery ended after the revocation
+    assert book.verdict(TP0, 12) is Verdict.UNPOSITIONED and TP0 not in book.floor
 
 
 def test_a_jump_seeks_back_once_per_batch_and_only_a_lasting_one_is_taken_as_gone() -> None:
@@ -272,6 +274,7 @@ def test_unstick_makes_a_quiet_partition_fetchable_and_seeks_it_to_its_stream() 
         sought.append(dict(offsets))
 
     consumer._seek_in_thread = seek
+    consumer.assignment = lambda: {TP0}
     report = consumer.stall_report(consumer.positioned_at + 40)
     assert report is not None and "not fetched (faust: inactive) buffered" in report
     assert consumer.loop.run_until_complete(consumer.unstick()) == [TP0]

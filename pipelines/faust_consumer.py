@@ -61,6 +61,10 @@ if not faust.__version__.startswith(FAUST_VERSIONS):  # pragma: no cover - a pin
 
 log = logging.getLogger("mallwatt.consumer")
 
+#: A copy this far below the expected offset makes the partition seek ahead to it (dropping
+#: thousands of copies one by one held a partition back).
+MAX_COPIES_BEHIND = 500
+
 #: Fetched batches in a row that may show the same jump before it is taken as offsets the
 #: broker no longer has (each one seeks back to the expected offset first).
 MAX_GAP_RESEEKS = 5
@@ -324,6 +328,7 @@ class StrictConsumer(AIOKafkaConsumer):
                 if self.should_stop:
                     continue
                 early: dict[TP, int] = {}  # messages fetched before their partition's seek, dropped
+                behind: set[TP] = set()  # partitions sought ahead to their stream in this batch
                 batch_size = 0
                 async for tp, message in ait:
                     batch_size += 1
@@ -350,6 +355,12 @@ class StrictConsumer(AIOKafkaConsumer):
                         elif verdict is not Verdict.DELIVER:
                             if verdict is Verdict.UNPOSITIONED:
                                 early[tp] = early.get(tp, 0) + 1
+                            elif (verdict is Verdict.COPY and tp not in behind
+                                  and cast(int, offsets.expected[tp]) - offset > MAX_COPIES_BEHIND):
+                                # the fetch position fell far behind the stream (seen: a partition
+                                # quiet for 45 s while its copies were dropped): seek ahead to it
+                                behind.add(tp)
+                                await self._seek_back(tp, offset, cast(int, offsets.expected[tp]))
                             continue
                         if commit_every is not None and self._n_acked >= commit_every:
                             self._n_acked = 0
@@ -404,7 +415,7 @@ class StrictConsumer(AIOKafkaConsumer):
         if not self.flow_active or self.suspend_flow.is_set():
             return
         self.loop_stage = f"seeking {tp.topic}[{tp.partition}] back"
-        log.warning("%s[%s]: got offset %s, expected %s; seeking back", tp.topic, tp.partition, got, want)
+        log.warning("%s[%s]: got offset %s, expected %s; seeking to it", tp.topic, tp.partition, got, want)
         try:
             await self._seek_in_thread({tp: want})
         except Exception as exc:

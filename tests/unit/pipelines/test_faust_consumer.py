@@ -196,6 +196,13 @@ def test_perform_seek_positions_every_input_partition_then_seeks_it_again() -> N
     assert sought == [{TP0: 10, tp1: 3}]
 
 
+def test_copies_far_behind_the_stream_make_it_seek_ahead_once_per_batch() -> None:
+    consumer = _consumer()
+    consumer._strict_offsets.positioned(TP0, 2000)
+    delivered, sought = _drain(consumer, [[10, 11, 12], [1999, 2000]])
+    assert sought == [2000] and delivered == [2000]
+
+
 def test_a_failed_seek_back_never_ends_the_fetch_loop() -> None:
     consumer = _consumer()
     consumer._strict_offsets.positioned(TP0, 10)

@@ -227,6 +227,25 @@ class StrictConsumer(AIOKafkaConsumer):
                 f"last fetch {now - self.last_fetch_at:.0f} s ago ({self.last_fetch_note}); fetch loop "
                 f"{self.loop_stage}; flow {'on' if self.flow_active else 'off'}; agent queues {queues}")
 
+    async def redeliver(self, offsets: dict[TP, int]) -> None:
+        """Deliver again, from `offsets`, messages that an agent was given and did not take
+        (pipelines.take.withhold: it never acks them). Nothing else brings them back to a
+        partition this worker keeps: its commits would stop at the first of them for good."""
+        mine = self.assignment()
+        book = self._strict_offsets
+        again: dict[TP, int] = {}
+        for tp, offset in offsets.items():
+            want = book.expected.get(tp)
+            if tp in mine and want is not None and offset < want:
+                book.expected[tp] = max(offset, book.floor.get(tp) or 0)
+                again[tp] = cast(int, book.expected[tp])
+        if not again:
+            return
+        try:
+            await self._seek_in_thread(again)
+        except Exception as exc:  # revoked meanwhile: the rebalance seeks them
+            log.warning("input partitions %s could not be sought to deliver again (%s)", list(again), exc)
+
     async def unstick(self, after_s: float = 30.0) -> list[TP]:
         """Make the input partitions that stall_report found quiet for `after_s` fetchable
         again and seek them to where their streams stand. faust takes a partition out of its

@@ -221,8 +221,20 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         mine = set() if app.rebalancing else app.consumer.assignment()
         gone = withhold(events, lambda event: event.message.tp in mine)
         if gone:
+            redeliver_withheld(gone)
             log.info("%s message(s) of partitions not owned now left to their owner: %s", len(gone),
                      sorted({(e.message.topic, e.message.partition) for e in gone})[:8])
+
+    def redeliver_withheld(gone: list[Any]) -> None:
+        """Withheld events of a partition this worker keeps (a rebalance ran) come again."""
+        first: dict[Any, int] = {}
+        for event in gone:
+            tp = event.message.tp
+            first[tp] = min(first.get(tp, event.message.offset), event.message.offset)
+        if hasattr(app.consumer, "redeliver"):
+            task = asyncio.ensure_future(app.consumer.redeliver(first))
+            pending_acks.add(task)  # keeps the task referenced until it ends
+            task.add_done_callback(pending_acks.discard)
 
     async def bill_batch(events: list[Any], decode: Any, bill: Any, *, wait_written: bool = True) -> None:
         """Decode each message (a bad one goes to the dead letters) and bill the rest in one
@@ -407,7 +419,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 if app.rebalancing:  # began at a dead letter's await: the rest waits for the owner
                     # by position: a copy of a withheld message must not be acked either
                     rest = {(e.message.tp, e.message.offset) for e in todo[index:]}
-                    withhold(events, lambda e, rest=rest: (e.message.tp, e.message.offset) not in rest)  # type: ignore[misc]
+                    redeliver_withheld(withhold(events, lambda e, rest=rest: (e.message.tp, e.message.offset) not in rest))  # type: ignore[misc]
                     break
                 msg = event.message
                 try:

@@ -289,3 +289,23 @@ def test_unstick_makes_a_quiet_partition_fetchable_and_seeks_it_to_its_stream() 
     assert sought == [{TP0: 10}]
     assert consumer.stall_report(time.monotonic() + 5) is None  # the kick gives it another 10 s
     assert consumer.loop.run_until_complete(consumer.unstick()) == []
+
+
+def test_withheld_messages_of_a_kept_partition_are_delivered_again() -> None:
+    # a step withheld 12.. (a rebalance ran while it was billed): without this the commits of
+    # the partition stopped at 12 for good (chaos run 25)
+    consumer = _consumer()
+    book = consumer._strict_offsets
+    book.positioned(TP0, 10)
+    for offset in range(10, 15):
+        book.delivered(TP0, offset)
+    sought: list[dict[TP, int]] = []
+
+    async def seek(offsets: dict[TP, int]) -> None:
+        sought.append(dict(offsets))
+
+    consumer._seek_in_thread = seek
+    consumer.assignment = lambda: {TP0}
+    consumer.loop.run_until_complete(consumer.redeliver({TP0: 12, TP("in", 1): 3}))
+    assert book.expected[TP0] == 12 and sought == [{TP0: 12}]
+    assert book.verdict(TP0, 12) is Verdict.DELIVER

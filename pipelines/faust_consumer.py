@@ -190,6 +190,8 @@ class StrictConsumer(AIOKafkaConsumer):
         self.last_fetch_note = "none yet"
         self.loop_stage = "not started"  # what the fetch loop awaits now (for stall reports)
         self.stuck: dict[TP, float] = {}  # input partitions stall_report found quiet -> seconds
+        self.stuck_commits: dict[TP, float] = {}  # ... whose commits wait on an unacked message -> seconds
+        self.commit_blocked_since: dict[TP, float] = {}
 
     def stall_report(self, now: float, after_s: float = 10.0) -> str | None:
         """What holds an input, else None: the fetch loop waiting `after_s` to hand a message
@@ -204,6 +206,7 @@ class StrictConsumer(AIOKafkaConsumer):
         book = self._strict_offsets
         stuck = []
         self.stuck = {}
+        self.stuck_commits = {}
         for tp, want in list(book.expected.items()):
             try:
                 highwater = self.highwater(tp)
@@ -220,6 +223,19 @@ class StrictConsumer(AIOKafkaConsumer):
                              f"{book.floor.get(tp)} acked {acked} quiet {quiet_s:.0f} s"
                              f"{'' if active else ' not fetched (faust: inactive)'}"
                              f"{' buffered' if tp in self._buffered_partitions else ''}")
+        # delivered, not acked: later offsets are acked but the commit waits on the floor's message
+        # (a delivered message that no agent acks stops the partition's commits for good)
+        waiting: dict[TP, float] = {}
+        for tp, floor in list(book.floor.items()):
+            acked = self._acked.get(tp)
+            if floor is not None and acked and min(acked) > floor:
+                since = self.commit_blocked_since.get(tp, now)
+                waiting[tp] = since
+                if now - since >= after_s:
+                    self.stuck_commits[tp] = now - since
+                    stuck.append(f"{tp.topic}[{tp.partition}] commit waits {now - since:.0f} s on offset "
+                                 f"{floor} (acked from {min(acked)}, expected {book.expected.get(tp)})")
+        self.commit_blocked_since = waiting
         if not stuck:
             return None
         paused = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._paused_partitions if self._strict(tp))
@@ -254,6 +270,14 @@ class StrictConsumer(AIOKafkaConsumer):
         rebalance runs (its own seek follows)."""
         if not self.flow_active or self.app.rebalancing:
             return []
+        blocked = {tp: cast(int, self._strict_offsets.floor[tp]) for tp, waited_s in self.stuck_commits.items()
+                   if waited_s >= after_s and self._strict_offsets.floor.get(tp) is not None}
+        if blocked:  # deliver again from the message the commits wait on
+            log.warning("input partitions delivered again from the offset their commits wait on: %s",
+                        {f"{tp.topic}[{tp.partition}]": offset for tp, offset in blocked.items()})
+            await self.redeliver(blocked)
+            for tp in blocked:
+                self.commit_blocked_since[tp] = time.monotonic()
         mine = self.assignment()
         tps = [tp for tp, quiet_s in getattr(self, "stuck", {}).items()
                if quiet_s >= after_s and tp in mine and self._strict_offsets.expected.get(tp) is not None]

@@ -309,3 +309,27 @@ def test_withheld_messages_of_a_kept_partition_are_delivered_again() -> None:
     consumer.loop.run_until_complete(consumer.redeliver({TP0: 12, TP("in", 1): 3}))
     assert book.expected[TP0] == 12 and sought == [{TP0: 12}]
     assert book.verdict(TP0, 12) is Verdict.DELIVER
+
+
+def test_a_commit_waiting_on_an_unacked_message_is_reported_then_delivered_again() -> None:
+    consumer = _consumer()
+    book = consumer._strict_offsets
+    book.positioned(TP0, 10)
+    for offset in range(10, 15):
+        book.delivered(TP0, offset)
+    consumer._acked[TP0].extend([11, 12, 13, 14])  # 10 was delivered and never acked
+    consumer.highwater = lambda tp: 15
+    consumer.last_delivered[TP0] = time.monotonic()
+    sought: list[dict[TP, int]] = []
+
+    async def seek(offsets: dict[TP, int]) -> None:
+        sought.append(dict(offsets))
+
+    consumer._seek_in_thread = seek
+    consumer.assignment = lambda: {TP0}
+    start = time.monotonic()
+    assert consumer.stall_report(start) is None  # just seen
+    report = consumer.stall_report(start + 40)
+    assert report is not None and "in[0] commit waits 40 s on offset 10 (acked from 11" in report
+    consumer.loop.run_until_complete(consumer.unstick())
+    assert sought == [{TP0: 10}] and book.expected[TP0] == 10

@@ -234,7 +234,9 @@ class StrictConsumer(AIOKafkaConsumer):
                 if now - since >= after_s:
                     self.stuck_commits[tp] = now - since
                     stuck.append(f"{tp.topic}[{tp.partition}] commit waits {now - since:.0f} s on offset "
-                                 f"{floor} (acked from {min(acked)}, expected {book.expected.get(tp)})")
+                                 f"{floor} (acked from {min(acked)}, expected {book.expected.get(tp)}, faust's "
+                                 f"committed {self._committed_offset.get(tp)}, "
+                                 f"{'in' if floor in self._acked_index.get(tp, ()) else 'not in'} its ack index)")
         self.commit_blocked_since = waiting
         if not stuck:
             return None

@@ -36,7 +36,7 @@ from bench.scale_input import (
     write_portfolio,
 )
 from pipelines import batching, billing
-from pipelines.durable_table import ChangelogWriter, store_locally
+from pipelines.durable_table import ChangelogWriter, store_many
 from pipelines.envelope import Envelope
 from pipelines.gc_policy import StepCollector
 from schemas import codec
@@ -68,7 +68,6 @@ class StepStore:
         self.parsed: dict[str, Envelope] = {}
         self.writer = ChangelogWriter(kafka) if kafka else None
         self.topic = topic
-        self.pending: list[Any] = []
 
     def load(self, key: str) -> Envelope:
         hit = self.parsed.get(key)
@@ -84,20 +83,16 @@ class StepStore:
             k = key.encode()
             part = ctx.partition_of_key(key)
             if self.writer is None:
-                store_locally(self.data, part, k, raw)
+                store_many(self.data, part, [(k, raw)])
             else:
-                self.pending.append(self.writer.produce(self.topic, part, k, raw, self._stored(k, raw)))
+                self.writer.produce(self.topic, part, k, raw)
             self.parsed[key] = env
 
-    def _stored(self, key: bytes, value: bytes) -> Any:
-        def stored(partition: int, offset: int) -> None:
-            store_locally(self.data, partition, key, value)
-        return stored
-
     async def written(self) -> None:
-        if self.writer is not None and self.pending:
-            await self.writer.wait(self.pending)
-        self.pending = []
+        if self.writer is not None:
+            await self.writer.wait(self.writer.mark())
+            for (_, part), (writes, _) in self.writer.acked().items():
+                store_many(self.data, part, writes)
 
     def close(self) -> None:
         for db in self.dbs.values():
@@ -110,6 +105,7 @@ class _Data:
     def __init__(self, dbs: dict[int, Any]) -> None:
         self._dbs = dbs
         self._key_index: dict[bytes, int] = {}
+        self.use_rocksdict = True
 
     def _db_for_partition(self, partition: int) -> Any:
         return self._dbs[partition]

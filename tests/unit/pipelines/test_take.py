@@ -17,7 +17,7 @@ SLOW_STEP = 0.3
 
 
 def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, settle: float = 1.5,
-              age: float = 0.0) -> tuple[float, list[tuple[float, list[Any]]]]:
+              age: float = 0.0, catchup: int | None = None) -> tuple[float, list[tuple[float, list[Any]]]]:
     """Put each value at its offset (seconds), its Kafka timestamp `age` seconds in the past,
     into an agent that reads with take_steps and takes `step_s` per step; returns the start
     time and (time, values) of every step."""
@@ -27,7 +27,7 @@ def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, 
 
     @app.agent()
     async def agent(stream: Any) -> None:
-        async for events in take_steps(stream, max_, WITHIN):
+        async for events in take_steps(stream, max_, WITHIN, catchup):
             steps.append((time.monotonic(), [event.value for event in events]))
             await asyncio.sleep(step_s)
 
@@ -94,3 +94,13 @@ def test_distinct_bills_a_message_once_per_step() -> None:
     assert distinct(step) == [a, b, c, d]
     assert distinct([a, b]) == [a, b]
     assert distinct([(0, 1), (0, 1), (1, 1)], lambda m: m) == [(0, 1), (1, 1)]
+
+
+def test_behind_a_backlog_a_step_grows_to_its_catchup_size() -> None:
+    """Behind a backlog a step may take more than its size (up to the catch-up size), so the
+    per-account cost of a step is spread over several readings per account; live steps keep
+    their size (test_every_value_once_in_order_over_many_steps)."""
+    puts = [(i * 0.005, i) for i in range(40)]
+    _, steps = run_agent(puts, 8, age=5.0, catchup=30)
+    assert [v for _, values in steps for v in values] == list(range(40))
+    assert max(len(values) for _, values in steps) == 30

@@ -60,6 +60,24 @@ def test_routing_rejects_unknown_and_misrouted(ctx: billing.BillingContext) -> N
     assert routed.buckets == [] and any("another shard" in r for _, _, r in routed.rejected)
 
 
+def test_routing_by_lookup_equals_the_join_with_the_route_table(ctx: billing.BillingContext,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step looks its circuits up one by one (a join hashes the whole portfolio's route
+    table); above ROUTE_LOOKUP_ROWS it joins. Both give the same routes, rejections included."""
+    rows = []
+    for i, (circuit, route) in enumerate(sorted(ctx.circuit_meter.items())):
+        rows.append(_readings(route.account_id, route.meter_id, circuit, [1.0 + i, 2.0 + i]))
+    rows.append(_readings("X", "ghost", "ghost.1", [1.0]))
+    frame = batching.messages_frame([(i % PARTITIONS, i, f) for i, f in enumerate(rows)])
+    looked_up = batching.route_readings(frame, ctx)
+    monkeypatch.setattr(batching, "ROUTE_LOOKUP_ROWS", 0)
+    joined = batching.route_readings(frame, ctx)
+    assert looked_up.frame.equals(joined.frame) and looked_up.frame.height > 0
+    assert sorted(looked_up.buckets) == sorted(joined.buckets) and looked_up.rejected == joined.rejected
+    assert any("unknown circuit" in r for _, _, r in joined.rejected)
+    assert any("another shard" in r for _, _, r in joined.rejected)
+
+
 def test_topup_charge_and_trip_in_outbox(ctx: billing.BillingContext) -> None:
     account, meter, circuit = _merchant(ctx)
     env = billing.apply_payment(Envelope(), {"payment_id": "p-1", "account_id": account, "ts_ms": T0 - 1,

@@ -77,7 +77,7 @@ class StepStore:
         hit = self.parsed.get(key)
         if hit is not None:
             return hit
-        env = Envelope.from_bytes(self.data.get(key.encode()))
+        env = Envelope.from_bytes(self.data.get(key.encode()), outbox=False)
         self.parsed[key] = env
         return env
 

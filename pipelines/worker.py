@@ -194,7 +194,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         hit = parsed.get(key)
         if hit is not None and hit[0] == states.generation:
             return hit[1]
-        env = Envelope.from_bytes(states.get(key.encode()))
+        env = Envelope.from_bytes(states.get(key.encode()), outbox=False)  # a step writes a new one
         parsed[key] = (states.generation, env)
         note_due(key, env)
         return env

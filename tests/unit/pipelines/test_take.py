@@ -104,3 +104,13 @@ def test_behind_a_backlog_a_step_grows_to_its_catchup_size() -> None:
     _, steps = run_agent(puts, 8, age=5.0, catchup=30)
     assert [v for _, values in steps for v in values] == list(range(40))
     assert max(len(values) for _, values in steps) == 30
+
+
+def test_the_workers_counting_wrapper_takes_what_take_steps_takes() -> None:
+    """The worker reads through pipelines.worker_metrics.take_steps (counts each step): it must
+    pass the catch-up sizes on (a wrapper without them crashed the readings agent)."""
+    from inspect import signature
+
+    from pipelines import take, worker_metrics
+
+    assert signature(worker_metrics.take_steps).parameters.keys() == signature(take.take_steps).parameters.keys()

@@ -25,7 +25,8 @@ from infra import topics as T
 from pipelines.billing import payment_row, step
 from pipelines.context import BillingContext
 from pipelines.core import timeguard
-from pipelines.envelope import Envelope
+from pipelines.envelope import Envelope, state_key
+from schemas.keys import account_shard
 
 #: Readings of one account per round of a step (bounds each state value's outbox).
 ROWS_PER_ACCOUNT = int(os.environ.get("MALLWATT_ROWS_PER_ACCOUNT", 64))
@@ -96,7 +97,7 @@ def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int | No
     if partition is not None or "partition" not in frame.columns:
         frame = frame.with_columns(partition=pl.lit(partition if partition is not None else -1, pl.Int64))
     frame, rejected = guard_readings(frame, ctx)
-    joined = frame.join(ctx.circuit_routes, on="circuit_id", how="left")
+    joined = _with_routes(frame, ctx)
     unknown = joined.filter(pl.col("bucket").is_null())
     wrong = joined.filter(pl.col("bucket").is_not_null() & (pl.col("shard") != pl.col("partition")))
     if not unknown.height and not wrong.height:
@@ -112,6 +113,28 @@ def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int | No
                                                  f"another shard: {ids[:10]}"))
     ok = joined.filter(pl.col("shard") == pl.col("partition"))
     return Routed(ok, ok["bucket"].unique().to_list(), sorted(rejected))
+
+
+#: Up to this many readings a step looks its circuits up one by one; above, it joins the
+#: portfolio's route table (a join hashes all of it: ~50 ms per step at 350,000 circuits).
+ROUTE_LOOKUP_ROWS = 100_000
+
+
+def _with_routes(frame: pl.DataFrame, ctx: BillingContext) -> pl.DataFrame:
+    """`frame` with the `shard` and `bucket` of each reading's circuit (null: unknown circuit),
+    as `frame.join(ctx.circuit_routes, on="circuit_id", how="left")`."""
+    if frame.height > ROUTE_LOOKUP_ROWS:
+        return frame.join(ctx.circuit_routes, on="circuit_id", how="left")
+    routes, parts = ctx.circuit_meter, ctx.partitions
+    found: dict[str, tuple[int, str] | None] = {}  # per distinct circuit of the step
+    for circuit in frame["circuit_id"].unique().to_list():
+        route = routes.get(circuit)
+        found[circuit] = None if route is None else (account_shard(route.account_id, parts),
+                                                     state_key(route.account_id))
+    rows = [found[c] for c in frame["circuit_id"].to_list()]
+    return frame.with_columns(
+        shard=pl.Series([r[0] if r else None for r in rows], dtype=pl.Int64),
+        bucket=pl.Series([r[1] if r else None for r in rows], dtype=pl.String))
 
 
 def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingContext,

@@ -19,7 +19,7 @@ from pipelines.core.engine import BatchOutputs, CoreState, process_batch
 from pipelines.core.engine import tick as core_tick
 from pipelines.core.postings import apply_postings
 from pipelines.core.wallet import friendly_until
-from pipelines.envelope import Envelope, OutboxItem
+from pipelines.envelope import Envelope, OutboxItem, state_key
 from pipelines.facts import interval_facts
 from pipelines.loadcontrol import LoadOutputs, process_load
 from pipelines.powerloop import PowerLoop, day_due, wallet_due
@@ -98,20 +98,37 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
         tagged += load_items(load_out, loop, ctx, bucket_of)
     if now_ms is not None and readings.height:
         tagged += loop.observe(readings, now_ms)
+    return _merge(envs, new_state, load_state, tagged, loop, positions, ctx, bucket_of)
+
+
+def _merge(envs: dict[str, Envelope], new_state: CoreState, load_state: dict[str, Any],
+           tagged: list[tuple[str, OutboxItem]], loop: PowerLoop, positions: dict[str, tuple[str, int]],
+           ctx: BillingContext, bucket_of: Any) -> dict[str, Envelope]:
+    """The step's new envelopes: each key's accounts, circuits, load state and outputs.
+
+    Positional and without a call per account where the key is the account id (the worker's
+    keys: `ctx.bucket_of`): this runs for every account a step touches."""
     result: dict[str, Envelope] = {}
+    holds, relays = loop.holds, loop.relays  # copies of the keys the power loop changed
     for key, env in envs.items():
-        extra = {**env.extra, "load": {}} if load_state else env.extra
         source, offset = positions[key]
-        result[key] = Envelope(accounts={}, circuits={}, hwm={**env.hwm, source: offset}, outbox=[],
-                               updates=env.updates + 1, holds=loop.holds_of(key), extra=extra,  # no copy
-                               relays=loop.relays_of(key))
+        hwm = env.hwm.copy()
+        hwm[source] = offset
+        result[key] = Envelope({}, {}, hwm, [], env.updates + 1, holds.get(key, env.holds),
+                               {**env.extra, "load": {}} if load_state else env.extra,  # no copy
+                               relays.get(key, env.relays))
+    own = bucket_of == ctx.bucket_of and state_key("a") == "a"  # key = account id
     for account, value in load_state.items():
-        result[bucket_of(account)].extra["load"][account] = value
+        result[account if own else bucket_of(account)].extra["load"][account] = value
     for account, value in new_state.accounts.items():
-        result[bucket_of(account)].accounts[account] = value
+        result[account if own else bucket_of(account)].accounts[account] = value
+    routes = ctx.circuit_meter
     for circuit, value in new_state.circuits.items():
-        route = ctx.circuit_meter.get(circuit)
-        key = bucket_of(route.account_id) if route else _bucket_holding(circuit, envs)
+        route = routes.get(circuit)
+        if route is None:
+            key = _bucket_holding(circuit, envs)
+        else:
+            key = route.account_id if own else bucket_of(route.account_id)
         result[key].circuits[circuit] = value
     for key, item in tagged:
         result[key].outbox.append(item)

@@ -39,9 +39,12 @@ import asyncio
 import logging
 import os
 import time
+import weakref
+from collections import deque
 from typing import Any
 
 import faust
+from faust.streams import _current_event
 from faust.types import TP
 
 log = logging.getLogger("mallwatt.changelog")
@@ -60,7 +63,16 @@ WRITER = os.environ.get("MALLWATT_CHANGELOG_WRITER", "librdkafka")
 
 
 class ChangelogWriter:
-    """confluent-kafka producer for table changelogs; futures resolve on the event loop."""
+    """confluent-kafka producer for table changelogs, counted per partition.
+
+    Why no future or closure per write: a step at portfolio scale writes tens of thousands of
+    values, and a future, a delivery closure and a scan over every pending future per poll
+    cost more of the worker's core than the produce itself. Deliveries of one partition are
+    reported in order (idempotent producer, acks=all), so a count per (topic, partition) says
+    which writes are stored: `mark()` snapshots what was produced, `wait(mark)` returns once
+    every partition's delivered count reaches it, and `acked()` hands out the values the
+    broker has, in order, for the local store. One shared delivery callback counts; any
+    failed write is kept and raised to every waiter (the worker then stops)."""
 
     def __init__(self, bootstrap: str, extra: dict[str, Any] | None = None) -> None:
         from confluent_kafka import Producer
@@ -71,45 +83,76 @@ class ChangelogWriter:
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 5, "compression.type": "lz4", "batch.size": 1_048_576,
             "queue.buffering.max.kbytes": 262_144, **(extra or {})}))
+        self._produced: dict[tuple[str, int], int] = {}
+        self._delivered: dict[tuple[str, int], int] = {}
+        self._offsets: dict[tuple[str, int], int] = {}  # newest delivered offset
+        self._pending: dict[tuple[str, int], deque[tuple[bytes, bytes | None]]] = {}  # not yet handed out
+        self._handed: dict[tuple[str, int], int] = {}  # writes handed out by acked()
+        self.error: Exception | None = None
 
-    def produce(self, topic: str, partition: int, key: bytes, value: bytes | None,
-                on_stored: Any = None) -> asyncio.Future[Any]:
-        """Queue one write; the future gets (partition, offset) once the broker has it."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def _on_delivery(self, err: Any, msg: Any) -> None:  # runs inside poll(), on the loop's thread
+        tp = (msg.topic(), msg.partition())
+        if err is not None:
+            if self.error is None:
+                self.error = RuntimeError(f"changelog write to {tp[0]}[{tp[1]}] failed: {err}")
+            return
+        self._delivered[tp] = self._delivered.get(tp, 0) + 1
+        self._offsets[tp] = msg.offset()
 
-        def delivered(err: Any, msg: Any) -> None:  # runs inside poll(), on the loop's thread
-            if future.done():
-                return
-            if err is not None:
-                future.set_exception(RuntimeError(f"changelog write to {topic}[{partition}] failed: {err}"))
-            else:
-                future.set_result((msg.partition(), msg.offset()))
-                if on_stored is not None:
-                    on_stored(msg.partition(), msg.offset())
-
+    def produce(self, topic: str, partition: int, key: bytes, value: bytes | None) -> None:
+        """Queue one write (its value reaches `acked()` once the broker has it)."""
+        tp = (topic, partition)
         while True:
             try:
-                self._producer.produce(topic, key=key, value=value, partition=partition, on_delivery=delivered)
+                self._producer.produce(topic, key=key, value=value, partition=partition,
+                                       on_delivery=self._on_delivery)
                 break
             except BufferError:  # the local queue is full: let deliveries drain it
                 self._producer.poll(0.01)
-        return future
+        self._produced[tp] = self._produced.get(tp, 0) + 1
+        pending = self._pending.get(tp)
+        if pending is None:
+            pending = self._pending[tp] = deque()
+        pending.append((key, value))
 
-    async def wait(self, futures: list[asyncio.Future[Any]]) -> None:
-        """Until every future is resolved (delivery reports are served while waiting)."""
+    def mark(self) -> dict[tuple[str, int], int]:
+        """What was produced so far, per partition (for `wait`)."""
+        return dict(self._produced)
+
+    def done(self, mark: dict[tuple[str, int], int]) -> bool:
+        return all(self._delivered.get(tp, 0) >= n for tp, n in mark.items())
+
+    async def wait(self, mark: dict[tuple[str, int], int]) -> None:
+        """Until every write of `mark` is delivered (raises if any write failed)."""
         started = time.monotonic()
         warned = False
-        while not all(f.done() for f in futures):
+        while True:
             self._producer.poll(0)
-            if not all(f.done() for f in futures):
-                await asyncio.sleep(0.001)
-                if not warned and time.monotonic() - started > SLOW_WRITE_S:
-                    warned = True  # the agent (and its input's commits) waits meanwhile
-                    log.warning("changelog writes unacknowledged for %.0f s: %s of %s pending, %s queued",
-                                time.monotonic() - started, sum(not f.done() for f in futures), len(futures),
-                                len(self._producer))
-        for f in futures:
-            f.result()  # raises a failed write
+            if self.error is not None:
+                raise self.error
+            if self.done(mark):
+                return
+            await asyncio.sleep(0.001)
+            if not warned and time.monotonic() - started > SLOW_WRITE_S:
+                warned = True  # the agent (and its input's commits) waits meanwhile
+                log.warning("changelog writes unacknowledged for %.0f s: %s queued", time.monotonic() - started,
+                            len(self._producer))
+
+    def acked(self) -> dict[tuple[str, int], tuple[list[tuple[bytes, bytes | None]], int]]:
+        """The writes the broker has stored and not handed out before, per partition in order,
+        with the partition's newest stored offset. Nothing once a write failed: the caller's
+        memory is then ahead of the changelog and it must stop, not store."""
+        out: dict[tuple[str, int], tuple[list[tuple[bytes, bytes | None]], int]] = {}
+        if self.error is not None:
+            return out
+        for tp, delivered in self._delivered.items():
+            ready = delivered - self._handed.get(tp, 0)
+            if ready <= 0:
+                continue
+            pending = self._pending[tp]
+            out[tp] = ([pending.popleft() for _ in range(ready)], self._offsets[tp])
+            self._handed[tp] = delivered
+        return out
 
     async def flush(self, timeout_s: float = 30.0) -> int:
         """Until every queued write is delivered (delivery reports run on this thread); returns
@@ -125,10 +168,10 @@ class DurableTable(faust.Table):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._unacknowledged: list[Any] = []
+        self._unacknowledged: list[Any] = []  # faust's own send futures (MALLWATT_CHANGELOG_WRITER=faust)
         self._writer: ChangelogWriter | None = None
         self.generation = 0  # +1 on every rebalance and recovery: values cached by callers may be stale
-        self._stored_offsets: dict[TP, int] = {}  # newest changelog offset in the local store
+        self._topic_name: str | None = None
         self._recovering = False  # from a rebalance until its recovery completed
         self._acked_in_recovery: dict[Any, tuple[int, Any]] = {}  # key -> (partition, value) acked meanwhile
 
@@ -153,47 +196,59 @@ class DurableTable(faust.Table):
         assert partition is not None
         writer = self._changelog_writer()
         if writer is None:
-            fut: Any = self.send_changelog(partition, key, value)
+            self._unacknowledged.append(self.send_changelog(partition, key, value))
         else:
-            topic = self.changelog_topic.get_topic_name()
-            fut = writer.produce(topic, partition, key, value, self._stored_at(topic, key, value))
-        self._unacknowledged.append(fut)
+            writer.produce(self.changelog_topic.get_topic_name(), partition, key, value)
         self._maybe_set_key_ttl(key, partition)
         self._sensor_on_set(self, key, value)
 
-    def _stored_at(self, topic: str, key: bytes, value: bytes) -> Any:
-        def stored(partition: int, offset: int) -> None:
-            store_locally(self.data, partition, key, value)
-            if self._recovering:  # the replay may put an older record of this key over it
-                self._acked_in_recovery[key] = (partition, value)
-            tp = TP(topic, partition)
-            self._stored_offsets[tp] = max(offset, self._stored_offsets.get(tp, -1))
-        return stored
+    def put(self, key: bytes, value: bytes, partition: int) -> None:
+        """`table[key] = value` for a caller that knows the key's partition, without a current
+        stream event (a billing step writes thousands of accounts; setting faust's event
+        context per write cost more than the write). With faust's own writer it falls back to
+        that context."""
+        writer = self._changelog_writer()
+        if writer is None:
+            token = _current_event.set(weakref.ref(_PartitionEvent(partition)))  # type: ignore[arg-type]
+            try:
+                self[key] = value
+            finally:
+                _current_event.reset(token)
+            return
+        writer.produce(self._topic_name or self._name_topic(), partition, key, value)
+        self._maybe_set_key_ttl(key, partition)
+        self._sensor_on_set(self, key, value)
 
-    def _persist_offsets(self) -> None:
-        """What faust's own send callback does per write, once per partition and wait: RocksDB
-        keeps the newest offset it holds, to resume after a restart (an offset lagging its
-        values only means re-reading a few changelog records)."""
-        for tp, offset in self._stored_offsets.items():
-            self.data.set_persisted_offset(tp, offset)
-        self._stored_offsets.clear()
+    def _name_topic(self) -> str:
+        self._topic_name = self.changelog_topic.get_topic_name()
+        return self._topic_name
+
+    def _store_acked(self) -> None:
+        """Put what the broker has acknowledged into the local store, one batch per partition,
+        and let RocksDB keep the newest offset it holds, to resume after a restart (what
+        faust's own send callback does per write)."""
+        if self._writer is None:
+            return
+        for (topic, partition), (writes, offset) in self._writer.acked().items():
+            store_many(self.data, partition, writes)
+            if self._recovering:  # the replay may put an older record of these keys over them
+                for key, value in writes:
+                    self._acked_in_recovery[key] = (partition, value)
+            self.data.set_persisted_offset(TP(topic, partition), offset)
 
     async def written(self) -> None:
         """Wait until the broker has acknowledged every write made so far (raises if one failed)."""
         # Every caller waits for every write made before it called, whoever else is waiting:
         # the readings agent acks in the background while other agents wait for theirs.
-        pending = list(self._unacknowledged)
-        if not pending:
-            return
+        others = list(self._unacknowledged)
         try:
             if self._writer is not None:
-                await self._writer.wait([f for f in pending if isinstance(f, asyncio.Future)])
-            others = [f for f in pending if not isinstance(f, asyncio.Future)]
+                await self._writer.wait(self._writer.mark())
             if others:
                 await asyncio.gather(*others)
         finally:
             self._unacknowledged = [f for f in self._unacknowledged if not f.done()]
-            self._persist_offsets()
+            self._store_acked()
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP],
                            generation_id: int = 0) -> None:
@@ -202,6 +257,7 @@ class DurableTable(faust.Table):
             remaining = await self._writer.flush(30.0)
             if remaining:
                 raise RuntimeError(f"{remaining} changelog write(s) not stored before a rebalance")
+            self._store_acked()
         self.generation += 1
         self._recovering = True
         self._acked_in_recovery.clear()
@@ -215,15 +271,53 @@ class DurableTable(faust.Table):
         moves (read again); a value the broker acknowledged meanwhile may have been overwritten
         by an older record of the replay, so it is put back."""
         if self._writer is not None:
-            await self._writer.flush(30.0)  # every write made so far is acknowledged and stored
+            await self._writer.flush(30.0)  # every write made so far is acknowledged ...
+            self._store_acked()  # ... and stored
         await super().on_recovery_completed(active_tps, standby_tps)
         mine = {tp.partition for tp in active_tps}
+        by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for key, (partition, value) in self._acked_in_recovery.items():
             if partition in mine:
-                store_locally(self.data, partition, key, value)
+                by_partition.setdefault(partition, []).append((key, value))
+        for partition, writes in by_partition.items():
+            store_many(self.data, partition, writes)
         self._acked_in_recovery.clear()
         self._recovering = False
         self.generation += 1
+
+
+class _PartitionEvent:
+    """Stands in for the current event: faust takes a write's partition from it."""
+
+    def __init__(self, partition: int) -> None:
+        self.message = type("M", (), {"partition": partition, "topic": ""})()
+
+
+def store_many(store: Any, partition: int, writes: list[tuple[bytes, bytes | None]]) -> None:
+    """Put acknowledged writes (in order; None deletes) into the table's local store: with
+    RocksDB one WriteBatch per partition (its database is picked by partition: a delivery
+    report has no current stream event)."""
+    if hasattr(store, "_db_for_partition") and getattr(store, "use_rocksdict", False):  # faust's RocksDB store
+        from rocksdict import WriteBatch
+
+        batch = WriteBatch(raw_mode=True)
+        index = store._key_index
+        for key, value in writes:
+            if value is None:
+                batch.delete(key)
+                index.pop(key, None)
+            else:
+                batch.put(key, value)
+                index[key] = partition
+        store._db_for_partition(partition).write(batch)
+    else:  # the memory store (or python-rocksdb: one put per write)
+        for key, value in writes:
+            if hasattr(store, "_db_for_partition"):
+                store_locally(store, partition, key, value)  # type: ignore[arg-type]
+            elif value is None:
+                store.pop(key, None)
+            else:
+                store[key] = value
 
 
 def store_locally(store: Any, partition: int, key: bytes, value: bytes) -> None:

@@ -57,16 +57,26 @@ class OutboxItem:
 def frame_value(outbox: list[OutboxItem], state: bytes) -> bytes:
     """MAGIC, outbox length, the binary outbox, then the state bytes (any table's)."""
     parts = [MAGIC, b""]
-    for o in outbox:
-        topic = o.topic.encode()
-        parts += (_ITEM.pack(len(topic), len(o.key), len(o.value), o.partition), topic, o.key, o.value)
-    parts[1] = _LENGTH.pack(sum(map(len, parts)) - len(MAGIC))
+    size = 0
+    topics = _TOPICS
+    for o in outbox:  # runs for every account a step writes: topic names encoded once per process
+        topic = topics.get(o.topic)
+        if topic is None:
+            topic = topics[o.topic] = o.topic.encode()
+        key, value = o.key, o.value
+        parts.append(_ITEM.pack(len(topic), len(key), len(value), o.partition))
+        parts.append(topic)
+        parts.append(key)
+        parts.append(value)
+        size += _ITEM.size + len(topic) + len(key) + len(value)
+    parts[1] = _LENGTH.pack(size)
     parts.append(state)
     return b"".join(parts)
 
 
 _ITEM = struct.Struct(">HIIi")
 _LENGTH = struct.Struct(">I")
+_TOPICS: dict[str, bytes] = {}
 
 
 def unframe_value(raw: bytes) -> tuple[list[OutboxItem], bytes]:
@@ -134,16 +144,24 @@ class Envelope:
         return raw
 
     @classmethod
-    def from_bytes(cls, raw: bytes | None) -> Envelope:
+    def from_bytes(cls, raw: bytes | None, outbox: bool = True) -> Envelope:
+        """The stored envelope; without `outbox` the outputs of its last change are skipped
+        (the worker never needs them again: a step's envelope gets a new outbox, and the
+        forwarder reads outputs with `outbox_of`)."""
         if not raw:
             return cls()
-        outbox, state = unframe_value(raw)
+        if outbox:
+            items, state = unframe_value(raw)
+        else:
+            if not raw.startswith(MAGIC):
+                raise ValueError("not a mallwatt state value of this version (unknown format)")
+            items, state = [], memoryview(raw)[len(MAGIC) + 4 + _LENGTH.unpack_from(raw, len(MAGIC))[0]:]
         fields = msgpack.unpackb(state, raw=False, strict_map_key=False)
         accounts, circuits, hwm, updates, holds, extra = fields[:6]
         relays = fields[6] if len(fields) > 6 else {}  # added at the end: older values still read
         accs = [_account_from(r) for r in accounts]
         circs = [_circuit_from(r) for r in circuits]
-        return cls({s.account_id: s for s in accs}, {c.circuit_id: c for c in circs}, hwm, outbox, updates,
+        return cls({s.account_id: s for s in accs}, {c.circuit_id: c for c in circs}, hwm, items, updates,
                    holds, extra, relays)
 
 

@@ -194,25 +194,40 @@ def next_due(env: Envelope, ctx: Any = None) -> int | None:
     tick) while a trip waits for a friendly period to end, or (with the BillingContext `ctx`) the
     start of a local day the account's readings have reached but its wallet has not posted yet
     (standing charge, debt schedule: `day_due`)."""
-    dues = [row[9] for row in env.relays.values() if row[9] >= 0]
-    if any(s.deferred or s.warn_pending for s in env.accounts.values()):
-        dues.append(0)
+    # plain loops, no lists: this runs for every account a step writes
+    best: int | None = None
+    for row in env.relays.values():
+        due = row[9]
+        if due >= 0 and (best is None or due < best):
+            best = due
+    for s in env.accounts.values():
+        if s.deferred or s.warn_pending:
+            best = 0 if best is None else min(best, 0)
+            break
     if ctx is not None:
         day = day_due(env, ctx.rating)
-        if day is not None:
-            dues.append(day)
-    return min(dues) if dues else None
+        if day is not None and (best is None or day < best):
+            best = day
+    return best
 
 
 def day_due(env: Envelope, rating: Any) -> int | None:
     """The start of the earliest local day an account of `env` has to post by the timer: one
     its billed readings have reached (0 Wh readings move no wallet) and its wallet has not.
     None while the readings are still before it: their next state write looks again."""
-    billed = max((c.last_ts_ms for c in env.circuits.values() if c.last_ts_ms is not None), default=None)
+    billed: int | None = None
+    for c in env.circuits.values():
+        ts = c.last_ts_ms
+        if ts is not None and (billed is None or ts > billed):
+            billed = ts
     if billed is None:
         return None
-    days = [d for d in (timer_due_ms(s, rating) for s in env.accounts.values()) if d is not None and d <= billed]
-    return min(days) if days else None
+    best: int | None = None
+    for s in env.accounts.values():
+        day = timer_due_ms(s, rating)
+        if day is not None and day <= billed and (best is None or day < best):
+            best = day
+    return best
 
 
 def wallet_due(env: Envelope, rating: Any, now_ms: int) -> bool:

@@ -97,10 +97,19 @@ def behind(newest_stamp: float | None, within: float) -> bool:
     return newest_stamp is not None and time.time() - newest_stamp >= within
 
 
-async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
+async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | None = None,
+                     catchup_bytes: int | None = None) -> AsyncIterator[list[Any]]:
     """Lists of at most `max_` events; a list is yielded at once when it is full, else once
     its oldest event has waited `within` seconds since it arrived (behind a backlog: once it
-    is full or `within` after the wait began)."""
+    is full or `within` after the wait began).
+
+    Behind a backlog a step may grow to `catchup_max` events or `catchup_bytes` of message
+    values, whichever comes first: a step's cost is mostly per account it touches, and only
+    a step spanning several poll cycles brings several readings per account (at 350,000
+    merchants one cycle is about 4,000 messages)."""
+    catchup_max = max(max_, catchup_max or max_)
+    catchup_bytes = catchup_bytes or 0
+    size = 0  # bytes of the buffered message values
     events: list[Any] = []
     oldest = float("inf")  # monotonic time the oldest buffered event arrived (_arrival)
     newest_stamp: float | None = None  # Kafka timestamp of the newest buffered event
@@ -111,7 +120,7 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
     channel = aiter(stream.channel)
 
     async def add_to_buffer(value: Any) -> Any:
-        nonlocal consuming, oldest, newest_stamp
+        nonlocal consuming, oldest, newest_stamp, size
         try:
             if consuming is not None:  # a step is running: do not change its list
                 try:
@@ -127,7 +136,10 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
             if stamp and (newest_stamp is None or stamp > newest_stamp):
                 newest_stamp = stamp
             has_events.set()
-            if len(events) >= max_:
+            value = event.message.value
+            size += len(value) if isinstance(value, bytes | bytearray) else 0
+            if len(events) >= max_ and (len(events) >= catchup_max or (catchup_bytes and size >= catchup_bytes)
+                                        or not behind(newest_stamp, within)):
                 full.set()
                 consumed.clear()
                 await stream.wait(consumed)  # never more than max_ per step
@@ -149,12 +161,12 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
                 if not events:
                     continue
             # what arrived while the last step ran is already queued: take it before deciding
-            while len(events) < max_ and not channel.queue.empty() and not stream.should_stop:
+            while not full.is_set() and not channel.queue.empty() and not stream.should_stop:
                 await asyncio.sleep(0)
             remaining = within - (time.monotonic() - oldest)
             if remaining <= 0 and behind(newest_stamp, within):
                 remaining = within  # a backlog: more is on its way, fill the step as take_events does
-            if remaining > 0 and len(events) < max_:
+            if remaining > 0 and not full.is_set():
                 await stream.wait_for_stopped(full, timeout=remaining)
             consuming = asyncio.get_running_loop().create_future()
             step = list(events)
@@ -164,7 +176,7 @@ async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[lis
                 stepped = True
             finally:
                 events.clear()
-                oldest, newest_stamp = float("inf"), None
+                oldest, newest_stamp, size = float("inf"), None, 0
                 has_events.clear()
                 # Acked only after a step the agent finished: a step that raised (or an agent
                 # cancelled in it) leaves its events unacked, so their offsets are never

@@ -57,6 +57,11 @@ INPUT_TOPICS = (T.READINGS, T.RELAY_OUTCOMES, T.PAYMENTS, T.POSTINGS, T.PAYMENTS
 #: Reading messages per billing step at most, and how long a step waits to fill up.
 BATCH_MESSAGES = int(os.environ.get("MALLWATT_BATCH_MESSAGES", 256))
 BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
+#: Behind a backlog a readings step may grow to this many messages or bytes of input (the
+#: per-account cost of a step is then spread over several readings per account; each
+#: account's rounds stay bounded by MALLWATT_ROWS_PER_ACCOUNT).
+CATCHUP_MESSAGES = int(os.environ.get("MALLWATT_CATCHUP_MESSAGES", 16384))
+CATCHUP_BYTES = int(os.environ.get("MALLWATT_CATCHUP_BYTES", 128 * 1024 * 1024))
 #: Log every reading step's size, input age and cost (for tuning; off by default).
 LOG_STEPS = bool(os.environ.get("MALLWATT_LOG_STEPS"))
 #: How often a worker forgets claims past the horizon (pipelines.core.claims).
@@ -195,21 +200,19 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         hit = parsed.get(key)
         if hit is not None and hit[0] == states.generation:
             return hit[1]
-        env = Envelope.from_bytes(states.get(key.encode()))
+        env = Envelope.from_bytes(states.get(key.encode()), outbox=False)  # a step writes a new one
         parsed[key] = (states.generation, env)
         note_due(key, env)
         return env
 
     def store_all(changed: dict[str, Envelope], events: list[Any], ctx: Any) -> None:
-        """faust takes a table write's changelog partition from the current event, and outside
-        `async for event in stream` there is none: set the last event of the key's partition."""
-        last = {event.message.partition: event for event in events}
+        """Write a step's changed accounts, each to its account's partition (DurableTable.put:
+        no faust event context per write)."""
+        generation = states.generation
         for key, env in changed.items():
-            token = _current_event.set(weakref.ref(last[ctx.partition_of_key(key)]))
-            try:
-                store(key, env)
-            finally:
-                _current_event.reset(token)
+            states.put(key.encode(), env.to_bytes(), ctx.partition_of_key(key))
+            parsed[key] = (generation, env)
+            note_due(key, env)
             fault_point("mid_step")  # chaos proof: part of the step written, part not
 
     def withhold_unowned(events: list[Any]) -> None:
@@ -349,7 +352,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         # written()), but waiting for that here would hold the next step back by a broker
         # round trip. So each event gets one extra reference: take_steps' own ack after
         # this body only drops that, and the real ack follows once the writes are stored.
-        async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
+        async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S, CATCHUP_MESSAGES, CATCHUP_BYTES):
             started = time.time()
             for event in events:
                 event.message.incref()
@@ -612,12 +615,17 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         if wrote:
             await written()
 
+    scanned = [-1]  # the table generation a scan last completed in
+
     @app.timer(interval=TICK_SCAN_S)
     async def scan_due() -> None:
         """Find accounts with timer work among the states this worker owns (after a start or a
         rebalance they are in the table but not yet in `due`), in slices so billing never waits.
-        Not while a rebalance's recovery replays the changelog (values go back in time meanwhile)."""
-        if app.rebalancing:
+        Not while a rebalance's recovery replays the changelog (values go back in time meanwhile).
+        Once per table generation: afterwards every write notes its own timer work, and a scan
+        of 350,000 keys costs about a second of the event loop."""
+        generation = states.generation
+        if app.rebalancing or scanned[0] == generation:
             return
         ctx = holder.current()
         mine = active_partitions()
@@ -629,6 +637,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 except Exception as exc:  # an unreadable value is reported, not fatal for the timer
                     log.error("state of %r unreadable for the timer: %s", raw_key, exc)
             await asyncio.sleep(0)
+        if states.generation == generation and not app.rebalancing:
+            scanned[0] = generation
 
     return app
 

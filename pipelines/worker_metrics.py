@@ -35,11 +35,12 @@ FLUSH_S = 1.0
 _OBSERVED, _ACTION, _DUE = 0, 3, 9
 
 
-async def take_steps(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
+async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | None = None,
+                     catchup_bytes: int | None = None) -> AsyncIterator[list[Any]]:
     """pipelines.take.take_steps, counting each step once: its size, its messages by topic and
     its duration (from the yield until the agent asks for the next step)."""
     children: dict[str, tuple[Any, Any, Any]] = {}  # per topic: labels() costs more than the inc
-    async for events in _take_steps(stream, max_, within):
+    async for events in _take_steps(stream, max_, within, catchup_max, catchup_bytes):
         started = time.perf_counter()
         yield events
         if events:

@@ -101,3 +101,39 @@ def test_small_batch_pass_equals_polars_pass(steps: list[tuple[Any, ...]], cuts:
     finally:
         lc.SMALL = saved
     assert small == big
+
+
+def test_live_shape_without_windows_equals_the_small_pass() -> None:
+    """Live input (every account once per batch) skips the per-account windows of the polars
+    pass, and readings of accounts without limits are dropped per distinct account: both must
+    give what the plain-Python pass gives, also when a second reading of an account (or a late
+    one) makes the batch not live-shaped."""
+    import pipelines.loadcontrol as lc
+
+    ts = 1_700_000_000_000
+    limits = {f"A{i}": LoadLimits("M", 2000 + i, 0, LoadPolicy(banned=(BannedBand(),))) for i in range(40)}
+    first = [(f"c{i}", f"m{i}", f"A{i}", ts, 1000.0 + 50 * i, 0.97, 0) for i in range(40)]
+    first.append(("x1", "mx", "NOLIMITS", ts, 9000.0, 1.0, 0))
+    second = [(f"c{i}", f"m{i}", f"A{i}", ts + 10_000, 1000.0 + 100 * i, 1.0, 0) for i in range(40)]
+    second += [("c3", "m3", "A3", ts + 20_000, 5000.0, 1.0, 0), ("c4", "m4", "A4", ts - 5, 10.0, 1.0, 0)]
+
+    def run_two(small: int) -> tuple[Any, ...]:
+        saved = lc.SMALL
+        lc.SMALL = small
+        try:
+            state, out1 = process_load(to_frame(first), {}, limits)
+            state = json.loads(json.dumps(state))
+            live, out2 = process_load(to_frame(second[:40]), state, limits)
+            mixed, out3 = process_load(to_frame(second), state, limits)
+            # every circuit once, but account A5 twice (two circuits): its total is a sum
+            two, out4 = process_load(to_frame([*second[:40], ("c5b", "m5b", "A5", ts + 10_000, 4000.0, 1.0, 0)]),
+                                     state, limits)
+        finally:
+            lc.SMALL = saved
+        return state, live, mixed, [(o.alerts, o.commands, o.late) for o in (out1, out2, out3, out4)], two
+
+    polars_pass, python_pass = run_two(-1), run_two(10**9)
+    assert polars_pass == python_pass
+    assert "NOLIMITS" not in polars_pass[0] and polars_pass[3][2][2] == 1  # the late reading
+    assert any(a["kind"] == "overload" for a in polars_pass[3][2][0])  # A3 at 5 kW: the rules ran
+    assert any(a["account_id"] == "A5" and a["kind"] == "overload" for a in polars_pass[3][3][0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import polars as pl
 import pytest
 
@@ -58,6 +60,24 @@ def test_routing_rejects_unknown_and_misrouted(ctx: billing.BillingContext) -> N
     assert any("unknown circuit" in r and "ghost.1" in r for _, _, r in routed.rejected)
     routed = batching.route_readings(frame, ctx, (right + 1) % PARTITIONS)
     assert routed.buckets == [] and any("another shard" in r for _, _, r in routed.rejected)
+
+
+def test_routing_by_lookup_equals_the_join_with_the_route_table(ctx: billing.BillingContext,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step looks its circuits up one by one (a join hashes the whole portfolio's route
+    table); above ROUTE_LOOKUP_ROWS it joins. Both give the same routes, rejections included."""
+    rows = []
+    for i, (circuit, route) in enumerate(sorted(ctx.circuit_meter.items())):
+        rows.append(_readings(route.account_id, route.meter_id, circuit, [1.0 + i, 2.0 + i]))
+    rows.append(_readings("X", "ghost", "ghost.1", [1.0]))
+    frame = batching.messages_frame([(i % PARTITIONS, i, f) for i, f in enumerate(rows)])
+    looked_up = batching.route_readings(frame, ctx)
+    monkeypatch.setattr(batching, "ROUTE_LOOKUP_ROWS", 0)
+    joined = batching.route_readings(frame, ctx)
+    assert looked_up.frame.equals(joined.frame) and looked_up.frame.height > 0
+    assert sorted(looked_up.buckets) == sorted(joined.buckets) and looked_up.rejected == joined.rejected
+    assert any("unknown circuit" in r for _, _, r in joined.rejected)
+    assert any("another shard" in r for _, _, r in joined.rejected)
 
 
 def test_topup_charge_and_trip_in_outbox(ctx: billing.BillingContext) -> None:
@@ -338,3 +358,18 @@ def test_a_value_above_the_limit_is_refused_by_name() -> None:
     with pytest.raises(ValueTooLarge, match=r"\['A1'\].*above the limit of 4096 bytes"):
         env.to_bytes(limit=4096)
     assert Envelope.from_bytes(env.to_bytes()).outbox == env.outbox
+
+
+def test_an_envelope_read_without_its_outbox_is_the_same_state(ctx: billing.BillingContext) -> None:
+    """The worker reads stored envelopes without the outputs of their last change (a step
+    writes a new outbox); everything else round-trips, and a foreign value is still refused."""
+    account, meter, circuit = _merchant(ctx)
+    env = billing.apply_payment(Envelope(), {"payment_id": "p-9", "account_id": account, "ts_ms": T0 - 1,
+                                             "amount_minor": 300, "kind": "TOPUP"}, ctx, "payments:0", 0)
+    env = billing.apply_readings(env, _readings(account, meter, circuit, [100.0, 101.0]), ctx, "readings:3", 4)
+    raw = env.to_bytes()
+    full, lean = Envelope.from_bytes(raw), Envelope.from_bytes(raw, outbox=False)
+    assert full.outbox and lean.outbox == []
+    assert replace(lean, outbox=full.outbox) == full
+    with pytest.raises(ValueError, match="unknown format"):
+        Envelope.from_bytes(b"XX" + raw, outbox=False)

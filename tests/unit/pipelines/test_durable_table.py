@@ -16,33 +16,44 @@ from pipelines.durable_table import DurableTable
 
 
 class FakeWriter:
-    """Records writes; resolves their futures when `deliver` is called (a broker's ack)."""
+    """Records writes; `deliver` is the broker's ack of every write so far (or a failure)."""
 
     def __init__(self) -> None:
         self.writes: list[tuple[str, int, bytes, bytes]] = []
-        self.futures: list[asyncio.Future[Any]] = []
-        self.stored: list[Any] = []
+        self.delivered = 0
+        self.handed = 0
+        self.error: Exception | None = None
         self.flushed = 0
 
-    def produce(self, topic: str, partition: int, key: bytes, value: bytes, on_stored: Any = None) -> Any:
+    def produce(self, topic: str, partition: int, key: bytes, value: bytes) -> None:
         self.writes.append((topic, partition, key, value))
-        future = asyncio.get_running_loop().create_future()
-        self.futures.append(future)
-        self.stored.append(on_stored)
-        return future
 
     def deliver(self, error: Exception | None = None) -> None:
-        for i, future in enumerate(self.futures):
-            if not future.done():
-                if error:
-                    future.set_exception(error)
-                else:
-                    future.set_result((0, i))
-                    if self.stored[i] is not None:
-                        self.stored[i](self.writes[i][1], i)
+        if error:
+            self.error = error
+        else:
+            self.delivered = len(self.writes)
 
-    async def wait(self, futures: list[asyncio.Future[Any]]) -> None:
-        await asyncio.gather(*futures)
+    def mark(self) -> int:
+        return len(self.writes)
+
+    async def wait(self, mark: int) -> None:
+        while True:
+            if self.error:
+                raise self.error
+            if self.delivered >= mark:
+                return
+            await asyncio.sleep(0.001)
+
+    def acked(self) -> dict[tuple[str, int], tuple[list[tuple[bytes, bytes]], int]]:
+        out: dict[tuple[str, int], tuple[list[tuple[bytes, bytes]], int]] = {}
+        if self.error:
+            return out
+        for i in range(self.handed, self.delivered):
+            topic, partition, key, value = self.writes[i]
+            out.setdefault((topic, partition), ([], i))[0].append((key, value))
+        self.handed = self.delivered
+        return out
 
     async def flush(self, timeout_s: float = 30.0) -> int:
         self.flushed += 1
@@ -183,3 +194,48 @@ def test_the_faust_version_is_one_this_module_was_written_for() -> None:
         app = faust.App(f"durable-test-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
                         web_enabled=False, Table=DurableTable)
         app.Table("t2", default=None, key_type=bytes, value_type=bytes, partitions=4).partition_for_key(b"k")
+
+
+class _Msg:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._t, self._p, self._o = topic, partition, offset
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+
+def test_the_writer_hands_out_values_only_as_far_as_the_broker_acknowledged_them() -> None:
+    """Counts per partition (deliveries of a partition arrive in order), no future per write;
+    a failed write stops every later hand-out and is raised to waiters."""
+    writer = durable_table.ChangelogWriter("127.0.0.1:1", {"log_level": 0})  # never connects: deliveries are simulated
+    for i in range(3):
+        writer.produce("cl", 0, b"k%d" % i, b"v%d" % i)
+    writer.produce("cl", 1, b"x", b"y")
+    mark = writer.mark()
+    assert not writer.done(mark) and writer.acked() == {}
+    writer._on_delivery(None, _Msg("cl", 0, 10))
+    writer._on_delivery(None, _Msg("cl", 0, 11))
+    assert writer.acked() == {("cl", 0): ([(b"k0", b"v0"), (b"k1", b"v1")], 11)}
+    assert writer.acked() == {}  # handed out once
+    writer._on_delivery(None, _Msg("cl", 1, 5))
+    assert not writer.done(mark)
+    writer._on_delivery(None, _Msg("cl", 0, 12))
+    assert writer.done(mark)
+    assert writer.acked() == {("cl", 0): ([(b"k2", b"v2")], 12), ("cl", 1): ([(b"x", b"y")], 5)}
+    writer.produce("cl", 0, b"k3", b"v3")
+    writer.produce("cl", 0, b"k4", b"v4")
+    writer._on_delivery("MSG_TIMED_OUT", _Msg("cl", 0, -1))
+    writer._on_delivery(None, _Msg("cl", 0, 13))
+    assert writer.acked() == {}  # memory is ahead of the changelog: nothing reaches the local store
+
+    async def wait() -> None:
+        await writer.wait(writer.mark())
+
+    with pytest.raises(RuntimeError, match="cl\\[0\\] failed"):
+        asyncio.run(wait())

@@ -17,7 +17,7 @@ SLOW_STEP = 0.3
 
 
 def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, settle: float = 1.5,
-              age: float = 0.0) -> tuple[float, list[tuple[float, list[Any]]]]:
+              age: float = 0.0, catchup: int | None = None) -> tuple[float, list[tuple[float, list[Any]]]]:
     """Put each value at its offset (seconds), its Kafka timestamp `age` seconds in the past,
     into an agent that reads with take_steps and takes `step_s` per step; returns the start
     time and (time, values) of every step."""
@@ -27,7 +27,7 @@ def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, 
 
     @app.agent()
     async def agent(stream: Any) -> None:
-        async for events in take_steps(stream, max_, WITHIN):
+        async for events in take_steps(stream, max_, WITHIN, catchup):
             steps.append((time.monotonic(), [event.value for event in events]))
             await asyncio.sleep(step_s)
 
@@ -162,3 +162,23 @@ def test_withheld_events_are_not_acked_the_rest_are() -> None:
         assert loop.run_until_complete(main()) == [(0, True), (1, False), (2, True), (3, False)]
     finally:
         loop.close()
+
+
+def test_behind_a_backlog_a_step_grows_to_its_catchup_size() -> None:
+    """Behind a backlog a step may take more than its size (up to the catch-up size), so the
+    per-account cost of a step is spread over several readings per account; live steps keep
+    their size (test_every_value_once_in_order_over_many_steps)."""
+    puts = [(i * 0.005, i) for i in range(40)]
+    _, steps = run_agent(puts, 8, age=5.0, catchup=30)
+    assert [v for _, values in steps for v in values] == list(range(40))
+    assert max(len(values) for _, values in steps) == 30
+
+
+def test_the_workers_counting_wrapper_takes_what_take_steps_takes() -> None:
+    """The worker reads through pipelines.worker_metrics.take_steps (counts each step): it must
+    pass the catch-up sizes on (a wrapper without them crashed the readings agent)."""
+    from inspect import signature
+
+    from pipelines import take, worker_metrics
+
+    assert signature(worker_metrics.take_steps).parameters.keys() == signature(take.take_steps).parameters.keys()

@@ -36,7 +36,9 @@ stream event).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 import weakref
 from collections import deque
 from typing import Any
@@ -45,11 +47,16 @@ import faust
 from faust.streams import _current_event
 from faust.types import TP
 
+log = logging.getLogger("mallwatt.changelog")
+
 #: faust versions whose Table internals this module was written against.
 FAUST_VERSIONS = ("0.15.",)
 if not faust.__version__.startswith(FAUST_VERSIONS):  # pragma: no cover - a pin bump must re-check
     raise ImportError(f"pipelines.durable_table adapts faust {FAUST_VERSIONS}, not {faust.__version__}: "
                       "re-check Table.on_key_set/partition_for_key/on_rebalance and update FAUST_VERSIONS")
+
+#: A wait for changelog acknowledgements longer than this is logged (once per wait).
+SLOW_WRITE_S = 10.0
 
 #: "faust" keeps faust's own changelog producer (slower; for comparison runs).
 WRITER = os.environ.get("MALLWATT_CHANGELOG_WRITER", "librdkafka")
@@ -117,6 +124,8 @@ class ChangelogWriter:
 
     async def wait(self, mark: dict[tuple[str, int], int]) -> None:
         """Until every write of `mark` is delivered (raises if any write failed)."""
+        started = time.monotonic()
+        warned = False
         while True:
             self._producer.poll(0)
             if self.error is not None:
@@ -124,6 +133,11 @@ class ChangelogWriter:
             if self.done(mark):
                 return
             await asyncio.sleep(0.001)
+            if not warned and time.monotonic() - started > SLOW_WRITE_S:
+                warned = True  # the agent (and its input's commits) waits meanwhile
+                pending = sum(max(0, n - self._delivered.get(tp, 0)) for tp, n in mark.items())
+                log.warning("changelog writes unacknowledged for %.0f s: %s of %s pending, %s queued",
+                            time.monotonic() - started, pending, sum(mark.values()), len(self._producer))
 
     def acked(self) -> dict[tuple[str, int], tuple[list[tuple[bytes, bytes | None]], int]]:
         """The writes the broker has stored and not handed out before, per partition in order,

@@ -62,6 +62,17 @@ def distinct(events: list[E], position: Callable[[E], Hashable] = _position) -> 
     return out
 
 
+def withhold(step: list[E], keep: Callable[[E], bool]) -> list[E]:
+    """Take out of a step (in place) the events `keep` refuses and return them: take_steps acks
+    only what is left in the list it yielded, so a withheld event is never acked and its
+    offset never committed (its partition's next owner, or this worker after its seek, gets
+    it again)."""
+    withheld = [event for event in step if not keep(event)]
+    if withheld:
+        step[:] = [event for event in step if keep(event)]
+    return withheld
+
+
 def _arrival(message: Any) -> float:
     """When a message arrived, on the monotonic clock: the earlier of its receipt by this
     worker and its Kafka timestamp. faust notes the receipt only when its event loop is free,
@@ -159,14 +170,21 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                 await stream.wait_for_stopped(full, timeout=remaining)
             consuming = asyncio.get_running_loop().create_future()
             step = list(events)
+            stepped = False
             try:
                 yield step
+                stepped = True
             finally:
                 events.clear()
                 oldest, newest_stamp, size = float("inf"), None, 0
                 has_events.clear()
-                for event in step:
-                    await stream.ack(event)
+                # Acked only after a step the agent finished: a step that raised (or an agent
+                # cancelled in it) leaves its events unacked, so their offsets are never
+                # committed and a restart delivers them again. Acking them here let a failed
+                # step's input be committed as done.
+                if stepped:
+                    for event in step:
+                        await stream.ack(event)
                 notify(consuming)
                 full.clear()
                 consumed.set()

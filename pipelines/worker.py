@@ -30,7 +30,7 @@ from infra import topics as T
 from infra.broker import bootstrap_servers
 from infra.home import data_dir
 from infra.kafka_security import KafkaSettings
-from pipelines import batching, billing, claiming, powerloop, worker_metrics
+from pipelines import batching, billing, claiming, faust_consumer, powerloop, worker_metrics
 from pipelines.audit import config_audit, refused_order_audit
 from pipelines.core.claims import CLAIM_HORIZON_DAYS
 from pipelines.deadletter import dead_letter_record
@@ -41,7 +41,7 @@ from pipelines.faust_tuning import faster_compression, idempotent_producer, shor
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import distinct
+from pipelines.take import distinct, withhold
 from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
@@ -50,6 +50,10 @@ from schemas.readings import batch_to_frame
 log = logging.getLogger("mallwatt.worker")
 
 APP_ID = os.environ.get("MALLWATT_APP_ID", "mallwatt-billing")
+#: The agents' input topics: plain, non-compacted topics written by idempotent producers
+#: without transactions, so their offsets have no gaps (pipelines/faust_consumer.py).
+INPUT_TOPICS = (T.READINGS, T.RELAY_OUTCOMES, T.PAYMENTS, T.POSTINGS, T.PAYMENTS_ACCEPTED, T.POSTINGS_ACCEPTED,
+                T.OPERATOR_COMMANDS)
 #: Reading messages per billing step at most, and how long a step waits to fill up.
 BATCH_MESSAGES = int(os.environ.get("MALLWATT_BATCH_MESSAGES", 256))
 BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
@@ -116,6 +120,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         # the topics faust creates itself (its leader topic) replicate like every other one
         topic_replication_factor=T.replication_of(bootstrap or bootstrap_servers())[0],
     )
+    # the agents' input topics: delivered strictly in offset order, committed without gaps
+    faust_consumer.install(app, INPUT_TOPICS)
     holder = holder or billing.ContextHolder(config_path, partitions)
     # one key per account (pipelines/envelope.py); compacted after the forwarding window
     states = cast(DurableTable, app.Table(TABLE_NAME, default=None, partitions=partitions,
@@ -209,6 +215,18 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             note_due(key, env)
             fault_point("mid_step")  # chaos proof: part of the step written, part not
 
+    def withhold_unowned(events: list[Any]) -> None:
+        """Take out of a step the events of partitions this worker does not own now. A step's
+        events may have been buffered before a rebalance: billing them while it runs, or after
+        it moved their partition away, writes from a state the new owner also bills from (the
+        chaos proof saw 19 account records written twice from one state). Withheld events are
+        never acked: the owner gets them again (pipelines.take.withhold)."""
+        mine = set() if app.rebalancing else app.consumer.assignment()
+        gone = withhold(events, lambda event: event.message.tp in mine)
+        if gone:
+            log.info("%s message(s) of partitions not owned now left to their owner: %s", len(gone),
+                     sorted({(e.message.topic, e.message.partition) for e in gone})[:8])
+
     async def bill_batch(events: list[Any], decode: Any, bill: Any, *, wait_written: bool = True) -> None:
         """Decode each message (a bad one goes to the dead letters) and bill the rest in one
         step. If the step fails, bill the messages one by one so only the bad one is refused.
@@ -220,6 +238,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 decoded.append((event, decode(event.message.value)))
             except (codec.DecodeError, ValueError, KeyError) as exc:
                 letters.append(await send_dead_letter(event, "decode", str(exc)))
+        # ownership is checked after the last await before the synchronous bill below
+        withhold_unowned(events)
+        kept = {id(event) for event in events}
+        decoded = [(event, value) for event, value in decoded if id(event) in kept]
         if not decoded:
             await asyncio.gather(*letters)
             return
@@ -230,7 +252,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             if len(decoded) > 1:
                 log.warning("billing step of %s messages failed (%s); retrying one by one", len(decoded), exc)
                 for event, _ in decoded:
-                    await bill_batch([event], decode, bill, wait_written=wait_written)
+                    alone = [event]
+                    await bill_batch(alone, decode, bill, wait_written=wait_written)
+                    if not alone:  # withheld (its partition moved meanwhile): not acked either
+                        events.remove(event)
                 await asyncio.gather(*letters)
                 return
             msg = decoded[0][0].message
@@ -361,6 +386,14 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     sweeper = claiming.ClaimSweeper(claim_keys, lambda key: claims.data.get(key), forget_claim,
                                     pass_interval_s=CLAIM_SWEEP_S)
 
+    @app.timer(interval=5.0)
+    async def report_stalled_input() -> None:
+        """An agent that stops taking its input stops every input's commits: say which."""
+        report = getattr(app.consumer, "stall_report", lambda now: None)(time.monotonic())
+        if report:
+            log.warning("input stalled: %s", report)
+            await app.consumer.unstick()
+
     @app.timer(interval=1.0)
     async def forget_expired_claims() -> None:
         """Forget claims past the horizon, a bounded slice a second (claiming.ClaimSweeper)."""
@@ -370,8 +403,15 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         """Payments or postings against their claims, in input order; an accepted one goes on
         (through the claim's outbox) to the account's wallet."""
         async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
+            withhold_unowned(events)
             letters: list[Any] = []
-            for event in distinct(events):  # a second copy of a message is acked with the step, not claimed
+            todo = distinct(events)  # a second copy of a message is acked with the step, not claimed
+            for index, event in enumerate(todo):
+                if app.rebalancing:  # began at a dead letter's await: the rest waits for the owner
+                    # by position: a copy of a withheld message must not be acked either
+                    rest = {(e.message.tp, e.message.offset) for e in todo[index:]}
+                    withhold(events, lambda e, rest=rest: (e.message.tp, e.message.offset) not in rest)  # type: ignore[misc]
+                    break
                 msg = event.message
                 try:
                     record = codec.decode(schema, msg.value)

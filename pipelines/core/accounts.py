@@ -59,6 +59,13 @@ class AccountView:
         self.row = np.full(len(lk.account_ids), -1, dtype=np.int64)  # rank -> row
         self.row[rank] = np.arange(rank.size)
 
+    def show(self, i: int, s: AccountState, standing_day: int) -> None:
+        """Row ``i`` (an account without a state) now holds ``s``, just opened, whose standing
+        day is taken as ``standing_day`` (the day before its first event)."""
+        self.states[i] = s
+        self.balance[i], self.acc_n[i], self.standing_day[i], self.exists[i] = s.balance, s.acc_n, standing_day, True
+        self.quiet[i] = not (s.fired_levels or s.warning_fired or s.deferred or s.warn_pending or s.relay != "connected")
+
     def limits(self, ctx: RatingContext, lk: Lookup) -> tuple[np.ndarray, np.ndarray]:
         """(eligible, limit) per row: `fastpath.threshold` of each state (not None: eligible),
         from the policy arrays for quiet states and per account for the others."""

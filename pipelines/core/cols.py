@@ -184,6 +184,14 @@ def vconcat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return out
 
 
+def distinct(x: np.ndarray, n: int) -> np.ndarray:
+    """``np.unique(x)`` for integer codes in ``[0, n)`` (ranks): a count per code when ``x`` is
+    not much smaller than ``n`` (one pass, ~20x cheaper than sorting or hashing 500k codes)."""
+    if x.size * 8 < n:
+        return np.unique(x)
+    return np.flatnonzero(np.bincount(x, minlength=n))
+
+
 def codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(x, return_inverse=True)`` for few distinct values: a hash unique plus a binary
     search, instead of sorting all of ``x``."""

@@ -9,10 +9,12 @@ Input ``payments``: a DataFrame or a list of dicts with
     payment_id: str, account_id: str, ts_ms: int64, amount_minor: int64 (> 0),
     kind: "topup" | "reversal" | "refund" (case-insensitive), reverses_payment_id: str | None.
 
-Events of an account are applied in (ts_ms, payments before charges, entry id) order. Accounts
-without a payment in the batch whose charges (and standing charges) can fire no rule take the
-vectorised path (`fastpath`); all others run through `wallet.Wallet` one event at a time. Both
-paths implement the same rules and order (tests compare them).
+Events of an account are applied in (ts_ms, payments before charges, entry id) order. An
+eligible account's charges (and standing charges) up to the first one after which a rule could
+fire, and before its first payment of the batch, take the vectorised path (`fastpath`); its
+remaining events, and all events of the other accounts, run through `wallet.Wallet` one event
+at a time. An account new to the state is opened first (its opening entries). Both paths
+implement the same rules and order (tests compare them).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
@@ -34,14 +38,14 @@ from pipelines.core import cols
 from pipelines.core.accounts import AccountView, advanced
 from pipelines.core.cols import take
 from pipelines.core.context import RatingContext
-from pipelines.core.fastpath import Charges, charges, fast_path
+from pipelines.core.fastpath import NO_PAYMENT, Charges, charges, fast_path
 from pipelines.core.interval import (
     INTERVAL_SCHEMA,
     REJECT_SCHEMA,
     CircuitState,
     interval_arrays,
 )
-from pipelines.core.localtime import day_iso
+from pipelines.core.localtime import EPOCH_ORDINAL, day_iso
 from pipelines.core.lookup import Lookup, lookup
 from pipelines.core.tariff import RATED_SCHEMA, TierArrays, local_day_start_ms, rate_arrays
 from pipelines.core.wallet import (
@@ -193,7 +197,8 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
     pay_accts = {p["account_id"] for p in pay_rows}
     pay_rank = np.array(sorted(lk.account_rank[a] for a in pay_accts if a in lk.account_rank), dtype=np.int64)
     energy = intervals.get_column("energy_wh").to_numpy()
-    view = AccountView(state.accounts, np.union1d(aidx[energy > 0], pay_rank), lk)
+    view = AccountView(state.accounts, cols.distinct(np.concatenate([aidx[energy > 0], pay_rank]),
+                                                    len(lk.account_ids)), lk)
     t1 = time.perf_counter()
     r = rate_arrays(intervals, aidx, cidx, ctx, TierArrays.dense(lk, view.rank, view.tier_month, view.tier_wh))
     rated = r.frame
@@ -207,14 +212,22 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
     tier_month[tr], tier_wh[tr] = r.tiers.month, r.tiers.wh
     touched = np.zeros(view.rank.size, dtype=bool)
     touched[view.row[pay_rank]] = True
-    touched[view.row[np.unique(r.aidx)]] = True
-    has_pay = np.zeros(view.rank.size, dtype=bool)
-    has_pay[view.row[pay_rank]] = True
+    touched[view.row[cols.distinct(r.aidx, len(lk.account_ids))]] = True
+    pay_first = np.full(view.rank.size, NO_PAYMENT, dtype=np.int64)  # first payment time per account
+    if pay_rows:
+        first_pay: dict[str, int] = {}
+        for p in pay_rows:
+            first_pay[p["account_id"]] = min(first_pay.get(p["account_id"], NO_PAYMENT), p["ts_ms"])
+        known = [(lk.account_rank[a], t) for a, t in first_pay.items() if a in lk.account_rank]
+        pay_first[view.row[[r for r, _ in known]]] = [t for _, t in known]
     accounts = dict(state.accounts)
     out = WalletOut()
     # An account new to the state opens first: its opening balance and debt entries
-    # (wallet.open_account). It takes the per-event path (like an account with a payment), so
-    # its entries stay in order after the opening ones.
+    # (wallet.open_account), dated at the start of its first event's local day, so before all of
+    # its events. Then it is billed like any account whose standing day is the day before: the
+    # vectorised wallet when no rule can fire (its first day's standing charge comes first, as
+    # the per-event wallet posts it), else the per-event one. Its opening entries are per-event
+    # rows, which `_ordered_ledger` puts before its other entries.
     new_rows = [i for i in np.flatnonzero(touched).tolist()
                 if view.states[i] is None and view.ids[i] in ctx.accounts]
     opened: dict[str, AccountState] = {}
@@ -222,14 +235,21 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
         first_ts = _first_event_ts([view.ids[i] for i in new_rows], ch, pay_rows, lk)
         fallback = int(readings["ts_ms"].min()) if readings.height else 0
         for i in new_rows:
-            opened[view.ids[i]] = _open(view.ids[i], first_ts.get(view.ids[i], fallback), ctx, out)
-        has_pay[new_rows] = True
+            a = view.ids[i]
+            t = first_ts.get(a, fallback)
+            opened[a] = s = _open(a, t, ctx, out)
+            view.show(i, s, _local_day(t, ctx.malls[ctx.accounts[a].mall_id].tz) - 1)
+    n_open = len(out.ledger)  # the opening entries: first in their accounts' ledger
     fast_ledger, fast_rank = None, np.zeros(0, dtype=np.int64)
     is_fast = np.zeros(view.rank.size, dtype=bool)
+    posted: np.ndarray | None = None  # charges the vectorised wallet posted
+    part: dict[int, tuple[int, int, int]] = {}  # view row -> (balance, residue, new day) it reached
     if ch is not None:
-        f = fast_path(ch, view, has_pay, ctx, lk, LEDGER_SCHEMA)
-        fast_ledger, fast_rank = f.ledger, f.rank
+        f = fast_path(ch, view, pay_first, ctx, lk, LEDGER_SCHEMA)
+        fast_ledger, fast_rank, posted = f.ledger, f.rank, f.pre
         is_fast[f.rows] = True
+        part = dict(zip(f.part_rows.tolist(), zip(f.part_balance.tolist(), f.part_acc_n.tolist(),
+                                                      f.part_new_day.tolist(), strict=True), strict=True))
         timings["fast"] = time.perf_counter() - t2
         rows = f.rows.tolist()
         iso = {d: day_iso(d) for d in np.unique(f.new_day[f.new_day >= 0]).tolist()}
@@ -240,7 +260,7 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
             tier_month[f.rows].tolist(), tier_wh[f.rows].tolist()), strict=True))
     slow_rows = np.flatnonzero(touched & ~is_fast).tolist()
     slow_ids = sorted([view.ids[i] for i in slow_rows] + [a for a in pay_accts if a not in lk.account_rank])
-    ch_by = _charges_by_account(ch, slow_ids, lk) if ch is not None and slow_ids else {}
+    ch_by = _charges_by_account(ch, slow_ids, lk, posted) if ch is not None and slow_ids else {}
     pay_by: dict[str, list[dict[str, Any]]] = {}
     for p in pay_rows:
         pay_by.setdefault(p["account_id"], []).append(p)
@@ -250,6 +270,10 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
             s = opened[view.ids[i]]
         else:
             s = old.copy() if old is not None else AccountState(view.ids[i])
+        if i in part:  # the vectorised wallet posted its first charges: the state after them
+            s.balance, s.acc_n, day = part[i]
+            if day >= 0:
+                s.standing_day = day_iso(day)
         s.tier_month, s.tier_wh = int(tier_month[i]), int(tier_wh[i])
         accounts[s.account_id] = s
     t3 = time.perf_counter()
@@ -261,7 +285,7 @@ def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | li
         _slow_path(accounts[a], ch_by.get(a, []), pay_by.get(a, []), ctx, out)
 
     t4 = time.perf_counter()
-    ledger = _ordered_ledger(fast_ledger, fast_rank, out.ledger, lk)
+    ledger = _ordered_ledger(fast_ledger, fast_rank, out.ledger[:n_open], out.ledger[n_open:], lk)
     outputs = BatchOutputs(
         intervals=intervals, rated=rated, ledger=ledger, alerts=_alerts(out.alerts),
         commands=cols.frame_from_rows(COMMAND_SCHEMA, out.commands),
@@ -278,6 +302,11 @@ def _open(account_id: str, first_ts_ms: int, ctx: RatingContext, out: WalletOut)
     rating = ctx.accounts[account_id]
     mall = ctx.malls[rating.mall_id]
     return open_account(rating, ctx.tariffs[rating.tariff_id], mall.tz, frozenset(mall.holidays), first_ts_ms, out)
+
+
+def _local_day(ts_ms: int, tz: str) -> int:
+    """The local date of ``ts_ms`` in ``tz`` (days since 1970-01-01), as `open_account` dates it."""
+    return datetime.fromtimestamp(ts_ms / 1000, ZoneInfo(tz)).date().toordinal() - EPOCH_ORDINAL
 
 
 def _first_event_ts(new: list[str], ch: Charges | None, pay_rows: list[dict[str, Any]], lk: Lookup
@@ -304,30 +333,27 @@ def _first_event_ts(new: list[str], ch: Charges | None, pay_rows: list[dict[str,
     return first
 
 
-def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, slow_rows: list[dict[str, Any]], lk: Lookup
-                   ) -> pl.DataFrame:
-    """Ledger ordered by (account_id, ts_ms), stable. ``fast`` is already in that order and shares
-    no account with the slow rows, so slow accounts' blocks are spliced in whole (no row gather)."""
-    slow_rows = sorted(slow_rows, key=lambda r: (r["account_id"], r["ts_ms"]))  # stable, like polars
-    slow = cols.frame_from_rows(LEDGER_SCHEMA, slow_rows)
+def _ordered_ledger(fast: pl.DataFrame | None, fast_rank: np.ndarray, opening: list[dict[str, Any]],
+                    later: list[dict[str, Any]], lk: Lookup) -> pl.DataFrame:
+    """Ledger ordered by (account_id, ts_ms), stable: per account, its opening entries (dated at
+    the start of its first event's day), then what the vectorised wallet posted (``fast``, in that
+    order already), then what the per-event wallet posted (``later``: from the account's first
+    event the vectorised wallet left to it). With rows on both paths, one gather in that order."""
+    key = lambda r: (r["account_id"], r["ts_ms"])  # noqa: E731
     if fast is None or fast.is_empty():
-        return slow
-    if slow.is_empty():
+        return cols.frame_from_rows(LEDGER_SCHEMA, sorted(opening + later, key=key))  # stable, like polars
+    if not opening and not later:
         return fast
-    counts: dict[str, int] = {}
-    for r in slow_rows:
-        counts[r["account_id"]] = counts.get(r["account_id"], 0) + 1
-    pieces, f0, s0 = [], 0, 0
-    fast_ids: np.ndarray | None = None
-    for aid, k in counts.items():  # sorted, like the frame
-        r = lk.account_rank.get(aid)
-        if r is None and fast_ids is None:
-            fast_ids = fast["account_id"].to_numpy()
-        cut = int(np.searchsorted(fast_rank, r)) if r is not None else int(np.searchsorted(fast_ids, aid))
-        pieces += [fast[f0:cut], slow[s0:s0 + k]]
-        f0, s0 = cut, s0 + k
-    pieces.append(fast[f0:])
-    return cols.vconcat([p for p in pieces if p.height])
+    head, tail = sorted(opening, key=key), sorted(later, key=key)
+    slow = cols.frame_from_rows(LEDGER_SCHEMA, head + tail)
+    ranks = [lk.account_rank.get(r["account_id"], -1) for r in head + tail]
+    if min(ranks) < 0:  # not a context account (not expected): order by the ids themselves
+        both = cols.vconcat([slow.with_columns(g=pl.Series([0] * len(head) + [2] * len(tail), dtype=pl.Int8)),
+                             fast.with_columns(g=pl.lit(1, pl.Int8))])
+        return both.sort("account_id", "g", maintain_order=True).drop("g")
+    group = np.concatenate([np.zeros(len(head), dtype=np.int64), np.full(len(tail), 2, dtype=np.int64)])
+    order_key = np.concatenate([np.array(ranks, dtype=np.int64) * 4 + group, fast_rank * 4 + 1])
+    return cols.vconcat([slow, fast])[np.argsort(order_key, kind="stable")]
 
 
 def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -335,10 +361,13 @@ def _alerts(rows: list[dict[str, Any]]) -> pl.DataFrame:
                                                for r in rows])
 
 
-def _charges_by_account(ch: Charges, slow_ids: list[str], lk: Lookup) -> dict[str, list[Charge]]:
-    """The charges of the per-event accounts, in posting order, as Charge objects."""
+def _charges_by_account(ch: Charges, slow_ids: list[str], lk: Lookup, posted: np.ndarray | None = None
+                        ) -> dict[str, list[Charge]]:
+    """The charges of the per-event accounts, in posting order, as Charge objects (without those
+    the vectorised wallet ``posted``)."""
     ranks = np.array([lk.account_rank[a] for a in slow_ids if a in lk.account_rank], dtype=np.int64)
-    rows = np.flatnonzero(np.isin(ch.aidx, ranks))
+    sel = np.isin(ch.aidx, ranks)
+    rows = np.flatnonzero(sel if posted is None else sel & ~posted)
     if rows.size == 0:
         return {}
     values = [ch.end_ms[rows].tolist(), ch.amount_n[rows].tolist(), ch.entry_ids(rows, lk).to_list(),
@@ -386,8 +415,7 @@ def tick(state: CoreState, now_ms: int, ctx: RatingContext, accounts: Iterable[s
     last call touched, plus the deferred ones); default every account of the state."""
     new_accounts = dict(state.accounts)
     out = WalletOut()
-    names = state.accounts.keys() if accounts is None else [a for a in accounts if a in state.accounts]
-    candidates = {a for a in names if a in ctx.accounts and _timer_work(state.accounts[a], now_ms, ctx)}
+    candidates = _timer_candidates(state, state.accounts.keys() if accounts is None else accounts, now_ms, ctx)
     anchors = _anchors(state, candidates, ctx)
     for a in sorted(candidates):
         s = state.accounts[a]
@@ -427,11 +455,39 @@ def timer_due_ms(s: AccountState, ctx: RatingContext) -> int | None:
     return next_day_start_ms(s.standing_day, ctx.malls[r.mall_id].tz)
 
 
-def _timer_work(s: AccountState, now_ms: int, ctx: RatingContext) -> bool:
-    if s.deferred or s.warn_pending:
-        return True
-    due = timer_due_ms(s, ctx)
-    return due is not None and due <= now_ms
+def _timer_candidates(state: CoreState, names: Iterable[str], now_ms: int, ctx: RatingContext) -> set[str]:
+    """The accounts of ``names`` in the state with timer work at ``now_ms``: a deferred trip or a
+    pending warning, or a next day (`timer_due_ms`) begun by then. Replay ticks every account of
+    a call (35,000 per call at portfolio size), and most share one or two standing days: a day
+    whose next day begins after ``now_ms`` in every zone of the context rules its accounts out
+    at once, and only accounts of a day due somewhere are checked in their own zone."""
+    tz_of, zones = _account_tz(ctx)
+    names = list(names)
+    sts = list(map(state.accounts.get, names))  # None: not in the state
+    out = {a for a, s in zip(names, sts, strict=True) if s is not None and (s.deferred or s.warn_pending)}
+    days = set(map(_standing_day, filter(None, sts)))
+    days.discard(None)
+    due = {d for d in days if min(next_day_start_ms(d, z) for z in zones) <= now_ms}
+    if due:
+        for a, s in zip(names, sts, strict=True):
+            if s is not None and (d := s.standing_day) in due and (tz := tz_of.get(s.account_id)) is not None \
+                    and next_day_start_ms(d, tz) <= now_ms:
+                out.add(a)
+    return {a for a in out if a in tz_of}
+
+
+_standing_day = attrgetter("standing_day")
+
+
+def _account_tz(ctx: RatingContext) -> tuple[dict[str, str], frozenset[str]]:
+    """(account -> its mall's zone, every such zone), built once per context (kept on its Lookup)."""
+    lk = lookup(ctx)
+    found: tuple[dict[str, str], frozenset[str]] | None = getattr(lk, "account_tz", None)
+    if found is None:
+        zone = {m: x.tz for m, x in ctx.malls.items()}
+        tz_of = {a: zone[r.mall_id] for a, r in ctx.accounts.items()}
+        found = lk.account_tz = (tz_of, frozenset(tz_of.values()))  # type: ignore[attr-defined]
+    return found
 
 
 def _anchors(state: CoreState, accounts: set[str], ctx: RatingContext) -> dict[str, tuple[int, int]]:

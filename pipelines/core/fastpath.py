@@ -1,12 +1,13 @@
-"""Charges, and the vectorised wallet for accounts whose batch can fire no rule.
+"""Charges, and the vectorised wallet for the charges that can fire no rule.
 
-An account is eligible when it has no payment in the batch, a known standing day, no debt
-recovery, nothing deferred, and its balance after all of the batch's charges and standing
-charges stays above every level that could still fire (armed alert levels, an unfired warning
-level, the cutoff unless the account is protected or already tripped for credit; balances only
-fall here, so the last balance is the lowest). Then the per-event wallet would only post entries, and this module posts the
-same entries with cumulative sums: ``posted = (acc_n + cumsum(amount_n)) // 10**9`` per account,
-standing charges inserted before the first charge of each new local day.
+An account is eligible when it has a known standing day, no debt recovery and nothing
+deferred. Its charges are posted here up to the first one after which its balance would not
+stay above every level that could still fire (armed alert levels, an unfired warning level,
+the cutoff unless the account is protected or already tripped for credit; balances only fall
+here) and before its first payment of the batch: for those the per-event wallet would only post
+entries, and this module posts the same entries with cumulative sums: ``posted = (acc_n +
+cumsum(amount_n)) // 10**9`` per account, standing charges inserted before the first charge of
+each new local day. The per-event wallet takes the rest of the account's events from there.
 
 Posting order (both paths): an account's charges in (end_ms, entry id) order. Charges sharing
 an end_ms (pieces of one interval in several periods or tiers, or several circuits of one
@@ -177,7 +178,10 @@ def threshold(s: AccountState, ctx: RatingContext) -> int | None:
 class Fast:
     """What the vectorised wallet posted: per account (row of the `AccountView`) the new balance,
     residue and standing day (days since 1970-01-01, -1: unchanged); the ledger in (account_id,
-    ts_ms) order and the account rank of each ledger row."""
+    ts_ms) order and the account rank of each ledger row. ``part_*``: the accounts whose charges
+    it posted only up to a point (a rule fires, or a payment arrives, after it), with their
+    balance, residue and standing day at that point; ``pre`` marks the charges it posted (the
+    others are the per-event wallet's)."""
 
     rows: np.ndarray
     balance: np.ndarray
@@ -185,12 +189,23 @@ class Fast:
     new_day: np.ndarray
     ledger: pl.DataFrame | None
     rank: np.ndarray
+    part_rows: np.ndarray
+    part_balance: np.ndarray
+    part_acc_n: np.ndarray
+    part_new_day: np.ndarray
+    pre: np.ndarray
 
 
-def fast_path(ch: Charges, view: AccountView, has_pay: np.ndarray, ctx: RatingContext, lk: Lookup,
+NO_PAYMENT = np.iinfo(np.int64).max
+
+
+def fast_path(ch: Charges, view: AccountView, pay_first: np.ndarray, ctx: RatingContext, lk: Lookup,
               schema: dict[str, Any]) -> Fast:
-    """Post the charges of every eligible account (``has_pay``: per view row, a payment in the
-    batch, which sends the account to the per-event wallet)."""
+    """Post the charges of every eligible account up to the first one after which a rule could
+    fire or before which a payment of the batch arrives (``pay_first``: per view row, the time
+    of its first payment, `NO_PAYMENT` if none). Events are applied in (ts, payments first)
+    order and charges only lower the balance, so the charges before both points are exactly
+    what the per-event wallet would post first, firing nothing; it takes over from there."""
     a, end = ch.aidx, ch.end_ms
     n = a.size
     starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
@@ -199,7 +214,7 @@ def fast_path(ch: Charges, view: AccountView, has_pay: np.ndarray, ctx: RatingCo
     seg_rank = a[starts]
     vr = view.row[seg_rank]
     eligible, limit_v = view.limits(ctx, lk)
-    ok = eligible[vr] & ~has_pay[vr]
+    ok = eligible[vr]
     acc0 = np.where(ok, view.acc_n[vr], 0)
     bal0 = np.where(ok, view.balance[vr], 0)
     limit = np.where(ok, limit_v[vr], np.iinfo(np.int64).max)  # balance must stay above this
@@ -223,16 +238,22 @@ def fast_path(ch: Charges, view: AccountView, has_pay: np.ndarray, ctx: RatingCo
     fcs = np.cumsum(fee_add)
     fee_cum = fcs - (fcs[starts] - fee_add[starts])[seg]
     balance = bal0[seg] - posted - fee_cum
-    fast_seg = ok & (balance[ends - 1] > limit)
-
-    fi = np.flatnonzero(fast_seg)
+    # a prefix of each segment: balances only fall and times only rise along it
+    first_pay = pay_first[vr]
+    pre = (balance > limit[seg]) & (end < first_pay[seg])
+    fast_seg = pre[ends - 1] & (first_pay == NO_PAYMENT)  # all posted, and no payment left to apply
+    upto = starts + np.add.reduceat(pre.astype(np.int64), starts) if n else starts  # first row not posted
+    part = np.flatnonzero(~fast_seg & (upto > starts))
     z = np.zeros(0, dtype=np.int64)
-    if fi.size == 0:
-        return Fast(z, z, z, z, None, z)
-    res = Fast(vr[fi], balance[ends[fi] - 1], accn[ends[fi] - 1], new_day[fi], None, z)
-    keep = np.flatnonzero(fast_seg[seg] & (amount_minor != 0))
+    fi = np.flatnonzero(fast_seg)
+    lp = upto[part] - 1  # last posted row of the partial segments
+    res = Fast(vr[fi], balance[ends[fi] - 1], accn[ends[fi] - 1], new_day[fi], None, z,
+               vr[part], balance[lp], accn[lp], np.where(ch.end_day[lp] > sd[part], ch.end_day[lp], -1), pre)
+    if fi.size == 0 and part.size == 0:
+        return res
+    keep = np.flatnonzero(pre & (amount_minor != 0))
     st.pos = st_pos
-    res.ledger, res.rank = _ledger(ch, keep, amount_minor[keep], balance[keep], st.of(fast_seg, bal0, prev),
+    res.ledger, res.rank = _ledger(ch, keep, amount_minor[keep], balance[keep], st.of(pre, bal0, prev),
                                    seg_rank, lk, schema)
     return res
 
@@ -248,15 +269,16 @@ class _Standing:
     balance: np.ndarray
     iso: list[str]
 
-    def of(self, fast_seg: np.ndarray, bal0: np.ndarray, prev: np.ndarray) -> _Standing:
-        """The rows of the fast segments, with the balance after each."""
+    def of(self, pre: np.ndarray, bal0: np.ndarray, prev: np.ndarray) -> _Standing:
+        """The rows posted with the charges (``pre``: the charges posted; a standing charge is
+        posted when the charge it goes before is), with the balance after each."""
         if self.seg.size == 0:
             return self
         cs = np.cumsum(self.fee)  # fees already inserted per segment, this one included
         head = np.flatnonzero(np.concatenate(([True], self.seg[1:] != self.seg[:-1])))
         run_of = np.repeat(head, np.diff(np.append(head, self.seg.size)))
         run = cs - cs[run_of] + self.fee[run_of]
-        k = np.flatnonzero(fast_seg[self.seg])
+        k = np.flatnonzero(pre[self.pos])
         balance = bal0[self.seg[k]] - prev[self.pos[k]] - run[k]
         return _Standing(self.seg[k], self.pos[k], self.fee[k], self.ts[k], balance, [self.iso[i] for i in k.tolist()])
 

@@ -254,7 +254,7 @@ def interval_arrays(
     reg = np.rint(kwh * 1000).astype(np.int64)  # == polars round(0): half to even
     ts = ts.astype(np.int64, copy=False)
 
-    present = np.unique(cidx)
+    present = cols.distinct(cidx, len(ix.ids))
     if flush:
         pend_c = {ix.rank[c] for c, s in states.items() if s.pending and c in ix.rank}
         present = np.union1d(present, np.array(sorted(pend_c), dtype=np.int64))

@@ -53,6 +53,10 @@ class Lookup:
         self.acc_mall_id = as_list(af["mall_id"])
         self.mall_series = chunked("mall_id", self.acc_mall_id, pl.String)
         self.mall_tz = [ctx.malls[m].tz for m in self.mall_ids]
+        # malls by zone (local fields depend on the zone only; many malls share one)
+        zones = sorted(set(self.mall_tz))
+        self.mall_zone = np.array([zones.index(z) for z in self.mall_tz], dtype=np.int64)
+        self.zone_mall = [self.mall_tz.index(z) for z in zones]  # a mall of each zone
         self.holidays = np.array(sorted(
             (i << 32) + date.fromisoformat(d).toordinal() - EPOCH_ORDINAL
             for i, m in enumerate(self.mall_ids) for d in ctx.malls[m].holidays), dtype=np.int64)

@@ -20,13 +20,14 @@ from typing import Any
 import polars as pl
 import yaml
 
-from pipelines.core import timeguard
+from pipelines.core import cols, timeguard
 from pipelines.core.claims import claim_payment_rows
 from pipelines.core.context import RatingContext
 from pipelines.core.engine import (
     PAYMENT_REJECT_SCHEMA,
     BatchOutputs,
     CoreState,
+    gc_paused,
     payments_frame,
     process_batch,
     tick,
@@ -200,19 +201,29 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
 
 
 def replay_tick(state: CoreState, ctx: RatingContext, readings: pl.DataFrame | None,
-                payments: pl.DataFrame | None) -> tuple[CoreState, BatchOutputs | None]:
+                payments: pl.DataFrame | None, reading_accounts: Any = None) -> tuple[CoreState, BatchOutputs | None]:
     """The stream's timer (pipelines.worker.power_timer) after a core call, at the newest input
     time: the standing charges and debt schedule of the local days the call's accounts' readings
     reached (0 Wh readings post nothing by themselves), and trips deferred by a friendly period
     that has ended. engine.tick decides by each account's own time, so ticking after every call
-    gives what a timer ticking every second gives (same entries, ids and times)."""
+    gives what a timer ticking every second gives (same entries, ids and times).
+    ``reading_accounts``: the account rank of each reading (-1: unknown circuit), when the
+    caller has them (arrival replay), so the readings' circuits are not looked up again."""
     now = replay_now(readings if readings is not None else pl.DataFrame(), payments)
     if now is None:
         return state, None
     accounts = {a for a, s in state.accounts.items() if s.deferred or s.warn_pending}
     if readings is not None and readings.height:
-        circuits = ctx.circuits
-        accounts.update(circuits[c].account_id for c in readings["circuit_id"].unique().to_list() if c in circuits)
+        from pipelines.core.interval import _circuit_codes
+        from pipelines.core.lookup import lookup
+
+        lk = lookup(ctx)  # circuit ranks -> account ranks in numpy: one Python step per account, not per row
+        acc = reading_accounts
+        if acc is None:
+            codes = _circuit_codes(readings.get_column("circuit_id"), lk.cindex)
+            acc = lk.circ_acc[codes[codes >= 0]]
+        ids = lk.account_ids
+        accounts.update(ids[i] for i in cols.distinct(acc[acc >= 0], len(ids)).tolist())
     if payments is not None and payments.height:
         accounts.update(payments["account_id"].to_list())
     if not accounts:
@@ -266,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = Progress(enabled=not a.quiet)
     try:
-        ctx, state0 = load_context(a.config)
+        with gc_paused():  # builds an object per account and circuit; nothing there to collect
+            ctx, state0 = load_context(a.config)
         if a.tariff:
             ctx = ctx.with_tariff(_load_tariff(a.tariff))
         payments = read_table(a.payments, payments=True)
@@ -289,10 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipelines.core.arrival import balances
 
+    # before the Parquet thread is joined, so both run; no indent: json's C encoder (indented
+    # output takes the pure-Python one, ~5 s at 35,000 merchants); the collector held while the
+    # state's dicts are built (it would walk them all again and again: half of this step)
+    with gc_paused():
+        text = json.dumps(state.to_dict())
     writer.write_whole("balances", balances(state))
     rows = writer.close()
-    # no indent: json's C encoder (indented output takes the pure-Python one, ~5 s at 35,000 merchants)
-    (Path(a.out) / "state.json").write_text(json.dumps(state.to_dict()))
+    (Path(a.out) / "state.json").write_text(text)
     print(json.dumps(rows))
     return 0
 
@@ -335,13 +351,18 @@ def read_chunks(path: str, rows: int) -> Any:
     import pyarrow.parquet as pq
 
     try:
-        source = pq.ParquetFile(path)
+        total = pq.ParquetFile(path).metadata.num_rows
     except OSError as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    # polars' own reader, a row slice at a time (only the row groups it needs): a third of the
+    # time of pyarrow batches converted to polars, and no thread pool fighting the Parquet writer
+    source = pl.scan_parquet(path)
     first = 0
-    for batch in source.iter_batches(batch_size=rows):
-        frame = pl.from_arrow(batch)
-        assert isinstance(frame, pl.DataFrame)
+    for start in range(0, total, rows):
+        try:
+            frame = source.slice(start, rows).collect()
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
         problem = _frame_problem(frame, READING_FIELDS) or arrival_problem(frame)
         if problem is not None:
             raise InputError(f"{path}: rows from {first + 1}: {problem}")

@@ -18,8 +18,9 @@ and `evaluate_deferred` lets a timer re-check a trip deferred by a friendly-cred
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -163,8 +164,15 @@ def friendly_until(fc: FriendlyCredit | None, ts_ms: int, tz: str, holidays: fro
     return t
 
 
+@lru_cache(maxsize=65_536)
 def rate_str(price_u: int | None) -> str | None:
     return None if price_u is None else str(Decimal(price_u) / PRICE_SCALE)
+
+
+@lru_cache(maxsize=65_536)
+def _next_day_start_ms(standing_day: str, tz: str) -> int:
+    """The first instant of the local day after ``standing_day``: before it, nothing is due."""
+    return local_day_start_ms(date.fromisoformat(standing_day) + timedelta(days=1), tz)
 
 
 class Wallet:
@@ -212,6 +220,10 @@ class Wallet:
         by its own entry). So the day's postings and what they trigger are the same whether an
         event of the account (a charge, a payment, a posting) or the timer (`timer`) reaches the
         day first: stream and replay agree however often the timer runs."""
+        sd = self.s.standing_day
+        if sd is not None and ts < _next_day_start_ms(sd, self.tz):  # still the standing day: no day due
+            self._friendly_due(ts)
+            return
         today = datetime.fromtimestamp(ts / 1000, ZoneInfo(self.tz)).date()
         # an account's rules apply from its first event: its first day is charged, and the event
         # itself runs the rules (a new account whose first event is a top-up is not tripped, nor

@@ -10,7 +10,7 @@ from typing import Any
 
 import faust
 
-from pipelines.take import take_steps
+from pipelines.take import take_steps, withhold
 
 WITHIN = 0.4
 SLOW_STEP = 0.3
@@ -114,3 +114,71 @@ def test_the_workers_counting_wrapper_takes_what_take_steps_takes() -> None:
     from pipelines import take, worker_metrics
 
     assert signature(worker_metrics.take_steps).parameters.keys() == signature(take.take_steps).parameters.keys()
+
+
+def _acked_after(body_raises: bool) -> list[bool]:
+    """Put three values (one full step); the agent's step raises, or it goes on to wait for the
+    next step; whether each event of the step was acked."""
+    app = faust.App(f"take-test-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
+                    web_enabled=False)
+    taken: list[Any] = []
+
+    @app.agent()
+    async def agent(stream: Any) -> None:
+        steps = take_steps(stream, 3, WITHIN)
+        try:
+            async for events in steps:
+                taken.extend(events)
+                if body_raises:
+                    raise RuntimeError("the step failed")
+        except RuntimeError:
+            await steps.aclose()
+
+    async def main() -> list[bool]:
+        async with agent.test_context() as context:
+            for value in range(3):
+                await context.put(value)
+            await asyncio.sleep(0.3)
+            return [event.message.acked for event in taken]
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_a_step_that_raised_leaves_its_events_unacked() -> None:
+    # acked events are committed: a failed step's input must be delivered again after a restart
+    assert _acked_after(body_raises=True) == [False, False, False]
+
+
+def test_a_finished_step_is_acked_when_the_agent_asks_for_the_next() -> None:
+    assert _acked_after(body_raises=False) == [True, True, True]
+
+
+def test_withheld_events_are_not_acked_the_rest_are() -> None:
+    app = faust.App(f"take-test-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
+                    web_enabled=False)
+    taken: list[Any] = []
+
+    @app.agent()
+    async def agent(stream: Any) -> None:
+        async for events in take_steps(stream, 4, WITHIN):
+            taken.extend(events)
+            # e.g. events of a partition that moved to another worker during a rebalance
+            gone = withhold(events, lambda event: event.value % 2 == 0)
+            assert [event.value for event in gone] == [1, 3]
+
+    async def main() -> list[tuple[int, bool]]:
+        async with agent.test_context() as context:
+            for value in range(4):
+                await context.put(value)
+            await asyncio.sleep(0.3)
+            return [(event.value, event.message.acked) for event in taken]
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) == [(0, True), (1, False), (2, True), (3, False)]
+    finally:
+        loop.close()

@@ -1,0 +1,424 @@
+"""faust's Kafka consumer with input offsets that never skip a message.
+
+The chaos proof (tests/integration/test_chaos.py) lost 81 paid top-ups in one run: a
+contiguous range of 16-17 offsets on five payment partitions was committed, yet never
+claimed, credited or dead-lettered. It also met a "commit stall": a partition whose
+committed offset stopped moving until the worker was restarted. Both come from how
+faust-streaming 0.15.x follows offsets in `Consumer._drain_messages`:
+
+1. **Undelivered messages move the read offset.** While a rebalance suspends the flow,
+   `wait_first(callback(message), suspend_flow.wait())` returns without delivering the
+   message, and the loop records its offset as read all the same.
+2. **The streams resume before they seek.** Recovery resumes the input partitions, so the
+   fetcher delivers from wherever aiokafka stood, and only then seeks them to the committed
+   offsets (`Recovery._resume_streams`). Messages fetched before the seek still arrive after
+   it, out of order.
+3. **A jump in offsets is acked.** faust takes any message whose offset is more than one
+   past the read offset as the end of a gap (meant for compacted topics and transaction
+   markers) and acks the gap's offsets: they are committed though no agent ever saw them.
+   A message below the read offset is dropped.
+
+Together: after a rebalance, a stale message can land ahead of the read offset that the
+seek set, so the offsets between are acked unseen (the lost payments); or a skipped message
+is never delivered again and never acked (the stall). `_new_offset` also commits past one
+unacked message at the head (it treats the committed offset as the last one processed).
+
+On the worker's input topics (plain topics, idempotent non-transactional producers: their
+offsets have no gaps) this consumer delivers a partition's messages strictly in offset
+order, from the offset it sought to, each once: a copy below the expected offset is
+dropped (it was delivered), a message before the partition's seek is dropped (the seek
+fetches it again), and a jump makes it seek back to the expected offset (not while a
+rebalance runs; a seek that fails is tried again and never ends the fetch loop). Only if
+the jump persists and the broker's first offset is past the expected one (retention
+deleted them) does it go on, with an error naming the lost range. An offset is committed only when every offset from the committed
+one up to it was acked; nothing is ever acked for a message no agent was given.
+
+faust internals used (faust-streaming 0.15.x, checked by FAUST_VERSIONS, tested in
+tests/unit/pipelines/test_faust_consumer.py): Consumer._drain_messages (rewritten here),
+_new_offset, perform_seek, seek, on_partitions_revoked, _acked/_acked_index/_read_offset,
+suspend_flow, wait_first, and Transport.Consumer (`install`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any, cast
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
+
+#: faust versions whose consumer internals this module was written against.
+FAUST_VERSIONS = ("0.15.",)
+if not faust.__version__.startswith(FAUST_VERSIONS):  # pragma: no cover - a pin bump must re-check
+    raise ImportError(f"pipelines.faust_consumer adapts faust {FAUST_VERSIONS}, not {faust.__version__}: "
+                      "re-check Consumer._drain_messages/_new_offset/perform_seek and update FAUST_VERSIONS")
+
+log = logging.getLogger("mallwatt.consumer")
+
+#: Fetched batches in a row that may show the same jump before it is taken as offsets the
+#: broker no longer has (each one seeks back to the expected offset first).
+MAX_GAP_RESEEKS = 5
+
+
+class Verdict(enum.Enum):
+    DELIVER = "deliver"
+    COPY = "copy"  # below the expected offset: delivered before
+    UNPOSITIONED = "unpositioned"  # before the partition's seek: the seek fetches it again
+    GAP = "gap"  # above the expected offset: seek back
+    STALE = "stale"  # above it again in a batch that already sought back: drop
+    GONE = "gone"  # the jump persisted: those offsets are gone from the broker; deliver
+
+
+class StrictOffsets:
+    """Per partition: the next offset its stream must get, and the floor of its commits.
+
+    Pure bookkeeping (no Kafka), so each rule is unit-tested on its own."""
+
+    def __init__(self, max_gap_reseeks: int = MAX_GAP_RESEEKS) -> None:
+        self.expected: dict[TP, int | None] = {}  # None: positioned, committed offset unknown
+        self.floor: dict[TP, int | None] = {}  # the committed offset; commits start exactly here
+        self.max_gap_reseeks = max_gap_reseeks
+        self._gap_batches: dict[TP, tuple[int, int]] = {}  # tp -> (expected offset, batches seen)
+        self._gap_this_batch: set[TP] = set()
+        self.lost: list[tuple[TP, int, int]] = []  # (tp, first, last) offsets gone from the broker
+
+    def positioned(self, tp: TP, offset: int | None) -> None:
+        """The partition was sought to `offset` (None: no committed offset, from its start)."""
+        self.expected[tp] = offset
+        self.floor[tp] = offset
+        self._gap_batches.pop(tp, None)
+
+    def revoked(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self.expected.pop(tp, None)
+            self.floor.pop(tp, None)
+            self._gap_batches.pop(tp, None)
+
+    def new_batch(self) -> None:
+        self._gap_this_batch.clear()
+
+    def verdict(self, tp: TP, offset: int) -> Verdict:
+        if tp not in self.expected:
+            return Verdict.UNPOSITIONED
+        want = self.expected[tp]
+        if want is None or offset == want:
+            return Verdict.DELIVER
+        if offset < want:
+            return Verdict.COPY
+        if tp in self._gap_this_batch:  # already sought back in this batch
+            return Verdict.STALE
+        self._gap_this_batch.add(tp)
+        seen_for, batches = self._gap_batches.get(tp, (want, 0))
+        batches = batches + 1 if seen_for == want else 1
+        self._gap_batches[tp] = (want, batches)
+        if batches > self.max_gap_reseeks:
+            return Verdict.GONE
+        return Verdict.GAP
+
+    def seek_failed(self, tp: TP) -> None:
+        """A seek back did not happen: the jump's count starts again (only jumps seen after
+        seeks that took place may declare offsets gone)."""
+        self._gap_batches.pop(tp, None)
+
+    def delivered(self, tp: TP, offset: int) -> None:
+        self.expected[tp] = offset + 1
+        if self.floor.get(tp, 0) is None:  # no committed offset: commits start at the first one
+            self.floor[tp] = offset
+        if tp in self._gap_batches and self._gap_batches[tp][0] <= offset:
+            del self._gap_batches[tp]
+
+    def skip_lost(self, tp: TP, offset: int) -> None:
+        """The offsets from the expected one to below `offset` are gone from the broker:
+        recorded, and commits may start at `offset`."""
+        want = self.expected.get(tp)
+        if want is not None:
+            self.lost.append((tp, want, offset - 1))
+        floor = self.floor.get(tp)
+        if floor is not None and floor < offset:
+            self.floor[tp] = offset
+
+    def commit_offset(self, tp: TP, acked: list[int], index: set[int]) -> int | None:
+        """The offset to commit for `tp` from its acked offsets (sorted in place and trimmed,
+        as faust keeps them): the end of the run of acked offsets that starts exactly at the
+        floor; None while the floor's own message is unacked."""
+        floor = self.floor.get(tp)
+        if floor is None:
+            return None
+        acked.sort()
+        stale = 0
+        while stale < len(acked) and acked[stale] < floor:  # acks of copies below the floor
+            index.discard(acked[stale])
+            stale += 1
+        del acked[:stale]
+        end = floor
+        for offset in acked:
+            if offset != end:
+                break
+            end += 1
+        if end == floor:
+            return None
+        index.difference_update(acked[: end - floor])
+        del acked[: end - floor]
+        self.floor[tp] = end
+        return end
+
+
+class StrictConsumer(AIOKafkaConsumer):
+    """The aiokafka driver's Consumer; the topics in `strict_topics` follow StrictOffsets."""
+
+    strict_topics: frozenset[str] = frozenset()
+
+    def on_init(self) -> None:
+        super().on_init()
+        self._strict_offsets = StrictOffsets()
+        self.delivering: tuple[TP, int, float] | None = None  # (tp, offset, since): a stream's queue is full
+        self.last_delivered: dict[TP, float] = {}  # monotonic time of each input's last delivery
+        self.positioned_at = time.monotonic()
+        self.last_fetch_at = time.monotonic()
+        self.last_fetch_note = "none yet"
+        self.loop_stage = "not started"  # what the fetch loop awaits now (for stall reports)
+        self.stuck: dict[TP, float] = {}  # input partitions stall_report found quiet -> seconds
+
+    def stall_report(self, now: float, after_s: float = 10.0) -> str | None:
+        """What holds an input, else None: the fetch loop waiting `after_s` to hand a message
+        to the streams (an agent stopped taking its input), or partitions with messages on the
+        broker and none delivered for `after_s` (with what the loop last did)."""
+        queues = {name: agent.channel.queue.qsize() for name, agent in self.app.agents.items()
+                  if hasattr(getattr(agent, "channel", None), "queue")}
+        if self.delivering is not None and now - self.delivering[2] >= after_s:
+            tp, offset, since = self.delivering
+            return (f"fetch loop waiting {now - since:.0f} s to deliver {tp.topic}[{tp.partition}]@{offset}; "
+                    f"agent queues {queues}; expected {self._strict_offsets.expected.get(tp)}")
+        book = self._strict_offsets
+        stuck = []
+        self.stuck = {}
+        for tp, want in list(book.expected.items()):
+            try:
+                highwater = self.highwater(tp)
+            except Exception:  # not assigned any more
+                continue
+            quiet_s = now - self.last_delivered.get(tp, self.positioned_at)
+            # a highwater of None: no fetch answer for the partition yet (aiokafka learns it from
+            # every answer, an empty one too), so the partition is not being fetched at all
+            if want is not None and (highwater is None or highwater > want) and quiet_s >= after_s:
+                acked = sorted(self._acked.get(tp, []))[:3]
+                active = self._active_partitions is None or tp in self._active_partitions
+                self.stuck[tp] = quiet_s
+                stuck.append(f"{tp.topic}[{tp.partition}] expected {want} highwater {highwater} floor "
+                             f"{book.floor.get(tp)} acked {acked} quiet {quiet_s:.0f} s"
+                             f"{'' if active else ' not fetched (faust: inactive)'}"
+                             f"{' buffered' if tp in self._buffered_partitions else ''}")
+        if not stuck:
+            return None
+        paused = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._paused_partitions if self._strict(tp))
+        return (f"inputs not delivered: {'; '.join(stuck[:8])}; paused input partitions {paused[:8]}; "
+                f"last fetch {now - self.last_fetch_at:.0f} s ago ({self.last_fetch_note}); fetch loop "
+                f"{self.loop_stage}; flow {'on' if self.flow_active else 'off'}; agent queues {queues}")
+
+    async def unstick(self, after_s: float = 30.0) -> list[TP]:
+        """Make the input partitions that stall_report found quiet for `after_s` fetchable
+        again and seek them to where their streams stand. faust takes a partition out of its
+        fetches while an agent's queue is full and puts it back when the agent next reads an
+        emptied queue; a rebalance that clears the queues can leave it out. Not while a
+        rebalance runs (its own seek follows)."""
+        tps = [tp for tp, quiet_s in getattr(self, "stuck", {}).items()
+               if quiet_s >= after_s and self._strict_offsets.expected.get(tp) is not None]
+        if not tps or not self.flow_active or self.app.rebalancing:
+            return []
+        if self._active_partitions is not None:
+            self._active_partitions.update(tps)
+        self._buffered_partitions.difference_update(tps)
+        self.resume_partitions(tps)
+        await self._seek_in_thread({tp: cast(int, self._strict_offsets.expected[tp]) for tp in tps})
+        for tp in tps:
+            self.last_delivered[tp] = time.monotonic()  # give it another after_s before the next kick
+        log.warning("input partitions made fetchable again and sought to their streams' offsets: %s",
+                    [f"{tp.topic}[{tp.partition}]" for tp in tps])
+        return tps
+
+    async def _wait_next_records(self, timeout: float) -> Any:
+        self.loop_stage = ("waiting for the consumer thread's fetch" if self.flow_active
+                           else "waiting for the flow to resume")
+        return await super()._wait_next_records(timeout)
+
+    def _strict(self, tp: TP) -> bool:
+        return tp.topic in self.strict_topics
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        mine = [tp for tp in self.assignment() if self._strict(tp)]
+        # the committed offset of each input partition; aiokafka's seek_to_committed does not
+        # seek one without a committed offset (or of 0): it starts where the reset policy says
+        starts = {tp: self._committed_offset[tp] for tp in mine if self._committed_offset.get(tp)}
+        fresh = [tp for tp in mine if tp not in starts]
+        if fresh:
+            latest = str(self.app.conf.consumer_auto_offset_reset) == "latest"
+            found = await (self.highwaters(*fresh) if latest else self.earliest_offsets(*fresh))
+            starts.update({tp: int(found[tp] or 0) for tp in fresh})
+        for tp, offset in starts.items():
+            self._strict_offsets.positioned(tp, offset)
+        self.positioned_at = time.monotonic()
+        # Messages that arrived while this ran were dropped as fetched before the seek, and the
+        # consumer's fetch position moved past them: seek every input partition again to where
+        # its stream stands, so they come again (one that was delivered meanwhile comes as a copy).
+        await self._seek_in_thread({tp: cast(int, self._strict_offsets.expected[tp]) for tp in starts})
+        log.info("input partitions positioned: %s", {f"{tp.topic}[{tp.partition}]": offset
+                                                     for tp, offset in starts.items()})
+
+    async def _seek_in_thread(self, offsets: dict[TP, int]) -> None:
+        """Seek on the aiokafka consumer's own thread and wait for the new positions. faust's
+        `_seek` calls the consumer from the event loop's thread; a seek made that way while
+        the consumer thread fetched was seen to fetch nothing more for the partition."""
+        await self._thread.seek_wait(offsets)
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        await super().seek(partition, offset)
+        if self._strict(partition):
+            self._strict_offsets.positioned(partition, offset)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._strict_offsets.revoked(revoked)
+        await super().on_partitions_revoked(revoked)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        if not self._strict(tp):
+            return cast(int | None, super()._new_offset(tp))
+        return self._strict_offsets.commit_offset(tp, self._acked[tp], self._acked_index[tp])
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - driven by the broker tests
+        # faust's loop (faust/transport/consumer.py), with StrictOffsets for strict topics;
+        # other topics keep faust's read offset and gap handling unchanged.
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        offsets = self._strict_offsets
+        num_since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                self.loop_stage = "fetching"
+                ait = getmany(timeout=1.0)
+                await self.sleep(0)
+                offsets.new_batch()
+                if self.should_stop:
+                    continue
+                early: dict[TP, int] = {}  # messages fetched before their partition's seek, dropped
+                batch_size = 0
+                async for tp, message in ait:
+                    batch_size += 1
+                    num_since_yield += 1
+                    if num_since_yield > 100:
+                        await asyncio.sleep(0)
+                        num_since_yield = 0
+                    offset = message.offset
+                    if self._strict(tp):
+                        self.loop_stage = "sorting a batch"
+                        verdict = offsets.verdict(tp, offset)
+                        if verdict is Verdict.GAP:
+                            await self._seek_back(tp, offset, cast(int, offsets.expected[tp]))
+                            continue
+                        if verdict is Verdict.GONE and not await self._below_log_start(tp, offsets):
+                            offsets.seek_failed(tp)  # the broker still has them: keep seeking back
+                            await self._seek_back(tp, offset, cast(int, offsets.expected[tp]))
+                            continue
+                        if verdict is Verdict.GONE:
+                            log.error("%s[%s]: offsets %s-%s are gone from the broker (retention); they "
+                                      "were never processed", tp.topic, tp.partition, offsets.expected[tp],
+                                      offset - 1)
+                            offsets.skip_lost(tp, offset)
+                        elif verdict is not Verdict.DELIVER:
+                            if verdict is Verdict.UNPOSITIONED:
+                                early[tp] = early.get(tp, 0) + 1
+                            continue
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            self.loop_stage = "committing"
+                            await self.commit()
+                        self.loop_stage = "delivering"
+                        delivery = callback(message)
+                        self.delivering = (tp, offset, time.monotonic())
+                        results = await self.wait_first(delivery, self.suspend_flow.wait())
+                        self.delivering = None
+                        if delivery in results.done:  # not when the flow was suspended first
+                            offsets.delivered(tp, offset)
+                            self.last_delivered[tp] = time.monotonic()
+                            set_read_offset(tp, offset)
+                        continue
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
+                self.last_fetch_at = time.monotonic()
+                self.last_fetch_note = f"{batch_size} message(s), {len(early)} partition(s) early"
+                if early:  # fetched again after the seek
+                    log.info("dropped messages fetched before their partition's seek: %s",
+                             {f"{tp.topic}[{tp.partition}]": n for tp, n in early.items()})
+                unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except Exception as exc:  # as faust's loop: never die silently
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
+
+    async def _seek_back(self, tp: TP, got: int, want: int) -> None:
+        """Seek `tp` back to the offset its stream expects. While a rebalance runs (the flow
+        is stopped) nothing is sought: the partition may be leaving, and the new assignment
+        seeks it anyway. A seek that fails (the partition was revoked meanwhile: aiokafka's
+        IllegalStateError) leaves the partition unpositioned until its next seek, instead of
+        ending the fetch loop, which stopped every input of the worker."""
+        if not self.flow_active or self.suspend_flow.is_set():
+            return
+        self.loop_stage = f"seeking {tp.topic}[{tp.partition}] back"
+        log.warning("%s[%s]: got offset %s, expected %s; seeking back", tp.topic, tp.partition, got, want)
+        try:
+            await self._seek_in_thread({tp: want})
+        except Exception as exc:
+            log.warning("%s[%s]: seek back to %s failed (%s: %s); trying again at its next message", tp.topic,
+                        tp.partition, want, type(exc).__name__, exc)
+            self._strict_offsets.seek_failed(tp)
+
+    async def _below_log_start(self, tp: TP, offsets: StrictOffsets) -> bool:
+        """Whether the expected offset is below the partition's first offset (deleted by
+        retention): only then may the partition go on past it."""
+        want = offsets.expected.get(tp)
+        try:
+            first = (await self.earliest_offsets(tp))[tp]
+        except Exception as exc:
+            log.warning("%s[%s]: cannot read its first offset (%s)", tp.topic, tp.partition, exc)
+            return False
+        return want is not None and first is not None and first > want
+
+
+def install(app: faust.App, strict_topics: Iterable[str]) -> None:
+    """Make `app` consume with StrictConsumer; call before the app starts (its consumer is
+    created on first use)."""
+    if app._consumer is not None:
+        raise RuntimeError("install the strict consumer before the app's consumer exists")
+    consumer_class = type("MallwattConsumer", (StrictConsumer,), {"strict_topics": frozenset(strict_topics)})
+    app.transport.Consumer = consumer_class  # type: ignore[misc]

@@ -135,8 +135,9 @@ class ChangelogWriter:
             await asyncio.sleep(0.001)
             if not warned and time.monotonic() - started > SLOW_WRITE_S:
                 warned = True  # the agent (and its input's commits) waits meanwhile
-                log.warning("changelog writes unacknowledged for %.0f s: %s queued", time.monotonic() - started,
-                            len(self._producer))
+                pending = sum(max(0, n - self._delivered.get(tp, 0)) for tp, n in mark.items())
+                log.warning("changelog writes unacknowledged for %.0f s: %s of %s pending, %s queued",
+                            time.monotonic() - started, pending, sum(mark.values()), len(self._producer))
 
     def acked(self) -> dict[tuple[str, int], tuple[list[tuple[bytes, bytes | None]], int]]:
         """The writes the broker has stored and not handed out before, per partition in order,

@@ -169,9 +169,18 @@ def test_behind_a_backlog_a_step_grows_to_its_catchup_size() -> None:
     per-account cost of a step is spread over several readings per account; live steps keep
     their size (test_every_value_once_in_order_over_many_steps)."""
     puts = [(i * 0.005, i) for i in range(40)]
-    _, steps = run_agent(puts, 8, age=5.0, catchup=30)
+    _, steps = run_agent(puts, 8, age=30.0, catchup=30)
     assert [v for _, values in steps for v in values] == list(range(40))
     assert max(len(values) for _, values in steps) == 30
+
+
+def test_a_live_worker_a_little_behind_keeps_its_step_size() -> None:
+    # messages a second old: the last step ran long, not a backlog; growing the step to the
+    # catch-up size here held a 350,000-merchant worker's event loop for tens of seconds
+    puts = [(i * 0.005, i) for i in range(40)]
+    _, steps = run_agent(puts, 8, age=1.0, catchup=30)
+    assert [v for _, values in steps for v in values] == list(range(40))
+    assert max(len(values) for _, values in steps) == 8
 
 
 def test_the_workers_counting_wrapper_takes_what_take_steps_takes() -> None:

@@ -291,14 +291,12 @@ def test_unstick_makes_a_quiet_partition_fetchable_and_seeks_it_to_its_stream() 
     assert consumer.loop.run_until_complete(consumer.unstick()) == []
 
 
-def test_withheld_messages_of_a_kept_partition_are_delivered_again() -> None:
-    # a step withheld 12.. (a rebalance ran while it was billed): without this the commits of
-    # the partition stopped at 12 for good (chaos run 25)
+def _delivered_through(last: int) -> tuple[Any, list[dict[TP, int]]]:
+    """A consumer that owns TP0, positioned at 10 and delivered 10..`last`, recording seeks."""
     consumer = _consumer()
-    book = consumer._strict_offsets
-    book.positioned(TP0, 10)
-    for offset in range(10, 15):
-        book.delivered(TP0, offset)
+    consumer._strict_offsets.positioned(TP0, 10)
+    for offset in range(10, last + 1):
+        consumer._strict_offsets.delivered(TP0, offset)
     sought: list[dict[TP, int]] = []
 
     async def seek(offsets: dict[TP, int]) -> None:
@@ -306,27 +304,25 @@ def test_withheld_messages_of_a_kept_partition_are_delivered_again() -> None:
 
     consumer._seek_in_thread = seek
     consumer.assignment = lambda: {TP0}
+    return consumer, sought
+
+
+def test_withheld_messages_of_a_kept_partition_are_delivered_again() -> None:
+    # a step withheld 12.. (a rebalance ran while it was billed): without this the commits of
+    # the partition stopped at 12 for good (chaos run 25)
+    consumer, sought = _delivered_through(14)
+    book = consumer._strict_offsets
     consumer.loop.run_until_complete(consumer.redeliver({TP0: 12, TP("in", 1): 3}))
     assert book.expected[TP0] == 12 and sought == [{TP0: 12}]
     assert book.verdict(TP0, 12) is Verdict.DELIVER
 
 
 def test_a_commit_waiting_on_an_unacked_message_is_reported_then_delivered_again() -> None:
-    consumer = _consumer()
+    consumer, sought = _delivered_through(14)
     book = consumer._strict_offsets
-    book.positioned(TP0, 10)
-    for offset in range(10, 15):
-        book.delivered(TP0, offset)
     consumer._acked[TP0].extend([11, 12, 13, 14])  # 10 was delivered and never acked
     consumer.highwater = lambda tp: 15
     consumer.last_delivered[TP0] = time.monotonic()
-    sought: list[dict[TP, int]] = []
-
-    async def seek(offsets: dict[TP, int]) -> None:
-        sought.append(dict(offsets))
-
-    consumer._seek_in_thread = seek
-    consumer.assignment = lambda: {TP0}
     start = time.monotonic()
     assert consumer.stall_report(start) is None  # just seen
     report = consumer.stall_report(start + 40)

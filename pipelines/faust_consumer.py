@@ -34,15 +34,16 @@ deleted them) does it go on, with an error naming the lost range. An offset is c
 one up to it was acked; nothing is ever acked for a message no agent was given.
 
 faust internals used (faust-streaming 0.15.x, checked by FAUST_VERSIONS, tested in
-tests/unit/pipelines/test_faust_consumer.py): Consumer._drain_messages (rewritten here),
-_new_offset, perform_seek, seek, on_partitions_revoked, _acked/_acked_index/_read_offset,
-suspend_flow, wait_first, and Transport.Consumer (`install`).
+tests/unit/pipelines/test_faust_consumer.py; its pure rules are pipelines/strict_offsets.py):
+Consumer._drain_messages (rewritten here), _wait_next_records, _new_offset, perform_seek,
+seek, on_partitions_revoked, _acked/_acked_index/_committed_offset/_read_offset,
+_active_partitions/_buffered_partitions/_paused_partitions, suspend_flow, wait_first, and
+Transport.Consumer (`install`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Iterable
@@ -52,6 +53,8 @@ import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
+
+from pipelines.strict_offsets import StrictOffsets, Verdict
 
 #: faust versions whose consumer internals this module was written against.
 FAUST_VERSIONS = ("0.15.",)
@@ -64,116 +67,6 @@ log = logging.getLogger("mallwatt.consumer")
 #: A copy this far below the expected offset makes the partition seek ahead to it (dropping
 #: thousands of copies one by one held a partition back).
 MAX_COPIES_BEHIND = 500
-
-#: Fetched batches in a row that may show the same jump before it is taken as offsets the
-#: broker no longer has (each one seeks back to the expected offset first).
-MAX_GAP_RESEEKS = 5
-
-
-class Verdict(enum.Enum):
-    DELIVER = "deliver"
-    COPY = "copy"  # below the expected offset: delivered before
-    UNPOSITIONED = "unpositioned"  # before the partition's seek: the seek fetches it again
-    GAP = "gap"  # above the expected offset: seek back
-    STALE = "stale"  # above it again in a batch that already sought back: drop
-    GONE = "gone"  # the jump persisted: those offsets are gone from the broker; deliver
-
-
-class StrictOffsets:
-    """Per partition: the next offset its stream must get, and the floor of its commits.
-
-    Pure bookkeeping (no Kafka), so each rule is unit-tested on its own."""
-
-    def __init__(self, max_gap_reseeks: int = MAX_GAP_RESEEKS) -> None:
-        self.expected: dict[TP, int | None] = {}  # None: positioned, committed offset unknown
-        self.floor: dict[TP, int | None] = {}  # the committed offset; commits start exactly here
-        self.max_gap_reseeks = max_gap_reseeks
-        self._gap_batches: dict[TP, tuple[int, int]] = {}  # tp -> (expected offset, batches seen)
-        self._gap_this_batch: set[TP] = set()
-        self.lost: list[tuple[TP, int, int]] = []  # (tp, first, last) offsets gone from the broker
-
-    def positioned(self, tp: TP, offset: int | None) -> None:
-        """The partition was sought to `offset` (None: no committed offset, from its start)."""
-        self.expected[tp] = offset
-        self.floor[tp] = offset
-        self._gap_batches.pop(tp, None)
-
-    def revoked(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            self.expected.pop(tp, None)
-            self.floor.pop(tp, None)
-            self._gap_batches.pop(tp, None)
-
-    def new_batch(self) -> None:
-        self._gap_this_batch.clear()
-
-    def verdict(self, tp: TP, offset: int) -> Verdict:
-        if tp not in self.expected:
-            return Verdict.UNPOSITIONED
-        want = self.expected[tp]
-        if want is None or offset == want:
-            return Verdict.DELIVER
-        if offset < want:
-            return Verdict.COPY
-        if tp in self._gap_this_batch:  # already sought back in this batch
-            return Verdict.STALE
-        self._gap_this_batch.add(tp)
-        seen_for, batches = self._gap_batches.get(tp, (want, 0))
-        batches = batches + 1 if seen_for == want else 1
-        self._gap_batches[tp] = (want, batches)
-        if batches > self.max_gap_reseeks:
-            return Verdict.GONE
-        return Verdict.GAP
-
-    def seek_failed(self, tp: TP) -> None:
-        """A seek back did not happen: the jump's count starts again (only jumps seen after
-        seeks that took place may declare offsets gone)."""
-        self._gap_batches.pop(tp, None)
-
-    def delivered(self, tp: TP, offset: int) -> None:
-        if tp not in self.expected:  # revoked while it was being delivered: its next owner seeks it
-            return
-        self.expected[tp] = offset + 1
-        if self.floor.get(tp, 0) is None:  # no committed offset: commits start at the first one
-            self.floor[tp] = offset
-        if tp in self._gap_batches and self._gap_batches[tp][0] <= offset:
-            del self._gap_batches[tp]
-
-    def skip_lost(self, tp: TP, offset: int) -> None:
-        """The offsets from the expected one to below `offset` are gone from the broker:
-        recorded, and commits may start at `offset`."""
-        want = self.expected.get(tp)
-        if want is not None:
-            self.lost.append((tp, want, offset - 1))
-        floor = self.floor.get(tp)
-        if floor is not None and floor < offset:
-            self.floor[tp] = offset
-
-    def commit_offset(self, tp: TP, acked: list[int], index: set[int]) -> int | None:
-        """The offset to commit for `tp` from its acked offsets (sorted in place and trimmed,
-        as faust keeps them): the end of the run of acked offsets that starts exactly at the
-        floor; None while the floor's own message is unacked."""
-        floor = self.floor.get(tp)
-        if floor is None:
-            return None
-        acked.sort()
-        stale = 0
-        while stale < len(acked) and acked[stale] < floor:  # acks of copies below the floor
-            index.discard(acked[stale])
-            stale += 1
-        del acked[:stale]
-        end = floor
-        for offset in acked:
-            if offset != end:
-                break
-            end += 1
-        if end == floor:
-            return None
-        index.difference_update(acked[: end - floor])
-        del acked[: end - floor]
-        self.floor[tp] = end
-        return end
-
 
 class StrictConsumer(AIOKafkaConsumer):
     """The aiokafka driver's Consumer; the topics in `strict_topics` follow StrictOffsets."""

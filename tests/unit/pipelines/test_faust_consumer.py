@@ -19,7 +19,7 @@ from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP
 
 from pipelines import faust_consumer as fc
-from pipelines.faust_consumer import StrictOffsets, Verdict
+from pipelines.strict_offsets import StrictOffsets, Verdict
 
 TP0 = TP("in", 0)
 

@@ -36,7 +36,7 @@ def test_bench_scale_small_run(tmp_path: Path) -> None:
         pytest.skip(f"port {PORT} is in use (set MALLWATT_BENCH_SCALE_TEST_PORT)")
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "bench", "scale", "--merchants", "2000", "--cadence-s", "2",
-         "--cadences", "5", "--backlog-minutes", "1", "--port", str(PORT), "--dir", str(tmp_path / "bench"),
+         "--cadences", "5", "--backlog-minutes", "0.5", "--port", str(PORT), "--dir", str(tmp_path / "bench"),
          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=280,
         env={**os.environ, "MALLWATT_KAFKA": ""})
     assert proc.stdout.strip(), proc.stderr[-3000:]
@@ -57,7 +57,7 @@ def test_bench_scale_small_run(tmp_path: Path) -> None:
     assert 0 < figures["recovery_s"] < 120
     # the backlog drains faster than it was offered, or the worker could never catch up
     assert figures["catchup_readings_per_s"] > figures["offered_readings_per_s"]
-    assert figures["catchup_backlog_readings"] >= 30 * figures["circuits"]
+    assert figures["catchup_backlog_readings"] >= 15 * figures["circuits"]  # half a minute of 2 s cadences
     assert figures["worker_cpu_s_per_1k_readings"] > 0
     # everything the bench started is stopped: its broker no longer answers
     assert not _port_open(PORT) and not _port_open(PORT + 1)

@@ -52,7 +52,7 @@ from schemas.keys import shard_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-MALLS, STALLS, CADENCES = 8, 1000, 10
+MALLS, STALLS, CADENCES = 8, 1000, 8  # 8 windows: the suite's 20-minute budget
 # MALLWATT_FAULT of each life of worker a, in order: it dies at the point and is restarted with
 # the next (a restart costs about 40 s on the shared 2-core machine: the budget for lives)
 LIVES_A = ["mid_step:2500", "after_state_write_before_commit:12", "forwarder_after_publish_before_commit:4", ""]
@@ -279,7 +279,7 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     config = tmp_path / "portfolio.yaml"
     dump_portfolio(inp.portfolio, config)
     ctx = build_context(parse_portfolio(inp.portfolio), partitions)
-    assert len(ctx.accounts) >= 8000 and inp.readings_count > 80_000
+    assert len(ctx.accounts) >= 8000 and inp.readings_count > 60_000
     mall_of = {a: r.mall_id for a, r in ctx.rating.accounts.items()}
 
     app_id = f"chaos-{prefix}"
@@ -338,7 +338,7 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     prove(published, replayed, ctx, inp.payment_ids)
 
     # the comparison saw the whole story: duplicates published, every payment id credited once
-    assert replayed.ledger.height > 60_000 and published.commands and published.alerts
+    assert replayed.ledger.height > 45_000 and published.commands and published.alerts
     print(f"chaos: {inp.readings_count} readings, {len(published.ledger)} ledger records published, "
           f"deaths {workers.deaths}, restarted when stuck {workers.unstuck}, {time.monotonic() - started:.0f} s")
     # liveness: a worker that stopped consuming an input (the commit stall, docs/stream.md

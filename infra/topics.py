@@ -327,6 +327,47 @@ def provision_topics(
     return sorted(created)
 
 
+class InputTopicError(RuntimeError):
+    """An input topic whose offsets can have gaps (pipelines/faust_consumer.py refuses them)."""
+
+
+def check_input_topics(bootstrap: str, names: Iterable[str], *, timeout: float = 30.0,
+                       admin: Any = None) -> list[str]:
+    """Refuse input topics that are compacted: the worker's consumer delivers each input
+    partition strictly in offset order and takes a jump in offsets as a fault to seek back
+    from (pipelines/faust_consumer.py); a compacted topic has such gaps by design, so the
+    worker would seek back forever. Raises InputTopicError naming the topic and its
+    cleanup.policy. Returns the names it could not check (a principal without DescribeConfigs
+    on them, e.g. the worker's least-privilege user): those are logged, not refused.
+    (Transaction markers leave gaps too; no mallwatt producer is transactional.)"""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    from infra.kafka_security import kafka_config
+
+    admin = admin or AdminClient(kafka_config(bootstrap))
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
+    unchecked: list[str] = []
+    if not resources:
+        return unchecked
+    for res, fut in admin.describe_configs(resources, request_timeout=timeout).items():
+        try:
+            configs = fut.result()
+        except KafkaException as exc:
+            log.warning("input topic %s: settings not readable (%s); its cleanup.policy is not checked",
+                        res.name, exc)
+            unchecked.append(res.name)
+            continue
+        entry = configs.get("cleanup.policy")
+        policy = entry.value if entry is not None and entry.value else "delete"
+        if "compact" in policy.split(","):
+            raise InputTopicError(
+                f"input topic {res.name} has cleanup.policy={policy}: the worker reads its inputs "
+                "offset by offset and a compacted topic has gaps; recreate it with "
+                "cleanup.policy=delete (infra/topics.py declares it so)")
+    return unchecked
+
+
 def wait_until_served(bootstrap: str, names: Iterable[str] | None = None, timeout: float = 60.0) -> None:
     """Wait until every partition of the topics answers offset queries (a broker that has just
     started answers metadata before it leads its partitions: NOT_LEADER_FOR_PARTITION)."""

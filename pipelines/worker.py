@@ -673,6 +673,11 @@ def main(argv: list[str] | None = None) -> int:
     # the changelogs exist (with their compaction settings) before faust's first table write
     T.provision_topics(bootstrap_servers(), T.changelog_specs(APP_ID, CLAIM_HORIZON_DAYS))
     T.wait_until_served(bootstrap_servers(), [t.name for t in T.changelog_specs(APP_ID, CLAIM_HORIZON_DAYS)])
+    try:  # the strict consumer needs gap-free input offsets (pipelines/faust_consumer.py)
+        T.check_input_topics(bootstrap_servers(), INPUT_TOPICS)
+    except T.InputTopicError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     app = build_app(args.config, holder=holder)
     forwarder = None
     if not args.no_forwarder:

@@ -17,7 +17,14 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from infra import broker
-from infra.topics import TOPICS, TopicMismatchWarning, TopicSpec, provision_topics
+from infra.topics import (
+    TOPICS,
+    InputTopicError,
+    TopicMismatchWarning,
+    TopicSpec,
+    check_input_topics,
+    provision_topics,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +117,19 @@ def test_mismatch_is_warned_not_fixed(private: broker.BrokerConfig) -> None:
         assert provision_topics(private.bootstrap, [odd]) == []
     messages = " ".join(str(w.message) for w in record)
     assert "partitions" in messages and "retention.ms" in messages
+
+
+def test_compacted_input_topic_is_refused(private: broker.BrokerConfig) -> None:
+    """The worker's start-up check on the real broker: its declared input topics pass, a
+    compacted one is refused by name (the strict consumer would seek back over its gaps)."""
+    from pipelines.worker import INPUT_TOPICS
+
+    provision_topics(private.bootstrap)
+    assert check_input_topics(private.bootstrap, INPUT_TOPICS) == []
+    name = f"compacted-input-{uuid.uuid4().hex[:6]}"
+    provision_topics(private.bootstrap, [TopicSpec(name, key="k", value="v", cleanup_policy="compact", partitions=1)])
+    with pytest.raises(InputTopicError, match=f"{name} has cleanup.policy=compact"):
+        check_input_topics(private.bootstrap, [*INPUT_TOPICS, name])
 
 
 def test_produce_and_consume(private: broker.BrokerConfig) -> None:

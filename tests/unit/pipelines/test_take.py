@@ -17,7 +17,7 @@ SLOW_STEP = 0.3
 
 
 def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, settle: float = 1.5,
-              age: float = 0.0, catchup: int | None = None) -> tuple[float, list[tuple[float, list[Any]]]]:
+              age: float = 0.0, catchup: int | None = None, fill_s: float = 10.0) -> tuple[float, list[tuple[float, list[Any]]]]:
     """Put each value at its offset (seconds), its Kafka timestamp `age` seconds in the past,
     into an agent that reads with take_steps and takes `step_s` per step; returns the start
     time and (time, values) of every step."""
@@ -27,7 +27,7 @@ def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, 
 
     @app.agent()
     async def agent(stream: Any) -> None:
-        async for events in take_steps(stream, max_, WITHIN, catchup):
+        async for events in take_steps(stream, max_, WITHIN, catchup, catchup_fill_s=fill_s):
             steps.append((time.monotonic(), [event.value for event in events]))
             await asyncio.sleep(step_s)
 
@@ -172,6 +172,20 @@ def test_behind_a_backlog_a_step_grows_to_its_catchup_size() -> None:
     _, steps = run_agent(puts, 8, age=30.0, catchup=30)
     assert [v for _, values in steps for v in values] == list(range(40))
     assert max(len(values) for _, values in steps) == 30
+
+
+def test_a_catchup_step_fills_while_the_backlog_keeps_coming() -> None:
+    """A backlog delivered slower than a step's window (the fetcher is busy): the step keeps
+    filling while messages come, up to its catch-up size, instead of going with what came in
+    `within` (one poll cycle: the catch-up then ran at the live per-account rate); its fill
+    time is bounded."""
+    puts = [(i * 0.1, i) for i in range(24)]  # 4 per WITHIN
+    _, steps = run_agent(puts, 2, age=30.0, catchup=16, settle=2.0)
+    assert [v for _, values in steps for v in values] == list(range(24))
+    assert len(steps[0][1]) == 16  # was 5 or so: what came in the first WITHIN
+    _, bounded = run_agent(puts, 2, age=30.0, catchup=16, fill_s=0.7, settle=2.0)
+    assert [v for _, values in bounded for v in values] == list(range(24))
+    assert 4 <= len(bounded[0][1]) <= 10  # WITHIN + 0.7 s of puts, not the catch-up size
 
 
 def test_a_live_worker_a_little_behind_keeps_its_step_size() -> None:

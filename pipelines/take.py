@@ -106,6 +106,31 @@ CATCHUP_AFTER_S = float(os.environ.get("MALLWATT_CATCHUP_AFTER_S", 5.0))
 CATCHUP_FILL_S = float(os.environ.get("MALLWATT_CATCHUP_FILL_S", 10.0))
 
 
+#: How long a catch-up step may take to bill (seconds): the catch-up size adapts so steps take
+#: about this long (CatchupSize). With a fixed size a 350,000-merchant worker took steps of
+#: 70-130 s (16,384 messages, four poll cycles), its event loop blocked that long: timers,
+#: top-ups and the consumer thread's keepalive waited.
+CATCHUP_STEP_S = float(os.environ.get("MALLWATT_CATCHUP_STEP_S", 20.0))
+
+
+class CatchupSize:
+    """How many messages the next catch-up step may take: what the last full steps billed in
+    `step_s` seconds, between `floor` (the live step size) and `ceiling`, growing at most
+    4x per step (a larger step costs less per message, so the estimate errs small)."""
+
+    def __init__(self, floor: int, ceiling: int, step_s: float) -> None:
+        self.floor, self.ceiling, self.step_s = floor, max(floor, ceiling), step_s
+        self.current = min(self.ceiling, 4 * floor)
+
+    def observe(self, messages: int, seconds: float) -> None:
+        """A step of `messages` took `seconds` to bill. Steps below the live size say little
+        (their fixed cost dominates) and are ignored."""
+        if messages < self.floor or seconds <= 0:
+            return
+        fits = int(self.step_s * messages / seconds)
+        self.current = max(self.floor, min(self.ceiling, fits, 4 * max(self.current, messages)))
+
+
 def behind(newest_stamp: float | None, within: float) -> bool:
     """Whether even the newest buffered message (its Kafka timestamp, epoch seconds) is older
     than `within`: the worker is working through a backlog (a restart, a burst), not keeping
@@ -131,7 +156,8 @@ async def _fill(stream: Any, events: list[Any], full: asyncio.Event, quiet_s: fl
 async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | None = None,
                      catchup_bytes: int | None = None,
                      catchup_after_s: float = CATCHUP_AFTER_S,
-                     catchup_fill_s: float = CATCHUP_FILL_S) -> AsyncIterator[list[Any]]:
+                     catchup_fill_s: float = CATCHUP_FILL_S,
+                     catchup_step_s: float = CATCHUP_STEP_S) -> AsyncIterator[list[Any]]:
     """Lists of at most `max_` events; a list is yielded at once when it is full, else once
     its oldest event has waited `within` seconds since it arrived (behind a backlog: once it
     is full or `within` after the wait began).
@@ -141,8 +167,10 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
     cost is mostly per account it touches, and only a step spanning several poll cycles brings
     several readings per account (at 350,000 merchants one cycle is about 4,000 messages). Such
     a step fills while messages keep coming (no pause of `within`), for at most
-    `catchup_fill_s`."""
+    `catchup_fill_s`, and its size adapts so it bills in about `catchup_step_s`
+    (CatchupSize; `catchup_max` is the ceiling)."""
     catchup_max = max(max_, catchup_max or max_)
+    sizer = CatchupSize(max_, catchup_max, catchup_step_s)
     catchup_bytes = catchup_bytes or 0
     size = 0  # bytes of the buffered message values
     events: list[Any] = []
@@ -173,7 +201,7 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             has_events.set()
             value = event.message.value
             size += len(value) if isinstance(value, bytes | bytearray) else 0
-            if len(events) >= max_ and (len(events) >= catchup_max or (catchup_bytes and size >= catchup_bytes)
+            if len(events) >= max_ and (len(events) >= sizer.current or (catchup_bytes and size >= catchup_bytes)
                                         or not behind(newest_stamp, max(within, catchup_after_s))):
                 full.set()
                 consumed.clear()
@@ -210,8 +238,10 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             step = list(events)
             stepped = False
             try:
+                yielded_at = time.monotonic()
                 yield step
                 stepped = True
+                sizer.observe(len(step), time.monotonic() - yielded_at)
             finally:
                 events.clear()
                 oldest, newest_stamp, size = float("inf"), None, 0

@@ -182,7 +182,9 @@ def test_a_catchup_step_fills_while_the_backlog_keeps_coming() -> None:
     puts = [(i * 0.1, i) for i in range(24)]  # 4 per WITHIN
     _, steps = run_agent(puts, 2, age=30.0, catchup=16, settle=2.0)
     assert [v for _, values in steps for v in values] == list(range(24))
-    assert len(steps[0][1]) == 16  # was 5 or so: what came in the first WITHIN
+    # was 5 or so, what came in the first WITHIN; the first catch-up step takes 4x the live
+    # size, the next one (the first billed fast) its ceiling
+    assert [len(values) for _, values in steps] == [8, 16]
     _, bounded = run_agent(puts, 2, age=30.0, catchup=16, fill_s=0.7, settle=2.0)
     assert [v for _, values in bounded for v in values] == list(range(24))
     assert 4 <= len(bounded[0][1]) <= 10  # WITHIN + 0.7 s of puts, not the catch-up size
@@ -205,3 +207,24 @@ def test_the_workers_counting_wrapper_takes_what_take_steps_takes() -> None:
     from pipelines import take, worker_metrics
 
     assert signature(worker_metrics.take_steps).parameters.keys() == signature(take.take_steps).parameters.keys()
+
+
+def test_the_catchup_size_follows_the_billing_time() -> None:
+    """CatchupSize: steps that bill slowly shrink the next catch-up step towards what fits in
+    its time (never below the live size), fast ones let it grow (at most 4x per step, up to
+    the ceiling); steps below the live size change nothing."""
+    from pipelines.take import CatchupSize
+
+    size = CatchupSize(256, 16384, step_s=20.0)
+    assert size.current == 1024
+    size.observe(1024, 2.0)  # 10x faster than the budget: grows 4x, not 10x
+    assert size.current == 4096
+    size.observe(4096, 80.0)  # 4x slower than the budget: what fits in 20 s
+    assert size.current == 1024
+    size.observe(100, 500.0)  # a small step: its fixed cost says nothing
+    assert size.current == 1024
+    size.observe(1024, 1000.0)  # very slow: the live size, no less
+    assert size.current == 256
+    for _ in range(5):
+        size.observe(size.current, 0.5)
+    assert size.current == 16384

@@ -139,17 +139,19 @@ def behind(newest_stamp: float | None, within: float) -> bool:
     return newest_stamp is not None and time.time() - newest_stamp >= within
 
 
-async def _fill(stream: Any, events: list[Any], full: asyncio.Event, quiet_s: float, limit_s: float) -> None:
-    """Let a catch-up step fill: until it is full, no message came for `quiet_s`, or `limit_s`
-    passed (the backlog ends, or the fetcher is slower than the catch-up size needs)."""
+async def _fill(stream: Any, arrived: asyncio.Event, full: asyncio.Event, quiet_s: float, limit_s: float,
+                still_behind: Callable[[], bool]) -> None:
+    """Let a catch-up step fill: until it is full, no message came for `quiet_s`, `limit_s`
+    passed (the backlog ends, or the fetcher is slower than the catch-up size needs), or
+    the step reached live input (`still_behind` is false: the rest goes after `within`)."""
     deadline = time.monotonic() + limit_s
-    while not full.is_set() and not stream.should_stop:
-        before = len(events)
+    while not full.is_set() and not stream.should_stop and still_behind():
         left = deadline - time.monotonic()
         if left <= 0:
             return
-        await stream.wait_for_stopped(full, timeout=min(quiet_s, left))
-        if len(events) == before:
+        arrived.clear()
+        await stream.wait_for_stopped(arrived, timeout=min(quiet_s, left))
+        if not arrived.is_set():
             return
 
 
@@ -177,6 +179,7 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
     oldest = float("inf")  # monotonic time the oldest buffered event arrived (_arrival)
     newest_stamp: float | None = None  # Kafka timestamp of the newest buffered event
     has_events = asyncio.Event()
+    arrived = asyncio.Event()  # set by every event added (a catch-up step's fill waits on it)
     full = asyncio.Event()
     consumed = asyncio.Event()
     consuming: asyncio.Future[None] | None = None
@@ -199,6 +202,7 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             if stamp and (newest_stamp is None or stamp > newest_stamp):
                 newest_stamp = stamp
             has_events.set()
+            arrived.set()
             value = event.message.value
             size += len(value) if isinstance(value, bytes | bytearray) else 0
             if len(events) >= max_ and (len(events) >= sizer.current or (catchup_bytes and size >= catchup_bytes)
@@ -212,6 +216,9 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             stream.log.exception("Error adding to take buffer: %r", exc)
             await stream.crash(exc)
         return value
+
+    def still_behind() -> bool:  # reads the newest stamp as it is when called
+        return behind(newest_stamp, max(within, catchup_after_s))
 
     enable_acks = stream.enable_acks
     stream.enable_acks = False  # events are acked after the step that consumed them
@@ -227,9 +234,9 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             while not full.is_set() and not channel.queue.empty() and not stream.should_stop:
                 await asyncio.sleep(0)
             remaining = within - (time.monotonic() - oldest)
-            if catchup_max > max_ and behind(newest_stamp, max(within, catchup_after_s)):
+            if catchup_max > max_ and still_behind():
                 # a gap of `within` between fetches is common behind a backlog: wait a bit longer
-                await _fill(stream, events, full, max(within, 0.2), catchup_fill_s)
+                await _fill(stream, arrived, full, max(within, 0.2), catchup_fill_s, still_behind)
             elif remaining <= 0 and behind(newest_stamp, within):
                 remaining = within  # a backlog: more is on its way, fill the step as take_events does
             if remaining > 0 and not full.is_set():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -17,7 +18,7 @@ SLOW_STEP = 0.3
 
 
 def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, settle: float = 1.5,
-              age: float = 0.0, catchup: int | None = None, fill_s: float = 10.0) -> tuple[float, list[tuple[float, list[Any]]]]:
+              age: float | Callable[[Any], float] = 0.0, catchup: int | None = None, fill_s: float = 10.0) -> tuple[float, list[tuple[float, list[Any]]]]:
     """Put each value at its offset (seconds), its Kafka timestamp `age` seconds in the past,
     into an agent that reads with take_steps and takes `step_s` per step; returns the start
     time and (time, values) of every step."""
@@ -36,7 +37,7 @@ def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, 
             start = time.monotonic()
             for at, value in puts:
                 await asyncio.sleep(max(0.0, start + at - time.monotonic()))
-                await context.put(value, timestamp=time.time() - age)
+                await context.put(value, timestamp=time.time() - (age(value) if callable(age) else age))
             await asyncio.sleep(settle)
             return start
 
@@ -188,6 +189,16 @@ def test_a_catchup_step_fills_while_the_backlog_keeps_coming() -> None:
     _, bounded = run_agent(puts, 2, age=30.0, catchup=16, fill_s=0.7, settle=2.0)
     assert [v for _, values in bounded for v in values] == list(range(24))
     assert 4 <= len(bounded[0][1]) <= 10  # WITHIN + 0.7 s of puts, not the catch-up size
+
+
+def test_a_catchup_step_stops_filling_at_live_input() -> None:
+    """Two messages of a backlog, then live ones every 0.12 s: the catch-up step goes once it
+    holds a live message; it does not fill on through the live stream (it took all five,
+    until the input paused)."""
+    puts = [(0.0, 0), (0.0, 1)] + [(0.12 * (i + 1), 2 + i) for i in range(3)]
+    _, steps = run_agent(puts, 8, age=lambda v: 30.0 if v < 2 else 0.0, catchup=64, settle=1.0)
+    assert [v for _, values in steps for v in values] == list(range(5))
+    assert steps[0][1] == [0, 1, 2]
 
 
 def test_a_live_worker_a_little_behind_keeps_its_step_size() -> None:

@@ -41,6 +41,7 @@ from pipelines.core.engine import (
     process_batch,
 )
 from pipelines.core.money_authority import MONEY_RECORD, refuse_unauthorised
+from pipelines.core.replay_jobs import JobFilter
 
 ARRIVAL_COLUMNS = ("partition", "offset", "msg_ts_ms")
 OUTPUTS = ("ledger", "alerts", "commands", "rejected_readings", "rejected_payments", "intervals")
@@ -57,6 +58,7 @@ class Progress:
     label: str = "replay"
     every_s: float = 1.0
     enabled: bool = True
+    machine: bool = False  # a parallel job: "@progress <readings> <calls> <ts|->" lines for its parent
     readings: int = 0
     calls: int = 0
     started: float = 0.0
@@ -68,6 +70,10 @@ class Progress:
     def add(self, readings: int, last_ts_ms: int | None) -> None:
         self.readings += readings
         self.calls += 1
+        self.tick(last_ts_ms)
+
+    def tick(self, last_ts_ms: int | None) -> None:
+        """Show the counts if the last line is old enough."""
         now = time.monotonic()
         if self.enabled and now - self.shown >= self.every_s:
             self.shown = now
@@ -76,9 +82,17 @@ class Progress:
     def done(self) -> None:
         if self.enabled:
             self._show(time.monotonic(), None, "\r")
-            sys.stderr.write("\n")
+            if not self.machine:
+                sys.stderr.write("\n")
+
+    def _machine(self, ts_ms: int | None) -> None:
+        sys.stderr.write(f"@progress {self.readings} {self.calls} {'-' if ts_ms is None else ts_ms}\n")
+        sys.stderr.flush()
 
     def _show(self, now: float, ts_ms: int | None, end: str) -> None:
+        if self.machine:
+            self._machine(ts_ms)
+            return
         rate = self.readings / max(now - self.started, 1e-9)
         at = "" if ts_ms is None else f", at {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(ts_ms / 1000))}"
         sys.stderr.write(f"{end}{self.label}: {self.readings:,} readings in {self.calls:,} core calls, "
@@ -194,10 +208,12 @@ class ArrivalReplay:
     """Bill chunks of readings (in arrival order) with the accepted payments merged in."""
 
     def __init__(self, ctx: RatingContext, accepted: pl.DataFrame, sink: Sink, *, state: CoreState | None = None,
-                 bounds: timeguard.Bounds | None = None, progress: Progress | None = None, relay: Any = None) -> None:
+                 bounds: timeguard.Bounds | None = None, progress: Progress | None = None, relay: Any = None,
+                 job: JobFilter | None = None) -> None:
         from pipelines.core.replay import _reasons, time_bounds
 
         self.ctx, self.sink, self.state = ctx, sink, state or CoreState()
+        self.job = job  # a parallel replay's job: the whole plan, its own accounts billed (`replay_jobs`)
         self.relay = relay  # pipelines.replay_relay.RelayReplay: the stream's power loop, or None
         self.bounds = bounds or time_bounds(ctx)
         self._reasons = _reasons
@@ -215,6 +231,10 @@ class ArrivalReplay:
         self._check_order(chunk, where, first_row)
         chunk = chunk.with_columns(msg=_message_index(chunk))
         ok, bad = timeguard.split_frame(chunk, self.bounds)
+        if bad.height and self.job is not None:
+            from pipelines.core.lookup import lookup
+
+            bad = self.job.readings(bad, lookup(self.ctx))
         if bad.height:
             from pipelines.core.interval import REJECT_SCHEMA
 
@@ -340,22 +360,36 @@ class ArrivalReplay:
 
     def _call_held(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None,
                    accounts: np.ndarray | None) -> None:
+        from pipelines.core.replay import replay_now, replay_tick
+
         if readings is None or not readings.height:
             from pipelines.core.interval import READING_SCHEMA
 
             readings = pl.DataFrame(schema=READING_SCHEMA)
-        self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False)
-        outs = [out]
-        # the stream's timer: day postings and deferred trips due by the newest input time
-        from pipelines.core.replay import replay_tick
+        now = replay_now(readings, payments)  # the whole call's clock, also in a parallel job
+        outs = []
+        if self.job is not None:  # this job's accounts of the call
+            from pipelines.core.lookup import lookup
 
-        self.state, ticked = replay_tick(self.state, self.ctx, readings, payments, accounts)
+            lk = lookup(self.ctx)
+            if readings.height:
+                if accounts is None:
+                    readings = self.job.readings(readings, lk)
+                else:
+                    mask = self.job.accounts_mask(accounts, lk)
+                    if not mask.all():
+                        readings, accounts = readings.filter(pl.Series(mask)), accounts[mask]
+            payments = self.job.by_account(payments)
+            if payments is not None and not payments.height:
+                payments = None
+        if self.job is None or readings.height or payments is not None:  # a job's empty share changes nothing
+            self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False)
+            outs.append(out)
+        # the stream's timer: day postings and deferred trips due by the newest input time
+        self.state, ticked = replay_tick(self.state, self.ctx, readings, payments, accounts, now=now)
         if ticked is not None:
             outs.append(ticked)
         if self.relay is not None:  # the relay commands, retries and ops alerts of this call's inputs
-            from pipelines.core.replay import replay_now
-
-            now = replay_now(readings, payments)
             self.relay.call(readings, payments, [o.commands for o in outs if o.commands.height],
                             now if now is not None else self.relay.clock)
             self.relay.flush()
@@ -397,7 +431,8 @@ def whole_messages(chunks: Iterable[tuple[int, pl.DataFrame]]) -> Iterator[tuple
 
 def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFrame]], payments: pl.DataFrame | None,
                    sink: Sink, *, state: CoreState | None = None, bounds: timeguard.Bounds | None = None,
-                   progress: Progress | None = None, where: str = "readings", relay: Any = None) -> CoreState:
+                   progress: Progress | None = None, where: str = "readings", relay: Any = None,
+                   job: JobFilter | None = None) -> CoreState:
     """Bill readings chunks (first row, frame) in arrival order with the payments merged in.
     With `relay` (a `pipelines.replay_relay.RelayReplay` over the recorded relay outcomes) the
     stream's power loop runs beside: relay commands with their retries, and ops alerts."""
@@ -411,9 +446,12 @@ def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFram
             raise OrderError(f"payments: {problem}")
         accepted, late, refused = claim_in_order(payments, ctx, bounds)
         for frame in (late, refused):
+            frame = job.by_account(frame) if job is not None else frame
             if frame.height:
                 sink("rejected_payments", frame)
-    run = ArrivalReplay(ctx, accepted, sink, state=state, bounds=bounds, progress=progress, relay=relay)
+    if job is not None and relay is not None:
+        raise ValueError("a parallel replay job cannot run the power loop (--outcomes)")
+    run = ArrivalReplay(ctx, accepted, sink, state=state, bounds=bounds, progress=progress, relay=relay, job=job)
     for first, chunk in whole_messages(readings):
         run.feed(chunk, where, first)
     state = run.finish()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from pipelines.core.interval import REJECT_SCHEMA
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
 from pipelines.core.money_authority import MONEY_RECORD, refuse_unauthorised
 from pipelines.core.replay_input import InputError, read_payments, read_readings
+from pipelines.core.replay_jobs import JobFilter
 
 # Rows per core call (at most): the core's cost per call is mostly per account touched, so a
 # call should carry many readings per account (500k rows of a 35,000-circuit portfolio: ~14 each,
@@ -143,18 +145,21 @@ def _reasons(bad: pl.DataFrame, bounds: timeguard.Bounds, schema: dict[str, Any]
 def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | None,
            batch_size: int = 100_000, state: CoreState | None = None,
            bounds: timeguard.Bounds | None = None, sink: Any = None,
-           progress: Any = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
+           progress: Any = None, job: JobFilter | None = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
     """Bill recorded inputs in time order. They pass the stream's time guard first (``bounds``,
     default `time_bounds(ctx)`): what the stream would dead-letter is refused here with the
     same reason. With ``sink(name, frame)`` the outputs go there batch by batch and only the
-    balances are returned (memory does not grow with the outputs)."""
+    balances are returned (memory does not grow with the outputs). With ``job`` (a parallel
+    replay's job, `replay_jobs`) the batches and their clocks are the whole input's, and only the
+    job's accounts are billed."""
     readings, payments, refused_r, refused_p = guard(readings, payments, bounds or time_bounds(ctx))
+    mine: Any = _job_share(job, ctx)
     readings = readings.sort("ts_ms", maintain_order=True)
     pays = payments.sort("ts_ms", maintain_order=True) if payments is not None else None
     state, acc = state or CoreState(), {k: [] for k in ("ledger", "alerts", "commands", "rejected_readings",
                                                "rejected_payments", "intervals")}
-    acc["rejected_readings"].append(refused_r)
-    acc["rejected_payments"].append(refused_p)
+    acc["rejected_readings"].append(mine(refused_r))
+    acc["rejected_payments"].append(mine(refused_p, "account_id"))
     if pays is not None and pays.height:  # every id claimed once, as the stream's claim step does
         frame = payments_frame(pays)
         rows = frame.to_dicts()
@@ -166,8 +171,8 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
         accepted, refused = claim_payment_rows(rows, policies)
         refused = unauthorised + refused
         pays = pl.DataFrame(accepted, schema=frame.schema)
-        acc["rejected_payments"].append(pl.DataFrame(
-            [{k: r[k] for k in PAYMENT_REJECT_SCHEMA} for r in refused], schema=PAYMENT_REJECT_SCHEMA))
+        acc["rejected_payments"].append(mine(pl.DataFrame(
+            [{k: r[k] for k in PAYMENT_REJECT_SCHEMA} for r in refused], schema=PAYMENT_REJECT_SCHEMA), "account_id"))
     n = readings.height
     starts = list(range(0, n, batch_size)) or [0]
     for i, s in enumerate(starts):
@@ -178,10 +183,12 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
             upto = batch["ts_ms"].max() if not last and batch.height else None
             sel = pays if upto is None else pays.filter(pl.col("ts_ms") <= upto)
             p, pays = sel, (pays.filter(pl.col("ts_ms") > upto) if upto is not None else None)
+        now = replay_now(batch, p)  # the whole batch's clock, also in a parallel job
+        batch, p = mine(batch), mine(p, "account_id")
         state, out = process_batch(state, batch, p, ctx, flush=last)
         for k in acc:
             acc[k].append(getattr(out, k))
-        state, ticked = replay_tick(state, ctx, batch, p)
+        state, ticked = replay_tick(state, ctx, batch, p, now=now)
         if ticked is not None:
             for k in acc:
                 acc[k].append(getattr(ticked, k))
@@ -200,16 +207,36 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
     return state, tables
 
 
+def _job_share(job: JobFilter | None, ctx: RatingContext) -> Any:
+    """frame, [account column] -> the job's rows of it (by the account, or by the circuit's
+    account without a column); every row when there is no job."""
+    if job is None:
+        return lambda frame, column=None: frame
+    from pipelines.core.lookup import lookup
+
+    lk = lookup(ctx)
+
+    def share(frame: pl.DataFrame | None, column: str | None = None) -> pl.DataFrame | None:
+        if frame is None or not frame.height:
+            return frame
+        return job.by_account(frame, column) if column else job.readings(frame, lk)
+    return share
+
+
 def replay_tick(state: CoreState, ctx: RatingContext, readings: pl.DataFrame | None,
-                payments: pl.DataFrame | None, reading_accounts: Any = None) -> tuple[CoreState, BatchOutputs | None]:
+                payments: pl.DataFrame | None, reading_accounts: Any = None, *,
+                now: int | None = None) -> tuple[CoreState, BatchOutputs | None]:
     """The stream's timer (pipelines.worker.power_timer) after a core call, at the newest input
     time: the standing charges and debt schedule of the local days the call's accounts' readings
     reached (0 Wh readings post nothing by themselves), and trips deferred by a friendly period
     that has ended. engine.tick decides by each account's own time, so ticking after every call
     gives what a timer ticking every second gives (same entries, ids and times).
     ``reading_accounts``: the account rank of each reading (-1: unknown circuit), when the
-    caller has them (arrival replay), so the readings' circuits are not looked up again."""
-    now = replay_now(readings if readings is not None else pl.DataFrame(), payments)
+    caller has them (arrival replay), so the readings' circuits are not looked up again.
+    ``now``: the clock when the caller knows it (a parallel job passes the whole call's clock
+    with its own share of the call); default `replay_now` of these inputs."""
+    if now is None:
+        now = replay_now(readings if readings is not None else pl.DataFrame(), payments)
     if now is None:
         return state, None
     accounts = {a for a, s in state.accounts.items() if s.deferred or s.warn_pending}
@@ -266,23 +293,51 @@ def main(argv: list[str] | None = None) -> int:
                                        "them (outcomes.parquet); runs the stream's power loop too and writes "
                                        "relay_commands (retries included) and relay_alerts. Needs a portfolio config")
     ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    ap.add_argument("--jobs", type=int,
+                    help="processes to replay in (default: the usable cores; 1 without --outcomes' power loop, "
+                         "which needs every account in one process). Job i bills the accounts of the stream "
+                         "partitions p (account_shard(account, MALLWATT_PARTITIONS or 8)) with p %% N == i, as "
+                         "the workers own them; every job reads the whole input and makes the same core calls "
+                         "at the same clock, so each account's outputs and state equal --jobs 1's. The outputs "
+                         "are merged into the usual files; rows of different accounts interleave differently. "
+                         "1: the single-process replay")
+    ap.add_argument("--job", help=argparse.SUPPRESS)  # i/N: a job of a parallel replay (replay_parallel)
     a = ap.parse_args(argv)
     if a.outcomes and not a.arrival_order:
         ap.error("--outcomes needs --arrival-order (outcomes are placed by their arrival)")
     if a.batch_size < 1:
         ap.error("--batch-size must be at least 1")
+    if a.jobs is not None and a.jobs < 1:
+        ap.error("--jobs must be at least 1")
+    if a.outcomes and (a.jobs or 1) > 1:
+        ap.error("--outcomes runs the stream's power loop, which needs every account in one process: "
+                 "use --jobs 1 (the default with --outcomes)")
+    from pipelines.core.replay_parallel import usable_cores
+
+    jobs = a.jobs or (1 if a.outcomes or a.job else usable_cores())
+    if jobs > 1 and not a.job:
+        return _main_parallel(a, jobs)
+    job = None
+    if a.job:
+        from infra.topics import default_partitions
+        from pipelines.core.replay_jobs import parse_job
+
+        try:
+            job = parse_job(a.job, default_partitions())
+        except ValueError as exc:
+            ap.error(str(exc))
     from pipelines.core.arrival import OrderError, Progress
     from pipelines.core.replay_output import OutputWriter
     from pipelines.portfolio import ConfigError
 
-    progress = Progress(enabled=not a.quiet)
+    progress = Progress(enabled=not a.quiet or job is not None, machine=job is not None)
     try:
         with gc_paused():  # builds an object per account and circuit; nothing there to collect
             ctx, state0 = load_context(a.config)
         if a.tariff:
             ctx = ctx.with_tariff(_load_tariff(a.tariff))
         payments = read_table(a.payments, payments=True)
-        writer = OutputWriter(Path(a.out), a.format)
+        writer = OutputWriter(Path(a.out), "ipc" if job is not None and a.format == "parquet" else a.format)
         if a.arrival_order:
             from pipelines.core.arrival import replay_arrival
 
@@ -290,11 +345,12 @@ def main(argv: list[str] | None = None) -> int:
             if relay is not None and not a.tariff:
                 ctx = relay.ctx.rating  # the same context the power loop routes by
             state = replay_arrival(ctx, read_chunks(a.readings, a.batch_size), payments, writer, state=state0,
-                                   progress=progress, where=a.readings, relay=relay)
+                                   progress=progress, where=a.readings, relay=relay, job=job)
         else:
             readings = read_table(a.readings)
             assert readings is not None
-            state, _ = replay(ctx, readings, payments, a.batch_size, state0, sink=writer, progress=progress)
+            state, _ = replay(ctx, readings, payments, a.batch_size, state0, sink=writer, progress=progress,
+                              job=job)
             progress.done()
     except (InputError, ConfigError, OrderError) as exc:  # a bad input is the user's to fix: no traceback
         print(f"mallwatt replay: {exc}", file=sys.stderr)
@@ -309,6 +365,53 @@ def main(argv: list[str] | None = None) -> int:
     writer.write_whole("balances", balances(state))
     rows = writer.close()
     (Path(a.out) / "state.json").write_text(text)
+    print(json.dumps(rows))
+    return 0
+
+
+def _main_parallel(a: argparse.Namespace, jobs: int) -> int:
+    """`main` for --jobs N > 1: the jobs in child processes, then their outputs merged."""
+    import shutil
+
+    from infra.topics import default_partitions
+    from pipelines.core.arrival import Progress
+    from pipelines.core.replay_parallel import (
+        USAGE_ENV,
+        JobFailed,
+        merge,
+        merge_balances,
+        merge_state,
+        run_jobs,
+        write_usage,
+    )
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = out / f".replay-jobs-{os.getpid()}"
+    args = ["--config", a.config, "--readings", a.readings, "--batch-size", str(a.batch_size), "--format", a.format]
+    args += ["--payments", a.payments] if a.payments else []
+    args += ["--tariff", a.tariff] if a.tariff else []
+    args += ["--arrival-order"] if a.arrival_order else []
+    progress = Progress(label=f"replay ({jobs} jobs)", enabled=not a.quiet)
+    try:
+        try:
+            done = run_jobs(args, jobs, default_partitions(), parts, progress)
+        except JobFailed as exc:
+            progress.done()
+            print(f"mallwatt replay: {exc}", file=sys.stderr)
+            return exc.code
+        progress.done()
+        rows = merge(parts, jobs, out, a.format)
+        said = [json.loads(j.stdout.decode().strip().splitlines()[-1]) for j in done]
+        for name, count in rows.items():
+            if count < 0:
+                rows[name] = sum(s.get(name, 0) for s in said)
+        rows["balances"] = merge_balances(parts, jobs, out, a.format)
+        (out / "state.json").write_text(merge_state(parts, jobs))
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    if os.environ.get(USAGE_ENV):
+        write_usage(os.environ[USAGE_ENV], done)
     print(json.dumps(rows))
     return 0
 

@@ -2,7 +2,7 @@
 
 One file per output (ledger, alerts, commands, rejected_readings, rejected_payments,
 intervals): Parquet through one pyarrow ParquetWriter each (a row group per write), or JSON
-Lines appended. A table that received no rows is still written, empty, with its schema.
+Lines appended (or, for a parallel replay's job, an Arrow IPC stream: `replay_parallel`). A table that received no rows is still written, empty, with its schema.
 
 Parquet is encoded and written on a background thread (pyarrow releases the GIL), so the next
 core call runs meanwhile; the queue holds at most `QUEUE` frames, so memory stays bounded, and a
@@ -54,6 +54,7 @@ class OutputWriter:
         self._parquet: dict[str, pq.ParquetWriter] = {}
         self._arrow: dict[str, pa.Schema] = {}
         self._jsonl: dict[str, IO[bytes]] = {}
+        self._ipc: dict[str, pa.ipc.RecordBatchStreamWriter] = {}
         self.rows: dict[str, int] = dict.fromkeys(SCHEMAS, 0)
         self._queue: queue.Queue[tuple[str, pl.DataFrame] | None] = queue.Queue(QUEUE)
         self._error: BaseException | None = None
@@ -64,7 +65,7 @@ class OutputWriter:
         frame = _conform(frame, SCHEMAS[name])
         self.rows[name] += frame.height
         self._started.add(name)
-        if self.fmt != "parquet":
+        if self.fmt == "jsonl":
             if name not in self._jsonl:
                 self._jsonl[name] = (self.out / f"{name}.jsonl").open("wb")
             frame.write_ndjson(self._jsonl[name])
@@ -85,6 +86,15 @@ class OutputWriter:
 
     def _write(self, name: str, frame: pl.DataFrame) -> None:
         table = frame.to_arrow()
+        if self.fmt == "ipc":  # a parallel job's part file (`replay_parallel`): Parquet is encoded once, by the merge
+            if name not in self._ipc:
+                from pipelines.core.replay_parallel import IPC_OPTIONS, PART_SUFFIX
+
+                self._arrow[name] = table.schema
+                self._ipc[name] = pa.ipc.new_stream(str(self.out / f"{name}{PART_SUFFIX}"), table.schema,
+                                                    options=IPC_OPTIONS)
+            self._ipc[name].write_table(table.cast(self._arrow[name]))
+            return
         if name not in self._parquet:
             self._arrow[name] = table.schema
             self._parquet[name] = pq.ParquetWriter(
@@ -99,7 +109,11 @@ class OutputWriter:
     def write_whole(self, name: str, frame: pl.DataFrame) -> None:
         """A small final table (balances) in one go."""
         self.rows[name] = frame.height
-        if self.fmt == "parquet":
+        if self.fmt == "ipc":
+            from pipelines.core.replay_parallel import PART_SUFFIX
+
+            frame.write_ipc(self.out / f"{name}{PART_SUFFIX}")
+        elif self.fmt == "parquet":
             frame.write_parquet(self.out / f"{name}.parquet")
         else:
             frame.write_ndjson(self.out / f"{name}.jsonl")
@@ -112,7 +126,7 @@ class OutputWriter:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        for writer in self._parquet.values():
+        for writer in [*self._parquet.values(), *self._ipc.values()]:
             writer.close()
         for handle in self._jsonl.values():
             handle.close()

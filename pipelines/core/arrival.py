@@ -59,6 +59,11 @@ class Progress:
     every_s: float = 1.0
     enabled: bool = True
     machine: bool = False  # a parallel job: "@progress <readings> <calls> <ts|->" lines for its parent
+    others: Callable[[], int] | None = None  # readings billed elsewhere (a parallel replay's other jobs)
+    watch: Callable[[], None] | None = None  # called at most twice a second (a parallel replay checks its jobs)
+    watched: float = 0.0
+    hold: bool = False  # done() waits (a parallel replay's parent: until its children are done)
+    finished: bool = False
     readings: int = 0
     calls: int = 0
     started: float = 0.0
@@ -75,11 +80,17 @@ class Progress:
     def tick(self, last_ts_ms: int | None) -> None:
         """Show the counts if the last line is old enough."""
         now = time.monotonic()
+        if self.watch is not None and now - self.watched >= 0.5:
+            self.watched = now
+            self.watch()
         if self.enabled and now - self.shown >= self.every_s:
             self.shown = now
             self._show(now, last_ts_ms, "\r")
 
     def done(self) -> None:
+        if self.hold or self.finished:
+            return
+        self.finished = True
         if self.enabled:
             self._show(time.monotonic(), None, "\r")
             if not self.machine:
@@ -93,9 +104,10 @@ class Progress:
         if self.machine:
             self._machine(ts_ms)
             return
-        rate = self.readings / max(now - self.started, 1e-9)
+        readings = self.readings + (self.others() if self.others is not None else 0)
+        rate = readings / max(now - self.started, 1e-9)
         at = "" if ts_ms is None else f", at {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(ts_ms / 1000))}"
-        sys.stderr.write(f"{end}{self.label}: {self.readings:,} readings in {self.calls:,} core calls, "
+        sys.stderr.write(f"{end}{self.label}: {readings:,} readings in {self.calls:,} core calls, "
                          f"{rate:,.0f} readings/s{at}   ")
         sys.stderr.flush()
 

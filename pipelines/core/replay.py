@@ -312,32 +312,32 @@ def main(argv: list[str] | None = None) -> int:
     if a.outcomes and (a.jobs or 1) > 1:
         ap.error("--outcomes runs the stream's power loop, which needs every account in one process: "
                  "use --jobs 1 (the default with --outcomes)")
-    from pipelines.core.replay_parallel import usable_cores
+    from pipelines.core.replay_parallel import JobFailed, usable_cores
 
     jobs = a.jobs or (1 if a.outcomes or a.job else usable_cores())
-    if jobs > 1 and not a.job:
-        return _main_parallel(a, jobs)
-    job = None
-    if a.job:
-        from infra.topics import default_partitions
-        from pipelines.core.replay_jobs import parse_job
+    from infra.topics import default_partitions
+    from pipelines.core.arrival import OrderError, Progress
+    from pipelines.core.replay_jobs import JobFilter, parse_job
+    from pipelines.core.replay_output import OutputWriter
+    from pipelines.portfolio import ConfigError
 
+    job: JobFilter | None = None
+    if a.job:  # a child of a parallel replay
         try:
             job = parse_job(a.job, default_partitions())
         except ValueError as exc:
             ap.error(str(exc))
-    from pipelines.core.arrival import OrderError, Progress
-    from pipelines.core.replay_output import OutputWriter
-    from pipelines.portfolio import ConfigError
-
-    progress = Progress(enabled=not a.quiet or job is not None, machine=job is not None)
+    elif jobs > 1:  # a parallel replay: this process is job 0 and starts the others
+        job = JobFilter(0, jobs, default_partitions())
+    progress = Progress(enabled=not a.quiet or bool(a.job), machine=bool(a.job))
+    parallel = _Parallel(a, jobs, progress) if jobs > 1 and not a.job else None
     try:
         with gc_paused():  # builds an object per account and circuit; nothing there to collect
             ctx, state0 = load_context(a.config)
         if a.tariff:
             ctx = ctx.with_tariff(_load_tariff(a.tariff))
         payments = read_table(a.payments, payments=True)
-        writer = OutputWriter(Path(a.out), "ipc" if job is not None and a.format == "parquet" else a.format)
+        writer = OutputWriter(Path(a.out), "ipc" if a.job and a.format == "parquet" else a.format)
         if a.arrival_order:
             from pipelines.core.arrival import replay_arrival
 
@@ -351,69 +351,100 @@ def main(argv: list[str] | None = None) -> int:
             assert readings is not None
             state, _ = replay(ctx, readings, payments, a.batch_size, state0, sink=writer, progress=progress,
                               job=job)
-            progress.done()
+        if parallel is not None:
+            parallel.wait()
+        progress.hold = False
+        progress.done()
     except (InputError, ConfigError, OrderError) as exc:  # a bad input is the user's to fix: no traceback
         print(f"mallwatt replay: {exc}", file=sys.stderr)
         return 2
+    except JobFailed as exc:  # a child's failure, named, with its own message
+        progress.hold = False
+        progress.done()
+        print(f"mallwatt replay: {exc}", file=sys.stderr)
+        return exc.code
+    finally:
+        if parallel is not None:
+            parallel.stop()  # children still running after an error; nothing when all are done
     from pipelines.core.arrival import balances
 
     # before the Parquet thread is joined, so both run; no indent: json's C encoder (indented
     # output takes the pure-Python one, ~5 s at 35,000 merchants); the collector held while the
     # state's dicts are built (it would walk them all again and again: half of this step)
     with gc_paused():
-        text = json.dumps(state.to_dict())
-    writer.write_whole("balances", balances(state))
+        doc = state.to_dict()
+        if parallel is not None:
+            doc = parallel.state(doc)
+        text = json.dumps(doc)
+    table = balances(state)
+    if parallel is not None:
+        table = parallel.balances(table)
+        parallel.append(writer)
+    writer.write_whole("balances", table)
     rows = writer.close()
     (Path(a.out) / "state.json").write_text(text)
+    if parallel is not None:
+        parallel.finish()
     print(json.dumps(rows))
     return 0
 
 
-def _main_parallel(a: argparse.Namespace, jobs: int) -> int:
-    """`main` for --jobs N > 1: the jobs in child processes, then their outputs merged."""
-    import shutil
+class _Parallel:
+    """The parent's side of --jobs N: it is job 0 itself; jobs 1..N-1 run as children writing
+    part files under the output directory (`replay_parallel`), merged in when all are done."""
 
-    from infra.topics import default_partitions
-    from pipelines.core.arrival import Progress
-    from pipelines.core.replay_parallel import (
-        USAGE_ENV,
-        JobFailed,
-        merge,
-        merge_balances,
-        merge_state,
-        run_jobs,
-        write_usage,
-    )
+    def __init__(self, a: argparse.Namespace, jobs: int, progress: Any) -> None:
+        from infra.topics import default_partitions
+        from pipelines.core import replay_parallel as rp
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = out / f".replay-jobs-{os.getpid()}"
-    args = ["--config", a.config, "--readings", a.readings, "--batch-size", str(a.batch_size), "--format", a.format]
-    args += ["--payments", a.payments] if a.payments else []
-    args += ["--tariff", a.tariff] if a.tariff else []
-    args += ["--arrival-order"] if a.arrival_order else []
-    progress = Progress(label=f"replay ({jobs} jobs)", enabled=not a.quiet)
-    try:
-        try:
-            done = run_jobs(args, jobs, default_partitions(), parts, progress)
-        except JobFailed as exc:
-            progress.done()
-            print(f"mallwatt replay: {exc}", file=sys.stderr)
-            return exc.code
-        progress.done()
-        rows = merge(parts, jobs, out, a.format)
-        said = [json.loads(j.stdout.decode().strip().splitlines()[-1]) for j in done]
-        for name, count in rows.items():
-            if count < 0:
-                rows[name] = sum(s.get(name, 0) for s in said)
-        rows["balances"] = merge_balances(parts, jobs, out, a.format)
-        (out / "state.json").write_text(merge_state(parts, jobs))
-    finally:
-        shutil.rmtree(parts, ignore_errors=True)
-    if os.environ.get(USAGE_ENV):
-        write_usage(os.environ[USAGE_ENV], done)
-    print(json.dumps(rows))
-    return 0
+        self.rp, self.fmt = rp, a.format
+        self.parts = Path(a.out) / f".replay-jobs-{os.getpid()}"
+        args = ["--config", a.config, "--readings", a.readings, "--batch-size", str(a.batch_size),
+                "--format", a.format]
+        args += ["--payments", a.payments] if a.payments else []
+        args += ["--tariff", a.tariff] if a.tariff else []
+        args += ["--arrival-order"] if a.arrival_order else []
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        self.children = rp.start_jobs(args, jobs, default_partitions(), self.parts)
+        self.dirs = [rp.part_dir(self.parts, j.index) for j in self.children]
+        self.progress = progress
+        progress.label = f"replay ({jobs} jobs)"
+        progress.hold = True  # the last line waits for the children
+        progress.others = lambda: sum(j.readings for j in self.children)
+        progress.watch = lambda: rp.check(self.children)  # a failed child stops the replay early
+
+    def wait(self) -> None:
+        self.rp.wait(self.children, self.progress)
+
+    def stop(self) -> None:
+        """Stop the children still running (after an error) and, if any failed or was stopped,
+        remove the part files; after a good run `finish` removes them."""
+        import shutil
+
+        for job in self.children:
+            job.stop()
+        if any(j.status != 0 for j in self.children):
+            shutil.rmtree(self.parts, ignore_errors=True)
+
+    def state(self, own: dict[str, Any]) -> dict[str, Any]:
+        return self.rp.merge_state(own, self.dirs)
+
+    def balances(self, own: pl.DataFrame) -> pl.DataFrame:
+        return self.rp.merge_balances(own, self.dirs, self.fmt)
+
+    def append(self, writer: Any) -> None:
+        rows: dict[str, int] = {}
+        for job in self.children:
+            for name, count in job.rows().items():
+                rows[name] = rows.get(name, 0) + count
+        writer.append_parts(self.dirs, rows)
+
+    def finish(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.parts, ignore_errors=True)
+        if os.environ.get(self.rp.USAGE_ENV):
+            self.rp.write_usage(os.environ[self.rp.USAGE_ENV], self.children)
 
 
 def _relay_replay(config: str, outcomes_path: str, sink: Any) -> Any:

@@ -14,6 +14,7 @@ write for nothing; nor do those columns get min/max statistics (`NO_STATISTICS`)
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 from pathlib import Path
 from typing import IO, Any
@@ -85,7 +86,9 @@ class OutputWriter:
                     self._error = exc
 
     def _write(self, name: str, frame: pl.DataFrame) -> None:
-        table = frame.to_arrow()
+        self._write_arrow(name, frame.to_arrow())
+
+    def _write_arrow(self, name: str, table: pa.Table) -> None:
         if self.fmt == "ipc":  # a parallel job's part file (`replay_parallel`): Parquet is encoded once, by the merge
             if name not in self._ipc:
                 from pipelines.core.replay_parallel import IPC_OPTIONS, PART_SUFFIX
@@ -101,6 +104,54 @@ class OutputWriter:
                 self.out / f"{name}.parquet", table.schema, use_dictionary=False,
                 write_statistics=[c for c in table.schema.names if c not in NO_STATISTICS])
         self._parquet[name].write_table(table.cast(self._arrow[name]))
+
+    def append_parts(self, dirs: list[Path], rows: dict[str, int]) -> None:
+        """After this process's own rows, each output's rows from other processes' part files (a
+        parallel replay's jobs, `replay_parallel`, in the order given), one output per thread
+        (pyarrow encodes without the interpreter lock); ``rows``: their row counts."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipelines.core.replay_parallel import MERGE_ROWS, PART_SUFFIX
+
+        self._join()
+        self._raise()
+
+        def one(name: str) -> None:
+            if self.fmt == "jsonl":
+                if name not in self._jsonl:
+                    self._jsonl[name] = (self.out / f"{name}.jsonl").open("wb")
+                for d in dirs:
+                    with (d / f"{name}.jsonl").open("rb") as source:
+                        shutil.copyfileobj(source, self._jsonl[name], 1 << 20)
+                return
+            pending: list[pa.RecordBatch] = []
+            held = 0
+            for d in dirs:
+                with pa.memory_map(str(d / f"{name}{PART_SUFFIX}")) as source:
+                    reader = pa.ipc.open_stream(source)
+                    for batch in reader:
+                        if batch.num_rows:
+                            pending.append(batch)
+                            held += batch.num_rows
+                        if held >= MERGE_ROWS:  # bounded memory: a row group at a time
+                            self._write_arrow(name, pa.Table.from_batches(pending))
+                            pending, held = [], 0
+            if pending:
+                self._write_arrow(name, pa.Table.from_batches(pending))
+
+        names = sorted(SCHEMAS, key=lambda n: n not in ("ledger", "intervals"))  # the big ones first
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(one, names))
+        for name, count in rows.items():
+            if name in SCHEMAS and count:
+                self.rows[name] += count
+                self._started.add(name)
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -122,10 +173,7 @@ class OutputWriter:
         for name, schema in SCHEMAS.items():  # empty outputs still get a file with their columns
             if name not in self._started:
                 self(name, pl.DataFrame(schema=schema))
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        self._join()
         for writer in [*self._parquet.values(), *self._ipc.values()]:
             writer.close()
         for handle in self._jsonl.values():

@@ -1,37 +1,36 @@
 """`mallwatt replay --jobs N`: one replay in N processes, merged into the usual outputs.
 
-Each job is a child `python -m pipelines.core.replay ... --job i/N` that reads the whole input,
-walks the single replay's plan and bills only its own accounts (`replay_jobs`): its outputs go
-to Arrow IPC part files (LZ4, cheap to write and read; Parquet is encoded once, by the merge)
-and its state to a part state file. The parent then writes one file per output as a single
-replay does: each output's parts in job order, a row group per ~`MERGE_ROWS` rows (bounded
-memory), outputs merged on threads (pyarrow encodes without the interpreter lock); balances
-sorted by account as `arrival.balances` sorts them; state.json the union of the jobs' states
-(sorted, as `CoreState.to_dict` writes it). Per account every output equals ``--jobs 1``
-(rows of different accounts interleave differently, as with another ``--batch-size``).
+The parent process is job 0 and writes the usual output files itself (Parquet on its writer
+thread, as a single replay). Jobs 1..N-1 are children `python -m pipelines.core.replay ...
+--job i/N`; every job reads the whole input, walks the single replay's plan and bills only its
+own accounts (`replay_jobs`). A child writes its outputs as Arrow IPC part files (LZ4: cheap to
+write and read; Parquet is encoded once, by the parent) and its state as a part state file.
+When all are done the parent appends each output's parts after its own rows, in job order, a
+row group per ~`MERGE_ROWS` rows (bounded memory), one output per thread; balances sorted by
+account as `arrival.balances` sorts them; state.json the union of the states (keys sorted, as
+`CoreState.to_dict` writes them). Per account every output equals ``--jobs 1`` (rows of
+different accounts interleave differently, as with another ``--batch-size``).
 
-Progress: the jobs report their counts on stderr (`PROGRESS` lines), the parent shows their
-sum. A job that fails stops the others; the parent names it and repeats its message.
+Progress: the children report their counts on stderr (`PROGRESS` lines), the parent shows the
+sum with its own. A child that fails stops the replay: the parent stops the other children,
+names the job and repeats its message (its exit code 2, a bad input, is kept).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 PROGRESS = "@progress"  # a job's progress line on stderr: "@progress <readings> <calls> <last ts ms|->"
 PART_SUFFIX = ".arrow"
@@ -56,16 +55,47 @@ class Job:
     partitions: list[int]
     readings: int = 0
     calls: int = 0
-    last_ts: int | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     stdout: bytes = b""
     usage: Any = None
     status: int | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
 
     @property
     def name(self) -> str:
-        parts = ", ".join(str(p) for p in self.partitions) or "none"
-        return f"job {self.index + 1}/{self.count} (partitions {parts})"
+        return job_name(self.index, self.count, self.partitions)
+
+    def poll(self) -> bool:
+        """True once the child has exited (its status and resource usage kept)."""
+        if self.status is None:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                self.status, self.usage = os.waitstatus_to_exitcode(status), usage
+                self.proc.returncode = self.status
+        return self.status is not None
+
+    def stop(self) -> None:
+        if self.status is None:
+            self.proc.kill()
+            _, status, self.usage = os.wait4(self.proc.pid, 0)
+            self.status = self.proc.returncode = os.waitstatus_to_exitcode(status)
+        for t in self.threads:
+            t.join(timeout=5)
+
+    def failure(self) -> JobFailed:
+        said = [line.removeprefix("mallwatt replay: ") for line in self.tail]
+        what = f"killed by signal {-(self.status or 0)}" if (self.status or 0) < 0 else f"exit {self.status}"
+        return JobFailed(f"{self.name} failed ({what}): {said[-1] if said else 'no message'}",
+                         2 if self.status == 2 else 1)
+
+    def rows(self) -> dict[str, int]:
+        """The row counts the child printed (its last stdout line)."""
+        lines = self.stdout.decode("utf-8", "replace").strip().splitlines()
+        return json.loads(lines[-1]) if lines else {}
+
+
+def job_name(index: int, count: int, partitions: list[int]) -> str:
+    return f"job {index + 1}/{count} (partitions {', '.join(str(p) for p in partitions) or 'none'})"
 
 
 class JobFailed(RuntimeError):
@@ -80,9 +110,8 @@ def _read_stderr(job: Job, stream: IO[bytes]) -> None:
     for raw in stream:
         line = raw.decode("utf-8", "replace").rstrip("\n")
         if line.startswith(PROGRESS):
-            _, readings, calls, ts = line.split()
+            _, readings, calls, _ts = line.split()
             job.readings, job.calls = int(readings), int(calls)
-            job.last_ts = None if ts == "-" else int(ts)
         elif line.strip():
             job.tail.append(line)
 
@@ -91,146 +120,70 @@ def _read_stdout(job: Job, stream: IO[bytes]) -> None:
     job.stdout = stream.read()
 
 
-def run_jobs(child_args: list[str], jobs: int, partitions: int, parts: Path, progress: Any) -> list[Job]:
-    """Start the jobs (child argv without --job/--out), wait for all; JobFailed on the first
-    failure (the others are stopped). ``progress``: an `arrival.Progress` to show the sum on."""
+def start_jobs(child_args: list[str], count: int, partitions: int, parts: Path) -> list[Job]:
+    """Jobs 1..count-1 as children (argv without --job/--out), each writing to parts/job-<i>."""
     from pipelines.core.replay_jobs import JobFilter
 
-    running: list[Job] = []
-    threads: list[threading.Thread] = []
     # the children import this same code, wherever the parent found it
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)}
-    for i in range(jobs):
-        cmd = [sys.executable, "-m", "pipelines.core.replay", *child_args, "--job", f"{i}/{jobs}",
-               "--out", str(parts / f"job-{i}")]
+    started: list[Job] = []
+    for i in range(1, count):
+        cmd = [sys.executable, "-m", "pipelines.core.replay", *child_args, "--job", f"{i}/{count}",
+               "--out", str(part_dir(parts, i))]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        job = Job(i, jobs, proc, JobFilter(i, jobs, partitions).owned_partitions())
-        running.append(job)
+        job = Job(i, count, proc, JobFilter(i, count, partitions).owned_partitions())
         for target, stream in ((_read_stderr, proc.stderr), (_read_stdout, proc.stdout)):
             t = threading.Thread(target=target, args=(job, stream), daemon=True)
             t.start()
-            threads.append(t)
-    failed: Job | None = None
-    try:
-        while any(j.status is None for j in running):
-            for job in running:
-                if job.status is None:
-                    pid, status, usage = os.wait4(job.proc.pid, os.WNOHANG)
-                    if pid:
-                        job.status, job.usage = os.waitstatus_to_exitcode(status), usage
-                        job.proc.returncode = job.status
-                        if job.status != 0 and failed is None:
-                            failed = job
-            if failed is not None:
-                break
-            _show(progress, running)
-            time.sleep(0.1)
-    finally:
-        for job in running:  # stop the others (a failure, or an interrupt of the parent)
-            if job.status is None:
-                job.proc.kill()
-                _, status, job.usage = os.wait4(job.proc.pid, 0)
-                job.status = os.waitstatus_to_exitcode(status)
-        for t in threads:
-            t.join(timeout=5)
-    if failed is not None:
-        said = [line.removeprefix("mallwatt replay: ") for line in failed.tail]
-        message = said[-1] if said else "no message"
-        if any(line.startswith("Traceback") for line in failed.tail):  # an unexpected error: its last line
-            message = said[-1]
-        what = f"killed by signal {-failed.status}" if (failed.status or 0) < 0 else f"exit {failed.status}"
-        raise JobFailed(f"{failed.name} failed ({what}): {message}", 2 if failed.status == 2 else 1)
-    _show(progress, running)
-    return running
+            job.threads.append(t)
+        started.append(job)
+    return started
 
 
-def _show(progress: Any, jobs: list[Job]) -> None:
-    progress.readings = sum(j.readings for j in jobs)
-    progress.calls = max((j.calls for j in jobs), default=0)  # every job makes the same calls
-    stamps = [j.last_ts for j in jobs if j.last_ts is not None]
-    progress.tick(min(stamps) if stamps else None)
+def part_dir(parts: Path, index: int) -> Path:
+    return parts / f"job-{index}"
 
 
-def merge(parts: Path, jobs: int, out: Path, fmt: str) -> dict[str, int]:
-    """The jobs' part files -> one file per output in ``out`` (job order) and their row counts
-    (-1: JSON Lines, copied as they are: the jobs' own counts apply)."""
-    from pipelines.core.replay_output import NO_STATISTICS, SCHEMAS
-
-    dirs = [parts / f"job-{i}" for i in range(jobs)]
-    names = sorted(SCHEMAS, key=lambda n: n not in ("ledger", "intervals"))  # the big ones first
-
-    def one(name: str) -> int:
-        if fmt != "parquet":
-            with (out / f"{name}.jsonl").open("wb") as target:
-                for d in dirs:
-                    with (d / f"{name}.jsonl").open("rb") as source:
-                        shutil.copyfileobj(source, target, 1 << 20)
-            return -1  # counted by the jobs
-        writer: pq.ParquetWriter | None = None
-        rows, pending, held = 0, [], 0
-        schema: pa.Schema | None = None
-
-        def flush() -> None:
-            nonlocal writer, pending, held
-            table = pa.Table.from_batches(pending, schema=schema)
-            if writer is None:
-                writer = pq.ParquetWriter(out / f"{name}.parquet", table.schema, use_dictionary=False,
-                                          write_statistics=[c for c in table.schema.names if c not in NO_STATISTICS])
-            writer.write_table(table)
-            pending, held = [], 0
-
-        for d in dirs:
-            with pa.memory_map(str(d / f"{name}{PART_SUFFIX}")) as source:
-                reader = pa.ipc.open_stream(source)
-                schema = schema or reader.schema
-                for batch in reader:
-                    if batch.num_rows:
-                        pending.append(batch)
-                        held += batch.num_rows
-                        rows += batch.num_rows
-                        if held >= MERGE_ROWS:
-                            flush()
-        if pending or writer is None:  # an output no job wrote to still gets its (empty) file
-            flush()
-        assert writer is not None
-        writer.close()
-        return rows
-
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(names)))) as pool:
-        counts = dict(zip(names, pool.map(one, names), strict=True))
-    return {n: counts[n] for n in SCHEMAS}
+def check(jobs: list[Job]) -> None:
+    """Raise JobFailed for a child that has exited with an error."""
+    for job in jobs:
+        if job.poll() and job.status != 0:
+            raise job.failure()
 
 
-def merge_balances(parts: Path, jobs: int, out: Path, fmt: str) -> int:
-    frames = [pl.read_ipc(parts / f"job-{i}" / f"balances{PART_SUFFIX}") if fmt == "parquet"
-              else pl.read_ndjson(parts / f"job-{i}" / "balances.jsonl") for i in range(jobs)]
-    frame = pl.concat(frames, how="vertical_relaxed").sort("account_id")
-    if fmt == "parquet":
-        frame.write_parquet(out / "balances.parquet")
-    else:
-        frame.write_ndjson(out / "balances.jsonl")
-    return frame.height
+def wait(jobs: list[Job], progress: Any) -> None:
+    """Until every child has exited; JobFailed on the first failure."""
+    while True:
+        check(jobs)
+        if all(j.status is not None for j in jobs):
+            return
+        progress.tick(None)
+        time.sleep(0.05)
 
 
-def merge_state(parts: Path, jobs: int) -> str:
+def merge_balances(own: pl.DataFrame, parts: list[Path], fmt: str) -> pl.DataFrame:
+    frames = [own, *(pl.read_ipc(d / f"balances{PART_SUFFIX}") if fmt == "parquet"
+                     else pl.read_ndjson(d / "balances.jsonl", schema=own.schema) for d in parts)]
+    return pl.concat(frames, how="vertical_relaxed").sort("account_id")
+
+
+def merge_state(own: dict[str, Any], parts: list[Path]) -> dict[str, Any]:
     """The union of the jobs' states as `CoreState.to_dict` orders it (keys sorted)."""
-    circuits: dict[str, Any] = {}
-    accounts: dict[str, Any] = {}
-    for i in range(jobs):
-        doc = json.loads((parts / f"job-{i}" / "state.json").read_text())
+    circuits, accounts = dict(own["circuits"]), dict(own["accounts"])
+    for d in parts:
+        doc = json.loads((d / "state.json").read_text())
         circuits.update(doc["circuits"])
         accounts.update(doc["accounts"])
-    return json.dumps({"circuits": dict(sorted(circuits.items())), "accounts": dict(sorted(accounts.items()))})
+    return {"circuits": dict(sorted(circuits.items())), "accounts": dict(sorted(accounts.items()))}
 
 
 def write_usage(path: str, jobs: list[Job]) -> None:
-    """Each process's CPU seconds and peak RSS (the parent's own too), for the bench."""
+    """Each process's CPU seconds and peak RSS (the parent, job 0, first), for the bench."""
     import resource
 
     me = resource.getrusage(resource.RUSAGE_SELF)
-    procs = [{"job": j.index, "cpu_s": round(j.usage.ru_utime + j.usage.ru_stime, 2),
-              "peak_rss_mb": round(j.usage.ru_maxrss / 1024, 1)} for j in jobs]
-    procs.append({"job": "parent", "cpu_s": round(me.ru_utime + me.ru_stime, 2),
-                  "peak_rss_mb": round(me.ru_maxrss / 1024, 1)})
+    procs = [{"job": 0, "cpu_s": round(me.ru_utime + me.ru_stime, 2), "peak_rss_mb": round(me.ru_maxrss / 1024, 1)}]
+    procs += [{"job": j.index, "cpu_s": round(j.usage.ru_utime + j.usage.ru_stime, 2),
+               "peak_rss_mb": round(j.usage.ru_maxrss / 1024, 1)} for j in jobs if j.usage is not None]
     Path(path).write_text(json.dumps(procs))

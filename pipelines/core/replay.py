@@ -414,7 +414,10 @@ class _Parallel:
         progress.watch = lambda: rp.check(self.children)  # a failed child stops the replay early
 
     def wait(self) -> None:
+        import time
+
         self.rp.wait(self.children, self.progress)
+        self.waited = time.monotonic()
 
     def stop(self) -> None:
         """Stop the children still running (after an error) and, if any failed or was stopped,
@@ -444,7 +447,9 @@ class _Parallel:
 
         shutil.rmtree(self.parts, ignore_errors=True)
         if os.environ.get(self.rp.USAGE_ENV):
-            self.rp.write_usage(os.environ[self.rp.USAGE_ENV], self.children)
+            import time
+
+            self.rp.write_usage(os.environ[self.rp.USAGE_ENV], self.children, time.monotonic() - self.waited)
 
 
 def _relay_replay(config: str, outcomes_path: str, sink: Any) -> Any:

@@ -178,12 +178,13 @@ def merge_state(own: dict[str, Any], parts: list[Path]) -> dict[str, Any]:
     return {"circuits": dict(sorted(circuits.items())), "accounts": dict(sorted(accounts.items()))}
 
 
-def write_usage(path: str, jobs: list[Job]) -> None:
-    """Each process's CPU seconds and peak RSS (the parent, job 0, first), for the bench."""
+def write_usage(path: str, jobs: list[Job], merge_s: float) -> None:
+    """Each process's CPU seconds and peak RSS (the parent, job 0, first), and the seconds from
+    the last job's end to the merged outputs (``merge_s``), for the bench."""
     import resource
 
     me = resource.getrusage(resource.RUSAGE_SELF)
     procs = [{"job": 0, "cpu_s": round(me.ru_utime + me.ru_stime, 2), "peak_rss_mb": round(me.ru_maxrss / 1024, 1)}]
     procs += [{"job": j.index, "cpu_s": round(j.usage.ru_utime + j.usage.ru_stime, 2),
                "peak_rss_mb": round(j.usage.ru_maxrss / 1024, 1)} for j in jobs if j.usage is not None]
-    Path(path).write_text(json.dumps(procs))
+    Path(path).write_text(json.dumps({"processes": procs, "merge_s": round(merge_s, 2)}))

@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.tariff:
             ctx = ctx.with_tariff(_load_tariff(a.tariff))
         payments = read_table(a.payments, payments=True)
-        writer = OutputWriter(Path(a.out), "ipc" if a.job and a.format == "parquet" else a.format)
+        writer = OutputWriter(Path(a.out), a.format)
         if a.arrival_order:
             from pipelines.core.arrival import replay_arrival
 

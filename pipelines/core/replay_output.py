@@ -2,7 +2,8 @@
 
 One file per output (ledger, alerts, commands, rejected_readings, rejected_payments,
 intervals): Parquet through one pyarrow ParquetWriter each (a row group per write), or JSON
-Lines appended (or, for a parallel replay's job, an Arrow IPC stream: `replay_parallel`). A table that received no rows is still written, empty, with its schema.
+Lines appended. A parallel replay's parent appends its jobs' files after its own rows
+(`append_parts`). A table that received no rows is still written, empty, with its schema.
 
 Parquet is encoded and written on a background thread (pyarrow releases the GIL), so the next
 core call runs meanwhile; the queue holds at most `QUEUE` frames, so memory stays bounded, and a
@@ -55,7 +56,7 @@ class OutputWriter:
         self._parquet: dict[str, pq.ParquetWriter] = {}
         self._arrow: dict[str, pa.Schema] = {}
         self._jsonl: dict[str, IO[bytes]] = {}
-        self._ipc: dict[str, pa.ipc.RecordBatchStreamWriter] = {}
+        self._parts: list[Path] = []  # other processes' output directories to append (append_parts)
         self.rows: dict[str, int] = dict.fromkeys(SCHEMAS, 0)
         self._queue: queue.Queue[tuple[str, pl.DataFrame] | None] = queue.Queue(QUEUE)
         self._error: BaseException | None = None
@@ -86,18 +87,7 @@ class OutputWriter:
                     self._error = exc
 
     def _write(self, name: str, frame: pl.DataFrame) -> None:
-        self._write_arrow(name, frame.to_arrow())
-
-    def _write_arrow(self, name: str, table: pa.Table) -> None:
-        if self.fmt == "ipc":  # a parallel job's part file (`replay_parallel`): Parquet is encoded once, by the merge
-            if name not in self._ipc:
-                from pipelines.core.replay_parallel import IPC_OPTIONS, PART_SUFFIX
-
-                self._arrow[name] = table.schema
-                self._ipc[name] = pa.ipc.new_stream(str(self.out / f"{name}{PART_SUFFIX}"), table.schema,
-                                                    options=IPC_OPTIONS)
-            self._ipc[name].write_table(table.cast(self._arrow[name]))
-            return
+        table = frame.to_arrow()
         if name not in self._parquet:
             self._arrow[name] = table.schema
             self._parquet[name] = pq.ParquetWriter(
@@ -106,46 +96,37 @@ class OutputWriter:
         self._parquet[name].write_table(table.cast(self._arrow[name]))
 
     def append_parts(self, dirs: list[Path], rows: dict[str, int]) -> None:
-        """After this process's own rows, each output's rows from other processes' part files (a
-        parallel replay's jobs, `replay_parallel`, in the order given), one output per thread
-        (pyarrow encodes without the interpreter lock); ``rows``: their row counts."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from pipelines.core.replay_parallel import MERGE_ROWS, PART_SUFFIX
-
-        self._join()
-        self._raise()
-
-        def one(name: str) -> None:
-            if self.fmt == "jsonl":
+        """After this process's own rows, each output's rows from other processes' files of the
+        same outputs (a parallel replay's jobs, `replay_parallel`, in the order given): JSON Lines
+        copied now, Parquet row groups appended by `close` (`parquet_concat`: bytes copied, not
+        re-encoded). ``rows``: their row counts."""
+        self._parts = list(dirs)
+        if self.fmt == "jsonl":
+            for name in SCHEMAS:
                 if name not in self._jsonl:
                     self._jsonl[name] = (self.out / f"{name}.jsonl").open("wb")
                 for d in dirs:
                     with (d / f"{name}.jsonl").open("rb") as source:
                         shutil.copyfileobj(source, self._jsonl[name], 1 << 20)
-                return
-            pending: list[pa.RecordBatch] = []
-            held = 0
-            for d in dirs:
-                with pa.memory_map(str(d / f"{name}{PART_SUFFIX}")) as source:
-                    reader = pa.ipc.open_stream(source)
-                    for batch in reader:
-                        if batch.num_rows:
-                            pending.append(batch)
-                            held += batch.num_rows
-                        if held >= MERGE_ROWS:  # bounded memory: a row group at a time
-                            self._write_arrow(name, pa.Table.from_batches(pending))
-                            pending, held = [], 0
-            if pending:
-                self._write_arrow(name, pa.Table.from_batches(pending))
-
-        names = sorted(SCHEMAS, key=lambda n: n not in ("ledger", "intervals"))  # the big ones first
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(one, names))
         for name, count in rows.items():
             if name in SCHEMAS and count:
                 self.rows[name] += count
                 self._started.add(name)
+
+    def _append_parquet(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipelines.core.parquet_concat import SchemaMismatch, append
+
+        def one(name: str) -> None:
+            target, sources = self.out / f"{name}.parquet", [d / f"{name}.parquet" for d in self._parts]
+            try:
+                append(target, sources)
+            except SchemaMismatch:  # another writer's types (not seen from this code): decode and re-encode
+                _rewrite(target, sources)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(one, SCHEMAS))
 
     def _join(self) -> None:
         if self._thread is not None:
@@ -160,11 +141,7 @@ class OutputWriter:
     def write_whole(self, name: str, frame: pl.DataFrame) -> None:
         """A small final table (balances) in one go."""
         self.rows[name] = frame.height
-        if self.fmt == "ipc":
-            from pipelines.core.replay_parallel import PART_SUFFIX
-
-            frame.write_ipc(self.out / f"{name}{PART_SUFFIX}")
-        elif self.fmt == "parquet":
+        if self.fmt == "parquet":
             frame.write_parquet(self.out / f"{name}.parquet")
         else:
             frame.write_ndjson(self.out / f"{name}.jsonl")
@@ -174,9 +151,26 @@ class OutputWriter:
             if name not in self._started:
                 self(name, pl.DataFrame(schema=schema))
         self._join()
-        for writer in [*self._parquet.values(), *self._ipc.values()]:
+        for writer in self._parquet.values():
             writer.close()
         for handle in self._jsonl.values():
             handle.close()
         self._raise()
+        if self._parts and self.fmt == "parquet":
+            self._append_parquet()
         return self.rows
+
+
+def _rewrite(target: Path, sources: list[Path]) -> None:
+    """``target`` with ``sources``' rows after its own, decoded and encoded again (cast to the
+    target's schema), a row group at a time."""
+    first = pq.ParquetFile(target)
+    schema = first.schema_arrow
+    tmp = target.with_suffix(".merging")
+    with pq.ParquetWriter(tmp, schema, use_dictionary=False,
+                          write_statistics=[c for c in schema.names if c not in NO_STATISTICS]) as writer:
+        for path in [target, *sources]:
+            f = pq.ParquetFile(path)
+            for i in range(f.num_row_groups):
+                writer.write_table(f.read_row_group(i).cast(schema))
+    tmp.replace(target)

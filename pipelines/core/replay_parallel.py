@@ -2,12 +2,12 @@
 
 The parent process is job 0 and writes the usual output files itself (Parquet on its writer
 thread, as a single replay). Jobs 1..N-1 are children `python -m pipelines.core.replay ...
---job i/N`; every job reads the whole input, walks the single replay's plan and bills only its
-own accounts (`replay_jobs`). A child writes its outputs as Arrow IPC part files (LZ4: cheap to
-write and read; Parquet is encoded once, by the parent) and its state as a part state file.
-When all are done the parent appends each output's parts after its own rows, in job order, a
-row group per ~`MERGE_ROWS` rows (bounded memory), one output per thread; balances sorted by
-account as `arrival.balances` sorts them; state.json the union of the states (keys sorted, as
+--job i/N` writing the same files in a part directory under the output; every job reads the
+whole input, walks the single replay's plan and bills only its own accounts (`replay_jobs`).
+When all are done the parent appends each output's part files after its own rows, in job
+order: JSON Lines as bytes, Parquet row groups as bytes with a new footer (`parquet_concat`:
+no decode and re-encode, so the merge costs a file copy); balances sorted by account as
+`arrival.balances` sorts them; state.json the union of the states (keys sorted, as
 `CoreState.to_dict` writes them). Per account every output equals ``--jobs 1`` (rows of
 different accounts interleave differently, as with another ``--batch-size``).
 
@@ -30,12 +30,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import polars as pl
-import pyarrow as pa
 
 PROGRESS = "@progress"  # a job's progress line on stderr: "@progress <readings> <calls> <last ts ms|->"
-PART_SUFFIX = ".arrow"
-MERGE_ROWS = 262_144  # rows per Parquet write of the merge (the row group size at most)
-IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 USAGE_ENV = "MALLWATT_REPLAY_USAGE"  # a file the parent writes each process's CPU s and peak RSS to (bench)
 
 
@@ -163,7 +159,7 @@ def wait(jobs: list[Job], progress: Any) -> None:
 
 
 def merge_balances(own: pl.DataFrame, parts: list[Path], fmt: str) -> pl.DataFrame:
-    frames = [own, *(pl.read_ipc(d / f"balances{PART_SUFFIX}") if fmt == "parquet"
+    frames = [own, *(pl.read_parquet(d / "balances.parquet") if fmt == "parquet"
                      else pl.read_ndjson(d / "balances.jsonl", schema=own.schema) for d in parts)]
     return pl.concat(frames, how="vertical_relaxed").sort("account_id")
 

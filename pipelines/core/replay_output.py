@@ -109,9 +109,8 @@ class OutputWriter:
                     with (d / f"{name}.jsonl").open("rb") as source:
                         shutil.copyfileobj(source, self._jsonl[name], 1 << 20)
         for name, count in rows.items():
-            if name in SCHEMAS and count:
+            if name in SCHEMAS:
                 self.rows[name] += count
-                self._started.add(name)
 
     def _append_parquet(self) -> None:
         from concurrent.futures import ThreadPoolExecutor

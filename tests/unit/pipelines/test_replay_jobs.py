@@ -61,6 +61,11 @@ def _per_account(out: Path) -> dict[str, pl.DataFrame]:
 def test_jobs_equal_one_job_per_account(world: tuple[ProofInput, BillingContext],  # noqa: F811
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arrival: bool) -> None:
     monkeypatch.setenv("MALLWATT_PARTITIONS", str(PARTITIONS))
+    from pipelines.core import replay_output
+
+    def no_rewrite(*_: object) -> None:
+        raise AssertionError("the jobs' Parquet files must append as bytes (same schema)")
+    monkeypatch.setattr(replay_output, "_rewrite", no_rewrite)
     args = _inputs(world, tmp_path) + (["--arrival-order"] if arrival else [])
     outs = {}
     for jobs in (1, 2, 3):
@@ -126,3 +131,20 @@ def test_job_filter_owns_partition_groups() -> None:
         owners = [j.mine(account) for j in jobs]
         assert owners.count(True) == 1
     assert jobs[0].mine(None) and not jobs[1].mine(None)  # no account: job 0
+
+
+def test_jobs_equal_one_job_in_json_lines(world: tuple[ProofInput, BillingContext],  # noqa: F811
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLWATT_PARTITIONS", str(PARTITIONS))
+    args = [*_inputs(world, tmp_path), "--arrival-order", "--format", "jsonl"]
+    for jobs in (1, 2):
+        assert main([*args, "--out", str(tmp_path / f"out{jobs}"), "--jobs", str(jobs)]) == 0
+    for name in OUTPUTS:
+        one, two = (pl.read_ndjson(tmp_path / f"out{j}" / f"{name}.jsonl") for j in (1, 2))
+        if not one.height:
+            assert not two.height, name
+            continue
+        key = "account_id" if "account_id" in one.columns else "circuit_id"
+        one, two = (f.with_row_index("_row").sort(key, "_row", nulls_last=True).drop("_row") for f in (one, two))
+        assert two.equals(one), name
+    assert (tmp_path / "out2" / "state.json").read_bytes() == (tmp_path / "out1" / "state.json").read_bytes()

@@ -309,7 +309,7 @@ class ArrivalReplay:
             pos += 1
         # entries per (message, account) and per payment, on integer account codes
         msg = rows.get_column("msg").to_numpy()
-        acc = self._account_codes(rows.get_column("circuit_id"))
+        codes, acc = self._codes(rows.get_column("circuit_id"))
         ts = rows.get_column("ts_ms").to_numpy()
         known = acc >= 0
         m_k, a_k, t_k = msg[known], acc[known], ts[known]
@@ -338,10 +338,11 @@ class ArrivalReplay:
             p0, p1 = (int(x) for x in np.searchsorted(pay_pos_arr, [lo, hi]))
             r0, r1 = int(row_of_msg[m0]), int(row_of_msg[m1])
             readings = rows.slice(r0, r1 - r0) if r1 > r0 else None
-            self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None, acc[r0:r1])
+            self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None, acc[r0:r1], codes[r0:r1])
 
-    def _account_codes(self, circuits: pl.Series) -> np.ndarray:
-        """Account rank of each reading's circuit (the core's lookup), -1 for an unknown circuit."""
+    def _codes(self, circuits: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        """(circuit rank, account rank) of each reading in the core's lookup, -1 for an unknown
+        circuit: worked out once per chunk, for the cuts, a job's share and the core calls."""
         from pipelines.core.interval import _circuit_codes
         from pipelines.core.lookup import lookup
 
@@ -350,7 +351,7 @@ class ArrivalReplay:
         out = np.full(codes.size, -1, dtype=np.int64)
         known = codes >= 0
         out[known] = lk.circ_acc[codes[known]]
-        return out
+        return codes, out
 
     def _pay_code(self, account_id: str) -> int:
         """A payment's account code: its rank, or a code of its own past the ranks (unknown id)."""
@@ -363,15 +364,15 @@ class ArrivalReplay:
         return rank
 
     def _call(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None,
-              accounts: np.ndarray | None = None) -> None:
+              accounts: np.ndarray | None = None, codes: np.ndarray | None = None) -> None:
         # the collector held for the whole call, as process_batch holds it for its own part: the
         # timer step and the outputs allocate per account too, and a collection they trigger walks
         # the whole state (about 2 s of a 35,000-merchant day)
         with gc_paused():
-            self._call_held(readings, payments, accounts)
+            self._call_held(readings, payments, accounts, codes)
 
     def _call_held(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None,
-                   accounts: np.ndarray | None) -> None:
+                   accounts: np.ndarray | None, codes: np.ndarray | None) -> None:
         from pipelines.core.replay import replay_now, replay_tick
 
         if readings is None or not readings.height:
@@ -391,11 +392,15 @@ class ArrivalReplay:
                     mask = self.job.accounts_mask(accounts, lk)
                     if not mask.all():
                         readings, accounts = readings.filter(pl.Series(mask)), accounts[mask]
+                        codes = codes[mask] if codes is not None else None
             payments = self.job.by_account(payments)
             if payments is not None and not payments.height:
                 payments = None
         if self.job is None or readings.height or payments is not None:  # a job's empty share changes nothing
-            self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False)
+            if codes is not None and codes.size != readings.height:
+                codes = None
+            self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False,
+                                            circuit_codes=codes)
             outs.append(out)
         # the stream's timer: day postings and deferred trips due by the newest input time
         self.state, ticked = replay_tick(self.state, self.ctx, readings, payments, accounts, now=now)

@@ -275,22 +275,28 @@ class ArrivalReplay:
         problem = arrival_problem(chunk)
         if problem is not None:
             raise OrderError(f"{where}: {problem}")
-        prev = chunk.with_row_index("row").with_columns(
-            before=pl.col("offset").shift(1).over("partition"))
-        back = prev.filter(pl.col("offset") < pl.col("before"))
-        starts = chunk.group_by("partition", maintain_order=True).agg(pl.col("offset").first(),
-                                                                      pl.len().alias("n"))
-        for part, first, _ in starts.iter_rows():
-            if first < self.last_offset.get(part, -1):
-                back = pl.concat([back.select("row", "partition", "offset"),
-                                  prev.filter((pl.col("partition") == part) & (pl.col("offset") == first))
-                                  .select("row", "partition", "offset").head(1)])
-        if back.height:
-            row, part, offset = back.sort("row").select("row", "partition", "offset").row(0)
-            raise OrderError(f"{where}: row {first_row + row + 1}: partition {part} offset {offset} comes after a "
-                             f"later offset: not in arrival order")
-        for part, last in chunk.group_by("partition").agg(pl.col("offset").max()).iter_rows():
-            self.last_offset[part] = max(last, self.last_offset.get(part, -1))
+        # in numpy, rows grouped by partition in file order (one stable sort): an offset lower
+        # than the row before it in its partition, or a partition's first offset lower than the
+        # last one an earlier chunk had, is out of order
+        part = chunk.get_column("partition").cast(pl.Int64).to_numpy()
+        off = chunk.get_column("offset").cast(pl.Int64).to_numpy()
+        order = np.argsort(part, kind="stable")
+        p_s, o_s = part[order], off[order]
+        head = np.r_[True, p_s[1:] != p_s[:-1]]
+        bad = np.zeros(part.size, dtype=bool)
+        bad[1:] = ~head[1:] & (o_s[1:] < o_s[:-1])
+        heads = np.flatnonzero(head)
+        ends = np.r_[heads[1:], part.size]
+        for h in heads.tolist():
+            if o_s[h] < self.last_offset.get(int(p_s[h]), -1):
+                bad[h] = True
+        if bad.any():
+            row = int(order[bad].min())
+            raise OrderError(f"{where}: row {first_row + row + 1}: partition {part[row]} offset {off[row]} comes after "
+                             f"a later offset: not in arrival order")
+        for h, e in zip(heads.tolist(), ends.tolist(), strict=True):
+            p = int(p_s[h])
+            self.last_offset[p] = max(int(o_s[h:e].max()), self.last_offset.get(p, -1))
 
     def _bill(self, rows: pl.DataFrame, messages: int, pay_before: list[tuple[int, int, int]]) -> None:
         # one position per item in arrival order: the payments that arrived before message m, then m

@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                          "the workers own them; every job reads the whole input and makes the same core calls "
                          "at the same clock, so each account's outputs and state equal --jobs 1's. The outputs "
                          "are merged into the usual files; rows of different accounts interleave differently. "
-                         "1: the single-process replay")
+                         "1: the single-process replay; at most one job per partition")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # i/N: a job of a parallel replay (replay_parallel)
     a = ap.parse_args(argv)
     if a.outcomes and not a.arrival_order:
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             ap.error(str(exc))
     elif jobs > 1:  # a parallel replay: this process is job 0 and starts the others
-        job = JobFilter(0, jobs, default_partitions())
+        jobs = min(jobs, default_partitions())  # a job per partition group at most: more would bill nothing
+        job = JobFilter(0, jobs, default_partitions()) if jobs > 1 else None
     progress = Progress(enabled=not a.quiet or bool(a.job), machine=bool(a.job))
     parallel = _Parallel(a, jobs, progress) if jobs > 1 and not a.job else None
     try:

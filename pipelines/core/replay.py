@@ -294,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                                        "relay_commands (retries included) and relay_alerts. Needs a portfolio config")
     ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     ap.add_argument("--jobs", type=int,
-                    help="processes to replay in (default: the usable cores; 1 without --outcomes' power loop, "
-                         "which needs every account in one process). Job i bills the accounts of the stream "
+                    help="processes to replay in (default: the usable cores, or 1 with --outcomes, whose power "
+                         "loop needs every account in one process). Job i bills the accounts of the stream "
                          "partitions p (account_shard(account, MALLWATT_PARTITIONS or 8)) with p %% N == i, as "
                          "the workers own them; every job reads the whole input and makes the same core calls "
                          "at the same clock, so each account's outputs and state equal --jobs 1's. The outputs "
                          "are merged into the usual files; rows of different accounts interleave differently. "
+                         "Each job holds its own config and input chunk (memory: up to N times one process). "
                          "1: the single-process replay; at most one job per partition")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # i/N: a job of a parallel replay (replay_parallel)
     a = ap.parse_args(argv)

@@ -178,7 +178,7 @@ def segment_cuts(pos: np.ndarray, acc: np.ndarray, kmin: np.ndarray, kmax: np.nd
     """`segments` over integer columns (``acc``: any integer code per account). Sorted once by
     (account, pos); each pass finds the first item older than its account's newest earlier item
     since the last cut (a cumulative maximum per account) and restarts there."""
-    order = np.lexsort((pos, acc))
+    order = _order_by(acc, pos)
     pos, acc, kmin, kmax = pos[order], acc[order], kmin[order], kmax[order]
     cuts: list[int] = []
     while pos.size > 1:
@@ -193,6 +193,18 @@ def segment_cuts(pos: np.ndarray, acc: np.ndarray, kmin: np.ndarray, kmax: np.nd
         keep = pos >= cut
         pos, acc, kmin, kmax = pos[keep], acc[keep], kmin[keep], kmax[keep]
     return cuts
+
+
+def _order_by(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """``np.lexsort((minor, major))`` for non-negative integer columns: one stable sort of a
+    combined key (timsort gains from runs already in order, such as rows in message order:
+    several times faster than lexsort's two passes)."""
+    if not major.size:
+        return np.zeros(0, dtype=np.int64)
+    span = int(minor.max()) + 1
+    if int(major.min()) < 0 or int(minor.min()) < 0 or (int(major.max()) + 1) * span >= 2**62:
+        return np.lexsort((minor, major))
+    return np.argsort(major * span + minor, kind="stable")
 
 
 def _grouped_cummax(values: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -319,7 +331,7 @@ class ArrivalReplay:
         ts = rows.get_column("ts_ms").to_numpy()
         known = acc >= 0
         m_k, a_k, t_k = msg[known], acc[known], ts[known]
-        order = np.lexsort((a_k, m_k))
+        order = _order_by(m_k, a_k)
         m_k, a_k, t_k = m_k[order], a_k[order], t_k[order]
         heads = np.flatnonzero(np.r_[True, (m_k[1:] != m_k[:-1]) | (a_k[1:] != a_k[:-1])]) if m_k.size else m_k
         e_pos = [msg_pos[m_k[heads]]] if m_k.size else []

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.core.replay import BATCH_ROWS
 
     result = {"merchants": a.merchants, "days": a.days, "batch_rows": a.batch_size or BATCH_ROWS,
-              "low_balance_share": a.low_balance_share, **sizes,  # a kept input's own figures win "seconds": round(seconds, 2),
+              # a kept input's own figures win
+              "low_balance_share": a.low_balance_share, **sizes, "seconds": round(seconds, 2),
               "jobs": len(procs), "readings_per_s": round(sizes["readings"] / seconds),
               # peak RSS: the largest process's peak (what one process needs) and the sum of every
               # process's peak (an upper bound on the machine's memory for the run: the peaks need

@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
 
     job: JobFilter | None = None
     if a.job:  # a child of a parallel replay
+        from pipelines.core.replay_parallel import die_with_parent
+
+        die_with_parent()
         try:
             job = parse_job(a.job, default_partitions())
         except ValueError as exc:

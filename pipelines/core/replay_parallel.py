@@ -116,6 +116,19 @@ def _read_stdout(job: Job, stream: IO[bytes]) -> None:
     job.stdout = stream.read()
 
 
+def die_with_parent() -> None:
+    """In a child: ask the kernel to end this process when its parent dies (Linux), so a parent
+    killed outright leaves no job running on; elsewhere nothing."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start_jobs(child_args: list[str], count: int, partitions: int, parts: Path) -> list[Job]:
     """Jobs 1..count-1 as children (argv without --job/--out), each writing to parts/job-<i>."""
     from pipelines.core.replay_jobs import JobFilter

@@ -3,9 +3,12 @@
 Writes a synthetic portfolio of N merchants and D days of 15-minute readings (one per
 circuit, in arrival order: one message per shard and cadence, with partition, offset and
 msg_ts_ms as `mallwatt export-input` writes them) plus one top-up for a tenth of the
-merchants each day, then times `mallwatt replay --arrival-order` in a child process and
-reads that child's peak RSS. Input generation is not timed. Targets (35,000 merchants):
-peak RSS for 7 days within 1.2x of 1 day, and >= 300,000 readings/s.
+merchants each day, then times `mallwatt replay --arrival-order [--jobs N]` in a child process.
+Input generation is not timed (`--keep DIR` keeps it, `--input DIR` replays a kept one). The JSON
+gives `jobs`, `readings_per_s`, `cpu_s` (the replay and its jobs, all threads), `peak_rss_mb`
+(the largest process's peak) and `peak_rss_sum_mb` (the sum of every process's peak), each
+process's figures and `merge_s` (from the last job's end to the merged outputs). Targets
+(35,000 merchants): peak RSS for 7 days within 1.2x of 1 day, and >= 300,000 readings/s.
 """
 
 from __future__ import annotations
@@ -89,30 +92,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--low-balance-share", type=float, default=0.2,
                     help="share of merchants opening with 5..20 yuan (generate's default 0.2): they run out of "
                          "credit within hours and every charge of theirs then takes the wallet's per-event path")
+    ap.add_argument("--jobs", type=int, help="mallwatt replay --jobs (default: its default, the usable cores)")
+    ap.add_argument("--input", help="a directory an earlier --keep wrote: replay its input instead of writing one")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", help="directory for the input and outputs (default: a temporary one)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mallwatt-bench-replay-") as tmp:
         work = Path(a.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        sizes = write_input(a.merchants, a.days, work, low_balance_share=a.low_balance_share)
+        if a.input:  # a kept input (its sizes file): alternate runs on the very same rows
+            src = Path(a.input)
+            sizes = json.loads((src / "sizes.json").read_text())
+        else:
+            src = work
+            sizes = write_input(a.merchants, a.days, work, low_balance_share=a.low_balance_share)
+            (work / "sizes.json").write_text(json.dumps(
+                {**sizes, "merchants": a.merchants, "days": a.days, "low_balance_share": a.low_balance_share}))
         cmd = [sys.executable, "-m", "pipelines.cli", "replay", "--arrival-order", "--quiet", "--config",
-               str(work / "portfolio"), "--readings", str(work / "readings.parquet"), "--payments",
-               str(work / "payments.parquet"), "--out", str(work / "out")]
+               str(src / "portfolio"), "--readings", str(src / "readings.parquet"), "--payments",
+               str(src / "payments.parquet"), "--out", str(work / "out")]
         cmd += ["--batch-size", str(a.batch_size)] if a.batch_size else []
+        cmd += ["--jobs", str(a.jobs)] if a.jobs else []
+        usage_file = work / "usage.json"
+        env = {**os.environ, "MALLWATT_REPLAY_USAGE": str(usage_file)}
+        usage_file.unlink(missing_ok=True)
         began = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE)
-        _, status, usage = os.wait4(child.pid, 0)
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(child.pid, 0)  # CPU: the replay and the jobs it waited for
         seconds = time.perf_counter() - began
         out = child.stdout.read().decode() if child.stdout else ""
         if status != 0:
             print(f"mallwatt bench replay: replay failed ({status}): {out}", file=sys.stderr)
             return 1
+        # one process (--jobs 1) or the parent (job 0) and its children: each process's peak RSS
+        procs = json.loads(usage_file.read_text())["processes"] if usage_file.exists() else [
+            {"job": 0, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}]
+        merge_s = json.loads(usage_file.read_text())["merge_s"] if usage_file.exists() else 0.0
     from pipelines.core.replay import BATCH_ROWS
 
     result = {"merchants": a.merchants, "days": a.days, "batch_rows": a.batch_size or BATCH_ROWS,
+              # a kept input's own figures win
               "low_balance_share": a.low_balance_share, **sizes, "seconds": round(seconds, 2),
-              "readings_per_s": round(sizes["readings"] / seconds), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+              "jobs": len(procs), "readings_per_s": round(sizes["readings"] / seconds),
+              # peak RSS: the largest process's peak (what one process needs) and the sum of every
+              # process's peak (an upper bound on the machine's memory for the run: the peaks need
+              # not coincide); equal with one job
+              "peak_rss_mb": max(p["peak_rss_mb"] for p in procs),
+              "peak_rss_sum_mb": round(sum(p["peak_rss_mb"] for p in procs), 1), "processes": procs,
+              "merge_s": merge_s,
               # the child's CPU time (all its threads): steadier than wall time on a shared machine
               "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
               "readings_per_cpu_s": round(sizes["readings"] / max(usage.ru_utime + usage.ru_stime, 1e-9)),

@@ -41,6 +41,7 @@ from pipelines.core.engine import (
     process_batch,
 )
 from pipelines.core.money_authority import MONEY_RECORD, refuse_unauthorised
+from pipelines.core.replay_jobs import JobFilter
 
 ARRIVAL_COLUMNS = ("partition", "offset", "msg_ts_ms")
 OUTPUTS = ("ledger", "alerts", "commands", "rejected_readings", "rejected_payments", "intervals")
@@ -57,6 +58,12 @@ class Progress:
     label: str = "replay"
     every_s: float = 1.0
     enabled: bool = True
+    machine: bool = False  # a parallel job: "@progress <readings> <calls> <ts|->" lines for its parent
+    others: Callable[[], int] | None = None  # readings billed elsewhere (a parallel replay's other jobs)
+    watch: Callable[[], None] | None = None  # called at most twice a second (a parallel replay checks its jobs)
+    watched: float = 0.0
+    hold: bool = False  # done() waits (a parallel replay's parent: until its children are done)
+    finished: bool = False
     readings: int = 0
     calls: int = 0
     started: float = 0.0
@@ -68,20 +75,39 @@ class Progress:
     def add(self, readings: int, last_ts_ms: int | None) -> None:
         self.readings += readings
         self.calls += 1
+        self.tick(last_ts_ms)
+
+    def tick(self, last_ts_ms: int | None) -> None:
+        """Show the counts if the last line is old enough."""
         now = time.monotonic()
+        if self.watch is not None and now - self.watched >= 0.5:
+            self.watched = now
+            self.watch()
         if self.enabled and now - self.shown >= self.every_s:
             self.shown = now
             self._show(now, last_ts_ms, "\r")
 
     def done(self) -> None:
+        if self.hold or self.finished:
+            return
+        self.finished = True
         if self.enabled:
             self._show(time.monotonic(), None, "\r")
-            sys.stderr.write("\n")
+            if not self.machine:
+                sys.stderr.write("\n")
+
+    def _machine(self, ts_ms: int | None) -> None:
+        sys.stderr.write(f"@progress {self.readings} {self.calls} {'-' if ts_ms is None else ts_ms}\n")
+        sys.stderr.flush()
 
     def _show(self, now: float, ts_ms: int | None, end: str) -> None:
-        rate = self.readings / max(now - self.started, 1e-9)
+        if self.machine:
+            self._machine(ts_ms)
+            return
+        readings = self.readings + (self.others() if self.others is not None else 0)
+        rate = readings / max(now - self.started, 1e-9)
         at = "" if ts_ms is None else f", at {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(ts_ms / 1000))}"
-        sys.stderr.write(f"{end}{self.label}: {self.readings:,} readings in {self.calls:,} core calls, "
+        sys.stderr.write(f"{end}{self.label}: {readings:,} readings in {self.calls:,} core calls, "
                          f"{rate:,.0f} readings/s{at}   ")
         sys.stderr.flush()
 
@@ -152,7 +178,7 @@ def segment_cuts(pos: np.ndarray, acc: np.ndarray, kmin: np.ndarray, kmax: np.nd
     """`segments` over integer columns (``acc``: any integer code per account). Sorted once by
     (account, pos); each pass finds the first item older than its account's newest earlier item
     since the last cut (a cumulative maximum per account) and restarts there."""
-    order = np.lexsort((pos, acc))
+    order = _order_by(acc, pos)
     pos, acc, kmin, kmax = pos[order], acc[order], kmin[order], kmax[order]
     cuts: list[int] = []
     while pos.size > 1:
@@ -167,6 +193,18 @@ def segment_cuts(pos: np.ndarray, acc: np.ndarray, kmin: np.ndarray, kmax: np.nd
         keep = pos >= cut
         pos, acc, kmin, kmax = pos[keep], acc[keep], kmin[keep], kmax[keep]
     return cuts
+
+
+def _order_by(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """``np.lexsort((minor, major))`` for non-negative integer columns: one stable sort of a
+    combined key (timsort gains from runs already in order, such as rows in message order:
+    several times faster than lexsort's two passes)."""
+    if not major.size:
+        return np.zeros(0, dtype=np.int64)
+    span = int(minor.max()) + 1
+    if int(major.min()) < 0 or int(minor.min()) < 0 or (int(major.max()) + 1) * span >= 2**62:
+        return np.lexsort((minor, major))
+    return np.argsort(major * span + minor, kind="stable")
 
 
 def _grouped_cummax(values: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -194,10 +232,12 @@ class ArrivalReplay:
     """Bill chunks of readings (in arrival order) with the accepted payments merged in."""
 
     def __init__(self, ctx: RatingContext, accepted: pl.DataFrame, sink: Sink, *, state: CoreState | None = None,
-                 bounds: timeguard.Bounds | None = None, progress: Progress | None = None, relay: Any = None) -> None:
+                 bounds: timeguard.Bounds | None = None, progress: Progress | None = None, relay: Any = None,
+                 job: JobFilter | None = None) -> None:
         from pipelines.core.replay import _reasons, time_bounds
 
         self.ctx, self.sink, self.state = ctx, sink, state or CoreState()
+        self.job = job  # a parallel replay's job: the whole plan, its own accounts billed (`replay_jobs`)
         self.relay = relay  # pipelines.replay_relay.RelayReplay: the stream's power loop, or None
         self.bounds = bounds or time_bounds(ctx)
         self._reasons = _reasons
@@ -215,6 +255,10 @@ class ArrivalReplay:
         self._check_order(chunk, where, first_row)
         chunk = chunk.with_columns(msg=_message_index(chunk))
         ok, bad = timeguard.split_frame(chunk, self.bounds)
+        if bad.height and self.job is not None:
+            from pipelines.core.lookup import lookup
+
+            bad = self.job.readings(bad, lookup(self.ctx))
         if bad.height:
             from pipelines.core.interval import REJECT_SCHEMA
 
@@ -243,22 +287,28 @@ class ArrivalReplay:
         problem = arrival_problem(chunk)
         if problem is not None:
             raise OrderError(f"{where}: {problem}")
-        prev = chunk.with_row_index("row").with_columns(
-            before=pl.col("offset").shift(1).over("partition"))
-        back = prev.filter(pl.col("offset") < pl.col("before"))
-        starts = chunk.group_by("partition", maintain_order=True).agg(pl.col("offset").first(),
-                                                                      pl.len().alias("n"))
-        for part, first, _ in starts.iter_rows():
-            if first < self.last_offset.get(part, -1):
-                back = pl.concat([back.select("row", "partition", "offset"),
-                                  prev.filter((pl.col("partition") == part) & (pl.col("offset") == first))
-                                  .select("row", "partition", "offset").head(1)])
-        if back.height:
-            row, part, offset = back.sort("row").select("row", "partition", "offset").row(0)
-            raise OrderError(f"{where}: row {first_row + row + 1}: partition {part} offset {offset} comes after a "
-                             f"later offset: not in arrival order")
-        for part, last in chunk.group_by("partition").agg(pl.col("offset").max()).iter_rows():
-            self.last_offset[part] = max(last, self.last_offset.get(part, -1))
+        # in numpy, rows grouped by partition in file order (one stable sort): an offset lower
+        # than the row before it in its partition, or a partition's first offset lower than the
+        # last one an earlier chunk had, is out of order
+        part = chunk.get_column("partition").cast(pl.Int64).to_numpy()
+        off = chunk.get_column("offset").cast(pl.Int64).to_numpy()
+        order = np.argsort(part, kind="stable")
+        p_s, o_s = part[order], off[order]
+        head = np.r_[True, p_s[1:] != p_s[:-1]]
+        bad = np.zeros(part.size, dtype=bool)
+        bad[1:] = ~head[1:] & (o_s[1:] < o_s[:-1])
+        heads = np.flatnonzero(head)
+        ends = np.r_[heads[1:], part.size]
+        for h in heads.tolist():
+            if o_s[h] < self.last_offset.get(int(p_s[h]), -1):
+                bad[h] = True
+        if bad.any():
+            row = int(order[bad].min())
+            raise OrderError(f"{where}: row {first_row + row + 1}: partition {part[row]} offset {off[row]} comes after "
+                             f"a later offset: not in arrival order")
+        for h, e in zip(heads.tolist(), ends.tolist(), strict=True):
+            p = int(p_s[h])
+            self.last_offset[p] = max(int(o_s[h:e].max()), self.last_offset.get(p, -1))
 
     def _bill(self, rows: pl.DataFrame, messages: int, pay_before: list[tuple[int, int, int]]) -> None:
         # one position per item in arrival order: the payments that arrived before message m, then m
@@ -277,11 +327,11 @@ class ArrivalReplay:
             pos += 1
         # entries per (message, account) and per payment, on integer account codes
         msg = rows.get_column("msg").to_numpy()
-        acc = self._account_codes(rows.get_column("circuit_id"))
+        codes, acc = self._codes(rows.get_column("circuit_id"))
         ts = rows.get_column("ts_ms").to_numpy()
         known = acc >= 0
         m_k, a_k, t_k = msg[known], acc[known], ts[known]
-        order = np.lexsort((a_k, m_k))
+        order = _order_by(m_k, a_k)
         m_k, a_k, t_k = m_k[order], a_k[order], t_k[order]
         heads = np.flatnonzero(np.r_[True, (m_k[1:] != m_k[:-1]) | (a_k[1:] != a_k[:-1])]) if m_k.size else m_k
         e_pos = [msg_pos[m_k[heads]]] if m_k.size else []
@@ -306,10 +356,11 @@ class ArrivalReplay:
             p0, p1 = (int(x) for x in np.searchsorted(pay_pos_arr, [lo, hi]))
             r0, r1 = int(row_of_msg[m0]), int(row_of_msg[m1])
             readings = rows.slice(r0, r1 - r0) if r1 > r0 else None
-            self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None, acc[r0:r1])
+            self._call(readings, pays.slice(p0, p1 - p0) if p1 > p0 else None, acc[r0:r1], codes[r0:r1])
 
-    def _account_codes(self, circuits: pl.Series) -> np.ndarray:
-        """Account rank of each reading's circuit (the core's lookup), -1 for an unknown circuit."""
+    def _codes(self, circuits: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        """(circuit rank, account rank) of each reading in the core's lookup, -1 for an unknown
+        circuit: worked out once per chunk, for the cuts, a job's share and the core calls."""
         from pipelines.core.interval import _circuit_codes
         from pipelines.core.lookup import lookup
 
@@ -318,7 +369,7 @@ class ArrivalReplay:
         out = np.full(codes.size, -1, dtype=np.int64)
         known = codes >= 0
         out[known] = lk.circ_acc[codes[known]]
-        return out
+        return codes, out
 
     def _pay_code(self, account_id: str) -> int:
         """A payment's account code: its rank, or a code of its own past the ranks (unknown id)."""
@@ -331,31 +382,49 @@ class ArrivalReplay:
         return rank
 
     def _call(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None,
-              accounts: np.ndarray | None = None) -> None:
+              accounts: np.ndarray | None = None, codes: np.ndarray | None = None) -> None:
         # the collector held for the whole call, as process_batch holds it for its own part: the
         # timer step and the outputs allocate per account too, and a collection they trigger walks
         # the whole state (about 2 s of a 35,000-merchant day)
         with gc_paused():
-            self._call_held(readings, payments, accounts)
+            self._call_held(readings, payments, accounts, codes)
 
     def _call_held(self, readings: pl.DataFrame | None, payments: pl.DataFrame | None,
-                   accounts: np.ndarray | None) -> None:
+                   accounts: np.ndarray | None, codes: np.ndarray | None) -> None:
+        from pipelines.core.replay import replay_now, replay_tick
+
         if readings is None or not readings.height:
             from pipelines.core.interval import READING_SCHEMA
 
             readings = pl.DataFrame(schema=READING_SCHEMA)
-        self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False)
-        outs = [out]
-        # the stream's timer: day postings and deferred trips due by the newest input time
-        from pipelines.core.replay import replay_tick
+        now = replay_now(readings, payments)  # the whole call's clock, also in a parallel job
+        outs = []
+        if self.job is not None:  # this job's accounts of the call
+            from pipelines.core.lookup import lookup
 
-        self.state, ticked = replay_tick(self.state, self.ctx, readings, payments, accounts)
+            lk = lookup(self.ctx)
+            if readings.height:
+                if accounts is None:
+                    readings = self.job.readings(readings, lk)
+                else:
+                    mask = self.job.accounts_mask(accounts, lk)
+                    if not mask.all():
+                        readings, accounts = readings.filter(pl.Series(mask)), accounts[mask]
+                        codes = codes[mask] if codes is not None else None
+            payments = self.job.by_account(payments)
+            if payments is not None and not payments.height:
+                payments = None
+        if self.job is None or readings.height or payments is not None:  # a job's empty share changes nothing
+            if codes is not None and codes.size != readings.height:
+                codes = None
+            self.state, out = process_batch(self.state, readings, payments, self.ctx, flush=False,
+                                            circuit_codes=codes)
+            outs.append(out)
+        # the stream's timer: day postings and deferred trips due by the newest input time
+        self.state, ticked = replay_tick(self.state, self.ctx, readings, payments, accounts, now=now)
         if ticked is not None:
             outs.append(ticked)
         if self.relay is not None:  # the relay commands, retries and ops alerts of this call's inputs
-            from pipelines.core.replay import replay_now
-
-            now = replay_now(readings, payments)
             self.relay.call(readings, payments, [o.commands for o in outs if o.commands.height],
                             now if now is not None else self.relay.clock)
             self.relay.flush()
@@ -397,7 +466,8 @@ def whole_messages(chunks: Iterable[tuple[int, pl.DataFrame]]) -> Iterator[tuple
 
 def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFrame]], payments: pl.DataFrame | None,
                    sink: Sink, *, state: CoreState | None = None, bounds: timeguard.Bounds | None = None,
-                   progress: Progress | None = None, where: str = "readings", relay: Any = None) -> CoreState:
+                   progress: Progress | None = None, where: str = "readings", relay: Any = None,
+                   job: JobFilter | None = None) -> CoreState:
     """Bill readings chunks (first row, frame) in arrival order with the payments merged in.
     With `relay` (a `pipelines.replay_relay.RelayReplay` over the recorded relay outcomes) the
     stream's power loop runs beside: relay commands with their retries, and ops alerts."""
@@ -411,9 +481,12 @@ def replay_arrival(ctx: RatingContext, readings: Iterable[tuple[int, pl.DataFram
             raise OrderError(f"payments: {problem}")
         accepted, late, refused = claim_in_order(payments, ctx, bounds)
         for frame in (late, refused):
+            frame = job.by_account(frame) if job is not None else frame
             if frame.height:
                 sink("rejected_payments", frame)
-    run = ArrivalReplay(ctx, accepted, sink, state=state, bounds=bounds, progress=progress, relay=relay)
+    if job is not None and relay is not None:
+        raise ValueError("a parallel replay job cannot run the power loop (--outcomes)")
+    run = ArrivalReplay(ctx, accepted, sink, state=state, bounds=bounds, progress=progress, relay=relay, job=job)
     for first, chunk in whole_messages(readings):
         run.feed(chunk, where, first)
     state = run.finish()

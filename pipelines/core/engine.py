@@ -145,9 +145,12 @@ def process_batch(
     ctx: RatingContext,
     *,
     flush: bool = False,
+    circuit_codes: np.ndarray | None = None,
 ) -> tuple[CoreState, BatchOutputs]:
-    """Readings + payments -> new state + outputs. Pure: ``state`` is not mutated."""
-    return _process_batch(state, readings, payments, ctx, flush=flush)
+    """Readings + payments -> new state + outputs. Pure: ``state`` is not mutated.
+    ``circuit_codes``: each reading's circuit rank in the context's lookup (-1: unknown), when
+    the caller has them already (replay in arrival order), so the ids are not looked up again."""
+    return _process_batch(state, readings, payments, ctx, flush=flush, circuit_codes=circuit_codes)
 
 
 def _process_batch(
@@ -158,13 +161,14 @@ def _process_batch(
     *,
     flush: bool = False,
     timings: dict[str, float] | None = None,
+    circuit_codes: np.ndarray | None = None,
 ) -> tuple[CoreState, BatchOutputs]:
     """`process_batch`, optionally recording seconds per stage into ``timings`` (bench): interval,
     tariff, wallet (their sum is the call), and within them circuits (interval states), accounts
     (reading the touched account states), fast (vectorised wallet), states (new account states),
     slow (per-event wallet) and outputs (ledger order, output frames)."""
     with gc_paused():
-        return _steps(state, readings, payments, ctx, flush, timings if timings is not None else {})
+        return _steps(state, readings, payments, ctx, flush, timings if timings is not None else {}, circuit_codes)
 
 
 @contextmanager
@@ -184,11 +188,13 @@ def gc_paused() -> Iterator[None]:
 
 
 def _steps(state: CoreState, readings: pl.DataFrame, payments: pl.DataFrame | list[dict[str, Any]] | None,
-           ctx: RatingContext, flush: bool, timings: dict[str, float]) -> tuple[CoreState, BatchOutputs]:
+           ctx: RatingContext, flush: bool, timings: dict[str, float],
+           circuit_codes: np.ndarray | None = None) -> tuple[CoreState, BatchOutputs]:
     t0 = time.perf_counter()
     lk = lookup(ctx)
     circuits, intervals, rej_r, cidx = interval_arrays(
-        state.circuits, readings, lk.cindex, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush)
+        state.circuits, readings, lk.cindex, lateness_ms=ctx.lateness_ms, gap_ms=ctx.gap_ms, flush=flush,
+        codes=circuit_codes)
     tc = time.perf_counter()
     aidx = lk.circ_acc[cidx]
     intervals = cols.hstack(intervals, [take(lk.account_series, aidx, lk.account_ids)])

@@ -237,12 +237,13 @@ def _rej(circ: pl.Series, meter: pl.Series, ts: np.ndarray, kwh: np.ndarray, rea
 
 def interval_arrays(
     states: dict[str, CircuitState], readings: pl.DataFrame, ix: CircuitIndex, *, lateness_ms: int,
-    gap_ms: int, flush: bool,
+    gap_ms: int, flush: bool, codes: np.ndarray | None = None,
 ) -> tuple[dict[str, CircuitState], pl.DataFrame, pl.DataFrame, np.ndarray]:
-    """`compute_intervals` plus the circuit rank of each interval row (for the engine)."""
+    """`compute_intervals` plus the circuit rank of each interval row (for the engine).
+    ``codes``: each reading's circuit rank in ``ix`` (-1: unknown), when the caller has them."""
     new_states = dict(states)
     circ_s, meters, ts, kwh, bad = _reading_columns(readings)
-    cidx = _circuit_codes(circ_s, ix)
+    cidx = _circuit_codes(circ_s, ix) if codes is None else codes
     known = cidx >= 0
     rejects: list[pl.DataFrame] = []
     if bad.any() or not known.all():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from pipelines.core.interval import REJECT_SCHEMA
 from pipelines.core.models import AccountRating, CircuitConfig, Mall, Tariff
 from pipelines.core.money_authority import MONEY_RECORD, refuse_unauthorised
 from pipelines.core.replay_input import InputError, read_payments, read_readings
+from pipelines.core.replay_jobs import JobFilter
 
 # Rows per core call (at most): the core's cost per call is mostly per account touched, so a
 # call should carry many readings per account (500k rows of a 35,000-circuit portfolio: ~14 each,
@@ -143,18 +145,21 @@ def _reasons(bad: pl.DataFrame, bounds: timeguard.Bounds, schema: dict[str, Any]
 def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | None,
            batch_size: int = 100_000, state: CoreState | None = None,
            bounds: timeguard.Bounds | None = None, sink: Any = None,
-           progress: Any = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
+           progress: Any = None, job: JobFilter | None = None) -> tuple[CoreState, dict[str, pl.DataFrame]]:
     """Bill recorded inputs in time order. They pass the stream's time guard first (``bounds``,
     default `time_bounds(ctx)`): what the stream would dead-letter is refused here with the
     same reason. With ``sink(name, frame)`` the outputs go there batch by batch and only the
-    balances are returned (memory does not grow with the outputs)."""
+    balances are returned (memory does not grow with the outputs). With ``job`` (a parallel
+    replay's job, `replay_jobs`) the batches and their clocks are the whole input's, and only the
+    job's accounts are billed."""
     readings, payments, refused_r, refused_p = guard(readings, payments, bounds or time_bounds(ctx))
+    mine: Any = _job_share(job, ctx)
     readings = readings.sort("ts_ms", maintain_order=True)
     pays = payments.sort("ts_ms", maintain_order=True) if payments is not None else None
     state, acc = state or CoreState(), {k: [] for k in ("ledger", "alerts", "commands", "rejected_readings",
                                                "rejected_payments", "intervals")}
-    acc["rejected_readings"].append(refused_r)
-    acc["rejected_payments"].append(refused_p)
+    acc["rejected_readings"].append(mine(refused_r))
+    acc["rejected_payments"].append(mine(refused_p, "account_id"))
     if pays is not None and pays.height:  # every id claimed once, as the stream's claim step does
         frame = payments_frame(pays)
         rows = frame.to_dicts()
@@ -166,8 +171,8 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
         accepted, refused = claim_payment_rows(rows, policies)
         refused = unauthorised + refused
         pays = pl.DataFrame(accepted, schema=frame.schema)
-        acc["rejected_payments"].append(pl.DataFrame(
-            [{k: r[k] for k in PAYMENT_REJECT_SCHEMA} for r in refused], schema=PAYMENT_REJECT_SCHEMA))
+        acc["rejected_payments"].append(mine(pl.DataFrame(
+            [{k: r[k] for k in PAYMENT_REJECT_SCHEMA} for r in refused], schema=PAYMENT_REJECT_SCHEMA), "account_id"))
     n = readings.height
     starts = list(range(0, n, batch_size)) or [0]
     for i, s in enumerate(starts):
@@ -178,10 +183,12 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
             upto = batch["ts_ms"].max() if not last and batch.height else None
             sel = pays if upto is None else pays.filter(pl.col("ts_ms") <= upto)
             p, pays = sel, (pays.filter(pl.col("ts_ms") > upto) if upto is not None else None)
+        now = replay_now(batch, p)  # the whole batch's clock, also in a parallel job
+        batch, p = mine(batch), mine(p, "account_id")
         state, out = process_batch(state, batch, p, ctx, flush=last)
         for k in acc:
             acc[k].append(getattr(out, k))
-        state, ticked = replay_tick(state, ctx, batch, p)
+        state, ticked = replay_tick(state, ctx, batch, p, now=now)
         if ticked is not None:
             for k in acc:
                 acc[k].append(getattr(ticked, k))
@@ -200,16 +207,36 @@ def replay(ctx: RatingContext, readings: pl.DataFrame, payments: pl.DataFrame | 
     return state, tables
 
 
+def _job_share(job: JobFilter | None, ctx: RatingContext) -> Any:
+    """frame, [account column] -> the job's rows of it (by the account, or by the circuit's
+    account without a column); every row when there is no job."""
+    if job is None:
+        return lambda frame, column=None: frame
+    from pipelines.core.lookup import lookup
+
+    lk = lookup(ctx)
+
+    def share(frame: pl.DataFrame | None, column: str | None = None) -> pl.DataFrame | None:
+        if frame is None or not frame.height:
+            return frame
+        return job.by_account(frame, column) if column else job.readings(frame, lk)
+    return share
+
+
 def replay_tick(state: CoreState, ctx: RatingContext, readings: pl.DataFrame | None,
-                payments: pl.DataFrame | None, reading_accounts: Any = None) -> tuple[CoreState, BatchOutputs | None]:
+                payments: pl.DataFrame | None, reading_accounts: Any = None, *,
+                now: int | None = None) -> tuple[CoreState, BatchOutputs | None]:
     """The stream's timer (pipelines.worker.power_timer) after a core call, at the newest input
     time: the standing charges and debt schedule of the local days the call's accounts' readings
     reached (0 Wh readings post nothing by themselves), and trips deferred by a friendly period
     that has ended. engine.tick decides by each account's own time, so ticking after every call
     gives what a timer ticking every second gives (same entries, ids and times).
     ``reading_accounts``: the account rank of each reading (-1: unknown circuit), when the
-    caller has them (arrival replay), so the readings' circuits are not looked up again."""
-    now = replay_now(readings if readings is not None else pl.DataFrame(), payments)
+    caller has them (arrival replay), so the readings' circuits are not looked up again.
+    ``now``: the clock when the caller knows it (a parallel job passes the whole call's clock
+    with its own share of the call); default `replay_now` of these inputs."""
+    if now is None:
+        now = replay_now(readings if readings is not None else pl.DataFrame(), payments)
     if now is None:
         return state, None
     accounts = {a for a, s in state.accounts.items() if s.deferred or s.warn_pending}
@@ -266,16 +293,49 @@ def main(argv: list[str] | None = None) -> int:
                                        "them (outcomes.parquet); runs the stream's power loop too and writes "
                                        "relay_commands (retries included) and relay_alerts. Needs a portfolio config")
     ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    ap.add_argument("--jobs", type=int,
+                    help="processes to replay in (default: the usable cores, or 1 with --outcomes, whose power "
+                         "loop needs every account in one process). Job i bills the accounts of the stream "
+                         "partitions p (account_shard(account, MALLWATT_PARTITIONS or 8)) with p %% N == i, as "
+                         "the workers own them; every job reads the whole input and makes the same core calls "
+                         "at the same clock, so each account's outputs and state equal --jobs 1's. The outputs "
+                         "are merged into the usual files; rows of different accounts interleave differently. "
+                         "Each job holds its own config and input chunk (memory: up to N times one process). "
+                         "1: the single-process replay; at most one job per partition")
+    ap.add_argument("--job", help=argparse.SUPPRESS)  # i/N: a job of a parallel replay (replay_parallel)
     a = ap.parse_args(argv)
     if a.outcomes and not a.arrival_order:
         ap.error("--outcomes needs --arrival-order (outcomes are placed by their arrival)")
     if a.batch_size < 1:
         ap.error("--batch-size must be at least 1")
+    if a.jobs is not None and a.jobs < 1:
+        ap.error("--jobs must be at least 1")
+    if a.outcomes and (a.jobs or 1) > 1:
+        ap.error("--outcomes runs the stream's power loop, which needs every account in one process: "
+                 "use --jobs 1 (the default with --outcomes)")
+    from pipelines.core.replay_parallel import JobFailed, usable_cores
+
+    jobs = a.jobs or (1 if a.outcomes or a.job else usable_cores())
+    from infra.topics import default_partitions
     from pipelines.core.arrival import OrderError, Progress
+    from pipelines.core.replay_jobs import JobFilter, parse_job
     from pipelines.core.replay_output import OutputWriter
     from pipelines.portfolio import ConfigError
 
-    progress = Progress(enabled=not a.quiet)
+    job: JobFilter | None = None
+    if a.job:  # a child of a parallel replay
+        from pipelines.core.replay_parallel import die_with_parent
+
+        die_with_parent()
+        try:
+            job = parse_job(a.job, default_partitions())
+        except ValueError as exc:
+            ap.error(str(exc))
+    elif jobs > 1:  # a parallel replay: this process is job 0 and starts the others
+        jobs = min(jobs, default_partitions())  # a job per partition group at most: more would bill nothing
+        job = JobFilter(0, jobs, default_partitions()) if jobs > 1 else None
+    progress = Progress(enabled=not a.quiet or bool(a.job), machine=bool(a.job))
+    parallel = _Parallel(a, jobs, progress) if jobs > 1 and not a.job else None
     try:
         with gc_paused():  # builds an object per account and circuit; nothing there to collect
             ctx, state0 = load_context(a.config)
@@ -290,27 +350,111 @@ def main(argv: list[str] | None = None) -> int:
             if relay is not None and not a.tariff:
                 ctx = relay.ctx.rating  # the same context the power loop routes by
             state = replay_arrival(ctx, read_chunks(a.readings, a.batch_size), payments, writer, state=state0,
-                                   progress=progress, where=a.readings, relay=relay)
+                                   progress=progress, where=a.readings, relay=relay, job=job)
         else:
             readings = read_table(a.readings)
             assert readings is not None
-            state, _ = replay(ctx, readings, payments, a.batch_size, state0, sink=writer, progress=progress)
-            progress.done()
+            state, _ = replay(ctx, readings, payments, a.batch_size, state0, sink=writer, progress=progress,
+                              job=job)
+        if parallel is not None:
+            parallel.wait()
+        progress.hold = False
+        progress.done()
     except (InputError, ConfigError, OrderError) as exc:  # a bad input is the user's to fix: no traceback
         print(f"mallwatt replay: {exc}", file=sys.stderr)
         return 2
+    except JobFailed as exc:  # a child's failure, named, with its own message
+        progress.hold = False
+        progress.done()
+        print(f"mallwatt replay: {exc}", file=sys.stderr)
+        return exc.code
+    finally:
+        if parallel is not None:
+            parallel.stop()  # children still running after an error; nothing when all are done
     from pipelines.core.arrival import balances
 
     # before the Parquet thread is joined, so both run; no indent: json's C encoder (indented
     # output takes the pure-Python one, ~5 s at 35,000 merchants); the collector held while the
     # state's dicts are built (it would walk them all again and again: half of this step)
     with gc_paused():
-        text = json.dumps(state.to_dict())
-    writer.write_whole("balances", balances(state))
+        doc = state.to_dict()
+        if parallel is not None:
+            doc = parallel.state(doc)
+        text = json.dumps(doc)
+    table = balances(state)
+    if parallel is not None:
+        table = parallel.balances(table)
+        parallel.append(writer)
+    writer.write_whole("balances", table)
     rows = writer.close()
     (Path(a.out) / "state.json").write_text(text)
+    if parallel is not None:
+        parallel.finish()
     print(json.dumps(rows))
     return 0
+
+
+class _Parallel:
+    """The parent's side of --jobs N: it is job 0 itself; jobs 1..N-1 run as children writing
+    part files under the output directory (`replay_parallel`), merged in when all are done."""
+
+    def __init__(self, a: argparse.Namespace, jobs: int, progress: Any) -> None:
+        from infra.topics import default_partitions
+        from pipelines.core import replay_parallel as rp
+
+        self.rp, self.fmt = rp, a.format
+        self.parts = Path(a.out) / f".replay-jobs-{os.getpid()}"
+        args = ["--config", a.config, "--readings", a.readings, "--batch-size", str(a.batch_size),
+                "--format", a.format]
+        args += ["--payments", a.payments] if a.payments else []
+        args += ["--tariff", a.tariff] if a.tariff else []
+        args += ["--arrival-order"] if a.arrival_order else []
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        self.children = rp.start_jobs(args, jobs, default_partitions(), self.parts)
+        self.dirs = [rp.part_dir(self.parts, j.index) for j in self.children]
+        self.progress = progress
+        progress.label = f"replay ({jobs} jobs)"
+        progress.hold = True  # the last line waits for the children
+        progress.others = lambda: sum(j.readings for j in self.children)
+        progress.watch = lambda: rp.check(self.children)  # a failed child stops the replay early
+
+    def wait(self) -> None:
+        import time
+
+        self.rp.wait(self.children, self.progress)
+        self.waited = time.monotonic()
+
+    def stop(self) -> None:
+        """Stop the children still running (after an error) and, if any failed or was stopped,
+        remove the part files; after a good run `finish` removes them."""
+        import shutil
+
+        for job in self.children:
+            job.stop()
+        if any(j.status != 0 for j in self.children):
+            shutil.rmtree(self.parts, ignore_errors=True)
+
+    def state(self, own: dict[str, Any]) -> dict[str, Any]:
+        return self.rp.merge_state(own, self.dirs)
+
+    def balances(self, own: pl.DataFrame) -> pl.DataFrame:
+        return self.rp.merge_balances(own, self.dirs, self.fmt)
+
+    def append(self, writer: Any) -> None:
+        rows: dict[str, int] = {}
+        for job in self.children:
+            for name, count in job.rows().items():
+                rows[name] = rows.get(name, 0) + count
+        writer.append_parts(self.dirs, rows)
+
+    def finish(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.parts, ignore_errors=True)
+        if os.environ.get(self.rp.USAGE_ENV):
+            import time
+
+            self.rp.write_usage(os.environ[self.rp.USAGE_ENV], self.children, time.monotonic() - self.waited)
 
 
 def _relay_replay(config: str, outcomes_path: str, sink: Any) -> Any:

@@ -2,7 +2,8 @@
 
 One file per output (ledger, alerts, commands, rejected_readings, rejected_payments,
 intervals): Parquet through one pyarrow ParquetWriter each (a row group per write), or JSON
-Lines appended. A table that received no rows is still written, empty, with its schema.
+Lines appended. A parallel replay's parent appends its jobs' files after its own rows
+(`append_parts`). A table that received no rows is still written, empty, with its schema.
 
 Parquet is encoded and written on a background thread (pyarrow releases the GIL), so the next
 core call runs meanwhile; the queue holds at most `QUEUE` frames, so memory stays bounded, and a
@@ -14,6 +15,7 @@ write for nothing; nor do those columns get min/max statistics (`NO_STATISTICS`)
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 from pathlib import Path
 from typing import IO, Any
@@ -54,6 +56,7 @@ class OutputWriter:
         self._parquet: dict[str, pq.ParquetWriter] = {}
         self._arrow: dict[str, pa.Schema] = {}
         self._jsonl: dict[str, IO[bytes]] = {}
+        self._parts: list[Path] = []  # other processes' output directories to append (append_parts)
         self.rows: dict[str, int] = dict.fromkeys(SCHEMAS, 0)
         self._queue: queue.Queue[tuple[str, pl.DataFrame] | None] = queue.Queue(QUEUE)
         self._error: BaseException | None = None
@@ -64,7 +67,7 @@ class OutputWriter:
         frame = _conform(frame, SCHEMAS[name])
         self.rows[name] += frame.height
         self._started.add(name)
-        if self.fmt != "parquet":
+        if self.fmt == "jsonl":
             if name not in self._jsonl:
                 self._jsonl[name] = (self.out / f"{name}.jsonl").open("wb")
             frame.write_ndjson(self._jsonl[name])
@@ -92,6 +95,44 @@ class OutputWriter:
                 write_statistics=[c for c in table.schema.names if c not in NO_STATISTICS])
         self._parquet[name].write_table(table.cast(self._arrow[name]))
 
+    def append_parts(self, dirs: list[Path], rows: dict[str, int]) -> None:
+        """After this process's own rows, each output's rows from other processes' files of the
+        same outputs (a parallel replay's jobs, `replay_parallel`, in the order given): JSON Lines
+        copied now, Parquet row groups appended by `close` (`parquet_concat`: bytes copied, not
+        re-encoded). ``rows``: their row counts."""
+        self._parts = list(dirs)
+        if self.fmt == "jsonl":
+            for name in SCHEMAS:
+                if name not in self._jsonl:
+                    self._jsonl[name] = (self.out / f"{name}.jsonl").open("wb")
+                for d in dirs:
+                    with (d / f"{name}.jsonl").open("rb") as source:
+                        shutil.copyfileobj(source, self._jsonl[name], 1 << 20)
+        for name, count in rows.items():
+            if name in SCHEMAS:
+                self.rows[name] += count
+
+    def _append_parquet(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipelines.core.parquet_concat import SchemaMismatch, append
+
+        def one(name: str) -> None:
+            target, sources = self.out / f"{name}.parquet", [d / f"{name}.parquet" for d in self._parts]
+            try:
+                append(target, sources)
+            except SchemaMismatch:  # another writer's types (not seen from this code): decode and re-encode
+                _rewrite(target, sources)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(one, SCHEMAS))
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
@@ -108,13 +149,27 @@ class OutputWriter:
         for name, schema in SCHEMAS.items():  # empty outputs still get a file with their columns
             if name not in self._started:
                 self(name, pl.DataFrame(schema=schema))
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        self._join()
         for writer in self._parquet.values():
             writer.close()
         for handle in self._jsonl.values():
             handle.close()
         self._raise()
+        if self._parts and self.fmt == "parquet":
+            self._append_parquet()
         return self.rows
+
+
+def _rewrite(target: Path, sources: list[Path]) -> None:
+    """``target`` with ``sources``' rows after its own, decoded and encoded again (cast to the
+    target's schema), a row group at a time."""
+    first = pq.ParquetFile(target)
+    schema = first.schema_arrow
+    tmp = target.with_suffix(".merging")
+    with pq.ParquetWriter(tmp, schema, use_dictionary=False,
+                          write_statistics=[c for c in schema.names if c not in NO_STATISTICS]) as writer:
+        for path in [target, *sources]:
+            f = pq.ParquetFile(path)
+            for i in range(f.num_row_groups):
+                writer.write_table(f.read_row_group(i).cast(schema))
+    tmp.replace(target)

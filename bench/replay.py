@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--low-balance-share", type=float, default=0.2,
                     help="share of merchants opening with 5..20 yuan (generate's default 0.2): they run out of "
                          "credit within hours and every charge of theirs then takes the wallet's per-event path")
-    ap.add_argument("--jobs", type=int, help="mallwatt replay --jobs (default: its default, the usable cores)")
+    ap.add_argument("--jobs", type=int, help="mallwatt replay --jobs (default: its default, 1; 0: the usable cores)")
     ap.add_argument("--input", help="a directory an earlier --keep wrote: replay its input instead of writing one")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", help="directory for the input and outputs (default: a temporary one)")

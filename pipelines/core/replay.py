@@ -294,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                                        "relay_commands (retries included) and relay_alerts. Needs a portfolio config")
     ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     ap.add_argument("--jobs", type=int,
-                    help="processes to replay in (default: the usable cores, or 1 with --outcomes, whose power "
-                         "loop needs every account in one process). Job i bills the accounts of the stream "
+                    help="processes to replay in (default: MALLWATT_REPLAY_JOBS or 1; 0: the usable cores; "
+                         "--outcomes needs 1, its power loop needs every account in one process). Each job costs "
+                         "about 1.2x the CPU of its share (it plans the whole input), so more jobs are faster "
+                         "only on cores nothing else uses. Job i bills the accounts of the stream "
                          "partitions p (account_shard(account, MALLWATT_PARTITIONS or 8)) with p %% N == i, as "
                          "the workers own them; every job reads the whole input and makes the same core calls "
                          "at the same clock, so each account's outputs and state equal --jobs 1's. The outputs "
@@ -308,14 +310,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--outcomes needs --arrival-order (outcomes are placed by their arrival)")
     if a.batch_size < 1:
         ap.error("--batch-size must be at least 1")
-    if a.jobs is not None and a.jobs < 1:
-        ap.error("--jobs must be at least 1")
+    if a.jobs is None:
+        a.jobs = int(os.environ.get("MALLWATT_REPLAY_JOBS") or 1)
+    if a.jobs < 0:
+        ap.error("--jobs must be 0 (the usable cores) or more")
     if a.outcomes and (a.jobs or 1) > 1:
         ap.error("--outcomes runs the stream's power loop, which needs every account in one process: "
                  "use --jobs 1 (the default with --outcomes)")
     from pipelines.core.replay_parallel import JobFailed, usable_cores
 
-    jobs = a.jobs or (1 if a.outcomes or a.job else usable_cores())
+    jobs = a.jobs or (1 if a.outcomes or a.job else usable_cores())  # 0: the usable cores
     from infra.topics import default_partitions
     from pipelines.core.arrival import OrderError, Progress
     from pipelines.core.replay_jobs import JobFilter, parse_job

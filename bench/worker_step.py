@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.dir, ignore_errors=True)
     store = StepStore(args.dir, args.kafka, "perf350k-changelog")
     offsets = [0] * 8
-    collector = StepCollector()
+    collector = StepCollector(entries=lambda: len(store.parsed))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
 

@@ -186,7 +186,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         now = min(max(stamps), cap)
         clock_ms[0] = max(clock_ms[0], now)
         return now
-    collector = StepCollector()
+    collector = StepCollector(entries=lambda: len(parsed))  # blocks per cached envelope (gc_policy)
     worker_metrics.install(app, states, parsed, holder)  # lag, state size, relay backlog; readiness
 
     def store(key: str, env: Envelope) -> None:

@@ -161,7 +161,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     # The last envelope stored or loaded per account, with the table's rebalance generation:
     # the authoritative newest state of the accounts this worker owns (the table's local store
     # lags by the broker's ack), and a rebalance or recovery makes every entry stale.
-    parsed: dict[str, tuple[int, Envelope]] = {}
+    parsed: dict[str, tuple[int, Envelope]] = worker_metrics.ParsedEnvelopes()  # indexes relay rows for the gauges
     # Accounts with timer work (a relay chain due, a trip waiting for a friendly period to end)
     # -> when; kept as envelopes are stored or parsed, and by a periodic scan after a rebalance.
     due: dict[str, int] = {}

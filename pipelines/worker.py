@@ -45,7 +45,7 @@ from pipelines.take import distinct, withhold
 from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
-from schemas.readings import batch_to_frame
+from schemas.readings import checked_batch
 
 log = logging.getLogger("mallwatt.worker")
 
@@ -295,7 +295,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             raise
 
     def decode_readings(value: bytes) -> Any:
-        return batch_to_frame(codec.decode("ReadingBatch", value))
+        return checked_batch(codec.decode("ReadingBatch", value))  # framed with the step's others
 
     def bill_readings(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
         advance_clock([e.message.timestamp for e, _ in decoded])

@@ -40,7 +40,7 @@ from pipelines.durable_table import ChangelogWriter, store_many
 from pipelines.envelope import Envelope
 from pipelines.gc_policy import StepCollector
 from schemas import codec
-from schemas.readings import batch_to_frame
+from schemas.readings import batch_to_frame, checked_batch
 
 CACHE = Path("/tmp/perf350k-portfolio")
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.dir, ignore_errors=True)
     store = StepStore(args.dir, args.kafka, "perf350k-changelog")
     offsets = [0] * 8
-    collector = StepCollector()
+    collector = StepCollector(entries=lambda: len(store.parsed))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def bill_async(msgs: list[Msg]) -> tuple[int, int]:
         t = time.process_time()
-        decoded = [(m, batch_to_frame(codec.decode("ReadingBatch", m.value))) for m in msgs]
+        decoded = [(m, checked_batch(codec.decode("ReadingBatch", m.value))) for m in msgs]
         frame = batching.messages_frame([(m.partition, m.offset, f, int(m.timestamp * 1000)) for m, f in decoded])
         t = lap("decode", t)
         routed = batching.route_readings(frame, ctx)

@@ -27,6 +27,7 @@ from pipelines.context import BillingContext
 from pipelines.core import timeguard
 from pipelines.envelope import Envelope, state_key
 from schemas.keys import account_shard
+from schemas.readings import batches_to_frame
 
 #: Readings of one account per round of a step (bounds each state value's outbox).
 ROWS_PER_ACCOUNT = int(os.environ.get("MALLWATT_ROWS_PER_ACCOUNT", 64))
@@ -48,13 +49,19 @@ class Routed:
     rejected: list[tuple[int, int, str]]  # (partition, offset, why some readings of that message are refused)
 
 
-def messages_frame(messages: list[tuple[int, int, pl.DataFrame]] | list[tuple[int, int, pl.DataFrame, int | None]]
-                   ) -> pl.DataFrame:
-    """The readings of (partition, offset, frame[, message timestamp ms]) messages as one frame,
-    each row tagged with the partition and offset of its message, and with `msg_ts_ms` (the
-    Kafka message timestamp, the reference of the time guard) when the tuples carry it."""
-    frame = pl.concat([m[2] for m in messages], how="vertical_relaxed")
-    heights = [m[2].height for m in messages]
+def messages_frame(messages: list[tuple[int, int, Any]] | list[tuple[int, int, Any, int | None]]) -> pl.DataFrame:
+    """The readings of (partition, offset, readings[, message timestamp ms]) messages as one
+    frame, each row tagged with the partition and offset of its message, and with `msg_ts_ms`
+    (the Kafka message timestamp, the reference of the time guard) when the tuples carry it.
+    `readings`: a frame, or (the worker's) a decoded ReadingBatch that passed
+    `schemas.readings.checked_batch`: then the step's frame is built once for all messages."""
+    parts = [m[2] for m in messages]
+    if parts and all(isinstance(p, dict) for p in parts):
+        frame = batches_to_frame(parts)
+        heights = [len(p["circuit_id"]) for p in parts]
+    else:
+        frame = pl.concat(parts, how="vertical_relaxed")
+        heights = [p.height for p in parts]
     cols = {"partition": pl.Series(np.repeat(np.array([m[0] for m in messages], dtype=np.int64), heights)),
             "offset": pl.Series(np.repeat(np.array([m[1] for m in messages], dtype=np.int64), heights))}
     if messages and all(len(m) > 3 for m in messages):

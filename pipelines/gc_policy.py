@@ -4,33 +4,56 @@ The worker holds every owned account's state as Python objects (several per acco
 each billing step replaces the touched accounts' objects. With the collector's defaults, the
 allocations of a step trigger collections that walk that whole state again and again: at
 35,000 accounts they took 30 to 40 % of a step (measured with gc.callbacks). The state has
-no reference cycles (old values are freed by reference counting), so the worker
+no reference cycles (old values are freed by reference counting, frozen or not), so the worker
 
 - pauses the collector for the duration of each step (`step()`), and
 - freezes what exists after the step (`gc.freeze()`: the objects move to a permanent
   generation that collections skip), so a collection between steps only walks what was
-  allocated since;
-- every `MALLWATT_GC_FULL_S` (default 600 s) it unfreezes and runs one full collection, so
-  cyclic garbage that was frozen (asyncio and faust internals make some) is still freed: a
-  pause of about a second at 350,000 accounts, bounded and rare.
+  allocated since.
+
+A full pass (unfreeze, collect, freeze) frees cyclic garbage that a freeze caught while it
+was still alive (asyncio and faust internals make some), but it walks every tracked object
+of the process, about 14 per cached envelope: at 350,000 accounts it holds the event loop for
+seconds (3.3 s in `python -m bench.gc_pause`; run every 600 s it took 8.8 s of a 30 s py-spy
+sample under load). So it runs only when garbage is seen to pile up: when the process's
+allocated blocks per cached envelope (`entries`; `sys.getallocatedblocks`, ~2 ms at 350,000
+accounts, so looked at every CHECK_S) have grown by `MALLWATT_GC_FULL_GROWTH` (default 10 %)
+over the fewest seen since the last pass, and then at most every `MALLWATT_GC_FULL_S` (600 s).
+In a steady state they do not grow (a replaced envelope is freed by reference counting), so
+no pass runs; garbage caught by a freeze stays bounded to that share of the state.
+(`gc.get_freeze_count()` would measure the frozen set itself, but it walks it: 0.4 s.)
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 FULL_COLLECTION_S = float(os.environ.get("MALLWATT_GC_FULL_S", 600))
+FULL_GROWTH = float(os.environ.get("MALLWATT_GC_FULL_GROWTH", 0.10))
+CHECK_S = 10.0
 
 
 class StepCollector:
-    def __init__(self, full_every_s: float = FULL_COLLECTION_S) -> None:
+    """`with collector.step():` around each billing step; `entries` counts the cached
+    envelopes, the state the allocated blocks are measured against (default: 1)."""
+
+    def __init__(self, full_every_s: float = FULL_COLLECTION_S, growth: float = FULL_GROWTH,
+                 entries: Callable[[], int] | None = None, check_every_s: float = CHECK_S) -> None:
         self.full_every_s = full_every_s
-        self._last_full = time.monotonic()
+        self.growth = growth
+        self.check_every_s = check_every_s
+        self._entries = entries or (lambda: 1)
+        self._last_full = self._next_check = time.monotonic()
+        self._least: float | None = None  # fewest blocks per entry since the last full pass
         self.full_collections = 0
+
+    def _per_entry(self) -> float:
+        return sys.getallocatedblocks() / max(1, self._entries())
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -39,11 +62,22 @@ class StepCollector:
         try:
             yield
         finally:
-            if time.monotonic() - self._last_full >= self.full_every_s:
-                gc.unfreeze()
-                gc.collect()
-                self._last_full = time.monotonic()
-                self.full_collections += 1
             gc.freeze()
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + self.check_every_s
+                self._look(now)
             if was:
                 gc.enable()
+
+    def _look(self, now: float) -> None:
+        per = self._per_entry()
+        if self._least is None or per < self._least:
+            self._least = per
+        elif per > self._least * (1 + self.growth) and now - self._last_full >= self.full_every_s:
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            self._last_full = time.monotonic()
+            self.full_collections += 1
+            self._least = self._per_entry()

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -163,16 +164,18 @@ def _evaluate(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapping
              .join(accounts, on="account_id", how="left")
              .with_row_index("row"))
     late = n_in - frame.height
-    first = pl.int_range(pl.len()).over("circuit_id", order_by="row") == 0
-    # live input brings one reading per circuit: its previous one is the state's (no windows,
-    # which cost more than the rest of the pass over tens of thousands of circuits)
+    # live input brings one reading per circuit: its previous one is the state's (no lookups)
     once = frame["circuit_id"].n_unique() == frame.height
+    if not once:  # several per circuit (a catch-up step): each row's previous row of its circuit
+        prev = _previous_rows(frame["circuit_id"])
+        first = pl.lit(pl.Series(prev < 0))
+        at_prev = pl.lit(pl.Series(np.maximum(prev, 0)))
 
-    def last(value: pl.Expr, prev: str) -> pl.Expr:
+    def last(value: pl.Expr, prev_state: str) -> pl.Expr:
         # the circuit's previous reading: earlier in this batch, else from the state
         if once:
-            return pl.col(prev)
-        return pl.when(first).then(pl.col(prev)).otherwise(value.shift(1).over("circuit_id", order_by="row"))
+            return pl.col(prev_state)
+        return pl.when(first).then(pl.col(prev_state)).otherwise(value.gather(at_prev))
 
     mw = (pl.col("power_w") * 1000).round(0).cast(pl.Int64)
     frame = frame.with_columns(
@@ -187,7 +190,8 @@ def _evaluate(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapping
     def running(value: pl.Expr, how: str) -> pl.Expr:
         if single:
             return value
-        return getattr(value, how)().over("account_id", order_by="row")
+        # rows are in "row" order, so each account's window already is (an order_by sorts again)
+        return getattr(value, how)().over("account_id")
 
     frame = frame.with_columns(
         total_mw=pl.col("base_mw") + running(pl.col("mw") - pl.col("lmw"), "cum_sum"),
@@ -210,6 +214,18 @@ def _evaluate(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapping
             .group_by("row").agg(pl.col("band").first()))
     frame = frame.join(hits, on="row", how="left").sort("row")
     return frame, late
+
+
+def _previous_rows(circuits: pl.Series) -> np.ndarray:
+    """Per row, the index of the row before it with the same circuit (-1: none): what
+    `shift(1).over("circuit_id")` picks, found once for every column that needs it (five
+    windows with order_by cost ~0.5 s on a 90,000-reading catch-up step)."""
+    codes = circuits.cast(pl.Categorical).to_physical().to_numpy()
+    order = np.argsort(codes, kind="stable")  # by circuit, rows in order within each
+    same = codes[order[1:]] == codes[order[:-1]]
+    prev = np.full(codes.size, -1, dtype=np.int64)
+    prev[order[1:][same]] = order[:-1][same]
+    return prev
 
 
 # ---- the same pass in plain Python, for small batches --------------------------------

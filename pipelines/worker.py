@@ -45,7 +45,7 @@ from pipelines.take import distinct, withhold
 from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
-from schemas.readings import batch_to_frame
+from schemas.readings import checked_batch
 
 log = logging.getLogger("mallwatt.worker")
 
@@ -161,7 +161,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     # The last envelope stored or loaded per account, with the table's rebalance generation:
     # the authoritative newest state of the accounts this worker owns (the table's local store
     # lags by the broker's ack), and a rebalance or recovery makes every entry stale.
-    parsed: dict[str, tuple[int, Envelope]] = {}
+    parsed: dict[str, tuple[int, Envelope]] = worker_metrics.ParsedEnvelopes()  # indexes relay rows for the gauges
     # Accounts with timer work (a relay chain due, a trip waiting for a friendly period to end)
     # -> when; kept as envelopes are stored or parsed, and by a periodic scan after a rebalance.
     due: dict[str, int] = {}
@@ -186,7 +186,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         now = min(max(stamps), cap)
         clock_ms[0] = max(clock_ms[0], now)
         return now
-    collector = StepCollector()
+    collector = StepCollector(entries=lambda: len(parsed))  # blocks per cached envelope (gc_policy)
     worker_metrics.install(app, states, parsed, holder)  # lag, state size, relay backlog; readiness
 
     def store(key: str, env: Envelope) -> None:
@@ -295,7 +295,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             raise
 
     def decode_readings(value: bytes) -> Any:
-        return batch_to_frame(codec.decode("ReadingBatch", value))
+        return checked_batch(codec.decode("ReadingBatch", value))  # framed with the step's others
 
     def bill_readings(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
         advance_clock([e.message.timestamp for e, _ in decoded])

@@ -65,6 +65,50 @@ def dead_letter(stage: str, reason: str) -> None:
     M.DEAD_LETTERS.labels("worker", stage, M.reason_class(reason)).inc()
 
 
+class ParsedEnvelopes(dict):  # type: ignore[type-arg]
+    """The worker's cache of envelopes (account key -> (generation, Envelope)) that knows
+    which of them hold relay rows: the gauges need only those, and walking all 350,000
+    cached envelopes every REFRESH_S held the event loop (4 % of the worker's samples).
+    Only a key's own assignment changes the index (a set add or discard per stored account)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relayed: set[str] = set()
+
+    def __setitem__(self, key: str, value: tuple[int, Any]) -> None:
+        super().__setitem__(key, value)
+        if value[1].relays:
+            self.relayed.add(key)
+        else:
+            self.relayed.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.relayed.discard(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self.relayed.discard(key)
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        super().clear()
+        self.relayed.clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def popitem(self) -> tuple[str, tuple[int, Any]]:
+        key, value = super().popitem()
+        self.relayed.discard(key)
+        return key, value
+
+
 class WorkerWatch:
     """The worker's gauges and readiness, refreshed by one faust timer."""
 
@@ -128,7 +172,10 @@ class WorkerWatch:
         malls: Mapping[str, str] = self.holder.current().account_mall if self.holder is not None else {}
         unconfirmed: dict[str, int] = {"TRIP": 0, "RECONNECT": 0}
         tripped: dict[str, int] = {}
-        for _, (gen, env) in list(self.parsed.items()):
+        parsed = self.parsed
+        relayed = getattr(parsed, "relayed", None)  # ParsedEnvelopes: only envelopes with relay rows count
+        entries = list(parsed.items()) if relayed is None else [(k, parsed[k]) for k in list(relayed)]
+        for _, (gen, env) in entries:
             if gen != generation:
                 continue  # before a rebalance: perhaps another worker's now
             for row in env.relays.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -75,12 +76,32 @@ def batch_to_frame(record: dict[str, Any]) -> pl.DataFrame:
 
     Built column by column (NaN -> null while each Series is made): every message of the
     stream passes through here, and a frame-wide `fill_nan` pass cost four times as much."""
+    return batches_to_frame([checked_batch(record)])
+
+
+def checked_batch(record: dict[str, Any]) -> dict[str, Any]:
+    """A decoded ReadingBatch whose columns all have its length (ValueError naming the batch
+    and column otherwise): what `batches_to_frame` needs to build one frame of many."""
     n = len(record["circuit_id"])
+    for name in FRAME_SCHEMA:
+        values = record[name]
+        size = len(values) if name not in WIRE_TYPES else len(values) / np.dtype(WIRE_TYPES[name]).itemsize
+        if size != n:
+            raise ValueError(f"ReadingBatch {record.get('batch_id')}: column {name} has {size:g} values, expected {n}")
+    return record
+
+
+def batches_to_frame(records: Sequence[dict[str, Any]]) -> pl.DataFrame:
+    """The readings of `checked_batch` records as one frame, in order: each column is built once
+    for all of them (a Series costs ~15 us whatever its length: 11 per message were ~0.2 ms of
+    every message of a step, 2 us per reading of a catch-up step)."""
     columns = []
     for name, dtype in FRAME_SCHEMA.items():
-        values = record[name] if name not in WIRE_TYPES else np.frombuffer(record[name], dtype=WIRE_TYPES[name])
-        if len(values) != n:
-            raise ValueError(f"ReadingBatch {record.get('batch_id')}: column {name} has {len(values)} values, expected {n}")
+        if name in WIRE_TYPES:
+            raw = records[0][name] if len(records) == 1 else b"".join(r[name] for r in records)
+            values: Any = np.frombuffer(raw, dtype=WIRE_TYPES[name])
+        else:
+            values = records[0][name] if len(records) == 1 else list(chain.from_iterable(r[name] for r in records))
         # NaN on the wire means "not measured": expose it as null.
         columns.append(pl.Series(name, values, dtype=dtype, nan_to_null=name in OPTIONAL_FLOATS))
     return pl.DataFrame(columns)

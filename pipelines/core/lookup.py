@@ -63,7 +63,6 @@ class Lookup:
 
         self.cindex = CircuitIndex(ctx.circuits)
         self.circuit_ids = self.cindex.ids
-        self.circuit_enum = self.cindex.enum
         self.circ_acc = np.array([rank[ctx.circuits[c].account_id] for c in self.circuit_ids], dtype=np.int64)
         self.charge_prefix = [f"{ctx.circuits[c].account_id}:chg:{c}:" for c in self.circuit_ids]  # entry ids
         self.charge_prefix_series = chunked("p", self.charge_prefix, pl.String)
@@ -105,6 +104,10 @@ class Lookup:
         self.rate_strs: dict[int, str] = {}  # price_u -> ledger "rate" text (see fastpath)
         self.day_fees: dict[tuple[int, int, int], tuple[int, int]] = {}  # (tariff, mall, day) -> (fee, start)
         self.quiet_limit, self.never_fast = _policy_arrays(ctx, self.account_ids)
+
+    @property
+    def circuit_enum(self) -> pl.Enum:
+        return self.cindex.enum
 
     def slot_fields(self, mall: int, lo_ms: int, hi_ms: int) -> SlotFields | None:
         """`localtime.slot_fields` of a mall's zone, cached per zone: the stream asks for a few

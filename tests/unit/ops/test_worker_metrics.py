@@ -82,3 +82,46 @@ def test_readiness_names_what_is_missing() -> None:
     assert watch.readiness()[0] is False and "broker" in watch.readiness()[1]
     watch.broker_error = None
     assert watch.readiness() == (True, "ok")
+
+
+def _gauges() -> dict[str, float]:
+    return {**{f"unconfirmed:{a}": value("mallwatt_relay_commands_unconfirmed", action=a)
+               for a in ("TRIP", "RECONNECT", "UNKNOWN")},
+            **{f"tripped:{m}": value("mallwatt_relay_paid_tripped_accounts", mall=m) for m in ("M0", "M1", "M2")}}
+
+
+def test_indexed_cache_reports_what_a_walk_of_every_envelope_reports() -> None:
+    import random
+
+    rnd = random.Random(5)
+    rows = [["closed", 0, "c", "TRIP", "credit", 1, 1, 1, "c", 5_000, "", ""],
+            ["open", 0, "r", "RECONNECT", "topup", 1, 1, 1, "r", -1, "FAILED", ""],
+            ["open", 0, "r", "RECONNECT", "topup", 1, 1, 1, "r", 7_000, "", ""],
+            ["closed", 0, "c", "", "credit", 1, 1, 1, "c", 9_000, "", ""]]
+
+    def env(i: int) -> Envelope:
+        relays = {f"E{j}": rnd.choice(rows) for j in range(rnd.choice([0, 0, 0, 1, 2]))}
+        return Envelope(accounts={f"A{i}": AccountState(f"A{i}", balance=rnd.choice([-5, 0, 900]))}, relays=relays)
+
+    malls = {f"A{i}": f"M{i % 3}" for i in range(300)}
+    holder = SimpleNamespace(current=lambda: SimpleNamespace(account_mall=malls))
+    plain: dict[str, tuple[int, Envelope]] = {}
+    indexed = W.ParsedEnvelopes()
+    for round_ in range(6):  # envelopes replaced with and without relay rows, some removed, a rebalance
+        for _ in range(200):
+            i = rnd.randrange(300)
+            entry = (rnd.choice([3, 3, 3, 2]) if round_ >= 3 else 2, env(i))
+            plain[f"A{i}"] = indexed[f"A{i}"] = entry
+        for key in rnd.sample(sorted(plain), 10):
+            del plain[key]
+            indexed.pop(key) if round_ % 2 else indexed.__delitem__(key)
+        assert indexed == plain
+        assert indexed.relayed == {k for k, (_, e) in plain.items() if e.relays}
+        states = SimpleNamespace(data={}, generation=3 if round_ >= 3 else 2)
+        W.WorkerWatch(SimpleNamespace(), states, plain, holder)._state()
+        walked = _gauges()
+        for action in ("TRIP", "RECONNECT", "UNKNOWN"):  # the second call must set each figure itself
+            W.M.RELAY_UNCONFIRMED.labels(action).set(-1)
+        W.WorkerWatch(SimpleNamespace(), states, indexed, holder)._state()
+        assert _gauges() == walked
+        assert any(walked.values())

@@ -24,6 +24,7 @@ from infra.topics import (
     TopicSpec,
     check_input_topics,
     provision_topics,
+    wait_until_served,
 )
 
 pytestmark = pytest.mark.integration
@@ -127,9 +128,15 @@ def test_compacted_input_topic_is_refused(private: broker.BrokerConfig) -> None:
     provision_topics(private.bootstrap)
     assert check_input_topics(private.bootstrap, INPUT_TOPICS) == []
     name = f"compacted-input-{uuid.uuid4().hex[:6]}"
-    provision_topics(private.bootstrap, [TopicSpec(name, key="k", value="v", cleanup_policy="compact", partitions=1)])
+    created = provision_topics(private.bootstrap, [TopicSpec(name, key="k", value="v", cleanup_policy="compact",
+                                                             partitions=1)])
+    assert created == [name], created
+    wait_until_served(private.bootstrap, [name])
     with pytest.raises(InputTopicError, match=f"{name} has cleanup.policy=compact"):
-        check_input_topics(private.bootstrap, [*INPUT_TOPICS, name])
+        # a topic just created is described as unknown for a moment: not checked, then refused
+        for _ in range(40):
+            if check_input_topics(private.bootstrap, [*INPUT_TOPICS, name]) == [name]:
+                time.sleep(0.5)
 
 
 def test_produce_and_consume(private: broker.BrokerConfig) -> None:

@@ -201,6 +201,17 @@ def test_a_catchup_step_stops_filling_at_live_input() -> None:
     assert steps[0][1] == [0, 1, 2]
 
 
+def test_a_catchup_step_fills_until_the_input_is_nearly_live() -> None:
+    """A backlog, then messages 2 s old (under the 5 s that starts a catch-up), then live ones:
+    the step fills through the 2 s old ones and goes at the first live one. Ending it at the
+    first message under 5 s old kept a worker 5 s behind for good (350,000 merchants)."""
+    puts = [(0.0, 0), (0.0, 1)] + [(0.12 * (i + 1), 2 + i) for i in range(5)]
+    ages = {0: 30.0, 1: 30.0, 2: 2.0, 3: 2.0, 4: 2.0, 5: 0.0, 6: 0.0}
+    _, steps = run_agent(puts, 16, age=lambda v: ages[v], catchup=64, settle=1.0)
+    assert [v for _, values in steps for v in values] == list(range(7))
+    assert steps[0][1] == [0, 1, 2, 3, 4, 5]
+
+
 def test_a_live_worker_a_little_behind_keeps_its_step_size() -> None:
     # messages a second old: the last step ran long, not a backlog; growing the step to the
     # catch-up size here held a 350,000-merchant worker's event loop for tens of seconds

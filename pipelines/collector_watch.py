@@ -6,9 +6,10 @@ decoded once per unknown collector, for its mall). The rules and alert ids are i
 pipelines/core/collector_watch.py; the notifier then delivers the alerts (route kind
 `collector_offline` to `mall_ops`).
 
-No consumer group and no stored state: at start the watcher reads its own alerts and the
-collector events of the last `--lookback` seconds and the reading batches of the last two
-silence periods, rebuilding its episodes, so a restart repeats no alert; alert ids depend
+No consumer group and no stored state: at start the watcher reads its own alerts of the
+last `--lookback` seconds to their end, then the collector events of that period and the
+reading batches of the last two silence periods, rebuilding its episodes, so a restart
+repeats no alert; alert ids depend
 only on that input, and anything it does publish twice the notifier's dedup drops. Silence
 is judged only once that history has been read.
 
@@ -86,11 +87,21 @@ class CollectorWatch:
 
     # --- start positions ------------------------------------------------------------------
     def assign(self, timeout_s: float = 10.0) -> None:
+        """Rebuild the episodes from our own alerts, then start on events and readings.
+
+        The alerts are read to their end before any event is judged: the topics are read
+        in no fixed order, and an event read before the alert that already opened its
+        episode would open it again (a restarted watcher repeating an alert)."""
         now_ms = int(self.clock() * 1000)
-        starts = {self.alerts_topic: now_ms - self.lookback_ms,  # our own output: episodes
-                  self.events_topic: now_ms - self.lookback_ms,
-                  self.readings_topic: now_ms - 2 * self.config.silent_after_ms}
         meta = self.consumer.list_topics(timeout=timeout_s)
+        self._assign_since(meta, {self.alerts_topic: now_ms - self.lookback_ms}, timeout_s)
+        self._read_own_alerts(timeout_s)
+        self._assign_since(meta, {self.events_topic: now_ms - self.lookback_ms,
+                                  self.readings_topic: now_ms - 2 * self.config.silent_after_ms},
+                           timeout_s)
+        self.assigned = True
+
+    def _assign_since(self, meta: Any, starts: dict[str, int], timeout_s: float) -> None:
         wanted: list[TopicPartition] = []
         for topic, since in starts.items():
             if topic not in meta.topics or meta.topics[topic].error is not None:
@@ -101,7 +112,21 @@ class CollectorWatch:
                      for tp in found]
         self._behind = {(tp.topic, tp.partition) for tp in positions}
         self.consumer.assign(positions)
-        self.assigned = True
+
+    def _read_own_alerts(self, timeout_s: float) -> None:
+        """Consume the alerts topic to its end (each partition's EOF); the wait is bounded by
+        `timeout_s` without progress, so a long history is read however long it takes."""
+        deadline = time.monotonic() + timeout_s
+        while self._behind:
+            msgs = self.consumer.consume(num_messages=500, timeout=0.5)
+            for msg in msgs:
+                self.handle(msg)
+            if msgs:
+                deadline = time.monotonic() + timeout_s
+            elif time.monotonic() > deadline:
+                raise KafkaException(f"alerts history not read within {timeout_s:.0f} s: "
+                                     f"{self.broker_error or 'no end of partition reached'}")
+        self.consumer.unassign()
 
     @property
     def caught_up(self) -> bool:
@@ -129,10 +154,9 @@ class CollectorWatch:
             return []
         self.broker_error = None
         if msg.topic() == self.alerts_topic:
-            tp = (msg.topic(), msg.partition())
-            if tp in self._behind:  # history only: later alerts are ours or other kinds
-                with contextlib.suppress(codec.DecodeError):  # not ours to judge
-                    restore(self.state, self.config, codec.decode("Alert", msg.value()))
+            # read only at start (assign): later alerts are ours or other kinds
+            with contextlib.suppress(codec.DecodeError):  # not ours to judge
+                restore(self.state, self.config, codec.decode("Alert", msg.value()))
             return []
         if msg.topic() == self.events_topic:
             try:

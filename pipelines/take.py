@@ -209,7 +209,7 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             value = event.message.value
             size += len(value) if isinstance(value, bytes | bytearray) else 0
             if len(events) >= max_ and (len(events) >= sizer.current or (catchup_bytes and size >= catchup_bytes)
-                                        or not behind(newest_stamp, max(within, catchup_after_s))):
+                                        or not in_catchup()):
                 full.set()
                 consumed.clear()
                 await stream.wait(consumed)  # never more than max_ per step
@@ -229,6 +229,14 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
         # for good (each step filled up to the first message under 5 s old; trip p99 11 s).
         return behind(newest_stamp, min(max(within, catchup_after_s), CATCHUP_DONE_S))
 
+    catching_up = False  # entered `catchup_after_s` behind, left once nearly live (hysteresis)
+
+    def in_catchup() -> bool:
+        # One pair of thresholds for the fill and for a step being full: a step of `max_` or
+        # more used to count as full at the first message under `catchup_after_s` old while
+        # its fill went on to CATCHUP_DONE_S, so large steps still stopped 5 s behind.
+        return catchup_max > max_ and (still_behind() or (catching_up and not_caught_up()))
+
     enable_acks = stream.enable_acks
     stream.enable_acks = False  # events are acked after the step that consumed them
     stream.add_processor(add_to_buffer)
@@ -243,7 +251,10 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             while not full.is_set() and not channel.queue.empty() and not stream.should_stop:
                 await asyncio.sleep(0)
             remaining = within - (time.monotonic() - oldest)
-            if catchup_max > max_ and still_behind():
+            # a worker stays in catch-up from `catchup_after_s` behind until it is nearly live:
+            # a catch-up step that ended on its size or fill time 2 s behind goes on next step
+            catching_up = in_catchup()
+            if catching_up:
                 # a gap of `within` between fetches is common behind a backlog: wait a bit longer
                 await _fill(stream, arrived, full, max(within, 0.2), catchup_fill_s, not_caught_up)
             elif remaining <= 0 and behind(newest_stamp, within):

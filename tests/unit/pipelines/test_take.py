@@ -250,3 +250,28 @@ def test_the_catchup_size_follows_the_billing_time() -> None:
     for _ in range(5):
         size.observe(size.current, 0.5)
     assert size.current == 16384
+
+
+def test_a_large_catchup_step_is_not_full_at_the_catchup_threshold() -> None:
+    """As above with a live size of 2: the step holds more than its live size once the 2 s
+    old messages come, and used to count as full there (under the 5 s that starts a
+    catch-up) while the fill went on to 1 s: at 350,000 merchants steps of 256 messages
+    still stopped 2-7 s behind."""
+    puts = [(0.0, 0), (0.0, 1)] + [(0.12 * (i + 1), 2 + i) for i in range(5)]
+    ages = {0: 30.0, 1: 30.0, 2: 2.0, 3: 2.0, 4: 2.0, 5: 0.0, 6: 0.0}
+    _, steps = run_agent(puts, 2, age=lambda v: ages[v], catchup=64, settle=1.0)
+    assert [v for _, values in steps for v in values] == list(range(7))
+    assert steps[0][1] == [0, 1, 2, 3, 4, 5]
+
+
+def test_catchup_goes_on_across_steps_until_the_input_is_nearly_live() -> None:
+    """A catch-up step that ends on its fill time with input still 2 s old: the next step is
+    a catch-up step too (it grows past the live size), not a live one that left the worker
+    2 s behind."""
+    puts = [(0.0, 0), (0.0, 1)] + [(0.1 * (i + 1), 2 + i) for i in range(12)]
+    ages = {v: (30.0 if v < 2 else 2.0 if v < 13 else 0.0) for v in range(14)}
+    _, steps = run_agent(puts, 2, age=lambda v: ages[v], catchup=64, fill_s=0.5, settle=1.5)
+    assert [v for _, values in steps for v in values] == list(range(14))
+    assert len(steps[0][1]) < 13  # the fill time ended the first step ...
+    assert len(steps[1][1]) > 2  # ... and the second one still filled past the live size
+    assert steps[-1][1][-1] == 13

@@ -177,7 +177,7 @@ class Run:
             self.cycle += 1
             if paced:
                 self.topups(n)
-            for msg in self.live.cycle(n):
+            for msg in self.live.messages(n):
                 if paced:
                     delay = start + (k + msg.slot) * cadence - time.time()
                     if delay > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -152,18 +153,23 @@ class LiveInput:
 
     def cycle(self, n: int) -> list[Message]:
         """The reading batches of poll cycle `n`, in send order."""
+        return list(self.messages(n))
+
+    def messages(self, n: int) -> Iterator[Message]:
+        """The reading batches of poll cycle `n`, each made when it is taken: building a whole
+        350,000-merchant cycle first took seconds, and the paced producer then sent the
+        batches due meanwhile in one burst at the start of every cycle (150 messages, 2 s of
+        the worker's billing at once)."""
         registers = self.base_kwh + self.kwh_per_cycle * n
         count = len(self.groups)
-        out = []
         for j, g in enumerate(self.groups):
             ts = T0 + int(n * self.cadence_s * 1000) + int(j * self.cadence_s * 1000 / count)
             frame = g.base.with_columns(ts_ms=pl.lit(ts, pl.Int64),
                                         import_kwh=pl.Series(registers[g.index]))
             record = frame_to_batch(frame, batch_id=f"bench-{g.mall_id}/{g.shard}/{n}", collector_id=f"bench-{g.mall_id}",
                                     mall_id=g.mall_id, shard=g.shard, seq=n, collected_at_ms=ts)
-            out.append(Message(g.shard, codec.encode("ReadingBatch", record), frame.height, ts, g.trip_accounts,
-                               j / count))
-        return out
+            yield Message(g.shard, codec.encode("ReadingBatch", record), frame.height, ts, g.trip_accounts,
+                          j / count)
 
 
 def payment(payment_id: str, account: str, amount_minor: int, ts_ms: int) -> dict[str, Any]:

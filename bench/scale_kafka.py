@@ -41,75 +41,113 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+class _WorkerProc:
+    """One worker process and the part of its log already checked."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc, self.log, self.log_pos = proc, log, 0
+
+    def problem(self) -> str | None:
+        if self.log.exists():
+            with open(self.log, "rb") as f:
+                f.seek(self.log_pos)
+                chunk = f.read()
+            # keep an unfinished last line for the next look
+            complete = chunk[:chunk.rfind(b"\n") + 1]
+            self.log_pos += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                if any(marker in line for marker in FATAL_MARKERS):
+                    return line.strip()[:400]
+        code = self.proc.poll()
+        if code is not None:
+            return f"exited with code {code}; last log line: {_last_line(self.log)}"
+        return None
+
+
 class Processes:
-    def __init__(self, directory: Path, env: dict[str, str], config: Path) -> None:
+    """The forwarder and `workers` worker processes of one group. Each worker has its own name
+    (`bench-worker-<i>`: a static group member that takes its partitions back on restart),
+    RocksDB directory and metrics port (only the first serves one)."""
+
+    def __init__(self, directory: Path, env: dict[str, str], config: Path, workers: int = 1) -> None:
         self.directory, self.env, self.config = directory, env, config
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.slots: list[_WorkerProc | None] = [None] * max(1, workers)
         self.forwarder: subprocess.Popen[bytes] | None = None
         self.started = 0
-        self._log: Path | None = None
-        self._log_pos = 0
 
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
             return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT,
-                                    env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, **self.env, **(env or {})}, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=_die_with_parent)  # noqa: PLW1509
 
     def start_forwarder(self) -> None:
         self.forwarder = self._spawn(["forward"], self.directory / "forwarder.log")
 
+    def _worker_env(self, index: int) -> dict[str, str]:
+        if len(self.slots) == 1:
+            return {}  # one worker: as configured (the name and directory of --worker-env)
+        base = self.env.get("MALLWATT_WORKER_NAME", "bench-worker")
+        env = {"MALLWATT_WORKER_NAME": f"{base}-{index}"}
+        if "MALLWATT_FAUST_DIR" in self.env:
+            env["MALLWATT_FAUST_DIR"] = f"{self.env['MALLWATT_FAUST_DIR']}-{index}"
+        if index:
+            env["MALLWATT_WORKER_METRICS_PORT"] = "-1"  # one metrics port per host
+        return env
+
     def start_worker(self) -> None:
-        self.started += 1
-        self._log = self.directory / f"worker-{self.started}.log"
-        self._log_pos = 0
-        self.worker = self._spawn(["worker", "--no-forwarder", "--config", str(self.config)], self._log)
+        """Start every worker that is not running (after a kill: the killed one)."""
+        for index, slot in enumerate(self.slots):
+            if slot is not None:
+                continue
+            self.started += 1
+            log = self.directory / f"worker-{self.started}.log"
+            proc = self._spawn(["worker", "--no-forwarder", "--config", str(self.config)], log,
+                               self._worker_env(index))
+            self.slots[index] = _WorkerProc(proc, log)
+
+    @property
+    def worker(self) -> subprocess.Popen[bytes] | None:
+        """The first worker (the one `kill_worker` kills)."""
+        slot = self.slots[0]
+        return slot.proc if slot else None
 
     def check(self) -> None:
-        """Raise WorkerFailed if the worker exited or logged a fatal error since it started."""
-        if self.worker is None:
-            return
-        problem = None
-        if self._log is not None and self._log.exists():
-            with open(self._log, "rb") as f:
-                f.seek(self._log_pos)
-                chunk = f.read()
-            # keep an unfinished last line for the next look
-            complete = chunk[:chunk.rfind(b"\n") + 1]
-            self._log_pos += len(complete)
-            for line in complete.decode(errors="replace").splitlines():
-                if any(marker in line for marker in FATAL_MARKERS):
-                    problem = line.strip()[:400]
-                    break
-        code = self.worker.poll()
-        if problem is None and code is not None:
-            problem = f"exited with code {code}; last log line: {_last_line(self._log)}"
-        if problem is not None:
-            raise WorkerFailed(f"worker (log {self._log}): {problem}")
+        """Raise WorkerFailed if a worker exited or logged a fatal error since it started."""
+        for slot in self.slots:
+            if slot is None:
+                continue
+            problem = slot.problem()
+            if problem is not None:
+                raise WorkerFailed(f"worker (log {slot.log}): {problem}")
 
     def kill_worker(self) -> float:
-        """SIGKILL the worker; returns when it died (epoch seconds)."""
-        assert self.worker is not None
+        """SIGKILL the first worker (of several: the others go on); returns when it died."""
+        slot = self.slots[0]
+        assert slot is not None
         at = time.time()
-        os.killpg(self.worker.pid, signal.SIGKILL)
-        self.worker.wait(30)
-        self.worker = None
+        os.killpg(slot.proc.pid, signal.SIGKILL)
+        slot.proc.wait(30)
+        self.slots[0] = None
         return at
 
     def stop_worker(self) -> None:
-        if self.worker is not None:
-            _stop(self.worker)
-            self.worker = None
+        """Stop every worker."""
+        for index, slot in enumerate(self.slots):
+            if slot is not None:
+                _stop(slot.proc)
+                self.slots[index] = None
 
     def close(self) -> None:
-        for proc in (self.worker, self.forwarder):
-            if proc is not None:
-                _stop(proc)
-        self.worker = self.forwarder = None
+        self.stop_worker()
+        if self.forwarder is not None:
+            _stop(self.forwarder)
+        self.forwarder = None
 
     def worker_cpu_s(self) -> float:
-        return cpu_seconds(self.worker.pid) if self.worker else 0.0
+        """CPU seconds of the running workers, together."""
+        return sum(cpu_seconds(slot.proc.pid) for slot in self.slots if slot is not None)
 
     def forwarder_cpu_s(self) -> float:
         return cpu_seconds(self.forwarder.pid) if self.forwarder else 0.0
@@ -257,6 +295,7 @@ class TopicScan:
     bytes: int = 0  # key + value, uncompressed
     max_value: int = 0
     first_ts_ms: int | None = None  # earliest create time seen
+    last_ts_ms: int | None = None  # latest create time seen
 
 
 def scan(bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int],
@@ -287,6 +326,7 @@ def scan(bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int],
                 out.max_value = max(out.max_value, len(value))
                 ts = msg.timestamp()[1]
                 out.first_ts_ms = ts if out.first_ts_ms is None else min(out.first_ts_ms, ts)
+                out.last_ts_ms = ts if out.last_ts_ms is None else max(out.last_ts_ms, ts)
     finally:
         consumer.close()
     if todo:

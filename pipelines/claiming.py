@@ -35,7 +35,7 @@ from pipelines.core.claims import (
     expired,
 )
 from pipelines.core.money_authority import MoneyDecision, decide_money
-from pipelines.envelope import OutboxItem, frame_value, unframe_value
+from pipelines.envelope import OutboxItem, frame_value, pack_state, unframe_value
 from schemas import codec
 from schemas.keys import account_shard
 
@@ -43,7 +43,7 @@ NAMESPACES = {T.PAYMENTS: "pay", T.POSTINGS: "post"}
 
 
 def encode_claim(claim: Claim | None, outbox: list[OutboxItem]) -> bytes:
-    return frame_value(outbox, msgpack.packb(claim.to_row() if claim else None, use_bin_type=True))
+    return frame_value(outbox, pack_state(claim.to_row() if claim else None))
 
 
 def decode_claim(raw: bytes | None) -> Claim | None:

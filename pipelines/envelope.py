@@ -21,6 +21,7 @@ from __future__ import annotations
 import operator
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,19 @@ def unframe_value(raw: bytes) -> tuple[list[OutboxItem], bytes]:
     return outbox, raw[end:]
 
 
+_PACKERS = threading.local()
+
+
+def pack_state(value: Any) -> bytes:
+    """msgpack bytes of `value`, as `msgpack.packb(value, use_bin_type=True)`, from one Packer
+    per thread: packb makes a Packer, and so allocates its 256 kB buffer, per call; this runs
+    for every account a step writes."""
+    packer = getattr(_PACKERS, "packer", None)
+    if packer is None:
+        packer = _PACKERS.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(value)  # autoreset: each call returns its own bytes
+
+
 _ACCOUNT_FIELDS = AccountState.__slots__  # type: ignore[attr-defined]
 _CIRCUIT_FIELDS = ("circuit_id", "meter_id", "last_ts_ms", "last_reg_wh", "max_seen_ts_ms", "spike_streak",
                    "billed_wh", "pending")
@@ -131,10 +145,10 @@ class Envelope:
         """MAGIC, outbox length, binary outbox, then the state as msgpack arrays.
 
         Raises ValueTooLarge above `limit` (default MAX_VALUE_BYTES), naming the account."""
-        state = msgpack.packb([
+        state = pack_state([
             [_account_row(s) for s in self.accounts.values()],
             [_circuit_row(c) for c in self.circuits.values()],
-            self.hwm, self.updates, self.holds, self.extra, self.relays], use_bin_type=True)
+            self.hwm, self.updates, self.holds, self.extra, self.relays])
         raw = frame_value(self.outbox, state)
         cap = MAX_VALUE_BYTES if limit is None else limit
         if len(raw) > cap:

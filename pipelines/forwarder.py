@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from infra import topics as T
 from infra.kafka_security import secured
 from pipelines import metrics as M
-from pipelines.envelope import outbox_of
+from pipelines.envelope import outbox_tuples
 from pipelines.faults import fault_point
 from pipelines.signing import relay_signer, sign_relay_value
 from schemas.columnar import encode_bounded
@@ -237,23 +237,26 @@ class Forwarder:
         if raw is None:  # a tombstone: account state deleted, nothing to publish
             return
         try:
-            outbox = outbox_of(raw)
+            outbox = outbox_tuples(raw)
         except (ValueError, struct.error) as exc:
             log.error("forwarder: unreadable changelog record skipped: %s", exc)
             return
-        for item in outbox:
-            if item.topic == LEDGER_ROWS:
-                ledger_rows += unpack_ledger_rows(item.value)
-            elif item.topic == INTERVAL_ROWS:
+        produced = False
+        for topic, key, value, partition in outbox:
+            if topic == LEDGER_ROWS:
+                ledger_rows += unpack_ledger_rows(value)
+            elif topic == INTERVAL_ROWS:
                 if interval_rows is not None:
-                    interval_rows += unpack_interval_rows(item.value)
-            elif item.topic == T.RELAY_COMMANDS:
-                self._produce(item.topic, item.key, sign_relay_value(self._signer, item.value), item.partition)
-                self.metrics.output(item.topic, item.value)
+                    interval_rows += unpack_interval_rows(value)
             else:
-                self._produce(item.topic, item.key, item.value, item.partition)
-                self.metrics.output(item.topic, item.value)
-        self._producer.poll(0)
+                if topic == T.RELAY_COMMANDS:
+                    self._produce(topic, key, sign_relay_value(self._signer, value), partition)
+                else:
+                    self._produce(topic, key, value, partition)
+                self.metrics.output(topic, value)
+                produced = True
+        if produced:  # delivery reports of what went out (a record of rows only produced nothing)
+            self._producer.poll(0)
 
     def _publish_ledger(self, topic: str, partition: int, rows: list[tuple[Any, ...]], first: int) -> None:
         """The ledger rows of one changelog partition's records (from offset `first`) as

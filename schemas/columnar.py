@@ -50,10 +50,12 @@ def string_sizes(values: list[str]) -> np.ndarray:
 
 
 def string_bound(values: list[str]) -> int:
-    """An upper bound of `string_sizes(values).sum()`, in one pass over the characters."""
-    chars = sum(map(len, values))
-    per_char = 1 if "".join(values).isascii() else 4
-    return len(values) * varint_size(per_char * chars) + per_char * chars
+    """An upper bound of `string_sizes(values).sum()`, without a size per string."""
+    if not values:
+        return 0
+    text = "".join(values)
+    per_char = 1 if text.isascii() else 4
+    return len(values) * varint_size(per_char * max(map(len, values))) + per_char * len(text)
 
 
 @dataclass

@@ -135,8 +135,7 @@ class RowForwarder(Forwarder):
     """The forwarder's decode and encode path before the columnar change (main c687078): the
     reference the new path's messages are compared with (tests) and measured against."""
 
-    def _forward(self, raw: bytes | None, ledger_rows: list[tuple[Any, ...]],
-                 interval_rows: list[tuple[Any, ...]] | None = None) -> None:
+    def _forward(self, raw: bytes | None, ledger_rows: list[Any], interval_rows: list[Any] | None = None) -> None:
         if raw is None:
             return
         try:
@@ -158,7 +157,7 @@ class RowForwarder(Forwarder):
                 self.metrics.output(item.topic, item.value)
         self._producer.poll(0)
 
-    def _publish_ledger(self, topic: str, partition: int, rows: list[tuple[Any, ...]], first: int) -> None:
+    def _publish_ledger(self, topic: str, partition: int, rows: list[Any], first: int) -> None:
         def encode(part: list[tuple[Any, ...]], start: int) -> bytes:
             batch = frame_to_ledger_batch(rows_to_frame(part), f"{topic}:{partition}@{first}+{start}")
             return codec.encode("LedgerBatch", batch)
@@ -167,7 +166,7 @@ class RowForwarder(Forwarder):
             self._produce(T.LEDGER, f"p{partition}".encode(), value)
         self.metrics.batch(T.LEDGER, len(rows))
 
-    def _publish_intervals(self, topic: str, partition: int, rows: list[tuple[Any, ...]], first: int) -> None:
+    def _publish_intervals(self, topic: str, partition: int, rows: list[Any], first: int) -> None:
         def encode(part: list[tuple[Any, ...]], start: int) -> bytes:
             return codec.encode("IntervalBatch", rows_to_interval_batch(part, f"{topic}:{partition}@{first}+{start}"))
 

@@ -31,8 +31,8 @@ from pipelines.envelope import outbox_tuples
 from pipelines.faults import fault_point
 from pipelines.signing import relay_signer, sign_relay_value
 from schemas.columnar import encode_bounded
-from schemas.intervals import INTERVAL_ROWS, interval_row_columns, unpack_interval_rows
-from schemas.ledger import LEDGER_ROWS, ledger_row_columns, unpack_ledger_rows
+from schemas.intervals import INTERVAL_ROWS, interval_row_columns, unpack_interval_values
+from schemas.ledger import LEDGER_ROWS, ledger_row_columns, unpack_ledger_values
 
 log = logging.getLogger("mallwatt.forwarder")
 
@@ -150,8 +150,9 @@ class Forwarder:
         # consume() waits for a full batch or the timeout: keep the timeout short, because a
         # relay trip waits in here
         messages = self._consumer.consume(num_messages=500, timeout=CONSUME_WAIT_S)
-        ledger: dict[tuple[str, int], list[tuple[Any, ...]]] = {}  # changelog partition -> rows, in order
-        intervals: dict[tuple[str, int], list[tuple[Any, ...]]] = {}  # the same for interval facts
+        # changelog partition -> its records' packed ledger rows, in order (unpacked together)
+        ledger: dict[tuple[str, int], list[Any]] = {}
+        intervals: dict[tuple[str, int], list[Any]] = {}  # the same for interval facts
         first: dict[tuple[str, int], int] = {}  # changelog partition -> its first offset in this step
         for msg in messages:
             if msg.error():
@@ -166,12 +167,12 @@ class Forwarder:
                 first[where] = msg.offset()
             self._forward(msg.value(), rows, intervals[where])
             self._uncommitted = True
-        for (topic, partition), rows in ledger.items():
-            if rows:
-                self._publish_ledger(topic, partition, rows, first[topic, partition])
-        for (topic, partition), rows in intervals.items():
-            if rows:
-                self._publish_intervals(topic, partition, rows, first[topic, partition])
+        for (topic, partition), packed in ledger.items():
+            if packed:
+                self._publish_ledger(topic, partition, packed, first[topic, partition])
+        for (topic, partition), packed in intervals.items():
+            if packed:
+                self._publish_intervals(topic, partition, packed, first[topic, partition])
         self._producer.poll(0)  # delivery reports
         if self._failure is not None:
             failure, self._failure = self._failure, None
@@ -230,10 +231,9 @@ class Forwarder:
         except KafkaException as exc:
             log.warning("forwarder: rewind failed (%s); will retry", exc)
 
-    def _forward(self, raw: bytes | None, ledger_rows: list[tuple[Any, ...]],
-                 interval_rows: list[tuple[Any, ...]] | None = None) -> None:
-        """Publish a record's outputs; its ledger rows are added to `ledger_rows` instead, its
-        interval facts to `interval_rows`."""
+    def _forward(self, raw: bytes | None, ledger_rows: list[Any], interval_rows: list[Any] | None = None) -> None:
+        """Publish a record's outputs; its packed ledger rows are added to `ledger_rows` instead,
+        its packed interval facts to `interval_rows`."""
         if raw is None:  # a tombstone: account state deleted, nothing to publish
             return
         try:
@@ -244,10 +244,10 @@ class Forwarder:
         produced = False
         for topic, key, value, partition in outbox:
             if topic == LEDGER_ROWS:
-                ledger_rows += unpack_ledger_rows(value)
+                ledger_rows.append(value)
             elif topic == INTERVAL_ROWS:
                 if interval_rows is not None:
-                    interval_rows += unpack_interval_rows(value)
+                    interval_rows.append(value)
             else:
                 if topic == T.RELAY_COMMANDS:
                     self._produce(topic, key, sign_relay_value(self._signer, value), partition)
@@ -258,21 +258,27 @@ class Forwarder:
         if produced:  # delivery reports of what went out (a record of rows only produced nothing)
             self._producer.poll(0)
 
-    def _publish_ledger(self, topic: str, partition: int, rows: list[tuple[Any, ...]], first: int) -> None:
-        """The ledger rows of one changelog partition's records (from offset `first`) as
+    def _publish_ledger(self, topic: str, partition: int, packed: list[Any], first: int) -> None:
+        """The packed ledger rows of one changelog partition's records (from offset `first`) as
         LedgerBatches, in order, keyed by that partition so that all entries of an account stay
         in one ledger partition. The messages are those of `bounded_messages` over
         `frame_to_ledger_batch(rows_to_frame(part))`, built without a frame and each encoded
         once (schemas.columnar)."""
+        rows = unpack_ledger_values(packed)
+        if not rows:
+            return
         prefix = f"{topic}:{partition}@{first}+"
         for _, _, value in encode_bounded(ledger_row_columns(rows), lambda start: f"{prefix}{start}",
                                           LEDGER_BATCH_ENTRIES, MAX_OUTPUT_BYTES):
             self._produce(T.LEDGER, f"p{partition}".encode(), value)
         self.metrics.batch(T.LEDGER, len(rows))
 
-    def _publish_intervals(self, topic: str, partition: int, rows: list[tuple[Any, ...]], first: int) -> None:
-        """The interval facts of one changelog partition's records as IntervalBatches, keyed like
-        the ledger (a circuit's facts stay in one partition, in order)."""
+    def _publish_intervals(self, topic: str, partition: int, packed: list[Any], first: int) -> None:
+        """The packed interval facts of one changelog partition's records as IntervalBatches,
+        keyed like the ledger (a circuit's facts stay in one partition, in order)."""
+        rows = unpack_interval_values(packed)
+        if not rows:
+            return
         prefix = f"{topic}:{partition}@{first}+"
         for _, _, value in encode_bounded(interval_row_columns(rows), lambda start: f"{prefix}{start}",
                                           INTERVAL_BATCH_ROWS, MAX_OUTPUT_BYTES):

@@ -25,6 +25,28 @@ import numpy as np
 from schemas import codec
 
 
+def join_packed_arrays(values: list[bytes]) -> bytes:
+    """One msgpack array of the items of many packed arrays (each value a msgpack array, as
+    the worker packs an account's rows): one `unpackb` for a partition's rows instead of one
+    per changelog record. ValueError on a value that is not a msgpack array."""
+    count = 0
+    bodies: list[bytes] = []
+    for value in values:
+        head = value[0] if value else 0
+        if 0x90 <= head <= 0x9F:  # fixarray: up to 15 items
+            count += head & 0x0F
+            bodies.append(value[1:])
+        elif head == 0xDC:  # array 16
+            count += int.from_bytes(value[1:3], "big")
+            bodies.append(value[3:])
+        elif head == 0xDD:  # array 32
+            count += int.from_bytes(value[1:5], "big")
+            bodies.append(value[5:])
+        else:
+            raise ValueError(f"packed rows are not a msgpack array (first byte {value[:1]!r})")
+    return b"\xdd" + count.to_bytes(4, "big") + b"".join(bodies)
+
+
 def varint_size(value: int) -> int:
     """Bytes of a non-negative long in Avro (zig-zag doubles it, then 7 bits a byte)."""
     value <<= 1

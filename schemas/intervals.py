@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 import polars as pl
 
-from schemas.columnar import RowColumns
+from schemas.columnar import RowColumns, join_packed_arrays
 from schemas.ledger import pack_account_rows
 
 #: Columns (and types) of an interval-facts frame, in packed-row order.
@@ -42,6 +42,13 @@ def pack_interval_rows(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
 def unpack_interval_rows(value: bytes) -> list[tuple[Any, ...]]:
     """The rows packed by `pack_interval_rows` (tuples in INTERVAL_COLUMNS order)."""
     return list(msgpack.unpackb(value, raw=False, use_list=False))
+
+
+def unpack_interval_values(values: list[bytes]) -> list[tuple[Any, ...]]:
+    """The rows of many values packed by `pack_interval_rows`, in order, unpacked in one call."""
+    if not values:
+        return []
+    return list(msgpack.unpackb(join_packed_arrays(values), raw=False, use_list=False))
 
 
 def interval_row_columns(rows: list[tuple[Any, ...]]) -> RowColumns:

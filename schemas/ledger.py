@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import polars as pl
 
-from schemas.columnar import RowColumns
+from schemas.columnar import RowColumns, join_packed_arrays
 
 #: Columns (and types) of a ledger frame; the same fields as schemas/ledger_entry.avsc.
 LEDGER_COLUMNS: dict[str, Any] = {
@@ -145,6 +145,17 @@ def unpack_ledger_rows(value: bytes) -> list[tuple[Any, ...]]:
         if len(row) != _WIDTH:
             return [row if len(row) == _WIDTH else (*row, *([None] * (_WIDTH - len(row)))) for row in rows]
     return list(rows)
+
+
+def unpack_ledger_values(values: list[bytes]) -> list[tuple[Any, ...]]:
+    """The rows of many values packed by `pack_ledger_rows`, in order, as `unpack_ledger_rows`
+    gives them (older, shorter rows padded with nulls), unpacked in one call."""
+    if not values:
+        return []
+    rows = msgpack.unpackb(join_packed_arrays(values), raw=False, use_list=False)
+    if all(len(row) == _WIDTH for row in rows):
+        return list(rows)
+    return [row if len(row) == _WIDTH else (*row, *([None] * (_WIDTH - len(row)))) for row in rows]
 
 
 _WIDTH = len(LEDGER_COLUMNS)

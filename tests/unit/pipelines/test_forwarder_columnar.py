@@ -156,3 +156,21 @@ def test_a_miscounted_size_still_keeps_the_limit(monkeypatch: pytest.MonkeyPatch
     out = columnar.encode_bounded(columns, lambda s: f"x+{s}", 1024, 5_000)
     assert all(len(v) <= 5_000 for _, _, v in out) and sum(n for _, n, _ in out) == 400
     assert [s for s, _, _ in out] == sorted(s for s, _, _ in out)
+
+
+def test_packed_arrays_of_every_header_size_unpack_together() -> None:
+    from schemas.columnar import join_packed_arrays
+    from schemas.intervals import unpack_interval_values
+    from schemas.ledger import unpack_ledger_values
+
+    parts = [list(range(n)) for n in (0, 1, 15, 16, 300, 65_536, 3)]
+    joined = msgpack.unpackb(join_packed_arrays([msgpack.packb(p) for p in parts]))
+    assert joined == [x for p in parts for x in p]
+    rnd = random.Random(2)
+    rows = [[_ledger_row(rnd, "A", i, old) for i in range(n)] for n, old in ((20, False), (2, True), (1, False))]
+    assert unpack_ledger_values([msgpack.packb(r) for r in rows]) == [
+        r for part in rows for r in unpack_ledger_rows(msgpack.packb(part))]
+    facts = [_interval_row(rnd, "A", i) for i in range(17)]
+    assert unpack_interval_values([msgpack.packb(facts[:16]), msgpack.packb(facts[16:])]) == facts
+    with pytest.raises(ValueError, match="not a msgpack array"):
+        join_packed_arrays([msgpack.packb(facts[:1]), msgpack.packb({"a": 1})])

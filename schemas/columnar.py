@@ -57,9 +57,10 @@ def varint_size(value: int) -> int:
     return size
 
 
-def _varint_sizes(values: np.ndarray) -> np.ndarray:
-    zigzag = values << 1
-    return 1 + sum((zigzag >= (1 << (7 * k))).astype(np.int64) for k in range(1, 10))  # type: ignore[no-any-return]
+def _varint_sizes(lengths: np.ndarray) -> np.ndarray:
+    """`varint_size` of each length (lengths of strings: below 2**34, so at most 5 bytes)."""
+    zigzag = lengths << 1
+    return 1 + sum((zigzag >= (1 << (7 * k))).astype(np.int64) for k in range(1, 5))  # type: ignore[no-any-return]
 
 
 def string_sizes(values: list[str]) -> np.ndarray:

@@ -265,6 +265,60 @@ def capture(merchants: int, messages: int, steps: int, backlog: int = 1) -> dict
             "readings": readings, "records": records}
 
 
+def through_kafka(bootstrap: str, records: list[tuple[int, bytes | None]], paths: dict[str, type[Forwarder]],
+                  repeat: int) -> dict[str, list[float]]:
+    """Process CPU seconds (every thread: librdkafka's fetch, decompression and produce
+    included) of forwarding `records` from a changelog topic on a (private) broker, per path:
+    from the forwarder's start until its group has committed the end of every partition."""
+    import uuid
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    partitions = max(p for p, _ in records) + 1
+    topic = f"fwdcost-changelog-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        future.result(30)
+    producer = Producer({"bootstrap.servers": bootstrap, "compression.type": "lz4", "linger.ms": 20})
+    for partition, value in records:  # as the worker's changelog writer: lz4, batched
+        while True:
+            try:
+                producer.produce(topic, value=value, partition=partition)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "fwdcost-probe", "enable.auto.commit": False})
+    ends = [TopicPartition(topic, p, probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+            for p in range(partitions)]
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for _ in range(repeat):
+            for name, kind in paths.items():
+                group = f"fwdcost-{name}-{uuid.uuid4().hex[:8]}"
+                forwarder = kind(bootstrap, topic, group=group)
+                watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+                started = time.process_time()
+                forwarder.start()
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    done = watcher.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+                    # a partition without records has no committed offset (-1001): skip it
+                    if all(c.offset >= e.offset for c, e in zip(done, ends, strict=True) if e.offset > 0):
+                        break
+                else:
+                    raise RuntimeError(f"{name}: the forwarder did not commit the changelog's end within 300 s")
+                seconds[name].append(time.process_time() - started)
+                watcher.close()
+                forwarder.stop()
+    finally:
+        probe.close()
+        admin.delete_topics([topic])
+    return seconds
+
+
 def row_counts(records: list[tuple[int, bytes | None]]) -> tuple[int, int]:
     """Ledger entries and interval rows in the records' outboxes."""
     import msgpack
@@ -290,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", choices=("both", "new", "old"), default="both")
     p.add_argument("--repeat", type=int, default=3, help="timed passes of each path")
     p.add_argument("--profile", default=None, help="cProfile stats of one pass of the new path to this file")
+    p.add_argument("--kafka", default=None, help="bootstrap of a PRIVATE broker: also time the forwarder "
+                   "process through it (librdkafka included); its outputs go to the real output topics")
     p.add_argument("--json", action="store_true", help="(the output is always JSON)")
     args = p.parse_args(argv)
 
@@ -336,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
                         "cpu_s_per_1000_readings": round(cpu / readings * 1000, 4),
                         "passes_s": [round(s, 3) for s in seconds[name]],
                         "messages_out": out[name].messages, "bytes_out": out[name].bytes}
+    if args.kafka:
+        kafka = through_kafka(args.kafka, records, {name: paths[name] for name in chosen}, args.repeat)
+        for name in chosen:
+            cpu = statistics.median(kafka[name])
+            result[name]["kafka_cpu_us_per_reading"] = round(cpu / readings * 1e6, 2)
+            result[name]["kafka_passes_s"] = [round(s, 3) for s in kafka[name]]
+        if len(chosen) == 2:
+            result["kafka_ratio_new_old"] = round(statistics.median(kafka["new"]) / statistics.median(kafka["old"]), 3)
     if len(chosen) == 2:
         result["ratio_new_old"] = round(statistics.median(seconds["new"]) / statistics.median(seconds["old"]), 3)
         result["same_bytes_out"] = out["new"].bytes == out["old"].bytes

@@ -12,7 +12,9 @@ figure is the forwarder's decode + encode + produce-call path only.
 through a polars frame, a batch over the size limit found by encoding it) and the current
 one alternately, `--repeat` times each, and prints the ratio of their medians (one run,
 one machine state). Prints JSON: cpu_us_per_reading, per ledger entry and per interval
-row, records, entries, interval rows, messages and bytes out.
+row, records, entries, interval rows, messages and bytes out. `--kafka BOOTSTRAP` (a
+PRIVATE broker only) also times each path as a process through it: the records produced to
+a fresh changelog topic, the real clients, process CPU until the group committed the end.
 """
 
 from __future__ import annotations

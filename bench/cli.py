@@ -14,6 +14,7 @@ BENCHES = {
     "roster": ("pipelines.roster_bench", "portfolio: table load + context build s, event-loop stall on a change"),
     "scale": ("bench.scale", "stream at portfolio scale: live-shaped input, lag, trips, recovery, catch-up"),
     "portal": ("bench.portal", "merchant portal at scale: balance p99 under load, webhook top-up to balance, memory"),
+    "fwdcost": ("bench.forwarder_cost", "forwarder: CPU per reading of decode + encode at portfolio shape, old vs new"),
 }
 
 

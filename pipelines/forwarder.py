@@ -27,12 +27,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from infra import topics as T
 from infra.kafka_security import secured
 from pipelines import metrics as M
-from pipelines.envelope import outbox_of
+from pipelines.envelope import outbox_tuples
 from pipelines.faults import fault_point
 from pipelines.signing import relay_signer, sign_relay_value
-from schemas import codec
-from schemas.intervals import INTERVAL_ROWS, rows_to_interval_batch, unpack_interval_rows
-from schemas.ledger import LEDGER_ROWS, frame_to_ledger_batch, rows_to_frame, unpack_ledger_rows
+from schemas.columnar import encode_bounded
+from schemas.intervals import INTERVAL_ROWS, interval_row_columns, unpack_interval_values
+from schemas.ledger import LEDGER_ROWS, ledger_row_columns, unpack_ledger_values
 
 log = logging.getLogger("mallwatt.forwarder")
 
@@ -86,12 +86,15 @@ def consumer_config(bootstrap: str, group: str, instance: str | None = None) -> 
 
 
 class Forwarder:
-    def __init__(self, bootstrap: str, changelog_topic: str | list[str], group: str = "mallwatt-forwarder") -> None:
+    def __init__(self, bootstrap: str, changelog_topic: str | list[str], group: str = "mallwatt-forwarder",
+                 consumer: Any = None, producer: Any = None) -> None:
+        """`consumer`/`producer`: stand-ins for the Kafka clients (bench/forwarder_cost.py
+        measures the decode and encode path without a broker)."""
         self.topics = [changelog_topic] if isinstance(changelog_topic, str) else list(changelog_topic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
-        self._consumer = Consumer(consumer_config(bootstrap, group))
-        self._producer = Producer(secured({
+        self._consumer = consumer if consumer is not None else Consumer(consumer_config(bootstrap, group))
+        self._producer = producer if producer is not None else Producer(secured({
             "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
             "linger.ms": 2, "compression.type": "lz4",
         }))
@@ -147,22 +150,29 @@ class Forwarder:
         # consume() waits for a full batch or the timeout: keep the timeout short, because a
         # relay trip waits in here
         messages = self._consumer.consume(num_messages=500, timeout=CONSUME_WAIT_S)
-        ledger: dict[tuple[str, int], list[tuple[Any, ...]]] = {}  # changelog partition -> rows, in order
-        intervals: dict[tuple[str, int], list[tuple[Any, ...]]] = {}  # the same for interval facts
+        # changelog partition -> its records' packed ledger rows, in order (unpacked together)
+        ledger: dict[tuple[str, int], list[Any]] = {}
+        intervals: dict[tuple[str, int], list[Any]] = {}  # the same for interval facts
+        first: dict[tuple[str, int], int] = {}  # changelog partition -> its first offset in this step
         for msg in messages:
             if msg.error():
                 if msg.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.warning("forwarder: %s", msg.error())
                 continue
             where = (msg.topic(), msg.partition())
-            self._forward(msg.value(), ledger.setdefault(where, []), intervals.setdefault(where, []))
+            rows = ledger.get(where)
+            if rows is None:
+                rows = ledger[where] = []
+                intervals[where] = []
+                first[where] = msg.offset()
+            self._forward(msg.value(), rows, intervals[where])
             self._uncommitted = True
-        for (topic, partition), rows in ledger.items():
-            if rows:
-                self._publish_ledger(topic, partition, rows, messages)
-        for (topic, partition), rows in intervals.items():
-            if rows:
-                self._publish_intervals(topic, partition, rows, messages)
+        for (topic, partition), packed in ledger.items():
+            if packed:
+                self._publish_ledger(topic, partition, packed, first[topic, partition])
+        for (topic, partition), packed in intervals.items():
+            if packed:
+                self._publish_intervals(topic, partition, packed, first[topic, partition])
         self._producer.poll(0)  # delivery reports
         if self._failure is not None:
             failure, self._failure = self._failure, None
@@ -221,55 +231,57 @@ class Forwarder:
         except KafkaException as exc:
             log.warning("forwarder: rewind failed (%s); will retry", exc)
 
-    def _forward(self, raw: bytes | None, ledger_rows: list[tuple[Any, ...]],
-                 interval_rows: list[tuple[Any, ...]] | None = None) -> None:
-        """Publish a record's outputs; its ledger rows are added to `ledger_rows` instead, its
-        interval facts to `interval_rows`."""
+    def _forward(self, raw: bytes | None, ledger_rows: list[Any], interval_rows: list[Any] | None = None) -> None:
+        """Publish a record's outputs; its packed ledger rows are added to `ledger_rows` instead,
+        its packed interval facts to `interval_rows`."""
         if raw is None:  # a tombstone: account state deleted, nothing to publish
             return
         try:
-            outbox = outbox_of(raw)
+            outbox = outbox_tuples(raw)
         except (ValueError, struct.error) as exc:
             log.error("forwarder: unreadable changelog record skipped: %s", exc)
             return
-        for item in outbox:
-            if item.topic == LEDGER_ROWS:
-                ledger_rows += unpack_ledger_rows(item.value)
-            elif item.topic == INTERVAL_ROWS:
+        produced = False
+        for topic, key, value, partition in outbox:
+            if topic == LEDGER_ROWS:
+                ledger_rows.append(value)
+            elif topic == INTERVAL_ROWS:
                 if interval_rows is not None:
-                    interval_rows += unpack_interval_rows(item.value)
-            elif item.topic == T.RELAY_COMMANDS:
-                self._produce(item.topic, item.key, sign_relay_value(self._signer, item.value), item.partition)
-                self.metrics.output(item.topic, item.value)
+                    interval_rows.append(value)
             else:
-                self._produce(item.topic, item.key, item.value, item.partition)
-                self.metrics.output(item.topic, item.value)
-        self._producer.poll(0)
+                if topic == T.RELAY_COMMANDS:
+                    self._produce(topic, key, sign_relay_value(self._signer, value), partition)
+                else:
+                    self._produce(topic, key, value, partition)
+                self.metrics.output(topic, value)
+                produced = True
+        if produced:  # delivery reports of what went out (a record of rows only produced nothing)
+            self._producer.poll(0)
 
-    def _publish_ledger(self, topic: str, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]
-                        ) -> None:
-        """The ledger rows of one changelog partition's records as LedgerBatches, in order, keyed
-        by that partition so that all entries of an account stay in one ledger partition."""
-        first = next(m.offset() for m in messages
-                     if not m.error() and m.topic() == topic and m.partition() == partition)
-        def encode(part: list[tuple[Any, ...]], start: int) -> bytes:
-            batch = frame_to_ledger_batch(rows_to_frame(part), f"{topic}:{partition}@{first}+{start}")
-            return codec.encode("LedgerBatch", batch)
-
-        for value in bounded_messages(rows, LEDGER_BATCH_ENTRIES, encode):
+    def _publish_ledger(self, topic: str, partition: int, packed: list[Any], first: int) -> None:
+        """The packed ledger rows of one changelog partition's records (from offset `first`) as
+        LedgerBatches, in order, keyed by that partition so that all entries of an account stay
+        in one ledger partition. The messages are those of `bounded_messages` over
+        `frame_to_ledger_batch(rows_to_frame(part))`, built without a frame and each encoded
+        once (schemas.columnar)."""
+        rows = unpack_ledger_values(packed)
+        if not rows:
+            return
+        prefix = f"{topic}:{partition}@{first}+"
+        for _, _, value in encode_bounded(ledger_row_columns(rows), lambda start: f"{prefix}{start}",
+                                          LEDGER_BATCH_ENTRIES, MAX_OUTPUT_BYTES):
             self._produce(T.LEDGER, f"p{partition}".encode(), value)
         self.metrics.batch(T.LEDGER, len(rows))
 
-    def _publish_intervals(self, topic: str, partition: int, rows: list[tuple[Any, ...]], messages: list[Any]
-                           ) -> None:
-        """The interval facts of one changelog partition's records as IntervalBatches, keyed like
-        the ledger (a circuit's facts stay in one partition, in order)."""
-        first = next(m.offset() for m in messages
-                     if not m.error() and m.topic() == topic and m.partition() == partition)
-        def encode(part: list[tuple[Any, ...]], start: int) -> bytes:
-            return codec.encode("IntervalBatch", rows_to_interval_batch(part, f"{topic}:{partition}@{first}+{start}"))
-
-        for value in bounded_messages(rows, INTERVAL_BATCH_ROWS, encode):
+    def _publish_intervals(self, topic: str, partition: int, packed: list[Any], first: int) -> None:
+        """The packed interval facts of one changelog partition's records as IntervalBatches,
+        keyed like the ledger (a circuit's facts stay in one partition, in order)."""
+        rows = unpack_interval_values(packed)
+        if not rows:
+            return
+        prefix = f"{topic}:{partition}@{first}+"
+        for _, _, value in encode_bounded(interval_row_columns(rows), lambda start: f"{prefix}{start}",
+                                          INTERVAL_BATCH_ROWS, MAX_OUTPUT_BYTES):
             self._produce(T.INTERVALS, f"p{partition}".encode(), value)
         self.metrics.batch(T.INTERVALS, len(rows))
 

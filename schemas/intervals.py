@@ -8,12 +8,14 @@ changelog partition and step (the ledger's pattern, schemas/ledger.py).
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgpack
 import numpy as np
 import polars as pl
 
+from schemas.columnar import RowColumns, join_packed_arrays
 from schemas.ledger import pack_account_rows
 
 #: Columns (and types) of an interval-facts frame, in packed-row order.
@@ -39,7 +41,33 @@ def pack_interval_rows(frame: pl.DataFrame) -> list[tuple[str, bytes]]:
 
 def unpack_interval_rows(value: bytes) -> list[tuple[Any, ...]]:
     """The rows packed by `pack_interval_rows` (tuples in INTERVAL_COLUMNS order)."""
-    return [tuple(row) for row in msgpack.unpackb(value, raw=False)]
+    return list(msgpack.unpackb(value, raw=False, use_list=False))
+
+
+def unpack_interval_values(values: list[bytes]) -> list[tuple[Any, ...]]:
+    """The rows of many values packed by `pack_interval_rows`, in order, unpacked in one call."""
+    if not values:
+        return []
+    return list(msgpack.unpackb(join_packed_arrays(values), raw=False, use_list=False))
+
+
+def interval_row_columns(rows: list[tuple[Any, ...]]) -> RowColumns:
+    """The IntervalBatch columns of packed rows (INTERVAL_COLUMNS order): the same values
+    as `rows_to_interval_batch`, transposed once for all the batches cut from them."""
+    n = len(rows)
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(INTERVAL_COLUMNS)
+    if len(columns) != len(INTERVAL_COLUMNS):
+        raise ValueError(f"interval rows have {len(columns)} columns, expected {len(INTERVAL_COLUMNS)}")
+    strings: dict[str, list[Any]] = {}
+    packed: dict[str, tuple[bytes, int]] = {}
+    for name, values in zip(INTERVAL_COLUMNS, columns, strict=True):
+        if name in STRINGS:
+            strings[name] = list(values)
+        elif name == "estimated":
+            packed[name] = (bytes(values), 1)
+        else:
+            packed[name] = (struct.pack(f"<{n}q", *values), 8)
+    return RowColumns("IntervalBatch", n, strings, packed)
 
 
 def rows_to_frame(rows: list[tuple[Any, ...]]) -> pl.DataFrame:

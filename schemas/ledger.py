@@ -7,11 +7,14 @@ LedgerBatch carries such a frame in one message. Consumers that want one record 
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgpack
 import numpy as np
 import polars as pl
+
+from schemas.columnar import RowColumns, join_packed_arrays
 
 #: Columns (and types) of a ledger frame; the same fields as schemas/ledger_entry.avsc.
 LEDGER_COLUMNS: dict[str, Any] = {
@@ -137,9 +140,64 @@ def unpack_ledger_rows(value: bytes) -> list[tuple[Any, ...]]:
     """The rows packed by `pack_ledger_rows` (tuples in LEDGER_COLUMNS order). Rows packed
     before a column was added (a changelog record written by an older worker) are shorter:
     the missing trailing columns are null."""
-    width = len(LEDGER_COLUMNS)
-    return [tuple(row) if len(row) == width else (*row, *([None] * (width - len(row))))
-            for row in msgpack.unpackb(value, raw=False)]
+    rows = msgpack.unpackb(value, raw=False, use_list=False)  # tuples as they come
+    for row in rows:
+        if len(row) != _WIDTH:
+            return [row if len(row) == _WIDTH else (*row, *([None] * (_WIDTH - len(row)))) for row in rows]
+    return list(rows)
+
+
+def unpack_ledger_values(values: list[bytes]) -> list[tuple[Any, ...]]:
+    """The rows of many values packed by `pack_ledger_rows`, in order, as `unpack_ledger_rows`
+    gives them (older, shorter rows padded with nulls), unpacked in one call."""
+    if not values:
+        return []
+    rows = msgpack.unpackb(join_packed_arrays(values), raw=False, use_list=False)
+    if all(len(row) == _WIDTH for row in rows):
+        return list(rows)
+    return [row if len(row) == _WIDTH else (*row, *([None] * (_WIDTH - len(row)))) for row in rows]
+
+
+_WIDTH = len(LEDGER_COLUMNS)
+
+
+def ledger_row_columns(rows: list[tuple[Any, ...]]) -> RowColumns:
+    """The LedgerBatch columns of ledger rows (LEDGER_COLUMNS order, as `unpack_ledger_rows`
+    gives them), without a frame: the same values `ledger_batches` makes of
+    `rows_to_frame(rows)`, so the messages are byte for byte the same."""
+    n = len(rows)
+    columns = list(zip(*rows, strict=True)) if rows else [()] * _WIDTH
+    if len(columns) != _WIDTH:
+        raise ValueError(f"ledger rows have {len(columns)} columns, expected {_WIDTH}")
+    named = dict(zip(LEDGER_COLUMNS, columns, strict=True))
+    strings: dict[str, list[Any]] = {}
+    packed: dict[str, tuple[bytes, int]] = {}
+    for name in REQUIRED_STRINGS:
+        strings[name] = list(named[name])
+    for name in OPTIONAL_STRINGS:
+        values = named[name]
+        strings[name] = ["" if v is None else v for v in values] if None in values else list(values)
+    for name in INT64_COLUMNS:
+        packed[name] = (struct.pack(f"<{n}q", *named[name]), 8)
+    mask = np.zeros(n, dtype="u1")
+    for name, bit in NULL_BITS.items():
+        values = named[name]
+        code = "i" if name == "tier" else "q"
+        nulls = values.count(None)
+        if nulls == n:  # every row null (debt_change_minor of most entries): zeros
+            mask |= np.uint8(bit)
+            data = bytes(n * struct.calcsize(code))
+        elif nulls:
+            mask[[i for i, v in enumerate(values) if v is None]] |= np.uint8(bit)
+            data = struct.pack(f"<{n}{code}", *[0 if v is None else v for v in values])
+        else:
+            data = struct.pack(f"<{n}{code}", *values)
+        packed[name] = (data, struct.calcsize(code))
+    packed["null_mask"] = (mask.tobytes(), 1)
+    estimated = named["estimated"]
+    packed["estimated"] = (bytes([False if v is None else v for v in estimated] if None in estimated
+                                 else estimated), 1)
+    return RowColumns("LedgerBatch", n, strings, packed)
 
 
 def rows_to_frame(rows: list[tuple[Any, ...]]) -> pl.DataFrame:

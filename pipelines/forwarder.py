@@ -264,26 +264,23 @@ class Forwarder:
         in one ledger partition. The messages are those of `bounded_messages` over
         `frame_to_ledger_batch(rows_to_frame(part))`, built without a frame and each encoded
         once (schemas.columnar)."""
-        rows = unpack_ledger_values(packed)
-        if not rows:
-            return
-        prefix = f"{topic}:{partition}@{first}+"
-        for _, _, value in encode_bounded(ledger_row_columns(rows), lambda start: f"{prefix}{start}",
-                                          LEDGER_BATCH_ENTRIES, MAX_OUTPUT_BYTES):
-            self._produce(T.LEDGER, f"p{partition}".encode(), value)
-        self.metrics.batch(T.LEDGER, len(rows))
+        self._publish_rows(T.LEDGER, unpack_ledger_values(packed), ledger_row_columns, LEDGER_BATCH_ENTRIES,
+                           topic, partition, first)
 
     def _publish_intervals(self, topic: str, partition: int, packed: list[Any], first: int) -> None:
         """The packed interval facts of one changelog partition's records as IntervalBatches,
         keyed like the ledger (a circuit's facts stay in one partition, in order)."""
-        rows = unpack_interval_values(packed)
+        self._publish_rows(T.INTERVALS, unpack_interval_values(packed), interval_row_columns, INTERVAL_BATCH_ROWS,
+                           topic, partition, first)
+
+    def _publish_rows(self, output: str, rows: list[Any], columns: Any, most: int, topic: str, partition: int,
+                      first: int) -> None:
         if not rows:
             return
         prefix = f"{topic}:{partition}@{first}+"
-        for _, _, value in encode_bounded(interval_row_columns(rows), lambda start: f"{prefix}{start}",
-                                          INTERVAL_BATCH_ROWS, MAX_OUTPUT_BYTES):
-            self._produce(T.INTERVALS, f"p{partition}".encode(), value)
-        self.metrics.batch(T.INTERVALS, len(rows))
+        for _, _, value in encode_bounded(columns(rows), lambda start: f"{prefix}{start}", most, MAX_OUTPUT_BYTES):
+            self._produce(output, f"p{partition}".encode(), value)
+        self.metrics.batch(output, len(rows))
 
     def _produce(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
         self._undelivered[self._epoch] += 1

@@ -188,9 +188,14 @@ def outbox_of(raw: bytes) -> list[OutboxItem]:
 
 def outbox_tuples(raw: bytes) -> list[tuple[str, bytes, bytes, int]]:
     """`outbox_of` as (topic, key, value, partition) tuples: the forwarder reads one outbox per
-    changelog record, and a dataclass and a topic decode per item cost it more than the rows."""
+    changelog record, and a dataclass per item costs it more than the rows."""
     if not raw.startswith(MAGIC):
         raise ValueError("not a mallwatt state value of this version (unknown format)")
+    return _scan_outbox(raw)[0]
+
+
+def _scan_outbox(raw: bytes) -> tuple[list[tuple[str, bytes, bytes, int]], int]:
+    """The outbox items of a framed value as tuples, and where the state bytes begin."""
     (size,) = _LENGTH.unpack_from(raw, len(MAGIC))
     pos = len(MAGIC) + 4
     end = pos + size
@@ -212,26 +217,12 @@ def outbox_tuples(raw: bytes) -> list[tuple[str, bytes, bytes, int]]:
         pos += v
     if pos != end:
         raise ValueError("corrupt state value: outbox length mismatch")
-    return items
+    return items, end
 
 
 _TOPIC_NAMES: dict[bytes, str] = {}
 
 
 def _read_outbox(raw: bytes) -> tuple[list[OutboxItem], int]:
-    (size,) = struct.unpack_from(">I", raw, len(MAGIC))
-    pos = len(MAGIC) + 4
-    end = pos + size
-    items: list[OutboxItem] = []
-    while pos < end:
-        t, k, v, partition = struct.unpack_from(">HIIi", raw, pos)
-        pos += 14
-        topic = raw[pos:pos + t].decode()
-        pos += t
-        key = raw[pos:pos + k]
-        pos += k
-        items.append(OutboxItem(topic, key, raw[pos:pos + v], partition))
-        pos += v
-    if pos != end:
-        raise ValueError("corrupt state value: outbox length mismatch")
-    return items, end
+    items, end = _scan_outbox(raw)
+    return [OutboxItem(*item) for item in items], end

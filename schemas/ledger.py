@@ -140,11 +140,7 @@ def unpack_ledger_rows(value: bytes) -> list[tuple[Any, ...]]:
     """The rows packed by `pack_ledger_rows` (tuples in LEDGER_COLUMNS order). Rows packed
     before a column was added (a changelog record written by an older worker) are shorter:
     the missing trailing columns are null."""
-    rows = msgpack.unpackb(value, raw=False, use_list=False)  # tuples as they come
-    for row in rows:
-        if len(row) != _WIDTH:
-            return [row if len(row) == _WIDTH else (*row, *([None] * (_WIDTH - len(row)))) for row in rows]
-    return list(rows)
+    return _padded(msgpack.unpackb(value, raw=False, use_list=False))  # tuples as they come
 
 
 def unpack_ledger_values(values: list[bytes]) -> list[tuple[Any, ...]]:
@@ -152,7 +148,11 @@ def unpack_ledger_values(values: list[bytes]) -> list[tuple[Any, ...]]:
     gives them (older, shorter rows padded with nulls), unpacked in one call."""
     if not values:
         return []
-    rows = msgpack.unpackb(join_packed_arrays(values), raw=False, use_list=False)
+    return _padded(msgpack.unpackb(join_packed_arrays(values), raw=False, use_list=False))
+
+
+def _padded(rows: Any) -> list[tuple[Any, ...]]:
+    """Unpacked rows, those of an older worker (shorter) padded with nulls to the full width."""
     if all(len(row) == _WIDTH for row in rows):
         return list(rows)
     return [row if len(row) == _WIDTH else (*row, *([None] * (_WIDTH - len(row)))) for row in rows]

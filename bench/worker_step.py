@@ -180,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         t = lap("decode", t)
         routed = batching.route_readings(frame, ctx)
         t = lap("route", t)
-        with collector.step():  # as the worker
-            envs = {key: store.load(key) for key in routed.buckets}
-            t = lap("load", t)
-            for changed in batching.apply_readings_many(envs, routed, ctx):
-                t = lap("bill", t)
-                store.store_all(changed, ctx)
-                t = lap("store_all", t)
+        for _, part in batching.parts(routed):  # as the worker: part by part (no await here)
+            with collector.step():
+                envs = {key: store.load(key) for key in part.buckets}
+                t = lap("load", t)
+                for changed in batching.apply_readings_many(envs, part, ctx):
+                    t = lap("bill", t)
+                    store.store_all(changed, ctx)
+                    t = lap("store_all", t)
         await store.written()
         lap("written", t)
         return frame.height, len(routed.buckets)

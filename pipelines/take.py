@@ -74,6 +74,27 @@ def withhold(step: list[E], keep: Callable[[E], bool]) -> list[E]:
     return withheld
 
 
+P = TypeVar("P")
+
+
+async def bill_in_parts(parts: list[tuple[frozenset[int], P]], bill: Callable[[P], None],
+                        still_mine: Callable[[frozenset[int]], bool]) -> set[int]:
+    """Bill a step's `parts` (pipelines.batching.parts: input partitions, part) in order,
+    letting the event loop run between them (timers, top-ups, the consumer's rebalance
+    callbacks). Before each part after the first, `still_mine(partitions)` must hold (no
+    rebalance since the step began, the partitions still assigned); else the step stops there.
+    Returns the partitions of the parts not billed (empty when every part was): their messages
+    must not be acked. Each `bill` runs with no await inside, so no other agent sees a part
+    half done."""
+    for number, (partitions, part) in enumerate(parts):
+        if number:
+            await asyncio.sleep(0)
+            if not still_mine(partitions):
+                return set().union(*(p for p, _ in parts[number:]))
+        bill(part)
+    return set()
+
+
 def _arrival(message: Any) -> float:
     """When a message arrived, on the monotonic clock: the earlier of its receipt by this
     worker and its Kafka timestamp. faust notes the receipt only when its event loop is free,
@@ -111,9 +132,13 @@ CATCHUP_FILL_S = float(os.environ.get("MALLWATT_CATCHUP_FILL_S", 10.0))
 
 #: How long a catch-up step may take to bill (seconds): the catch-up size adapts so steps take
 #: about this long (CatchupSize). With a fixed size a 350,000-merchant worker took steps of
-#: 70-130 s (16,384 messages, four poll cycles), its event loop blocked that long: timers,
-#: top-ups and the consumer thread's keepalive waited.
-CATCHUP_STEP_S = float(os.environ.get("MALLWATT_CATCHUP_STEP_S", 20.0))
+#: 70-130 s (16,384 messages, four poll cycles) in one call, its event loop blocked that long:
+#: timers, top-ups and the consumer thread's keepalive waited. The worker now bills a step in
+#: parts of about a second each (batching.parts) and its event loop runs between them, so a
+#: step may be long enough to hold several cycles (several readings per account: their
+#: per-account cost shared); what it still bounds is the input a crash makes billed again
+#: (offsets are committed after a step).
+CATCHUP_STEP_S = float(os.environ.get("MALLWATT_CATCHUP_STEP_S", 90.0))
 
 
 class CatchupSize:

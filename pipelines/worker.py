@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import os
 import sys
@@ -41,7 +42,7 @@ from pipelines.faust_tuning import faster_compression, idempotent_producer, shor
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import distinct, withhold
+from pipelines.take import bill_in_parts, distinct, withhold
 from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
@@ -59,9 +60,11 @@ BATCH_MESSAGES = int(os.environ.get("MALLWATT_BATCH_MESSAGES", 256))
 BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
 #: Behind a backlog a readings step may grow to this many messages or bytes of input (the
 #: per-account cost of a step is then spread over several readings per account; each
-#: account's rounds stay bounded by MALLWATT_ROWS_PER_ACCOUNT).
-CATCHUP_MESSAGES = int(os.environ.get("MALLWATT_CATCHUP_MESSAGES", 16384))
-CATCHUP_BYTES = int(os.environ.get("MALLWATT_CATCHUP_BYTES", 128 * 1024 * 1024))
+#: account's rounds stay bounded by MALLWATT_ROWS_PER_ACCOUNT). At 350,000 merchants a cycle
+#: is about 4,000 messages of 8.4 kB: the bounds allow about 7 cycles per step. Memory: the
+#: bytes bound, about 4x that decoded, for the step's duration.
+CATCHUP_MESSAGES = int(os.environ.get("MALLWATT_CATCHUP_MESSAGES", 32768))
+CATCHUP_BYTES = int(os.environ.get("MALLWATT_CATCHUP_BYTES", 256 * 1024 * 1024))
 #: Log every reading step's size, input age and cost (for tuning; off by default).
 LOG_STEPS = bool(os.environ.get("MALLWATT_LOG_STEPS"))
 #: How often a worker forgets claims past the horizon (pipelines.core.claims).
@@ -258,8 +261,11 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             await asyncio.gather(*letters)
             return
         try:
-            with collector.step():  # the cycle collector stays off the state (pipelines/gc_policy.py)
-                refused = bill(decoded, holder.current())  # synchronous: no other agent interleaves
+            if inspect.iscoroutinefunction(bill):  # bills in parts, awaits between them (bill_readings)
+                refused = await bill(decoded, holder.current(), events)
+            else:
+                with collector.step():  # the cycle collector stays off the state (pipelines/gc_policy.py)
+                    refused = bill(decoded, holder.current())  # synchronous: no other agent interleaves
         except Exception as exc:
             if len(decoded) > 1:
                 log.warning("billing step of %s messages failed (%s); retrying one by one", len(decoded), exc)
@@ -297,19 +303,56 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
     def decode_readings(value: bytes) -> Any:
         return checked_batch(codec.decode("ReadingBatch", value))  # framed with the step's others
 
-    def bill_readings(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
+    async def bill_readings(decoded: list[tuple[Any, Any]], ctx: Any, step_events: list[Any]
+                            ) -> list[tuple[Any, str]]:
+        """Bill a step's readings part by part (batching.parts), letting the event loop run
+        between parts: a catch-up step of several cycles is a minute of billing at 350,000
+        merchants. Each part is loaded, billed and written with no await in between (no other
+        agent touches its accounts meanwhile); before each part after the first, the step
+        stops at a part whose partition this worker no longer owns, or after any rebalance,
+        and leaves those partitions' messages unacked to their owner (withheld from `step_events`,
+        the list take_steps acks)."""
         advance_clock([e.message.timestamp for e, _ in decoded])
+        events = [e for e, _ in decoded]
         frame = batching.messages_frame([(e.message.partition, e.message.offset, f,
                                           batching.message_ts_ms(e.message.timestamp)) for e, f in decoded])
         routed = batching.route_readings(frame, ctx)
-        envs = {key: load(key) for key in routed.buckets}
-        for changed in batching.apply_readings_many(envs, routed, ctx):  # rounds, in order
-            store_all(changed, [e for e, _ in decoded], ctx)
-        by_position = {(e.message.partition, e.message.offset): e for e, _ in decoded}
+        by_position = {(e.message.partition, e.message.offset): e for e in events}
         reasons: dict[tuple[int, int], list[str]] = {}
         for part, offset, reason in routed.rejected:
             reasons.setdefault((part, offset), []).append(reason)
-        return [(by_position[pos], "; ".join(r)) for pos, r in reasons.items()]
+        refused = [(by_position[pos], "; ".join(r)) for pos, r in reasons.items()]
+        generation = states.generation
+
+        def still_mine(partitions: frozenset[int]) -> bool:
+            return not app.rebalancing and states.generation == generation and partitions <= owned_partitions()
+
+        def bill_part(part: batching.Routed) -> None:
+            with collector.step():  # the cycle collector stays off the state (pipelines/gc_policy.py)
+                envs = {key: load(key) for key in part.buckets}
+                for changed in batching.apply_readings_many(envs, part, ctx):  # rounds, in order
+                    store_all(changed, events, ctx)
+
+        split = batching.parts(routed)
+        left = await bill_in_parts(split, bill_part, still_mine)
+        if left:
+            leave_to_owner(step_events, left)
+            refused = [(e, r) for e, r in refused if e.message.partition not in left]
+        return refused
+
+    def owned_partitions() -> set[int]:
+        """The readings partitions this worker is assigned now."""
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == T.READINGS}
+
+    def leave_to_owner(events: list[Any], partitions: set[int]) -> None:
+        """Take the events of `partitions` out of a step that stopped between parts (never
+        acked: redelivered to this worker or their new owner; accounts billed in an earlier
+        part skip them by their high-water marks)."""
+        gone = withhold(events, lambda event: event.message.partition not in partitions)
+        if gone:
+            redeliver_withheld(gone)
+        log.info("readings step stopped between parts (a rebalance); %s message(s) of partitions %s left to "
+                 "their owner", len(gone), sorted(partitions))
 
     def bill_payments(decoded: list[tuple[Any, Any]], ctx: Any) -> list[tuple[Any, str]]:
         """Accepted payments (they won their claim); each account's mark is the claimed input's

@@ -36,6 +36,7 @@ from typing import Any
 import polars as pl
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from kafka_tail import TopicTail, decode_records
 
 from infra import topics as T
@@ -184,6 +185,22 @@ def _caught_up(bootstrap: str, group: str, topic: str, target: dict[int, int] | 
     return check
 
 
+def _members_with_partitions(bootstrap: str, group: str, count: int) -> Callable[[], bool]:
+    """Whether `count` members of the group hold readings partitions (the rebalance that took
+    one in ended)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+
+    def check() -> bool:
+        try:
+            description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        except Exception:  # the group is rebalancing or not known yet: look again
+            return False
+        holding = [m for m in description.members
+                   if m.assignment and any(tp.topic == T.READINGS for tp in m.assignment.topic_partitions)]
+        return len(holding) >= count
+    return check
+
+
 def _produce_window(producer: Producer, window: object, mall_of: dict[str, str], seq: list[int]) -> None:
     for shard, frame in window.readings:  # type: ignore[attr-defined]
         seq[0] += 1
@@ -296,6 +313,9 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     # (tests/integration/test_power_loop.py does): an hour keeps them out of this proof.
     env = {**os.environ, "MALLWATT_KAFKA": kafka_bootstrap, "MALLWATT_APP_ID": app_id,
            "MALLWATT_SESSION_TIMEOUT_S": "6", "MALLWATT_ROWS_PER_ACCOUNT": "1",
+           # steps of more than 250 accounts are billed in parts, the worker checking between
+           # parts that it still owns their partitions: the rebalances here meet steps mid-way
+           "MALLWATT_PART_ACCOUNTS": "250",
            "MALLWATT_RELAY_ACK_TIMEOUT_MS": "3600000", "MALLWATT_FAUST_DIR": str(tmp_path / "faust")}
     workers = Workers(config, env, tmp_path)
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5})
@@ -305,6 +325,10 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
         for i, window in enumerate(inp.windows):
             if i == B_JOINS:
                 workers.start("b", [LIFE_B])  # 1 -> 2 workers; b dies at its fault: 2 -> 1
+                # b holds partitions before the window comes: a loaded machine started b so
+                # slowly that a billed the last windows alone and b's fault was never reached
+                _wait("b joined the group with partitions", _members_with_partitions(kafka_bootstrap, app_id, 2),
+                      workers)
             _produce_window(producer, window, mall_of, seq)
             _wait(f"window {i} readings committed", _caught_up(kafka_bootstrap, app_id, T.READINGS), workers)
             for payment in window.payments:

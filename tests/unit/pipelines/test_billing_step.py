@@ -303,6 +303,55 @@ def test_one_step_spans_partitions_with_a_mark_per_partition(big_ctx: billing.Bi
         assert env.hwm[f"r:{account_shard(key, PARTITIONS)}"] == 2
 
 
+def _two_shards_input(ctx: billing.BillingContext, cycles: int) -> tuple[list[int], batching.Routed]:
+    shards = sorted({account_shard(a, PARTITIONS) for a in ctx.accounts})[:2]
+    messages = []
+    for shard in shards:
+        mine = ctx.circuit_routes.filter(pl.col("shard") == shard)["circuit_id"].to_list()
+        messages += [(shard, offset, pl.DataFrame({
+            "circuit_id": mine, "meter_id": [ctx.circuit_meter[c].meter_id for c in mine],
+            "account_id": [ctx.circuit_meter[c].account_id for c in mine],
+            "ts_ms": [T0 + offset * 900_000] * len(mine), "import_kwh": [5.0 + offset * (1 + i % 3)
+                                                                         for i in range(len(mine))]}))
+            for offset in range(cycles)]
+    return shards, batching.route_readings(batching.messages_frame(messages), ctx)
+
+
+def test_a_step_billed_in_parts_equals_one_call(big_ctx: billing.BillingContext) -> None:
+    """A catch-up step is billed part by part (the worker awaits between parts): each part holds
+    at most the limit of accounts of one partition, each account's rows whole and in order,
+    and the parts billed one after another give every entry and every state of one call."""
+    ctx = big_ctx
+    shards, routed = _two_shards_input(ctx, 4)
+    parts = batching.parts(routed, max_accounts=7)
+    assert len(parts) == -(-len(routed.buckets) // 7)
+    seen: list[str] = []
+    for partitions, part in parts:
+        assert len(part.buckets) <= 7
+        assert set(part.frame["shard"].unique().to_list()) == set(partitions)
+        seen += part.buckets
+        for key in part.buckets:  # an account's rows: all of them, in the step's order
+            assert part.frame.filter(pl.col("bucket") == key).equals(routed.frame.filter(pl.col("bucket") == key))
+    assert sorted(seen) == sorted(routed.buckets)  # every account in exactly one part
+    whole: dict[str, Envelope] = {}
+    for shard in shards:
+        whole.update(_funded(ctx, shard))
+    in_parts = dict(whole)
+    one_call = _written(whole, batching.apply_readings_many({k: whole[k] for k in routed.buckets}, routed, ctx, "r"))
+    by_parts = [e for _, part in parts for e in _written(in_parts, batching.apply_readings_many(
+        {k: in_parts[k] for k in part.buckets}, part, ctx, "r"))]
+    assert len(one_call) > len(routed.buckets)
+    assert sorted(one_call, key=lambda e: e["entry_id"]) == sorted(by_parts, key=lambda e: e["entry_id"])
+    assert {k: (e.accounts, e.hwm) for k, e in whole.items()} == {k: (e.accounts, e.hwm) for k, e in in_parts.items()}
+
+
+def test_a_step_within_the_part_limit_is_one_part_over_its_partitions(big_ctx: billing.BillingContext) -> None:
+    shards, routed = _two_shards_input(big_ctx, 2)
+    [(partitions, part)] = batching.parts(routed, max_accounts=len(routed.buckets))
+    assert partitions == frozenset(shards) and part is routed
+    assert batching.parts(batching.Routed(routed.frame.clear(), [], []), 7) == []
+
+
 def test_payments_in_one_step_credit_each_payment_once(ctx: billing.BillingContext) -> None:
     accounts = [a for a in ctx.accounts if not a.endswith("LANDLORD")][:2]
 

@@ -12,7 +12,7 @@ from typing import Any
 import faust
 import pytest
 
-from pipelines.take import take_steps, withhold
+from pipelines.take import bill_in_parts, take_steps, withhold
 
 WITHIN = 0.4
 SLOW_STEP = 0.3
@@ -268,3 +268,45 @@ def test_catchup_goes_on_across_steps_until_the_input_is_nearly_live() -> None:
     assert len(steps[0][1]) < 13  # the fill time ended the first step ...
     assert len(steps[1][1]) > 2  # ... and the second one still filled past the live size
     assert steps[-1][1][-1] == 13
+
+
+def _parts_run(moved_after: int | None) -> tuple[list[str], list[str], set[int]]:
+    """Bill four parts (partitions 0, 0, 1, 2) while another task runs; the partitions move
+    away once `moved_after` parts are billed. Returns the order of events, the parts billed
+    and the partitions left."""
+    parts = [(frozenset({0}), "p0a"), (frozenset({0}), "p0b"), (frozenset({1}), "p1"), (frozenset({2}), "p2")]
+    order: list[str] = []
+    billed: list[str] = []
+
+    def bill(part: str) -> None:
+        billed.append(part)
+        order.append(part)
+
+    def still_mine(partitions: frozenset[int]) -> bool:
+        return moved_after is None or len(billed) < moved_after
+
+    async def main() -> set[int]:
+        async def other() -> None:  # a timer or a top-up agent of the same event loop
+            for _ in range(3):
+                order.append("other")
+                await asyncio.sleep(0)
+        task = asyncio.ensure_future(other())
+        left = await bill_in_parts(parts, bill, still_mine)
+        await task
+        return left
+    return order, billed, asyncio.run(main())
+
+
+def test_parts_are_billed_in_order_and_the_event_loop_runs_between_them() -> None:
+    order, billed, left = _parts_run(None)
+    assert billed == ["p0a", "p0b", "p1", "p2"] and left == set()
+    # the other task ran between parts, not only before or after the step
+    assert order.index("other") < order.index("p2") and order[0] == "p0a"
+
+
+def test_a_step_stops_at_a_part_whose_partition_moved_and_names_what_is_left() -> None:
+    order, billed, left = _parts_run(moved_after=1)
+    assert billed == ["p0a"]
+    assert left == {0, 1, 2}  # partition 0 is half billed: its messages are not acked either
+    _, billed, left = _parts_run(moved_after=3)
+    assert billed == ["p0a", "p0b", "p1"] and left == {2}

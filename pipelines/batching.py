@@ -34,9 +34,10 @@ ROWS_PER_ACCOUNT = int(os.environ.get("MALLWATT_ROWS_PER_ACCOUNT", 64))
 #: Payments of one account per round of a step.
 PAYMENTS_PER_ACCOUNT = 16
 #: Accounts per part of a readings step (`parts`): the worker bills a step part by part and
-#: lets its event loop run between parts. About 1 s of billing at 350,000 merchants, as long
-#: as a live step there: a live step is one or two parts.
-PART_ACCOUNTS = int(os.environ.get("MALLWATT_PART_ACCOUNTS", 8192))
+#: lets its event loop run between parts. About 2 s of billing at 350,000 merchants; a live
+#: step there (about 9,000 accounts) stays one part: each core call has a fixed cost (about
+#: 50 ms of polars plans at 35,000 merchants), so parts are for catch-up steps.
+PART_ACCOUNTS = int(os.environ.get("MALLWATT_PART_ACCOUNTS", 16384))
 
 
 def source_of(topic: str, partition: int) -> str:

@@ -127,12 +127,14 @@ def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int | No
     return Routed(ok, ok["bucket"].unique().to_list(), sorted(rejected))
 
 
-def parts(routed: Routed, max_accounts: int = PART_ACCOUNTS) -> list[tuple[frozenset[int], Routed]]:
+def parts(routed: Routed, max_accounts: int = PART_ACCOUNTS, first: frozenset[str] | set[str] = frozenset()
+          ) -> list[tuple[frozenset[int], Routed]]:
     """A step's routed readings as parts of at most `max_accounts` accounts (as even as can
     be), with the input partitions of each part; every account's rows whole and in their
-    order, without `rejected` (the caller reports the step's). Accounts are billed
-    independently (one state key each), so billing the parts one after another gives every
-    account what one call would.
+    order, without `rejected` (the caller reports the step's). The accounts of `first` (state
+    keys) that the step has come first, in a part of their own (pipelines.core.priority:
+    accounts whose relay may open soon). Accounts are billed independently (one state key
+    each), so billing the parts one after another gives every account what one call would.
 
     Why: a catch-up step holds several cycles of a portfolio (several readings per account, so
     the per-account cost is shared), which at 350,000 merchants is a minute of billing; billed
@@ -142,13 +144,23 @@ def parts(routed: Routed, max_accounts: int = PART_ACCOUNTS) -> list[tuple[froze
     frame = routed.frame
     if not frame.height:
         return []
-    accounts = len(routed.buckets)
+    head: list[tuple[frozenset[int], Routed]] = []
+    buckets = routed.buckets
+    urgent = [key for key in buckets if key in first] if first else []
+    if urgent and len(urgent) < len(buckets):
+        chosen = frame["bucket"].is_in(urgent)
+        ahead = frame.filter(chosen)
+        head = [(frozenset(ahead["shard"].unique().to_list()), Routed(ahead, urgent, []))]
+        frame = frame.filter(~chosen)
+        taken = set(urgent)
+        buckets = [key for key in buckets if key not in taken]
+    accounts = len(buckets)
     if accounts <= max_accounts:
-        return [(frozenset(frame["shard"].unique().to_list()), routed)]
+        return head + [(frozenset(frame["shard"].unique().to_list()), Routed(frame, buckets, []) if head else routed)]
     count = -(-accounts // max_accounts)
     # each account's number (by key) spread over `count` parts of nearly equal size
     frame = frame.with_columns(_part=(pl.col("bucket").rank("dense") - 1) * count // accounts)
-    out: list[tuple[frozenset[int], Routed]] = []
+    out = head
     for part in frame.partition_by("_part", maintain_order=True, include_key=False):
         out.append((frozenset(part["shard"].unique().to_list()), Routed(part, part["bucket"].unique().to_list(), [])))
     return out

@@ -34,6 +34,7 @@ from infra.kafka_security import KafkaSettings
 from pipelines import batching, billing, claiming, faust_consumer, powerloop, worker_metrics
 from pipelines.audit import config_audit, refused_order_audit
 from pipelines.core.claims import CLAIM_HORIZON_DAYS
+from pipelines.core.priority import near_relay
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
@@ -333,12 +334,18 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 for changed in batching.apply_readings_many(envs, part, ctx):  # rounds, in order
                     store_all(changed, events, ctx)
 
-        split = batching.parts(routed)
+        split = batching.parts(routed, first=near_relay_keys(routed.buckets, ctx))
         left = await bill_in_parts(split, bill_part, still_mine)
         if left:
             leave_to_owner(step_events, left)
             refused = [(e, r) for e, r in refused if e.message.partition not in left]
         return refused
+
+    def near_relay_keys(keys: list[str], ctx: Any) -> set[str]:
+        """The step's accounts whose relay a charge may soon open (pipelines.core.priority):
+        billed in a first part, so their trips leave before the rest of the step is billed."""
+        rating = ctx.rating
+        return {key for key in keys if any(near_relay(s, rating) for s in load(key).accounts.values())}
 
     def owned_partitions() -> set[int]:
         """The readings partitions this worker is assigned now."""

@@ -317,14 +317,19 @@ def _two_shards_input(ctx: billing.BillingContext, cycles: int) -> tuple[list[in
     return shards, batching.route_readings(batching.messages_frame(messages), ctx)
 
 
-def test_a_step_billed_in_parts_equals_one_call(big_ctx: billing.BillingContext) -> None:
+@pytest.mark.parametrize("ahead", [0, 3])
+def test_a_step_billed_in_parts_equals_one_call(big_ctx: billing.BillingContext, ahead: int) -> None:
     """A catch-up step is billed part by part (the worker awaits between parts): each part holds
-    at most the limit of accounts of one partition, each account's rows whole and in order,
-    and the parts billed one after another give every entry and every state of one call."""
+    at most the limit of accounts, each account's rows whole and in order, the accounts near
+    their relay level (`first`) in a part of their own ahead of the rest, and the parts billed
+    one after another give every entry and every state of one call."""
     ctx = big_ctx
     shards, routed = _two_shards_input(ctx, 4)
-    parts = batching.parts(routed, max_accounts=7)
-    assert len(parts) == -(-len(routed.buckets) // 7)
+    first = set(sorted(routed.buckets)[5:5 + ahead]) | {"an account without readings here"}
+    parts = batching.parts(routed, max_accounts=7, first=first)
+    assert len(parts) == bool(ahead) + -(-(len(routed.buckets) - ahead) // 7)
+    if ahead:
+        assert sorted(parts[0][1].buckets) == sorted(first & set(routed.buckets))
     seen: list[str] = []
     for partitions, part in parts:
         assert len(part.buckets) <= 7
@@ -349,6 +354,11 @@ def test_a_step_within_the_part_limit_is_one_part_over_its_partitions(big_ctx: b
     shards, routed = _two_shards_input(big_ctx, 2)
     [(partitions, part)] = batching.parts(routed, max_accounts=len(routed.buckets))
     assert partitions == frozenset(shards) and part is routed
+    # every account near its relay level: nothing to put ahead of the rest
+    [(_, part)] = batching.parts(routed, max_accounts=len(routed.buckets), first=set(routed.buckets))
+    assert part is routed
+    [(_, urgent), (_, rest)] = batching.parts(routed, max_accounts=len(routed.buckets), first=set(routed.buckets[:1]))
+    assert urgent.buckets == routed.buckets[:1] and sorted(rest.buckets) == sorted(routed.buckets[1:])
     assert batching.parts(batching.Routed(routed.frame.clear(), [], []), 7) == []
 
 

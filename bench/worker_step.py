@@ -91,7 +91,7 @@ class StepStore:
                 self.unsent.setdefault(part, []).append((k, raw))
             else:
                 self.writer.produce(self.topic, part, k, raw)
-            self.parsed[key] = env
+            self.parsed[key] = env.without_outbox()  # as the worker caches it
             when = powerloop.next_due(env, ctx)
             if when is None:
                 self.due.pop(key, None)

@@ -69,13 +69,22 @@ class ParsedEnvelopes(dict):  # type: ignore[type-arg]
     """The worker's cache of envelopes (account key -> (generation, Envelope)) that knows
     which of them hold relay rows: the gauges need only those, and walking all 350,000
     cached envelopes every REFRESH_S held the event loop (4 % of the worker's samples).
-    Only a key's own assignment changes the index (a set add or discard per stored account)."""
+    Only a key's own assignment changes the index (a set add or discard per stored account).
+
+    An envelope is cached without its outbox (`Envelope.without_outbox`): the outputs are in
+    the value already written, and no step reads them again. Kept, they were a sixth of the
+    cache's allocated blocks once every account was billed, and that growth from the first
+    readings (baselines, no outputs) made the step collector run a full pass of the whole
+    heap, about 5 s of the event loop at 350,000 accounts, that found 30 objects of garbage
+    (docs/stream.md, session 9)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.relayed: set[str] = set()
 
     def __setitem__(self, key: str, value: tuple[int, Any]) -> None:
+        if value[1].outbox:
+            value = (value[0], value[1].without_outbox())
         super().__setitem__(key, value)
         if value[1].relays:
             self.relayed.add(key)

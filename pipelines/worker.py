@@ -204,7 +204,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         hit = parsed.get(key)
         if hit is not None and hit[0] == states.generation:
             return hit[1]
-        env = Envelope.from_bytes(states.get(key.encode()), outbox=False)  # a step writes a new one
+        # from its partition's database (DurableTable.get_in): one read, not one per partition
+        env = Envelope.from_bytes(states.get_in(key.encode(), account_shard(key, partitions)), outbox=False)
         parsed[key] = (states.generation, env)
         note_due(key, env)
         return env
@@ -434,7 +435,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
 
     def load_claim(key: str) -> Any:
         raw = unacked_claims.get(key)
-        return claiming.decode_claim(raw if raw is not None else claims.get(key.encode()))
+        return claiming.decode_claim(raw if raw is not None else claims.get_in(key.encode(),
+                                                                               account_shard(key, partitions)))
 
     newest_claim_ms = [0]  # the newest payment/posting time claimed here: the horizon's "now"
 

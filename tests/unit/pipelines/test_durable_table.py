@@ -239,3 +239,33 @@ def test_the_writer_hands_out_values_only_as_far_as_the_broker_acknowledged_them
 
     with pytest.raises(RuntimeError, match="cl\\[0\\] failed"):
         asyncio.run(wait())
+
+
+def test_a_read_by_partition_looks_in_that_partitions_database_only(tmp_path: Any) -> None:
+    """DurableTable.get_in on faust's real RocksDB store: one read in the key's partition
+    database (faust probed every partition's database for a key outside its small index)."""
+    from pipelines.durable_table import store_many
+
+    app = faust.App(f"durable-rocks-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="rocksdb://",
+                    datadir=str(tmp_path), web_enabled=False, Table=DurableTable)
+    table = app.Table("t", default=None, key_type=bytes, value_type=bytes, partitions=4)
+    store = table.data
+    store_many(store, 2, [(b"acct-1", b"state")])
+    store._key_index.clear()  # as after a restart: the index knows no key
+    probed: list[int] = []
+    opened = store._db_for_partition
+
+    def db_for(partition: int) -> Any:
+        probed.append(partition)
+        return opened(partition)
+
+    store._db_for_partition = db_for
+    assert table.get_in(b"acct-1", 2) == b"state" and probed == [2]
+    assert store._key_index[b"acct-1"] == 2
+    assert table.get_in(b"acct-1", 1) is None and table.get_in(b"nobody", 2) is None
+    # the memory store (tests, the demo) reads as before
+    memory = faust.App(f"durable-mem-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
+                       web_enabled=False, Table=DurableTable).Table("m", default=None, key_type=bytes,
+                                                                     value_type=bytes, partitions=4)
+    store_many(memory.data, 1, [(b"acct-2", b"v")])
+    assert memory.get_in(b"acct-2", 1) == b"v" and memory.get_in(b"none", 1) is None

@@ -130,8 +130,10 @@ def pack_account_rows(frame: pl.DataFrame, columns: dict[str, Any]) -> list[tupl
     runs = frame["account_id"].rle().struct.unnest()
     out: list[tuple[str, bytes]] = []
     start = 0
+    # one Packer for the call: packb makes one (and allocates its 256 kB buffer) per account
+    pack = msgpack.Packer(use_bin_type=True).pack  # autoreset: each call returns its own bytes
     for account, length in zip(runs["value"].to_list(), runs["len"].to_list(), strict=True):
-        out.append((account, msgpack.packb(rows[start:start + length], use_bin_type=True)))
+        out.append((account, pack(rows[start:start + length])))
         start += length
     return out
 

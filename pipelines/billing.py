@@ -29,7 +29,6 @@ from schemas.intervals import INTERVAL_ROWS, pack_interval_rows
 from schemas.ledger import LEDGER_ROWS, pack_ledger_rows
 
 log = logging.getLogger("mallwatt.billing")
-_NONE: dict[str, Any] = {}  # read only
 
 
 def apply_readings(env: Envelope, readings: pl.DataFrame, ctx: BillingContext, source: str, offset: int) -> Envelope:
@@ -95,7 +94,9 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
     load_state: dict[str, Any] = {}
     # load control needs power values; without any it would change nothing
     if readings.height and "power_w" in readings.columns and readings["power_w"].null_count() < readings.height:
-        load_state = {a: v for env in envs.values() for a, v in env.extra.get("load", _NONE).items()}
+        for env in envs.values():
+            if load := env.extra.get("load"):
+                load_state.update(load)
         load_state, load_out = process_load(readings, load_state, ctx.load_limits)
         later += load_items(load_out, loop, ctx, bucket_of)
     if now_ms is not None and readings.height:
@@ -173,29 +174,23 @@ def _merge_own(envs: dict[str, Envelope], new_state: CoreState, load_state: dict
     result: dict[str, Envelope] = {}
     n_acc = n_load = n_box = 0
     no_account: dict[str, Any] = {}
-    if load_state:
-        for key, env in envs.items():
-            source, offset = positions[key]
-            s = accounts.get(key)
-            box = boxes.get(key)
+    # (dict.copy, then set: cheaper than a {**d, k: v} literal; the same keys in the same order)
+    for key, env in envs.items():
+        source, offset = positions[key]
+        s = accounts.get(key)
+        box = boxes.get(key)
+        hwm = env.hwm.copy()
+        hwm[source] = offset
+        extra = env.extra
+        if load_state:
             load = load_state.get(key, no_account)
-            result[key] = Envelope(
-                {} if s is None else {key: s}, {}, {**env.hwm, source: offset}, [] if box is None else box,
-                env.updates + 1, holds.get(key, env.holds),
-                {**env.extra, "load": {} if load is no_account else {key: load}}, relays.get(key, env.relays))
-            n_acc += s is not None
-            n_box += box is not None
+            extra = extra.copy()
+            extra["load"] = {} if load is no_account else {key: load}
             n_load += load is not no_account
-    else:
-        for key, env in envs.items():
-            source, offset = positions[key]
-            s = accounts.get(key)
-            box = boxes.get(key)
-            result[key] = Envelope(
-                {} if s is None else {key: s}, {}, {**env.hwm, source: offset}, [] if box is None else box,
-                env.updates + 1, holds.get(key, env.holds), env.extra, relays.get(key, env.relays))
-            n_acc += s is not None
-            n_box += box is not None
+        result[key] = Envelope({} if s is None else {key: s}, {}, hwm, [] if box is None else box,
+                               env.updates + 1, holds.get(key, env.holds), extra, relays.get(key, env.relays))
+        n_acc += s is not None
+        n_box += box is not None
     if n_acc < len(accounts) or n_load < len(load_state) or n_box < len(boxes):
         return None
     _place_circuits(result, new_state, envs, ctx, None)

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from schemas.columnar import RowColumns, join_packed_arrays
+from schemas.rowpack import pack_runs
 
 #: Columns (and types) of a ledger frame; the same fields as schemas/ledger_entry.avsc.
 LEDGER_COLUMNS: dict[str, Any] = {
@@ -126,6 +127,9 @@ def pack_account_rows(frame: pl.DataFrame, columns: dict[str, Any]) -> list[tupl
     for every account a billing step touches (ledger rows, interval facts)."""
     if not frame.height:
         return []
+    packed = pack_runs(frame, list(columns))  # column-wise: the same bytes
+    if packed is not None:
+        return packed
     rows = list(zip(*[frame[name].to_list() for name in columns], strict=True))
     runs = frame["account_id"].rle().struct.unnest()
     out: list[tuple[str, bytes]] = []

@@ -139,7 +139,7 @@ def _merge(envs: dict[str, Envelope], new_state: CoreState, load_state: dict[str
 
     Positional and without a call per account where the key is the account id (the worker's
     keys: `ctx.bucket_of`): this runs for every account a step touches."""
-    if bucket_of == ctx.bucket_of and state_key("a") == "a":  # key = account id
+    if _keyed_by_account(ctx, bucket_of):
         result = _merge_own(envs, new_state, load_state, boxes, loop, positions, ctx)
         if result is not None:
             return result
@@ -293,8 +293,16 @@ def ledger_items(ledger: pl.DataFrame, ctx: BillingContext, bucket_of: Any,
     """Each account's ledger entries, in order, as packed rows in the outbox of its own state
     record. The forwarder gathers the rows of many records into one LedgerBatch: encoding a
     LedgerBatch per account and step cost more than the whole core on live input."""
+    if _keyed_by_account(ctx, bucket_of):  # no call per account
+        return [(account, OutboxItem(LEDGER_ROWS, account.encode(), packed)) for account, packed in
+                pack_ledger_rows(ledger)]
     return [(bucket_of(account), OutboxItem(LEDGER_ROWS, account.encode(), packed))
             for account, packed in pack_ledger_rows(ledger)]
+
+
+def _keyed_by_account(ctx: BillingContext, bucket_of: Any) -> bool:
+    """Whether `bucket_of` is the worker's: each account's key is its id."""
+    return bucket_of == ctx.bucket_of and state_key("a") == "a"
 
 
 def interval_items(out: BatchOutputs, new_state: CoreState, ctx: BillingContext,
@@ -305,6 +313,9 @@ def interval_items(out: BatchOutputs, new_state: CoreState, ctx: BillingContext,
     if not out.intervals.height and not out.rejected_readings.height:
         return []
     facts = interval_facts(out.intervals, out.rejected_readings, new_state.circuits, ctx)
+    if _keyed_by_account(ctx, bucket_of):  # no call per account
+        return [(account, OutboxItem(INTERVAL_ROWS, account.encode(), packed)) for account, packed in
+                pack_interval_rows(facts)]
     return [(bucket_of(account), OutboxItem(INTERVAL_ROWS, account.encode(), packed))
             for account, packed in pack_interval_rows(facts)]
 

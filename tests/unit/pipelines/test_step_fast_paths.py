@@ -118,3 +118,36 @@ def test_load_states_of_live_rows_equal_the_plain_pass_in_order(monkeypatch: pyt
     batches = [batch(step) for step in range(8)]
     assert run(-1, batches) == run(10**9, batches)
     assert len(once) == len(batches)
+
+
+def test_day_due_looks_zones_up_per_context_as_timer_due_ms(ctx: billing.BillingContext) -> None:
+    """powerloop.day_due reads each account's zone from a map built once per rating context:
+    the same day as engine.timer_due_ms, also after the context changes (another mall zone)."""
+    import copy
+
+    from pipelines import powerloop
+    from pipelines.core.engine import timer_due_ms
+    from pipelines.core.wallet import AccountState
+
+    account = next(iter(ctx.accounts))
+    env = Envelope(accounts={account: AccountState(account, standing_day="2026-07-14")},
+                   circuits={})
+    assert powerloop.day_due(env, ctx.rating) is None  # no billed reading yet
+    env.circuits = _one_circuit_at(ctx, account, T0 + 3 * 86_400_000)  # readings past the next day
+    rating = ctx.rating
+    mall = rating.accounts[account].mall_id
+    moved = copy.copy(rating)  # another context: the mall in another zone
+    moved.malls = {**rating.malls, mall: rating.malls[mall].model_copy(update={"tz": "America/New_York"})}
+    for r in (rating, moved, rating):
+        expected = timer_due_ms(env.accounts[account], r)
+        assert expected is not None and powerloop.day_due(env, r) == expected
+    assert timer_due_ms(env.accounts[account], moved) != timer_due_ms(env.accounts[account], rating)
+    unknown = Envelope(accounts={"nobody": AccountState("nobody", standing_day="2026-07-14")}, circuits=env.circuits)
+    assert powerloop.day_due(unknown, rating) is None
+
+
+def _one_circuit_at(ctx: billing.BillingContext, account: str, ts: int) -> dict[str, Any]:
+    from pipelines.core.interval import CircuitState
+
+    circuit = next(c for c, r in ctx.circuit_meter.items() if r.account_id == account)
+    return {circuit: CircuitState(circuit, ctx.circuit_meter[circuit].meter_id, ts, 1000, ts, 0, 0, [])}

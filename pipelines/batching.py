@@ -197,18 +197,29 @@ def apply_readings_many(envs: dict[str, Envelope], routed: Routed, ctx: BillingC
         return []
     limit = rows_per_account or ROWS_PER_ACCOUNT
     per_key = routed.frame.group_by("bucket").agg(pl.col("partition").first(), pl.col("offset").min().alias("first"),
-                                                  pl.len().alias("rows"))
-    sources = {key: source_of(topic, part) for key, part, _, _ in per_key.iter_rows()}
-    marks = {key: envs[key].hwm.get(source, -1) for key, source in sources.items()}
+                                                  pl.col("offset").max().alias("last"), pl.len().alias("rows"))
+    # column-wise, one source name per partition: this runs for every account a step touches
+    keys, parts = per_key["bucket"].to_list(), per_key["partition"].to_list()
+    names = {part: source_of(topic, part) for part in set(parts)}
+    key_sources = list(map(names.__getitem__, parts))
+    sources = dict(zip(keys, key_sources, strict=True))
+    marks = [envs[key].hwm.get(source, -1) for key, source in zip(keys, key_sources, strict=True)]
     frame = routed.frame
     # offsets are per partition: only an account whose own mark reaches its first row replays
-    if any(marks[key] >= first for key, _, first, _ in per_key.iter_rows()):
-        frame = frame.filter(pl.col("offset") > pl.col("bucket").replace_strict(marks, return_dtype=pl.Int64))
+    replays = bool((np.array(marks, dtype=np.int64) >= per_key["first"].to_numpy()).any()) if keys else False
+    if replays:
+        frame = frame.filter(pl.col("offset") > pl.col("bucket").replace_strict(
+            dict(zip(keys, marks, strict=True)), return_dtype=pl.Int64))
     if not frame.height:
         return []
     reordered = _reordered(frame)
     if int(per_key["rows"].max()) <= limit and reordered is None:  # the live shape: one round
-        return [_round(envs, frame, sources, ctx)]
+        if replays:
+            return [_round(envs, frame, sources, ctx)]
+        # every key keeps all its rows: its mark is its last offset
+        positions = dict(zip(keys, zip(key_sources, per_key["last"].to_list(), strict=True), strict=True))
+        mine = envs if len(envs) == len(positions) else {k: envs[k] for k in positions}  # (keys of envs, all)
+        return [step(mine, frame, None, ctx, positions, now_ms=step_now(frame))]
     # whole messages per account and round: `before` counts the account's rows in earlier messages
     sizes = reordered if reordered is not None else (
         frame.group_by("bucket", "offset").len().sort("bucket", "offset")

@@ -86,53 +86,129 @@ def step(envs: dict[str, Envelope], readings: pl.DataFrame | None, payments: lis
                                         "import_kwh": pl.Float64})
     new_state, out = process_batch(state, readings, payments, ctx.rating)
     loop = PowerLoop(envs, ctx, now_ms, bucket_of)
-    tagged = outbox_items(out, ctx, bucket_of, positions)
-    tagged += interval_items(out, new_state, ctx, bucket_of)
-    tagged += gate_wallet_commands(out, loop, ctx)
+    # the outputs in the order each key's outbox gets them (see _outboxes)
+    ledger = ledger_items(out.ledger, ctx, bucket_of, positions) if out.ledger.height else []
+    alerts = alert_items(out, ctx, bucket_of)
+    intervals = interval_items(out, new_state, ctx, bucket_of)
+    later = gate_wallet_commands(out, loop, ctx)
     load_state: dict[str, Any] = {}
     # load control needs power values; without any it would change nothing
     if readings.height and "power_w" in readings.columns and readings["power_w"].null_count() < readings.height:
         for env in envs.values():
-            load_state.update(env.extra.get("load", {}))
+            if load := env.extra.get("load"):
+                load_state.update(load)
         load_state, load_out = process_load(readings, load_state, ctx.load_limits)
-        tagged += load_items(load_out, loop, ctx, bucket_of)
+        later += load_items(load_out, loop, ctx, bucket_of)
     if now_ms is not None and readings.height:
-        tagged += loop.observe(readings, now_ms)
-    return _merge(envs, new_state, load_state, tagged, loop, positions, ctx, bucket_of)
+        later += loop.observe(readings, now_ms)
+    return _merge(envs, new_state, load_state, _outboxes(ledger, alerts, intervals, later), loop, positions, ctx,
+                  bucket_of)
+
+
+def _outboxes(ledger: list[tuple[str, OutboxItem]], alerts: list[tuple[str, OutboxItem]],
+              intervals: list[tuple[str, OutboxItem]], later: list[tuple[str, OutboxItem]]
+              ) -> dict[str, list[OutboxItem]]:
+    """Each key's outbox: its items of `ledger`, `alerts`, `intervals`, `later`, in that order
+    (each list's own order kept). Without a loop per item where a step has one ledger item per
+    key and no alerts (the live shape): this runs for every account a step touches."""
+    boxes = {key: [item] for key, item in ledger}
+    if len(boxes) < len(ledger) or alerts:  # a key with several ledger items, or alerts between
+        boxes = {}
+        for part in (ledger, alerts):
+            for key, item in part:
+                box = boxes.get(key)
+                if box is None:
+                    boxes[key] = [item]
+                else:
+                    box.append(item)
+    for part in (intervals, later):
+        for key, item in part:
+            box = boxes.get(key)
+            if box is None:
+                boxes[key] = [item]
+            else:
+                box.append(item)
+    return boxes
 
 
 def _merge(envs: dict[str, Envelope], new_state: CoreState, load_state: dict[str, Any],
-           tagged: list[tuple[str, OutboxItem]], loop: PowerLoop, positions: dict[str, tuple[str, int]],
+           boxes: dict[str, list[OutboxItem]], loop: PowerLoop, positions: dict[str, tuple[str, int]],
            ctx: BillingContext, bucket_of: Any) -> dict[str, Envelope]:
-    """The step's new envelopes: each key's accounts, circuits, load state and outputs.
+    """The step's new envelopes: each key's accounts, circuits, load state and outputs (`boxes`:
+    key -> its outbox, from `_outboxes`).
 
     Positional and without a call per account where the key is the account id (the worker's
     keys: `ctx.bucket_of`): this runs for every account a step touches."""
-    result: dict[str, Envelope] = {}
+    if _keyed_by_account(ctx, bucket_of):
+        result = _merge_own(envs, new_state, load_state, boxes, loop, positions, ctx)
+        if result is not None:
+            return result
+    result = {}
     holds, relays = loop.holds, loop.relays  # copies of the keys the power loop changed
     for key, env in envs.items():
         source, offset = positions[key]
         hwm = env.hwm.copy()
         hwm[source] = offset
-        result[key] = Envelope({}, {}, hwm, [], env.updates + 1, holds.get(key, env.holds),
+        result[key] = Envelope({}, {}, hwm, boxes.pop(key, []), env.updates + 1, holds.get(key, env.holds),
                                {**env.extra, "load": {}} if load_state else env.extra,  # no copy
                                relays.get(key, env.relays))
-    own = bucket_of == ctx.bucket_of and state_key("a") == "a"  # key = account id
+    if boxes:  # an output for a key not in the step: refused as indexing `result` would
+        raise KeyError(next(iter(boxes)))
     for account, value in load_state.items():
-        result[account if own else bucket_of(account)].extra["load"][account] = value
+        result[bucket_of(account)].extra["load"][account] = value
     for account, value in new_state.accounts.items():
-        result[account if own else bucket_of(account)].accounts[account] = value
+        result[bucket_of(account)].accounts[account] = value
+    _place_circuits(result, new_state, envs, ctx, bucket_of)
+    return result
+
+
+def _merge_own(envs: dict[str, Envelope], new_state: CoreState, load_state: dict[str, Any],
+               boxes: dict[str, list[OutboxItem]], loop: PowerLoop, positions: dict[str, tuple[str, int]],
+               ctx: BillingContext) -> dict[str, Envelope] | None:
+    """`_merge` where each key is its account's id: every envelope built whole in one pass (its
+    account, load state and outbox looked up by its key). None when some account, load state or
+    outbox of the step has no envelope of its own here (the general pass then places them, or
+    fails as it does)."""
+    accounts = new_state.accounts
+    holds, relays = loop.holds, loop.relays
+    result: dict[str, Envelope] = {}
+    n_acc = n_load = n_box = 0
+    no_account: dict[str, Any] = {}
+    # (dict.copy, then set: cheaper than a {**d, k: v} literal; the same keys in the same order)
+    for key, env in envs.items():
+        source, offset = positions[key]
+        s = accounts.get(key)
+        box = boxes.get(key)
+        hwm = env.hwm.copy()
+        hwm[source] = offset
+        extra = env.extra
+        if load_state:
+            load = load_state.get(key, no_account)
+            extra = extra.copy()
+            extra["load"] = {} if load is no_account else {key: load}
+            n_load += load is not no_account
+        result[key] = Envelope({} if s is None else {key: s}, {}, hwm, [] if box is None else box,
+                               env.updates + 1, holds.get(key, env.holds), extra, relays.get(key, env.relays))
+        n_acc += s is not None
+        n_box += box is not None
+    if n_acc < len(accounts) or n_load < len(load_state) or n_box < len(boxes):
+        return None
+    _place_circuits(result, new_state, envs, ctx, None)
+    return result
+
+
+def _place_circuits(result: dict[str, Envelope], new_state: CoreState, envs: dict[str, Envelope],
+                    ctx: BillingContext, bucket_of: Any) -> None:
+    """Each circuit state into the envelope of its account's key (`bucket_of` None: the key is
+    the account id); a circuit no longer in the config stays where it was."""
     routes = ctx.circuit_meter
     for circuit, value in new_state.circuits.items():
         route = routes.get(circuit)
         if route is None:
             key = _bucket_holding(circuit, envs)
         else:
-            key = route.account_id if own else bucket_of(route.account_id)
+            key = route.account_id if bucket_of is None else bucket_of(route.account_id)
         result[key].circuits[circuit] = value
-    for key, item in tagged:
-        result[key].outbox.append(item)
-    return result
 
 
 def _bucket_holding(circuit: str, envs: dict[str, Envelope]) -> str:
@@ -182,6 +258,13 @@ def outbox_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any,
     """The outputs of one core call, each tagged with the bucket that carries it. The ledger
     goes out column-wise: one LedgerBatch per bucket and change (named by its input position)."""
     items = ledger_items(out.ledger, ctx, bucket_of, positions) if out.ledger.height else []
+    return items + alert_items(out, ctx, bucket_of)
+
+
+def alert_items(out: BatchOutputs, ctx: BillingContext, bucket_of: Any) -> list[tuple[str, OutboxItem]]:
+    """The alerts of one core call (its own and those of refused readings), each tagged with the
+    bucket that carries it."""
+    items: list[tuple[str, OutboxItem]] = []
     for row in out.alerts.iter_rows(named=True):
         details = json.loads(row["details"]) if row["details"] else {}
         record = {**row, "details": {k: str(v) for k, v in details.items()}}
@@ -210,8 +293,16 @@ def ledger_items(ledger: pl.DataFrame, ctx: BillingContext, bucket_of: Any,
     """Each account's ledger entries, in order, as packed rows in the outbox of its own state
     record. The forwarder gathers the rows of many records into one LedgerBatch: encoding a
     LedgerBatch per account and step cost more than the whole core on live input."""
+    if _keyed_by_account(ctx, bucket_of):  # no call per account
+        return [(account, OutboxItem(LEDGER_ROWS, account.encode(), packed)) for account, packed in
+                pack_ledger_rows(ledger)]
     return [(bucket_of(account), OutboxItem(LEDGER_ROWS, account.encode(), packed))
             for account, packed in pack_ledger_rows(ledger)]
+
+
+def _keyed_by_account(ctx: BillingContext, bucket_of: Any) -> bool:
+    """Whether `bucket_of` is the worker's: each account's key is its id."""
+    return bucket_of == ctx.bucket_of and state_key("a") == "a"
 
 
 def interval_items(out: BatchOutputs, new_state: CoreState, ctx: BillingContext,
@@ -222,6 +313,9 @@ def interval_items(out: BatchOutputs, new_state: CoreState, ctx: BillingContext,
     if not out.intervals.height and not out.rejected_readings.height:
         return []
     facts = interval_facts(out.intervals, out.rejected_readings, new_state.circuits, ctx)
+    if _keyed_by_account(ctx, bucket_of):  # no call per account
+        return [(account, OutboxItem(INTERVAL_ROWS, account.encode(), packed)) for account, packed in
+                pack_interval_rows(facts)]
     return [(bucket_of(account), OutboxItem(INTERVAL_ROWS, account.encode(), packed))
             for account, packed in pack_interval_rows(facts)]
 

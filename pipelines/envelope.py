@@ -157,9 +157,9 @@ class Envelope:
         """MAGIC, outbox length, binary outbox, then the state as msgpack arrays.
 
         Raises ValueTooLarge above `limit` (default MAX_VALUE_BYTES), naming the account."""
-        state = pack_state([
-            [_account_row(s) for s in self.accounts.values()],
-            [_circuit_row(c) for c in self.circuits.values()],
+        state = pack_state([  # map, not comprehensions: no frame per call (this runs for every write)
+            list(map(_account_row, self.accounts.values())),
+            list(map(_circuit_row, self.circuits.values())),
             self.hwm, self.updates, self.holds, self.extra, self.relays])
         raw = frame_value(self.outbox, state)
         cap = MAX_VALUE_BYTES if limit is None else limit

@@ -17,6 +17,7 @@ every reading, in integer milliwatts so sums are exact whatever the batch split.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -94,12 +95,14 @@ _CIRCUIT_SCHEMA = {"circuit_id": pl.String, "prev_ts": pl.Int64, "prev_p": pl.Fl
 def _circuit_frame(circuit_ids: list[str], accounts: list[str], state: Mapping[str, dict]) -> pl.DataFrame:
     # column-wise: this runs per circuit of a step (tens of thousands at portfolio scale)
     empty: dict[str, Any] = {}
-    found = [(cid, c) for cid, acc in zip(circuit_ids, accounts, strict=True)
+    found = [(cid, *_previous(c)) for cid, acc in zip(circuit_ids, accounts, strict=True)
              if (c := state.get(acc, empty).get("circuits", empty).get(cid)) is not None]
-    cs = [c for _, c in found]
-    return pl.DataFrame({"circuit_id": [cid for cid, _ in found], "prev_ts": [c["ts"] for c in cs],
-                         "prev_p": [c["p"] for c in cs], "prev_pf": [c["pf"] for c in cs],
-                         "prev_mw": [c["mw"] for c in cs], "prev_mm": [c["mm"] for c in cs]}, schema=_CIRCUIT_SCHEMA)
+    columns = list(zip(*found, strict=True)) if found else [[]] * len(_CIRCUIT_SCHEMA)  # transposed in C
+    return pl.DataFrame(dict(zip(_CIRCUIT_SCHEMA, columns, strict=True)), schema=_CIRCUIT_SCHEMA)
+
+
+_previous = operator.itemgetter("ts", "p", "pf", "mw", "mm")  # a circuit's state, _CIRCUIT_SCHEMA order
+_milliwatts = operator.itemgetter("mw")
 
 
 _ACCOUNT_SCHEMA = {"account_id": pl.String, "base_mw": pl.Int64, "base_ts": pl.Int64, "max_mw": pl.Int64,
@@ -121,7 +124,7 @@ def _account_frame(accounts: list[str], state: Mapping[str, dict], limits: Mappi
                                         round(lim.policy.max_step_gap_s * 1000))
         lims.append(row)
     return pl.DataFrame({"account_id": accounts,
-                         "base_mw": [sum(c["mw"] for c in s.get("circuits", empty).values()) for s in states],
+                         "base_mw": [sum(map(_milliwatts, s.get("circuits", empty).values())) for s in states],
                          "base_ts": [s.get("last_ts") for s in states], "max_mw": [r[0] for r in lims],
                          "mismatch_w": [r[1] for r in lims], "max_gap_ms": [r[2] for r in lims]},
                         schema=_ACCOUNT_SCHEMA)
@@ -458,6 +461,52 @@ def _empty_account() -> dict[str, Any]:
     return {"circuits": {}, "last_ts": None, "over_since": None, "over_alerted": False, "trips": {}}
 
 
+_LAST_COLUMNS = ("account_id", "circuit_id", "ts_ms", "power_w", "power_factor", "mw", "mm")
+
+
+def _new_state(state: Mapping[str, dict], account: str, last_ts: Any, rows_by_account: dict[str, list[dict]],
+               limits: Mapping[str, LoadLimits], out: LoadOutputs) -> dict[str, Any]:
+    """An account's state after its rows (its circuits' last readings not yet in), through the
+    state machine when it is busy (over its limit, tripped, or a banned step)."""
+    prior = state.get(account)
+    if account not in rows_by_account and prior is not None:
+        # not busy: no trips to copy (an account with trips is busy), the rest replaced
+        return {**prior, "circuits": dict(prior["circuits"]), "trips": prior["trips"], "last_ts": last_ts,
+                "over_since": None, "over_alerted": False}
+    acc = _copy_account(prior) if account in state else _empty_account()
+    acc["last_ts"] = last_ts
+    if account in rows_by_account:
+        _machine(acc, limits[account], account, rows_by_account[account], out)
+    else:
+        acc["over_since"], acc["over_alerted"] = None, False
+    return acc
+
+
+def _new_states_once(frame: pl.DataFrame, state: Mapping[str, dict], new_state: dict[str, dict],
+                     rows_by_account: dict[str, list[dict]], limits: Mapping[str, LoadLimits],
+                     out: LoadOutputs) -> None:
+    """`process_load`'s new states where each circuit has one row (live input): one pass over
+    the rows (in account order), no grouping; each account's last_ts is its rows' greatest."""
+    columns = [frame[c].to_list() for c in ("eval_ts", *_LAST_COLUMNS)]
+    current = None
+    for last_ts, account, circuit, ts, p, pf, mw, mm in zip(*columns, strict=True):
+        if account == current:  # another circuit of the account
+            acc = new_state[account]
+            acc["circuits"][circuit] = {"ts": ts, "p": p, "pf": pf, "mw": mw, "mm": mm}
+            if last_ts is not None and (acc["last_ts"] is None or last_ts > acc["last_ts"]):
+                acc["last_ts"] = last_ts
+            continue
+        current = account
+        prior = state.get(account)
+        if account not in rows_by_account and prior is not None:  # as _new_state, with the circuit
+            new_state[account] = {**prior, "circuits": {**prior["circuits"], circuit: {
+                "ts": ts, "p": p, "pf": pf, "mw": mw, "mm": mm}}, "trips": prior["trips"], "last_ts": last_ts,
+                "over_since": None, "over_alerted": False}
+        else:
+            acc = new_state[account] = _new_state(state, account, last_ts, rows_by_account, limits, out)
+            acc["circuits"][circuit] = {"ts": ts, "p": p, "pf": pf, "mw": mw, "mm": mm}
+
+
 def process_load(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapping[str, LoadLimits]
                  ) -> tuple[dict[str, dict], LoadOutputs]:
     """Apply a batch of readings; returns (new state for all accounts given, outputs).
@@ -474,29 +523,27 @@ def process_load(readings: pl.DataFrame, state: Mapping[str, dict], limits: Mapp
     frame, out.late = _evaluate(readings, state, limits)
     if frame.height == 0:
         return new_state, out
+    accounts = frame["account_id"].unique().to_list()
     busy = set(frame.filter(pl.col("above") | pl.col("band").is_not_null())["account_id"].unique().to_list())
-    busy |= {a for a in frame["account_id"].unique().to_list()
-             if state.get(a, {}).get("trips") or state.get(a, {}).get("over_since") is not None}
+    busy.update(a for a in accounts if (st := state.get(a)) is not None
+                and (st.get("trips") or st.get("over_since") is not None))
     cols = ["account_id", "circuit_id", "meter_id", "ts_ms", "eval_ts", "total_mw", "above", "band",
             "step_w", "step_pf"]
     rows_by_account: dict[str, list[dict]] = {}
-    for r in frame.filter(pl.col("account_id").is_in(sorted(busy))).select(cols).iter_rows(named=True):
-        rows_by_account.setdefault(r["account_id"], []).append(r)
+    if busy:
+        for r in frame.filter(pl.col("account_id").is_in(sorted(busy))).select(cols).iter_rows(named=True):
+            rows_by_account.setdefault(r["account_id"], []).append(r)
 
     once = frame["circuit_id"].n_unique() == frame.height  # one reading per circuit (live input)
-    lasts = frame if once else frame.group_by("circuit_id").agg(pl.all().sort_by("row").last())
-    acc_last = frame.group_by("account_id").agg(pl.col("eval_ts").max())
-    for account, last_ts in zip(acc_last["account_id"].to_list(), acc_last["eval_ts"].to_list(), strict=True):
-        acc = _copy_account(state[account]) if account in state else _empty_account()
-        acc["last_ts"] = last_ts
-        if account in rows_by_account:
-            _machine(acc, limits[account], account, rows_by_account[account], out)
-        else:
-            acc["over_since"], acc["over_alerted"] = None, False
-        new_state[account] = acc
-    columns = ("account_id", "circuit_id", "ts_ms", "power_w", "power_factor", "mw", "mm")
-    for account, circuit, ts, p, pf, mw, mm in zip(*(lasts[c].to_list() for c in columns), strict=True):
-        new_state[account]["circuits"][circuit] = {"ts": ts, "p": p, "pf": pf, "mw": mw, "mm": mm}
+    if once and frame["account_id"].is_sorted():  # live input: rows are in account order
+        _new_states_once(frame, state, new_state, rows_by_account, limits, out)
+    else:
+        lasts = frame if once else frame.group_by("circuit_id").agg(pl.all().sort_by("row").last())
+        acc_last = frame.group_by("account_id").agg(pl.col("eval_ts").max())
+        for account, last_ts in zip(acc_last["account_id"].to_list(), acc_last["eval_ts"].to_list(), strict=True):
+            new_state[account] = _new_state(state, account, last_ts, rows_by_account, limits, out)
+        for account, circuit, ts, p, pf, mw, mm in zip(*(lasts[c].to_list() for c in _LAST_COLUMNS), strict=True):
+            new_state[account]["circuits"][circuit] = {"ts": ts, "p": p, "pf": pf, "mw": mw, "mm": mm}
 
     for r in frame.filter(pl.col("mm") & ~pl.col("lmm")).iter_rows(named=True):
         _mismatch(r, limits[r["account_id"]], out)

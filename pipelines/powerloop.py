@@ -18,7 +18,7 @@ import polars as pl
 
 from infra import topics as T
 from pipelines.core import relay
-from pipelines.core.engine import timer_due_ms
+from pipelines.core.engine import next_day_start_ms
 from pipelines.envelope import Envelope, OutboxItem
 from pipelines.relaygate import Holds, set_hold
 from schemas import codec
@@ -223,11 +223,31 @@ def day_due(env: Envelope, rating: Any) -> int | None:
     if billed is None:
         return None
     best: int | None = None
+    tz_of = _zones(rating)
     for s in env.accounts.values():
-        day = timer_due_ms(s, rating)
-        if day is not None and day <= billed and (best is None or day < best):
+        # timer_due_ms(s, rating), with the account's zone from one dict (this runs for every
+        # account a step writes)
+        tz = tz_of.get(s.account_id)
+        if tz is None or s.standing_day is None:
+            continue
+        day = next_day_start_ms(s.standing_day, tz)
+        if day <= billed and (best is None or day < best):
             best = day
     return best
+
+
+_ZONES: tuple[Any, dict[str, str]] = (None, {})  # (the rating context, account -> its mall's zone)
+
+
+def _zones(rating: Any) -> dict[str, str]:
+    """Each account of the rating context with its mall's time zone (built once per context)."""
+    global _ZONES
+    built, tz_of = _ZONES  # one read: a thread never pairs one context with another's zones
+    if built is not rating:
+        zone = {m: x.tz for m, x in rating.malls.items()}
+        tz_of = {a: zone[r.mall_id] for a, r in rating.accounts.items()}
+        _ZONES = (rating, tz_of)
+    return tz_of
 
 
 def wallet_due(env: Envelope, rating: Any, now_ms: int) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from schemas.columnar import RowColumns, join_packed_arrays
+from schemas.rowpack import pack_runs
 
 #: Columns (and types) of a ledger frame; the same fields as schemas/ledger_entry.avsc.
 LEDGER_COLUMNS: dict[str, Any] = {
@@ -126,12 +127,17 @@ def pack_account_rows(frame: pl.DataFrame, columns: dict[str, Any]) -> list[tupl
     for every account a billing step touches (ledger rows, interval facts)."""
     if not frame.height:
         return []
+    packed = pack_runs(frame, list(columns))  # column-wise: the same bytes
+    if packed is not None:
+        return packed
     rows = list(zip(*[frame[name].to_list() for name in columns], strict=True))
     runs = frame["account_id"].rle().struct.unnest()
     out: list[tuple[str, bytes]] = []
     start = 0
+    # one Packer for the call: packb makes one (and allocates its 256 kB buffer) per account
+    pack = msgpack.Packer(use_bin_type=True).pack  # autoreset: each call returns its own bytes
     for account, length in zip(runs["value"].to_list(), runs["len"].to_list(), strict=True):
-        out.append((account, msgpack.packb(rows[start:start + length], use_bin_type=True)))
+        out.append((account, pack(rows[start:start + length])))
         start += length
     return out
 

@@ -38,8 +38,26 @@ def near_relay(s: AccountState, ctx: RatingContext, margin_minor: int = MARGIN_M
     """Whether the account goes in a step's first part (module doc)."""
     if s.deferred or s.warn_pending:
         return True
+    # the balance it takes depends only on the (frozen) policy and two flags: looked up once per
+    # combination, as this runs for every account of a step
+    p = ctx.accounts[s.account_id].policy
+    fired, tripped = bool(s.warning_fired), s.relay == "tripped" and s.trip_reason == "credit"
+    key = (id(p), fired, tripped, margin_minor)
+    hit = _NEAR.get(key)
+    if hit is None or hit[0] is not p:  # (the policy itself kept: an id is reused once it is freed)
+        if len(_NEAR) >= 4096:
+            _NEAR.clear()
+        hit = _NEAR[key] = (p, _near_balance(s, ctx, margin_minor))
+    return hit[1] is not None and s.balance <= hit[1]
+
+
+def _near_balance(s: AccountState, ctx: RatingContext, margin_minor: int) -> int | None:
+    """The balance at or below which `s` is near its relay level (None: never, no level)."""
     level = relay_level(s, ctx)
     if level is None:
-        return False
+        return None
     alerts = [lv for lv in ctx.accounts[s.account_id].policy.alert_levels if lv > level]
-    return s.balance <= (min(alerts) if alerts else level + margin_minor)
+    return min(alerts) if alerts else level + margin_minor
+
+
+_NEAR: dict[tuple[int, bool, bool, int], tuple[object, int | None]] = {}

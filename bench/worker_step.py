@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         routed = batching.route_readings(frame, ctx)
         t = lap("route", t)
         first = {key for key in routed.buckets
-                 if any(near_relay(s, ctx.rating) for s in store.load(key).accounts.values())}
+                 if any(near_relay(s, ctx.rating) for s in store.load(key).accounts.values())
+                 } if len(routed.buckets) >= batching.FIRST_MIN_ACCOUNTS else set()
         for _, part in batching.parts(routed, first=first):  # as the worker: part by part (no await here)
             with collector.step():
                 envs = {key: store.load(key) for key in part.buckets}

@@ -38,6 +38,10 @@ PAYMENTS_PER_ACCOUNT = 16
 #: step there (about 9,000 accounts) stays one part: each core call has a fixed cost (about
 #: 50 ms of polars plans at 35,000 merchants), so parts are for catch-up steps.
 PART_ACCOUNTS = int(os.environ.get("MALLWATT_PART_ACCOUNTS", 16384))
+#: From this many accounts a step bills the accounts near their relay level in a first part
+#: (`parts(first=...)`). A smaller step takes well under half a second, less than a second core
+#: call's fixed cost would save the trips in it.
+FIRST_MIN_ACCOUNTS = int(os.environ.get("MALLWATT_FIRST_MIN_ACCOUNTS", 4096))
 
 
 def source_of(topic: str, partition: int) -> str:
@@ -131,8 +135,8 @@ def parts(routed: Routed, max_accounts: int = PART_ACCOUNTS, first: frozenset[st
           ) -> list[tuple[frozenset[int], Routed]]:
     """A step's routed readings as parts of at most `max_accounts` accounts (as even as can
     be), with the input partitions of each part; every account's rows whole and in their
-    order, without `rejected` (the caller reports the step's). The accounts of `first` (state
-    keys) that the step has come first, in a part of their own (pipelines.core.priority:
+    order, without `rejected` (the caller reports the step's). In a step of FIRST_MIN_ACCOUNTS
+    or more, the accounts of `first` (state keys) come first, in a part of their own (pipelines.core.priority:
     accounts whose relay may open soon). Accounts are billed independently (one state key
     each), so billing the parts one after another gives every account what one call would.
 
@@ -146,7 +150,7 @@ def parts(routed: Routed, max_accounts: int = PART_ACCOUNTS, first: frozenset[st
         return []
     head: list[tuple[frozenset[int], Routed]] = []
     buckets = routed.buckets
-    urgent = [key for key in buckets if key in first] if first else []
+    urgent = [key for key in buckets if key in first] if first and len(buckets) >= FIRST_MIN_ACCOUNTS else []
     if urgent and len(urgent) < len(buckets):
         chosen = frame["bucket"].is_in(urgent)
         ahead = frame.filter(chosen)

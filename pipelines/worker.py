@@ -346,6 +346,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         """The step's accounts whose relay a charge may soon open (pipelines.core.priority):
         billed in a first part, so their trips leave before the rest of the step is billed."""
         rating = ctx.rating
+        if len(keys) < batching.FIRST_MIN_ACCOUNTS:  # a small step is one part (batching.parts)
+            return set()
         return {key for key in keys if any(near_relay(s, rating) for s in load(key).accounts.values())}
 
     def owned_partitions() -> set[int]:

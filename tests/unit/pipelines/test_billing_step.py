@@ -318,7 +318,8 @@ def _two_shards_input(ctx: billing.BillingContext, cycles: int) -> tuple[list[in
 
 
 @pytest.mark.parametrize("ahead", [0, 3])
-def test_a_step_billed_in_parts_equals_one_call(big_ctx: billing.BillingContext, ahead: int) -> None:
+def test_a_step_billed_in_parts_equals_one_call(big_ctx: billing.BillingContext, ahead: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A catch-up step is billed part by part (the worker awaits between parts): each part holds
     at most the limit of accounts, each account's rows whole and in order, the accounts near
     their relay level (`first`) in a part of their own ahead of the rest, and the parts billed
@@ -326,6 +327,7 @@ def test_a_step_billed_in_parts_equals_one_call(big_ctx: billing.BillingContext,
     ctx = big_ctx
     shards, routed = _two_shards_input(ctx, 4)
     first = set(sorted(routed.buckets)[5:5 + ahead]) | {"an account without readings here"}
+    monkeypatch.setattr(batching, "FIRST_MIN_ACCOUNTS", 2)
     parts = batching.parts(routed, max_accounts=7, first=first)
     assert len(parts) == bool(ahead) + -(-(len(routed.buckets) - ahead) // 7)
     if ahead:
@@ -350,8 +352,14 @@ def test_a_step_billed_in_parts_equals_one_call(big_ctx: billing.BillingContext,
     assert {k: (e.accounts, e.hwm) for k, e in whole.items()} == {k: (e.accounts, e.hwm) for k, e in in_parts.items()}
 
 
-def test_a_step_within_the_part_limit_is_one_part_over_its_partitions(big_ctx: billing.BillingContext) -> None:
+def test_a_step_within_the_part_limit_is_one_part_over_its_partitions(big_ctx: billing.BillingContext,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     shards, routed = _two_shards_input(big_ctx, 2)
+    # a step of fewer accounts than FIRST_MIN_ACCOUNTS puts none ahead: one core call
+    monkeypatch.setattr(batching, "FIRST_MIN_ACCOUNTS", len(routed.buckets) + 1)
+    [(_, part)] = batching.parts(routed, max_accounts=len(routed.buckets), first=set(routed.buckets[:1]))
+    assert part is routed
+    monkeypatch.setattr(batching, "FIRST_MIN_ACCOUNTS", 2)
     [(partitions, part)] = batching.parts(routed, max_accounts=len(routed.buckets))
     assert partitions == frozenset(shards) and part is routed
     # every account near its relay level: nothing to put ahead of the rest

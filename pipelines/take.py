@@ -115,8 +115,14 @@ def _arrival(message: Any) -> float:
 #: size to the catch-up size: a real backlog (a restart, an outage), not a live worker whose
 #: last step took longer than `within`. With the `within` threshold (50 ms) a live worker
 #: at 350,000 merchants grew steps to 16,384 messages (1.4 M readings, tens of seconds of
-#: event loop) as soon as one step ran long, and its trip latency went to minutes.
-CATCHUP_AFTER_S = float(os.environ.get("MALLWATT_CATCHUP_AFTER_S", 5.0))
+#: event loop) as soon as one step ran long, and its trip latency went to minutes. And a
+#: catch-up step saves only when it spans several poll cycles (several readings per account);
+#: less than a cycle behind, a big step bills one reading per account at a higher cost per
+#: message than live steps (its working set: 11-15 against 7.4 ms per 88-reading message at
+#: 350,000 merchants), so with 5 s a worker that fell 14 s behind took one step a minute and
+#: never caught up. 120 s is two cycles at the longest cadence (60 s); less behind, a worker
+#: takes live-size steps back to back.
+CATCHUP_AFTER_S = float(os.environ.get("MALLWATT_CATCHUP_AFTER_S", 120.0))
 #: A catch-up step's fill ends once its newest message is this recent (seconds): the backlog is
 #: drained. Lower than CATCHUP_AFTER_S, so a worker leaves catch-up nearly live.
 CATCHUP_DONE_S = float(os.environ.get("MALLWATT_CATCHUP_DONE_S", 1.0))

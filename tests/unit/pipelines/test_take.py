@@ -19,17 +19,19 @@ SLOW_STEP = 0.3
 
 
 def run_agent(puts: list[tuple[float, Any]], max_: int, *, step_s: float = 0.0, settle: float = 1.5,
-              age: float | Callable[[Any], float] = 0.0, catchup: int | None = None, fill_s: float = 10.0) -> tuple[float, list[tuple[float, list[Any]]]]:
+              age: float | Callable[[Any], float] = 0.0, catchup: int | None = None, fill_s: float = 10.0,
+              after_s: float = 5.0) -> tuple[float, list[tuple[float, list[Any]]]]:
     """Put each value at its offset (seconds), its Kafka timestamp `age` seconds in the past,
     into an agent that reads with take_steps and takes `step_s` per step; returns the start
-    time and (time, values) of every step."""
+    time and (time, values) of every step. Catch-up starts `after_s` behind (the tests' 5 s
+    keeps their ages short; the default is take.CATCHUP_AFTER_S)."""
     app = faust.App(f"take-test-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
                     web_enabled=False)
     steps: list[tuple[float, list[Any]]] = []
 
     @app.agent()
     async def agent(stream: Any) -> None:
-        async for events in take_steps(stream, max_, WITHIN, catchup, catchup_fill_s=fill_s):
+        async for events in take_steps(stream, max_, WITHIN, catchup, catchup_after_s=after_s, catchup_fill_s=fill_s):
             steps.append((time.monotonic(), [event.value for event in events]))
             await asyncio.sleep(step_s)
 
@@ -224,6 +226,21 @@ def test_a_live_worker_a_little_behind_keeps_its_step_size() -> None:
     _, steps = run_agent(puts, 8, age=1.0, catchup=30)
     assert [v for _, values in steps for v in values] == list(range(40))
     assert max(len(values) for _, values in steps) == 8
+
+
+def test_by_default_a_worker_less_than_two_cycles_behind_keeps_its_step_size() -> None:
+    """Less than CATCHUP_AFTER_S (120 s) behind, a step holds at most one poll cycle at the
+    longest cadence: one reading per account, dearer per message in a big step than in live
+    ones. A worker 30 s behind takes live-size steps back to back; 150 s behind, it grows them."""
+    from pipelines.take import CATCHUP_AFTER_S
+
+    assert CATCHUP_AFTER_S == 120.0
+    puts = [(i * 0.005, i) for i in range(40)]
+    _, steps = run_agent(puts, 8, age=30.0, catchup=30, after_s=CATCHUP_AFTER_S)
+    assert [v for _, values in steps for v in values] == list(range(40))
+    assert max(len(values) for _, values in steps) == 8
+    _, deep = run_agent(puts, 8, age=150.0, catchup=30, after_s=CATCHUP_AFTER_S)
+    assert max(len(values) for _, values in deep) == 30
 
 
 def test_the_workers_counting_wrapper_takes_what_take_steps_takes() -> None:

@@ -37,7 +37,9 @@ def test_bench_scale_small_run(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "bench", "scale", "--merchants", "2000", "--cadence-s", "2",
          "--cadences", "5", "--backlog-minutes", "0.5", "--port", str(PORT), "--dir", str(tmp_path / "bench"),
-         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=280,
+         # a 30 s backlog of 2 s cycles is 15 cycles deep: catch-up steps from 10 s behind (the
+         # default 120 s is two cycles at a 60 s cadence)
+         "--worker-env", "MALLWATT_CATCHUP_AFTER_S=10", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=280,
         env={**os.environ, "MALLWATT_KAFKA": ""})
     assert proc.stdout.strip(), proc.stderr[-3000:]
     figures = json.loads(proc.stdout)

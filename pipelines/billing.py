@@ -114,21 +114,20 @@ def _outboxes(ledger: list[tuple[str, OutboxItem]], alerts: list[tuple[str, Outb
     boxes = {key: [item] for key, item in ledger}
     if len(boxes) < len(ledger) or alerts:  # a key with several ledger items, or alerts between
         boxes = {}
-        for part in (ledger, alerts):
-            for key, item in part:
-                box = boxes.get(key)
-                if box is None:
-                    boxes[key] = [item]
-                else:
-                    box.append(item)
-    for part in (intervals, later):
+        _append(boxes, ledger, alerts)
+    _append(boxes, intervals, later)
+    return boxes
+
+
+def _append(boxes: dict[str, list[OutboxItem]], *parts: list[tuple[str, OutboxItem]]) -> None:
+    """Add each (key, item) of `parts` to its key's outbox, in order."""
+    for part in parts:
         for key, item in part:
             box = boxes.get(key)
             if box is None:
                 boxes[key] = [item]
             else:
                 box.append(item)
-    return boxes
 
 
 def _merge(envs: dict[str, Envelope], new_state: CoreState, load_state: dict[str, Any],

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Iterator
-
-import pytest
 
 from pipelines.core.interval import CircuitState
 from pipelines.core.wallet import AccountState
 from pipelines.envelope import Envelope, OutboxItem, unframe_value
 from pipelines.gc_policy import StepCollector
 from pipelines.worker_metrics import ParsedEnvelopes
-
-
-@pytest.fixture(autouse=True)
-def _thawed() -> Iterator[None]:
-    was = gc.isenabled()
-    yield
-    gc.unfreeze()
-    gc.collect()
-    if was:
-        gc.enable()
+from tests.unit.pipelines.gc_fixtures import _thawed  # noqa: F401 (autouse)
 
 
 def billed(i: int, ts: int, outputs: bool = True) -> Envelope:

@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Iterator
-
-import pytest
 
 from pipelines.gc_policy import StepCollector
-
-
-@pytest.fixture(autouse=True)
-def _thawed() -> Iterator[None]:
-    was = gc.isenabled()
-    yield
-    gc.unfreeze()
-    gc.collect()
-    if was:
-        gc.enable()
+from tests.unit.pipelines.gc_fixtures import _thawed  # noqa: F401 (autouse)
 
 
 def _cycles(n: int) -> list[list[object]]:

@@ -36,7 +36,6 @@ from bench.scale_input import (
     write_portfolio,
 )
 from pipelines import batching, billing, powerloop
-from pipelines.core.priority import near_relay
 from pipelines.durable_table import ChangelogWriter, store_many
 from pipelines.envelope import Envelope
 from pipelines.gc_policy import StepCollector
@@ -181,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         t = lap("decode", t)
         routed = batching.route_readings(frame, ctx)
         t = lap("route", t)
-        first = {key for key in routed.buckets
-                 if any(near_relay(s, ctx.rating) for s in store.load(key).accounts.values())
-                 } if len(routed.buckets) >= batching.FIRST_MIN_ACCOUNTS else set()
+        first = batching.near_relay_keys(routed.buckets, store.load, ctx.rating)
         for _, part in batching.parts(routed, first=first):  # as the worker: part by part (no await here)
             with collector.step():
                 envs = {key: store.load(key) for key in part.buckets}

@@ -15,6 +15,7 @@ state value or output carries more than a round's outputs of one account.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from infra import topics as T
 from pipelines.billing import payment_row, step
 from pipelines.context import BillingContext
 from pipelines.core import timeguard
+from pipelines.core.priority import near_relay
 from pipelines.envelope import Envelope, state_key
 from schemas.keys import account_shard
 from schemas.readings import batches_to_frame
@@ -35,13 +37,13 @@ ROWS_PER_ACCOUNT = int(os.environ.get("MALLWATT_ROWS_PER_ACCOUNT", 64))
 PAYMENTS_PER_ACCOUNT = 16
 #: Accounts per part of a readings step (`parts`): the worker bills a step part by part and
 #: lets its event loop run between parts. About 2 s of billing at 350,000 merchants; a live
-#: step there (about 9,000 accounts) stays one part: each core call has a fixed cost (about
-#: 50 ms of polars plans at 35,000 merchants), so parts are for catch-up steps.
-PART_ACCOUNTS = int(os.environ.get("MALLWATT_PART_ACCOUNTS", 16384))
+#: step there (about 9,000 accounts) stays one part: each core call has a fixed cost (polars
+#: plans; roughly 50 ms per call under cProfile at 35,000 merchants), so parts are for catch-up.
+PART_ACCOUNTS = max(1, int(os.environ.get("MALLWATT_PART_ACCOUNTS", 16384)))
 #: From this many accounts a step bills the accounts near their relay level in a first part
 #: (`parts(first=...)`). A smaller step takes well under half a second, less than a second core
 #: call's fixed cost would save the trips in it.
-FIRST_MIN_ACCOUNTS = int(os.environ.get("MALLWATT_FIRST_MIN_ACCOUNTS", 4096))
+FIRST_MIN_ACCOUNTS = max(1, int(os.environ.get("MALLWATT_FIRST_MIN_ACCOUNTS", 4096)))
 
 
 def source_of(topic: str, partition: int) -> str:
@@ -129,6 +131,15 @@ def route_readings(frame: pl.DataFrame, ctx: BillingContext, partition: int | No
                                                  f"another shard: {ids[:10]}"))
     ok = joined.filter(pl.col("shard") == pl.col("partition"))
     return Routed(ok, ok["bucket"].unique().to_list(), sorted(rejected))
+
+
+def near_relay_keys(keys: list[str], load: Callable[[str], Envelope], rating: Any) -> set[str]:
+    """The step's state keys whose accounts a charge may soon trip (pipelines.core.priority),
+    for `parts(first=...)`; none in a step under FIRST_MIN_ACCOUNTS (one part: nothing to put
+    ahead, and the check costs a few microseconds per account)."""
+    if len(keys) < FIRST_MIN_ACCOUNTS:
+        return set()
+    return {key for key in keys if any(near_relay(s, rating) for s in load(key).accounts.values())}
 
 
 def parts(routed: Routed, max_accounts: int = PART_ACCOUNTS, first: frozenset[str] | set[str] = frozenset()

@@ -34,7 +34,6 @@ from infra.kafka_security import KafkaSettings
 from pipelines import batching, billing, claiming, faust_consumer, powerloop, worker_metrics
 from pipelines.audit import config_audit, refused_order_audit
 from pipelines.core.claims import CLAIM_HORIZON_DAYS
-from pipelines.core.priority import near_relay
 from pipelines.deadletter import dead_letter_record
 from pipelines.durable_table import DurableTable
 from pipelines.envelope import Envelope
@@ -63,7 +62,7 @@ BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
 #: per-account cost of a step is then spread over several readings per account; each
 #: account's rounds stay bounded by MALLWATT_ROWS_PER_ACCOUNT). At 350,000 merchants a cycle
 #: is about 4,000 messages of 8.4 kB: the bounds allow about 7 cycles per step. Memory: the
-#: bytes bound, about 4x that decoded, for the step's duration.
+#: bytes bound, and the step decoded (several times that; not measured), for its duration.
 CATCHUP_MESSAGES = int(os.environ.get("MALLWATT_CATCHUP_MESSAGES", 32768))
 CATCHUP_BYTES = int(os.environ.get("MALLWATT_CATCHUP_BYTES", 256 * 1024 * 1024))
 #: Log every reading step's size, input age and cost (for tuning; off by default).
@@ -335,20 +334,12 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 for changed in batching.apply_readings_many(envs, part, ctx):  # rounds, in order
                     store_all(changed, events, ctx)
 
-        split = batching.parts(routed, first=near_relay_keys(routed.buckets, ctx))
+        split = batching.parts(routed, first=batching.near_relay_keys(routed.buckets, load, ctx.rating))
         left = await bill_in_parts(split, bill_part, still_mine)
         if left:
             leave_to_owner(step_events, left)
             refused = [(e, r) for e, r in refused if e.message.partition not in left]
         return refused
-
-    def near_relay_keys(keys: list[str], ctx: Any) -> set[str]:
-        """The step's accounts whose relay a charge may soon open (pipelines.core.priority):
-        billed in a first part, so their trips leave before the rest of the step is billed."""
-        rating = ctx.rating
-        if len(keys) < batching.FIRST_MIN_ACCOUNTS:  # a small step is one part (batching.parts)
-            return set()
-        return {key for key in keys if any(near_relay(s, rating) for s in load(key).accounts.values())}
 
     def owned_partitions() -> set[int]:
         """The readings partitions this worker is assigned now."""

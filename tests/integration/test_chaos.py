@@ -23,6 +23,7 @@ the middle of steps, writes and commits.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -212,14 +213,23 @@ def _produce_window(producer: Producer, window: object, mall_of: dict[str, str],
     producer.flush(30)
 
 
-def prove(published: Published, replayed: Replayed, ctx: Any, payment_ids: Any) -> None:
+def prove(published: Published, replayed: Replayed, ctx: Any, payment_ids: Any,
+          evidence: Path | None = None) -> None:
     """The stream's outputs for this test's accounts equal the replay (pipelines.proof.compare),
-    and every payment id was credited exactly once."""
+    and every payment id was credited exactly once. On a difference, what was published is
+    written to `evidence` (JSON lines, in publish order) beside the replay's parquet files."""
     mine = set(ctx.accounts)
     published.ledger = [e for e in published.ledger if e["account_id"] in mine]
     published.alerts = [a for a in published.alerts if a["account_id"] in mine]
     published.commands = [c for c in published.commands if c["account_id"] in mine]
     problems = compare(published, replayed, ctx)
+    if problems and evidence is not None:
+        evidence.mkdir(parents=True, exist_ok=True)
+        for name in ("ledger", "alerts", "commands"):
+            with open(evidence / f"{name}.jsonl", "w") as out:
+                out.writelines(json.dumps(r, default=str) + "\n" for r in getattr(published, name))
+        (evidence / "worker_balances.json").write_text(json.dumps(published.worker_balances or {}))
+        problems.append(f"published outputs written to {evidence}")
     assert problems == [], "\n".join(problems)
     topups = {e["entry_id"] for e in published.ledger if e["kind"] == "topup"}
     assert len(topups) == len(payment_ids)
@@ -315,7 +325,7 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
            "MALLWATT_SESSION_TIMEOUT_S": "6", "MALLWATT_ROWS_PER_ACCOUNT": "1",
            # steps of more than 250 accounts are billed in parts, the worker checking between
            # parts that it still owns their partitions: the rebalances here meet steps mid-way
-           "MALLWATT_PART_ACCOUNTS": "250",
+           "MALLWATT_PART_ACCOUNTS": os.environ.get("MALLWATT_CHAOS_PART_ACCOUNTS", "250"),
            "MALLWATT_RELAY_ACK_TIMEOUT_MS": "3600000", "MALLWATT_FAUST_DIR": str(tmp_path / "faust")}
     workers = Workers(config, env, tmp_path)
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5})
@@ -359,7 +369,7 @@ def test_targeted_kills_match_arrival_order_replay(kafka_bootstrap: str, tmp_pat
     assert counts["payments"] == sum(len(w.payments) for w in inp.windows)
     replayed = replay_exported(config, exported, tmp_path / "replay", env)
 
-    prove(published, replayed, ctx, inp.payment_ids)
+    prove(published, replayed, ctx, inp.payment_ids, tmp_path / "published")
 
     # the comparison saw the whole story: duplicates published, every payment id credited once
     assert replayed.ledger.height > 45_000 and published.commands and published.alerts

@@ -12,7 +12,10 @@ def test_token_is_stored_hashed_and_authenticates(tmp_path: Path) -> None:
     store = TokenStore(tmp_path / "tokens.json")
     token_id, token = store.create("merchant", "M01-S0001", 1)
     text = (tmp_path / "tokens.json").read_text()
-    assert token not in text and token.split("_")[-1] not in text
+    # the secret is url-safe base64 and may itself hold "_" (a random 1-in-50 failure split on the last "_")
+    secret = token.split("_", 2)[2]
+    assert token.startswith(f"mwp_{token_id}_") and len(secret) >= 30
+    assert token not in text and secret not in text
     assert json.loads(text)[token_id]["role"] == "merchant"
     assert store.authenticate(token) == Principal(token_id, "merchant", "M01-S0001")
     assert store.authenticate(token + "x") is None

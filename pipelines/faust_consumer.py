@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -85,6 +86,15 @@ class StrictConsumer(AIOKafkaConsumer):
         self.stuck: dict[TP, float] = {}  # input partitions stall_report found quiet -> seconds
         self.stuck_commits: dict[TP, float] = {}  # ... whose commits wait on an unacked message -> seconds
         self.commit_blocked_since: dict[TP, float] = {}
+        # the delivery epoch of each input message given to an agent (StrictOffsets.superseded)
+        self._delivered_in: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+    def superseded(self, message: Any) -> bool:
+        """Whether an input message given to an agent was superseded by a later seek of its
+        partition: it comes again, and the agent must leave this copy unbilled and unacked
+        (pipelines.strict_offsets.StrictOffsets.superseded says why)."""
+        epoch = self._delivered_in.get(message)
+        return epoch is not None and self._strict_offsets.superseded(message.tp, message.offset, epoch)
 
     def stall_report(self, now: float, after_s: float = 10.0) -> str | None:
         """What holds an input, else None: the fetch loop waiting `after_s` to hand a message
@@ -148,8 +158,7 @@ class StrictConsumer(AIOKafkaConsumer):
         for tp, offset in offsets.items():
             want = book.expected.get(tp)
             if tp in mine and want is not None and offset < want:
-                book.expected[tp] = max(offset, book.floor.get(tp) or 0)
-                again[tp] = cast(int, book.expected[tp])
+                again[tp] = book.redeliver_from(tp, offset)  # what was delivered from there is superseded
         if not again:
             return
         try:
@@ -305,6 +314,7 @@ class StrictConsumer(AIOKafkaConsumer):
                             self.loop_stage = "committing"
                             await self.commit()
                         self.loop_stage = "delivering"
+                        self._delivered_in[message] = offsets.epochs.get(tp, 0)
                         delivery = callback(message)
                         self.delivering = (tp, offset, time.monotonic())
                         results = await self.wait_first(delivery, self.suspend_flow.wait())

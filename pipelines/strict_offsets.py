@@ -6,6 +6,7 @@ its own in tests/unit/pipelines/test_faust_consumer.py."""
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +15,9 @@ TP = Any  # a (topic, partition) named tuple: faust's TP or aiokafka's TopicPart
 #: Fetched batches in a row that may show the same jump before it is taken as offsets the
 #: broker no longer has (each one seeks back to the expected offset first).
 MAX_GAP_RESEEKS = 5
+#: Seeks remembered per partition for `superseded`. A message delivered before all of them
+#: counts as superseded (withheld: a commit that waits on it is unstuck by the stall check).
+SEEKS_KEPT = 64
 
 
 class Verdict(enum.Enum):
@@ -37,12 +41,50 @@ class StrictOffsets:
         self._gap_batches: dict[TP, tuple[int, int]] = {}  # tp -> (expected offset, batches seen)
         self._gap_this_batch: set[TP] = set()
         self.lost: list[tuple[TP, int, int]] = []  # (tp, first, last) offsets gone from the broker
+        self.epochs: dict[TP, int] = {}  # +1 at every seek of the partition (`sought`)
+        self._seeks: dict[TP, deque[tuple[int, int | None]]] = {}  # recent (epoch, offset) seeks
 
     def positioned(self, tp: TP, offset: int | None) -> None:
         """The partition was sought to `offset` (None: no committed offset, from its start)."""
         self.expected[tp] = offset
         self.floor[tp] = offset
         self._gap_batches.pop(tp, None)
+        self.sought(tp, offset)
+
+    def redeliver_from(self, tp: TP, offset: int) -> int:
+        """Messages from `offset` on, delivered but not taken by the agent (withheld), must
+        come again: the partition is sought back there (never below its commit floor).
+        Returns the offset to seek to."""
+        floor = self.floor.get(tp)
+        start = max(offset, floor or 0)
+        self.expected[tp] = start
+        self._gap_batches.pop(tp, None)
+        self.sought(tp, start)
+        return start
+
+    def sought(self, tp: TP, offset: int | None) -> None:
+        """A new delivery epoch of `tp` begins at `offset` (None: its start)."""
+        epoch = self.epochs.get(tp, 0) + 1
+        self.epochs[tp] = epoch
+        self._seeks.setdefault(tp, deque(maxlen=SEEKS_KEPT)).append((epoch, offset))
+
+    def superseded(self, tp: TP, offset: int, epoch: int) -> bool:
+        """Whether a message at `offset` delivered in `epoch` will come again: a later seek
+        went to its offset or before it. Its agent must not bill it: the copy that comes
+        again is billed in order, and billing a later message of a partition before an
+        earlier one made the earlier one's accounts skip it by their high-water marks
+        (readings committed, never billed: the chaos proof's top-ups on too high a balance).
+
+        Why it happens: a step withholds a partition's messages (a rebalance between its
+        parts, or a partition not owned at the step) and seeks back to them, while later
+        messages of that partition, delivered before the seek, wait in the agent's buffer;
+        or a rebalance gives the partition back while older deliveries wait there."""
+        seeks = self._seeks.get(tp)
+        if not seeks:
+            return False
+        if len(seeks) == SEEKS_KEPT and epoch < seeks[0][0] - 1:  # older than what is kept: assume so
+            return True
+        return any(e > epoch and (start is None or start <= offset) for e, start in seeks)
 
     def revoked(self, tps: Iterable[TP]) -> None:
         for tp in tps:

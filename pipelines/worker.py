@@ -232,6 +232,20 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             log.info("%s message(s) of partitions not owned now left to their owner: %s", len(gone),
                      sorted({(e.message.topic, e.message.partition) for e in gone})[:8])
 
+    def withhold_superseded(events: list[Any]) -> None:
+        """Take out of a step the messages that a later seek of their partition will deliver
+        again (pipelines.strict_offsets.StrictOffsets.superseded): billed now, ahead of an
+        earlier withheld message of their partition, they made its accounts skip it by their
+        high-water marks. Never acked: the copy that comes again is billed and acked."""
+        superseded = getattr(app.consumer, "superseded", None)
+        if superseded is None:
+            return
+        gone = withhold(events, lambda event: not superseded(event.message))
+        if gone:
+            log.info("%s message(s) delivered before their partition was sought back left for their next "
+                     "delivery: %s", len(gone), sorted({(e.message.topic, e.message.partition, e.message.offset)
+                                                      for e in gone})[:8])
+
     def redeliver_withheld(gone: list[Any]) -> None:
         """Withheld events of a partition this worker keeps (a rebalance ran) come again."""
         first: dict[Any, int] = {}
@@ -249,12 +263,14 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         With `wait_written`, return only once the step's state writes are acknowledged."""
         decoded: list[tuple[Any, Any]] = []
         letters: list[Any] = []  # delivery futures, awaited together: one round trip per step
+        withhold_superseded(events)  # not dead-lettered either: the copy that comes again is judged
         for event in distinct(events):  # faust may deliver a message twice in one step; acked all the same
             try:
                 decoded.append((event, decode(event.message.value)))
             except (codec.DecodeError, ValueError, KeyError) as exc:
                 letters.append(await send_dead_letter(event, "decode", str(exc)))
-        # ownership is checked after the last await before the synchronous bill below
+        # ownership and order are checked after the last await before the synchronous bill below
+        withhold_superseded(events)
         withhold_unowned(events)
         kept = {id(event) for event in events}
         decoded = [(event, value) for event, value in decoded if id(event) in kept]
@@ -463,6 +479,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         """Payments or postings against their claims, in input order; an accepted one goes on
         (through the claim's outbox) to the account's wallet."""
         async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
+            withhold_superseded(events)  # the first claim wins: claimed out of order, another copy could
             withhold_unowned(events)
             letters: list[Any] = []
             todo = distinct(events)  # a second copy of a message is acked with the step, not claimed

@@ -89,6 +89,14 @@ class StrictConsumer(AIOKafkaConsumer):
         # the delivery epoch of each input message given to an agent (StrictOffsets.superseded)
         self._delivered_in: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
+    def admit(self, messages: list[Any]) -> tuple[set[int], dict[TP, int]]:
+        """The indexes of an agent's step `messages` that skip ahead of a message faust
+        dropped after it was delivered, and the offsets to deliver again from
+        (pipelines.strict_offsets.StrictOffsets.admit); the rest count as taken."""
+        epochs = self._delivered_in
+        items = [(m.tp, m.offset, epochs.get(m, -1)) for m in messages]
+        return self._strict_offsets.admit(items)
+
     def superseded(self, message: Any) -> bool:
         """Whether an input message given to an agent was superseded by a later seek of its
         partition: it comes again, and the agent must leave this copy unbilled and unacked

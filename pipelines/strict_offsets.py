@@ -43,6 +43,7 @@ class StrictOffsets:
         self.lost: list[tuple[TP, int, int]] = []  # (tp, first, last) offsets gone from the broker
         self.epochs: dict[TP, int] = {}  # +1 at every seek of the partition (`sought`)
         self._seeks: dict[TP, deque[tuple[int, int | None]]] = {}  # recent (epoch, offset) seeks
+        self._taken: dict[TP, tuple[int, int | None]] = {}  # (epoch, next offset an agent may take)
 
     def positioned(self, tp: TP, offset: int | None) -> None:
         """The partition was sought to `offset` (None: no committed offset, from its start)."""
@@ -67,6 +68,49 @@ class StrictOffsets:
         epoch = self.epochs.get(tp, 0) + 1
         self.epochs[tp] = epoch
         self._seeks.setdefault(tp, deque(maxlen=SEEKS_KEPT)).append((epoch, offset))
+
+    def admit(self, items: list[tuple[TP, int, int]]) -> tuple[set[int], dict[TP, int]]:
+        """Which messages of an agent's step, (partition, offset, delivery epoch) in step
+        order, skip ahead of a message of their partition that was delivered in the current
+        epoch and never reached the agent. Returns the indexes of `items` to hold back (never
+        billed, never acked) and, per partition, the offset to deliver again from; the rest
+        is recorded as taken.
+
+        Why: the consumer counts a message delivered once faust's conductor has it, but a
+        faust stream still drops it, unacked, when it takes it while the flow is stopped or
+        from an older consumer generation (faust/streams.py, `skipped_value`; the end of a
+        recovery). A later message of that partition then reached the agent first: its
+        accounts' high-water marks passed the dropped one, which, delivered again by the
+        stall check 30 s later, was skipped as applied or billed after later top-ups (chaos
+        run 26; the commits of payments-accepted[3] waiting on 7732 while 7790.. were acked).
+
+        Messages of an older epoch (superseded or copies below a seek) and of partitions not
+        positioned here are not judged."""
+        held: set[int] = set()
+        again: dict[TP, int] = {}
+        for index, (tp, offset, epoch) in enumerate(items):
+            current = self.epochs.get(tp)
+            if tp not in self.expected or epoch != current:
+                continue
+            if tp in again:
+                held.add(index)
+                continue
+            start = self._taken_start(tp)
+            if start is not None and offset > start:
+                held.add(index)
+                again[tp] = start
+                continue
+            self._taken[tp] = (current, offset + 1 if start is None else max(start, offset + 1))
+        return held, again
+
+    def _taken_start(self, tp: TP) -> int | None:
+        """The next offset of `tp` an agent may take in its current epoch (None: unknown)."""
+        current = self.epochs.get(tp, 0)
+        taken_epoch, start = self._taken.get(tp, (None, None))
+        if taken_epoch == current:
+            return start
+        seeks = self._seeks.get(tp)  # the first take of this epoch: from where its seek went
+        return seeks[-1][1] if seeks and seeks[-1][0] == current else None
 
     def superseded(self, tp: TP, offset: int, epoch: int) -> bool:
         """Whether a message at `offset` delivered in `epoch` will come again: a later seek
@@ -136,6 +180,9 @@ class StrictOffsets:
         floor = self.floor.get(tp)
         if floor is not None and floor < offset:
             self.floor[tp] = offset
+        start = self._taken_start(tp)
+        if start is None or start < offset:  # no agent can take them now: not a gap to deliver again
+            self._taken[tp] = (self.epochs.get(tp, 0), offset)
 
     def commit_offset(self, tp: TP, acked: list[int], index: set[int]) -> int | None:
         """The offset to commit for `tp` from its acked offsets (sorted in place and trimmed,

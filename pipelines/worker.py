@@ -245,6 +245,16 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             log.info("%s message(s) delivered before their partition was sought back left for their next "
                      "delivery: %s", len(gone), sorted({(e.message.topic, e.message.partition, e.message.offset)
                                                       for e in gone})[:8])
+        # ... and those that skip ahead of a message faust dropped after its delivery
+        held, again = app.consumer.admit([event.message for event in events])
+        if held:
+            index = {id(event): i for i, event in enumerate(events)}
+            withhold(events, lambda event: index[id(event)] not in held)
+            log.warning("input skipped ahead of a dropped message; delivered again from %s (%s message(s) held back)",
+                        {f"{tp.topic}[{tp.partition}]": offset for tp, offset in again.items()}, len(held))
+            task = asyncio.ensure_future(app.consumer.redeliver(again))
+            pending_acks.add(task)  # keeps the task referenced until it ends
+            task.add_done_callback(pending_acks.discard)
 
     def redeliver_withheld(gone: list[Any]) -> None:
         """Withheld events of a partition this worker keeps (a rebalance ran) come again."""

@@ -10,7 +10,9 @@ step waits at most `within` to fill up. Behind a backlog (`behind`), steps fill 
 size as with take_events.
 
 The buffering is faust's own (a stream processor fills the buffer, and events are acked
-after the step that consumed them); only the wait differs. It depends on faust-streaming
+after the step that consumed them); only the wait differs, and that the buffer of the next
+step fills while a step runs (up to that step's size: a catch-up step is ready when the last
+one ends, instead of filling for seconds after it). It depends on faust-streaming
 0.15.3 internals (pinned): `add_processor`, `_enable_passive`, the channel's queue.
 """
 
@@ -22,8 +24,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, TypeVar
-
-from mode.utils.futures import notify
 
 log = logging.getLogger("mallwatt.take")
 E = TypeVar("E")
@@ -164,6 +164,12 @@ class CatchupSize:
         fits = int(self.step_s * messages / seconds)
         self.current = max(self.floor, min(self.ceiling, fits, 4 * max(self.current, messages)))
 
+    @property
+    def ahead(self) -> int:
+        """How many messages the next step's buffer may hold while a step runs: what the
+        sizer may allow once that step is observed (the buffer is cut to `current` then)."""
+        return min(self.ceiling, 4 * self.current)
+
 
 def behind(newest_stamp: float | None, within: float) -> bool:
     """Whether even the newest buffered message (its Kafka timestamp, epoch seconds) is older
@@ -216,17 +222,16 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
     arrived = asyncio.Event()  # set by every event added (a catch-up step's fill waits on it)
     full = asyncio.Event()
     consumed = asyncio.Event()
-    consuming: asyncio.Future[None] | None = None
+    stepping = False  # a step is out: the buffer fills for the next one, up to CatchupSize.ahead
     channel = aiter(stream.channel)
 
     async def add_to_buffer(value: Any) -> Any:
-        nonlocal consuming, oldest, newest_stamp, size
+        # While a step runs, what arrives fills the next step's buffer (up to its size), so a
+        # catch-up step is ready when the last one ends: filling one after billing cost 3-8 s
+        # between steps of a minute at 350,000 merchants, and held steps to what 10 s of
+        # fetching brought (about 1.5 poll cycles, where 4 cycles bill 1.9x faster).
+        nonlocal oldest, newest_stamp, size
         try:
-            if consuming is not None:  # a step is running: do not change its list
-                try:
-                    await consuming
-                finally:
-                    consuming = None
             event = stream.current_event
             if event is None:
                 raise RuntimeError("take_steps found no current event")
@@ -239,7 +244,8 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             arrived.set()
             value = event.message.value
             size += len(value) if isinstance(value, bytes | bytearray) else 0
-            if len(events) >= max_ and (len(events) >= sizer.current or (catchup_bytes and size >= catchup_bytes)
+            if len(events) >= max_ and (len(events) >= (sizer.ahead if stepping else sizer.current)
+                                        or (catchup_bytes and size >= catchup_bytes)
                                         or not in_catchup()):
                 full.set()
                 consumed.clear()
@@ -292,8 +298,21 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                 remaining = within  # a backlog: more is on its way, fill the step as take_events does
             if remaining > 0 and not full.is_set():
                 await stream.wait_for_stopped(full, timeout=remaining)
-            consuming = asyncio.get_running_loop().create_future()
-            step = list(events)
+            # a buffer filled while the last step ran may hold more than the sizer now allows
+            take = sizer.current if catching_up and len(events) > max(max_, sizer.current) else len(events)
+            step = events[:take]
+            # the buffer starts over (with what the step leaves) and fills while the step runs
+            del events[:take]
+            oldest = min((_arrival(e.message) for e in events), default=float("inf"))
+            newest_stamp = max((t for e in events if (t := getattr(e.message, "timestamp", None))), default=None)
+            size = sum(len(v) for e in events if isinstance(v := e.message.value, bytes | bytearray))
+            if not events:
+                has_events.clear()
+            full.clear()
+            if len(events) >= max(max_, sizer.current):  # what the step left is a whole step: no fill
+                full.set()
+            consumed.set()
+            stepping = True
             stepped = False
             try:
                 yielded_at = time.monotonic()
@@ -301,9 +320,7 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                 stepped = True
                 sizer.observe(len(step), time.monotonic() - yielded_at)
             finally:
-                events.clear()
-                oldest, newest_stamp, size = float("inf"), None, 0
-                has_events.clear()
+                stepping = False
                 # Acked only after a step the agent finished: a step that raised (or an agent
                 # cancelled in it) leaves its events unacked, so their offsets are never
                 # committed and a restart delivers them again. Acking them here let a failed
@@ -311,9 +328,6 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                 if stepped:
                     for event in step:
                         await stream.ack(event)
-                notify(consuming)
-                full.clear()
-                consumed.set()
     finally:
         stream.enable_acks = enable_acks
         stream._processors.remove(add_to_buffer)

@@ -146,10 +146,10 @@ class Run:
                       codec.encode("Payment", record))
         self.payments_sent += 1
 
-    def _produce(self, topic: str, partition: int, key: bytes, value: bytes) -> None:
+    def _produce(self, topic: str, partition: int, key: bytes, value: bytes, timestamp_ms: int = 0) -> None:
         while True:
-            try:
-                self.producer.produce(topic, key=key, value=value, partition=partition)
+            try:  # timestamp 0: the producer's clock, now
+                self.producer.produce(topic, key=key, value=value, partition=partition, timestamp=timestamp_ms)
                 return
             except BufferError:  # a backlog produced faster than the broker takes it
                 self.producer.poll(0.05)
@@ -168,18 +168,21 @@ class Run:
                 amount = 2 * self.live.cost_per_cycle_minor(cmd.account_id)
                 self.send_payment(payment(f"bench-{n}-{cmd.command_id}", cmd.account_id, amount, ts))
 
-    def send_reading(self, msg: Message) -> None:
-        self._produce(T.READINGS, msg.partition, shard_key(msg.partition), msg.value)
+    def send_reading(self, msg: Message, timestamp_ms: int = 0) -> None:
+        self._produce(T.READINGS, msg.partition, shard_key(msg.partition), msg.value, timestamp_ms)
         if self.recording:
             now = time.time() * 1000
             for account in msg.trip_accounts:
                 self.sent_ms[(account, msg.ts_ms)] = now
         self.producer.poll(0)
 
-    def stream(self, cycles: int, *, paced: bool = True, during: Callable[[int, float], None] | None = None) -> int:
+    def stream(self, cycles: int, *, paced: bool = True, during: Callable[[int, float], None] | None = None,
+               stamped_from: float | None = None) -> int:
         """Produce `cycles` poll cycles; paced: each cycle's messages spread over the cadence,
         cycle k of this call starting k cadences after the call. Returns the readings sent.
-        `during(cycle, fraction)` runs between messages; the worker is checked twice a second."""
+        `during(cycle, fraction)` runs between messages; the worker is checked twice a second.
+        `stamped_from` (epoch s): unpaced messages carry the Kafka timestamps they would have had
+        produced live from then on (a backlog of N minutes is N minutes old at its start)."""
         cadence = self.args.cadence_s
         start = time.time()
         readings = 0
@@ -193,7 +196,8 @@ class Run:
                     delay = start + (k + msg.slot) * cadence - time.time()
                     if delay > 0:
                         time.sleep(delay)
-                self.send_reading(msg)
+                stamp = 0 if stamped_from is None else int((stamped_from + (k + msg.slot) * cadence) * 1000)
+                self.send_reading(msg, stamp)
                 readings += msg.readings
                 if paced:
                     self.tick()
@@ -354,7 +358,10 @@ class Run:
         for n in range(cycles):  # top-ups belong to the backlog too
             self.send_payment(payment(f"backlog-{self.cycle + n}", self.rng.choice(live.roster.merchants), 5_000,
                                       T0 + int((self.cycle + n) * args.cadence_s * 1000)))
-        backlog = self.stream(cycles, paced=False) + behind
+        # stamped as produced live over the outage: the worker judges a backlog by its messages'
+        # age (pipelines/take.py, CATCHUP_AFTER_S), and a backlog produced in a burst looked
+        # seconds old, so the restarted worker took a minute of live-size steps first
+        backlog = self.stream(cycles, paced=False, stamped_from=time.time() - cycles * args.cadence_s) + behind
         cl_before = self.offsets.ends(self.changelog)
         messages = self.offsets.lag(T.READINGS)
         started = time.time()

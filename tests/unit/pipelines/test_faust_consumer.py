@@ -336,17 +336,23 @@ def test_a_commit_waiting_on_an_unacked_message_is_reported_then_delivered_again
     assert sought == [{TP0: 10}] and book.expected[TP0] == 10
 
 
+def _fetched_10_to_14() -> tuple[Any, list[Message]]:
+    """A consumer that owns TP0, positioned at 10, whose fetch loop delivered 10..14."""
+    consumer = _consumer()
+    consumer._strict_offsets.positioned(TP0, 10)
+    consumer.assignment = lambda: {TP0}
+    fetched: list[Message] = []
+    _drain(consumer, [[10, 11, 12, 13, 14]], messages=fetched)
+    return consumer, fetched
+
+
 def test_messages_delivered_before_a_seek_back_to_them_are_superseded() -> None:
     # A step withheld 12 (a rebalance between its parts) and the partition was sought back to
     # it while 13 and 14, delivered before the seek, waited in the agent's buffer. Billed ahead
     # of 12, they set the accounts' high-water marks past it and 12 was skipped: committed,
     # never billed (the chaos proof's top-ups on too high a balance). The copies delivered
     # again after the seek are the ones to bill.
-    consumer = _consumer()
-    consumer._strict_offsets.positioned(TP0, 10)
-    consumer.assignment = lambda: {TP0}
-    first: list[Message] = []
-    _drain(consumer, [[10, 11, 12, 13, 14]], messages=first)
+    consumer, first = _fetched_10_to_14()
     assert not any(consumer.superseded(m) for m in first)
     sought: list[dict[TP, int]] = []
 
@@ -392,11 +398,7 @@ def test_a_step_that_skips_ahead_of_a_dropped_message_is_held_back_and_delivered
     # consumer generation, unacked, after the consumer counted it delivered (the end of a
     # recovery). Seen: payments-accepted[3] 7790.. acked while 7732.. never reached the agent,
     # and chaos run 26. Billed first, the later messages' high-water marks skipped the dropped ones.
-    consumer = _consumer()
-    consumer._strict_offsets.positioned(TP0, 10)
-    consumer.assignment = lambda: {TP0}
-    fetched: list[Message] = []
-    _drain(consumer, [[10, 11, 12, 13, 14]], messages=fetched)
+    consumer, fetched = _fetched_10_to_14()
     by_offset = {m.offset: m for m in fetched}
     assert consumer.admit([by_offset[10], by_offset[11]]) == (set(), {})
     held, again = consumer.admit([by_offset[11], by_offset[14], by_offset[12]])  # 12, 13 dropped by faust

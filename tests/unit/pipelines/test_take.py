@@ -329,6 +329,14 @@ def test_a_step_stops_at_a_part_whose_partition_moved_and_names_what_is_left() -
     assert billed == ["p0a", "p0b", "p1"] and left == {2}
 
 
+def _run(coro: Any) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 def test_what_arrives_during_a_step_fills_the_next_steps_buffer() -> None:
     """While a step is billed, arriving events move into the next step's buffer (up to its
     size), so the next step is ready when this one ends: a catch-up step at 350,000
@@ -358,11 +366,7 @@ def test_what_arrives_during_a_step_fills_the_next_steps_buffer() -> None:
                 put_done[value] = time.monotonic()
             await asyncio.sleep(1.0)
 
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(main())
     assert steps == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     # 4..7 went into the next step's buffer during the first step (before, the stream stopped
     # at 4 until the step ended); 8 waited for that buffer to be taken
@@ -391,11 +395,7 @@ def test_a_buffer_filled_during_a_step_is_cut_to_what_the_sizer_allows() -> None
                 await context.put(value, timestamp=time.time() - 30)
             await asyncio.sleep(3.0)
 
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(main())
     assert [v for step in steps for v in step] == list(range(20))
     assert len(steps[0]) == 8  # 4x the live size
     assert len(steps[1]) == 2  # the buffer held up to 16 meanwhile; cut to the sizer's 2

@@ -229,7 +229,8 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
         # While a step runs, what arrives fills the next step's buffer (up to its size), so a
         # catch-up step is ready when the last one ends: filling one after billing cost 3-8 s
         # between steps of a minute at 350,000 merchants, and held steps to what 10 s of
-        # fetching brought (about 1.5 poll cycles, where 4 cycles bill 1.9x faster).
+        # fetching brought (about 1.5 poll cycles; in session 9 a 4-cycle step billed 21,800
+        # readings/s, a single-cycle one 6,500).
         nonlocal oldest, newest_stamp, size
         try:
             event = stream.current_event

@@ -62,7 +62,8 @@ BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
 #: per-account cost of a step is then spread over several readings per account; each
 #: account's rounds stay bounded by MALLWATT_ROWS_PER_ACCOUNT). At 350,000 merchants a cycle
 #: is about 4,000 messages of 8.4 kB: the bounds allow about 7 cycles per step. Memory: the
-#: bytes bound, and the step decoded (several times that; not measured), for its duration.
+#: bytes bound, and the step decoded (several times that; not measured), for its duration,
+#: plus the next step's buffer filling meanwhile (up to the same bounds: pipelines/take.py).
 CATCHUP_MESSAGES = int(os.environ.get("MALLWATT_CATCHUP_MESSAGES", 32768))
 CATCHUP_BYTES = int(os.environ.get("MALLWATT_CATCHUP_BYTES", 256 * 1024 * 1024))
 #: Log every reading step's size, input age and cost (for tuning; off by default).
@@ -232,29 +233,34 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             log.info("%s message(s) of partitions not owned now left to their owner: %s", len(gone),
                      sorted({(e.message.topic, e.message.partition) for e in gone})[:8])
 
-    def withhold_superseded(events: list[Any]) -> None:
-        """Take out of a step the messages that a later seek of their partition will deliver
-        again (pipelines.strict_offsets.StrictOffsets.superseded): billed now, ahead of an
-        earlier withheld message of their partition, they made its accounts skip it by their
-        high-water marks. Never acked: the copy that comes again is billed and acked."""
-        superseded = getattr(app.consumer, "superseded", None)
-        if superseded is None:
+    def withhold_out_of_order(events: list[Any]) -> None:
+        """Take out of a step the messages that would be billed ahead of an earlier message of
+        their partition (pipelines.strict_offsets: `superseded`, a later seek delivers them
+        again; `admit`, they skip a message faust dropped after its delivery, which is then
+        delivered again). Billed first, they moved their accounts' high-water marks past the
+        earlier one, which was skipped as applied. Never acked: the copy that comes again is
+        billed, in order."""
+        consumer = app.consumer
+        if not hasattr(consumer, "superseded"):  # not the strict consumer
             return
-        gone = withhold(events, lambda event: not superseded(event.message))
+        gone = withhold(events, lambda event: not consumer.superseded(event.message))
         if gone:
             log.info("%s message(s) delivered before their partition was sought back left for their next "
                      "delivery: %s", len(gone), sorted({(e.message.topic, e.message.partition, e.message.offset)
                                                       for e in gone})[:8])
-        # ... and those that skip ahead of a message faust dropped after its delivery
-        held, again = app.consumer.admit([event.message for event in events])
+        held, again = consumer.admit([event.message for event in events])
         if held:
-            index = {id(event): i for i, event in enumerate(events)}
-            withhold(events, lambda event: index[id(event)] not in held)
+            held_ids = {id(events[i]) for i in held}
+            withhold(events, lambda event: id(event) not in held_ids)
             log.warning("input skipped ahead of a dropped message; delivered again from %s (%s message(s) held back)",
                         {f"{tp.topic}[{tp.partition}]": offset for tp, offset in again.items()}, len(held))
-            task = asyncio.ensure_future(app.consumer.redeliver(again))
-            pending_acks.add(task)  # keeps the task referenced until it ends
-            task.add_done_callback(pending_acks.discard)
+            in_background(consumer.redeliver(again))
+
+    def in_background(work: Any) -> None:
+        """Run `work` (a coroutine) as a task kept referenced until it ends."""
+        task = asyncio.ensure_future(work)
+        pending_acks.add(task)
+        task.add_done_callback(pending_acks.discard)
 
     def redeliver_withheld(gone: list[Any]) -> None:
         """Withheld events of a partition this worker keeps (a rebalance ran) come again."""
@@ -263,9 +269,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             tp = event.message.tp
             first[tp] = min(first.get(tp, event.message.offset), event.message.offset)
         if hasattr(app.consumer, "redeliver"):
-            task = asyncio.ensure_future(app.consumer.redeliver(first))
-            pending_acks.add(task)  # keeps the task referenced until it ends
-            task.add_done_callback(pending_acks.discard)
+            in_background(app.consumer.redeliver(first))
 
     async def bill_batch(events: list[Any], decode: Any, bill: Any, *, wait_written: bool = True) -> None:
         """Decode each message (a bad one goes to the dead letters) and bill the rest in one
@@ -273,14 +277,14 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         With `wait_written`, return only once the step's state writes are acknowledged."""
         decoded: list[tuple[Any, Any]] = []
         letters: list[Any] = []  # delivery futures, awaited together: one round trip per step
-        withhold_superseded(events)  # not dead-lettered either: the copy that comes again is judged
+        withhold_out_of_order(events)  # not dead-lettered either: the copy that comes again is judged
         for event in distinct(events):  # faust may deliver a message twice in one step; acked all the same
             try:
                 decoded.append((event, decode(event.message.value)))
             except (codec.DecodeError, ValueError, KeyError) as exc:
                 letters.append(await send_dead_letter(event, "decode", str(exc)))
         # ownership and order are checked after the last await before the synchronous bill below
-        withhold_superseded(events)
+        withhold_out_of_order(events)
         withhold_unowned(events)
         kept = {id(event) for event in events}
         decoded = [(event, value) for event, value in decoded if id(event) in kept]
@@ -410,7 +414,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             problem = f"account {account!r} belongs to partition {owner}, not {event.message.partition}"
         return problem
 
-    pending_acks: set[asyncio.Future[None]] = set()  # keeps the background ack tasks referenced
+    pending_acks: set[asyncio.Future[None]] = set()  # keeps the background tasks referenced (in_background)
 
     @app.agent(readings_topic)
     async def on_readings(stream: faust.Stream) -> None:
@@ -427,9 +431,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             for event in events:
                 event.message.incref()
             await bill_batch(events, decode_readings, bill_readings, wait_written=False)
-            task = asyncio.ensure_future(ack_when_written(stream, events))
-            pending_acks.add(task)
-            task.add_done_callback(pending_acks.discard)
+            in_background(ack_when_written(stream, events))
             if LOG_STEPS:  # how far behind the input a step runs, and its cost
                 ages = [(started - e.message.timestamp) * 1000 for e in events]
                 # wall time and this thread's CPU: a step that takes much longer than its CPU
@@ -489,7 +491,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         """Payments or postings against their claims, in input order; an accepted one goes on
         (through the claim's outbox) to the account's wallet."""
         async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S):
-            withhold_superseded(events)  # the first claim wins: claimed out of order, another copy could
+            withhold_out_of_order(events)  # the first claim wins: claimed out of order, another copy could
             withhold_unowned(events)
             letters: list[Any] = []
             todo = distinct(events)  # a second copy of a message is acked with the step, not claimed

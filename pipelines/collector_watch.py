@@ -51,6 +51,7 @@ from pipelines.core.collector_watch import (
     tick,
 )
 from pipelines.logsetup import kafka_logger
+from pipelines.start_retry import retry_start
 from schemas import codec
 
 log = logging.getLogger("mallwatt.watch")
@@ -92,6 +93,7 @@ class CollectorWatch:
         The alerts are read to their end before any event is judged: the topics are read
         in no fixed order, and an event read before the alert that already opened its
         episode would open it again (a restarted watcher repeating an alert)."""
+        self.state = WatchState()  # a retried start must not restore the alerts twice
         now_ms = int(self.clock() * 1000)
         meta = self.consumer.list_topics(timeout=timeout_s)
         self._assign_since(meta, {self.alerts_topic: now_ms - self.lookback_ms}, timeout_s)
@@ -214,8 +216,23 @@ class CollectorWatch:
             M.WATCH_OFFLINE.labels(cause).set(n)
         return len(alerts)
 
+    def assign_until_started(self, stop: threading.Event, backoff_max_s: float = 5.0) -> bool:
+        """`assign`, retried until it succeeds or `stop` is set (start_retry says why);
+        meanwhile readiness names the error."""
+        def failed(msg: str) -> None:
+            self.broker_error = f"start: {msg}"
+
+        def started() -> bool:
+            self.assign()
+            self.broker_error = None
+            return True
+
+        return bool(retry_start(stop, started, "watch", on_error=failed, backoff_max_s=backoff_max_s))
+
     def run(self, stop: threading.Event) -> None:
-        self.assign()
+        if not self.assign_until_started(stop):
+            self.consumer.close()
+            return
         try:
             while not stop.is_set():
                 try:

@@ -18,6 +18,7 @@ from infra import topics as T
 from infra.kafka_security import kafka_config
 from pipelines.portal.preferences import Preferences
 from pipelines.portal.readmodel import ReadModel
+from pipelines.start_retry import retry_start
 from schemas import codec
 from schemas.ledger import batch_entries
 
@@ -44,18 +45,28 @@ class KafkaFeed:
         self._thread.join(5)
 
     def _run(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
         consumer = Consumer(kafka_config(self.bootstrap, **{"group.id": "mallwatt-portal",
                              "enable.auto.commit": False, "fetch.wait.max.ms": 50,
                              "fetch.min.bytes": 1}))
-        parts, ends = [], {}
-        for topic in self.topics:
-            meta = consumer.list_topics(topic, timeout=30).topics[topic]
-            for p in meta.partitions:
-                parts.append(TopicPartition(topic, p, OFFSET_BEGINNING))
-                ends[(topic, p)] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
-        consumer.assign(parts)
+
+        def assign() -> dict[tuple[str, int], int]:
+            parts, ends = [], {}
+            for topic in self.topics:
+                meta = consumer.list_topics(topic, timeout=30).topics[topic]
+                if meta.error is not None:
+                    raise KafkaException(meta.error)
+                for p in meta.partitions:
+                    parts.append(TopicPartition(topic, p, OFFSET_BEGINNING))
+                    ends[(topic, p)] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+            consumer.assign(parts)
+            return ends
+
+        ends = retry_start(self._stop, assign, "portal feed")
+        if ends is None:
+            consumer.close()
+            return
         pending = {k for k, end in ends.items() if end > 0}
         if not pending:
             self.caught_up.set()

@@ -115,6 +115,10 @@ class CommandLog:
         self._lines = len(self.entries)
 
 
+# how long a rebalance's start-offset lookup is retried (well under max.poll.interval.ms)
+START_RETRY_S = 60.0
+
+
 class CommandExecutor:
     def __init__(self, relay: RelayController, publisher: ReadingPublisher,
                  plan: CollectorPlan, *, bootstrap: str | Callable[[], str],
@@ -161,23 +165,37 @@ class CommandExecutor:
 
     def _on_assign(self, consumer: Consumer, partitions: list) -> None:
         if self.offset_reset == "lookback":
-            # committed offsets win; a partition without one starts lookback_s ago
-            committed = consumer.committed(partitions, timeout=10)
-            fresh = [tp for tp in committed if tp.offset < 0]
-            since = int((time.time() - self.lookback_s) * 1000)
-            found = {tp.partition: tp.offset for tp in consumer.offsets_for_times(
-                [TopicPartition(tp.topic, tp.partition, since) for tp in fresh], timeout=10)
-            } if fresh else {}
-            start = []
-            for tp in committed:
-                off = tp.offset if tp.offset >= 0 else found.get(tp.partition, -1)
-                # no message since `since`: start at the end, like "latest"
-                start.append(TopicPartition(tp.topic, tp.partition,
-                                            off if off >= 0 else OFFSET_END))
-            partitions = start
+            partitions = self._lookback_starts(consumer, partitions)
             consumer.assign(partitions)
         self.start_offsets = {tp.partition: tp.offset for tp in partitions}
         self.assigned = len(partitions)
+
+    def _lookback_starts(self, consumer: Consumer, partitions: list) -> list[TopicPartition]:
+        """Committed offsets win; a partition without one starts `lookback_s` ago. A broker
+        that answers "not leader" for a moment (seen in CI on a fresh topic) is asked again
+        for up to `START_RETRY_S`: an exception here would end the command loop."""
+        delay_s, deadline = 0.25, time.monotonic() + START_RETRY_S
+        while True:
+            try:
+                committed = consumer.committed(partitions, timeout=10)
+                fresh = [tp for tp in committed if tp.offset < 0]
+                since = int((time.time() - self.lookback_s) * 1000)
+                found = {tp.partition: tp.offset for tp in consumer.offsets_for_times(
+                    [TopicPartition(tp.topic, tp.partition, since) for tp in fresh], timeout=10)
+                } if fresh else {}
+                break
+            except KafkaException as exc:
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                log.warning("relay commands: start offsets not read: %s; retrying in %.2f s", exc, delay_s)
+                time.sleep(delay_s)
+                delay_s = min(2 * delay_s, 5.0)
+        start = []
+        for tp in committed:
+            off = tp.offset if tp.offset >= 0 else found.get(tp.partition, -1)
+            # no message since `since`: start at the end, like "latest"
+            start.append(TopicPartition(tp.topic, tp.partition, off if off >= 0 else OFFSET_END))
+        return start
 
     def _mine(self, cmd: dict[str, Any]) -> bool:
         return cmd["mall_id"] == self.plan.mall_id and self.plan.owns(cmd["meter_id"])

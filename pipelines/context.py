@@ -111,6 +111,14 @@ class BillingContext:
                              {"circuit_id": pl.String, "shard": pl.Int64, "bucket": pl.String})
 
 
+    @cached_property
+    def accounts_per_shard(self) -> dict[int, int]:
+        """Partition -> how many metered accounts it owns (a catch-up step's sizer: a step
+        spanning more than a poll cycle touches no more accounts than its partitions own)."""
+        counts = self.circuit_routes.group_by("shard").agg(pl.col("bucket").n_unique().alias("n"))
+        return dict(zip(counts["shard"].to_list(), counts["n"].to_list(), strict=True))
+
+
 def build_context(portfolio: Portfolio | PortfolioConfig, partitions: int, *,
                   lateness_ms: int | None = None) -> BillingContext:
     """The one config -> billing context builder (stream, replay, bills, tests), from a Portfolio

@@ -150,25 +150,109 @@ CATCHUP_STEP_S = float(os.environ.get("MALLWATT_CATCHUP_STEP_S", 90.0))
 class CatchupSize:
     """How many messages the next catch-up step may take: what the last full steps billed in
     `step_s` seconds, between `floor` (the live step size) and `ceiling`, growing at most
-    4x per step (a larger step costs less per message, so the estimate errs small)."""
+    `growth`x per step.
 
-    def __init__(self, floor: int, ceiling: int, step_s: float) -> None:
+    Without a step's shape it assumes a constant cost per message, which errs small (a
+    larger step costs less per message), hence growth 4x. With the shape (`note_shape`: the
+    accounts a step billed, its readings and the accounts the worker owns) it models a step's
+    time as per account plus per reading (StepCost). That matters at 350,000 merchants, where
+    a step of one poll cycle bills each account once: measured live (session 9) a one-cycle
+    step took 57 s and a four-cycle step 66 s, so per message the first looked four times as
+    dear as the second and the per-message estimate kept steps near one cycle (catch-up at
+    1.6x the offered rate, session 10)."""
+
+    def __init__(self, floor: int, ceiling: int, step_s: float, growth: int = 4) -> None:
         self.floor, self.ceiling, self.step_s = floor, max(floor, ceiling), step_s
+        self.growth = growth
         self.current = min(self.ceiling, 4 * floor)
+        self.cost = StepCost()
+        self._shape: tuple[int, int, int] | None = None  # of the step being billed
+
+    def note_shape(self, accounts: int, readings: int, owned: int) -> None:
+        """The running step billed `accounts` distinct accounts and `readings` readings; the
+        worker owns `owned` accounts (a step spanning more than a cycle touches no more)."""
+        self._shape = (accounts, readings, max(owned, accounts))
 
     def observe(self, messages: int, seconds: float) -> None:
         """A step of `messages` took `seconds` to bill. Steps below the live size say little
         (their fixed cost dominates) and are ignored."""
+        shape, self._shape = self._shape, None
         if messages < self.floor or seconds <= 0:
             return
         fits = int(self.step_s * messages / seconds)
-        self.current = max(self.floor, min(self.ceiling, fits, 4 * max(self.current, messages)))
+        if shape is not None:
+            accounts, readings, owned = shape
+            self.cost.observe(accounts, readings, seconds)
+            fits = self.cost.messages_within(self.step_s, messages, accounts, readings, owned) or fits
+        self.current = max(self.floor, min(self.ceiling, fits, self.growth * max(self.current, messages)))
 
     @property
     def ahead(self) -> int:
         """How many messages the next step's buffer may hold while a step runs: what the
         sizer may allow once that step is observed (the buffer is cut to `current` then)."""
-        return min(self.ceiling, 4 * self.current)
+        return min(self.ceiling, self.growth * self.current)
+
+
+class StepCost:
+    """A catch-up step's billing time as `per_account_s * accounts + per_reading_s * readings`,
+    fitted to the last steps (least squares on up to KEPT of them). Until two steps of
+    different readings per account pin both, a reading is taken to cost PRIOR_READING_SHARE of
+    an account: more than measured (0.06 live, 0.2 in-process), so the estimate errs long and
+    the step small."""
+
+    KEPT = 4
+    PRIOR_READING_SHARE = 0.2
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, float]] = []  # (accounts, readings, seconds)
+        self.per_account_s = 0.0
+        self.per_reading_s = 0.0
+
+    def observe(self, accounts: int, readings: int, seconds: float) -> None:
+        if accounts <= 0 or readings <= 0:
+            return
+        self.seen = [*self.seen, (accounts, readings, seconds)][-self.KEPT:]
+        fitted = self._fit()
+        if fitted is None:  # the newest step alone, with the prior split
+            unit = seconds / (accounts + self.PRIOR_READING_SHARE * readings)
+            fitted = unit, self.PRIOR_READING_SHARE * unit
+        self.per_account_s, self.per_reading_s = fitted
+
+    def _fit(self) -> tuple[float, float] | None:
+        """Least squares of seconds = a * accounts + r * readings, if the steps kept differ
+        enough in readings per account to tell a from r and both come out positive."""
+        ratios = [r / a for a, r, _ in self.seen]
+        if len(self.seen) < 2 or max(ratios) < 1.2 * min(ratios):
+            return None
+        saa = sum(a * a for a, _, _ in self.seen)
+        srr = sum(r * r for _, r, _ in self.seen)
+        sar = sum(a * r for a, r, _ in self.seen)
+        sat = sum(a * t for a, _, t in self.seen)
+        srt = sum(r * t for _, r, t in self.seen)
+        det = saa * srr - sar * sar
+        if det <= 0:
+            return None
+        per_account = (sat * srr - srt * sar) / det
+        per_reading = (saa * srt - sar * sat) / det
+        if per_account <= 0 or per_reading <= 0:
+            return None
+        return per_account, per_reading
+
+    def messages_within(self, budget_s: float, messages: int, accounts: int, readings: int,
+                        owned: int) -> int | None:
+        """How many messages shaped like the last step (readings per message; new accounts
+        per message until every owned account is in) bill within `budget_s`; None without a
+        fit."""
+        a, r = self.per_account_s, self.per_reading_s
+        if a <= 0 or r <= 0 or messages <= 0:
+            return None
+        readings_per_msg = readings / messages
+        accounts_per_msg = accounts / messages
+        below = budget_s / (a * accounts_per_msg + r * readings_per_msg)  # accounts still growing
+        if below * accounts_per_msg <= owned:
+            return int(below)
+        # past every owned account a message adds readings only
+        return max(int(owned / accounts_per_msg), int((budget_s - a * owned) / (r * readings_per_msg)))
 
 
 def behind(newest_stamp: float | None, within: float) -> bool:
@@ -199,7 +283,8 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                      catchup_bytes: int | None = None,
                      catchup_after_s: float = CATCHUP_AFTER_S,
                      catchup_fill_s: float = CATCHUP_FILL_S,
-                     catchup_step_s: float = CATCHUP_STEP_S) -> AsyncIterator[list[Any]]:
+                     catchup_step_s: float = CATCHUP_STEP_S,
+                     sizer: CatchupSize | None = None) -> AsyncIterator[list[Any]]:
     """Lists of at most `max_` events; a list is yielded at once when it is full, else once
     its oldest event has waited `within` seconds since it arrived (behind a backlog: once it
     is full or `within` after the wait began).
@@ -210,9 +295,10 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
     several readings per account (at 350,000 merchants one cycle is about 4,000 messages). Such
     a step fills while messages keep coming (no pause of `within`), for at most
     `catchup_fill_s`, and its size adapts so it bills in about `catchup_step_s`
-    (CatchupSize; `catchup_max` is the ceiling)."""
+    (CatchupSize; `catchup_max` is the ceiling). A caller that knows each step's shape passes
+    its own `sizer` (built with the same max_, catchup_max and catchup_step_s) and notes it."""
     catchup_max = max(max_, catchup_max or max_)
-    sizer = CatchupSize(max_, catchup_max, catchup_step_s)
+    sizer = sizer or CatchupSize(max_, catchup_max, catchup_step_s)
     catchup_bytes = catchup_bytes or 0
     size = 0  # bytes of the buffered message values
     events: list[Any] = []

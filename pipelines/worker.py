@@ -42,7 +42,7 @@ from pipelines.faust_tuning import faster_compression, idempotent_producer, shor
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import bill_in_parts, distinct, withhold
+from pipelines.take import CATCHUP_STEP_S, CatchupSize, bill_in_parts, distinct, withhold
 from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
@@ -364,6 +364,10 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
                 for changed in batching.apply_readings_many(envs, part, ctx):  # rounds, in order
                     store_all(changed, events, ctx)
 
+        if len(events) > BATCH_MESSAGES:  # a catch-up step: its shape sizes the next one
+            per_shard = ctx.accounts_per_shard
+            catchup_sizer.note_shape(len(routed.buckets), frame.height,
+                                     sum(per_shard.get(p, 0) for p in owned_partitions()))
         split = batching.parts(routed, first=batching.near_relay_keys(routed.buckets, load, ctx.rating))
         left = await bill_in_parts(split, bill_part, still_mine)
         if left:
@@ -414,6 +418,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             problem = f"account {account!r} belongs to partition {owner}, not {event.message.partition}"
         return problem
 
+    # sizes the readings agent's catch-up steps from each step's accounts and readings (take.CatchupSize)
+    catchup_sizer = CatchupSize(BATCH_MESSAGES, CATCHUP_MESSAGES, CATCHUP_STEP_S, growth=16)
     pending_acks: set[asyncio.Future[None]] = set()  # keeps the background tasks referenced (in_background)
 
     @app.agent(readings_topic)
@@ -426,7 +432,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         # written()), but waiting for that here would hold the next step back by a broker
         # round trip. So each event gets one extra reference: take_steps' own ack after
         # this body only drops that, and the real ack follows once the writes are stored.
-        async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S, CATCHUP_MESSAGES, CATCHUP_BYTES):
+        async for events in take_steps(stream, BATCH_MESSAGES, BATCH_WITHIN_S, CATCHUP_MESSAGES, CATCHUP_BYTES,
+                                       sizer=catchup_sizer):
             started, started_cpu = time.time(), time.thread_time()
             for event in events:
                 event.message.incref()

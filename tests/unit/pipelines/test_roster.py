@@ -222,3 +222,15 @@ def test_every_reader_takes_the_directory(tmp_path: Path) -> None:
     # the opening balance is posted by the core when the account first appears, not preset
     assert first.id in rating.accounts and not state.accounts
     assert rating.accounts[first.id].opening_balance_minor == first.opening_balance_minor
+
+
+def test_accounts_per_shard_counts_each_metered_account_once_in_its_partition(tmp_path: Path) -> None:
+    """What a catch-up step's sizer takes as the accounts a worker owns (take.CatchupSize)."""
+    from collections import Counter
+
+    from schemas.keys import account_shard
+
+    ctx = ContextHolder(_tables(tmp_path), 4).current()
+    metered = {route.account_id for route in ctx.circuit_meter.values()}
+    assert ctx.accounts_per_shard == dict(Counter(account_shard(a, 4) for a in metered))
+    assert sum(ctx.accounts_per_shard.values()) == len(metered) > 4

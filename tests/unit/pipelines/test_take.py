@@ -400,3 +400,55 @@ def test_a_buffer_filled_during_a_step_is_cut_to_what_the_sizer_allows() -> None
     assert [v for step in steps for v in step] == list(range(20))
     assert len(steps[0]) == 8  # 4x the live size
     assert len(steps[1]) == 2  # the sizer's 2, whatever the buffer held meanwhile
+
+
+def _drain(sizer: Any, shaped: bool, backlog_msgs: int = 40_000, owned: int = 350_000,
+           per_msg: int = 88) -> tuple[float, list[tuple[int, float]]]:
+    """Catch-up of a backlog in offset order at 350,000 merchants (4,000 messages per poll
+    cycle), each step costing what session 9 measured on the live worker: 154 us per account
+    billed, 8.6 us per reading (a one-cycle step 57 s, a four-cycle step 66 s)."""
+    left, total, steps = backlog_msgs, 0.0, []
+    while left > 0:
+        n = min(left, sizer.current)
+        accounts, readings = min(owned, per_msg * n), per_msg * n
+        seconds = 154e-6 * accounts + 8.6e-6 * readings
+        if shaped:
+            sizer.note_shape(accounts, readings, owned)
+        sizer.observe(n, seconds)
+        left -= n
+        total += seconds
+        steps.append((n, seconds))
+    return total, steps
+
+
+def test_a_shaped_sizer_takes_steps_of_several_cycles_where_the_per_message_one_stays_near_one() -> None:
+    """Told each step's accounts and readings, the sizer learns that a message past the
+    portfolio's first cycle costs only its readings, and grows steps to several cycles within
+    their time; estimating per message, it kept them near one cycle (each account billed once
+    per reading: catch-up at 1.6x the offered rate in session 10)."""
+    from pipelines.take import CatchupSize
+
+    per_message, _ = _drain(CatchupSize(256, 32768, step_s=90.0), shaped=False)
+    shaped, steps = _drain(CatchupSize(256, 32768, step_s=90.0, growth=16), shaped=True)
+    assert shaped < 0.6 * per_message, (shaped, per_message, steps)
+    assert max(n for n, _ in steps) > 3 * 4_000  # a step of more than three poll cycles
+    assert all(seconds <= 90.0 * 1.05 for _, seconds in steps), steps  # and none over its time
+
+
+def test_the_step_cost_fit_recovers_per_account_and_per_reading_costs() -> None:
+    """Two steps of different readings per account pin both costs; one step alone uses the
+    prior split, which over-rates readings (the estimate errs long, the step small)."""
+    from pipelines.take import StepCost
+
+    cost = StepCost()
+    cost.observe(350_000, 350_000, 154e-6 * 350_000 + 8.6e-6 * 350_000)
+    assert cost.per_reading_s == pytest.approx(0.2 * cost.per_account_s)
+    cost.observe(350_000, 1_400_000, 154e-6 * 350_000 + 8.6e-6 * 1_400_000)
+    assert cost.per_account_s == pytest.approx(154e-6, rel=1e-6)
+    assert cost.per_reading_s == pytest.approx(8.6e-6, rel=1e-6)
+    # within 90 s: every owned account, and readings for the rest of the budget
+    n = cost.messages_within(90.0, 4_000, 350_000, 352_000, 350_000)
+    assert n == int((90.0 - 154e-6 * 350_000) / (8.6e-6 * 88))
+    # a budget below one cycle: fewer messages, accounts still growing with them
+    n = cost.messages_within(10.0, 1_000, 88_000, 88_000, 350_000)
+    assert n == int(10.0 / (88 * (154e-6 + 8.6e-6)))

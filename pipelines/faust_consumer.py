@@ -84,6 +84,7 @@ class StrictConsumer(AIOKafkaConsumer):
         self.last_fetch_note = "none yet"
         self.loop_stage = "not started"  # what the fetch loop awaits now (for stall reports)
         self.stuck: dict[TP, float] = {}  # input partitions stall_report found quiet -> seconds
+        self.unpolled: set[TP] = set()  # ... of them, those no fetch answer named lately
         self.stuck_commits: dict[TP, float] = {}  # ... whose commits wait on an unacked message -> seconds
         self.commit_blocked_since: dict[TP, float] = {}
         # the delivery epoch of each input message given to an agent (StrictOffsets.superseded)
@@ -117,6 +118,7 @@ class StrictConsumer(AIOKafkaConsumer):
         book = self._strict_offsets
         stuck = []
         self.stuck = {}
+        self.unpolled = set()
         self.stuck_commits = {}
         for tp, want in list(book.expected.items()):
             try:
@@ -124,16 +126,28 @@ class StrictConsumer(AIOKafkaConsumer):
             except Exception:  # not assigned any more
                 continue
             quiet_s = now - self.last_delivered.get(tp, self.positioned_at)
+            active = self._active_partitions is None or tp in self._active_partitions
+            buffered = tp in self._buffered_partitions
             # a highwater of None: no fetch answer for the partition yet (aiokafka learns it from
             # every answer, an empty one too), so the partition is not being fetched at all
-            if want is not None and (highwater is None or highwater > want) and quiet_s >= after_s:
+            waiting = want is not None and (highwater is None or highwater > want)
+            # ... and a highwater that stopped moving: an active partition that no fetch answer
+            # has named for `after_s` is not fetched either, and new messages stay unseen (at
+            # 350,000 merchants all eight payments partitions went unfetched for 60 s, each with
+            # top-ups waiting, while their highwater still equalled what was delivered)
+            polled_s = self.polled_ago_s(tp)
+            unpolled = (want is not None and active and not buffered and polled_s is not None
+                        and polled_s >= after_s)
+            if (waiting or unpolled) and quiet_s >= after_s:
                 acked = sorted(self._acked.get(tp, []))[:3]
-                active = self._active_partitions is None or tp in self._active_partitions
                 self.stuck[tp] = quiet_s
+                if unpolled:
+                    self.unpolled.add(tp)
                 stuck.append(f"{tp.topic}[{tp.partition}] expected {want} highwater {highwater} floor "
                              f"{book.floor.get(tp)} acked {acked} quiet {quiet_s:.0f} s"
+                             f"{f' not in a fetch answer for {polled_s:.0f} s' if unpolled else ''}"
                              f"{'' if active else ' not fetched (faust: inactive)'}"
-                             f"{' buffered' if tp in self._buffered_partitions else ''}")
+                             f"{' buffered' if buffered else ''}")
         # delivered, not acked: later offsets are acked but the commit waits on the floor's message
         # (a delivered message that no agent acks stops the partition's commits for good)
         waiting: dict[TP, float] = {}
@@ -156,6 +170,15 @@ class StrictConsumer(AIOKafkaConsumer):
                 f"last fetch {now - self.last_fetch_at:.0f} s ago ({self.last_fetch_note}); fetch loop "
                 f"{self.loop_stage}; flow {'on' if self.flow_active else 'off'}; agent queues {queues}")
 
+    def polled_ago_s(self, tp: TP) -> float | None:
+        """Seconds since a fetch answer last named `tp` (aiokafka's `last_poll_timestamp`, set
+        by every answer, an empty one too), or None if unknown."""
+        try:
+            last_ms = self._thread._ensure_consumer().last_poll_timestamp(tp)
+        except Exception:  # no consumer yet, or not assigned
+            return None
+        return None if not last_ms else max(0.0, time.time() - last_ms / 1000)
+
     async def redeliver(self, offsets: dict[TP, int]) -> None:
         """Deliver again, from `offsets`, messages that an agent was given and did not take
         (pipelines.take.withhold: it never acks them). Nothing else brings them back to a
@@ -174,12 +197,14 @@ class StrictConsumer(AIOKafkaConsumer):
         except Exception as exc:  # revoked meanwhile: the rebalance seeks them
             log.warning("input partitions %s could not be sought to deliver again (%s)", list(again), exc)
 
-    async def unstick(self, after_s: float = 30.0) -> list[TP]:
+    async def unstick(self, after_s: float = 30.0, unpolled_after_s: float = 10.0) -> list[TP]:
         """Make the input partitions that stall_report found quiet for `after_s` fetchable
         again and seek them to where their streams stand. faust takes a partition out of its
         fetches while an agent's queue is full and puts it back when the agent next reads an
-        emptied queue; a rebalance that clears the queues can leave it out. Not while a
-        rebalance runs (its own seek follows)."""
+        emptied queue; a rebalance that clears the queues can leave it out. A partition that
+        is fetchable by faust's books but no fetch answer named is kicked after
+        `unpolled_after_s` already: nothing of faust's flow holds it, and a top-up waits in it.
+        Not while a rebalance runs (its own seek follows)."""
         if not self.flow_active or self.app.rebalancing:
             return []
         blocked = {tp: cast(int, self._strict_offsets.floor[tp]) for tp, waited_s in self.stuck_commits.items()
@@ -192,7 +217,8 @@ class StrictConsumer(AIOKafkaConsumer):
                 self.commit_blocked_since[tp] = time.monotonic()
         mine = self.assignment()
         tps = [tp for tp, quiet_s in getattr(self, "stuck", {}).items()
-               if quiet_s >= after_s and tp in mine and self._strict_offsets.expected.get(tp) is not None]
+               if (quiet_s >= after_s or (tp in self.unpolled and quiet_s >= unpolled_after_s))
+               and tp in mine and self._strict_offsets.expected.get(tp) is not None]
         if not tps:
             return []
         if self._active_partitions is not None:

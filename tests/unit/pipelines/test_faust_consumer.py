@@ -296,6 +296,35 @@ def test_unstick_makes_a_quiet_partition_fetchable_and_seeks_it_to_its_stream() 
     assert consumer.loop.run_until_complete(consumer.unstick()) == []
 
 
+def test_a_partition_no_fetch_answer_names_is_reported_and_kicked_after_10_s() -> None:
+    """Its highwater stopped where its stream stands, so it looked caught up while top-ups
+    waited on the broker (all eight payments partitions for 60 s at 350,000 merchants). A
+    partition that faust's flow holds (buffered: its agent's queue is full) is not kicked."""
+    consumer = _consumer()
+    consumer._strict_offsets.positioned(TP0, 10)
+    consumer.highwater = lambda tp: 10  # stale: what was delivered
+    consumer.assignment = lambda: {TP0}
+    consumer._active_partitions = {TP0}  # fetchable by faust's books
+    sought: list[dict[TP, int]] = []
+
+    async def seek(offsets: dict[TP, int]) -> None:
+        sought.append(dict(offsets))
+
+    consumer._seek_in_thread = seek
+    now = consumer.positioned_at + 12
+    consumer.polled_ago_s = lambda tp: 1.0  # named in a fetch answer a second ago: caught up
+    assert consumer.stall_report(now) is None
+    consumer.polled_ago_s = lambda tp: 12.0
+    consumer._buffered_partitions.add(TP0)  # held by faust's flow: its agent is busy
+    assert consumer.stall_report(now) is None
+    consumer._buffered_partitions.discard(TP0)
+    report = consumer.stall_report(now)
+    assert report is not None and "in[0] expected 10 highwater 10" in report
+    assert "not in a fetch answer for 12 s" in report
+    assert consumer.loop.run_until_complete(consumer.unstick()) == [TP0]  # at 12 s, not 30
+    assert sought == [{TP0: 10}]
+
+
 def _delivered_through(last: int) -> tuple[Any, list[dict[TP, int]]]:
     """A consumer that owns TP0, positioned at 10 and delivered 10..`last`, recording seeks."""
     consumer = _consumer()

@@ -284,7 +284,8 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                      catchup_after_s: float = CATCHUP_AFTER_S,
                      catchup_fill_s: float = CATCHUP_FILL_S,
                      catchup_step_s: float = CATCHUP_STEP_S,
-                     sizer: CatchupSize | None = None) -> AsyncIterator[list[Any]]:
+                     sizer: CatchupSize | None = None,
+                     catchup_done_s: float = CATCHUP_DONE_S) -> AsyncIterator[list[Any]]:
     """Lists of at most `max_` events; a list is yielded at once when it is full, else once
     its oldest event has waited `within` seconds since it arrived (behind a backlog: once it
     is full or `within` after the wait began).
@@ -294,7 +295,8 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
     cost is mostly per account it touches, and only a step spanning several poll cycles brings
     several readings per account (at 350,000 merchants one cycle is about 4,000 messages). Such
     a step fills while messages keep coming (no pause of `within`), for at most
-    `catchup_fill_s`, and its size adapts so it bills in about `catchup_step_s`
+    `catchup_fill_s` or until its newest message is under `catchup_done_s` old (the backlog is
+    drained), and its size adapts so it bills in about `catchup_step_s`
     (CatchupSize; `catchup_max` is the ceiling). A caller that knows each step's shape passes
     its own `sizer` (built with the same max_, catchup_max and catchup_step_s) and notes it."""
     catchup_max = max(max_, catchup_max or max_)
@@ -348,17 +350,17 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
         return behind(newest_stamp, max(within, catchup_after_s))
 
     def not_caught_up() -> bool:
-        # A fill goes on until the input is nearly live (CATCHUP_DONE_S), not merely less than
+        # A fill goes on until the input is nearly live (`catchup_done_s`), not merely less than
         # `catchup_after_s` behind: ending it there kept a 350,000-merchant worker 5 s behind
         # for good (each step filled up to the first message under 5 s old; trip p99 11 s).
-        return behind(newest_stamp, min(max(within, catchup_after_s), CATCHUP_DONE_S))
+        return behind(newest_stamp, min(max(within, catchup_after_s), catchup_done_s))
 
     catching_up = False  # entered `catchup_after_s` behind, left once nearly live (hysteresis)
 
     def in_catchup() -> bool:
         # One pair of thresholds for the fill and for a step being full: a step of `max_` or
         # more used to count as full at the first message under `catchup_after_s` old while
-        # its fill went on to CATCHUP_DONE_S, so large steps still stopped 5 s behind.
+        # its fill went on to `catchup_done_s`, so large steps still stopped 5 s behind.
         return catchup_max > max_ and (still_behind() or (catching_up and not_caught_up()))
 
     enable_acks = stream.enable_acks

@@ -22,7 +22,13 @@ from typing import Any
 
 from infra import topics as T
 from pipelines import metrics as M
-from pipelines.take import CATCHUP_AFTER_S, CATCHUP_FILL_S, CATCHUP_STEP_S, CatchupSize
+from pipelines.take import (
+    CATCHUP_AFTER_S,
+    CATCHUP_DONE_S,
+    CATCHUP_FILL_S,
+    CATCHUP_STEP_S,
+    CatchupSize,
+)
 from pipelines.take import take_steps as _take_steps
 from schemas import codec
 
@@ -41,12 +47,13 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                      catchup_after_s: float = CATCHUP_AFTER_S,
                      catchup_fill_s: float = CATCHUP_FILL_S,
                      catchup_step_s: float = CATCHUP_STEP_S,
-                     sizer: CatchupSize | None = None) -> AsyncIterator[list[Any]]:
+                     sizer: CatchupSize | None = None,
+                     catchup_done_s: float = CATCHUP_DONE_S) -> AsyncIterator[list[Any]]:
     """pipelines.take.take_steps, counting each step once: its size, its messages by topic and
     its duration (from the yield until the agent asks for the next step)."""
     children: dict[str, tuple[Any, Any, Any]] = {}  # per topic: labels() costs more than the inc
     async for events in _take_steps(stream, max_, within, catchup_max, catchup_bytes, catchup_after_s,
-                                    catchup_fill_s, catchup_step_s, sizer):
+                                    catchup_fill_s, catchup_step_s, sizer, catchup_done_s):
         started = time.perf_counter()
         yield events
         if events:

@@ -85,6 +85,9 @@ class StrictConsumer(AIOKafkaConsumer):
         self.loop_stage = "not started"  # what the fetch loop awaits now (for stall reports)
         self.stuck: dict[TP, float] = {}  # input partitions stall_report found quiet -> seconds
         self.unpolled: set[TP] = set()  # ... of them, those no fetch answer named lately
+        # input partitions a full step buffer holds back on purpose (pipelines.take.Holding):
+        # quiet while a long step runs, not stalled
+        self.held_by_steps: set[TP] = set()
         self.stuck_commits: dict[TP, float] = {}  # ... whose commits wait on an unacked message -> seconds
         self.commit_blocked_since: dict[TP, float] = {}
         # the delivery epoch of each input message given to an agent (StrictOffsets.superseded)
@@ -120,7 +123,13 @@ class StrictConsumer(AIOKafkaConsumer):
         self.stuck = {}
         self.unpolled = set()
         self.stuck_commits = {}
+        polled = {tp: self.polled_ago_s(tp) for tp in book.expected}
+        # a partition left out while the others are fetched; when none is (the fetch loop
+        # itself waits: "delivering" above), a lone partition is not the problem
+        fetching = any(ago is not None and ago < after_s / 2 for ago in polled.values())
         for tp, want in list(book.expected.items()):
+            if tp in self.held_by_steps:
+                continue
             try:
                 highwater = self.highwater(tp)
             except Exception:  # not assigned any more
@@ -135,8 +144,8 @@ class StrictConsumer(AIOKafkaConsumer):
             # has named for `after_s` is not fetched either, and new messages stay unseen (at
             # 350,000 merchants all eight payments partitions went unfetched for 60 s, each with
             # top-ups waiting, while their highwater still equalled what was delivered)
-            polled_s = self.polled_ago_s(tp)
-            unpolled = (want is not None and active and not buffered and polled_s is not None
+            polled_s = polled.get(tp)
+            unpolled = (fetching and want is not None and active and not buffered and polled_s is not None
                         and polled_s >= after_s)
             if (waiting or unpolled) and quiet_s >= after_s:
                 acked = sorted(self._acked.get(tp, []))[:3]

@@ -263,6 +263,36 @@ def behind(newest_stamp: float | None, within: float) -> bool:
     return newest_stamp is not None and time.time() - newest_stamp >= within
 
 
+class Holding:
+    """The input partitions a full step buffer holds back from the fetcher, through faust's
+    flow control (`Consumer.on_buffer_full` / `on_buffer_drop`: the fetcher leaves a partition
+    out while it is "buffered"). The consumer's stall check is told (`held_by_steps`) so a
+    partition held on purpose while a long step runs is not reported and sought as stalled."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.held: set[Any] = set()
+
+    def hold(self, tp: Any) -> None:
+        consumer = self.app.consumer
+        # every time, not once: a rebalance resets faust's buffered set, and the partition
+        # would be fetched again while the buffer is full
+        consumer.on_buffer_full(tp)
+        if tp not in self.held:
+            self.held.add(tp)
+            getattr(consumer, "held_by_steps", set()).add(tp)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        consumer = self.app.consumer
+        held_by_steps = getattr(consumer, "held_by_steps", set())
+        for tp in self.held:
+            consumer.on_buffer_drop(tp)
+            held_by_steps.discard(tp)
+        self.held.clear()
+
+
 async def _fill(stream: Any, arrived: asyncio.Event, full: asyncio.Event, quiet_s: float, limit_s: float,
                 still_behind: Callable[[], bool]) -> None:
     """Let a catch-up step fill: until it is full, no message came for `quiet_s`, `limit_s`
@@ -309,7 +339,7 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
     has_events = asyncio.Event()
     arrived = asyncio.Event()  # set by every event added (a catch-up step's fill waits on it)
     full = asyncio.Event()
-    consumed = asyncio.Event()
+    holding = Holding(stream.app)
     stepping = False  # a step is out: the buffer fills for the next one, up to CatchupSize.ahead
     channel = aiter(stream.channel)
 
@@ -337,8 +367,14 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                                         or (catchup_bytes and size >= catchup_bytes)
                                         or not in_catchup()):
                 full.set()
-                consumed.clear()
-                await stream.wait(consumed)  # never more than max_ per step
+                # The buffer is full: stop fetching this partition (faust's own flow control,
+                # as when an agent's queue is nearly full) rather than stop taking the queue.
+                # Stopping the stream here left the queue to fill, and faust's one fetch loop
+                # then waited to put the next message into it: every other topic's partitions
+                # went undelivered for the whole step (top-ups waited 60-80 s behind a
+                # 350,000-merchant catch-up step). What the fetcher already holds still comes
+                # in (one fetch answer at most) and stays for the next steps.
+                holding.hold(event.message.tp)
         except asyncio.CancelledError:  # pragma: no cover
             raise
         except Exception as exc:  # pragma: no cover - as faust's take_events
@@ -388,7 +424,7 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             if remaining > 0 and not full.is_set():
                 await stream.wait_for_stopped(full, timeout=remaining)
             # a buffer filled while the last step ran may hold more than the sizer now allows
-            take = sizer.current if catching_up and len(events) > max(max_, sizer.current) else len(events)
+            take = min(len(events), sizer.current if catching_up else max(max_, sizer.ahead))
             step = events[:take]
             # the buffer starts over (with what the step leaves) and fills while the step runs
             del events[:take]
@@ -400,7 +436,8 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
             full.clear()
             if len(events) >= max(max_, sizer.current):  # what the step left is a whole step: no fill
                 full.set()
-            consumed.set()
+            if len(events) < max(max_, sizer.ahead):  # room while the step runs: fetch again
+                holding.release()
             stepping = True
             stepped = False
             try:
@@ -418,5 +455,6 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                     for event in step:
                         await stream.ack(event)
     finally:
+        holding.release()
         stream.enable_acks = enable_acks
         stream._processors.remove(add_to_buffer)

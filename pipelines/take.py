@@ -25,6 +25,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, TypeVar
 
+from faust.types import TP
+
 log = logging.getLogger("mallwatt.take")
 E = TypeVar("E")
 
@@ -273,7 +275,9 @@ class Holding:
         self.app = app
         self.held: set[Any] = set()
 
-    def hold(self, tp: Any) -> None:
+    def hold(self, message_tp: Any) -> None:
+        # faust's flow control asserts its own TP type; a message may carry aiokafka's
+        tp = TP(message_tp.topic, message_tp.partition)
         consumer = self.app.consumer
         # every time, not once: a rebalance resets faust's buffered set, and the partition
         # would be fetched again while the buffer is full

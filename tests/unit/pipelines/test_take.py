@@ -464,3 +464,25 @@ def test_the_step_cost_fit_recovers_per_account_and_per_reading_costs() -> None:
     # a budget below one cycle: fewer messages, accounts still growing with them
     n = cost.messages_within(10.0, 1_000, 88_000, 88_000, 350_000)
     assert n == int(10.0 / (88 * (154e-6 + 8.6e-6)))
+
+
+def test_holding_gives_faust_its_own_partition_type() -> None:
+    """A message may carry aiokafka's TopicPartition; faust's flow control asserts its own TP
+    on every fetch, so holding one as it came crashed the fetcher (chaos run, session 11)."""
+    from aiokafka import TopicPartition
+    from faust.types import TP
+
+    from pipelines.take import Holding
+
+    app = faust.App(f"take-test-{time.monotonic_ns()}", broker="kafka://127.0.0.1:1", store="memory://",
+                    web_enabled=False)
+    consumer = app.consumer
+    consumer._active_partitions = {TP("t", 0), TP("t", 1)}
+    consumer.held_by_steps = set()
+    holding = Holding(app)
+    holding.hold(TopicPartition("t", 0))
+    assert consumer._get_active_partitions() == {TP("t", 1)}  # faust's assert holds
+    assert consumer._buffered_partitions == {TP("t", 0)} and consumer.held_by_steps == {TP("t", 0)}
+    holding.release()
+    assert consumer._get_active_partitions() == {TP("t", 0), TP("t", 1)}
+    assert not consumer._buffered_partitions and not consumer.held_by_steps

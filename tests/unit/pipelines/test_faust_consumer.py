@@ -320,6 +320,9 @@ def test_a_partition_no_fetch_answer_names_is_reported_and_kicked_after_10_s() -
     consumer.polled_ago_s = lambda tp: 12.0  # none fetched: the fetch loop waits, not this partition
     assert consumer.stall_report(now) is None
     consumer.polled_ago_s = lambda tp: 12.0 if tp == TP0 else 1.0
+    consumer.last_fetch_at = now - 12  # the fetch loop is still delivering one big batch
+    assert consumer.stall_report(now) is None  # the fetcher keeps TP0's records for it
+    consumer.last_fetch_at = now - 1  # the loop goes round
     consumer._buffered_partitions.add(TP0)  # held by faust's flow: its agent is busy
     assert consumer.stall_report(now) is None
     consumer._buffered_partitions.discard(TP0)

@@ -79,14 +79,13 @@ def withhold(step: list[E], keep: Callable[[E], bool]) -> list[E]:
 P = TypeVar("P")
 
 
-#: How long a catch-up step pauses between its parts (seconds): enough for the other agents
-#: to take a step. Live steps only give a turn: 30 ms each cost a live worker at 350,000
-#: merchants about 6 % of its event loop, and its steady trip p99 rose with it.
+#: How long a step pauses between its parts (seconds): enough for the fetch loop to deliver
+#: a few hundred messages and the other agents to take a step.
 PART_PAUSE_S = 0.03
 
 
 async def bill_in_parts(parts: list[tuple[frozenset[int], P]], bill: Callable[[P], None],
-                        still_mine: Callable[[frozenset[int]], bool], pause_s: float = 0.0) -> set[int]:
+                        still_mine: Callable[[frozenset[int]], bool]) -> set[int]:
     """Bill a step's `parts` (pipelines.batching.parts: input partitions, part) in order,
     letting the event loop run between them (timers, top-ups, the consumer's rebalance
     callbacks). Before each part after the first, `still_mine(partitions)` must hold (no
@@ -96,10 +95,11 @@ async def bill_in_parts(parts: list[tuple[frozenset[int], P]], bill: Callable[[P
     half done."""
     for number, (partitions, part) in enumerate(parts):
         if number:
-            # `pause_s` (a catch-up step's PART_PAUSE_S), not just a turn: the other agents
-            # (top-ups) take a step meanwhile; with one turn per part of 2-3 s, a 2,261-message
-            # fetch answer took over 39 s of a catch-up step to hand over, top-ups in it
-            await asyncio.sleep(pause_s)
+            # a pause, not just a turn: the fetch loop hands each message over through an
+            # await (StrictConsumer waits for the delivery or a suspended flow), so one turn
+            # per part delivered one message per part, and a 2,261-message batch took over
+            # 39 s of a catch-up step to deliver, the top-ups in it with it
+            await asyncio.sleep(PART_PAUSE_S)
             if not still_mine(partitions):
                 return set().union(*(p for p, _ in parts[number:]))
         bill(part)

@@ -42,14 +42,7 @@ from pipelines.faust_tuning import faster_compression, idempotent_producer, shor
 from pipelines.forwarder import CLAIMS_TABLE, TABLE_NAME, Forwarder, changelog_topics
 from pipelines.gc_policy import StepCollector
 from pipelines.portfolio import ConfigError
-from pipelines.take import (
-    CATCHUP_STEP_S,
-    PART_PAUSE_S,
-    CatchupSize,
-    bill_in_parts,
-    distinct,
-    withhold,
-)
+from pipelines.take import CATCHUP_STEP_S, CatchupSize, bill_in_parts, distinct, withhold
 from pipelines.worker_metrics import take_steps  # pipelines.take's, counted per step
 from schemas import codec
 from schemas.keys import account_shard
@@ -376,8 +369,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             catchup_sizer.note_shape(len(routed.buckets), frame.height,
                                      sum(per_shard.get(p, 0) for p in owned_partitions()))
         split = batching.parts(routed, first=batching.near_relay_keys(routed.buckets, load, ctx.rating))
-        left = await bill_in_parts(split, bill_part, still_mine,
-                                   pause_s=PART_PAUSE_S if len(events) > BATCH_MESSAGES else 0.0)
+        left = await bill_in_parts(split, bill_part, still_mine)
         if left:
             leave_to_owner(step_events, left)
             refused = [(e, r) for e, r in refused if e.message.partition not in left]

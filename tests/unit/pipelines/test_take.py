@@ -12,7 +12,7 @@ from typing import Any
 import faust
 import pytest
 
-from pipelines.take import PART_PAUSE_S, bill_in_parts, take_steps, withhold
+from pipelines.take import bill_in_parts, take_steps, withhold
 
 WITHIN = 0.4
 SLOW_STEP = 0.3
@@ -505,7 +505,7 @@ def test_other_tasks_get_more_than_a_turn_between_a_steps_parts() -> None:
     async def main() -> None:
         fetch_loop = asyncio.ensure_future(deliver_forever())
         await asyncio.sleep(0)
-        await bill_in_parts([(frozenset({0}), n) for n in range(6)], bill, lambda _: True, pause_s=PART_PAUSE_S)
+        await bill_in_parts([(frozenset({0}), n) for n in range(6)], bill, lambda _: True)
         fetch_loop.cancel()
 
     _run(main())

@@ -37,9 +37,8 @@ faust internals used (faust-streaming 0.15.x, checked by FAUST_VERSIONS, tested 
 tests/unit/pipelines/test_faust_consumer.py; its pure rules are pipelines/strict_offsets.py):
 Consumer._drain_messages (rewritten here), _wait_next_records, _new_offset, perform_seek,
 seek, on_partitions_revoked, _acked/_acked_index/_committed_offset/_read_offset,
-_active_partitions/_buffered_partitions/_paused_partitions, suspend_flow, wait_first, the
-conductor's `_topic_name_index` and the producer buffer's size (`_delivers_without_waiting`),
-aiokafka's `last_poll_timestamp`, and Transport.Consumer (`install`).
+_active_partitions/_buffered_partitions/_paused_partitions, suspend_flow, wait_first, and
+Transport.Consumer (`install`).
 """
 
 from __future__ import annotations
@@ -182,20 +181,6 @@ class StrictConsumer(AIOKafkaConsumer):
         return (f"inputs not delivered: {'; '.join(stuck[:8])}; paused input partitions {paused[:8]}; "
                 f"last fetch {now - self.last_fetch_at:.0f} s ago ({self.last_fetch_note}); fetch loop "
                 f"{self.loop_stage}; flow {'on' if self.flow_active else 'off'}; agent queues {queues}")
-
-    def _delivers_without_waiting(self, topic: str) -> bool:
-        """Whether faust's delivery of a message of `topic` (Conductor.on_message) cannot wait:
-        the flow is on, the producer buffer is under its limit and no queue of the topic's
-        channels is full. Then it runs inline; else it races a suspended flow (wait_first), so
-        a rebalance never leaves the fetch loop waiting on a full queue."""
-        app = self.app
-        if self.suspend_flow.is_set() or not app.flow_control.is_active():
-            return False
-        buffer = app.producer.buffer
-        if buffer.size > buffer.max_messages:
-            return False
-        channels = app.topics._topic_name_index.get(topic)
-        return bool(channels) and not any(channel.queue.full() for channel in channels)
 
     def polled_ago_s(self, tp: TP) -> float | None:
         """Seconds since a fetch answer last named `tp` (aiokafka's `last_poll_timestamp`, set
@@ -376,19 +361,11 @@ class StrictConsumer(AIOKafkaConsumer):
                             await self.commit()
                         self.loop_stage = "delivering"
                         self._delivered_in[message] = offsets.epochs.get(tp, 0)
-                        if self._delivers_without_waiting(tp.topic):
-                            # handed over inline, as faust does: through wait_first every
-                            # message cost a turn of the event loop, and a catch-up step's
-                            # parts took those turns (top-ups waited minutes behind readings)
-                            await callback(message)
-                            delivered = True
-                        else:
-                            delivery = callback(message)
-                            self.delivering = (tp, offset, time.monotonic())
-                            results = await self.wait_first(delivery, self.suspend_flow.wait())
-                            self.delivering = None
-                            delivered = delivery in results.done
-                        if delivered:  # not when the flow was suspended first
+                        delivery = callback(message)
+                        self.delivering = (tp, offset, time.monotonic())
+                        results = await self.wait_first(delivery, self.suspend_flow.wait())
+                        self.delivering = None
+                        if delivery in results.done:  # not when the flow was suspended first
                             offsets.delivered(tp, offset)
                             self.last_delivered[tp] = time.monotonic()
                             set_read_offset(tp, offset)

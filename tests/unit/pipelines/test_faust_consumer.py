@@ -155,52 +155,6 @@ def _drain(consumer: Any, batches: list[list[int]], *, suspended_at: int | None 
     return delivered, sought
 
 
-def test_a_delivery_that_cannot_wait_is_handed_over_without_a_turn_of_the_loop() -> None:
-    """Through wait_first every message cost a turn of the event loop, and a task that holds
-    each turn (a catch-up step's part, 2-3 s) then let one message through per part. When the
-    delivery cannot wait (flow on, no full queue) it runs inline, as faust's own loop does."""
-    turns: list[int] = []
-
-    async def hog() -> None:  # another task: runs once per turn of the loop
-        while True:
-            turns.append(1)
-            await asyncio.sleep(0)
-
-    def run(inline: bool) -> int:
-        consumer = _consumer()
-        consumer._strict_offsets.positioned(TP0, 0)
-        consumer._delivers_without_waiting = lambda topic: inline
-        task = consumer.loop.create_task(hog())
-        turns.clear()
-        delivered, _ = _drain(consumer, [list(range(300))])
-        task.cancel()
-        assert delivered == list(range(300))
-        return len(turns)
-
-    assert run(inline=False) >= 300  # a turn (at least) per message
-    assert run(inline=True) <= 20  # faust's yield every 100 messages, the batch's ends, the seek
-
-
-def test_the_inline_path_needs_the_flow_on_and_room_in_every_queue() -> None:
-    class Channel:
-        def __init__(self) -> None:
-            self.queue = SimpleNamespace(full=lambda: False)
-
-    consumer = _consumer()
-    channel = Channel()
-    queue = channel.queue
-    consumer.app.topics._topic_name_index["in"].add(channel)
-    assert not consumer._delivers_without_waiting("in")  # the app's flow starts suspended
-    consumer.app.flow_control.resume()
-    assert consumer._delivers_without_waiting("in")
-    assert not consumer._delivers_without_waiting("other")  # no channel: faust's path
-    queue.full = lambda: True
-    assert not consumer._delivers_without_waiting("in")
-    queue.full = lambda: False
-    consumer.suspend_flow.set()  # a rebalance
-    assert not consumer._delivers_without_waiting("in")
-
-
 def test_messages_fetched_before_the_seek_never_skip_or_reorder_the_partition() -> None:
     consumer = _consumer()
     consumer._strict_offsets.positioned(TP0, 953)

@@ -79,11 +79,6 @@ def withhold(step: list[E], keep: Callable[[E], bool]) -> list[E]:
 P = TypeVar("P")
 
 
-#: How long a step pauses between its parts (seconds): enough for the fetch loop to deliver
-#: a few hundred messages and the other agents to take a step.
-PART_PAUSE_S = 0.03
-
-
 async def bill_in_parts(parts: list[tuple[frozenset[int], P]], bill: Callable[[P], None],
                         still_mine: Callable[[frozenset[int]], bool]) -> set[int]:
     """Bill a step's `parts` (pipelines.batching.parts: input partitions, part) in order,
@@ -95,11 +90,7 @@ async def bill_in_parts(parts: list[tuple[frozenset[int], P]], bill: Callable[[P
     half done."""
     for number, (partitions, part) in enumerate(parts):
         if number:
-            # a pause, not just a turn: the fetch loop hands each message over through an
-            # await (StrictConsumer waits for the delivery or a suspended flow), so one turn
-            # per part delivered one message per part, and a 2,261-message batch took over
-            # 39 s of a catch-up step to deliver, the top-ups in it with it
-            await asyncio.sleep(PART_PAUSE_S)
+            await asyncio.sleep(0)
             if not still_mine(partitions):
                 return set().union(*(p for p, _ in parts[number:]))
         bill(part)

@@ -486,27 +486,3 @@ def test_holding_gives_faust_its_own_partition_type() -> None:
     holding.release()
     assert consumer._get_active_partitions() == {TP("t", 0), TP("t", 1)}
     assert not consumer._buffered_partitions and not consumer.held_by_steps
-
-
-def test_other_tasks_get_more_than_a_turn_between_a_steps_parts() -> None:
-    """The fetch loop hands each message over through an await (as StrictConsumer's
-    wait_first does); with one turn of the event loop per part it delivered one message per
-    part, and top-ups waited behind readings for a whole catch-up step."""
-    delivered: list[int] = []
-
-    async def deliver_forever() -> None:
-        while True:
-            await asyncio.wait([asyncio.ensure_future(asyncio.sleep(0))])  # one message
-            delivered.append(1)
-
-    def bill(part: int) -> None:
-        time.sleep(0.03)  # a part: no await inside
-
-    async def main() -> None:
-        fetch_loop = asyncio.ensure_future(deliver_forever())
-        await asyncio.sleep(0)
-        await bill_in_parts([(frozenset({0}), n) for n in range(6)], bill, lambda _: True)
-        fetch_loop.cancel()
-
-    _run(main())
-    assert len(delivered) >= 5 * 20, len(delivered)  # 5 pauses: many messages each

@@ -12,8 +12,11 @@ size as with take_events.
 The buffering is faust's own (a stream processor fills the buffer, and events are acked
 after the step that consumed them); only the wait differs, and that the buffer of the next
 step fills while a step runs (up to that step's size: a catch-up step is ready when the last
-one ends, instead of filling for seconds after it). It depends on faust-streaming
-0.15.3 internals (pinned): `add_processor`, `_enable_passive`, the channel's queue.
+one ends, instead of filling for seconds after it). A full buffer holds its partitions back
+from the fetcher (`Holding`) instead of stopping the stream, so faust's one fetch loop never
+waits on this agent's queue. It depends on faust-streaming 0.15.3 internals (pinned):
+`add_processor`, `_enable_passive`, the channel's queue, `Consumer.on_buffer_full` and
+`on_buffer_drop` (which faust skips while a table recovers; the streams' flow is stopped then).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from collectors.relay import FAILED, RelayController, RelayOutcome
 from infra import topics as T
 from infra.kafka_security import kafka_config
 from pipelines.signing import Verifier, relay_verifier
+from pipelines.start_retry import retry_start
 from schemas import codec
 from schemas.codec import DecodeError
 
@@ -174,22 +176,19 @@ class CommandExecutor:
         """Committed offsets win; a partition without one starts `lookback_s` ago. A broker
         that answers "not leader" for a moment (seen in CI on a fresh topic) is asked again
         for up to `START_RETRY_S`: an exception here would end the command loop."""
-        delay_s, deadline = 0.25, time.monotonic() + START_RETRY_S
-        while True:
-            try:
-                committed = consumer.committed(partitions, timeout=10)
-                fresh = [tp for tp in committed if tp.offset < 0]
-                since = int((time.time() - self.lookback_s) * 1000)
-                found = {tp.partition: tp.offset for tp in consumer.offsets_for_times(
-                    [TopicPartition(tp.topic, tp.partition, since) for tp in fresh], timeout=10)
-                } if fresh else {}
-                break
-            except KafkaException as exc:
-                if time.monotonic() + delay_s > deadline:
-                    raise
-                log.warning("relay commands: start offsets not read: %s; retrying in %.2f s", exc, delay_s)
-                time.sleep(delay_s)
-                delay_s = min(2 * delay_s, 5.0)
+        def lookup() -> tuple[list[TopicPartition], dict[int, int]]:
+            committed = consumer.committed(partitions, timeout=10)
+            fresh = [tp for tp in committed if tp.offset < 0]
+            since = int((time.time() - self.lookback_s) * 1000)
+            found = {tp.partition: tp.offset for tp in consumer.offsets_for_times(
+                [TopicPartition(tp.topic, tp.partition, since) for tp in fresh], timeout=10)
+            } if fresh else {}
+            return committed, found
+
+        looked_up = retry_start(threading.Event(), lookup, "relay commands: start offsets",
+                                give_up_after_s=START_RETRY_S)
+        assert looked_up is not None  # never stopped: it returns or raises
+        committed, found = looked_up
         start = []
         for tp in committed:
             off = tp.offset if tp.offset >= 0 else found.get(tp.partition, -1)

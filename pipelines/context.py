@@ -110,7 +110,6 @@ class BillingContext:
                               "bucket": [state_key(a) for a in accounts]},
                              {"circuit_id": pl.String, "shard": pl.Int64, "bucket": pl.String})
 
-
     @cached_property
     def accounts_per_shard(self) -> dict[int, int]:
         """Partition -> how many metered accounts it owns (a catch-up step's sizer: a step

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -21,14 +22,18 @@ Started = TypeVar("Started")
 
 def retry_start(stop: threading.Event, start: Callable[[], Started], what: str, *,
                 on_error: Callable[[str], None] = lambda _msg: None,
-                backoff_max_s: float = 5.0) -> Started | None:
+                backoff_max_s: float = 5.0, give_up_after_s: float | None = None) -> Started | None:
     """`start()`'s result, or None if `stop` was set first. Each failure is logged and passed
-    to `on_error` (so a readiness check can name it)."""
+    to `on_error` (so a readiness check can name it). With `give_up_after_s`, the failure that
+    would wait past it is raised (a caller inside a rebalance callback must not wait forever)."""
     delay_s = min(0.25, backoff_max_s)
+    deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     while not stop.is_set():
         try:
             return start()
         except KafkaException as exc:
+            if deadline is not None and time.monotonic() + delay_s > deadline:
+                raise
             on_error(str(exc))
             log.error("%s: start failed: %s; retrying in %.2f s", what, exc, delay_s)
             stop.wait(delay_s)

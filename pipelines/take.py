@@ -325,7 +325,10 @@ async def take_steps(stream: Any, max_: int, within: float, catchup_max: int | N
                      catchup_done_s: float = CATCHUP_DONE_S) -> AsyncIterator[list[Any]]:
     """Lists of at most `max_` events; a list is yielded at once when it is full, else once
     its oldest event has waited `within` seconds since it arrived (behind a backlog: once it
-    is full or `within` after the wait began).
+    is full or `within` after the wait began). A full buffer holds its partitions back from
+    the fetcher (Holding), and what the fetcher had already fetched (one fetch answer per
+    partition at most) still comes in: such an overflow goes into the steps after, each cut to
+    the sizer's `ahead`.
 
     Behind a backlog (its newest message older than `catchup_after_s`) a step may grow to
     `catchup_max` events or `catchup_bytes` of message values, whichever comes first: a step's

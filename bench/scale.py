@@ -72,6 +72,7 @@ OUTPUT_TOPICS = (T.LEDGER, T.ALERTS, T.RELAY_COMMANDS)
 APP_ID = "bench-scale"
 KEYS = ("merchants", "workers", "circuits", "cadence_s", "offered_readings_per_s", "sustained", "steady_cadences",
         "max_lag_messages", "lag_limit_messages", "trip_samples", "trip_latency_ms_p50", "trip_latency_ms_p99",
+        "trip_latency_ms_top",
         "changelog_bytes_per_reading", "max_value_bytes", "max_value_topic", "state_bytes_per_account",
         "recovery_s", "catchup_readings_per_s", "catchup_drained", "catchup_backlog_readings", "catchup_startup_s",
         "worker_cpu_s_per_1k_readings", "forwarder_cpu_s_per_1k_readings", "worker_ready_s",
@@ -286,14 +287,18 @@ class Run:
         if drained is None:
             self.note(f"steady: the worker had not caught up {max(60.0, 4 * args.cadence_s):.0f} s after the last cycle")
         time.sleep(min(3.0, args.cadence_s))  # the last trips reach the relay topic
-        latencies, seen = [], set()
+        latencies, seen, slowest = [], set(), []
         for cmd in list(self.tail.commands):
             sent = self.sent_ms.get((cmd.account_id or "", cmd.cause_ts_ms))
             if cmd.action == "TRIP" and sent is not None and cmd.command_id not in seen and first_attempt(cmd.command_id):
                 seen.add(cmd.command_id)
                 latencies.append(cmd.produced_ms - sent)
+                slowest.append((cmd.produced_ms - sent, round(sent / 1000, 1)))
+        # the slowest trips with when their reading was sent (epoch s): to find them in the
+        # worker's step log (MALLWATT_LOG_STEPS) when the tail is to be explained
         r.update(trip_samples=len(latencies), trip_latency_ms_p50=percentile(latencies, 0.5),
-                 trip_latency_ms_p99=percentile(latencies, 0.99))
+                 trip_latency_ms_p99=percentile(latencies, 0.99),
+                 trip_latency_ms_top=[list(t) for t in sorted(slowest, reverse=True)[:5]])
         changelog = scan(self.bootstrap, self.changelog, cl_start, cl_end)
         self.see_values(self.changelog, changelog.max_value)
         r["changelog_bytes_per_reading"] = round(changelog.bytes / readings, 1)

@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         t = lap("decode", t)
         routed = batching.route_readings(frame, ctx)
         t = lap("route", t)
-        first = batching.near_relay_keys(routed.buckets, store.load, ctx.rating)
+        with collector.step():  # as the worker: a cold step's loads with the cycle collector off
+            first = batching.near_relay_keys(routed.buckets, store.load, ctx.rating)
         for _, part in batching.parts(routed, first=first):  # as the worker: part by part (no await here)
             with collector.step():
                 envs = {key: store.load(key) for key in part.buckets}

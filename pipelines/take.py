@@ -86,16 +86,17 @@ async def bill_in_parts(parts: list[tuple[frozenset[int], P]], bill: Callable[[P
                         still_mine: Callable[[frozenset[int]], bool]) -> set[int]:
     """Bill a step's `parts` (pipelines.batching.parts: input partitions, part) in order,
     letting the event loop run between them (timers, top-ups, the consumer's rebalance
-    callbacks). Before each part after the first, `still_mine(partitions)` must hold (no
-    rebalance since the step began, the partitions still assigned); else the step stops there.
-    Returns the partitions of the parts not billed (empty when every part was): their messages
-    must not be acked. Each `bill` runs with no await inside, so no other agent sees a part
-    half done."""
+    callbacks). Before each part, the first too (the caller may have awaited since it checked
+    ownership: the worker reads a cold step's envelopes in slices), `still_mine(partitions)`
+    must hold (no rebalance since the step began, the partitions still assigned); else the
+    step stops there. Returns the partitions of the parts not billed (empty when every part
+    was): their messages must not be acked. Each `bill` runs with no await inside, so no other
+    agent sees a part half done."""
     for number, (partitions, part) in enumerate(parts):
         if number:
             await asyncio.sleep(0)
-            if not still_mine(partitions):
-                return set().union(*(p for p, _ in parts[number:]))
+        if not still_mine(partitions):
+            return set().union(*(p for p, _ in parts[number:]))
         bill(part)
     return set()
 

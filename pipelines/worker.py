@@ -368,12 +368,32 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             per_shard = ctx.accounts_per_shard
             catchup_sizer.note_shape(len(routed.buckets), frame.height,
                                      sum(per_shard.get(p, 0) for p in owned_partitions()))
-        split = batching.parts(routed, first=batching.near_relay_keys(routed.buckets, load, ctx.rating))
+        await load_in_slices(routed.buckets)
+        with collector.step():  # loads nothing now: every key of the step is in `parsed`
+            first = batching.near_relay_keys(routed.buckets, load, ctx.rating)
+        split = batching.parts(routed, first=first)
         left = await bill_in_parts(split, bill_part, still_mine)
         if left:
             leave_to_owner(step_events, left)
             refused = [(e, r) for e, r in refused if e.message.partition not in left]
         return refused
+
+    async def load_in_slices(keys: list[str]) -> None:
+        """Read the step's envelopes that are not cached (after a restart or a rebalance: all
+        of them, 350,000 in a catch-up step) in slices of batching.PART_ACCOUNTS, with the
+        cycle collector off during each and the event loop free between them. Read with the
+        collector on, the new objects (about 14 per envelope) set off collections that walked
+        the growing heap again and again: 51 against 22 us per account in a cold 350,000-account
+        step (`python -m bench.worker_step --cold`). In one go, they held the loop for half a
+        minute (top-ups and the stall check waited)."""
+        generation = states.generation
+        cold = [key for key in keys if (hit := parsed.get(key)) is None or hit[0] != generation]
+        for start in range(0, len(cold), batching.PART_ACCOUNTS):
+            if start:
+                await asyncio.sleep(0)
+            with collector.step():
+                for key in cold[start:start + batching.PART_ACCOUNTS]:
+                    load(key)
 
     def owned_partitions() -> set[int]:
         """The readings partitions this worker is assigned now."""
@@ -715,11 +735,12 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         mine = active_partitions()
         keys = [k for k in list(states.data.keys()) if ctx.partition_of_key(k.decode()) in mine]
         for start in range(0, len(keys), 5_000):
-            for raw_key in keys[start:start + 5_000]:
-                try:
-                    load(raw_key.decode())
-                except Exception as exc:  # an unreadable value is reported, not fatal for the timer
-                    log.error("state of %r unreadable for the timer: %s", raw_key, exc)
+            with collector.step():  # new envelopes: the cycle collector off, as in load_in_slices
+                for raw_key in keys[start:start + 5_000]:
+                    try:
+                        load(raw_key.decode())
+                    except Exception as exc:  # an unreadable value is reported, not fatal for the timer
+                        log.error("state of %r unreadable for the timer: %s", raw_key, exc)
             await asyncio.sleep(0)
         if states.generation == generation and not app.rebalancing:
             scanned[0] = generation

@@ -327,6 +327,9 @@ def test_a_step_stops_at_a_part_whose_partition_moved_and_names_what_is_left() -
     assert left == {0, 1, 2}  # partition 0 is half billed: its messages are not acked either
     _, billed, left = _parts_run(moved_after=3)
     assert billed == ["p0a", "p0b", "p1"] and left == {2}
+    # moved before the first part (while the worker read the step's envelopes): nothing billed
+    _, billed, left = _parts_run(moved_after=0)
+    assert billed == [] and left == {0, 1, 2}
 
 
 def _run(coro: Any) -> None:

@@ -55,7 +55,15 @@ from bench.scale_input import (
     state_value_bytes_after_year,
     write_portfolio,
 )
-from bench.scale_kafka import Monitor, Offsets, Processes, RelayTail, WorkerFailed, scan
+from bench.scale_kafka import (
+    Monitor,
+    Offsets,
+    Processes,
+    RelayTail,
+    WorkerFailed,
+    ledger_times,
+    scan,
+)
 from collectors.publish import PRODUCER_DEFAULTS
 from infra import broker
 from infra import topics as T
@@ -75,6 +83,7 @@ KEYS = ("merchants", "workers", "circuits", "cadence_s", "offered_readings_per_s
         "trip_latency_ms_top",
         "changelog_bytes_per_reading", "max_value_bytes", "max_value_topic", "state_bytes_per_account",
         "recovery_s", "catchup_readings_per_s", "catchup_drained", "catchup_backlog_readings", "catchup_startup_s",
+        "catchup_topups", "catchup_topup_ms_p50", "catchup_topup_ms_max",
         "worker_cpu_s_per_1k_readings", "forwarder_cpu_s_per_1k_readings", "worker_ready_s",
         "config_load_s", "config_change_stall_ms", "phases", "failure", "notes")
 
@@ -212,13 +221,15 @@ class Run:
             self._checked_at = time.monotonic()
             self.procs.check()
 
-    def wait_drained(self, timeout_s: float) -> float | None:
+    def wait_drained(self, timeout_s: float, during: Callable[[], None] | None = None) -> float | None:
         """Until the worker group has committed every readings message produced so far;
-        returns when (epoch s), or None after `timeout_s`."""
+        returns when (epoch s), or None after `timeout_s`. `during()` runs every 0.2 s."""
         ends = self.offsets.ends(T.READINGS)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.procs.check()
+            if during:
+                during()
             if self.offsets.lag(T.READINGS, ends) == 0:
                 return time.time()
             time.sleep(0.2)
@@ -368,10 +379,12 @@ class Run:
         # seconds old, so the restarted worker took a minute of live-size steps first
         backlog = self.stream(cycles, paced=False, stamped_from=time.time() - cycles * args.cadence_s) + behind
         cl_before = self.offsets.ends(self.changelog)
+        ledger_before = self.offsets.ends(T.LEDGER)
         messages = self.offsets.lag(T.READINGS)
         started = time.time()
         self.procs.start_worker()
-        done = self.wait_drained(args.drain_timeout_s)
+        topups = CatchupTopups(self, T0 + int(self.cycle * args.cadence_s * 1000))
+        done = self.wait_drained(args.drain_timeout_s, during=topups.maybe_send)
         left = self.offsets.lag(T.READINGS) if done is None else 0
         until = done or time.time()
         ends = self.offsets.ends(self.changelog)
@@ -391,6 +404,8 @@ class Run:
         log(f"catchup: {drained:.0f} of {backlog} readings drained at {rate:.0f} readings/s "
             f"({rate / (live.readings_per_cycle / args.cadence_s):.1f}x the offered rate) after "
             f"{self.result['catchup_startup_s']} s of start-up")
+        topups.measure(ledger_before)
+
 
     def outputs(self) -> None:
         """The largest output message of the run (ledger, alerts, relay commands)."""
@@ -399,6 +414,49 @@ class Run:
             self.see_values(topic, scan(self.bootstrap, topic, {}, ends).max_value)
         # the changelog: all of it (the steady phase scanned only its own cycles)
         self.see_values(self.changelog, scan(self.bootstrap, self.changelog, {}, self.offsets.ends(self.changelog)).max_value)
+
+
+class CatchupTopups:
+    """Merchants topping up while the worker drains a backlog: one top-up every EVERY_S from
+    the worker's restart until the backlog is drained, and how long each took to be credited
+    (its ledger entry published; a top-up waits for the catch-up step that runs when it comes,
+    docs/stream.md)."""
+
+    EVERY_S = 5.0
+    WAIT_S = 120.0  # for the last top-ups' credits after the drain
+
+    def __init__(self, bench: Any, ts_ms: int) -> None:
+        self.bench, self.ts_ms = bench, ts_ms
+        self.sent: dict[str, float] = {}  # payment id -> sent (epoch ms)
+        self.next_at = time.monotonic()
+
+    def maybe_send(self) -> None:
+        if time.monotonic() < self.next_at:
+            return
+        self.next_at += self.EVERY_S
+        bench = self.bench
+        payment_id = f"catchup-topup-{len(self.sent)}"
+        bench.send_payment(payment(payment_id, bench.rng.choice(bench.live.roster.merchants), 5_000, self.ts_ms))
+        bench.producer.poll(0)
+        self.sent[payment_id] = time.time() * 1000
+
+    def measure(self, ledger_before: dict[int, int]) -> None:
+        bench, r = self.bench, self.bench.result
+        bench.producer.flush(60)
+        found: dict[str, int] = {}
+        deadline = time.monotonic() + self.WAIT_S
+        while len(found) < len(self.sent) and time.monotonic() < deadline:
+            time.sleep(2.0)
+            found = ledger_times(bench.bootstrap, T.LEDGER, ledger_before, bench.offsets.ends(T.LEDGER),
+                                 set(self.sent))
+        waits = [found[i] - sent for i, sent in self.sent.items() if i in found]
+        r.update(catchup_topups=len(self.sent), catchup_topup_ms_p50=percentile(waits, 0.5) if waits else None,
+                 catchup_topup_ms_max=round(max(waits), 1) if waits else None)
+        if len(found) < len(self.sent):
+            bench.note(f"catchup: {len(self.sent) - len(found)} of {len(self.sent)} top-ups sent during the "
+                       f"catch-up were not credited within {self.WAIT_S:.0f} s of its end")
+        log(f"catchup: {len(self.sent)} top-ups during it credited after p50 {r['catchup_topup_ms_p50']} ms, "
+            f"max {r['catchup_topup_ms_max']} ms")
 
 
 def config_figures(merchants: int, result: dict[str, Any]) -> None:

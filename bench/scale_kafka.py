@@ -180,6 +180,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def ledger_times(bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int], ids: set[str],
+                 timeout_s: float = 300.0) -> dict[str, int]:
+    """When (the ledger message's timestamp, epoch ms) each of the payment `ids` was credited:
+    the first entry whose source_id is the payment, between the `start` and `end` offsets.
+    Only messages that contain an id's bytes are decoded (a catch-up writes millions of entries)."""
+    from schemas.ledger import batch_entries
+
+    found: dict[str, int] = {}
+    todo = {p: e for p, e in end.items() if e > start.get(p, 0)}
+    if not todo or not ids:
+        return found
+    needles = [(i, i.encode()) for i in ids]
+    consumer = _consumer(bootstrap, "bench-ledger-times", **{"enable.partition.eof": True,
+                                                             "fetch.max.bytes": 52_428_800})
+    consumer.assign([TopicPartition(topic, p, start.get(p, 0)) for p in todo])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while todo and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        todo.pop(msg.partition(), None)
+                    continue
+                p = msg.partition()
+                if p not in todo or msg.offset() >= todo[p]:
+                    continue
+                if msg.offset() >= todo[p] - 1:
+                    todo.pop(p, None)
+                value = msg.value() or b""
+                hits = {i for i, needle in needles if i not in found and needle in value}
+                if not hits:
+                    continue
+                for entry in batch_entries(codec.decode("LedgerBatch", value)):
+                    if entry["source_id"] in hits:
+                        found.setdefault(entry["source_id"], msg.timestamp()[1])
+    finally:
+        consumer.close()
+    return found
+
+
 def _consumer(bootstrap: str, group: str, **extra: Any) -> Consumer:
     return Consumer(kafka_config(bootstrap, **{"group.id": group, "enable.auto.commit": False,
                      "auto.offset.reset": "earliest", **extra}))

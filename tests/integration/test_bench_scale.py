@@ -60,6 +60,10 @@ def test_bench_scale_small_run(tmp_path: Path) -> None:
     # the backlog drains faster than it was offered, or the worker could never catch up
     assert figures["catchup_readings_per_s"] > figures["offered_readings_per_s"]
     assert figures["catchup_backlog_readings"] >= 15 * figures["circuits"]  # half a minute of 2 s cadences
+    # merchants topping up during the catch-up are credited, each (none left out: no note)
+    assert figures["catchup_topups"] >= 1
+    assert 0 < figures["catchup_topup_ms_p50"] <= figures["catchup_topup_ms_max"], figures["notes"]
+    assert not [n for n in figures["notes"] if "top-ups sent during the catch-up" in n]
     assert figures["worker_cpu_s_per_1k_readings"] > 0
     # everything the bench started is stopped: its broker no longer answers
     assert not _port_open(PORT) and not _port_open(PORT + 1)

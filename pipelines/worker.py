@@ -61,11 +61,18 @@ BATCH_WITHIN_S = float(os.environ.get("MALLWATT_BATCH_WITHIN_MS", 50)) / 1000
 #: Behind a backlog a readings step may grow to this many messages or bytes of input (the
 #: per-account cost of a step is then spread over several readings per account; each
 #: account's rounds stay bounded by MALLWATT_ROWS_PER_ACCOUNT). At 350,000 merchants a cycle
-#: is about 4,000 messages of 8.4 kB: the bounds allow about 7 cycles per step. Memory: the
-#: bytes bound, and the step decoded (several times that; not measured), for its duration,
-#: plus the next step's buffer filling meanwhile (up to the same bounds: pipelines/take.py).
-CATCHUP_MESSAGES = int(os.environ.get("MALLWATT_CATCHUP_MESSAGES", 32768))
-CATCHUP_BYTES = int(os.environ.get("MALLWATT_CATCHUP_BYTES", 256 * 1024 * 1024))
+#: is about 4,000 messages of 8.4 kB: the bounds allow a 10-minute backlog (10 cycles) in one
+#: step, so every account is billed once for all of it (7.5x the offered rate, against 4.9-5.3x
+#: with 32,768 messages / 256 MB and growth 16, which took three steps: docs/stream.md, session
+#: 12). Memory: the bytes bound, and the step decoded, for its duration, plus the next step's
+#: buffer filling meanwhile (up to the same bounds: pipelines/take.py); the 350,000-merchant
+#: worker peaked at 6.4 GB RSS in that step (3.1 GB in the steady phase before).
+CATCHUP_MESSAGES = int(os.environ.get("MALLWATT_CATCHUP_MESSAGES", 65536))
+CATCHUP_BYTES = int(os.environ.get("MALLWATT_CATCHUP_BYTES", 512 * 1024 * 1024))
+#: How much larger than the last a catch-up step may be (take.CatchupSize): after the first
+#: step (4x the live size, a probe of the cost) the next may take the rest of the backlog
+#: within its time budget (MALLWATT_CATCHUP_STEP_S).
+CATCHUP_GROWTH = max(2, int(os.environ.get("MALLWATT_CATCHUP_GROWTH", 40)))
 #: Log every reading step's size, input age and cost (for tuning; off by default).
 LOG_STEPS = bool(os.environ.get("MALLWATT_LOG_STEPS"))
 #: How often a worker forgets claims past the horizon (pipelines.core.claims).
@@ -439,7 +446,7 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
         return problem
 
     # sizes the readings agent's catch-up steps from each step's accounts and readings (take.CatchupSize)
-    catchup_sizer = CatchupSize(BATCH_MESSAGES, CATCHUP_MESSAGES, CATCHUP_STEP_S, growth=16)
+    catchup_sizer = CatchupSize(BATCH_MESSAGES, CATCHUP_MESSAGES, CATCHUP_STEP_S, growth=CATCHUP_GROWTH)
     pending_acks: set[asyncio.Future[None]] = set()  # keeps the background tasks referenced (in_background)
 
     @app.agent(readings_topic)

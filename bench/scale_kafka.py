@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,12 +189,27 @@ def ledger_times(bootstrap: str, topic: str, start: dict[int, int], end: dict[in
     from schemas.ledger import batch_entries
 
     found: dict[str, int] = {}
-    todo = {p: e for p, e in end.items() if e > start.get(p, 0)}
-    if not todo or not ids:
-        return found
     needles = [(i, i.encode()) for i in ids]
-    consumer = _consumer(bootstrap, "bench-ledger-times", **{"enable.partition.eof": True,
-                                                             "fetch.max.bytes": 52_428_800})
+    if not needles:
+        return found
+    for msg in records_between(bootstrap, topic, start, end, timeout_s, "bench-ledger-times", strict=False):
+        value = msg.value() or b""
+        hits = {i for i, needle in needles if i not in found and needle in value}
+        if hits:
+            for entry in batch_entries(codec.decode("LedgerBatch", value)):
+                if entry["source_id"] in hits:
+                    found.setdefault(entry["source_id"], msg.timestamp()[1])
+    return found
+
+
+def records_between(bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int], timeout_s: float,
+                    group: str, strict: bool = True) -> Iterator[Any]:
+    """The records of `topic` from `start` to `end` offsets (per partition). Short of the end
+    within `timeout_s`: a RuntimeError if `strict`, else the records read so far."""
+    todo = {p: e for p, e in end.items() if e > start.get(p, 0)}
+    if not todo:
+        return
+    consumer = _consumer(bootstrap, group, **{"enable.partition.eof": True, "fetch.max.bytes": 52_428_800})
     consumer.assign([TopicPartition(topic, p, start.get(p, 0)) for p in todo])
     deadline = time.monotonic() + timeout_s
     try:
@@ -208,16 +224,11 @@ def ledger_times(bootstrap: str, topic: str, start: dict[int, int], end: dict[in
                     continue
                 if msg.offset() >= todo[p] - 1:
                     todo.pop(p, None)
-                value = msg.value() or b""
-                hits = {i for i, needle in needles if i not in found and needle in value}
-                if not hits:
-                    continue
-                for entry in batch_entries(codec.decode("LedgerBatch", value)):
-                    if entry["source_id"] in hits:
-                        found.setdefault(entry["source_id"], msg.timestamp()[1])
+                yield msg
     finally:
         consumer.close()
-    return found
+    if todo and strict:
+        raise RuntimeError(f"scan of {topic} did not reach its end offsets within {timeout_s:.0f}s")
 
 
 def _consumer(bootstrap: str, group: str, **extra: Any) -> Consumer:
@@ -342,33 +353,12 @@ def scan(bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int],
          timeout_s: float = 600.0) -> TopicScan:
     """Read a topic from `start` to `end` offsets (per partition) and add up its records."""
     out = TopicScan()
-    todo = {p: e for p, e in end.items() if e > start.get(p, 0)}
-    if not todo:
-        return out
-    consumer = _consumer(bootstrap, "bench-scan", **{"enable.partition.eof": True, "fetch.max.bytes": 52_428_800})
-    consumer.assign([TopicPartition(topic, p, start.get(p, 0)) for p in todo])
-    deadline = time.monotonic() + timeout_s
-    try:
-        while todo and time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.5):
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        todo.pop(msg.partition(), None)
-                    continue
-                p = msg.partition()
-                if p not in todo or msg.offset() >= todo[p]:
-                    continue
-                if msg.offset() >= todo[p] - 1:
-                    todo.pop(p, None)
-                value = msg.value() or b""
-                out.records += 1
-                out.bytes += len(value) + len(msg.key() or b"")
-                out.max_value = max(out.max_value, len(value))
-                ts = msg.timestamp()[1]
-                out.first_ts_ms = ts if out.first_ts_ms is None else min(out.first_ts_ms, ts)
-                out.last_ts_ms = ts if out.last_ts_ms is None else max(out.last_ts_ms, ts)
-    finally:
-        consumer.close()
-    if todo:
-        raise RuntimeError(f"scan of {topic} did not reach its end offsets within {timeout_s:.0f}s")
+    for msg in records_between(bootstrap, topic, start, end, timeout_s, "bench-scan"):
+        value = msg.value() or b""
+        out.records += 1
+        out.bytes += len(value) + len(msg.key() or b"")
+        out.max_value = max(out.max_value, len(value))
+        ts = msg.timestamp()[1]
+        out.first_ts_ms = ts if out.first_ts_ms is None else min(out.first_ts_ms, ts)
+        out.last_ts_ms = ts if out.last_ts_ms is None else max(out.last_ts_ms, ts)
     return out

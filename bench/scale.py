@@ -406,7 +406,6 @@ class Run:
             f"{self.result['catchup_startup_s']} s of start-up")
         topups.measure(ledger_before)
 
-
     def outputs(self) -> None:
         """The largest output message of the run (ledger, alerts, relay commands)."""
         for topic in OUTPUT_TOPICS:

@@ -375,10 +375,8 @@ def build_app(config_path: str, *, bootstrap: str | None = None, store: str | No
             per_shard = ctx.accounts_per_shard
             catchup_sizer.note_shape(len(routed.buckets), frame.height,
                                      sum(per_shard.get(p, 0) for p in owned_partitions()))
-        await load_in_slices(routed.buckets)
-        with collector.step():  # loads nothing now: every key of the step is in `parsed`
-            first = batching.near_relay_keys(routed.buckets, load, ctx.rating)
-        split = batching.parts(routed, first=first)
+        await load_in_slices(routed.buckets)  # near_relay_keys then reads only cached envelopes
+        split = batching.parts(routed, first=batching.near_relay_keys(routed.buckets, load, ctx.rating))
         left = await bill_in_parts(split, bill_part, still_mine)
         if left:
             leave_to_owner(step_events, left)
